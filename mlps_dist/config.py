@@ -1,0 +1,329 @@
+"""Typed configuration: one YAML per experiment, a section per stage.
+
+    cfg = load_config("configs/demo.yaml", ["classifier.epochs=3", "data.root=/data/shards"])
+
+Every key has a dataclass field with a default; YAML files and dotted ``key=value``
+overrides may only set keys that exist. Errors name the key, the file and what to change.
+The resolved config is written into the run directory so later stages and resumed runs
+read exactly what the first stage used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as what the user should change."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo/shards"  # folder written by tools/make_shards.py (holds info.json)
+    loader: str = "torch"  # torch | dali
+    num_workers: int = 2  # loader worker processes (torch) or threads (dali) per rank
+    image_size: int = 0  # side the patches are resized to for training; 0 keeps the stored size
+    hflip: bool = True  # the paper's augmentation
+    vflip: bool = True
+    rot90: bool = False
+    color_jitter: float = 0.0  # 0 disables; otherwise the strength of H&E stain/brightness jitter
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by the two trainers (stage 1 and stage 3)."""
+
+    model: str = ""
+    pretrained: str = ""  # path to a local weights file; "" trains from scratch
+    epochs: int = 1
+    batch_size: int = 16  # global batch; micro batches and accumulation derive from it
+    micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world_size
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    parallel: str = "ddp"  # ddp | deepspeed
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GPU only)
+    ckpt_every_steps: int = 100  # 0 = only at epoch end
+    keep_last: int = 2
+    log_every_steps: int = 10
+    val_every_epochs: int = 1
+    grad_clip: float = 0.0
+
+
+@dataclass
+class PdaConfig:
+    start_epoch: int = 3  # PDA is off for epochs < start_epoch
+    gamma_init: float = 1.0
+    gamma_decay: float = 0.985  # multiplied in once per epoch after start_epoch
+    gamma_min: float = 0.65
+
+
+@dataclass
+class ClassifierConfig(TrainConfig):
+    model: str = "resnet38d"  # resnet38d | small38 (CPU variant)
+    freeze_bn: bool = False
+    freeze_stages: int = 0  # number of early stages with frozen weights
+    pda: PdaConfig = field(default_factory=PdaConfig)
+    cam_images: int = 4  # val patches drawn with CAM overlays in TensorBoard
+
+
+@dataclass
+class BackgroundConfig:
+    enabled: bool = True  # LUAD: white pixels form their own channel; BCSS: off
+    threshold: int = 200  # grey level above which a pixel counts as white
+    min_size: int = 50  # smallest white component (pixels) kept as background
+
+
+@dataclass
+class MasksConfig:
+    layers: list[str] = field(default_factory=lambda: ["b4_5", "b5_2", "bn7"])
+    batch_size: int = 16  # per rank
+    chunk_size: int = 256  # samples per output shard (the unit of commit and resume)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    tta_flip: bool = False
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    export_reference: bool = False  # also write train_PM/PM_<layer>/<source name>.png
+    skip_bad: bool = False
+    quality_splits: list[str] = field(default_factory=lambda: ["val"])
+
+
+@dataclass
+class SegmenterConfig(TrainConfig):
+    model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small
+    loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
+    loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    vis_images: int = 4
+
+
+@dataclass
+class EvaluateConfig:
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    batch_size: int = 8  # per rank
+    gate: bool = True
+    gate_threshold: float = 0.1
+    checkpoint: str = "best"  # best | last
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check/convert one leaf value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # from the command line: a,b,c or [a, b, c]
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{source}: '{key}' must be of type {tp.__name__}, got {value!r}")
+
+
+def _unknown(key: str, known: list[str], source: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint} (known here: {', '.join(known)})")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
+    types = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise _unknown(key, list(types), source)
+        tp = types[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' is a section; give it as a mapping of keys")
+            _apply(getattr(obj, name), value, key + ".", source)
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def _dotted_to_nested(overrides: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' must look like key=value, e.g. classifier.epochs=3")
+        key, raw = item.split("=", 1)
+        value: Any = raw
+        # Let YAML parse scalars and lists typed in on the command line ("3", "1e-3", "[1, 2]").
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        out.append((key, nested))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validation."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a file from configs/")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _apply(cfg, values, "", str(path))
+    for key, nested in _dotted_to_nested(overrides or []):
+        _apply(cfg, nested, "", f"command line '{key}'")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    _apply(cfg, values, "", source)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"'{key}' {msg}")
+
+
+def _validate_train(t: TrainConfig, name: str) -> None:
+    _check(t.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.micro_batch_size >= 0, f"{name}.micro_batch_size", "must be >= 0 (0 = derive from batch_size)")
+    _check(t.lr > 0, f"{name}.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.parallel in ("ddp", "deepspeed"), f"{name}.parallel", f"must be 'ddp' or 'deepspeed', got '{t.parallel}'")
+    _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'")
+    _check(t.keep_last >= 1, f"{name}.keep_last", "must be >= 1")
+    _check(t.ckpt_every_steps >= 0, f"{name}.ckpt_every_steps", "must be >= 0 (0 = epoch end only)")
+    if t.pretrained:
+        _check(Path(t.pretrained).is_file(), f"{name}.pretrained", f"points to {t.pretrained}, which does not exist")
+    if t.parallel == "deepspeed":
+        _check(Path(t.deepspeed_config).is_file(), f"{name}.deepspeed_config",
+               f"points to {t.deepspeed_config}, which does not exist (see configs/deepspeed/)")
+
+
+def validate(cfg: Config) -> None:
+    _check(cfg.data.loader in ("torch", "dali"), "data.loader", f"must be 'torch' or 'dali', got '{cfg.data.loader}'")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/data.std", "must have 3 values (RGB)")
+    _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
+    _validate_train(cfg.classifier, "classifier")
+    _validate_train(cfg.segmenter, "segmenter")
+    pda = cfg.classifier.pda
+    _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
+           "needs 0 < gamma_min <= gamma_init <= 1")
+    _check(0 < pda.gamma_decay <= 1.0, "classifier.pda.gamma_decay", "must be in (0, 1]")
+    _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")
+    _check(cfg.masks.chunk_size >= 1, "masks.chunk_size", "must be >= 1")
+    seg = cfg.segmenter
+    _check(len(seg.loss_layers) == len(seg.loss_weights), "segmenter.loss_weights",
+           f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")
+    missing = [layer for layer in seg.loss_layers if layer not in cfg.masks.layers]
+    _check(not missing, "segmenter.loss_layers", f"names layers {missing} that masks.layers does not generate")
+    _check(0 <= cfg.evaluate.gate_threshold < 1, "evaluate.gate_threshold", "must be in [0, 1)")
+    _check(cfg.evaluate.checkpoint in ("best", "last"), "evaluate.checkpoint", "must be 'best' or 'last'")
+    for split in cfg.evaluate.splits:
+        _check(split in ("val", "test"), "evaluate.splits", f"may hold 'val' and 'test', got '{split}'")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_cli(argv: list[str] | None = None, description: str = "") -> Config:
+    """``--config FILE [key=value ...]``, the interface of every stage entry point."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x classifier.epochs=2")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,179 @@
+"""Process-group life cycle and the rank/world helpers.
+
+This is the only module that reads the distributed environment (torchrun's RANK,
+WORLD_SIZE, LOCAL_RANK, ...; SLURM's SLURM_JOB_ID, ...). Everything else asks here.
+
+    env = dist.init(backend="auto")      # NCCL on GPU, gloo on CPU; no-op for one process
+    try:
+        ...
+    finally:
+        dist.teardown()
+
+A plain ``python -m mlps_dist.<stage>`` (no torchrun) runs as rank 0 of 1 without a
+process group; collectives below then act on the local value.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    restart_count: int = 0  # torchrun elastic restarts of this worker group
+    slurm_job_id: str = ""
+    slurm_restart_count: int = 0  # SLURM requeues of this job
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def launched(self) -> bool:
+        """True under torchrun (or any launcher that sets RANK/WORLD_SIZE)."""
+        return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def read_env() -> DistEnv:
+    return DistEnv(
+        rank=_int_env("RANK", 0),
+        world_size=_int_env("WORLD_SIZE", 1),
+        local_rank=_int_env("LOCAL_RANK", 0),
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", 1),
+        restart_count=_int_env("TORCHELASTIC_RESTART_COUNT", 0),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID", ""),
+        slurm_restart_count=_int_env("SLURM_RESTART_COUNT", 0),
+    )
+
+
+_ENV = read_env()
+
+
+def env() -> DistEnv:
+    return _ENV
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else _ENV.rank
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else _ENV.world_size
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's compute device: its local GPU when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _ENV.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(backend: str = "auto", timeout_s: int = 1800, force_group: bool = False) -> DistEnv:
+    """Start the process group (if launched by torchrun, or when ``force_group``).
+
+    ``force_group`` makes a single plain process a group of one, which DeepSpeed needs.
+    """
+    global _ENV
+    _ENV = read_env()
+    if tdist.is_initialized():
+        return _ENV
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    if not _ENV.launched:
+        if not force_group:
+            return _ENV
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        _ENV = read_env()
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device()
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return _ENV
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if tdist.is_initialized() and get_world_size() > 1:
+        if tdist.get_backend() == "nccl":
+            tdist.barrier(device_ids=[device().index])
+        else:
+            tdist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (works on CPU tensors under NCCL too)."""
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return tensor
+    if tdist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.to(device())
+        tdist.all_reduce(moved)
+        tensor.copy_(moved.cpu())
+    else:
+        tdist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj):
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def partition(n: int, world: int, rank: int) -> range:
+    """Contiguous, balanced slice of ``range(n)`` for ``rank``: the slices of all ranks
+    cover every index exactly once; sizes differ by at most one; ranks beyond ``n`` get
+    an empty range."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"partition: rank {rank} not in a world of {world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def node_hostname() -> str:
+    return socket.gethostname()
