@@ -1,0 +1,76 @@
+"""Config loading, overrides and the error messages users see."""
+
+import pytest
+import yaml
+
+from mlps_dist.config import ConfigError, load_config, parse_cli, save_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    path = write(tmp_path, "seed: 3\nclassifier:\n  epochs: 5\n  pda:\n    gamma_min: 0.7\n")
+    cfg = load_config(path, ["classifier.epochs=7", "masks.layers=[b5_2, bn7]",
+                             "segmenter.loss_layers=bn7", "segmenter.loss_weights=[1.0]"])
+    assert cfg.seed == 3
+    assert cfg.classifier.epochs == 7  # override wins over the file
+    assert cfg.classifier.pda.gamma_min == 0.7
+    assert cfg.masks.layers == ["b5_2", "bn7"]
+    assert cfg.segmenter.loss_weights == [1.0]
+    assert cfg.segmenter.epochs == 1  # untouched default
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    path = write(tmp_path, "classifier:\n  epoch: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "classifier.epoch" in msg and "classifier.epochs" in msg
+
+
+def test_wrong_type_and_bad_value_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="classifier.lr"):
+        load_config(None, ["classifier.lr=fast"])
+    with pytest.raises(ConfigError, match="segmenter.parallel"):
+        load_config(None, ["segmenter.parallel=fsdp"])
+    with pytest.raises(ConfigError, match="segmenter.loss_weights"):
+        load_config(None, ["segmenter.loss_weights=[0.5]"])
+    with pytest.raises(ConfigError, match="segmenter.loss_layers"):
+        load_config(None, ["masks.layers=[bn7]"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["classifier.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="classifier.pretrained"):
+        load_config(None, ["classifier.pretrained=/nonexistent/weights.pth"])
+
+
+def test_section_given_as_scalar_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="section"):
+        load_config(write(tmp_path, "data: shards/\n"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["classifier.epochs=4", "run_dir=" + str(tmp_path / "run")])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["classifier"]["epochs"] == 4
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    for path in shipped:
+        load_config(path)
+
+
+def test_cli_parses_config_and_overrides(tmp_path):
+    path = write(tmp_path, "seed: 1\n")
+    cfg = parse_cli(["--config", str(path), "seed=9", "data.loader=dali"])
+    assert cfg.seed == 9 and cfg.data.loader == "dali"
