@@ -327,3 +327,12 @@ def parse_cli(argv: list[str] | None = None, description: str = "") -> Config:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x classifier.epochs=2")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides)
+
+
+if __name__ == "__main__":  # python -m mlps_dist.config --config FILE [key=value ...]: print the resolved config
+    import sys
+
+    try:
+        print(yaml.safe_dump(parse_cli(description="Print the resolved configuration.").to_dict(), sort_keys=False))
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
