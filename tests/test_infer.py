@@ -1,0 +1,125 @@
+"""Inference on folders of images: any size (sliding window), colour modes, gate, bad files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlps_dist import infer
+from mlps_dist.checkpoint import save_model_file
+from mlps_dist.config import config_from_dict, save_config
+from mlps_dist.infer import Segmenter, window_starts
+from mlps_dist.models import create_classifier, create_segmenter
+
+CLASSES = ["TE", "NEC", "LYM", "TAS"]
+
+
+def make_run(run_dir: Path, data_root: str = "missing-shards", image_size: int = 32, seed: int = 0) -> Path:
+    """A run directory as stages 1 and 3 leave it: config.yaml, classifier and segmenter files
+    (untrained weights: these tests check plumbing and geometry, not accuracy)."""
+    cfg = config_from_dict({"run_dir": str(run_dir), "data": {"root": data_root, "image_size": image_size},
+                            "classifier": {"model": "small38"}, "segmenter": {"model": "deeplabv3plus_small"}})
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(seed)
+    for stage, factory, name in (("classifier", create_classifier, "small38"),
+                                 ("segmenter", create_segmenter, "deeplabv3plus_small")):
+        model = factory(name, len(CLASSES))
+        meta = {"name": name, "num_classes": len(CLASSES), "classes": CLASSES, "config": cfg.to_dict()}
+        save_model_file(run_dir / stage / "model.pt", model.state_dict(), meta)
+    return run_dir
+
+
+def test_window_starts_cover_every_pixel_and_stay_inside():
+    for length, window, overlap in [(100, 32, 0.5), (33, 32, 0.0), (32, 32, 0.5), (20, 32, 0.5), (257, 64, 0.25)]:
+        starts = window_starts(length, window, overlap)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            assert 0 <= s and s + min(window, length) <= length
+            covered[s:s + window] = True
+        assert covered.all()
+        assert starts == sorted(set(starts))
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    """With a per-pixel model, averaging overlapping windows must reproduce the single pass
+    exactly: any seam, gap or double count shows up as a difference."""
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(3, 4, 1).eval()
+    rgb = np.random.default_rng(0).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
+    args = dict(classifier=None, mean=[0.5] * 3, std=[0.25] * 3, gate_threshold=0.1, batch_size=3, device="cpu")
+    whole = Segmenter(pointwise, patch=512, overlap=0.5, **args)(rgb)
+    windows = Segmenter(pointwise, patch=16, overlap=0.3, **args)(rgb)
+    assert whole.shape == (45, 70)
+    np.testing.assert_array_equal(windows, whole)
+
+
+def test_gate_with_sliding_windows_removes_classes_no_window_allows():
+    class OnlyClass2Allowed(torch.nn.Module):
+        def forward(self, x):  # classifier logits: class 2 certain, the rest ruled out
+            return torch.tensor([-9.0, -9.0, 9.0, -9.0]).expand(x.shape[0], 4)
+
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(3, 4, 1).eval()
+    rgb = np.random.default_rng(1).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    seg = Segmenter(pointwise, OnlyClass2Allowed(), [0.5] * 3, [0.25] * 3, patch=16, overlap=0.5,
+                    gate_threshold=0.1, batch_size=4, device="cpu")
+    ungated = Segmenter(pointwise, None, [0.5] * 3, [0.25] * 3, 16, 0.5, 0.1, 4, "cpu")(rgb)
+    assert len(np.unique(ungated)) > 1  # otherwise the check below proves nothing
+    assert (seg(rgb) == 2).all()
+
+
+def test_cli_writes_masks_and_overlays_for_any_size_and_colour_mode(tmp_path):
+    run = make_run(tmp_path / "run", image_size=32)
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(inputs / "large.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA").save(inputs / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L").save(inputs / "grey.png")
+    out = tmp_path / "out"
+    infer.main(["--run", str(run), "--input", str(inputs), "--out", str(out), "--overlap", "0.25"])
+    for rel, size in (("large", (90, 70)), ("sub/rgba", (32, 32)), ("grey", (24, 20))):
+        mask = Image.open(out / f"{rel}.png")
+        assert mask.mode == "P" and mask.size == size
+        assert np.asarray(mask).max() < len(CLASSES)
+        overlay = Image.open(out / f"{rel}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == size
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rgba_is_composited_on_white_and_grey_becomes_rgb(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red-ish, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    rgb = infer.load_rgb(tmp_path / "a.png")
+    assert rgb.shape == (4, 4, 3)
+    assert (rgb[:2] == [200, 0, 0]).all() and (rgb[2:] == 255).all()
+    Image.fromarray(np.full((3, 5), 77, np.uint8), "L").save(tmp_path / "g.png")
+    assert (infer.load_rgb(tmp_path / "g.png") == 77).all()
+
+
+def test_unreadable_file_is_named_before_any_output(tmp_path):
+    run = make_run(tmp_path / "run")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
+    (inputs / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="broken.png"):
+        infer.main(["--run", str(run), "--input", str(inputs), "--out", str(out)])
+    assert not out.exists() or not list(out.rglob("*.png"))
+
+
+def test_missing_run_pieces_are_explained(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(Exception, match="config.yaml"):
+        infer.main(["--run", str(tmp_path / "nothing"), "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    run = make_run(tmp_path / "run")
+    (run / "classifier" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="classifier"):
+        infer.main(["--run", str(run), "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    infer.main(["--run", str(run), "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--no-gate"])
+    assert (tmp_path / "o" / "a.png").is_file()
