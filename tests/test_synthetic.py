@@ -1,0 +1,132 @@
+"""Synthetic H&E generator: LUAD-HistoSeg layout, determinism, masks, labels, realism."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlps_dist.data import synthetic
+from mlps_dist.data.synthetic import CLASSES, MIN_TISSUE_FRACTION, WHITE, make_patch, write_luad_layout
+
+TRAIN_NAME = re.compile(r"^synth\d{2}-\d+-\d+-\[([01]) ([01]) ([01]) ([01])\]\.png$")
+EVAL_NAME = re.compile(r"^synth\d{2}-\d+-\d+\.png$")
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
+LUAD_PALETTE = [205, 51, 51, 0, 255, 0, 65, 105, 225, 255, 165, 0, 255, 255, 255]
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("luad")
+    summary = write_luad_layout(out, train=24, val=6, test=6, size=64, seed=3)
+    return out, summary
+
+
+def test_layout_and_names(layout):
+    out, summary = layout
+    train = sorted(p.name for p in (out / "train").iterdir())
+    assert len(train) == 24 and summary["counts"] == {"train": 24, "val": 6, "test": 6}
+    for name in train:
+        match = TRAIN_NAME.match(name)
+        assert match, name
+        assert sum(int(v) for v in match.groups()) >= 1, f"{name}: a train patch has at least one tissue"
+    for split in ("val", "test"):
+        images = sorted(p.name for p in (out / split / "img").iterdir())
+        masks = sorted(p.name for p in (out / split / "mask").iterdir())
+        assert images == masks and len(images) == 6
+        assert all(EVAL_NAME.match(n) for n in images), images
+    stems = [n.rsplit("-[", 1)[0] for n in train] + [p.stem for p in out.glob("*/img/*.png")]
+    assert len(set(stems)) == len(stems), "names are unique across splits"
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_masks_are_palettised_luad(layout):
+    out, _ = layout
+    for path in sorted(out.glob("*/mask/*.png")):
+        mask = Image.open(path)
+        assert mask.mode == "P" and mask.size == (64, 64)
+        assert mask.getpalette()[:15] == LUAD_PALETTE
+        values = np.unique(np.asarray(mask))
+        assert values.min() >= 0 and values.max() <= WHITE
+        image = Image.open(path.parent.parent / "img" / path.name)
+        assert image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_same_seed_same_bytes_and_patch_independent_of_count(layout, tmp_path):
+    out, _ = layout
+    write_luad_layout(tmp_path / "a", train=10, val=2, test=3, size=64, seed=3)
+    for path in sorted((tmp_path / "a").rglob("*.png")):
+        twin = out / path.relative_to(tmp_path / "a")
+        assert twin.exists(), f"{twin} missing: patch i must not depend on the patch count"
+        assert twin.read_bytes() == path.read_bytes()
+    write_luad_layout(tmp_path / "b", train=10, val=0, test=0, size=64, seed=4)
+    assert sorted(p.name for p in (tmp_path / "b" / "train").iterdir()) != \
+        sorted(p.name for p in (tmp_path / "a" / "train").iterdir())
+
+
+def test_labels_match_mask_and_tissue_count():
+    counts, whites = [], 0
+    for index in range(40):
+        stem, rgb, mask = synthetic.make_sample(0, "train", index, 64)
+        area = np.bincount(mask.ravel(), minlength=WHITE + 1)
+        labels = synthetic.labels_of(mask)
+        tissues = [c for c in range(len(CLASSES)) if area[c] > 0]
+        assert labels == [int(c in tissues) for c in range(len(CLASSES))]
+        assert all(area[c] >= MIN_TISSUE_FRACTION * mask.size for c in tissues), area
+        counts.append(len(tissues))
+        whites += area[WHITE] > 0
+        # White regions are near-white pixels; tissue is not.
+        if area[WHITE] > 0:
+            grey = rgb.mean(axis=2)
+            assert np.median(grey[mask == WHITE]) > max(200, np.median(grey[mask != WHITE]) + 10)
+    assert set(counts) <= {1, 2, 3, 4} and len(set(counts)) >= 3
+    assert 0 < whites < 40
+
+
+def test_make_patch_contract():
+    rng = np.random.default_rng(0)
+    rgb, mask = make_patch(rng, 96)
+    assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8
+    assert mask.shape == (96, 96) and mask.dtype == np.uint8
+    assert rgb.std() > 5, "textured, not flat"
+
+
+def test_refuses_foreign_folder_and_other_parameters(tmp_path, layout):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        write_luad_layout(tmp_path, train=2, val=1, test=1, size=64)
+    out, _ = layout
+    with pytest.raises(ValueError, match="seed"):
+        write_luad_layout(out, train=24, val=6, test=6, size=64, seed=4)
+    with pytest.raises(ValueError, match="train=-1"):
+        write_luad_layout(tmp_path / "new", train=-1, val=1, test=1)
+
+
+def test_rerun_after_interruption_completes_identically(tmp_path, layout):
+    out, _ = layout
+    target = tmp_path / "resume"
+    write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3)
+    # Simulate a crash: some files never written, one temp file left behind.
+    victims = sorted(target.rglob("*.png"))[::3]
+    for path in victims:
+        path.unlink()
+    (target / "train" / "junk.png.tmp").write_bytes(b"partial")
+    write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3)
+    for path in sorted(out.rglob("*.png")):
+        assert (target / path.relative_to(out)).read_bytes() == path.read_bytes()
+
+
+def test_cli_in_process(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_synthetic", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    main = tool.main
+    assert main(["--out", str(tmp_path / "cli"), "--train", "3", "--val", "1", "--test", "1", "--size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "patches/s" in printed and "train label frequency" in printed
+    assert len(list((tmp_path / "cli" / "train").iterdir())) == 3
+    assert main(["--out", str(tmp_path / "cli"), "--train", "4"]) == 2
