@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Run one stage of the pipeline on this node with torchrun.
+#
+#   launch/stage.sh STAGE CONFIG RUN_DIR [key=value ...]
+#
+# STAGE is classifier | masks | segmenter | evaluate (or a module such as mlps_dist.infer).
+# RUN_DIR is passed to the stage as run_dir=RUN_DIR, followed by the overrides.
+#
+# Environment (all optional):
+#   NPROC_PER_NODE   processes on this node (default: one per GPU, or 2 on a CPU machine)
+#   NNODES           nodes taking part (default: SLURM_NNODES under SLURM, else 1)
+#   NODE_RANK        this node's rank 0..NNODES-1 (default: SLURM_NODEID)
+#   MASTER_ADDR      host of node rank 0: the c10d rendezvous (default: first node of the SLURM job)
+#   MASTER_PORT      rendezvous port (default under SLURM: derived from the job id)
+#   RDZV_ID          rendezvous id shared by all nodes (default: SLURM_JOB_ID, else "mlps")
+#   MAX_RESTARTS     elastic restarts of the worker group after a worker dies (default 0);
+#                    the stage resumes from its last checkpoint after each restart
+#
+# Exit status: the stage's; 75 means preempted (a checkpoint was written): rerun the same
+# command to resume. Finished stages exit 0 at once, so rerunning is always safe.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/env.sh"
+source "$MLPS_REPO/tools/venv.sh"
+
+if (($# < 3)); then
+    echo "usage: launch/stage.sh STAGE CONFIG RUN_DIR [key=value ...]   (STAGE: ${MLPS_STAGES[*]})" >&2
+    exit 2
+fi
+stage=$1 config=$2 run_dir=$3
+shift 3
+module=$(mlps_stage_module "$stage")
+[[ -f "$config" ]] || mlps_die "config file '$config' does not exist: pass a YAML from configs/"
+
+nproc=${NPROC_PER_NODE:-$(mlps_default_nproc)}
+nnodes=${NNODES:-${SLURM_NNODES:-1}}
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || mlps_die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
+[[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || mlps_die "NNODES must be a positive integer, got '$nnodes'"
+
+# SIGUSR1 is the usual SLURM preemption notice: torchrun passes it on like SIGTERM.
+torchrun_args=(
+    --nproc-per-node="$nproc"
+    --max-restarts="${MAX_RESTARTS:-0}"
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+)
+if ((nnodes == 1)); then
+    torchrun_args+=(--standalone)
+else
+    node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
+    [[ -n "$node_rank" ]] || mlps_die "NNODES=$nnodes needs NODE_RANK (0 on the node named by MASTER_ADDR)"
+    master_addr=${MASTER_ADDR:-$(mlps_head_node)}
+    master_port=${MASTER_PORT:-$(mlps_rdzv_port)}
+    # Node rank 0 hosts the rendezvous store; the others only connect to it.
+    is_host=$([[ "$node_rank" == 0 ]] && echo true || echo false)
+    torchrun_args+=(
+        --nnodes="$nnodes" --node-rank="$node_rank"
+        --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port"
+        --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-mlps}}" --rdzv-conf="is_host=$is_host"
+    )
+fi
+
+mlps_log "$stage on $(hostname): $nnodes node(s) x $nproc process(es), run_dir=$run_dir"
+status=0
+mlps_run_forwarding python -m torch.distributed.run "${torchrun_args[@]}" \
+    -m "$module" --config "$config" "run_dir=$run_dir" "$@" || status=$?
+exit "$status"
