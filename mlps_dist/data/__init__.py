@@ -1,0 +1,1 @@
+"""Data: shard format and reader, dataset layouts, sampling, augmentation, loaders."""

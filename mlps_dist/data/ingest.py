@@ -1,0 +1,236 @@
+"""Conversion of a source dataset folder into shards (the engine of tools/make_shards.py).
+
+Two passes: ``check`` decodes every source file and collects every problem before anything
+is written; ``write`` then writes the shards. Each shard is committed atomically
+(ShardWriter), info.json is written last, and a rerun reuses the shards that already hold
+exactly the planned samples, so a killed conversion finishes on the next run.
+
+Images that are RGBA, LA, greyscale or palettised are converted to RGB (alpha dropped) and
+the sample's json records ``converted_from``. Masks are stored as 8-bit greyscale PNGs of
+class indices 0..C-1 with C = ignore; palettised masks give their indices, RGB masks are
+mapped through the dataset palette.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
+from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
+                                   sample_key, shard_stem, write_info)
+
+CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
+
+
+class BadInput(ValueError):
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+@dataclass
+class Checked:
+    item: SourceItem
+    labels: list[int]
+    size: tuple[int, int]  # (H, W)
+    converted_from: str = ""
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    src: Path
+    shard_size: int
+    splits: dict[str, list[Checked]] = field(default_factory=dict)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # forces a full decode: truncated files fail here, not in training
+        return img
+    except Exception as exc:  # PIL raises many types for broken files
+        raise BadInput(path, f"unreadable or truncated image ({exc})") from exc
+
+
+def _rgb(path: Path) -> tuple[Image.Image, str]:
+    img = _open_image(path)
+    if img.mode == "RGB":
+        return img, ""
+    if img.mode in CONVERTIBLE_MODES:
+        return img.convert("RGB"), img.mode
+    raise BadInput(path, f"image mode {img.mode} is not 8-bit RGB/RGBA/greyscale; convert it to RGB PNG")
+
+
+def mask_indices(path: Path, layout: Layout) -> np.ndarray:
+    img = _open_image(path)
+    if img.mode in ("P", "L"):
+        arr = np.asarray(img, dtype=np.uint8)
+    elif img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        arr = np.full(code.shape, 255, dtype=np.uint8)
+        for index, (r, g, b) in enumerate(layout.palette):
+            arr[code == ((r << 16) | (g << 8) | b)] = index
+        if (arr == 255).any():
+            raise BadInput(path, f"RGB mask has colours outside the {layout.name} palette {layout.palette}")
+    else:
+        raise BadInput(path, f"mask mode {img.mode}: expected a palettised or greyscale PNG of class indices")
+    if arr.max(initial=0) > layout.ignore_index:
+        bad = sorted(set(np.unique(arr).tolist()) - set(range(layout.ignore_index + 1)))
+        raise BadInput(path, f"mask values {bad} outside 0..{layout.ignore_index} "
+                             f"({layout.ignore_index} = ignore/white)")
+    return arr
+
+
+def check_item(item: SourceItem, layout: Layout) -> Checked:
+    img, converted = _rgb(item.image)
+    size = (img.height, img.width)
+    labels = item.labels
+    if item.mask is not None:
+        mask = mask_indices(item.mask, layout)
+        if mask.shape != size:
+            raise BadInput(item.mask, f"mask size {mask.shape[1]}x{mask.shape[0]} != image size "
+                                      f"{size[1]}x{size[0]} ({item.image.name})")
+        present = set(np.unique(mask).tolist())
+        labels = [int(c in present) for c in range(layout.num_classes)]
+    return Checked(item, labels, size, converted)
+
+
+def _check_or_report(args):
+    item, layout = args
+    try:
+        return check_item(item, layout)
+    except BadInput as exc:
+        return exc
+
+
+def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 1) -> Plan:
+    """Scan and decode every source file; problems are collected in ``plan.bad``."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    items, bad = scan_layout(layout, src)
+    plan = Plan(layout, Path(src), shard_size, bad=list(bad))
+    for split, split_items in items.items():
+        jobs = [(item, layout) for item in split_items]
+        if workers > 1 and len(jobs) > 64:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(_check_or_report, jobs, chunksize=64))
+        else:
+            results = [_check_or_report(job) for job in jobs]
+        plan.splits[split] = [r for r in results if isinstance(r, Checked)]
+        plan.bad += [(r.path, r.problem) for r in results if isinstance(r, BadInput)]
+    return plan
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _png_bytes(array_or_image) -> bytes:
+    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_members(checked: Checked, plan: Plan) -> dict[str, bytes]:
+    item = checked.item
+    raw = item.image.read_bytes()
+    # Keep the source bytes when they already are an RGB PNG (bit-exact and no re-encode cost).
+    if checked.converted_from or not raw.startswith(b"\x89PNG"):
+        raw = _png_bytes(_rgb(item.image)[0])
+    meta = {"source": str(item.image.relative_to(plan.src)), "dataset": plan.layout.name, **item.meta}
+    if checked.converted_from:
+        meta["converted_from"] = checked.converted_from
+    members = {"png": raw, "labels": encode_labels(checked.labels), "json": json.dumps(meta).encode()}
+    if item.mask is not None:
+        members["mask.png"] = _png_bytes(mask_indices(item.mask, plan.layout))
+    return members
+
+
+def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path) -> bool:
+    """True when the shard on disk holds exactly the planned samples (from a previous run)."""
+    stem = shard_stem(split, number)
+    tar, idx = root / f"{stem}.tar", root / f"{stem}.idx"
+    if not (tar.is_file() and idx.is_file()):
+        return False
+    try:
+        entries = read_index(idx)
+    except ShardError:
+        return False
+    if [key for key, _ in entries] != [sample_key(split, first + i) for i in range(len(chunk))]:
+        return False
+    tar_size = tar.stat().st_size
+    with open(tar, "rb") as f:
+        for (key, members), checked in zip(entries, chunk):
+            if any(off + size > tar_size for off, size in members.values()) or "json" not in members:
+                return False
+            f.seek(members["json"][0])
+            meta = json.loads(f.read(members["json"][1]))
+            if meta.get("source") != str(checked.item.image.relative_to(src)):
+                return False
+    return True
+
+
+def write_plan(plan: Plan, out: str | Path, log=print) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").unlink(missing_ok=True)  # the folder is incomplete until the end
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    info = {"format": FORMAT_VERSION, "layout": plan.layout.name, "classes": list(plan.layout.classes),
+            "ignore_index": plan.layout.ignore_index, "palette": [list(c) for c in plan.layout.palette],
+            "source": str(plan.src.resolve()), "splits": {}}
+    for split, samples in plan.splits.items():
+        shards, reused = [], 0
+        for number, first in enumerate(range(0, len(samples), plan.shard_size)):
+            chunk = samples[first : first + plan.shard_size]
+            stem = shard_stem(split, number)
+            if _shard_is_complete(out, split, number, chunk, first, plan.src):
+                shards.append({"tar": f"{stem}.tar", "idx": f"{stem}.idx", "count": len(chunk)})
+                reused += 1
+                continue
+            writer = ShardWriter(out, split, number)
+            try:
+                for i, checked in enumerate(chunk):
+                    writer.write(sample_key(split, first + i), sample_members(checked, plan))
+            except BaseException:
+                writer.abort()
+                raise
+            shards.append(writer.close())
+        planned = {s["tar"] for s in shards} | {s["idx"] for s in shards}
+        for old in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")):
+            if old.name not in planned:  # left over from an earlier, larger conversion
+                old.unlink()
+        sizes = {c.size for c in samples}
+        info["splits"][split] = {
+            "count": len(samples), "has_masks": split != "train",
+            "image_size": list(sizes.pop()) if len(sizes) == 1 else None,
+            "class_counts": [int(sum(c.labels[k] for c in samples)) for k in range(plan.layout.num_classes)],
+            "shards": shards}
+        if reused:
+            log(f"{split}: reused {reused} complete shard(s) from an earlier run")
+    write_info(out, info)
+    return info
+
+
+def summary_lines(info: dict) -> list[str]:
+    lines = []
+    for split, s in info["splits"].items():
+        freq = ", ".join(f"{c}={n}" for c, n in zip(info["classes"], s["class_counts"]))
+        lines.append(f"{split}: {s['count']} samples in {len(s['shards'])} shard(s); "
+                     f"image size {s['image_size']}; samples per class: {freq}")
+    return lines
+
+
+def bad_counter(bad: list[tuple[Path, str]]) -> Counter:
+    return Counter(problem.split(" (")[0] for _, problem in bad)

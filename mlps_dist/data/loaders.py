@@ -1,0 +1,46 @@
+"""The two loader entry points; ``data.loader`` picks the back end (torch | dali).
+
+Both back ends take their batches from sampling.py and their augmentation parameters from
+augment.py, so they yield the same samples in the same order with the same geometry.
+"""
+
+from __future__ import annotations
+
+from mlps_dist import dist
+from mlps_dist.config import Config
+from mlps_dist.data.sampling import eval_batches, rank_batches, require_steps, steps_per_epoch
+from mlps_dist.data.shards import SplitReader
+
+__all__ = ["create_train_loader", "create_eval_loader", "steps_per_epoch"]
+
+
+def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, epoch: int, start_step: int = 0,
+                        rank: int, world: int, device, pseudo_masks=None):
+    """Training batches of this rank for ``epoch`` from ``start_step`` on; ``len()`` = the
+    remaining steps, equal on every rank."""
+    require_steps(len(reader), batch_size, world, "classifier.batch_size or segmenter.batch_size", cfg.data.root)
+    missing = pseudo_masks.missing(len(reader)) if pseudo_masks is not None else []
+    if missing:
+        raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
+                         f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.generate_masks) first")
+    batches = rank_batches(len(reader), batch_size, world, rank, cfg.seed, epoch, start_step)
+    if cfg.data.loader == "dali":
+        from mlps_dist.data.dali_loader import create_dali_train_loader
+
+        return create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks)
+    from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
+
+    return create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks), batches, cfg.data.num_workers, device)
+
+
+def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device):
+    """Every sample of the split exactly once across ranks (and workers); a rank with no
+    share yields zero batches."""
+    batches = eval_batches(dist.partition(len(reader), world, rank), batch_size)
+    if cfg.data.loader == "dali":
+        from mlps_dist.data.dali_loader import create_dali_eval_loader
+
+        return create_dali_eval_loader(cfg, reader, batches, device)
+    from mlps_dist.data.torch_loader import EvalDataset, create_torch_loader
+
+    return create_torch_loader(EvalDataset(cfg, reader), batches, cfg.data.num_workers, device)

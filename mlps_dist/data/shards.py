@@ -1,0 +1,255 @@
+"""Shard format: WebDataset tars with DALI index files, and a random-access reader.
+
+    root/info.json                       classes, palette, ignore index, per-split shard list
+    root/<split>-NNNNNN.tar              members KEY.png, KEY.labels, KEY.json[, KEY.mask.png]
+    root/<split>-NNNNNN.idx              DALI webdataset index ("v1.2 <samples>", then per sample
+                                         "<ext> <data offset> <size> <member name>" repeated)
+
+Keys are ``<split>_<index:08d>`` with ``index`` the sample's position in the split, so a key
+names its global position. The reader seeks straight to a member using the offsets of the
+index file; file handles are opened lazily per process, so a reader may be pickled into
+DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+INDEX_VERSION = "v1.2"
+MEMBERS = ("png", "labels", "json", "mask.png")
+
+
+class ShardError(ValueError):
+    """A shard folder that cannot be read as written by tools/make_shards.py."""
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}_{index:08d}"
+
+
+def shard_stem(split: str, shard_number: int) -> str:
+    return f"{split}-{shard_number:06d}"
+
+
+def encode_labels(multi_hot) -> bytes:
+    """C bytes of 0/1: fixed size, so DALI can read them as a uint8 tensor."""
+    return bytes(int(bool(v)) for v in multi_hot)
+
+
+def decode_labels(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8).astype(np.float32)
+
+
+# ---------------------------------------------------------------- DALI index files
+
+
+def index_entries(tar_path: str | Path) -> list[list[tuple[str, int, int, str]]]:
+    """Per sample, its members as (ext, data offset, size, member name), in tar order.
+
+    The sample name is the member name up to the first dot (as DALI splits it), so
+    ``KEY.mask.png`` has the extension ``mask.png``.
+    """
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base, _, ext = member.name.partition(".")
+            if base != last:
+                samples.append([])
+                last = base
+            samples[-1].append((ext, member.offset_data, member.size, member.name))
+    return samples
+
+
+def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
+    samples = index_entries(tar_path)
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for members in samples:
+        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members))
+    Path(idx_path).write_text("\n".join(lines) + "\n")
+    return len(samples)
+
+
+def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] from a v1.2 index; raises ShardError when malformed."""
+    idx_path = Path(idx_path)
+    try:
+        lines = idx_path.read_text().splitlines()
+        version, count = lines[0].split()
+        if version != INDEX_VERSION:
+            raise ValueError(f"version {version!r}, expected {INDEX_VERSION}")
+        out = []
+        for line in lines[1 : 1 + int(count)]:
+            parts = line.split(" ")
+            members, key = {}, None
+            for i in range(0, len(parts), 4):
+                ext, off, size, name = parts[i : i + 4]
+                key = name.partition(".")[0]
+                members[ext] = (int(off), int(size))
+            out.append((key, members))
+        if len(out) != int(count):
+            raise ValueError(f"header says {count} samples, found {len(out)}")
+        return out
+    except (OSError, ValueError, IndexError) as exc:
+        raise ShardError(f"{idx_path}: not a readable DALI index ({exc}); rerun tools/make_shards.py") from exc
+
+
+# ---------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes one shard atomically: ``.tar.tmp`` -> ``.tar``, then ``.idx.tmp`` -> ``.idx``.
+
+    A shard whose ``.idx`` exists is complete (the index is renamed last).
+    """
+
+    def __init__(self, root: str | Path, split: str, shard_number: int):
+        import webdataset as wds
+
+        self.root = Path(root)
+        stem = shard_stem(split, shard_number)
+        self.tar_path = self.root / f"{stem}.tar"
+        self.idx_path = self.root / f"{stem}.idx"
+        self._tmp = self.root / f"{stem}.tar.tmp"
+        self._file = open(self._tmp, "wb")
+        # Fixed mtime: identical inputs give byte-identical shards.
+        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="GNU_FORMAT")
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        unknown = set(members) - set(MEMBERS)
+        if unknown:
+            raise ValueError(f"sample {key}: unknown members {sorted(unknown)}; allowed: {MEMBERS}")
+        self._writer.write({"__key__": key, **members})
+        self.count += 1
+
+    def close(self) -> dict:
+        self._writer.close()
+        if not self._file.closed:
+            self._file.close()
+        os.replace(self._tmp, self.tar_path)
+        idx_tmp = self.idx_path.with_suffix(".idx.tmp")
+        write_index(self.tar_path, idx_tmp)
+        os.replace(idx_tmp, self.idx_path)
+        return {"tar": self.tar_path.name, "idx": self.idx_path.name, "count": self.count}
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()  # flushes into the .tmp that is deleted below
+        finally:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def write_info(root: str | Path, info: dict) -> None:
+    path = Path(root) / "info.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_info(root: str | Path) -> dict:
+    path = Path(root) / "info.json"
+    if not path.is_file():
+        raise ShardError(
+            f"{path} does not exist: data.root must be a folder written by tools/make_shards.py "
+            f"(convert the dataset first, or fix data.root)")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ShardError(f"{path}: not valid JSON ({exc}); rerun tools/make_shards.py") from exc
+    if info.get("format") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format {info.get('format')!r}, this code reads format {FORMAT_VERSION}")
+    return info
+
+
+class SplitReader:
+    """Random access to the samples of one split; ``read(i)`` -> {member: bytes}."""
+
+    def __init__(self, root: str | Path, split: str, info: dict):
+        self.root = Path(root)
+        self.split = split
+        self.info = info
+        self.split_info = info["splits"][split]
+        self.classes: list[str] = list(info["classes"])
+        self.num_classes = len(self.classes)
+        self.ignore_index: int = int(info["ignore_index"])
+        self.has_masks: bool = bool(self.split_info["has_masks"])
+        self._entries: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, members)
+        self._keys: list[str] = []
+        self._tars: list[Path] = []
+        for shard_no, shard in enumerate(self.split_info["shards"]):
+            tar = self.root / shard["tar"]
+            if not tar.is_file():
+                raise ShardError(f"{tar} is listed in {self.root / 'info.json'} but missing; rerun tools/make_shards.py")
+            entries = read_index(self.root / shard["idx"])
+            if len(entries) != shard["count"]:
+                raise ShardError(f"{self.root / shard['idx']}: {len(entries)} samples, info.json says {shard['count']}")
+            self._tars.append(tar)
+            for key, members in entries:
+                self._keys.append(key)
+                self._entries.append((shard_no, members))
+        if len(self._keys) != self.split_info["count"]:
+            raise ShardError(f"{self.root}: split '{split}' has {len(self._keys)} samples, info.json says "
+                             f"{self.split_info['count']}")
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key(self, i: int) -> str:
+        return self._keys[i]
+
+    def _handle(self, shard_no: int):
+        if self._pid != os.getpid():  # forked into a worker: never share a file offset
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard_no)
+        if handle is None:
+            handle = self._handles[shard_no] = open(self._tars[shard_no], "rb")
+        return handle
+
+    def read(self, i: int) -> dict[str, bytes]:
+        shard_no, members = self._entries[i]
+        handle = self._handle(shard_no)
+        out = {}
+        for ext, (offset, size) in members.items():
+            handle.seek(offset)
+            data = handle.read(size)
+            if len(data) != size:
+                raise ShardError(f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; "
+                                 f"rerun tools/make_shards.py")
+            out[ext] = data
+        return out
+
+    def labels(self, i: int) -> np.ndarray:
+        return decode_labels(self.read(i)["labels"])
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def open_split(root: str | Path, split: str) -> SplitReader:
+    info = read_info(root)
+    if split not in info.get("splits", {}):
+        raise ShardError(f"{Path(root) / 'info.json'} has no split '{split}' "
+                         f"(it has {sorted(info.get('splits', {}))})")
+    return SplitReader(root, split, info)

@@ -1,0 +1,103 @@
+"""torch back end: map-style datasets over a SplitReader, our batch lists, torch DataLoader.
+
+Batches are fixed lists of sample indices computed up front (sampling.py), handed to the
+DataLoader as its ``batch_sampler``: each batch is built by exactly one worker, so the
+output does not depend on the number of workers, and resuming is slicing that list.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mlps_dist.config import Config
+from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, sample_params
+from mlps_dist.data.shards import SplitReader, decode_labels
+
+
+def decode_rgb(png: bytes, size: int = 0) -> np.ndarray:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_indices(png: bytes, size: int = 0) -> np.ndarray:
+    img = Image.open(io.BytesIO(png))
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"mask PNG has mode {img.mode}; expected 8-bit class indices")
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST)
+    return np.asarray(img, dtype=np.uint8)
+
+
+class TrainDataset(Dataset):
+    def __init__(self, cfg: Config, reader: SplitReader, epoch: int, pseudo_masks=None):
+        self.data, self.seed, self.epoch = cfg.data, cfg.seed, epoch
+        self.reader, self.pseudo_masks = reader, pseudo_masks
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.reader.read(index)
+        params = sample_params(self.data, self.seed, self.epoch, index)
+        rgb = geometric(decode_rgb(sample["png"], self.data.image_size), params)
+        image = normalise(colour(rgb.astype(np.float32), params), self.data.mean, self.data.std)
+        out = {"image": torch.from_numpy(image), "labels": torch.from_numpy(decode_labels(sample["labels"])),
+               "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index)}
+        if self.pseudo_masks is not None:
+            layers = [geometric(decode_indices(png, self.data.image_size), params)
+                      for png in self.pseudo_masks.read_pngs(index)]
+            out["masks"] = torch.from_numpy(np.stack(layers).astype(np.int64))
+        return out
+
+
+class EvalDataset(Dataset):
+    """No augmentation and no resizing: evaluation runs at the stored resolution."""
+
+    def __init__(self, cfg: Config, reader: SplitReader):
+        self.data, self.reader = cfg.data, reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.reader.read(index)
+        rgb = decode_rgb(sample["png"])
+        out = {"image": torch.from_numpy(normalise(colour(rgb.astype(np.float32), IDENTITY),
+                                                   self.data.mean, self.data.std)),
+               "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+               "labels": torch.from_numpy(decode_labels(sample["labels"])),
+               "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index)}
+        if self.reader.has_masks:
+            out["mask"] = torch.from_numpy(decode_indices(sample["mask.png"]).astype(np.int64))
+        return out
+
+
+class DeviceLoader:
+    """Iterates a DataLoader and moves the tensors of each batch to ``device``."""
+
+    def __init__(self, loader: DataLoader, num_batches: int, device):
+        self.loader, self.num_batches, self.device = loader, num_batches, torch.device(device)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        if self.num_batches == 0:  # a rank without samples: zero batches, no workers started
+            return
+        non_blocking = self.device.type == "cuda"
+        for batch in self.loader:
+            yield {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                   for k, v in batch.items()}
+
+
+def create_torch_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device) -> DeviceLoader:
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers if batches else 0,
+                        pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+    return DeviceLoader(loader, len(batches), device)

@@ -1,0 +1,221 @@
+"""Shard format and conversion: bit-exact round trip, DALI index, bad input, crash and rerun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_tool
+from mlps_dist.data import ingest
+from mlps_dist.data.ingest import build_plan, write_plan
+from mlps_dist.data.layouts import LUAD
+from mlps_dist.data.shards import ShardError, open_split, read_index, read_info
+from mlps_dist.data.torch_loader import decode_indices, decode_rgb
+
+
+def _sources(folder, split):
+    if split == "train":
+        return sorted((folder / "train").glob("*.png"))
+    return sorted((folder / split / "img").glob("*.png"))
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_images_masks_and_labels_round_trip_bit_exact(tiny_luad_folder, tiny_shards, split):
+    reader = open_split(tiny_shards, split)
+    sources = _sources(tiny_luad_folder, split)
+    assert len(reader) == len(sources) > 0
+    for i, path in enumerate(sources):
+        sample = reader.read(i)
+        assert reader.key(i) == f"{split}_{i:08d}"
+        np.testing.assert_array_equal(decode_rgb(sample["png"]), np.asarray(Image.open(path).convert("RGB")))
+        meta = json.loads(sample["json"])
+        assert meta["source"] == str(path.relative_to(tiny_luad_folder)) and meta["dataset"] == "luad"
+        labels = list(np.frombuffer(sample["labels"], np.uint8))
+        if split == "train":
+            assert "mask.png" not in sample
+            assert labels == LUAD.parse_train_name(path.name, 4)[0]
+            assert meta["slide"] == path.name.split("-")[0]
+        else:
+            source_mask = np.asarray(Image.open(tiny_luad_folder / split / "mask" / path.name))
+            stored = decode_indices(sample["mask.png"])
+            assert Image.open(__import__("io").BytesIO(sample["mask.png"])).mode == "L"
+            np.testing.assert_array_equal(stored, source_mask)
+            assert labels == [int((source_mask == c).any()) for c in range(4)]
+    assert reader.has_masks == (split != "train")
+
+
+def test_info_and_dali_index_describe_the_tars(tiny_shards):
+    info = read_info(tiny_shards)
+    assert info["classes"] == ["TE", "NEC", "LYM", "TAS"] and info["ignore_index"] == 4
+    assert len(info["palette"]) == 5 and info["palette"][-1] == [255, 255, 255]
+    train = info["splits"]["train"]
+    assert [s["count"] for s in train["shards"]] == [10, 10, 10, 2] and train["image_size"] == [48, 48]
+    for shard in train["shards"]:
+        first_line = (tiny_shards / shard["idx"]).read_text().splitlines()[0]
+        assert first_line == f"v1.2 {shard['count']}"
+        entries = read_index(tiny_shards / shard["idx"])
+        raw = (tiny_shards / shard["tar"]).read_bytes()
+        with tarfile.open(tiny_shards / shard["tar"]) as tar:
+            for key, members in entries:
+                for ext, (offset, size) in members.items():
+                    assert raw[offset : offset + size] == tar.extractfile(f"{key}.{ext}").read()
+
+
+def test_missing_info_json_or_split_is_named(tmp_path, tiny_shards):
+    with pytest.raises(ShardError, match="info.json does not exist.*make_shards"):
+        read_info(tmp_path)
+    with pytest.raises(ShardError, match="no split 'valid'"):
+        open_split(tiny_shards, "valid")
+
+
+def test_reader_survives_pickling_into_another_process(tiny_shards):
+    import pickle
+
+    reader = open_split(tiny_shards, "val")
+    first = reader.read(0)
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone.read(0) == first and clone.read(7) == reader.read(7)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "src"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _break(src, kind):
+    """Make one file bad in the way named by ``kind``; returns that file."""
+    train = sorted((src / "train").glob("*.png"))
+    val = sorted((src / "val" / "img").glob("*.png"))
+    if kind == "truncated":
+        data = train[3].read_bytes()
+        train[3].write_bytes(data[: len(data) // 2])
+        return train[3]
+    if kind == "label count":
+        return train[4].rename(train[4].with_name(train[4].name.replace("[", "[1 ")))
+    if kind == "mask missing":
+        (src / "val" / "mask" / val[1].name).unlink()
+        return val[1]
+    if kind == "mask size":
+        mask = src / "val" / "mask" / val[2].name
+        Image.open(mask).resize((40, 48)).save(mask)
+        return mask
+    if kind == "mask values":
+        mask = src / "val" / "mask" / val[3].name
+        img = Image.open(mask)
+        arr = np.asarray(img).copy()
+        arr[0, 0] = 7
+        out = Image.fromarray(arr, mode="P")
+        out.putpalette(img.getpalette())
+        out.save(mask)
+        return mask
+    raise AssertionError(kind)
+
+
+PROBLEMS = {"truncated": "unreadable or truncated", "label count": "5 classes", "mask missing": "mask missing",
+            "mask size": "mask size 40x48 != image size 48x48", "mask values": r"mask values \[7\] outside 0..4"}
+
+
+@pytest.mark.parametrize("kind", list(PROBLEMS))
+def test_each_bad_input_is_reported_with_file_and_problem(tiny_luad_folder, tmp_path, kind):
+    src = _copy(tiny_luad_folder, tmp_path)
+    bad_file = _break(src, kind)
+    plan = build_plan(LUAD, src, shard_size=10)
+    assert len(plan.bad) == 1
+    path, problem = plan.bad[0]
+    assert path.name == bad_file.name
+    assert __import__("re").search(PROBLEMS[kind], problem), problem
+
+
+def test_cli_stops_before_writing_and_skip_bad_lists_and_counts(tiny_luad_folder, tmp_path):
+    src = _copy(tiny_luad_folder, tmp_path)
+    broken = [_break(src, "truncated"), _break(src, "mask values")]
+    out = tmp_path / "shards"
+    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(src), "--out", str(out))
+    assert result.returncode == 2
+    for path in broken:
+        assert path.name in result.stderr
+    assert "2 bad file(s) found" in result.stderr and "--skip-bad" in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(src), "--out", str(out),
+                      "--skip-bad", "--shard-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert "2 bad file(s) skipped" in result.stderr and broken[0].name in result.stderr
+    info = read_info(out)
+    assert info["splits"]["train"]["count"] == 31 and info["splits"]["val"]["count"] == 7
+    assert "train: 31 samples in 4 shard(s)" in result.stdout
+
+
+def test_rgba_and_grey_images_are_converted_to_rgb(tiny_luad_folder, tmp_path):
+    src = _copy(tiny_luad_folder, tmp_path)
+    train = sorted((src / "train").glob("*.png"))
+    rgb0, rgb1 = (np.asarray(Image.open(p).convert("RGB")) for p in train[:2])
+    Image.open(train[0]).convert("RGBA").save(train[0])
+    Image.open(train[1]).convert("L").save(train[1])
+    plan = build_plan(LUAD, src, shard_size=40)
+    assert not plan.bad
+    write_plan(plan, tmp_path / "out", log=lambda *_: None)
+    reader = open_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(decode_rgb(reader.read(0)["png"]), rgb0)
+    assert json.loads(reader.read(0)["json"])["converted_from"] == "RGBA"
+    grey = decode_rgb(reader.read(1)["png"])
+    assert (grey[..., 0] == grey[..., 2]).all() and json.loads(reader.read(1)["json"])["converted_from"] == "L"
+
+
+# ---------------------------------------------------------------- crash and rerun
+
+
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_conversion_finishes_on_rerun_identically(tiny_luad_folder, tiny_shards, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    plan = build_plan(LUAD, tiny_luad_folder, shard_size=10)
+    real, calls = ingest.sample_members, []
+
+    def dies_in_second_shard(checked, plan):
+        calls.append(1)
+        if len(calls) == 15:
+            raise KeyboardInterrupt  # as a kill would, in the middle of a shard
+        return real(checked, plan)
+
+    monkeypatch.setattr(ingest, "sample_members", dies_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        write_plan(plan, out, log=lambda *_: None)
+    monkeypatch.setattr(ingest, "sample_members", real)
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.idx", "train-000000.tar"]
+
+    # A second kind of leftover: a tar renamed but its index not yet, and a stray .tmp.
+    (out / "train-000001.tar").write_bytes(b"partial")
+    (out / "train-000002.tar.tmp").write_bytes(b"partial")
+    messages = []
+    write_plan(build_plan(LUAD, tiny_luad_folder, shard_size=10), out, log=messages.append)
+    assert messages == ["train: reused 1 complete shard(s) from an earlier run"]
+    assert _tree(out) == _tree(tiny_shards)
+
+
+def test_rerun_after_truncated_shard_rewrites_it(tiny_luad_folder, tiny_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(tiny_shards, out)
+    tar = out / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    (out / "info.json").unlink()
+    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tiny_luad_folder), "--out", str(out),
+                      "--shard-size", "10")
+    assert result.returncode == 0, result.stderr
+    assert "train: reused 3 complete shard(s)" in result.stdout
+    info_a, info_b = read_info(out), read_info(tiny_shards)
+    info_a.pop("source"), info_b.pop("source")
+    assert info_a == info_b
+    assert _tree(out).keys() == _tree(tiny_shards).keys()
+    assert (out / "train-000002.tar").read_bytes() == (tiny_shards / "train-000002.tar").read_bytes()

@@ -1,0 +1,66 @@
+"""Convert a LUAD-HistoSeg or BCSS-WSSS folder into shards (see docs/architecture.md).
+
+    python tools/make_shards.py --layout luad --src data/LUAD-HistoSeg --out data/luad/shards
+
+Every source file is decoded and checked before anything is written; problems are listed
+with the file and what is wrong, and the conversion stops (exit 2) unless --skip-bad is
+given, in which case the bad files are listed, counted and left out. Shards are committed
+atomically and info.json is written last: after a crash, rerun the same command and it
+finishes the job, reusing the shards that are already complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan  # noqa: E402
+from mlps_dist.data.layouts import LayoutError, create_layout  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layout", required=True, choices=["luad", "bcss"])
+    p.add_argument("--src", required=True, help="dataset folder (holds train/ or training/, val/, test/)")
+    p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
+    return p.parse_args(argv)
+
+
+def report_bad(bad, skip: bool) -> None:
+    verb = "skipped" if skip else "found"
+    for path, problem in bad:
+        print(f"bad input: {path}: {problem}", file=sys.stderr)
+    kinds = ", ".join(f"{n} x {kind}" for kind, n in bad_counter(bad).items())
+    print(f"{len(bad)} bad file(s) {verb}: {kinds}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = build_plan(create_layout(args.layout), args.src, args.shard_size, args.workers)
+    except (LayoutError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if plan.bad:
+        report_bad(plan.bad, args.skip_bad)
+        if not args.skip_bad:
+            print("nothing written; fix or remove these files, or pass --skip-bad", file=sys.stderr)
+            return 2
+    if not plan.splits.get("train"):
+        print(f"error: {args.src}: no usable training patches", file=sys.stderr)
+        return 2
+    info = write_plan(plan, args.out)
+    for line in summary_lines(info):
+        print(line)
+    print(f"wrote {Path(args.out) / 'info.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
