@@ -1,0 +1,222 @@
+"""The training loop shared by the classifier (stage 1) and the segmenter (stage 3).
+
+    result = fit(cfg, cfg.classifier, task, log)
+
+``task`` supplies what differs between the stages (see ``TrainTask``); the loop owns the
+rest: batch plan and gradient accumulation, DDP/DeepSpeed, poly LR, seeding, periodic and
+epoch-end checkpoints, automatic resume, best/final model files and preemption. The
+resumed run continues from the exact data position, so a crash at any moment followed by a
+rerun gives the same weights as no crash.
+
+Preemption: SIGUSR1 or SIGTERM sets a flag; after the current optimizer step all ranks
+agree on it (an all-reduce), write a checkpoint and raise ``Preempted``; entry points exit
+with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "rerun to resume").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mlps_dist import dist, parallel
+from mlps_dist.checkpoint import Checkpointer, save_model_file
+from mlps_dist.config import Config, ConfigError, TrainConfig
+from mlps_dist.runlog import RunLog
+
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; exit with PREEMPTED_EXIT_CODE."""
+
+
+class TrainTask(Protocol):
+    stage: str  # run-dir folder and log name: "classifier" | "segmenter"
+    meta: dict  # name, num_classes, classes, config: stored with checkpoints and model files
+
+    def build_model(self) -> nn.Module: ...  # has .param_groups() -> {"backbone", "head"}
+    def micro_steps_per_epoch(self, plan: parallel.BatchPlan) -> int: ...
+    def train_loader(self, epoch: int, start_step: int, plan: parallel.BatchPlan) -> Iterable[dict]: ...
+    def loss(self, model, batch: dict) -> torch.Tensor: ...  # model(x) runs the wrapped forward
+    def start_epoch(self, epoch: int, module: nn.Module) -> dict[str, float]: ...  # scalars to log
+    def validate(self, module: nn.Module, epoch: int) -> dict[str, float]: ...  # holds "score"
+    def visualise(self, module: nn.Module, epoch: int, log: RunLog) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epoch in progress (== epochs when training is done)
+    step_in_epoch: int = 0  # optimizer steps done in this epoch: the data position
+    global_step: int = 0
+    best_score: float = -math.inf
+
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    return Path(cfg.run_dir) / stage
+
+
+def final_model_path(cfg: Config, stage: str) -> Path:
+    return stage_dir(cfg, stage) / "model.pt"
+
+
+def expected_meta(task: TrainTask, train_cfg: TrainConfig) -> dict:
+    """What a checkpoint must have been written for to be resumed by this run."""
+    return {"name": task.meta["name"], "num_classes": task.meta["num_classes"], "parallel": train_cfg.parallel}
+
+
+def check_resumable(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> None:
+    """Raise CheckpointError now (before any model is built) if the run dir holds a checkpoint
+    this run cannot resume: unreadable, or for another model / class count / parallel mode."""
+    ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
+    latest = ckpts.latest()
+    if latest is not None:
+        ckpts.check(latest, expected_meta(task, train_cfg))
+
+
+def derive_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible per-rank seeds from the experiment seed."""
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PreemptionGuard:
+    """Turns SIGUSR1/SIGTERM into a flag that all ranks agree on at a step boundary."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        self.flag = True  # acted on after the current optimizer step
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (collective: call on all ranks)."""
+        votes = dist.all_reduce_sum(torch.tensor([1.0 if self.flag else 0.0]))
+        return bool(votes.item() > 0)
+
+
+def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> float:
+    """One optimizer step over ``plan.accumulation`` micro batches; returns the mean loss."""
+    total = 0.0
+    for micro in range(plan.accumulation):
+        batch = next(batches)
+        boundary = micro == plan.accumulation - 1
+        with model.sync_gradients(boundary):
+            with model.autocast():
+                loss = task.loss(model, batch)
+            model.backward(loss, boundary)
+        total += float(loss.detach())
+    model.step()
+    return total / plan.accumulation
+
+
+def _mean_over_ranks(value: float) -> float:
+    return float(dist.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item()) / dist.get_world_size()
+
+
+def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
+    """Train ``task`` to the end (resuming from the run dir's checkpoint if there is one)."""
+    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    steps_per_epoch = task.micro_steps_per_epoch(plan) // plan.accumulation
+    if steps_per_epoch < 1:
+        raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
+                          "lower it or add training data")
+    seed_everything(cfg.seed)  # same initial weights on every rank
+    model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
+                          total_steps=steps_per_epoch * train_cfg.epochs)
+    seed_everything(derive_seed(cfg.seed, dist.get_rank()))
+    ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
+    expect = expected_meta(task, train_cfg)
+    progress = Progress()
+    resume_from = ckpts.latest()
+    if resume_from is not None:
+        state = ckpts.load(resume_from, model, expect)
+        progress = Progress(**state["progress"])
+        task.load_state_dict(state["task"])
+        log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
+        log.event("resume", checkpoint=str(resume_from), **asdict(progress))
+    log.info(f"{model.kind}: global batch {plan.global_batch} = {plan.micro_batch} x {plan.world} ranks x "
+             f"{plan.accumulation} accumulation; {steps_per_epoch} steps/epoch")
+
+    def save() -> None:
+        client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect}
+        path = ckpts.save(progress.global_step, model, client)
+        log.event("checkpoint", path=str(path), **asdict(progress))
+
+    with PreemptionGuard() as guard:
+        for epoch in range(progress.epoch, train_cfg.epochs):
+            scalars = task.start_epoch(epoch, model.module)
+            log.scalars(scalars, step=progress.global_step, prefix="train/")
+            model.train()
+            loader = task.train_loader(epoch, progress.step_in_epoch * plan.accumulation, plan)
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its worker seed from the global
+                batches = iter(loader)               # RNG; keep that draw out of the resumable RNG stream
+            bar = log.progress(range(progress.step_in_epoch, steps_per_epoch), total=steps_per_epoch,
+                               initial=progress.step_in_epoch, desc=f"epoch {epoch}")
+            for _ in bar:
+                loss = train_step(model, task, batches, plan)
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                if progress.global_step % max(train_cfg.log_every_steps, 1) == 0:
+                    log.scalars({"loss": _mean_over_ranks(loss), "lr": model.lr()}, progress.global_step, "train/")
+                mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch end saves anyway
+                if mid_epoch and guard.agreed():
+                    save()
+                    raise Preempted(f"preempted at epoch {epoch} step {progress.step_in_epoch}; rerun to resume")
+                if mid_epoch and train_cfg.ckpt_every_steps and progress.global_step % train_cfg.ckpt_every_steps == 0:
+                    save()
+            del batches, loader
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            last = epoch + 1 == train_cfg.epochs
+            if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:
+                _validate(model.module, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt")
+            save()
+            if guard.agreed():
+                raise Preempted(f"preempted after epoch {epoch}; rerun to resume")
+    if dist.is_main():
+        save_model_file(final_model_path(cfg, task.stage), model.module.state_dict(), task.meta)
+    dist.barrier()
+    log.info(f"wrote {final_model_path(cfg, task.stage)}")
+    return progress
+
+
+def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress, log: RunLog, best_path: Path):
+    module.eval()
+    with torch.no_grad():
+        metrics = task.validate(module, epoch)
+        task.visualise(module, epoch, log)
+    log.scalars(metrics, step=progress.global_step, prefix="val/")
+    log.info(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    score = metrics["score"]
+    if not math.isnan(score) and score > progress.best_score:
+        progress.best_score = float(score)
+        if dist.is_main():
+            save_model_file(best_path, module.state_dict(), {**task.meta, "epoch": epoch, "metrics": metrics})
+        log.event("best", epoch=epoch, score=score)
+    dist.barrier()

@@ -1,0 +1,215 @@
+"""One small API over DistributedDataParallel and a DeepSpeed engine.
+
+    batches = plan_batches(train_cfg, world)          # micro batch + accumulation steps
+    model = wrap(module, train_cfg, plan=batches, total_steps=N, device=dev)
+    for micro, batch in enumerate(micro_batches):
+        boundary = micro == batches.accumulation - 1
+        with model.sync_gradients(boundary):          # DDP: no all-reduce until the boundary
+            with model.autocast():
+                loss = criterion(model(batch["image"]), batch["labels"])
+            model.backward(loss, boundary)
+    model.step()                                      # optimizer + poly LR, then zero_grad
+    model.module                                      # the bare nn.Module (for saving)
+
+Both back ends use our own torch SGD and our own poly LR schedule (a LambdaLR, one
+step per optimizer step); DeepSpeed receives them as client optimizer/scheduler and its
+batch sizes are filled in from our config, so the JSON cannot disagree with it.
+Checkpoint I/O of the training state lives in ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mlps_dist import dist
+from mlps_dist.config import ConfigError, TrainConfig
+
+# Keys of a DeepSpeed JSON that our config owns; the JSON must leave them out.
+_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "optimizer", "scheduler", "gradient_clipping", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int  # samples per optimizer step, whatever the world size
+    micro_batch: int  # samples per rank per forward
+    accumulation: int  # forwards per rank per optimizer step
+    world: int
+
+
+def plan_batches(train_cfg: TrainConfig, world: int, section: str = "train") -> BatchPlan:
+    """global batch = micro batch x world x accumulation, or a ConfigError saying what to change."""
+    micro = train_cfg.micro_batch_size or train_cfg.batch_size // world
+    if micro < 1 or train_cfg.batch_size % (micro * world):
+        raise ConfigError(
+            f"'{section}.batch_size' = {train_cfg.batch_size} is not a multiple of micro batch {micro or 1} x "
+            f"{world} ranks; set {section}.batch_size to a multiple of {max(micro, 1) * world} or pick "
+            f"{section}.micro_batch_size so that micro_batch_size x {world} divides it")
+    return BatchPlan(train_cfg.batch_size, micro, train_cfg.batch_size // (micro * world), world)
+
+
+def resolve_precision(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. Mixed precision is a GPU feature here: CPU
+    autocast with BatchNorm fails in bf16, so CPU runs train in fp32 whatever is asked."""
+    if device.type != "cuda" or train_cfg.precision == "fp32":
+        return None
+    return torch.bfloat16 if train_cfg.precision == "bf16" else torch.float16
+
+
+def create_optimizer(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> torch.optim.SGD:
+    # The public MLPS code calls SGD(params, lr, weight_decay) positionally, which puts the
+    # weight decay (5e-4) into the momentum slot; we pass real momentum by keyword.
+    param_groups = [
+        {"params": groups["backbone"], "lr": train_cfg.lr, "name": "backbone"},
+        {"params": groups["head"], "lr": train_cfg.lr * train_cfg.head_lr_mult, "name": "head"},
+    ]
+    return torch.optim.SGD([g for g in param_groups if g["params"]], lr=train_cfg.lr,
+                           momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+
+
+def create_poly_schedule(optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr = base_lr x (1 - step/total)^power, stepped once per optimizer step."""
+    total = max(total_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(1.0 - step / total, 0.0) ** power)
+
+
+class Wrapped:
+    """What the engine talks to; ``DdpModel`` and ``DeepSpeedModel`` implement it."""
+
+    kind = ""
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self, *args, **kwargs):
+        return self.forward_module(*args, **kwargs)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+
+class DdpModel(Wrapped):
+    kind = "ddp"
+
+    def __init__(self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int,
+                 device: torch.device):
+        self.module = module
+        self.plan = plan
+        self.grad_clip = train_cfg.grad_clip
+        self.amp_dtype = resolve_precision(train_cfg, device)
+        self.optimizer = create_optimizer(module.param_groups(), train_cfg)
+        self.scheduler = create_poly_schedule(self.optimizer, total_steps, train_cfg.poly_power)
+        # Loss scaling is needed for fp16 only; a disabled scaler is a transparent no-op.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if dist.get_world_size() > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        else:
+            self.forward_module = module
+
+    def sync_gradients(self, boundary: bool):
+        ddp = self.forward_module
+        if boundary or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.scaler.scale(loss / self.plan.accumulation).backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _deepspeed_config(path: str, train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict:
+    try:
+        ds_cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"deepspeed_config {path}: cannot read it as JSON ({exc})") from exc
+    clash = [k for k in _OWNED_DS_KEYS if k in ds_cfg]
+    if clash:
+        raise ConfigError(f"{path}: remove {clash}; batch sizes, optimizer, schedule, clipping and "
+                          "precision come from the trainer section of the experiment config")
+    ds_cfg.update(
+        train_batch_size=plan.global_batch,
+        train_micro_batch_size_per_gpu=plan.micro_batch,
+        gradient_accumulation_steps=plan.accumulation,
+        gradient_clipping=train_cfg.grad_clip,
+        # bf16 runs under torch autocast over fp32 weights; fp16 uses DeepSpeed's loss scaler.
+        fp16={"enabled": amp_dtype == torch.float16},
+        zero_allow_untested_optimizer=True,  # our torch SGD is the client optimizer
+    )
+    return ds_cfg
+
+
+class DeepSpeedModel(Wrapped):
+    kind = "deepspeed"
+
+    def __init__(self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int,
+                 device: torch.device):
+        import deepspeed
+
+        if device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (~40 s)
+            # that only its inference all-reduce uses; gloo does the training collectives.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # The process group already exists (mlps_dist.dist.init): DeepSpeed adopts it.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+        self.module = module
+        self.plan = plan
+        self.amp_dtype = resolve_precision(train_cfg, device)
+        ds_amp = self.amp_dtype if self.amp_dtype == torch.float16 else None
+        if ds_amp is not None:
+            self.amp_dtype = None  # DeepSpeed's fp16 mode casts the model itself
+        optimizer = create_optimizer(module.param_groups(), train_cfg)
+        scheduler = create_poly_schedule(optimizer, total_steps, train_cfg.poly_power)
+        ds_cfg = _deepspeed_config(train_cfg.deepspeed_config, train_cfg, plan, ds_amp)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+        self.forward_module = self.engine
+        self.zero_stage = self.engine.zero_optimization_stage()
+
+    def sync_gradients(self, boundary: bool):
+        # DeepSpeed reduces gradients only at the accumulation boundary we announce.
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.engine.backward(loss)  # scales by 1/accumulation itself
+        if not boundary:
+            self.engine.step()  # counts the micro step; the update happens at the boundary
+
+    def step(self) -> None:
+        self.engine.step()  # optimizer, client LR schedule, zero_grad
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+def wrap(module: nn.Module, train_cfg: TrainConfig, *, plan: BatchPlan, total_steps: int,
+         device: torch.device) -> Wrapped:
+    """Move ``module`` to ``device`` and wrap it for ``train_cfg.parallel`` (ddp | deepspeed)."""
+    module = module.to(device)
+    if device.type == "cuda" and dist.get_world_size() > 1:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # refuses CPU modules
+    if train_cfg.parallel == "deepspeed":
+        return DeepSpeedModel(module, train_cfg, plan, total_steps, device)
+    return DdpModel(module, train_cfg, plan, total_steps, device)

@@ -1,0 +1,168 @@
+"""Stage 1: the multi-label patch classifier (ResNet-38d + Progressive Dropout Attention).
+
+    torchrun --standalone --nproc_per_node=2 -m mlps_dist.train_classifier --config configs/demo.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m mlps_dist.train_classifier --config configs/luad.yaml run_dir=runs/luad classifier.parallel=deepspeed
+    python -m mlps_dist.train_classifier --config configs/demo.yaml classifier.epochs=1   # one process
+
+Writes RUN/classifier/{checkpoints/, best.pt, model.pt}. Relaunching the same command resumes
+from the newest checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75
+means "preempted, rerun to resume"; 2 means a problem with the config, data or checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlps_dist import dist, engine
+from mlps_dist.checkpoint import CheckpointError, Checkpointer
+from mlps_dist.config import Config, ConfigError, PdaConfig, parse_cli, save_config
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.shards import ShardError, open_split
+from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter
+from mlps_dist.models import create_classifier
+from mlps_dist.runlog import RunLog
+
+STAGE = "classifier"
+
+
+def pda_gamma(pda: PdaConfig, epoch: int) -> float | None:
+    """None (PDA off) before ``start_epoch``; then gamma_init x decay^(epochs since) down to the floor."""
+    if epoch < pda.start_epoch:
+        return None
+    return max(pda.gamma_init * pda.gamma_decay ** (epoch - pda.start_epoch), pda.gamma_min)
+
+
+def class_activation_maps(module, images: torch.Tensor) -> torch.Tensor:
+    """CAM_c = relu(w_c . bn7) from the head weights, upsampled to the patch: (B,C,H,W).
+    A plain CAM for monitoring; stage 2 computes the multi-layer Grad-CAM."""
+    bn7 = module.forward_features(images)["bn7"]
+    cams = F.relu(F.conv2d(bn7, module.head.weight))
+    return F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def cam_overlay_row(rgb: np.ndarray, cams: np.ndarray) -> np.ndarray:
+    """The patch followed by one red-to-blue CAM overlay per class, side by side (H, W*(C+1), 3)."""
+    panels = [rgb]
+    for cam in cams:
+        heat = cam / max(float(cam.max()), 1e-6)
+        colour = np.stack([heat, np.zeros_like(heat), 1.0 - heat], axis=-1) * 255.0
+        panels.append((0.5 * rgb + 0.5 * colour).astype(np.uint8))
+    return np.concatenate(panels, axis=1)
+
+
+class ClassifierTask:
+    """What stage 1 adds to the shared training loop (see engine.TrainTask)."""
+
+    stage = STAGE
+
+    def __init__(self, cfg: Config, train_reader, val_reader):
+        self.cfg, self.section = cfg, cfg.classifier
+        self.train_reader, self.val_reader = train_reader, val_reader
+        self.num_classes = train_reader.num_classes
+        self.meta = {"name": self.section.model, "num_classes": self.num_classes,
+                     "classes": list(train_reader.classes), "config": cfg.to_dict()}
+        self.gamma: float | None = None
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []  # val patches + CAMs to draw
+
+    def build_model(self):
+        return create_classifier(self.section.model, self.num_classes, self.section.pretrained,
+                                 freeze_stages=self.section.freeze_stages, freeze_bn=self.section.freeze_bn)
+
+    def micro_steps_per_epoch(self, plan) -> int:
+        return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
+
+    def train_loader(self, epoch: int, start_step: int, plan):
+        return create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+                                   start_step=start_step, rank=dist.get_rank(), world=plan.world,
+                                   device=dist.device())
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return F.multilabel_soft_margin_loss(model(batch["image"]), batch["labels"])
+
+    def start_epoch(self, epoch: int, module) -> dict[str, float]:
+        self.gamma = module.pda_gamma = pda_gamma(self.section.pda, epoch)
+        return {"pda_gamma": self.gamma if self.gamma is not None else 0.0}
+
+    def validate(self, module, epoch: int) -> dict[str, float]:
+        """Multi-label acc/F1 and the mIoU of label-gated CAM argmax masks against val masks."""
+        reader = self.val_reader
+        labels_meter = MultiLabelMeter(self.num_classes, device=dist.device())
+        cm = ConfusionMatrix(self.num_classes, reader.ignore_index, device=dist.device())
+        loader = create_eval_loader(self.cfg, reader, batch_size=max(self.section.batch_size // dist.get_world_size(), 1),
+                                    rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
+        self.samples = []
+        for batch in loader:
+            labels_meter.update(torch.sigmoid(module(batch["image"])), batch["labels"])
+            cams = class_activation_maps(module, batch["image"])
+            if reader.has_masks:
+                gated = cams.masked_fill(batch["labels"][:, :, None, None] < 0.5, -1.0)  # absent classes never win
+                cm.update(gated.argmax(dim=1), batch["mask"])
+            keep = self.section.cam_images - len(self.samples) if dist.is_main() else 0
+            for rgb, cam in zip(batch["rgb"][:keep], cams[:keep]):
+                self.samples.append((rgb.permute(1, 2, 0).cpu().numpy(), cam.float().cpu().numpy()))
+        ml = labels_meter.all_reduce().compute()
+        metrics = {"acc": ml["acc"], "f1": ml["f1"]}
+        if reader.has_masks:
+            metrics["miou"] = cm.all_reduce().compute()["miou"]
+        metrics["score"] = metrics.get("miou", metrics["f1"])  # CAM quality is what stage 2 consumes
+        return metrics
+
+    def visualise(self, module, epoch: int, log: RunLog) -> None:
+        for i, (rgb, cams) in enumerate(self.samples):
+            log.image(f"cam/{i}", cam_overlay_row(rgb, cams), step=epoch)
+        log.flush()
+
+    def state_dict(self) -> dict:
+        return {"pda_gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma = state.get("pda_gamma")
+
+
+def prepare(cfg: Config) -> ClassifierTask:
+    """Every check that can fail before training: shards, class count, the checkpoint to resume."""
+    train_reader, val_reader = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
+    wanted = cfg.classifier.num_classes
+    if wanted and wanted != train_reader.num_classes:
+        raise ConfigError(f"'classifier.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
+                          f"{train_reader.num_classes} classes {train_reader.classes}; fix one of them")
+    task = ClassifierTask(cfg, train_reader, val_reader)
+    engine.check_resumable(cfg, cfg.classifier, task)  # fail now, not after building the model
+    return task
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_cli(argv, description=__doc__.splitlines()[0])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if engine.final_model_path(cfg, STAGE).is_file():
+        print(f"{engine.final_model_path(cfg, STAGE)} exists: stage 1 is finished, nothing to do")
+        return 0
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=cfg.classifier.parallel == "deepspeed")
+    log = RunLog(cfg.run_dir, STAGE)
+    try:
+        task = prepare(cfg)
+        if dist.is_main():
+            save_config(cfg, f"{cfg.run_dir}/config.yaml")
+        engine.fit(cfg, cfg.classifier, task, log)
+        return 0
+    except engine.Preempted as exc:
+        log.info(str(exc))
+        return engine.PREEMPTED_EXIT_CODE
+    except (ConfigError, ShardError, CheckpointError) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        log.close()
+        dist.teardown()
+
+if __name__ == "__main__":
+    sys.exit(main())
