@@ -82,3 +82,54 @@ def test_unknown_names_are_rejected_with_the_choices():
         create_classifier("resnet50", 4)
     with pytest.raises(ValueError, match="deeplabv3plus_small"):
         create_segmenter("unet", 4)
+
+
+@pytest.mark.parametrize("size", [(97, 113), (64, 64), (50, 31)])
+def test_small_deeplab_logits_at_input_resolution(size):
+    torch.manual_seed(0)
+    model = create_segmenter("deeplabv3plus_small", num_classes=3).train()
+    x = torch.randn(2, 3, *size)
+    out = model(x)
+    assert out.shape == (2, 3, *size)
+    out.logsumexp(1).mean().backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_deeplab_param_groups_split_backbone_from_aspp_and_decoder():
+    model = create_segmenter("deeplabv3plus_small", num_classes=4)
+    groups = model.param_groups()
+    backbone = {id(p) for p in groups["backbone"]}
+    head = {id(p) for p in groups["head"]}
+    assert not backbone & head
+    assert backbone | head == {id(p) for p in model.parameters()}
+    assert id(model.backbone.layer4[0].conv1.weight) in backbone
+    assert id(model.decoder.classifier.weight) in head and id(model.aspp.project[0][0].weight) in head
+
+
+def test_resnet101_deeplab_torchvision_layout_and_output_stride_16():
+    model = create_segmenter("deeplabv3plus_resnet101", num_classes=5).eval()
+    keys = set(model.backbone.state_dict())
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
+                "layer3.22.conv3.weight", "layer4.2.bn3.running_var"):
+        assert key in keys, key
+    assert "layer3.23.conv1.weight" not in keys and not any(k.startswith("fc.") for k in keys)
+    assert model.backbone.layer4[1].conv2.dilation == (2, 2)
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        out = model(x)
+    assert feats["low"].shape == (1, 256, 9, 12)  # stride 4
+    assert feats["high"].shape == (1, 2048, 3, 3)  # stride 16, not 32
+    assert out.shape == (1, 5, 33, 47)
+
+
+def test_segmenter_loads_torchvision_format_weights(tmp_path):
+    source = create_segmenter("deeplabv3plus_small", num_classes=2).backbone.state_dict()
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 128), torch.zeros(1000)
+    path = tmp_path / "imagenet.pth"
+    torch.save(state, path)
+    model = create_segmenter("deeplabv3plus_small", num_classes=2, pretrained=str(path))
+    assert torch.equal(model.backbone.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    with pytest.raises(ValueError, match="imagenet.pth"):  # ResNet-101 shapes differ
+        create_segmenter("deeplabv3plus_resnet101", num_classes=2, pretrained=str(path))
