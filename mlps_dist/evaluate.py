@@ -1,0 +1,169 @@
+"""Stage 4: segmentation metrics of the trained segmenter on val/test, with and without the gate.
+
+    python -m mlps_dist.evaluate --config configs/demo.yaml
+    torchrun --standalone --nproc_per_node=8 -m mlps_dist.evaluate --config configs/luad.yaml \\
+        run_dir=runs/luad evaluate.splits=[val,test] evaluate.checkpoint=best
+
+For each split of ``evaluate.splits`` every sample is evaluated exactly once across ranks;
+the segmenter's logits are upsampled to the mask size; one confusion matrix per variant
+(gated, ungated) is summed over ranks. Rank 0 writes RUN/metrics/<split>.json:
+
+    {"miou", "fwiou", "acc", "macc", "iou": {class: IoU}       # gated (the reported result)
+     "ungated": {same keys},  "split", "samples", "segmenter", "gate_threshold", "gate"}
+
+With ``evaluate.gate=false`` the top-level keys are the ungated result too. IoU of a class
+absent from both prediction and ground truth is null (nan) and left out of the mIoU.
+A split whose metrics file exists for the same segmenter file and gate settings is not
+evaluated again (delete the file to force it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mlps_dist import dist
+from mlps_dist.config import Config, parse_cli
+from mlps_dist.data.loaders import create_eval_loader
+from mlps_dist.data.shards import open_split
+from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
+from mlps_dist.metrics import ConfusionMatrix
+from mlps_dist.runlog import RunLog, format_table
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _autocast(cfg: Config, device: torch.device):
+    enabled = device.type == "cuda" and cfg.segmenter.precision != "fp32"
+    dtype = torch.bfloat16 if cfg.segmenter.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate_split(cfg: Config, split: str, reader, segmenter, classifier, device, log: RunLog) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks."""
+    loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size,
+                                rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+    matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
+                for name in ("gated", "ungated")}
+    for batch in log.progress(loader, total=len(loader), desc=split):
+        image, mask = batch["image"].to(device), batch["mask"].to(device)
+        with _autocast(cfg, device):
+            logits = segmenter(image)
+        logits = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        matrices["ungated"].update(logits.argmax(1), mask)
+        if classifier is not None:
+            with _autocast(cfg, device):
+                probs = class_probabilities(classifier, image)
+            allowed = allowed_classes(probs.float(), cfg.evaluate.gate_threshold)
+            matrices["gated"].update(apply_gate(logits, allowed).argmax(1), mask)
+    for cm in matrices.values():
+        cm.all_reduce()
+    return matrices
+
+
+def _named(scores: dict, classes: list[str]) -> dict:
+    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items() if k != "iou"}
+    out["iou"] = {name: (None if math.isnan(v) else v) for name, v in zip(classes, scores["iou"])}
+    return out
+
+
+def metrics_record(matrices: dict[str, ConfusionMatrix], classes: list[str], gate: bool) -> dict:
+    ungated = _named(matrices["ungated"].compute(), classes)
+    main = _named(matrices["gated"].compute(), classes) if gate else dict(ungated)
+    return {**main, "ungated": ungated}
+
+
+def summary_table(record: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    gated, ungated = record, record["ungated"]
+    rows = [(f"IoU {name}", pct(gated["iou"][name]), pct(ungated["iou"][name])) for name in gated["iou"]]
+    rows += [(key, pct(gated[key]), pct(ungated[key])) for key in ("miou", "fwiou", "acc", "macc")]
+    return format_table(rows, header=("metric (%)", "gated" if record.get("gate") else "result", "ungated"))
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Atomic: a reader (or the finished-stage check) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def already_done(path: Path, source: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(old.get(k) == v for k, v in source.items())
+
+
+def build_models(cfg: Config, num_classes: int, device):
+    segmenter, seg_meta = load_segmenter(cfg.run_dir, cfg.evaluate.checkpoint, num_classes, device)
+    classifier = load_classifier(cfg.run_dir, num_classes, device)[0] if cfg.evaluate.gate else None
+    return segmenter, classifier, seg_meta
+
+
+def open_splits(cfg: Config) -> dict:
+    """All readers first, so that a split without masks fails before any work."""
+    readers = {split: open_split(cfg.data.root, split) for split in cfg.evaluate.splits}
+    for split, reader in readers.items():
+        if not reader.has_masks:
+            raise ValueError(f"{cfg.data.root}: split '{split}' has no ground-truth masks; "
+                             f"set evaluate.splits to splits that have them (val, test)")
+    return readers
+
+
+def run(cfg: Config, log: RunLog) -> dict[str, dict]:
+    device = dist.device()
+    readers = open_splits(cfg)
+    num_classes = next(iter(readers.values())).num_classes
+    segmenter, classifier, seg_meta = build_models(cfg, num_classes, device)
+    results = {}
+    for split, reader in readers.items():
+        source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
+                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold}
+        out = Path(cfg.run_dir) / "metrics" / f"{split}.json"
+        if already_done(out, source):
+            log.info(f"{out} is up to date for this segmenter; delete it to evaluate again")
+            results[split] = json.loads(out.read_text())
+            continue
+        matrices = evaluate_split(cfg, split, reader, segmenter, classifier, device, log)
+        record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
+        if dist.is_main():
+            write_json(out, record)
+        log.info(f"{split} ({len(reader)} samples)\n{summary_table(record)}")
+        log.event("metrics", **record)
+        results[split] = record
+    dist.barrier()
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(argv, description=__doc__.split("\n")[0])
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
+    try:
+        run(cfg, log)
+    finally:
+        log.close()
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    main()
