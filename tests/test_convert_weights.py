@@ -171,3 +171,17 @@ def test_load_pretrained_reports_and_rejects(tmp_path, caplog):
         load_pretrained(model, unrelated, kind="resnet38d")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_pretrained(model, tmp_path / "missing.pth", kind="resnet38d")
+
+
+@pytest.mark.parametrize("magic", [0xF993FAC8, 0xF993FACA])  # V1 (int64 shape), V3 (np-shape)
+def test_reads_v1_and_v3_headers(tmp_path, magic):
+    import struct
+
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    name = b"arg:bn7_gamma"
+    header = struct.pack("<II", magic, 2) if magic == 0xF993FAC8 else struct.pack("<Iii", magic, 0, 2)
+    blob = (struct.pack("<QQQ", 0x112, 0, 1) + header + struct.pack("<2q", 2, 3) + struct.pack("<iii", 1, 0, 0)
+            + arr.tobytes() + struct.pack("<QQ", 1, len(name)) + name)
+    path = tmp_path / "v.params"
+    path.write_bytes(blob)
+    assert np.array_equal(read_mxnet_params(path)["arg:bn7_gamma"], arr)
