@@ -1,0 +1,158 @@
+"""DALI back end: our sampler feeds encoded PNG bytes and augmentation parameters through
+``fn.external_source``; DALI decodes, transforms and normalises.
+
+DALI's own webdataset reader shuffles with internal state that cannot resume in the middle
+of an epoch, so the order comes from sampling.py, as in the torch back end, and the
+per-sample parameters from augment.py: both back ends yield the same samples with the
+same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU (PNG is still
+decoded on the CPU there; augmentation then runs on the GPU) and the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mlps_dist.config import Config
+from mlps_dist.data.augment import IDENTITY, sample_params
+from mlps_dist.data.shards import SplitReader
+
+
+def _as_bytes(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+class _BatchSource:
+    """Iterator of per-batch input lists for ``fn.external_source(num_outputs=...)``."""
+
+    def __init__(self, reader, batches, params_of, num_masks, masks_of, with_mask):
+        self.reader, self.batches, self.params_of = reader, batches, params_of
+        self.num_masks, self.masks_of, self.with_mask = num_masks, masks_of, with_mask
+        self.position = 0
+
+    def __iter__(self):
+        self.position = 0
+        return self
+
+    def __next__(self):
+        if self.position >= len(self.batches):
+            raise StopIteration
+        batch = self.batches[self.position]
+        self.position += 1
+        cols: list[list[np.ndarray]] = [[] for _ in range(6 + self.num_masks)]
+        for index in batch:
+            sample = self.reader.read(index)
+            p = self.params_of(index)
+            pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
+            values = [_as_bytes(sample["png"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
+                      np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
+                      np.array(p.offset * 255.0, np.float32)] + [_as_bytes(png) for png in pngs]
+            for col, value in zip(cols, values):
+                col.append(value)
+        return tuple(cols)
+
+
+def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
+                    resize: int):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    on_gpu = device.type == "cuda"
+    mean = [m * 255.0 for m in cfg.data.mean]
+    std = [s * 255.0 for s in cfg.data.std]
+
+    def geometry(x, transpose, hflip, vflip):
+        if transpose:  # per-sample branch (DALI conditionals)
+            x = fn.transpose(x, perm=[1, 0, 2], transpose_layout=False)  # still HWC for flip
+        else:
+            x = x
+        return fn.flip(x, horizontal=hflip, vertical=vflip)
+
+    @pipeline_def(enable_conditionals=True)
+    def pipeline():
+        png, transpose, hflip, vflip, gain, offset, *masks = fn.external_source(
+            source=source, num_outputs=6 + source.num_masks, batch=True, cycle="raise")
+        decode_device = "mixed" if on_gpu else "cpu"
+        img = fn.decoders.image(png, device=decode_device, output_type=types.RGB)
+        if resize:
+            img = fn.resize(img, resize_x=resize, resize_y=resize, interp_type=types.INTERP_LINEAR)
+        outputs = []
+        if with_rgb:
+            outputs.append(fn.transpose(img, perm=[2, 0, 1]))
+        img = geometry(img, transpose, hflip, vflip)
+        img = fn.cast(img, dtype=types.FLOAT)
+        if on_gpu:
+            gain, offset = gain.gpu(), offset.gpu()
+        img = dmath.clamp(img * gain + offset, 0.0, 255.0)  # gain (3,) broadcasts over HWC
+        outputs.insert(0, fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std))
+        for mask in masks:
+            mask = fn.decoders.image(mask, device=decode_device, output_type=types.GRAY)
+            if resize:
+                mask = fn.resize(mask, resize_x=resize, resize_y=resize, interp_type=types.INTERP_NN, antialias=False)
+            outputs.append(geometry(mask, transpose, hflip, vflip))
+        return tuple(outputs)
+
+    device_id = device.index if on_gpu else None
+    pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
+                    prefetch_queue_depth=1, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
+    return out
+
+
+class DaliLoader:
+    def __init__(self, cfg, reader, batches, device, params_of, masks_of=None, num_masks=0, eval_mode=False):
+        self.reader, self.batches, self.device = reader, batches, torch.device(device)
+        self.eval_mode, self.num_masks = eval_mode, num_masks
+        self.with_mask = eval_mode and reader.has_masks
+        self._args = (cfg, params_of, masks_of)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        if not self.batches:
+            return
+        cfg, params_of, masks_of = self._args
+        num_masks = self.num_masks if masks_of else int(self.with_mask)
+        source = _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask)
+        resize = 0 if self.eval_mode else cfg.data.image_size
+        pipe = _build_pipeline(cfg, source, max(len(b) for b in self.batches), self.device, self.eval_mode, resize)
+        try:
+            for batch in self.batches:
+                outs = [_to_torch(o, self.device) for o in pipe.run()]
+                index = torch.tensor(batch, dtype=torch.int64)
+                labels = torch.from_numpy(np.stack([self.reader.labels(i) for i in batch]))
+                out = {"image": outs.pop(0), "labels": labels.to(self.device), "index": index.to(self.device),
+                       "key": [self.reader.key(i) for i in batch]}
+                if self.eval_mode:
+                    out["rgb"] = outs.pop(0)
+                masks = [o[..., 0].to(torch.int64) for o in outs]
+                if self.with_mask:
+                    out["mask"] = masks[0]
+                elif masks:
+                    out["masks"] = torch.stack(masks, dim=1)
+                yield out
+        finally:
+            del pipe
+
+
+def create_dali_train_loader(cfg: Config, reader: SplitReader, batches, epoch: int, device, pseudo_masks=None):
+    def params_of(index):
+        return sample_params(cfg.data, cfg.seed, epoch, index)
+
+    num_masks = len(pseudo_masks.layers) if pseudo_masks is not None else 0
+    masks_of = pseudo_masks.read_pngs if pseudo_masks is not None else None
+    return DaliLoader(cfg, reader, batches, device, params_of, masks_of, num_masks)
+
+
+def create_dali_eval_loader(cfg: Config, reader: SplitReader, batches, device):
+    return DaliLoader(cfg, reader, batches, device, lambda index: IDENTITY, eval_mode=True)

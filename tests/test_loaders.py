@@ -1,0 +1,177 @@
+"""Loaders in one process: order, resume, global-batch invariance, joint augmentation,
+exactly-once evaluation, and agreement of the torch and DALI back ends."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlps_dist.config import Config, ConfigError
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.shards import open_split
+
+
+def make_cfg(root, loader="torch", workers=0, **data) -> Config:
+    cfg = Config()
+    cfg.data.root, cfg.data.loader, cfg.data.num_workers = str(root), loader, workers
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+class RedChannelMasks:
+    """Pseudo masks derived from the image itself (red channel quantised to 0..4), so a
+    correctly joint transform keeps mask == quantise(transformed image)."""
+
+    layers = ["coarse", "fine"]
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def missing(self, n):
+        return [i for i in range(n) if i >= len(self.reader)]
+
+    def read_pngs(self, index):
+        red = np.asarray(Image.open(io.BytesIO(self.reader.read(index)["png"])).convert("RGB"))[..., 0]
+        out = []
+        for levels in (2, 5):
+            buf = io.BytesIO()
+            Image.fromarray((red.astype(np.int32) * levels // 256).astype(np.uint8)).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+
+def _keys(loader):
+    return [batch["key"] for batch in loader]
+
+
+def test_steps_equal_and_order_fixed_by_seed_and_epoch(tiny_shards):
+    reader = open_split(tiny_shards, "train")
+    cfg = make_cfg(tiny_shards)
+    assert steps_per_epoch(32, 3, 2) == 5
+    loaders = [create_train_loader(cfg, reader, batch_size=3, epoch=0, rank=r, world=2, device="cpu") for r in (0, 1)]
+    assert len(loaders[0]) == len(loaders[1]) == 5
+    epoch0 = [_keys(ld) for ld in loaders]
+    assert [len(k) for k in epoch0] == [5, 5]
+    seen = [key for rank in epoch0 for batch in rank for key in batch]
+    assert len(seen) == len(set(seen)) == 30
+    assert epoch0[0] == _keys(create_train_loader(cfg, reader, batch_size=3, epoch=0, rank=0, world=2, device="cpu"))
+    assert epoch0[0] != _keys(create_train_loader(cfg, reader, batch_size=3, epoch=1, rank=0, world=2, device="cpu"))
+    cfg.seed = 7
+    assert epoch0[0] != _keys(create_train_loader(cfg, reader, batch_size=3, epoch=0, rank=0, world=2, device="cpu"))
+
+
+def test_global_batch_is_the_same_set_for_any_world_size(tiny_shards):
+    reader = open_split(tiny_shards, "train")
+    cfg = make_cfg(tiny_shards)
+
+    def global_batches(batch, world):
+        per_rank = [_keys(create_train_loader(cfg, reader, batch_size=batch, epoch=3, rank=r, world=world,
+                                              device="cpu")) for r in range(world)]
+        return [sorted(k for rank in per_rank for k in rank[s]) for s in range(len(per_rank[0]))]
+
+    reference = global_batches(8, 1)
+    assert len(reference) == 4
+    assert global_batches(4, 2) == reference == global_batches(2, 4)
+
+
+def test_too_few_samples_for_one_step_names_the_keys(tiny_shards):
+    cfg = make_cfg(tiny_shards)
+    with pytest.raises(ConfigError, match=r"batch_size.*data.root"):
+        create_train_loader(cfg, open_split(tiny_shards, "train"), batch_size=20, epoch=0, rank=0, world=2,
+                            device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_resume_from_step_k_yields_the_rest_exactly(tiny_shards, backend):
+    reader = open_split(tiny_shards, "train")
+    cfg = make_cfg(tiny_shards, backend, workers=2 if backend == "torch" else 1, rot90=True, color_jitter=0.2)
+    full = list(create_train_loader(cfg, reader, batch_size=4, epoch=2, rank=1, world=2, device="cpu"))
+    rest = list(create_train_loader(cfg, reader, batch_size=4, epoch=2, start_step=2, rank=1, world=2, device="cpu"))
+    assert len(full) == 4 and len(rest) == 2
+    for a, b in zip(full[2:], rest):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+def _unnormalise(image, cfg):
+    mean = torch.tensor(cfg.data.mean).view(3, 1, 1) * 255
+    std = torch.tensor(cfg.data.std).view(3, 1, 1) * 255
+    return (image * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_masks_follow_the_image_geometry(tiny_shards, backend):
+    reader = open_split(tiny_shards, "train")
+    cfg = make_cfg(tiny_shards, backend, rot90=True)
+    loader = create_train_loader(cfg, reader, batch_size=8, epoch=0, rank=0, world=1, device="cpu",
+                                 pseudo_masks=RedChannelMasks(reader))
+    batch = next(iter(loader))
+    assert batch["masks"].shape == (8, 2, 48, 48) and batch["masks"].dtype == torch.int64
+    red = _unnormalise(batch["image"], cfg)[:, 0].to(torch.int64)
+    assert torch.equal(batch["masks"][:, 0], red * 2 // 256)
+    assert torch.equal(batch["masks"][:, 1], red * 5 // 256)
+    # and the geometry is not the identity for every sample (the test would be vacuous)
+    plain = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(reader.read(int(i))["png"])))[..., 0]
+                                          .astype(np.int64)) for i in batch["index"]])
+    assert not torch.equal(plain, red)
+
+
+def test_backends_agree_on_samples_labels_geometry_and_pixels(tiny_shards):
+    reader = open_split(tiny_shards, "train")
+    out = {}
+    for backend in ("torch", "dali"):
+        cfg = make_cfg(tiny_shards, backend, rot90=True, color_jitter=0.3)
+        out[backend] = list(create_train_loader(cfg, reader, batch_size=4, epoch=5, rank=0, world=2, device="cpu",
+                                                pseudo_masks=RedChannelMasks(reader)))
+    assert len(out["torch"]) == len(out["dali"]) == 4
+    for a, b in zip(out["torch"], out["dali"]):
+        assert a["key"] == b["key"] and torch.equal(a["index"], b["index"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["masks"], b["masks"])
+        assert torch.allclose(a["image"], b["image"], atol=1e-4)
+
+
+def test_resize_to_image_size_applies_to_image_and_masks(tiny_shards):
+    reader = open_split(tiny_shards, "train")
+    for backend in ("torch", "dali"):
+        cfg = make_cfg(tiny_shards, backend, image_size=32)
+        batch = next(iter(create_train_loader(cfg, reader, batch_size=4, epoch=0, rank=0, world=1, device="cpu",
+                                              pseudo_masks=RedChannelMasks(reader))))
+        assert batch["image"].shape == (4, 3, 32, 32) and batch["masks"].shape == (4, 2, 32, 32)
+        assert int(batch["masks"][:, 1].max()) <= 4  # nearest neighbour: no new label values
+
+
+@pytest.mark.parametrize("backend, workers", [("torch", 2), ("dali", 1)])
+def test_eval_loader_yields_each_sample_once_across_ranks(tiny_shards, backend, workers):
+    reader = open_split(tiny_shards, "val")
+    cfg = make_cfg(tiny_shards, backend, workers=workers)
+    for world in (1, 3, 11):
+        keys, masks = [], []
+        for rank in range(world):
+            loader = create_eval_loader(cfg, reader, batch_size=3, rank=rank, world=world, device="cpu")
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            for batch in batches:
+                keys += batch["key"]
+                assert batch["rgb"].dtype == torch.uint8 and batch["mask"].dtype == torch.int64
+                masks.append(batch["mask"])
+        assert sorted(keys) == [reader.key(i) for i in range(8)]
+        assert len(keys) == 8  # no duplicates
+        assert int(torch.cat(masks).max()) <= 4
+
+
+def test_eval_backends_agree(tiny_shards):
+    reader = open_split(tiny_shards, "test")
+    out = {b: list(create_eval_loader(make_cfg(tiny_shards, b), reader, batch_size=4, rank=0, world=1,
+                                      device="cpu")) for b in ("torch", "dali")}
+    for a, b in zip(out["torch"], out["dali"]):
+        assert a["key"] == b["key"] and torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.allclose(a["image"], b["image"], atol=1e-4) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(_unnormalise(a["image"], make_cfg(tiny_shards)), a["rgb"])
