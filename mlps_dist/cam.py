@@ -1,0 +1,175 @@
+"""Batched multi-layer Grad-CAM -> pseudo masks (stage 2 of MLPS).
+
+For every image and every class c, at every layer l of ``masks.layers``::
+
+    w_k   = mean over positions of d logit_c / d f_k          (f = features at layer l)
+    cam_c = sum_k w_k f_k                                      (no ReLU, as the public MLPS code)
+    cam   = bilinear upsampling to the patch size (align_corners=False, the cv2.resize rule)
+    norm  = (cam - min) / (max - min), min/max taken jointly over all C classes of the image
+    mask  = argmax over classes of norm * label  (absent classes -> 0; first index wins ties)
+    mask  = C (ignore) on white background: grey > threshold in 4-connected components
+            of at least ``min_size`` pixels (LUAD; off for BCSS)
+
+This reproduces the public code (``tool/infer_fun.create_pseudo_mask`` + ``tool/gradcam.py``),
+which spends one forward and one backward pass per image, class and layer. Here one forward
+serves all layers and one vmapped backward (``is_grads_batched``) yields the gradients of all
+C class logits at all layers for the whole batch: samples are independent in eval mode, so
+d(sum_b logit_bc)/d f_b = d logit_bc / d f_b. The slow per-image path lives in
+tests/reference_cam.py and the tests prove both give the same masks.
+
+The classifier runs in eval mode with PDA off (the public stage-2 network has no attention
+module); dropout is the identity in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R 601 luma in 14-bit fixed point with rounding: the integer rule cv2.cvtColor(RGB2GRAY)
+# applies to uint8 images, so "grey > 200" selects exactly the pixels the public code selects.
+_GREY_WEIGHTS = (4899, 9617, 1868)
+_GREY_SHIFT = 14
+
+
+def head_layer(model) -> str:
+    """The CAM layer the classifier head reads (the last of ``model.cam_layers``, bn7)."""
+    return list(model.cam_layers)[-1]
+
+
+def check_layers(model, layers: list[str]) -> None:
+    unknown = [layer for layer in layers if layer not in model.cam_layers]
+    if unknown:
+        raise ValueError(f"masks.layers names {unknown}, which this classifier does not expose; "
+                         f"choose from {list(model.cam_layers)}")
+
+
+def prepare_model(model) -> None:
+    """Eval mode (BatchNorm statistics frozen, dropout off), PDA off, no weight gradients."""
+    model.eval()
+    if hasattr(model, "pda_gamma"):
+        model.pda_gamma = None
+    model.requires_grad_(False)
+
+
+def gradcams(model, images: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Raw Grad-CAMs at feature resolution: ``{layer: (B, C, h, w)}`` for every class."""
+    with torch.enable_grad():
+        # The input carries requires_grad so features are in the graph even with frozen weights.
+        feats = model.forward_features(images.detach().requires_grad_(True))
+        logits = model.logits_from_features(feats[head_layer(model)])
+        batch, classes = logits.shape
+        seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+        seeds = seeds.unsqueeze(1).expand(classes, batch, classes)
+        grads = torch.autograd.grad(logits, [feats[layer] for layer in layers],
+                                    grad_outputs=seeds, is_grads_batched=True)
+    out = {}
+    for layer, grad in zip(layers, grads):
+        weights = grad.mean(dim=(-2, -1))  # (C, B, K)
+        out[layer] = torch.einsum("cbk,bkhw->bchw", weights, feats[layer].detach())
+    return out
+
+
+def tta_gradcams(model, images: torch.Tensor, layers: list[str], flip: bool = False,
+                 scales: tuple[float, ...] = (1.0,)) -> dict[str, torch.Tensor]:
+    """Grad-CAMs upsampled to the patch size, summed over test-time variants
+    (each scale, and its horizontal mirror when ``flip``), like the public inference."""
+    size = images.shape[-2:]
+    total: dict[str, torch.Tensor] = {}
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        for mirrored in ([False, True] if flip else [False]):
+            view = scaled.flip(-1) if mirrored else scaled
+            for layer, cam in gradcams(model, view, layers).items():
+                cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+                cam = cam.flip(-1) if mirrored else cam
+                total[layer] = cam if layer not in total else total[layer] + cam
+    return total
+
+
+def normalise_joint(cams: torch.Tensor) -> torch.Tensor:
+    """Min-max over all classes and pixels of each image; a constant CAM maps to zeros
+    (the public code would divide by zero there)."""
+    flat = cams.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1, 1)
+    span = (flat.amax(dim=1).view(-1, 1, 1, 1) - low)
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (cams - low) / safe, torch.zeros_like(cams))
+
+
+def grey_levels(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, H, W) int32 grey levels, bit-exact with cv2's RGB2GRAY."""
+    rgb = rgb.to(torch.int32)
+    weighted = rgb[:, 0] * _GREY_WEIGHTS[0] + rgb[:, 1] * _GREY_WEIGHTS[1] + rgb[:, 2] * _GREY_WEIGHTS[2]
+    return (weighted + (1 << (_GREY_SHIFT - 1))) >> _GREY_SHIFT
+
+
+def component_sizes(region: torch.Tensor) -> torch.Tensor:
+    """Size of the 4-connected component each pixel of ``region`` (B, H, W bool) belongs to
+    (0 outside the region), for the whole batch at once.
+
+    Label propagation: each pixel starts with its own id; every round takes the largest id
+    among itself and its 4 neighbours, then jumps to the label its label points at (ids are
+    pixel positions and only grow, so the jump stays inside the component and at least
+    doubles the reach of long thin components). Fixed point = one id per component."""
+    batch, height, width = region.shape
+    ids = torch.arange(1, height * width + 1, device=region.device).view(1, height, width)
+    labels = torch.where(region, ids, torch.zeros_like(ids)).to(torch.int64)
+    while True:
+        padded = F.pad(labels, (1, 1, 1, 1))
+        grown = torch.stack([labels, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
+                             padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]).amax(dim=0)
+        grown = torch.where(region, grown, torch.zeros_like(grown)).flatten(1)
+        jumped = grown.gather(1, (grown - 1).clamp(min=0))
+        new = torch.where(grown > 0, jumped, grown).view(batch, height, width)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    offsets = torch.arange(batch, device=region.device).view(batch, 1, 1) * (height * width + 1)
+    flat = (labels + offsets).flatten()
+    counts = torch.bincount(flat, minlength=batch * (height * width + 1))
+    return torch.where(region, counts[flat].view(batch, height, width), torch.zeros_like(labels))
+
+
+def white_background(rgb: torch.Tensor, threshold: int = 200, min_size: int = 50) -> torch.Tensor:
+    """(B, H, W) bool: pixels with grey > threshold in 4-connected white components of at
+    least ``min_size`` pixels (skimage remove_small_objects(connectivity=1) semantics)."""
+    white = grey_levels(rgb) > threshold
+    if min_size <= 1 or not bool(white.any()):
+        return white
+    return white & (component_sizes(white) >= min_size)
+
+
+def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
+               background: torch.Tensor | None) -> torch.Tensor:
+    """Gate by the patch label, argmax, paint the background with the ignore index C.
+    Returns (B, H, W) uint8 class indices 0..C."""
+    classes = norm_cams.shape[1]
+    present = (labels > 0.5).to(norm_cams.dtype).view(*labels.shape, 1, 1)
+    index = (norm_cams * present).argmax(dim=1)
+    if background is not None:
+        index = torch.where(background, torch.full_like(index, classes), index)
+    return index.to(torch.uint8)
+
+
+@torch.no_grad()
+def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor, layers: list[str],
+               background: bool = True, threshold: int = 200, min_size: int = 50,
+               tta_flip: bool = False, tta_scales: tuple[float, ...] = (1.0,)) -> dict[str, torch.Tensor]:
+    """Pseudo masks for a batch: ``{layer: (B, H, W) uint8}``.
+
+    ``images`` normalised float (B, 3, H, W) on the model's device, ``labels`` (B, C) multi-hot,
+    ``rgb`` the uint8 patch (B, 3, H, W) the white background is read from."""
+    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales))
+    white = white_background(rgb.to(images.device), threshold, min_size) if background else None
+    labels = labels.to(images.device)
+    return {layer: label_maps(normalise_joint(cams[layer]), labels, white) for layer in layers}
+
+
+def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
+    """``make_masks`` with the settings of the ``masks`` config section."""
+    bg = masks_cfg.background
+    return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
+                      background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
+                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales))

@@ -1,0 +1,290 @@
+"""Stage 2: multi-layer pseudo masks for every training patch, exactly once, resumable.
+
+    torchrun --standalone --nproc_per_node=4 -m mlps_dist.generate_masks --config configs/luad.yaml
+    python -m mlps_dist.generate_masks --config configs/demo.yaml masks.batch_size=8   # one process
+
+Reads RUN/classifier/model.pt and the train shards of data.root; writes
+RUN/pseudo_masks/train/masks-NNNNNN.{tar,idx} (one chunk per masks.chunk_size samples) and
+manifest.json, and a quality report of the same masks on masks.quality_splits (ground-truth
+masks needed) into RUN/metrics/pseudo_masks.json and TensorBoard (RUN/tb/masks).
+
+The chunks not yet committed are shared out over the ranks; a rerun after a crash or a
+preemption, with the same or another number of ranks, makes only the missing chunks. A run
+over a finished pass says so and exits 0. Bad samples (undecodable patch, wrong size, no
+class label) stop the pass with their key, or with masks.skip_bad=true get an all-ignore
+mask and are listed under "skipped" in the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mlps_dist import cam, dist
+from mlps_dist.config import Config, parse_cli
+from mlps_dist.data.shards import SplitReader, decode_labels, open_split
+from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
+                                    encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
+                                    remove_debris, sha256_file, write_chunk, write_json)
+from mlps_dist.runlog import RunLog
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Decoded patches by sample index: normalised image, uint8 rgb, labels, [mask]."""
+
+    def __init__(self, reader: SplitReader, cfg: Config, skip_bad: bool):
+        self.reader = reader
+        self.size = tuple(reader.split_info.get("image_size") or ())
+        self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
+        self.skip_bad = skip_bad
+
+    def _decode(self, index: int) -> dict:
+        members = self.reader.read(index)
+        if "labels" not in members:
+            raise ValueError("has no 'labels' member; the mask pass needs patch-level labels")
+        labels = decode_labels(members["labels"])
+        if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
+            raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
+        rgb = np.array(Image.open(io.BytesIO(members["png"])).convert("RGB"))
+        if self.size and rgb.shape[:2] != self.size:
+            raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
+        out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}
+        source = json.loads(members["json"]).get("source", "") if "json" in members else ""
+        out["source"] = source or f"{self.reader.key(index)}.png"
+        if self.reader.has_masks:
+            out["mask"] = torch.from_numpy(np.array(Image.open(io.BytesIO(members["mask.png"]))).astype(np.int64))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            sample, bad = self._decode(index), ""
+        except Exception as exc:  # any decoding failure is the sample's fault: name it
+            message = f"sample {self.reader.key(index)} of {self.reader.root} ({self.reader.split}): {exc}"
+            if not self.skip_bad:
+                raise PseudoMaskError(message + "; fix or remove it, or set masks.skip_bad=true") from exc
+            height, width = self.size or (8, 8)
+            sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8), "source": "",
+                           "labels": torch.ones(self.reader.num_classes)}, message
+            if self.reader.has_masks:
+                sample["mask"] = torch.full((height, width), self.reader.ignore_index, dtype=torch.int64)
+        image = (sample["rgb"].float() / 255.0 - self.mean) / self.std
+        return {**sample, "image": image, "index": index, "key": self.reader.key(index), "bad": bad}
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+
+def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config) -> torch.utils.data.DataLoader:
+    """Batches in the given order; worker processes decode ahead while the model runs."""
+    workers = cfg.data.num_workers
+    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, cfg.masks.skip_bad), batch_sampler=batches,
+                                       num_workers=workers, prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def batched(indices, size: int) -> list[list[int]]:
+    indices = list(indices)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
+    from mlps_dist.checkpoint import load_model_file
+    from mlps_dist.models import create_classifier
+
+    path = Path(cfg.run_dir) / "classifier" / "model.pt"
+    if not path.is_file():
+        raise PseudoMaskError(f"{path} does not exist: train the classifier first (mlps_dist.train_classifier) "
+                              f"or set run_dir to the run that holds it")
+    state, meta = load_model_file(path)
+    if list(meta.get("classes", [])) != reader.classes:
+        raise PseudoMaskError(f"{path} was trained on classes {meta.get('classes')}, but {cfg.data.root} has "
+                              f"{reader.classes}; use the classifier trained on these shards")
+    model = create_classifier(meta["name"], len(reader.classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PseudoMaskError(f"{path} does not fit a '{meta['name']}' classifier ({exc})") from exc
+    try:
+        cam.check_layers(model, list(cfg.masks.layers))
+    except ValueError as exc:
+        raise PseudoMaskError(f"{path}: {exc}") from exc
+    cam.prepare_model(model)
+    return model.to(device), path
+
+
+def mask_settings(cfg: Config, reader: SplitReader, model_path: Path) -> dict:
+    """Everything the masks depend on; a change makes the existing chunks unusable."""
+    m = cfg.masks
+    return {"classifier_sha256": sha256_file(model_path), "classes": reader.classes, "count": len(reader),
+            "layers": list(m.layers), "chunk_size": m.chunk_size, "background": vars(m.background).copy(),
+            "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std), "skip_bad": m.skip_bad}
+
+
+def on_rank0(fn):
+    """Run ``fn`` on rank 0 only; every rank gets its result or raises its error."""
+    result, error = None, None
+    if dist.is_main():
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = dist.broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None:
+    """Check/create the manifest; the chunks still to make, or None when the pass is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_manifest(folder, manifest, settings)
+    else:
+        manifest = new_manifest(split, settings)
+    remove_debris(folder)
+    manifest = refresh_manifest(folder, manifest, complete=bool(manifest.get("complete")))
+    todo = sorted(set(range(manifest["num_chunks"])) - set(manifest["done"]))
+    return None if manifest["complete"] and not todo else todo
+
+
+def export_reference(run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]],
+                     palette: list[int]) -> None:
+    """The public code's layout: train_PM/PM_<layer>/<source file name>.png, palettised."""
+    for layer_no, layer in enumerate(layers):
+        out = Path(run_dir) / "pseudo_masks" / "train_PM" / f"PM_{layer}"
+        out.mkdir(parents=True, exist_ok=True)
+        for source, per_layer in zip(sources, masks):
+            path = out / Path(source).name
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(encode_png(per_layer[layer_no], palette))
+            tmp.replace(path)
+
+
+def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """Masks of a batch on the CPU; samples flagged bad get the ignore index everywhere."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("image", "labels", "rgb")}
+    masks = {k: v.cpu() for k, v in cam.make_masks_cfg(model, inputs, cfg.masks).items()}
+    bad = torch.tensor([bool(b) for b in batch["bad"]])
+    if bad.any():
+        for v in masks.values():
+            v[bad] = batch["labels"].shape[1]
+    return masks
+
+
+def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
+    """Make the missing chunks of the train split; False when the pass was already complete."""
+    folder = Path(cfg.run_dir) / "pseudo_masks" / reader.split
+    todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
+    if todo is None:
+        log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
+        return False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = [todo[i] for i in dist.partition(len(todo), world, rank)]
+    log.info(f"{len(todo)} of {num_chunks(len(reader), cfg.masks.chunk_size)} chunks to make over {world} rank(s)")
+    chunk_of = {}
+    batches = []
+    for chunk in mine:
+        indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
+        batches += batched(indices, cfg.masks.batch_size)
+        chunk_of.update({i: chunk for i in indices})
+    layers, palette = list(cfg.masks.layers), [v for rgb in reader.info["palette"] for v in rgb]
+    pending: dict[int, dict] = {}
+    for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
+        masks = make_batch_masks(model, batch, cfg, device)
+        for j, index in enumerate(batch["index"].tolist()):
+            entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
+            arrays = [masks[layer][j].numpy() for layer in layers]
+            entry["samples"].append((batch["key"][j], [encode_png(a) for a in arrays]))
+            entry["arrays"].append(arrays)
+            entry["sources"].append(batch["source"][j])
+            if batch["bad"][j]:
+                entry["skipped"][batch["key"][j]] = batch["bad"][j]
+        chunk = chunk_of[batch["index"][-1].item()]
+        if len(pending[chunk]["samples"]) == len(chunk_indices(chunk, cfg.masks.chunk_size, len(reader))):
+            entry = pending.pop(chunk)
+            if cfg.masks.export_reference:
+                export_reference(cfg.run_dir, layers, entry["sources"], entry["arrays"], palette)
+            write_chunk(folder, chunk, entry["samples"], layers, entry["skipped"])
+            for key, why in entry["skipped"].items():
+                log.info(f"skipped (all-ignore mask): {why}")
+            if dist.is_main():  # progress visible in the manifest while the pass runs
+                refresh_manifest(folder, read_manifest(folder))
+    dist.barrier()
+    return True
+
+
+def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
+    folder = Path(cfg.run_dir) / "pseudo_masks" / split
+    manifest = read_manifest(folder)
+    missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
+    if missing:
+        raise PseudoMaskError(f"{folder}: chunks {[chunk_stem(c) for c in missing]} are missing after the pass; "
+                              f"rerun mlps_dist.generate_masks to make them")
+    manifest = refresh_manifest(folder, manifest, complete=True)
+    log.event("pseudo_masks_done", folder=str(folder), count=manifest["count"], skipped=len(manifest["skipped"]))
+    log.info(f"pseudo masks complete: {manifest['count']} samples in {folder}"
+             + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
+
+
+def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dict:
+    """mIoU / per-class IoU of the pseudo masks on splits with ground truth, per layer."""
+    from mlps_dist.metrics import ConfusionMatrix
+
+    report = {}
+    info_splits = open_split(cfg.data.root, "train").info["splits"]
+    for split in cfg.masks.quality_splits:
+        if split not in info_splits or not info_splits[split].get("has_masks"):
+            log.info(f"no quality report for split '{split}': it is absent or has no ground-truth masks")
+            continue
+        reader = open_split(cfg.data.root, split)
+        classes = reader.num_classes
+        # One extra column: pixels painted white/ignore by the mask pass count as misses.
+        matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
+        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()), cfg.masks.batch_size)
+        for batch in create_patch_loader(reader, batches, cfg):
+            for layer, pred in make_batch_masks(model, batch, cfg, device).items():
+                matrices[layer].update(pred, batch["mask"])
+        report[split] = {}
+        for layer, matrix in matrices.items():
+            scores = matrix.all_reduce().compute()
+            iou = scores["iou"][:classes]
+            finite = [v for v in iou if not math.isnan(v)]
+            scores.update(iou=iou, miou=sum(finite) / len(finite) if finite else math.nan)
+            report[split][layer] = {**scores, "per_class": dict(zip(reader.classes, iou))}
+            log.scalars({"miou": scores["miou"], **{f"iou/{c}": v for c, v in zip(reader.classes, iou)}},
+                        step=0, prefix=f"pseudo_masks/{split}/{layer}/")
+            log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
+    if dist.is_main() and report:
+        write_json(Path(cfg.run_dir) / "metrics" / "pseudo_masks.json", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(argv, description="Stage 2: multi-layer Grad-CAM pseudo masks")
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    log = RunLog(cfg.run_dir, stage="masks")
+    try:
+        device = dist.device()
+        reader = open_split(cfg.data.root, "train")
+        model, model_path = load_classifier(cfg, reader, device)
+        settings = on_rank0(lambda: mask_settings(cfg, reader, model_path))
+        if run_pass(cfg, log, model, reader, device, settings):
+            quality_report(cfg, log, model, device)
+            on_rank0(lambda: finish_pass(cfg, log, reader.split))
+        return 0
+    finally:
+        log.close()
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
