@@ -127,6 +127,56 @@ def test_cli_in_process(tmp_path, capsys):
     main = tool.main
     assert main(["--out", str(tmp_path / "cli"), "--train", "3", "--val", "1", "--test", "1", "--size", "48"]) == 0
     printed = capsys.readouterr().out
-    assert "patches/s" in printed and "train label frequency" in printed
+    assert "patches/s" in printed and "generated 5" in printed and "train label frequency" in printed
     assert len(list((tmp_path / "cli" / "train").iterdir())) == 3
     assert main(["--out", str(tmp_path / "cli"), "--train", "4"]) == 2
+
+
+def _box(image: np.ndarray, radius: int) -> np.ndarray:
+    """Mean filter through an integral image."""
+    padded = np.pad(image, radius, mode="edge")
+    integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    k = 2 * radius + 1
+    return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]) / (k * k)
+
+
+def _texture_features(rgb: np.ndarray) -> list[float]:
+    """Brightness-normalised texture statistics: nuclear darkness, local contrast, fibre coherence."""
+    grey = rgb.astype(np.float64).mean(axis=2)
+    grey = grey / (np.percentile(grey, 98) + 1.0)
+    smooth = _box(grey, 1)
+    gy, gx = np.gradient(smooth)
+    jxx, jyy, jxy = _box(gx * gx, 4), _box(gy * gy, 4), _box(gx * gy, 4)
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-6)
+    dark = (grey < 0.6).astype(np.float64)
+    return [dark.mean(), (grey < 0.45).mean(), (grey > 0.9).mean(), np.abs(grey - smooth).mean(),
+            np.abs(smooth - _box(grey, 4)).mean(), coherence.mean(), (coherence > 0.6).mean(),
+            (grey < _box(grey, 2) - 0.08).mean(), _box(dark, 3).std()]
+
+
+def _cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5) -> np.ndarray:
+    """Per-class accuracy of least-squares linear classifiers, 5-fold cross-validated."""
+    correct = np.zeros(labels.shape[1])
+    for fold in range(folds):
+        held = np.arange(len(features)) % folds == fold
+        mean, std = features[~held].mean(0), features[~held].std(0) + 1e-9
+        design = np.c_[(features - mean) / std, np.ones(len(features))]
+        weights, *_ = np.linalg.lstsq(design[~held], labels[~held], rcond=None)
+        correct += ((design[held] @ weights > 0.5) == (labels[held] > 0.5)).sum(0)
+    return correct / len(features)
+
+
+def test_presence_not_readable_from_mean_colour():
+    """Stain and brightness vary enough that mean RGB predicts tissue presence clearly worse than texture."""
+    mean_rgb, texture, labels = [], [], []
+    for index in range(200):
+        _, rgb, mask = synthetic.make_sample(0, "train", index, 128)
+        mean_rgb.append(rgb.reshape(-1, 3).mean(0) / 255.0)
+        texture.append(_texture_features(rgb))
+        labels.append(synthetic.labels_of(mask))
+    labels = np.array(labels, np.float64)
+    colour_acc = _cross_validated_accuracy(np.array(mean_rgb), labels)
+    texture_acc = _cross_validated_accuracy(np.array(texture), labels)
+    assert (texture_acc > colour_acc).all(), (colour_acc, texture_acc)
+    assert texture_acc.mean() - colour_acc.mean() >= 0.07, (colour_acc, texture_acc)
+    assert texture_acc.mean() >= 0.72, "the texture baseline itself must work for the comparison to mean anything"

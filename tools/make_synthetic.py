@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_synthetic: {error}", file=sys.stderr)
         return 2
     counts = summary["counts"]
-    print(f"wrote {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
-          f"({args.size} px) to {summary['out_dir']} in {summary['seconds']:.1f} s "
-          f"({summary['patches_per_second']} patches/s)")
+    print(f"{summary['out_dir']}: {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
+          f"({args.size} px); generated {summary['generated']} in {summary['seconds']:.1f} s "
+          f"({summary['patches_per_second'] or '-'} patches/s)")
     labels = ", ".join(f"{c} {f:.2f}" for c, f in summary["train_label_frequency"].items())
     print(f"train label frequency: {labels}")
     for split, freq in summary["pixel_frequency"].items():

@@ -68,8 +68,8 @@ def random_stain(rng: np.random.Generator, around: Stain | None = None) -> Stain
     """A slide's stain drawn around the reference, or a patch's stain drawn around its slide's."""
     if around is None:
         return Stain(h_vec=_unit(H_REF + rng.normal(0, 0.07, 3)), e_vec=_unit(E_REF + rng.normal(0, 0.06, 3)),
-                     h_scale=rng.uniform(0.6, 1.45), e_scale=rng.uniform(0.5, 1.6),
-                     light=rng.uniform(222, 255) * rng.uniform(0.95, 1.03, 3),
+                     h_scale=rng.uniform(0.5, 1.6), e_scale=rng.uniform(0.45, 1.7),
+                     light=rng.uniform(222, 255) * rng.uniform(0.97, 1.02, 3),
                      blur=rng.uniform(0.3, 0.9), noise=rng.uniform(1.0, 4.0))
     return Stain(h_vec=_unit(around.h_vec + rng.normal(0, 0.03, 3)), e_vec=_unit(around.e_vec + rng.normal(0, 0.03, 3)),
                  h_scale=around.h_scale * rng.uniform(0.8, 1.25), e_scale=around.e_scale * rng.uniform(0.75, 1.3),
@@ -81,10 +81,12 @@ def tissue_layout(rng: np.random.Generator, size: int) -> np.ndarray:
     """Mask (size x size, uint8): 1-4 tissues with irregular borders, white holes sometimes."""
     count = rng.choice(4, p=TISSUE_COUNT_PROBS) + 1
     tissues = rng.choice(4, size=count, replace=False, p=TISSUE_WEIGHTS)
-    fields = np.stack([smooth_field(rng, size, rng.uniform(1.2, 3.0)) + rng.normal(0, 0.6) for _ in tissues])
+    # Coarse fields give the regions, a weaker fine field roughens their borders.
+    fields = np.stack([smooth_field(rng, size, rng.uniform(1.2, 3.0)) + rng.normal(0, 0.6)
+                       + 0.18 * smooth_field(rng, size, size / 14) for _ in tissues])
     holes = None
     if rng.random() < WHITE_PROB:
-        white_field = smooth_field(rng, size, rng.uniform(2.0, 5.0))
+        white_field = smooth_field(rng, size, rng.uniform(2.0, 5.0)) + 0.15 * smooth_field(rng, size, size / 12)
         holes = white_field > np.quantile(white_field, 1.0 - rng.uniform(0.04, 0.35))
     keep = np.ones(count, bool)
     while True:  # absorb tissues too small to be labelled into their neighbours
@@ -198,9 +200,14 @@ def parse_train_name(name: str) -> tuple[str, list[int]]:
     return stem, [int(v) for v in bracket.rstrip("]").split(" ")]
 
 
-def _write_split(out: Path, split: str, count: int, seed: int, size: int, existing: set[str]) -> np.ndarray:
-    """Write one split, keeping finished files; return per-class counts (train: labels, val/test: pixels)."""
+def _write_split(out: Path, split: str, count: int, seed: int, size: int,
+                 existing: set[str]) -> tuple[np.ndarray, int]:
+    """Write one split, keeping finished files; return (per-class counts, patches generated now).
+
+    Counts are train patches carrying each label, or val/test pixels of each mask index.
+    """
     totals = np.zeros(WHITE + 1, np.int64)
+    generated = 0
     finished_train = dict(parse_train_name(n[len("train/"):]) for n in existing if n.startswith("train/"))
     for index in range(count):
         stem, _ = sample_origin(seed, split, index, size)
@@ -208,6 +215,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, size: int, existi
             if stem not in finished_train:
                 stem, rgb, mask = make_sample(seed, split, index, size)
                 finished_train[stem] = labels_of(mask)
+                generated += 1
                 _save_atomic(Image.fromarray(rgb), out / "train" / train_name(stem, finished_train[stem]))
             totals[:len(CLASSES)] += finished_train[stem]
             continue
@@ -218,8 +226,9 @@ def _write_split(out: Path, split: str, count: int, seed: int, size: int, existi
             stem, rgb, mask = make_sample(seed, split, index, size)
             _save_atomic(Image.fromarray(rgb), out / img)
             _save_atomic(palettised(mask), out / msk)
+            generated += 1
         totals += np.bincount(mask.ravel(), minlength=WHITE + 1)
-    return totals
+    return totals, generated
 
 
 def write_luad_layout(out_dir, train: int, val: int, test: int, size: int = 224, seed: int = 0) -> dict:
@@ -239,7 +248,10 @@ def write_luad_layout(out_dir, train: int, val: int, test: int, size: int = 224,
     existing = _prepare(out, params)
     start = time.perf_counter()
     counts = {"train": int(train), "val": int(val), "test": int(test)}
-    totals = {split: _write_split(out, split, n, int(seed), int(size), existing) for split, n in counts.items()}
+    totals, generated = {}, 0
+    for split, n in counts.items():
+        totals[split], made = _write_split(out, split, n, int(seed), int(size), existing)
+        generated += made
     seconds = time.perf_counter() - start
     names = list(CLASSES) + ["white"]
     summary = {
@@ -248,8 +260,9 @@ def write_luad_layout(out_dir, train: int, val: int, test: int, size: int = 224,
         "train_label_frequency": {c: float(totals["train"][i]) / max(1, train) for i, c in enumerate(CLASSES)},
         "pixel_frequency": {split: {c: float(totals[split][i]) / max(1, totals[split].sum()) for i, c in enumerate(names)}
                             for split in ("val", "test")},
+        "generated": generated,  # fewer than the counts when an interrupted run was completed
         "seconds": round(seconds, 3),
-        "patches_per_second": round(sum(counts.values()) / seconds, 2) if seconds > 0 else None,
+        "patches_per_second": round(generated / seconds, 2) if generated and seconds > 0 else None,
     }
     (out / MARKER).write_text(json.dumps({"params": params, "complete": True, "summary": summary}, indent=1))
     return summary

@@ -39,7 +39,7 @@ def fine_noise(rng: np.random.Generator, size: int, grain: int = 2) -> np.ndarra
     return up[grain:grain + size, grain:grain + size]
 
 
-def nuclei(rng: np.random.Generator, size: int, *, cell: float, fill: float,
+def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
            radius: tuple[float, float], elongation: tuple[float, float], darkness: tuple[float, float],
            vesicular: float = 0.0, angle: float | None = None, angle_jitter: float = 0.3,
            warp: float = 0.0) -> np.ndarray:
@@ -49,8 +49,14 @@ def nuclei(rng: np.random.Generator, size: int, *, cell: float, fill: float,
     darkness: peak optical density; vesicular: fraction of nuclei with pale centre, dark rim and
     a nucleolus (tumour cells); angle: common orientation (stroma), else random per nucleus;
     warp: pixels of smooth domain distortion that makes the outlines irregular.
+
+    Centres sit in the middle 60% of their cell, so with radius + warp < 0.7 * cell a pixel can
+    only be reached by its own cell's nucleus and the three neighbours on its side of the cell:
+    4 candidates per pixel instead of 9.
     """
-    cell = int(cell)
+    half = max(1, int(cell) // 2)
+    cell = 2 * half
+    assert radius[1] + warp < 0.7 * cell, "nucleus could reach past the neighbouring cells"
     grid = -(-size // cell)  # cells per side covering the patch
     n = grid + 2  # one cell of margin so nuclei straddle the patch border
     jitter_y = rng.uniform(0.2, 0.8, (n, n)).astype(np.float32)
@@ -58,53 +64,56 @@ def nuclei(rng: np.random.Generator, size: int, *, cell: float, fill: float,
     present = rng.random((n, n)) < fill
     major = rng.uniform(*radius, (n, n)).astype(np.float32)
     minor = major / rng.uniform(*elongation, (n, n)).astype(np.float32)
-    if angle is None:
-        theta = rng.uniform(0, np.pi, (n, n))
-    else:
-        theta = angle + rng.normal(0, angle_jitter, (n, n))
+    theta = rng.uniform(0, np.pi, (n, n)) if angle is None else angle + rng.normal(0, angle_jitter, (n, n))
     cos_t, sin_t = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     peak = (rng.uniform(*darkness, (n, n)) * present).astype(np.float32)
     is_vesicular = rng.random((n, n)) < vesicular
+    params = [jitter_y, jitter_x, cos_t, sin_t, 1.0 / major, 1.0 / minor, minor, peak, is_vesicular]
 
-    # Pixel coordinates inside their own cell, shaped (grid, grid, cell, cell).
-    local = np.arange(cell, dtype=np.float32) + 0.5
-    ly = np.broadcast_to(local[None, None, :, None], (grid, grid, cell, cell))
-    lx = np.broadcast_to(local[None, None, None, :], (grid, grid, cell, cell))
+    # Pixels laid out as (cell row, half, row in half, cell column, half, column in half):
+    # a plain reshape of the (side, side) image.
+    side = grid * cell
+    shape6 = (grid, 2, half, grid, 2, half)
+    local = np.arange(cell, dtype=np.float32).reshape(2, half) + 0.5
+    ly = local[None, :, :, None, None, None]
+    lx = local[None, None, None, None, :, :]
     if warp > 0:
-        side = grid * cell
-        wy = smooth_field(rng, side, side / (cell * 0.8)) * warp
-        wx = smooth_field(rng, side, side / (cell * 0.8)) * warp
-        ly = ly + wy.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3)
-        lx = lx + wx.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3)
+        ly = ly + (smooth_field(rng, side, side / (cell * 0.8)) * warp).reshape(shape6)
+        lx = lx + (smooth_field(rng, side, side / (cell * 0.8)) * warp).reshape(shape6)
+    toward = np.array([-1, 1], np.float32)  # the neighbour on the side of each half
 
-    out = np.zeros((grid, grid, cell, cell), np.float32)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            sl = (slice(1 + dy, 1 + dy + grid), slice(1 + dx, 1 + dx + grid))
+    def neighbour(a, sy, sx):
+        # a[i + 1 + dy, j + 1 + dx] with dy = sy * (-1 | +1 by half), shaped like params of shape6.
+        rows = a[1:grid + 1][:, None] if not sy else np.stack([a[0:grid], a[2:grid + 2]], axis=1)
+        rows = np.broadcast_to(rows, (grid, 2, n))
+        cols = rows[:, :, 1:grid + 1][..., None] if not sx else np.stack([rows[:, :, 0:grid], rows[:, :, 2:grid + 2]], -1)
+        cols = np.broadcast_to(cols, (grid, 2, grid, 2))
+        return cols[:, :, None, :, :, None]
 
-            def take(a):
-                return a[sl][:, :, None, None]
-
-            u = lx - (dx + take(jitter_x)) * cell
-            v = ly - (dy + take(jitter_y)) * cell
-            c, s = take(cos_t), take(sin_t)
-            along = (u * c + v * s) / take(major)
-            across = (v * c - u * s) / take(minor)
+    out = np.zeros(shape6, np.float32)
+    for sy in (0, 1):
+        for sx in (0, 1):
+            jy, jx, c, s, inv_major, inv_minor, minor_px, top, ves = (neighbour(a, sy, sx) for a in params)
+            dy = (toward * sy)[None, :, None, None, None, None]
+            dx = (toward * sx)[None, None, None, None, :, None]
+            u = lx - (dx + jx) * cell
+            v = ly - (dy + jy) * cell
+            along = (u * c + v * s) * inv_major
+            across = (v * c - u * s) * inv_minor
             dist = np.sqrt(along * along + across * across)
-            # ~1 px soft edge: sharpness scales with the minor radius.
-            body = np.clip((1.0 - dist) * take(minor) + 0.5, 0.0, 1.0)
-            ves = take(is_vesicular)
-            # Vesicular nucleus: chromatin pushed to the rim, pale centre, dark nucleolus.
-            profile = np.where(ves, 0.4 + 0.6 * np.clip(dist, 0, 1) ** 2
-                               + 1.1 * np.clip((0.28 - dist) * 6.0, 0.0, 1.0), 1.0)
-            np.maximum(out, body * profile * take(peak), out=out)
-    return out.transpose(0, 2, 1, 3).reshape(grid * cell, grid * cell)[:size, :size]
+            body = np.clip((1.0 - dist) * minor_px + 0.5, 0.0, 1.0)  # ~1 px soft edge
+            if vesicular > 0:
+                # Vesicular nucleus: chromatin pushed to the rim, pale centre, dark nucleolus.
+                rim = 0.4 + 0.6 * np.minimum(dist, 1.0) ** 2 + 1.1 * np.clip((0.28 - dist) * 6.0, 0.0, 1.0)
+                body = body * np.where(ves, rim, 1.0)
+            np.maximum(out, body * top, out=out)
+    return out.reshape(side, side)[:size, :size]
 
 
 def tumour_epithelium(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed large irregular dark nuclei, some vesicular with nucleoli, eosinophilic cytoplasm."""
-    h = nuclei(rng, size, cell=rng.uniform(10, 13), fill=0.92, radius=(4.0, 6.5), elongation=(1.1, 1.8),
-               darkness=(0.7, 1.3), vesicular=rng.uniform(0.2, 0.6), warp=1.3)
+    h = nuclei(rng, size, cell=rng.choice([10, 12]), fill=0.95, radius=(3.8, 5.8), elongation=(1.1, 1.8),
+               darkness=(0.7, 1.3), vesicular=rng.uniform(0.2, 0.6), warp=1.0)
     h = h * (0.8 + 0.25 * fine_noise(rng, size, 1))
     mottle = smooth_field(rng, size, size / 24)
     e = 0.42 + 0.07 * mottle + 0.04 * fine_noise(rng, size, 2)
@@ -115,7 +124,7 @@ def necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     """Pale pink amorphous debris with scattered nuclear dust (karyorrhexis)."""
     dust = nuclei(rng, size, cell=6, fill=rng.uniform(0.12, 0.3), radius=(0.7, 1.8), elongation=(1.0, 1.6),
                   darkness=(0.6, 1.2))
-    ghosts = nuclei(rng, size, cell=11, fill=0.3, radius=(3.0, 5.0), elongation=(1.0, 1.5),
+    ghosts = nuclei(rng, size, cell=12, fill=0.3, radius=(3.0, 5.0), elongation=(1.0, 1.5),
                     darkness=(0.08, 0.18), warp=1.0)  # faded outlines of dead cells
     smudge = smooth_field(rng, size, size / 40)
     e = 0.30 + 0.05 * smudge + 0.02 * fine_noise(rng, size, 3)
@@ -124,7 +133,7 @@ def necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
 
 def lymphocytes(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense small round dark nuclei with little cytoplasm."""
-    h = nuclei(rng, size, cell=rng.uniform(6, 7.5), fill=0.85, radius=(2.3, 3.2), elongation=(1.0, 1.25),
+    h = nuclei(rng, size, cell=6, fill=rng.uniform(0.7, 0.9), radius=(2.3, 3.2), elongation=(1.0, 1.25),
                darkness=(1.1, 1.6), warp=0.4)
     h = h * (0.9 + 0.1 * fine_noise(rng, size, 1))
     e = 0.16 + 0.04 * smooth_field(rng, size, size / 30)
@@ -138,11 +147,11 @@ def stroma(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     across = -xx * np.sin(angle) + yy * np.cos(angle)
     # Waviness: the fibres' across-coordinate bends with a smooth field.
     bend = smooth_field(rng, size, size / 50) * rng.uniform(4, 10)
-    period = rng.uniform(4.0, 7.0)
-    phase_noise = smooth_field(rng, size, size / 12) * 1.5
+    period = rng.uniform(3.5, 6.5)
+    phase_noise = smooth_field(rng, size, size / 10) * 2.5
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (across + bend) / period + phase_noise)
-    breaks = np.clip(0.6 + 0.5 * fine_noise(rng, size, 3), 0, 1)
-    e = 0.22 + 0.45 * stripes ** 2 * breaks + 0.04 * smooth_field(rng, size, size / 30)
+    breaks = np.clip(0.45 + 0.7 * fine_noise(rng, size, 4), 0, 1)  # fibres fray and end
+    e = 0.20 + 0.5 * stripes ** 2 * breaks + 0.05 * smooth_field(rng, size, size / 30)
     h = nuclei(rng, size, cell=16, fill=rng.uniform(0.2, 0.45), radius=(5.0, 9.0), elongation=(3.0, 5.0),
                darkness=(0.7, 1.2), angle=float(angle), angle_jitter=0.15, warp=0.8)
     return h + 0.04, e
