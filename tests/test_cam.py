@@ -1,0 +1,155 @@
+"""Batched Grad-CAM pseudo masks against the slow per-image reference (tests/reference_cam.py)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlps_dist import cam
+from mlps_dist.data.shards import decode_labels, open_split
+from mlps_dist.models import create_classifier
+from reference_cam import background_reference, reference_masks
+
+LAYERS = ["b4_5", "b5_2", "bn7"]
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = create_classifier("small38", 4)
+    # Non-trivial BatchNorm statistics so that eval-mode features are not a bare affine chain.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    cam.prepare_model(net)
+    return net
+
+
+@pytest.fixture(scope="module")
+def patches(tiny_shards):
+    """Six train patches of the tiny shards, one given a 12x12 white square (kept as
+    background) and a 3x3 white speck in a dark ring (below min_size, so not background)."""
+    reader = open_split(tiny_shards, "train")
+    rgb, labels = [], []
+    for i in range(6):
+        members = reader.read(i)
+        rgb.append(np.array(Image.open(io.BytesIO(members["png"])).convert("RGB")))
+        labels.append(decode_labels(members["labels"]))
+    rgb = torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).contiguous()
+    rgb[0, :, 4:16, 4:16] = 255
+    rgb[0, :, 28:35, 28:35] = 60  # dark ring: the speck is its own component
+    rgb[0, :, 30:33, 30:33] = 250
+    images = (rgb.float() / 255 - MEAN) / STD
+    return images, torch.from_numpy(np.stack(labels)), rgb
+
+
+def assert_same_masks(fast: torch.Tensor, ref: np.ndarray, scores: np.ndarray) -> None:
+    """Equal, except where the reference's two best scores tie to float precision."""
+    fast = fast.numpy()
+    differ = fast != ref
+    assert differ.mean() <= 1e-3, f"{int(differ.sum())} of {differ.size} pixels differ"
+    if differ.any():
+        b, y, x = np.nonzero(differ)
+        top2 = np.sort(scores[b, :, y, x], axis=1)[:, -2:]
+        assert np.all(top2[:, 1] - top2[:, 0] < 1e-5), "a differing pixel is not a near-tie"
+
+
+def test_fast_path_equals_reference(model, patches):
+    images, labels, rgb = patches
+    fast = cam.make_masks(model, images, labels, rgb, LAYERS, background=True, threshold=200, min_size=50)
+    ref, scores = reference_masks(model, images, labels, rgb, LAYERS, background=True, threshold=200, min_size=50)
+    for layer in LAYERS:
+        assert fast[layer].dtype == torch.uint8 and fast[layer].shape == images.shape[:1] + images.shape[2:]
+        assert_same_masks(fast[layer], ref[layer], scores[layer])
+    # Only present classes (or the ignore index) appear in a patch's masks.
+    for layer in LAYERS:
+        for i in range(images.shape[0]):
+            allowed = set(np.nonzero(labels[i].numpy())[0].tolist()) | {4}
+            assert set(np.unique(fast[layer][i].numpy()).tolist()) <= allowed
+
+
+def test_layers_give_their_own_masks(model, patches):
+    images, labels, rgb = patches
+    fast = cam.make_masks(model, images, labels, rgb, LAYERS, background=False)
+    multi = labels.sum(dim=1) > 1  # single-label patches are one class everywhere at every layer
+    assert multi.any()
+    assert not torch.equal(fast["b4_5"][multi], fast["bn7"][multi])
+    assert not torch.equal(fast["b5_2"][multi], fast["bn7"][multi])
+    # Asking for one layer gives that layer's masks, not those of another depth.
+    alone = cam.make_masks(model, images, labels, rgb, ["b4_5"], background=False)
+    assert torch.equal(alone["b4_5"], fast["b4_5"])
+
+
+def test_bn7_gradcam_is_the_head_cam(model, patches):
+    """GAP + linear head: Grad-CAM at bn7 = CAM from the head weights / (h*w)."""
+    images = patches[0]
+    gcam = cam.gradcams(model, images, ["bn7"])["bn7"]
+    with torch.no_grad():
+        feats = model.forward_features(images)["bn7"]
+        head_cam = torch.nn.functional.conv2d(feats, model.head.weight)
+    h, w = feats.shape[-2:]
+    torch.testing.assert_close(gcam * (h * w), head_cam, rtol=1e-4, atol=1e-5)
+
+
+def test_white_background_luad_vs_bcss(model, patches):
+    images, labels, rgb = patches
+    luad = cam.make_masks(model, images, labels, rgb, ["bn7"], background=True)["bn7"]
+    bcss = cam.make_masks(model, images, labels, rgb, ["bn7"], background=False)["bn7"]
+    assert (luad[0, 4:16, 4:16] == 4).all()  # the white square is ignore/background
+    assert (luad[0, 30:33, 30:33] != 4).all()  # the speck is too small to count
+    assert not (bcss == 4).any()  # BCSS: white tissue (fat) keeps its class
+    outside = luad != 4
+    assert torch.equal(luad[outside], bcss[outside])
+
+
+def test_component_sizes_match_flood_fill():
+    gen = torch.Generator().manual_seed(1)
+    region = torch.rand(3, 40, 40, generator=gen) > 0.45
+    # A one-pixel-wide serpentine: one component along a ~820-pixel path, which plain
+    # neighbour propagation would need ~800 rounds for.
+    snake = np.zeros((40, 40), dtype=bool)
+    snake[0::2, :] = True
+    for row in range(1, 40, 2):
+        snake[row, 39 if row % 4 == 1 else 0] = True
+    region[2] = torch.from_numpy(snake)
+    sizes = cam.component_sizes(region)
+    for min_size in (1, 5, 50):
+        for i in range(3):
+            rgb = np.where(region[i].numpy()[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+            expect = background_reference(rgb, threshold=200, min_size=min_size)
+            assert np.array_equal((sizes[i] >= min_size).numpy(), expect)
+
+
+def test_grey_levels_follow_the_integer_rule():
+    rgb = torch.tensor([[[[201]], [[200]], [[200]]], [[[255]], [[0]], [[0]]]], dtype=torch.uint8)
+    grey = cam.grey_levels(rgb).flatten().tolist()
+    assert grey == [(201 * 4899 + 200 * 9617 + 200 * 1868 + 8192) >> 14, (255 * 4899 + 8192) >> 14]
+
+
+def test_label_gating_ties_pick_the_first_maximum():
+    norm = torch.zeros(1, 3, 1, 2)
+    norm[0, 2, 0, 1] = 0.5
+    labels = torch.tensor([[0.0, 1.0, 1.0]])
+    out = cam.label_maps(norm, labels, None)
+    # Pixel 0: every channel 0 -> the first index, even for an absent class (as numpy argmax).
+    assert out.tolist() == [[[0, 2]]]
+
+
+def test_flip_tta_is_mirror_symmetric(model, patches):
+    images, labels, rgb = patches
+    plain = cam.make_masks(model, images, labels, rgb, LAYERS, background=True, tta_flip=True)
+    mirrored = cam.make_masks(model, images.flip(-1), labels, rgb.flip(-1), LAYERS, background=True, tta_flip=True)
+    for layer in LAYERS:
+        assert torch.equal(plain[layer].flip(-1), mirrored[layer])
+
+
+def test_unknown_layer_is_refused(model):
+    with pytest.raises(ValueError, match="masks.layers"):
+        cam.check_layers(model, ["b4_5", "b9"])
