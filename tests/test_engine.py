@@ -1,0 +1,131 @@
+"""The shared training loop under real torchrun jobs: DDP and DeepSpeed ZeRO-1/2 agree,
+gradient accumulation keeps the global batch, and preemption checkpoints, exits 75 and
+resumes to the same weights. The model is a small MLP (tests/engine_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+import torchrun_helpers as jobs
+from mlps_dist import parallel
+from mlps_dist.config import ConfigError, TrainConfig
+from mlps_dist.engine import PREEMPTED_EXIT_CODE, derive_seed
+
+WORKER = "tests/engine_worker.py"
+STEPS_PER_EPOCH = 8  # 64 samples / global batch 8
+
+
+def write_config(tmp_path, name: str, **section) -> tuple[str, str]:
+    run_dir = tmp_path / name
+    values = {"epochs": 2, "batch_size": 8, "lr": 0.05, "ckpt_every_steps": 3, "log_every_steps": 1, **section}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"run_dir": str(run_dir), "seed": 3, "segmenter": values}))
+    return str(path), str(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank DDP run: the weights every other run is compared with."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg, _ = write_config(tmp, "run")
+    result = jobs.run([WORKER, str(tmp / "out"), "--config", cfg])
+    assert result.returncode == 0, result.stdout[-4000:]
+    return tmp / "out"
+
+
+def test_batch_plan_keeps_the_global_batch():
+    assert parallel.plan_batches(TrainConfig(batch_size=16), 2) == parallel.BatchPlan(16, 8, 1, 2)
+    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=2), 2).accumulation == 4
+    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=16), 1).accumulation == 1
+    with pytest.raises(ConfigError, match="'classifier.batch_size' = 10 .* multiple of 8"):
+        parallel.plan_batches(TrainConfig(batch_size=10), 4, "classifier")
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=3), 2, "segmenter")
+    assert len({derive_seed(0, r) for r in range(64)} | {derive_seed(1, r) for r in range(64)}) == 128
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_training_moved_the_weights(reference):
+    rank0, rank1 = jobs.load_weights(reference / "weights-rank0.pt"), jobs.load_weights(reference / "weights-rank1.pt")
+    jobs.assert_equal_weights(rank0, rank1)
+    torch.manual_seed(3)
+    from engine_worker import SmallMlp
+
+    initial = SmallMlp(0.2).state_dict()
+    assert all(not torch.equal(initial[k], rank0[k]) for k in rank0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_zero_ranks_agree_with_each_other_and_with_ddp(tmp_path, reference, zero):
+    cfg, run_dir = write_config(tmp_path, "ds", parallel="deepspeed",
+                                deepspeed_config=f"configs/deepspeed/zero{zero}.json")
+    result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg])
+    assert result.returncode == 0, result.stdout[-4000:]
+    rank0, rank1 = (jobs.load_weights(tmp_path / "out" / f"weights-rank{r}.pt") for r in (0, 1))
+    jobs.assert_equal_weights(rank0, rank1)
+    ddp = jobs.load_weights(reference / "weights-rank0.pt")
+    for key in ddp:  # same SGD, schedule and data: only the reduction code differs
+        torch.testing.assert_close(rank0[key], ddp[key], rtol=1e-5, atol=1e-6)
+    assert list((tmp_path / "ds" / "regression" / "checkpoints").glob("step-*/ds"))
+
+
+@pytest.mark.slow
+def test_accumulation_on_two_ranks_matches_one_rank_with_the_whole_batch(tmp_path):
+    cfg1, _ = write_config(tmp_path, "one", micro_batch_size=8)
+    cfg2, _ = write_config(tmp_path, "two", micro_batch_size=2)  # 2 x 2 ranks x 2 accumulation
+    one = jobs.run([WORKER, str(tmp_path / "o1"), "--config", cfg1, "--dropout", "0"], nproc=0)
+    two = jobs.run([WORKER, str(tmp_path / "o2"), "--config", cfg2, "--dropout", "0"])
+    assert one.returncode == 0 and two.returncode == 0, (one.stdout + two.stdout)[-4000:]
+    assert "8 x 1 ranks x 1 accumulation" in one.stdout and "2 x 2 ranks x 2 accumulation" in two.stdout
+    a, b = jobs.load_weights(tmp_path / "o1" / "weights-rank0.pt"), jobs.load_weights(tmp_path / "o2" / "weights-rank0.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def _scalar_steps(run_dir) -> list[int]:
+    try:
+        lines = open(os.path.join(run_dir, "log.jsonl")).read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in lines if '"kind": "scalars"' in line and '"train/loss"' in line]
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_path, reference):
+    cfg, run_dir = write_config(tmp_path, "run", ckpt_every_steps=0)
+    out = tmp_path / "out"
+    job = jobs.start([WORKER, str(out), "--config", cfg, "--step-seconds", "0.15"])
+    jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 2, job, "two training steps")
+    os.kill(int((out / "pid-rank1").read_text()), signal.SIGUSR1)  # rank 0 is not signalled
+    output, _ = job.communicate(timeout=120)
+    assert len(re.findall(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE}\b", output)) == 2, output[-4000:]
+    checkpoints = tmp_path / "run" / "regression" / "checkpoints"
+    stopped_at = jobs.latest_step(checkpoints)
+    assert 2 <= stopped_at < 2 * STEPS_PER_EPOCH and max(_scalar_steps(run_dir)) == stopped_at
+    assert sorted(p.name for p in (checkpoints / f"step-{stopped_at:08d}").iterdir()) == [
+        "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+
+    resumed = jobs.run([WORKER, str(out), "--config", cfg])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    for rank in (0, 1):
+        jobs.assert_equal_weights(jobs.load_weights(out / f"weights-rank{rank}.pt"),
+                                  jobs.load_weights(reference / f"weights-rank{rank}.pt"))
+    task_state = torch.load(out / "weights-rank0.pt", weights_only=True)["task"]
+    assert len(task_state["epochs_started"]) == 3  # restored from the checkpoint, then the rerun's epochs
+
+
+def test_sigterm_to_a_single_process_exits_75_after_a_checkpoint(tmp_path):
+    cfg, run_dir = write_config(tmp_path, "run", ckpt_every_steps=0, micro_batch_size=8)
+    job = jobs.start([WORKER, str(tmp_path / "out"), "--config", cfg, "--step-seconds", "0.1"], nproc=0)
+    jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 1, job, "a training step")
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=60)
+    assert job.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert jobs.latest_step(tmp_path / "run" / "regression" / "checkpoints") >= 1

@@ -1,0 +1,68 @@
+"""Launch real ``torchrun --standalone`` jobs from the tests and watch their run directories."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def job_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def start(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    """A torchrun job in its own process group (so the test can kill all of it at once)."""
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args] if nproc else [sys.executable, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def run(args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = start(args, nproc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"job did not finish in {timeout} s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll ``condition()`` until true; fail with the job's output if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (status {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(0.05)
+
+
+def latest_step(checkpoints: Path) -> int:
+    """Global step of the committed checkpoint ``latest`` names, -1 if none."""
+    try:
+        return int((checkpoints / "latest").read_text().strip().split("-")[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return -1
+
+
+def load_weights(path: Path) -> dict:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob.get("weights", blob.get("state_dict"))
+
+
+def assert_equal_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
