@@ -219,3 +219,16 @@ def test_rerun_after_truncated_shard_rewrites_it(tiny_luad_folder, tiny_shards, 
     assert info_a == info_b
     assert _tree(out).keys() == _tree(tiny_shards).keys()
     assert (out / "train-000002.tar").read_bytes() == (tiny_shards / "train-000002.tar").read_bytes()
+
+
+def test_inspect_shards_prints_counts_and_dumps_samples(tiny_shards, tmp_path):
+    result = run_tool("tools/inspect_shards.py", str(tiny_shards), "--dump", "2", "--split", "val", "--to",
+                      str(tmp_path / "dump"))
+    assert result.returncode == 0, result.stderr
+    info = read_info(tiny_shards)
+    counts = ", ".join(f"{c}={n}" for c, n in zip(info["classes"], info["splits"]["val"]["class_counts"]))
+    assert f"val: 8 samples, 1 shard(s)" in result.stdout and counts in result.stdout
+    dumped = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert dumped == ["val_00000000.json", "val_00000000.mask.png", "val_00000000.png",
+                      "val_00000001.json", "val_00000001.mask.png", "val_00000001.png"]
+    assert Image.open(tmp_path / "dump" / "val_00000000.mask.png").mode == "P"

@@ -1,0 +1,138 @@
+"""Training-loader throughput (images/s) per back end against a baseline that loads data
+the way the public MLPS code does: one PNG file per sample read from the LUAD folder with
+PIL, labels parsed from the file name, a shuffled torch DataLoader, same augmentations and
+worker count. Prints one JSON line. A benchmark, not a test.
+
+    python tools/bench_loader.py                          # synthetic data, 512 patches of 224 px
+    python tools/bench_loader.py --src data/LUAD-HistoSeg --workers 8 --batch 32
+    torchrun --nproc_per_node=8 tools/bench_loader.py --src ...   # all ranks together
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from mlps_dist import dist  # noqa: E402
+from mlps_dist.config import Config  # noqa: E402
+from mlps_dist.data.augment import colour, geometric, normalise, sample_params  # noqa: E402
+from mlps_dist.data.ingest import build_plan, write_plan  # noqa: E402
+from mlps_dist.data.layouts import LUAD, find_train_dir  # noqa: E402
+from mlps_dist.data.loaders import create_train_loader  # noqa: E402
+from mlps_dist.data.shards import open_split  # noqa: E402
+
+
+class PngFolderDataset(Dataset):
+    """The baseline: a file listing, PIL per sample, label from the name."""
+
+    def __init__(self, folder: Path, cfg: Config):
+        self.files, self.cfg = sorted(folder.glob("*.png")), cfg
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        labels = torch.tensor(LUAD.parse_train_name(path.name, 4)[0], dtype=torch.float32)
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        p = sample_params(self.cfg.data, self.cfg.seed, 0, i)
+        image = normalise(colour(geometric(rgb, p).astype(np.float32), p), self.cfg.data.mean, self.cfg.data.std)
+        return torch.from_numpy(image), labels
+
+
+def measure(batches, steps: int, device) -> tuple[int, float]:
+    """Images and seconds over ``steps`` batches after one warm-up batch."""
+    it = iter(batches)
+    next(it)
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+        batch = next(it)
+        image = batch["image"] if isinstance(batch, dict) else batch[0]
+        image.to(device).sum().item()  # wait for the data to be there
+        images += image.shape[0]
+    return images, time.perf_counter() - start
+
+
+def prepare(args) -> tuple[Path, Path]:
+    if args.src:
+        src = Path(args.src)
+    else:
+        from mlps_dist.data.synthetic import write_luad_layout
+
+        src = Path(args.workdir) / "luad"
+        if dist.is_main():
+            write_luad_layout(src, train=args.n, val=0, test=0, size=args.size, seed=0)
+    shards = Path(args.workdir) / "shards"
+    if dist.is_main():
+        write_plan(build_plan(LUAD, src, shard_size=256, workers=max(args.workers, 1)), shards, log=lambda *_: None)
+    dist.barrier()
+    return src, shards
+
+
+def total_rate(images: int, seconds: float) -> float:
+    images_all = dist.all_reduce_sum(torch.tensor([images], dtype=torch.float64)).item()
+    return images_all / max(dist.all_gather_object(seconds))
+
+
+def run(args) -> dict:
+    src, shards = prepare(args)
+    cfg = Config()
+    cfg.data.root, cfg.data.num_workers, cfg.data.rot90, cfg.data.color_jitter = str(shards), args.workers, True, 0.1
+    rank, world, device = dist.get_rank(), dist.get_world_size(), dist.device()
+    reader = open_split(shards, "train")
+    steps = min(args.steps, len(reader) // (args.batch * world) - 1)
+    baseline = DataLoader(PngFolderDataset(find_train_dir(LUAD, src), cfg), batch_size=args.batch, shuffle=True,
+                          num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+    rates = {"baseline_png_folder": total_rate(*measure(baseline, steps, device))}
+    for backend in args.backends.split(","):
+        cfg.data.loader = backend
+        loader = create_train_loader(cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world,
+                                     device=device)
+        rates[backend] = total_rate(*measure(loader, steps, device))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "ratio_to_baseline": {k: round(v / rates["baseline_png_folder"], 3) for k, v in rates.items()},
+            "cpu": cpu, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "world_size": world, "workers_per_rank": args.workers, "batch_per_rank": args.batch,
+            "steps": steps, "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="loader throughput vs. a PNG-folder baseline")
+    p.add_argument("--src", default="", help="LUAD-HistoSeg folder; default: synthetic patches")
+    p.add_argument("--n", type=int, default=512, help="synthetic patches to generate")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--workdir", default="")
+    args = p.parse_args(argv)
+    dist.init()
+    tmp = tempfile.TemporaryDirectory() if not args.workdir else None
+    args.workdir = args.workdir or dist.broadcast_object(tmp.name)
+    try:
+        result = run(args)
+        if dist.is_main():
+            print(json.dumps(result))
+    finally:
+        dist.teardown()
+        if tmp:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Print what a shard folder holds; optionally dump a few samples as PNG files.
+
+    python tools/inspect_shards.py data/demo/shards
+    python tools/inspect_shards.py data/demo/shards --dump 4 --split val --to /tmp/peek
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mlps_dist.data.shards import ShardError, open_split, read_info  # noqa: E402
+
+
+def describe(root: Path) -> list[str]:
+    info = read_info(root)
+    lines = [f"{root}: layout {info['layout']}, classes {info['classes']}, ignore index {info['ignore_index']}"]
+    for split, s in info["splits"].items():
+        reader = open_split(root, split)  # also checks every index against info.json
+        counts = np.zeros(reader.num_classes, dtype=np.int64)
+        for i in range(len(reader)):
+            counts += reader.labels(i).astype(np.int64)
+        per_class = ", ".join(f"{c}={n}" for c, n in zip(reader.classes, counts.tolist()))
+        lines.append(f"  {split}: {len(reader)} samples, {len(s['shards'])} shard(s), image size {s['image_size']}, "
+                     f"masks: {'yes' if reader.has_masks else 'no'}; samples per class: {per_class}")
+    return lines
+
+
+def dump(root: Path, split: str, count: int, to: Path) -> None:
+    reader = open_split(root, split)
+    palette = [v for colour in reader.info["palette"] for v in colour]
+    to.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, len(reader))):
+        sample, key = reader.read(i), reader.key(i)
+        (to / f"{key}.png").write_bytes(sample["png"])
+        (to / f"{key}.json").write_text(json.dumps({**json.loads(sample["json"]),
+                                                    "labels": reader.labels(i).astype(int).tolist()}))
+        if "mask.png" in sample:  # palettised copy, so the classes are visible
+            mask = Image.open(io.BytesIO(sample["mask.png"])).convert("P")
+            mask.putpalette(palette)
+            mask.save(to / f"{key}.mask.png")
+    print(f"wrote {min(count, len(reader))} sample(s) of {split} to {to}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Summarise a shard folder written by tools/make_shards.py")
+    p.add_argument("root")
+    p.add_argument("--dump", type=int, default=0, help="write this many samples as PNG (+ json, mask)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--to", default="shard_samples")
+    args = p.parse_args(argv)
+    try:
+        print("\n".join(describe(Path(args.root))))
+        if args.dump:
+            dump(Path(args.root), args.split, args.dump, Path(args.to))
+    except ShardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
