@@ -175,3 +175,20 @@ def test_eval_backends_agree(tiny_shards):
         assert a["key"] == b["key"] and torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["mask"], b["mask"])
         assert torch.allclose(a["image"], b["image"], atol=1e-4) and torch.equal(a["labels"], b["labels"])
         assert torch.equal(_unnormalise(a["image"], make_cfg(tiny_shards)), a["rgb"])
+
+
+def test_mixed_patch_sizes_need_data_image_size(tiny_shards, tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(tiny_shards, root)
+    info = json.loads((root / "info.json").read_text())
+    info["splits"]["train"]["image_size"] = None  # as make_shards records a split of mixed sizes
+    (root / "info.json").write_text(json.dumps(info))
+    reader = open_split(root, "train")
+    with pytest.raises(ConfigError, match="data.image_size"):
+        create_train_loader(make_cfg(root), reader, batch_size=4, epoch=0, rank=0, world=1, device="cpu")
+    loader = create_train_loader(make_cfg(root, image_size=40), reader, batch_size=4, epoch=0, rank=0, world=1,
+                                 device="cpu")
+    assert next(iter(loader))["image"].shape == (4, 3, 40, 40)

@@ -7,7 +7,7 @@ augment.py, so they yield the same samples in the same order with the same geome
 from __future__ import annotations
 
 from mlps_dist import dist
-from mlps_dist.config import Config
+from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.sampling import eval_batches, rank_batches, require_steps, steps_per_epoch
 from mlps_dist.data.shards import SplitReader
 
@@ -19,6 +19,9 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, ep
     """Training batches of this rank for ``epoch`` from ``start_step`` on; ``len()`` = the
     remaining steps, equal on every rank."""
     require_steps(len(reader), batch_size, world, "classifier.batch_size or segmenter.batch_size", cfg.data.root)
+    if reader.split_info.get("image_size") is None and not cfg.data.image_size:
+        raise ConfigError(f"the '{reader.split}' patches in data.root ({cfg.data.root}) differ in size; set "
+                          f"'data.image_size' (e.g. data.image_size=224) so that they can be batched")
     missing = pseudo_masks.missing(len(reader)) if pseudo_masks is not None else []
     if missing:
         raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
