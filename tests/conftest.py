@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny LUAD-layout dataset and its shards (built once per test session)."""
+"""Shared fixtures: a tiny LUAD-layout dataset and its shards (built once per pytest run)."""
 
 from __future__ import annotations
 
