@@ -1,6 +1,6 @@
 # Shell helpers shared by launch/*.sh and slurm/*. Source it; do not run it.
 #
-# Defines: mlps_die, mlps_stage_module, mlps_stage_artefact, mlps_default_nproc,
+# Defines: mlps_die, mlps_trap_early, mlps_stage_module, mlps_stage_artefact, mlps_default_nproc,
 # mlps_head_node, mlps_rdzv_port, mlps_run_forwarding, mlps_print_metrics and
 # MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL: "preempted, rerun the same command to resume").
 
@@ -11,6 +11,17 @@ MLPS_STAGES=(classifier masks segmenter evaluate)
 mlps_die() {
     echo "[launch] error: $*" >&2
     exit 2
+}
+
+# Until a stage runs, a preemption notice just stops the launcher with 75 (nothing to save).
+mlps_trap_early() {
+    _mlps_child=""
+    _mlps_preempted=0
+    local sig
+    for sig in TERM USR1 INT HUP; do
+        # shellcheck disable=SC2064
+        trap "_mlps_forward $sig" "$sig"
+    done
 }
 
 mlps_log() {
@@ -43,16 +54,22 @@ mlps_stage_artefact() {
     esac
 }
 
-# Processes per node when NPROC_PER_NODE is not given: one per GPU, else 2 on a CPU machine.
-mlps_default_nproc() {
+# GPUs on this node (nvidia-smi; CUDA_VISIBLE_DEVICES narrows them), 0 on a CPU machine.
+mlps_gpu_count() {
     local gpus=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+    elif command -v nvidia-smi >/dev/null 2>&1; then
         gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     fi
-    if [[ "$gpus" == 0 ]]; then
-        gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-    fi
-    if [[ "$gpus" -gt 0 ]]; then echo "$gpus"; else echo 2; fi
+    echo "${gpus:-0}"
+}
+
+# Processes per node when NPROC_PER_NODE is not given: one per GPU, else 2 on a CPU machine.
+mlps_default_nproc() {
+    local gpus
+    gpus=$(mlps_gpu_count)
+    if ((gpus > 0)); then echo "$gpus"; else echo 2; fi
 }
 
 # First node of the SLURM allocation: the host of the c10d rendezvous.
@@ -71,15 +88,22 @@ mlps_rdzv_port() {
 # preemption notice reaches torchrun (which passes it to the workers; they finish the
 # step, checkpoint and exit). Returns the command's status, or 75 when a preemption
 # signal arrived and the command did not finish cleanly.
+# The command runs in its own session and receives the first signal only: a signal
+# sent to the whole process group (or a second one) must not hit torchrun while it
+# is already waiting for its workers to checkpoint (a second signal makes it quit
+# waiting). Where every process already receives the signal from outside (SLURM
+# signals all processes of a job step), set MLPS_FORWARD_SIGNALS=0: the status is
+# still mapped to 75, nothing is passed on twice.
 mlps_run_forwarding() {
     local rc=0 prev sig
     _mlps_preempted=0
-    "$@" &
-    _mlps_child=$!
+    _mlps_child=""
     for sig in TERM USR1 INT HUP; do
         # shellcheck disable=SC2064
         trap "_mlps_forward $sig" "$sig"
     done
+    setsid "$@" &
+    _mlps_child=$!
     while :; do
         _mlps_interrupted=0
         prev=$rc
@@ -90,19 +114,34 @@ mlps_run_forwarding() {
         # had already been reaped, keep the status seen before.
         if ((rc == 127)) && ! kill -0 "$_mlps_child" 2>/dev/null; then rc=$prev; break; fi
     done
-    trap - TERM USR1 INT HUP
     if ((_mlps_preempted)) && ((rc != 0)); then
         mlps_log "stopped by a preemption signal (status $rc): rerun the same command to resume"
         rc=$MLPS_PREEMPTED_EXIT
     fi
+    mlps_trap_early  # no stage runs now: a signal from here on just stops with 75
     return "$rc"
 }
 
+# A trap handler: it must end with an explicit status (a bare `return` would hand back
+# the interrupted `wait`'s status, which `set -e` turns into an exit).
 _mlps_forward() {
     _mlps_interrupted=1
+    if ((_mlps_preempted)); then
+        mlps_log "received SIG$1 again: still waiting for pid $_mlps_child to checkpoint"
+        return 0
+    fi
     _mlps_preempted=1
+    if [[ -z "$_mlps_child" ]]; then
+        mlps_log "received SIG$1 before the stage started: stopping (rerun to resume)"
+        exit "$MLPS_PREEMPTED_EXIT"
+    fi
+    if [[ "${MLPS_FORWARD_SIGNALS:-1}" == 0 ]]; then
+        mlps_log "received SIG$1: the stage got it too and checkpoints before it stops"
+        return 0
+    fi
     mlps_log "received SIG$1: passing it on (pid $_mlps_child) to checkpoint and stop"
     kill -s "$1" "$_mlps_child" 2>/dev/null || true
+    return 0
 }
 
 # Print RUN/metrics/<split>.json as a table: overall scores, then per-class IoU.

@@ -21,6 +21,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
+mlps_trap_early
 source "$MLPS_REPO/tools/venv.sh"
 
 if (($# < 3)); then
