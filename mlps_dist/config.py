@@ -108,6 +108,7 @@ class MasksConfig:
 @dataclass
 class SegmenterConfig(TrainConfig):
     model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small
+    num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
     loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     vis_images: int = 4
@@ -312,6 +313,10 @@ def validate(cfg: Config) -> None:
            f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")
     missing = [layer for layer in seg.loss_layers if layer not in cfg.masks.layers]
     _check(not missing, "segmenter.loss_layers", f"names layers {missing} that masks.layers does not generate")
+    _check(all(w >= 0 for w in seg.loss_weights) and sum(seg.loss_weights) > 0, "segmenter.loss_weights",
+           f"must be >= 0 with a positive sum, got {seg.loss_weights}")
+    _check(seg.num_classes >= 0, "segmenter.num_classes", "must be >= 0 (0 = from info.json)")
+    _check(cfg.evaluate.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
     _check(0 <= cfg.evaluate.gate_threshold < 1, "evaluate.gate_threshold", "must be in [0, 1)")
     _check(cfg.evaluate.checkpoint in ("best", "last"), "evaluate.checkpoint", "must be 'best' or 'last'")
     for split in cfg.evaluate.splits:

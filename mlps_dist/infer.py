@@ -140,20 +140,45 @@ class Segmenter:
 
 
 def palette_for(num_classes: int, info: dict | None) -> list[tuple[int, int, int]]:
+    """C + 1 colours: the dataset palette (last = ignore/white) or stable generated ones."""
     if info and len(info.get("palette", [])) >= num_classes:
-        return [tuple(int(v) for v in c) for c in info["palette"][:num_classes]]
-    rng = np.random.default_rng(num_classes)  # stable fallback colours
-    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
+        colours = [tuple(int(v) for v in c) for c in info["palette"][:num_classes + 1]]
+    else:
+        rng = np.random.default_rng(num_classes)
+        colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
+    return colours + [(255, 255, 255)] * (num_classes + 1 - len(colours))
 
 
-def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette, alpha: float = 0.5) -> None:
+def colourise(indices: np.ndarray, palette) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8; indices beyond the palette drawn black."""
+    table = np.zeros((256, 3), np.uint8)
+    table[:len(palette)] = np.asarray(palette, np.uint8)
+    return table[np.asarray(indices).astype(np.uint8)]
+
+
+def blend(rgb: np.ndarray, indices: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
+    return (rgb * (1 - alpha) + colourise(indices, palette) * alpha).round().astype(np.uint8)
+
+
+def overlay_row(rgb, masks, palette) -> np.ndarray:
+    """The image followed by one overlay per mask, side by side (H, W*(1+len(masks)), 3).
+    Accepts (3,H,W) or (H,W,3) images and torch tensors or arrays."""
+    rgb = np.asarray(rgb.cpu() if torch.is_tensor(rgb) else rgb)
+    if rgb.shape[0] == 3 and rgb.shape[-1] != 3:
+        rgb = rgb.transpose(1, 2, 0)
+    panels = [rgb.astype(np.uint8)]
+    for mask in masks:
+        panels.append(blend(rgb, np.asarray(mask.cpu() if torch.is_tensor(mask) else mask), palette))
+    return np.concatenate(panels, axis=1)
+
+
+def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> None:
     """Written as .tmp then renamed: a crash never leaves a half-written PNG behind."""
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     mask = Image.fromarray(pred, mode="L").convert("P")
     flat = [v for colour in palette for v in colour]
     mask.putpalette(flat + [0] * (768 - len(flat)))
-    colours = np.asarray(palette, dtype=np.float32)[pred]
-    overlay = Image.fromarray((rgb * (1 - alpha) + colours * alpha).round().astype(np.uint8))
+    overlay = Image.fromarray(blend(rgb, pred, palette))
     for image, path in ((mask, out_stem.parent / f"{out_stem.name}.png"),
                         (overlay, out_stem.parent / f"{out_stem.name}_overlay.png")):
         tmp = path.with_name(path.name + ".tmp")

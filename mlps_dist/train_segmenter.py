@@ -1,0 +1,226 @@
+"""Stage 3: DeepLab-v3+ trained on the multi-layer pseudo masks of stage 2.
+
+    torchrun --standalone --nproc_per_node=2 -m mlps_dist.train_segmenter --config configs/demo.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m mlps_dist.train_segmenter --config configs/luad.yaml run_dir=runs/luad segmenter.parallel=deepspeed
+    python -m mlps_dist.train_segmenter --config configs/demo.yaml segmenter.epochs=1   # one process
+
+Reads the train shards (data.root) and RUN/pseudo_masks/train, joined by sample key; the
+loss is sum_l weight_l * CE(logits, mask_l) over ``segmenter.loss_layers`` (paper: 0.6 bn7
++ 0.2 b5_2 + 0.2 b4_5), white/excluded pixels (value C) ignored. Validates on val every
+``val_every_epochs`` (ungated mIoU, all-reduced) and keeps the best as RUN/segmenter/best.pt;
+writes RUN/segmenter/{checkpoints/, model.pt}. Relaunching resumes from the newest
+checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75 means
+"preempted, rerun to resume"; 2 means a problem with the config, data, masks or checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlps_dist import dist, engine
+from mlps_dist.checkpoint import CheckpointError, load_model_file
+from mlps_dist.config import Config, ConfigError, parse_cli, save_config
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.augment import normalise
+from mlps_dist.data.shards import ShardError, open_split
+from mlps_dist.data.torch_loader import decode_rgb
+from mlps_dist.metrics import ConfusionMatrix
+from mlps_dist.models import create_segmenter
+from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore
+from mlps_dist.runlog import RunLog
+from mlps_dist.infer import overlay_row, palette_for
+
+STAGE = "segmenter"
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, weights: list[float],
+                      ignore_index: int) -> torch.Tensor:
+    """sum_l weights[l] * mean pixel CE of ``logits`` (B,C,H,W) against ``masks[:, l]`` (B,L,H,W).
+
+    Pixels equal to ``ignore_index`` count neither in the sum nor in the mean; a layer with
+    no valid pixel in the batch contributes 0 (plain mean reduction would give nan).
+    """
+    total = logits.new_zeros(())
+    for layer, weight in enumerate(weights):
+        target = masks[:, layer]
+        valid = (target != ignore_index).sum().clamp(min=1)
+        ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        total = total + weight * ce / valid
+    return total
+
+
+class StartedOnIter:
+    """Starts the wrapped loader's iteration inside ``iter()``, not at the first ``next()``.
+
+    A torch DataLoader draws its base seed from the global RNG when its iterator is made.
+    The engine calls ``iter()`` under ``fork_rng`` to keep that draw out of the resumable RNG
+    stream, but a loader whose ``__iter__`` is a generator defers the draw to the first
+    ``next()`` — at epoch start in an uninterrupted run, after the restored RNG in a resumed
+    one — and the dropout masks of the two runs then differ. Fetching the first batch here
+    makes the draw happen where the engine expects it.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        first = next(batches, None)
+        return iter(()) if first is None else itertools.chain([first], batches)
+
+
+class SegmenterTask:
+    """What stage 3 adds to the shared training loop (see engine.TrainTask)."""
+
+    stage = STAGE
+
+    def __init__(self, cfg: Config, train_reader, val_reader, store: PseudoMaskStore):
+        self.cfg, self.section = cfg, cfg.segmenter
+        self.train_reader, self.val_reader, self.store = train_reader, val_reader, store
+        self.num_classes = train_reader.num_classes
+        self.ignore_index = train_reader.ignore_index
+        # The loader yields every layer of the store, in the store's order; pick ours.
+        self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
+        self.meta = {"name": self.section.model, "num_classes": self.num_classes,
+                     "classes": list(train_reader.classes), "config": cfg.to_dict()}
+        self.palette = palette_for(self.num_classes, train_reader.info)
+        self.val_rows: list[np.ndarray] = []
+
+    def build_model(self):
+        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained)
+
+    def micro_steps_per_epoch(self, plan) -> int:
+        return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
+
+    def train_loader(self, epoch: int, start_step: int, plan):
+        return StartedOnIter(create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+                                   start_step=start_step, rank=dist.get_rank(), world=plan.world,
+                                   device=dist.device(), pseudo_masks=self.store))
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        masks = batch["masks"][:, self.layer_slots]
+        return segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index)
+
+    def start_epoch(self, epoch: int, module) -> dict[str, float]:
+        return {"epoch": float(epoch)}
+
+    def validate(self, module, epoch: int) -> dict[str, float]:
+        """Ungated val metrics (the segmenter on its own; the gate is stage 4's business)."""
+        reader = self.val_reader
+        cm = ConfusionMatrix(self.num_classes, reader.ignore_index, device=dist.device())
+        loader = create_eval_loader(self.cfg, reader, batch_size=self.cfg.evaluate.batch_size,
+                                    rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
+        self.val_rows = []
+        for batch in loader:
+            logits = module(batch["image"])
+            pred = F.interpolate(logits.float(), size=batch["mask"].shape[-2:], mode="bilinear",
+                                 align_corners=False).argmax(1)
+            cm.update(pred, batch["mask"])
+            keep = self.section.vis_images - len(self.val_rows) if dist.is_main() else 0
+            for rgb, mask, p in zip(batch["rgb"][:keep], batch["mask"][:keep], pred[:keep]):
+                self.val_rows.append(overlay_row(rgb, [mask, p], self.palette))
+        scores = cm.all_reduce().compute()
+        metrics = {k: scores[k] for k in ("miou", "fwiou", "acc", "macc")}
+        metrics.update({f"iou/{name}": v for name, v in zip(reader.classes, scores["iou"])})
+        metrics["score"] = scores["miou"]
+        return metrics
+
+    def visualise(self, module, epoch: int, log: RunLog) -> None:
+        """val: image | ground truth | prediction; train: image | each pseudo mask | prediction."""
+        if not dist.is_main():
+            return
+        for i, row in enumerate(self.val_rows):
+            log.image(f"val/{i}", row, step=epoch)
+        for i in range(min(self.section.vis_images, len(self.train_reader))):
+            rgb = decode_rgb(self.train_reader.read(i)["png"])
+            image = torch.from_numpy(normalise(rgb.astype(np.float32), self.cfg.data.mean, self.cfg.data.std))
+            pred = module(image[None].to(dist.device())).argmax(1)[0]
+            log.image(f"pseudo_masks/{i}", overlay_row(rgb, [*self.store.read_masks(i), pred], self.palette), epoch)
+        log.flush()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
+    """Masks for every key, layers and classes that fit; raises ConfigError saying what to do."""
+    masks_dir = store.folder
+    missing = store.missing(len(train_reader))
+    if missing:
+        keys = ", ".join(train_reader.key(i) for i in missing[:5])
+        raise ConfigError(f"{masks_dir} has no pseudo masks for {len(missing)} of {len(train_reader)} training "
+                          f"samples (first: {keys}); rerun stage 2 (mlps_dist.generate_masks) to complete them")
+    absent = [layer for layer in cfg.segmenter.loss_layers if layer not in store.layers]
+    if absent:
+        raise ConfigError(f"'segmenter.loss_layers' names {absent}, but {masks_dir} holds layers {store.layers}; "
+                          f"pick loss layers from those or regenerate the masks with masks.layers including them")
+    data_classes = list(train_reader.classes)
+    sources = {f"{masks_dir}/manifest.json": store.manifest.get("settings", {}).get("classes")}
+    classifier_file = Path(cfg.run_dir) / "classifier" / "model.pt"
+    if classifier_file.is_file():
+        sources[str(classifier_file)] = load_model_file(classifier_file)[1].get("classes")
+    for source, classes in sources.items():
+        if classes is not None and list(classes) != data_classes:
+            raise ConfigError(f"{source} was made for {len(classes)} classes {list(classes)}, but "
+                              f"{cfg.data.root}/info.json has {len(data_classes)} {data_classes}; "
+                              f"use the run trained on these shards or set data.root to the matching shards")
+    wanted = cfg.segmenter.num_classes
+    if wanted and wanted != len(data_classes):
+        raise ConfigError(f"'segmenter.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
+                          f"{len(data_classes)} classes {data_classes}; fix one of them (0 = take it from the data)")
+
+
+def prepare(cfg: Config) -> SegmenterTask:
+    """Every check that can fail before training: shards, masks, class counts, the checkpoint."""
+    train_reader, val_reader = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
+    store = PseudoMaskStore(Path(cfg.run_dir) / "pseudo_masks" / "train")
+    check_inputs(cfg, train_reader, store)
+    task = SegmenterTask(cfg, train_reader, val_reader, store)
+    engine.check_resumable(cfg, cfg.segmenter, task)
+    return task
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_cli(argv, description=__doc__.splitlines()[0])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if engine.final_model_path(cfg, STAGE).is_file():
+        print(f"{engine.final_model_path(cfg, STAGE)} exists: stage 3 is finished, nothing to do")
+        return 0
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=cfg.segmenter.parallel == "deepspeed")
+    log = RunLog(cfg.run_dir, STAGE)
+    try:
+        task = prepare(cfg)
+        if dist.is_main():
+            save_config(cfg, f"{cfg.run_dir}/config.yaml")
+        engine.fit(cfg, cfg.segmenter, task, log)
+        return 0
+    except engine.Preempted as exc:
+        log.info(str(exc))
+        return engine.PREEMPTED_EXIT_CODE
+    except (ConfigError, ShardError, PseudoMaskError, CheckpointError) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        log.close()
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
