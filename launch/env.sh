@@ -144,20 +144,43 @@ _mlps_forward() {
     return 0
 }
 
-# Print RUN/metrics/<split>.json as a table: overall scores, then per-class IoU.
+# Validate CONFIG + overrides once, before any job or process group starts
+# (the pipeline reports test metrics, so evaluate.splits must include test).
+mlps_check_config() {
+    python - "$@" <<'EOF'
+import sys
+from mlps_dist.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as exc:
+    sys.exit(f"[launch] error: {exc}")
+if "test" not in cfg.evaluate.splits:
+    sys.exit("[launch] error: the pipeline ends with the test metrics: add test to evaluate.splits")
+EOF
+}
+
+# Print RUN/metrics/<split>.json as a table: overall scores and per-class IoU (%),
+# with and without the classification gate when both are recorded.
 mlps_print_metrics() {
     python - "$1" <<'EOF'
 import json, math, sys
 path = sys.argv[1]
-m = json.load(open(path))
+gated = json.load(open(path))
+columns = {"gated" if "ungated" in gated else "value": gated}
+if isinstance(gated.get("ungated"), dict):
+    columns["ungated"] = gated["ungated"]
+def rows(m):
+    out = {key: m[key] for key in ("miou", "fwiou", "acc", "macc") if key in m}
+    iou = m.get("iou", {})
+    items = iou.items() if isinstance(iou, dict) else enumerate(iou)
+    out.update({f"IoU {name}": value for name, value in items})
+    return out
+table = {name: rows(m) for name, m in columns.items()}
 def fmt(v):
-    return "nan" if isinstance(v, float) and math.isnan(v) else (f"{100 * v:6.2f}" if isinstance(v, float) else str(v))
-print(f"== {path}")
-for key in ("miou", "fwiou", "acc", "macc"):
-    if key in m:
-        print(f"  {key:<8} {fmt(m[key])}")
-classes = m.get("classes") or [str(i) for i in range(len(m.get("iou", [])))]
-for name, iou in zip(classes, m.get("iou", [])):
-    print(f"  IoU {name:<6} {fmt(iou)}")
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+print(f"test metrics (%) from {path}")
+print(f"{'metric':<12}" + "".join(f"{name:>10}" for name in table))
+for key in next(iter(table.values())):
+    print(f"{key:<12}" + "".join(f"{fmt(col.get(key)):>10}" for col in table.values()))
 EOF
 }

@@ -23,14 +23,7 @@ fi
 config=$1 run_dir=$2
 shift 2
 [[ -f "$config" ]] || mlps_die "config file '$config' does not exist: pass a YAML from configs/"
-# Check the config and overrides once, before any process group is started.
-python -c "import sys; from mlps_dist.config import load_config, ConfigError
-try:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
-except ConfigError as exc:
-    sys.exit(f'[launch] error: {exc}')
-if 'test' not in cfg.evaluate.splits:
-    sys.exit('[launch] error: the pipeline ends with the test metrics: add test to evaluate.splits')" "$config" "run_dir=$run_dir" "$@" || exit 2
+mlps_check_config "$config" "run_dir=$run_dir" "$@" || exit 2
 
 for stage in "${MLPS_STAGES[@]}"; do
     artefact=$(mlps_stage_artefact "$stage" "$run_dir")
