@@ -1,0 +1,316 @@
+"""Training throughput: images/s per rank and in total, data wait and peak memory, for the
+classifier (stage 1) and the segmenter (stage 3), DDP on 1 and 2 ranks, DDP vs. DeepSpeed
+ZeRO-1/ZeRO-2, torch vs. DALI loader. Prints one JSON line (see tools/bench_common.py).
+
+    python tools/bench_train.py                                  # CPU default (tools/bench_all.sh)
+    python tools/bench_train.py --size 224 --micro 16 --paper-micro 8 --steps 20   # on a GPU node
+    python tools/bench_train.py --quick                          # the smallest run (smoke test)
+
+Every configuration is a real ``torchrun --standalone`` job of this file (``--worker``) that
+builds the project's own pieces: the stage's task (model factory, loss, real loader over
+shards written by tools/make_shards.py, with pseudo masks for the segmenter),
+``parallel.wrap`` (DDP or a DeepSpeed engine) and ``engine.train_step``. One job per
+configuration, so each peak-memory figure belongs to that configuration alone.
+
+Figures per configuration: images/s per rank and total (after ``--warmup`` steps), mean step
+time, data wait = time spent in next(loader) / step time, peak memory per rank (max RSS on
+CPU, torch.cuda.max_memory_allocated on GPU). Ratios, all against baselines measured in the
+same run on the same shards: scaling efficiency total_2 / (2 x total_1) (DDP, torch loader),
+ZeRO-k / DDP throughput and memory at the same world size, DALI / torch throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+import bench_common  # noqa: E402
+
+SMALL = {"classifier": "small38", "segmenter": "deeplabv3plus_small"}
+PAPER = {"classifier": "resnet38d", "segmenter": "deeplabv3plus_resnet101"}
+
+
+def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")) -> None:
+    """A complete pseudo-mask store for the train split, as stage 2 leaves it. The masks are
+    bands of each patch's labelled classes: their content does not change the training cost."""
+    import numpy as np
+
+    from mlps_dist.data.shards import open_split
+    from mlps_dist.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
+
+    reader = open_split(root, "train")
+    size = reader.info["splits"]["train"]["image_size"][0]
+    samples = []
+    for i in range(len(reader)):
+        present = np.flatnonzero(reader.labels(i)) if reader.labels(i).any() else np.array([reader.ignore_index])
+        band = present[np.arange(size) * len(present) // size].astype(np.uint8)
+        mask = np.broadcast_to(band[None, :], (size, size))
+        samples.append((reader.key(i), [encode_png(np.roll(mask, k, axis=1)) for k in range(len(layers))]))
+    folder = run_dir / "pseudo_masks" / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_chunk(folder, 0, samples, list(layers))
+    settings = {"layers": list(layers), "chunk_size": len(reader), "count": len(reader),
+                "classes": list(reader.classes)}
+    refresh_manifest(folder, new_manifest("train", settings), complete=True)
+
+
+def prepare_data(args, workdir: Path) -> tuple[Path, Path]:
+    """Synthetic shards with enough samples for the largest run, and their pseudo masks."""
+    worlds = [int(w) for w in args.worlds.split(",")]
+    need = (args.warmup + max(args.steps, args.paper_steps)) * max(args.micro, args.paper_micro) * max(worlds)
+    root = bench_common.synthetic_shards(workdir, train=need, size=args.size)
+    run_dir = workdir / "run"
+    write_pseudo_masks(root, run_dir)
+    return root, run_dir
+
+
+def plan_runs(args, data: tuple[Path, Path]) -> list[dict]:
+    """The configurations: DDP over the worlds (torch loader, then each other loader at the
+    largest world), then each ZeRO stage at the largest world. The small models run them all;
+    the paper-size models run DDP and ZeRO with the torch loader."""
+    root, run_dir = data
+    worlds = [int(w) for w in args.worlds.split(",")]
+    loaders = args.loaders.split(",")
+    zeros = [z for z in args.parallel.split(",") if z and z != "none"]
+    runs = []
+    for size in args.sizes.split(","):
+        models = {"small": SMALL, "paper": PAPER}[size]
+        micro, steps = (args.micro, args.steps) if size == "small" else (args.paper_micro, args.paper_steps)
+        combos = [("ddp", w, loaders[0]) for w in worlds]
+        combos += [("ddp", worlds[-1], loader) for loader in loaders[1:] if size == "small"]
+        combos += [(zero, worlds[-1], loaders[0]) for zero in zeros]
+        for stage in args.stages.split(","):
+            for parallel, world, loader in combos:
+                runs.append({"name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}", "stage": stage,
+                             "model": models[stage], "parallel": parallel, "world": world, "loader": loader,
+                             "micro": micro, "steps": steps, "warmup": args.warmup, "threads": args.threads,
+                             "workers": args.workers, "root": str(root), "run_dir": str(run_dir)})
+    return runs
+
+
+def summarise(runs: list[dict], results: dict, failures: dict) -> tuple[dict, dict, str]:
+    """Per-configuration figures and, per model, the ratios to the baselines of this run."""
+    figures = {"runs": {}, "failed": failures}
+    for spec in runs:
+        ranks = results.get(spec["name"])
+        if not ranks:
+            continue
+        per_rank = [r["images"] / r["seconds"] for r in ranks]
+        figures["runs"][spec["name"]] = {
+            "world": spec["world"], "micro_batch": spec["micro"], "steps": spec["steps"],
+            "params_m": round(ranks[0]["params_m"], 2),
+            "images_per_s_per_rank": [round(v, 2) for v in per_rank],
+            "images_per_s_total": round(sum(r["images"] for r in ranks) / max(r["seconds"] for r in ranks), 2),
+            "step_s": round(max(r["step_s"] for r in ranks), 4),
+            "data_wait": round(sum(r["waited"] / r["seconds"] for r in ranks) / len(ranks), 4),
+            "peak_mem_mib_per_rank": [round(r["peak_mib"], 1) for r in ranks],
+        }
+    done = [spec for spec in runs if spec["name"] in figures["runs"]]
+    base_loader = runs[0]["loader"]
+
+    def find(spec, **change):
+        want = {k: spec[k] for k in ("stage", "model", "parallel", "world", "loader")} | change
+        return next((o for o in done if all(o[k] == v for k, v in want.items())), None)
+
+    def rate(spec):
+        return figures["runs"][spec["name"]]["images_per_s_total"]
+
+    def memory(spec):
+        return max(figures["runs"][spec["name"]]["peak_mem_mib_per_rank"])
+
+    ratio = {}
+    for spec in done:
+        group = ratio.setdefault(f"{spec['stage']}/{spec['model']}", {})
+        base = find(spec, parallel="ddp", loader=base_loader)  # DDP, same world, baseline loader
+        if spec["parallel"] != "ddp" and base:
+            group[f"{spec['parallel']}_vs_ddp"] = bench_common.ratio(rate(spec), rate(base))
+            group[f"{spec['parallel']}_mem_vs_ddp"] = bench_common.ratio(memory(spec), memory(base))
+        elif spec["loader"] != base_loader and base:
+            group[f"{spec['loader']}_vs_{base_loader}"] = bench_common.ratio(rate(spec), rate(base))
+        elif spec["parallel"] == "ddp" and spec["loader"] == base_loader:
+            fewest = min((o for o in done if (o["stage"], o["model"], o["parallel"], o["loader"]) ==
+                          (spec["stage"], spec["model"], "ddp", base_loader)), key=lambda o: o["world"])
+            if fewest["world"] < spec["world"]:  # total_n / (n/m x total_m): 1.0 = perfect scaling
+                group[f"scaling_efficiency_w{spec['world']}"] = bench_common.ratio(
+                    rate(spec), spec["world"] / fewest["world"] * rate(fewest))
+    baseline = (f"measured in this run on the same shards: scaling vs DDP on the fewest ranks; ZeRO-k vs DDP "
+                f"and other loaders vs the {runs[0]['loader']} loader at the same world size")
+    return figures, ratio, baseline
+
+
+class TimedBatches:
+    """Wraps a batch iterator and adds up the time spent waiting in next()."""
+
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
+def create_task(spec: dict):
+    """The stage's own task object: the same model factory, loss and loader as training."""
+    from mlps_dist.config import config_from_dict
+    from mlps_dist.data.shards import open_split
+
+    section = {"model": spec["model"], "batch_size": spec["micro"] * spec["world"], "micro_batch_size": spec["micro"],
+               "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",
+               "deepspeed_config": str(REPO / "configs" / "deepspeed" / f"{spec['parallel']}.json")}
+    values = {"run_dir": spec["run_dir"], "data": {"root": spec["root"], "loader": spec["loader"],
+                                                   "num_workers": spec["workers"]}, spec["stage"]: section}
+    if spec["stage"] == "classifier":
+        values["classifier"]["pda"] = {"start_epoch": 0}  # PDA on: the cost of most epochs
+    cfg = config_from_dict(values, source="bench_train")
+    train, val = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
+    if spec["stage"] == "classifier":
+        from mlps_dist.train_classifier import ClassifierTask
+
+        return cfg, cfg.classifier, ClassifierTask(cfg, train, val)
+    from mlps_dist.pseudo_masks import PseudoMaskStore
+    from mlps_dist.train_segmenter import SegmenterTask
+
+    store = PseudoMaskStore(Path(cfg.run_dir) / "pseudo_masks" / "train")
+    return cfg, cfg.segmenter, SegmenterTask(cfg, train, val, store)
+
+
+def measure(spec: dict) -> dict:
+    """Train ``warmup + steps`` optimizer steps; time the last ``steps`` on this rank."""
+    import torch
+
+    from mlps_dist import dist, engine, parallel
+
+    cfg, train_cfg, task = create_task(spec)
+    device = dist.device()
+    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    engine.seed_everything(cfg.seed)
+    model = parallel.wrap(task.build_model(), train_cfg, plan=plan, total_steps=spec["warmup"] + spec["steps"],
+                          device=device)
+    task.start_epoch(0, model.module)
+    model.train()
+    batches = TimedBatches(iter(task.train_loader(0, 0, plan)))
+    for _ in range(spec["warmup"]):  # worker start-up, allocator and first-call costs stay out
+        engine.train_step(model, task, batches, plan)
+    bench_common.reset_peak_memory(device)
+    dist.barrier()
+    batches.waited, step_times = 0.0, []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        engine.train_step(model, task, batches, plan)  # reads the loss: the step has finished
+        step_times.append(time.perf_counter() - start)
+    seconds = sum(step_times)
+    images = spec["steps"] * plan.micro_batch * plan.accumulation
+    return {"rank": dist.get_rank(), "images": images, "seconds": seconds, "waited": batches.waited,
+            "step_s": seconds / len(step_times), "peak_mib": bench_common.peak_memory_mib(device),
+            "params_m": sum(p.numel() for p in model.module.parameters()) / 1e6,
+            "threads": torch.get_num_threads()}
+
+
+def worker_main(spec_json: str, result_path: str) -> int:
+    import torch
+
+    from mlps_dist import dist
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    dist.init("auto", force_group=True)  # DeepSpeed wants a process group even for one rank
+    try:
+        per_rank = dist.all_gather_object(measure(spec))
+        if dist.is_main():
+            Path(result_path).write_text(json.dumps(per_rank))
+        return 0
+    finally:
+        dist.teardown()
+
+
+def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
+    """Run one configuration as a torchrun job; its per-rank figures, or RuntimeError with the log tail."""
+    result = workdir / f"result-{spec['name'].replace('/', '_')}.json"
+    result.unlink(missing_ok=True)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={spec['world']}", str(Path(__file__).resolve()),
+           "--worker", json.dumps(spec), "--result", str(result)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"did not finish in {timeout:.0f} s (raise --timeout or lower --steps)") from None
+    if proc.returncode != 0 or not result.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: " + " | ".join(tail))
+    return json.loads(result.read_text())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", default="classifier,segmenter", help="comma list of classifier, segmenter")
+    p.add_argument("--sizes", default="small,paper", help="small (small38, deeplabv3plus_small) and/or paper "
+                   "(resnet38d, deeplabv3plus_resnet101)")
+    p.add_argument("--worlds", default="1,2", help="ranks per DDP run; the first is the scaling baseline")
+    p.add_argument("--parallel", default="zero1,zero2", help="DeepSpeed stages compared with DDP (or none)")
+    p.add_argument("--loaders", default="torch,dali", help="loader back ends; data wait is measured for each")
+    p.add_argument("--size", type=int, default=64, help="patch side of the synthetic shards (paper: 224)")
+    p.add_argument("--micro", type=int, default=8, help="per-rank batch of the small models")
+    p.add_argument("--paper-micro", type=int, default=2, help="per-rank batch of the paper-size models")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (small models)")
+    p.add_argument("--paper-steps", type=int, default=2, help="timed steps (paper-size models)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
+    p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
+    p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
+    p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
+    p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP 1+2 ranks, "
+                   "ZeRO-1, both loaders, 1 step, 32 px")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a torchrun job: the spec as JSON
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.stages, args.sizes, args.parallel, args.size = "classifier", "small", "zero1", 32
+        args.micro, args.steps, args.warmup = 2, 1, 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.result)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_train_") if not args.workdir else None
+    workdir = Path(args.workdir or tmp.name)
+    try:
+        runs = plan_runs(args, prepare_data(args, workdir))
+        results, failures = {}, {}
+        for spec in runs:
+            bench_common.log(f"train {spec['name']} ({spec['world']} rank(s))")
+            try:
+                results[spec["name"]] = launch(spec, workdir, args.timeout)
+            except RuntimeError as exc:
+                failures[spec["name"]] = str(exc)
+                bench_common.log(f"FAILED {spec['name']}: {exc}")
+        figures, ratio, baseline = summarise(runs, results, failures)
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "workdir")}
+        bench_common.emit(bench_common.make_record("train", figures, world_size=max(s["world"] for s in runs),
+                                                   baseline=baseline, ratio=ratio, settings=settings))
+        return 1 if failures else 0
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
