@@ -34,7 +34,8 @@ def reference(tmp_path_factory):
     """An uninterrupted 2-rank DDP run: the weights every other run is compared with."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg, _ = write_config(tmp, "run")
-    result = jobs.run([WORKER, str(tmp / "out"), "--config", cfg])
+    # No dropout: runs with other world sizes draw other random streams, and must still match.
+    result = jobs.run([WORKER, str(tmp / "out"), "--config", cfg, "--dropout", "0"])
     assert result.returncode == 0, result.stdout[-4000:]
     return tmp / "out"
 
@@ -57,7 +58,7 @@ def test_ddp_ranks_agree_and_training_moved_the_weights(reference):
     torch.manual_seed(3)
     from engine_worker import SmallMlp
 
-    initial = SmallMlp(0.2).state_dict()
+    initial = SmallMlp(0.0).state_dict()
     assert all(not torch.equal(initial[k], rank0[k]) for k in rank0)
 
 
@@ -66,7 +67,7 @@ def test_ddp_ranks_agree_and_training_moved_the_weights(reference):
 def test_deepspeed_zero_ranks_agree_with_each_other_and_with_ddp(tmp_path, reference, zero):
     cfg, run_dir = write_config(tmp_path, "ds", parallel="deepspeed",
                                 deepspeed_config=f"configs/deepspeed/zero{zero}.json")
-    result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg])
+    result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0"])
     assert result.returncode == 0, result.stdout[-4000:]
     rank0, rank1 = (jobs.load_weights(tmp_path / "out" / f"weights-rank{r}.pt") for r in (0, 1))
     jobs.assert_equal_weights(rank0, rank1)
@@ -77,15 +78,13 @@ def test_deepspeed_zero_ranks_agree_with_each_other_and_with_ddp(tmp_path, refer
 
 
 @pytest.mark.slow
-def test_accumulation_on_two_ranks_matches_one_rank_with_the_whole_batch(tmp_path):
-    cfg1, _ = write_config(tmp_path, "one", micro_batch_size=8)
-    cfg2, _ = write_config(tmp_path, "two", micro_batch_size=2)  # 2 x 2 ranks x 2 accumulation
-    one = jobs.run([WORKER, str(tmp_path / "o1"), "--config", cfg1, "--dropout", "0"], nproc=0)
-    two = jobs.run([WORKER, str(tmp_path / "o2"), "--config", cfg2, "--dropout", "0"])
-    assert one.returncode == 0 and two.returncode == 0, (one.stdout + two.stdout)[-4000:]
-    assert "8 x 1 ranks x 1 accumulation" in one.stdout and "2 x 2 ranks x 2 accumulation" in two.stdout
-    a, b = jobs.load_weights(tmp_path / "o1" / "weights-rank0.pt"), jobs.load_weights(tmp_path / "o2" / "weights-rank0.pt")
-    for key in a:
+def test_one_rank_with_accumulation_matches_two_ranks(tmp_path, reference):
+    cfg, _ = write_config(tmp_path, "one", micro_batch_size=2)  # 2 x 1 rank x 4 accumulation
+    one = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0"], nproc=0)
+    assert one.returncode == 0, one.stdout[-4000:]
+    assert "2 x 1 ranks x 4 accumulation" in one.stdout
+    a, b = jobs.load_weights(tmp_path / "out" / "weights-rank0.pt"), jobs.load_weights(reference / "weights-rank0.pt")
+    for key in a:  # the same 8 samples per optimizer step, summed in another order
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
@@ -101,18 +100,19 @@ def _scalar_steps(run_dir) -> list[int]:
 def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_path, reference):
     cfg, run_dir = write_config(tmp_path, "run", ckpt_every_steps=0)
     out = tmp_path / "out"
-    job = jobs.start([WORKER, str(out), "--config", cfg, "--step-seconds", "0.15"])
+    job = jobs.start([WORKER, str(out), "--config", cfg, "--dropout", "0", "--step-seconds", "0.15"])
     jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 2, job, "two training steps")
     os.kill(int((out / "pid-rank1").read_text()), signal.SIGUSR1)  # rank 0 is not signalled
     output, _ = job.communicate(timeout=120)
-    assert len(re.findall(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE}\b", output)) == 2, output[-4000:]
+    exited = re.findall(rf"rank\s*:\s*(\d) \(local_rank: \d\)\s*exitcode\s*:\s*{PREEMPTED_EXIT_CODE}\b", output)
+    assert sorted(exited) == ["0", "1"], output[-4000:]  # torchrun's failure report per rank
     checkpoints = tmp_path / "run" / "regression" / "checkpoints"
     stopped_at = jobs.latest_step(checkpoints)
     assert 2 <= stopped_at < 2 * STEPS_PER_EPOCH and max(_scalar_steps(run_dir)) == stopped_at
     assert sorted(p.name for p in (checkpoints / f"step-{stopped_at:08d}").iterdir()) == [
         "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
 
-    resumed = jobs.run([WORKER, str(out), "--config", cfg])
+    resumed = jobs.run([WORKER, str(out), "--config", cfg, "--dropout", "0"])
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     for rank in (0, 1):
         jobs.assert_equal_weights(jobs.load_weights(out / f"weights-rank{rank}.pt"),
@@ -121,6 +121,7 @@ def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_pat
     assert len(task_state["epochs_started"]) == 3  # restored from the checkpoint, then the rerun's epochs
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_single_process_exits_75_after_a_checkpoint(tmp_path):
     cfg, run_dir = write_config(tmp_path, "run", ckpt_every_steps=0, micro_batch_size=8)
     job = jobs.start([WORKER, str(tmp_path / "out"), "--config", cfg, "--step-seconds", "0.1"], nproc=0)
