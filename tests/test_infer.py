@@ -123,3 +123,17 @@ def test_missing_run_pieces_are_explained(tmp_path):
         infer.main(["--run", str(run), "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
     infer.main(["--run", str(run), "--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--no-gate"])
     assert (tmp_path / "o" / "a.png").is_file()
+
+
+def test_contact_sheet_has_a_row_per_sample_and_a_column_per_view(tmp_path, tiny_shards):
+    from conftest import run_tool
+
+    run = make_run(tmp_path / "run", data_root=str(tiny_shards))
+    out = tmp_path / "sheet.png"
+    proc = run_tool("tools/visualize.py", "--run", str(run), "--split", "val", "--n", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "image, ground truth, prediction (gated)" in proc.stdout
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    # 48 px patches are enlarged 4x to 192 px: 3 panels wide (+ key column), 3 rows high
+    assert sheet.shape[1] == 110 + 3 * (192 + 4)
+    assert sheet.shape[0] > 3 * 192

@@ -1,0 +1,120 @@
+"""Contact sheet of a run: per sample the image, its ground truth, its pseudo masks and the
+segmenter's prediction, side by side, with a colour legend.
+
+    python tools/visualize.py --run runs/demo --split val --n 8 --out sheet.png
+    python tools/visualize.py --run runs/demo --split train --n 6 --out train.png   # pseudo masks
+
+Columns: image | ground truth (val/test) | pseudo mask per layer (train, from
+RUN/pseudo_masks/train) | prediction (when RUN/segmenter has a model; gated with the stage-1
+classifier unless --no-gate or it is missing). White in a mask = ignore / background.
+Samples are spread evenly over the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlps_dist.config import ConfigError, load_config  # noqa: E402
+from mlps_dist.data.shards import open_split  # noqa: E402
+from mlps_dist.gate import load_classifier, load_segmenter  # noqa: E402
+from mlps_dist.infer import Segmenter, blend, palette_for  # noqa: E402
+
+LABEL_H = 18
+MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible
+
+
+def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: bool):
+    if not ((run / "segmenter" / "model.pt").is_file() or (run / "segmenter" / "best.pt").is_file()):
+        return None, ""
+    segmenter, _ = load_segmenter(run, checkpoint, num_classes)
+    classifier = None
+    if gate and (run / "classifier" / "model.pt").is_file():
+        classifier, _ = load_classifier(run, num_classes)
+    patch = cfg.data.image_size or 10**6  # the stored patches are segmented whole
+    predictor = Segmenter(segmenter, classifier, cfg.data.mean, cfg.data.std, patch, 0.5,
+                          cfg.evaluate.gate_threshold, 8, "cpu")
+    return predictor, "prediction (gated)" if classifier is not None else "prediction"
+
+
+def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]:
+    sample = reader.read(i)
+    rgb = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+    panels = [rgb]
+    if reader.has_masks:
+        panels.append(blend(rgb, np.array(Image.open(io.BytesIO(sample["mask.png"]))), palette, alpha=0.6))
+    if store is not None:
+        panels += [blend(rgb, mask, palette, alpha=0.6) for mask in store.read_masks(i)]
+    if predictor is not None:
+        panels.append(blend(rgb, predictor(rgb), palette, alpha=0.6))
+    return panels
+
+
+def draw_sheet(rows: list[tuple[str, list[np.ndarray]]], titles: list[str], classes: list[str], palette) -> Image.Image:
+    h, w = rows[0][1][0].shape[:2]
+    scale = max(1, -(-MIN_SIDE // max(h, w)))
+    ph, pw, gap = h * scale, w * scale, 4
+    key_w = 110
+    width = key_w + len(titles) * (pw + gap)
+    legend_h = LABEL_H + 6
+    sheet = Image.new("RGB", (width, LABEL_H + len(rows) * (ph + gap) + legend_h), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for c, title in enumerate(titles):
+        pen.text((key_w + c * (pw + gap) + 2, 3), title, fill=(0, 0, 0), font=font)
+    for r, (key, panels) in enumerate(rows):
+        top = LABEL_H + r * (ph + gap)
+        pen.text((4, top + ph // 2 - 6), key, fill=(0, 0, 0), font=font)
+        for c, panel in enumerate(panels):
+            tile = Image.fromarray(panel).resize((pw, ph), Image.NEAREST)
+            sheet.paste(tile, (key_w + c * (pw + gap), top))
+    x, y = 4, LABEL_H + len(rows) * (ph + gap) + 3
+    for name, colour in zip(classes + ["ignore"], palette):
+        pen.rectangle([x, y, x + 12, y + 12], fill=tuple(colour), outline=(0, 0, 0))
+        pen.text((x + 16, y), name, fill=(0, 0, 0), font=font)
+        x += 24 + 7 * len(name)
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--n", type=int, default=8, help="samples (rows)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--no-gate", action="store_true")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run / 'config.yaml'} does not exist; --run must be a run directory")
+    cfg = load_config(run / "config.yaml")
+    reader = open_split(cfg.data.root, args.split)
+    palette = palette_for(reader.num_classes, reader.info)
+    store = None
+    if args.split == "train" and (run / "pseudo_masks" / "train" / "manifest.json").is_file():
+        from mlps_dist.pseudo_masks import PseudoMaskStore
+
+        store = PseudoMaskStore(run / "pseudo_masks" / "train")
+    predictor, pred_title = build_predictor(run, cfg, reader.num_classes, args.checkpoint, not args.no_gate)
+    titles = ["image"] + (["ground truth"] if reader.has_masks else [])
+    titles += [f"pseudo {layer}" for layer in store.layers] if store is not None else []
+    titles += [pred_title] if predictor is not None else []
+    picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(args.n, len(reader)))})
+    rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette)) for i in picks]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_sheet(rows, titles, list(reader.classes), palette).save(out)
+    print(f"wrote {out} ({len(rows)} samples: {', '.join(titles)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
