@@ -6,11 +6,16 @@ For every image and every class c, at every layer l of ``masks.layers``::
     cam_c = sum_k w_k f_k                                      (no ReLU, as the public MLPS code)
     cam   = bilinear upsampling to the patch size (align_corners=False, the cv2.resize rule)
     norm  = (cam - min) / (max - min), min/max taken jointly over all C classes of the image
-    mask  = argmax over classes of norm * label  (absent classes -> 0; first index wins ties)
+    mask  = argmax over the present classes (first index wins ties)
     mask  = C (ignore) on white background: grey > threshold in 4-connected components
             of at least ``min_size`` pixels (LUAD; off for BCSS)
 
-This reproduces the public code (``tool/infer_fun.create_pseudo_mask`` + ``tool/gradcam.py``),
+One deliberate difference from the public code, which zeroes absent classes before the
+argmax: where every present class scores exactly 0 (at the joint minimum, e.g. flat zero
+regions of ReLU features) numpy's argmax then picks class 0 even when the patch does not
+contain it. Here absent classes can never win; everywhere else the masks are the same.
+
+Otherwise this reproduces the public code (``tool/infer_fun.create_pseudo_mask`` + ``tool/gradcam.py``),
 which spends one forward and one backward pass per image, class and layer. Here one forward
 serves all layers and one vmapped backward (``is_grads_batched``) yields the gradients of all
 C class logits at all layers for the whole batch: samples are independent in eval mode, so
@@ -146,8 +151,8 @@ def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
     """Gate by the patch label, argmax, paint the background with the ignore index C.
     Returns (B, H, W) uint8 class indices 0..C."""
     classes = norm_cams.shape[1]
-    present = (labels > 0.5).to(norm_cams.dtype).view(*labels.shape, 1, 1)
-    index = (norm_cams * present).argmax(dim=1)
+    present = (labels > 0.5).view(*labels.shape, 1, 1)
+    index = torch.where(present, norm_cams, torch.full_like(norm_cams, -torch.inf)).argmax(dim=1)
     if background is not None:
         index = torch.where(background, torch.full_like(index, classes), index)
     return index.to(torch.uint8)

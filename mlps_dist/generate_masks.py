@@ -70,7 +70,8 @@ class PatchDataset(torch.utils.data.Dataset):
             if not self.skip_bad:
                 raise PseudoMaskError(message + "; fix or remove it, or set masks.skip_bad=true") from exc
             height, width = self.size or (8, 8)
-            sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8), "source": "",
+            sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8),
+                           "source": f"{self.reader.key(index)}.png",
                            "labels": torch.ones(self.reader.num_classes)}, message
             if self.reader.has_masks:
                 sample["mask"] = torch.full((height, width), self.reader.ignore_index, dtype=torch.int64)
@@ -148,12 +149,13 @@ def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None
     manifest = read_manifest(folder)
     if manifest is not None:
         check_manifest(folder, manifest, settings)
+        if manifest.get("complete") and committed_chunks(folder) >= set(range(manifest["num_chunks"])):
+            return None  # finished: leave every file as it is
     else:
         manifest = new_manifest(split, settings)
     remove_debris(folder)
-    manifest = refresh_manifest(folder, manifest, complete=bool(manifest.get("complete")))
-    todo = sorted(set(range(manifest["num_chunks"])) - set(manifest["done"]))
-    return None if manifest["complete"] and not todo else todo
+    manifest = refresh_manifest(folder, manifest, complete=False)
+    return sorted(set(range(manifest["num_chunks"])) - set(manifest["done"]))
 
 
 def export_reference(run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]],

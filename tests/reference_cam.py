@@ -3,7 +3,8 @@
 It follows the public MLPS stage-2 script step by step: one image at a time; for each layer
 and each class its own forward pass, a backward pass of that class logit, channel weights
 = spatial mean of the gradient, CAM = weighted channel sum; bilinear upsampling; min-max
-over all classes jointly; absent classes zeroed; a white-background channel (grey > 200
+over all classes jointly; absent classes excluded (-inf: the one deliberate
+difference from the public code, which zeroes them and so lets them win exact ties); a white-background channel (grey > 200
 via cv2's integer rule, 4-connected components of >= min_size found by breadth-first
 search) appended as channel C; argmax with the first maximum winning, as numpy does.
 """
@@ -55,11 +56,13 @@ def gradcam_one(model, image_chw: torch.Tensor, layer: str, class_index: int) ->
         target.retain_grad()
         logits = model.logits_from_features(feats[list(model.cam_layers)[-1]])
         logits[0, class_index].backward()
-    weights = target.grad[0].mean(dim=(1, 2))
-    cam = torch.zeros(target.shape[2:], dtype=torch.float64)
-    for k in range(weights.shape[0]):
-        cam += float(weights[k]) * target[0, k].detach().double()
-    cam = F.interpolate(cam[None, None].float(), size=image_chw.shape[1:], mode="bilinear",
+    # Like the public code: move to the CPU, then a plain loop over channels.
+    weights = target.grad[0].mean(dim=(1, 2)).cpu().double().numpy()
+    features = target[0].detach().cpu().double().numpy()
+    cam = np.zeros(features.shape[1:], dtype=np.float64)
+    for k, weight in enumerate(weights):
+        cam += weight * features[k]
+    cam = F.interpolate(torch.from_numpy(cam)[None, None].float(), size=image_chw.shape[1:], mode="bilinear",
                         align_corners=False)[0, 0]
     return cam.double().numpy()
 
@@ -81,7 +84,7 @@ def reference_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torc
             norm = (cams - cams.min()) / span if span > 0 else np.zeros_like(cams)
             for c in range(num_classes):
                 if labels[i, c] < 0.5:
-                    norm[c] = 0.0
+                    norm[c] = -np.inf  # the public code writes 0, which lets absent classes win ties
             bg_channel = np.where(bg, 1.000001, 0.0) if bg is not None else np.zeros(norm.shape[1:])
             stacked = np.concatenate([norm, bg_channel[None]], axis=0)
             masks[layer].append(np.argmax(stacked, axis=0).astype(np.uint8))

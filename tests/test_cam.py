@@ -133,13 +133,14 @@ def test_grey_levels_follow_the_integer_rule():
     assert grey == [(201 * 4899 + 200 * 9617 + 200 * 1868 + 8192) >> 14, (255 * 4899 + 8192) >> 14]
 
 
-def test_label_gating_ties_pick_the_first_maximum():
-    norm = torch.zeros(1, 3, 1, 2)
+def test_label_gating_never_picks_an_absent_class():
+    norm = torch.zeros(1, 3, 1, 3)
     norm[0, 2, 0, 1] = 0.5
+    norm[0, 0, 0, 2] = 0.9  # absent class with the highest score
     labels = torch.tensor([[0.0, 1.0, 1.0]])
     out = cam.label_maps(norm, labels, None)
-    # Pixel 0: every channel 0 -> the first index, even for an absent class (as numpy argmax).
-    assert out.tolist() == [[[0, 2]]]
+    # Pixel 0: all present classes tie at 0 -> the first present class, not absent class 0.
+    assert out.tolist() == [[[1, 2, 1]]]
 
 
 def test_flip_tta_is_mirror_symmetric(model, patches):
