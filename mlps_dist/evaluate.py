@@ -22,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mlps_dist import dist
-from mlps_dist.config import Config, parse_cli
+from mlps_dist.checkpoint import CheckpointError
+from mlps_dist.config import Config, ConfigError, parse_cli
 from mlps_dist.data.loaders import create_eval_loader
-from mlps_dist.data.shards import open_split
+from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
 from mlps_dist.metrics import ConfusionMatrix
 from mlps_dist.runlog import RunLog, format_table
@@ -154,16 +156,25 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_cli(argv, description=__doc__.split("\n")[0])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
     try:
         run(cfg, log)
+        return 0
+    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         log.close()
         dist.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,9 @@
 
     python -m mlps_dist.infer --run runs/luad --input slides/patches --out predictions/
     python -m mlps_dist.infer --run runs/luad --input a.png b.png --out predictions/ --no-gate
-    torchrun --standalone --nproc_per_node=4 -m mlps_dist.infer --run runs/luad --input big/ --out pred/
+    torchrun --standalone --nproc_per_node=4 -m mlps_dist.infer --run-dir runs/luad --input big/ --out pred/
+
+(Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own ``--run-path``.)
 
 Model, classes and normalisation come from RUN/config.yaml and the model files in the run.
 Files are split over ranks (each file exactly once). For every input ``REL/NAME.ext``
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mlps_dist import dist
+from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import ConfigError, load_config
 from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
 
@@ -188,7 +192,9 @@ def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory with config.yaml and segmenter/ (classifier/ for the gate)")
+    # --run-dir as well: under torchrun a bare --run is taken as torchrun's own --run-path.
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory with config.yaml and segmenter/ (classifier/ for the gate)")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
@@ -225,23 +231,32 @@ def build(args) -> tuple[Segmenter, list]:
     return model, palette_for(int(meta["num_classes"]), info)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(args) -> int:
+    files = list_inputs(args.input)
+    mine = [files[i] for i in dist.partition(len(files), dist.get_world_size(), dist.get_rank())]
+    check_readable([f for f, _ in mine])
+    model, palette = build(args)
+    for file, rel in mine:
+        rgb = load_rgb(file)
+        save_outputs(Path(args.out) / rel, rgb, model(rgb), palette)
+    dist.barrier()
+    return len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist.init("auto")
     try:
-        files = list_inputs(args.input)
-        mine = [files[i] for i in dist.partition(len(files), dist.get_world_size(), dist.get_rank())]
-        check_readable([f for f, _ in mine])
-        model, palette = build(args)
-        for file, rel in mine:
-            rgb = load_rgb(file)
-            save_outputs(Path(args.out) / rel, rgb, model(rgb), palette)
-        dist.barrier()
+        count = run(args)
         if dist.is_main():
-            print(f"wrote {len(files)} predictions to {args.out}")
+            print(f"wrote {count} predictions to {args.out}")
+        return 0
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # every rank: each names its own bad files
+        return 2
     finally:
         dist.teardown()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
