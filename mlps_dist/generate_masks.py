@@ -126,7 +126,7 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path) -> dict:
     return {"classifier_sha256": sha256_file(model_path), "classes": reader.classes, "count": len(reader),
             "layers": list(m.layers), "chunk_size": m.chunk_size, "background": vars(m.background).copy(),
             "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std), "skip_bad": m.skip_bad}
+            "std": list(cfg.data.std)}  # not skip_bad: turning it on to get past a bad sample keeps the rest
 
 
 def on_rank0(fn):
