@@ -46,6 +46,18 @@ def events(run_dir: Path, stage: str, kind: str) -> list[dict]:
     return [r for r in records if r.get("stage") == stage and r.get("kind") == kind]
 
 
+def processes_mentioning(path: Path) -> list[int]:
+    """Processes whose command line names ``path`` (the launchers and workers of a run)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path) in (entry / "cmdline").read_text().replace("\0", " "):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def submit_pipeline(cluster, config: Path, run_dir: Path, *sbatch_opts: str) -> dict[str, int]:
     done = subprocess.run([str(REPO / "slurm" / "submit_pipeline.sh"), str(config), str(run_dir), *sbatch_opts],
                           cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
@@ -93,7 +105,12 @@ def test_preempted_stage_is_requeued_and_resumes_from_its_checkpoint(slurm_clust
         assert info["JobState"] in ("RUNNING", "COMPLETING", "PENDING"), info
         assert time.monotonic() < deadline, f"job {job} was not requeued: {info}"
         time.sleep(0.5)
-    # SLURM holds a requeued job for two minutes; let it start at once.
+    # SLURM holds a requeued job for two minutes; let it start as soon as the first run's
+    # processes are gone and its credential (revoked at 1 s resolution) is out of date.
+    while processes_mentioning(run_dir):
+        assert time.monotonic() < deadline, "the preempted run's processes did not end"
+        time.sleep(0.5)
+    time.sleep(2)
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     info = slurm_cluster.wait([job], timeout_s=240)[job]
