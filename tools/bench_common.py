@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 RECORD_FIELDS = ("bench", "time", "host", "machine", "world_size", "settings", "figures", "baseline", "ratio")
 MACHINE_FIELDS = ("cpu", "cores", "gpu", "gpu_count", "torch", "cuda", "python")
 
@@ -52,6 +50,8 @@ def usable_cores() -> int:
 
 
 def machine() -> dict:
+    import torch  # here, so that scripts can reject bad flags before the slow import
+
     has_gpu = torch.cuda.is_available()
     return {
         "cpu": cpu_model(),
@@ -64,14 +64,18 @@ def machine() -> dict:
     }
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device) -> None:
     """Start a new GPU peak; on the CPU the peak (max RSS) covers the whole process life."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_mib(device: torch.device) -> float:
+def peak_memory_mib(device) -> float:
     """Peak memory of this process: GPU memory allocated by torch on a GPU, else max RSS."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -139,3 +143,22 @@ def ratio(value: float, base: float, digits: int = 3) -> float | None:
     if value is None or not base:
         return None
     return round(value / base, digits)
+
+
+def check_lines(text: str) -> dict:
+    """The record in ``text``, which must be exactly one JSON line (what a benchmark printed)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"expected one JSON line on stdout, got {len(lines)} lines")
+    try:
+        record = json.loads(lines[0])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"stdout is not a JSON line ({exc}): {lines[0][:200]}") from None
+    return check_record(record)
+
+
+if __name__ == "__main__":  # python tools/bench_common.py < output: exit 1 unless it is one valid record
+    try:
+        check_lines(sys.stdin.read())
+    except ValueError as exc:
+        sys.exit(f"bad benchmark output: {exc}")

@@ -11,20 +11,20 @@ worker count. Prints one JSON line. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+import bench_common  # noqa: E402
 from mlps_dist import dist  # noqa: E402
 from mlps_dist.config import Config  # noqa: E402
 from mlps_dist.data.augment import colour, geometric, normalise, sample_params  # noqa: E402
@@ -101,13 +101,14 @@ def run(args) -> dict:
         loader = create_train_loader(cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world,
                                      device=device)
         rates[backend] = total_rate(*measure(loader, steps, device))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
-            "ratio_to_baseline": {k: round(v / rates["baseline_png_folder"], 3) for k, v in rates.items()},
-            "cpu": cpu, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "world_size": world, "workers_per_rank": args.workers, "batch_per_rank": args.batch,
-            "steps": steps, "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0]}
+    figures = {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
+               "workers_per_rank": args.workers, "batch_per_rank": args.batch, "steps": steps,
+               "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0]}
+    return bench_common.make_record(
+        "loader", figures, world_size=world, settings={k: v for k, v in vars(args).items() if k != "workdir"},
+        baseline="baseline_png_folder: one PNG file per sample via PIL, shuffled torch DataLoader, same "
+                 "augmentation and worker count, same images, this run",
+        ratio={k: round(v / rates["baseline_png_folder"], 3) for k, v in rates.items()})
 
 
 def main(argv=None) -> None:
@@ -125,9 +126,9 @@ def main(argv=None) -> None:
     tmp = tempfile.TemporaryDirectory() if not args.workdir else None
     args.workdir = args.workdir or dist.broadcast_object(tmp.name)
     try:
-        result = run(args)
+        record = run(args)
         if dist.is_main():
-            print(json.dumps(result))
+            bench_common.emit(record)
     finally:
         dist.teardown()
         if tmp:

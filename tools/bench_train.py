@@ -76,24 +76,24 @@ def prepare_data(args, workdir: Path) -> tuple[Path, Path]:
 
 def plan_runs(args, data: tuple[Path, Path]) -> list[dict]:
     """The configurations: DDP over the worlds (torch loader, then each other loader at the
-    largest world), then each ZeRO stage at the largest world. The small models run them all;
-    the paper-size models run DDP and ZeRO with the torch loader."""
+    largest world), then each ZeRO stage at the largest world: ``--parallel`` for the small
+    models, ``--paper-parallel`` for the paper-size ones, which use the first loader only."""
     root, run_dir = data
     worlds = [int(w) for w in args.worlds.split(",")]
     loaders = args.loaders.split(",")
-    zeros = [z for z in args.parallel.split(",") if z and z != "none"]
     runs = []
     for size in args.sizes.split(","):
         models = {"small": SMALL, "paper": PAPER}[size]
-        micro, steps = (args.micro, args.steps) if size == "small" else (args.paper_micro, args.paper_steps)
+        micro, steps, warmup, zeros = (args.micro, args.steps, args.warmup, args.parallel) if size == "small" else \
+            (args.paper_micro, args.paper_steps, min(args.warmup, 1), args.paper_parallel)
         combos = [("ddp", w, loaders[0]) for w in worlds]
         combos += [("ddp", worlds[-1], loader) for loader in loaders[1:] if size == "small"]
-        combos += [(zero, worlds[-1], loaders[0]) for zero in zeros]
+        combos += [(zero, worlds[-1], loaders[0]) for zero in zeros.split(",") if zero != "none"]
         for stage in args.stages.split(","):
             for parallel, world, loader in combos:
                 runs.append({"name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}", "stage": stage,
                              "model": models[stage], "parallel": parallel, "world": world, "loader": loader,
-                             "micro": micro, "steps": steps, "warmup": args.warmup, "threads": args.threads,
+                             "micro": micro, "steps": steps, "warmup": warmup, "threads": args.threads,
                              "workers": args.workers, "root": str(root), "run_dir": str(run_dir)})
     return runs
 
@@ -214,6 +214,7 @@ def measure(spec: dict) -> dict:
         start = time.perf_counter()
         engine.train_step(model, task, batches, plan)  # reads the loss: the step has finished
         step_times.append(time.perf_counter() - start)
+    batches.batches.close()  # stop the loader's workers now rather than at interpreter exit
     seconds = sum(step_times)
     images = spec["steps"] * plan.micro_batch * plan.accumulation
     return {"rank": dist.get_rank(), "images": images, "seconds": seconds, "waited": batches.waited,
@@ -264,25 +265,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(resnet38d, deeplabv3plus_resnet101)")
     p.add_argument("--worlds", default="1,2", help="ranks per DDP run; the first is the scaling baseline")
     p.add_argument("--parallel", default="zero1,zero2", help="DeepSpeed stages compared with DDP (or none)")
+    p.add_argument("--paper-parallel", default="zero2", help="DeepSpeed stages run with the paper-size models")
     p.add_argument("--loaders", default="torch,dali", help="loader back ends; data wait is measured for each")
     p.add_argument("--size", type=int, default=64, help="patch side of the synthetic shards (paper: 224)")
     p.add_argument("--micro", type=int, default=8, help="per-rank batch of the small models")
     p.add_argument("--paper-micro", type=int, default=2, help="per-rank batch of the paper-size models")
     p.add_argument("--steps", type=int, default=5, help="timed steps (small models)")
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps (paper-size models)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (paper-size models: 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
-    p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP 1+2 ranks, "
-                   "ZeRO-1, both loaders, 1 step, 32 px")
+    p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP on --worlds, "
+                   "torch loader, 1 step, 32 px")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a torchrun job: the spec as JSON
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.stages, args.sizes, args.parallel, args.size = "classifier", "small", "zero1", 32
+        args.stages, args.sizes, args.parallel, args.loaders, args.size = "classifier", "small", "none", "torch", 32
         args.micro, args.steps, args.warmup = 2, 1, 1
+    choices = {"stages": ("classifier", "segmenter"), "sizes": ("small", "paper"), "loaders": ("torch", "dali"),
+               "parallel": ("none", "zero0", "zero1", "zero2"), "paper_parallel": ("none", "zero0", "zero1", "zero2")}
+    for flag, allowed in choices.items():
+        bad = [v for v in getattr(args, flag).split(",") if v not in allowed]
+        if bad or not getattr(args, flag):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: use a comma list of {', '.join(allowed)}")
+    if not all(w.isdigit() and int(w) >= 1 for w in args.worlds.split(",")):
+        p.error(f"--worlds {args.worlds!r}: use a comma list of rank counts >= 1, e.g. 1,2")
+    for flag in ("size", "micro", "paper_micro", "steps", "paper_steps", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.workers < 0:
+        p.error("--warmup and --workers must be >= 0")
+    if args.size < 32:
+        p.error(f"--size {args.size}: the synthetic patches are at least 32 px wide")
     return args
 
 
@@ -297,8 +314,10 @@ def main(argv=None) -> int:
         results, failures = {}, {}
         for spec in runs:
             bench_common.log(f"train {spec['name']} ({spec['world']} rank(s))")
+            start = time.perf_counter()
             try:
                 results[spec["name"]] = launch(spec, workdir, args.timeout)
+                bench_common.log(f"  done in {time.perf_counter() - start:.0f} s")
             except RuntimeError as exc:
                 failures[spec["name"]] = str(exc)
                 bench_common.log(f"FAILED {spec['name']}: {exc}")

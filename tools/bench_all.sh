@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run every benchmark and append one JSON line per benchmark to bench/results-<hostname>.jsonl
+# (see docs/benchmarks.md for the fields and the recorded figures).
+#
+#   bash tools/bench_all.sh          # CPU settings: under 10 minutes on 2 cores
+#   bash tools/bench_all.sh --gpu    # a GPU node: 224 px patches, paper batch sizes, more steps
+#
+# BENCH_WORLDS (default 1,2) sets the rank counts compared; BENCH_OUT another results file.
+# A benchmark that fails is reported and the others still run; the exit status is then 1.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo/tools/venv.sh"
+cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+profile=cpu
+[[ "${1:-}" == "--gpu" ]] && profile=gpu
+worlds="${BENCH_WORLDS:-1,2}"
+out="${BENCH_OUT:-$repo/bench/results-$(hostname).jsonl}"
+mkdir -p "$(dirname "$out")"
+status=0
+
+run_bench() {  # name, command...: append the one JSON line the command prints, if valid
+    local name=$1 line rc=0
+    shift
+    echo "[bench_all] $name: $*" >&2
+    local start=$SECONDS
+    line="$("$@")" || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        echo "[bench_all] $name exited with status $rc" >&2
+        status=1
+    fi
+    if python tools/bench_common.py <<<"$line"; then
+        printf '%s\n' "$line" | grep -v '^[[:space:]]*$' >> "$out"
+        echo "[bench_all] $name: appended to $out ($((SECONDS - start)) s)" >&2
+    else
+        status=1
+    fi
+}
+
+if [[ $profile == cpu ]]; then
+    loader_args=(--n 256 --size 128 --batch 16 --steps 6 --workers 2)
+    masks_args=()
+    train_args=(--worlds "$worlds")
+else
+    loader_args=(--n 2048 --size 224 --batch 32 --steps 30 --workers 6)
+    masks_args=(--size 224)
+    train_args=(--worlds "$worlds" --size 224 --micro 16 --paper-micro 8 --steps 20 --paper-steps 10
+                --warmup 3 --threads 4 --workers 4 --timeout 600)
+fi
+
+run_bench loader python tools/bench_loader.py "${loader_args[@]}"
+if [[ -f tools/bench_masks.py ]]; then
+    for world in ${worlds//,/ }; do
+        run_bench "masks x$world" torchrun --standalone --nproc_per_node="$world" tools/bench_masks.py \
+            "${masks_args[@]}"
+    done
+else
+    echo "[bench_all] tools/bench_masks.py not found: pseudo-mask benchmark not run" >&2
+    status=1
+fi
+run_bench train python tools/bench_train.py "${train_args[@]}"
+echo "[bench_all] results in $out" >&2
+exit $status
