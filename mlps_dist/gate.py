@@ -63,11 +63,14 @@ def _load(path: Path, factory, what: str, num_classes: int | None, device) -> tu
 def load_segmenter(run_dir: str | Path, checkpoint: str = "best", num_classes: int | None = None,
                    device="cpu") -> tuple[torch.nn.Module, dict]:
     """RUN/segmenter/best.pt (``checkpoint="best"``, falling back to model.pt when no best
-    exists) or RUN/segmenter/model.pt (``"last"``)."""
+    exists) or RUN/segmenter/model.pt (``"last"``); refuses while stage 3 is unfinished."""
     folder = Path(run_dir) / "segmenter"
-    path = folder / ("best.pt" if checkpoint == "best" else "model.pt")
-    if checkpoint == "best" and not path.is_file():
-        path = folder / "model.pt"
+    if not (folder / "model.pt").is_file():
+        # best.pt appears during training; using it before the stage is finished would
+        # report on a model that is still changing.
+        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 3 is not finished; run (or resume) "
+                                f"the segmenter stage (mlps_dist.train_segmenter) first")
+    path = folder / "best.pt" if checkpoint == "best" and (folder / "best.pt").is_file() else folder / "model.pt"
     return _load(path, create_segmenter, "segmenter (mlps_dist.train_segmenter)", num_classes, device)
 
 

@@ -169,6 +169,15 @@ def test_split_without_masks_and_wrong_class_count_are_refused(tmp_path, tiny_sh
         evaluate.run(cfg, evaluate.RunLog(run, "evaluate", tensorboard=False))
 
 
+def test_unfinished_segmenter_is_refused_with_exit_status_2(tmp_path, tiny_shards, capsys):
+    run = make_run(tmp_path / "run", data_root=str(tiny_shards))
+    eval_config(run, tiny_shards)
+    (run / "segmenter" / "model.pt").rename(run / "segmenter" / "best.pt")  # training still running
+    assert evaluate.main(["--config", str(run / "config.yaml")]) == 2
+    assert "stage 3 is not finished" in capsys.readouterr().err
+    assert not (run / "metrics").exists()
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_result(tmp_path, tiny_shards):
     run = make_run(tmp_path / "run", data_root=str(tiny_shards), seed=5)
