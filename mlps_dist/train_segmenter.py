@@ -103,9 +103,10 @@ class SegmenterTask:
         return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        return StartedOnIter(create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
-                                   start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                   device=dist.device(), pseudo_masks=self.store))
+        loader = create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+                                     start_step=start_step, rank=dist.get_rank(), world=plan.world,
+                                     device=dist.device(), pseudo_masks=self.store)
+        return StartedOnIter(loader)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots]
