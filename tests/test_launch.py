@@ -36,10 +36,13 @@ def tiny_config(path: Path, shards: Path, classifier_epochs: int = 1, segmenter_
 def launch(script: str, *args: str, **env: str) -> subprocess.Popen:
     """A launcher in its own session (the test can clean up all of it); output in a file
     so a long run cannot block on a full pipe."""
-    out = open(Path(args[1]).parent / f"{Path(args[1]).name}.{script.split('/')[-1]}.log", "a+")
-    return subprocess.Popen([str(REPO / script), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", **env},
-                            start_new_session=True)
+    log = Path(args[-1]).with_suffix(f".{Path(script).stem}.log")  # beside the run dir, the last argument
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(REPO / script), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", **env},
+                                start_new_session=True)
+    proc.log = log
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -48,8 +51,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    proc.stdout.seek(0)
-    return proc.returncode, proc.stdout.read()
+    return proc.returncode, proc.log.read_text()
 
 
 def events(run_dir: Path, stage: str, kind: str) -> list[dict]:
@@ -159,7 +161,7 @@ def test_pipeline_preempted_exits_75_and_the_rerun_skips_finished_stages_and_res
     proc = launch("launch/pipeline.sh", str(config), str(run_dir))
     rc, out = finish(proc, timeout=400)
     assert rc == 0, out[-4000:]
-    rerun = out.split("rerun the same command")[-1]
+    rerun = out
     assert "classifier: finished" in rerun and "skipping" in rerun
     resumes = events(run_dir, "segmenter", "resume")
     assert len(resumes) == 1 and resumes[0]["global_step"] >= reached, resumes
