@@ -84,8 +84,8 @@ mlps_rdzv_port() {
     echo $((20000 + SLURM_JOB_ID % 20000))
 }
 
-# Run a command in the background and forward TERM/USR1/INT/HUP to it, so that a
-# preemption notice reaches torchrun (which passes it to the workers; they finish the
+# Run a command in the background and pass TERM/USR1/INT/HUP on to it (as SIGTERM), so
+# that a preemption notice or Ctrl-C reaches torchrun (which passes it to the workers; they finish the
 # step, checkpoint and exit). Returns the command's status, or 75 when a preemption
 # signal arrived and the command did not finish cleanly.
 # The command runs in its own session and receives the first signal only: a signal
@@ -127,7 +127,7 @@ mlps_run_forwarding() {
 _mlps_forward() {
     _mlps_interrupted=1
     if ((_mlps_preempted)); then
-        mlps_log "received SIG$1 again: still waiting for pid $_mlps_child to checkpoint"
+        mlps_log "received SIG$1 again: still waiting for pid $_mlps_child to checkpoint (kill -9 $$ to stop at once)"
         return 0
     fi
     _mlps_preempted=1
@@ -139,8 +139,10 @@ _mlps_forward() {
         mlps_log "received SIG$1: the stage got it too and checkpoints before it stops"
         return 0
     fi
-    mlps_log "received SIG$1: passing it on (pid $_mlps_child) to checkpoint and stop"
-    kill -s "$1" "$_mlps_child" 2>/dev/null || true
+    # Always as SIGTERM: the one signal every layer (stage.sh, torchrun, the workers)
+    # treats as "checkpoint and stop", so Ctrl-C keeps the work done so far too.
+    mlps_log "received SIG$1: asking pid $_mlps_child to checkpoint and stop (SIGTERM)"
+    kill -s TERM "$_mlps_child" 2>/dev/null || true
     return 0
 }
 
