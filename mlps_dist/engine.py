@@ -125,7 +125,11 @@ def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel
     """One optimizer step over ``plan.accumulation`` micro batches; returns the mean loss."""
     total = 0.0
     for micro in range(plan.accumulation):
-        batch = next(batches)
+        # Loaders may draw from the global RNG (a DataLoader draws its worker seed on the first
+        # batch); fork it so that the model's random stream (dropout) depends only on the
+        # steps taken, and a resumed run draws exactly what an uninterrupted one draws.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)
         boundary = micro == plan.accumulation - 1
         with model.sync_gradients(boundary):
             with model.autocast():
@@ -175,8 +179,8 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
             log.scalars(scalars, step=progress.global_step, prefix="train/")
             model.train()
             loader = task.train_loader(epoch, progress.step_in_epoch * plan.accumulation, plan)
-            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its worker seed from the global
-                batches = iter(loader)               # RNG; keep that draw out of the resumable RNG stream
+            with torch.random.fork_rng(devices=[]):  # see train_step
+                batches = iter(loader)
             bar = log.progress(range(progress.step_in_epoch, steps_per_epoch), total=steps_per_epoch,
                                initial=progress.step_in_epoch, desc=f"epoch {epoch}")
             for _ in bar:
@@ -192,6 +196,7 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
                 if mid_epoch and train_cfg.ckpt_every_steps and progress.global_step % train_cfg.ckpt_every_steps == 0:
                     save()
             del batches, loader
+            model.sync_buffers()
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             last = epoch + 1 == train_cfg.epochs
             if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:

@@ -100,6 +100,14 @@ class Wrapped:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+    def sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP only
+        broadcasts them at the start of a forward, so after the last step of an epoch each
+        rank holds its own; validation and saved models must all see rank 0's."""
+        if dist.get_world_size() > 1:
+            for buffer in self.module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
 
 class DdpModel(Wrapped):
     kind = "ddp"

@@ -31,10 +31,39 @@ def run(args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.Com
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out = proc.stdout.read() if proc.stdout else ""
+        kill_job(proc)
         raise AssertionError(f"job did not finish in {timeout} s:\n{out[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (from /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker at once. torchrun starts each worker in a session
+    of its own, so killing torchrun's process group alone would leave the workers running."""
+    for pid in descendants(proc.pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
@@ -44,7 +73,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
         if proc.poll() is not None:
             raise AssertionError(f"job ended (status {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
             raise AssertionError(f"no {what} after {timeout} s")
         time.sleep(0.05)
 
