@@ -79,6 +79,7 @@ class PdaConfig:
 @dataclass
 class ClassifierConfig(TrainConfig):
     model: str = "resnet38d"  # resnet38d | small38 (CPU variant)
+    num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     freeze_bn: bool = False
     freeze_stages: int = 0  # number of early stages with frozen weights
     pda: PdaConfig = field(default_factory=PdaConfig)
@@ -306,6 +307,8 @@ def validate(cfg: Config) -> None:
     _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
            "needs 0 < gamma_min <= gamma_init <= 1")
     _check(0 < pda.gamma_decay <= 1.0, "classifier.pda.gamma_decay", "must be in (0, 1]")
+    _check(pda.start_epoch >= 0, "classifier.pda.start_epoch", "must be >= 0")
+    _check(cfg.classifier.num_classes >= 0, "classifier.num_classes", "must be >= 0 (0 = from info.json)")
     _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")
     _check(cfg.masks.chunk_size >= 1, "masks.chunk_size", "must be >= 1")
     seg = cfg.segmenter
