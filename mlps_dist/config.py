@@ -311,6 +311,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.classifier.num_classes >= 0, "classifier.num_classes", "must be >= 0 (0 = from info.json)")
     _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")
     _check(cfg.masks.chunk_size >= 1, "masks.chunk_size", "must be >= 1")
+    _check(cfg.masks.batch_size >= 1, "masks.batch_size", "must be >= 1")
+    _check(len(set(cfg.masks.layers)) == len(cfg.masks.layers), "masks.layers", "names a layer twice")
+    _check(len(cfg.masks.tta_scales) >= 1 and all(s > 0 for s in cfg.masks.tta_scales), "masks.tta_scales",
+           f"must hold at least one scale > 0 (1.0 = no rescaling), got {cfg.masks.tta_scales}")
+    _check(0 <= cfg.masks.background.threshold <= 255, "masks.background.threshold", "must be a grey level 0..255")
+    _check(cfg.masks.background.min_size >= 0, "masks.background.min_size", "must be >= 0 pixels")
     seg = cfg.segmenter
     _check(len(seg.loss_layers) == len(seg.loss_weights), "segmenter.loss_weights",
            f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mlps_dist import cam, dist
 from mlps_dist.config import Config, parse_cli
-from mlps_dist.data.shards import SplitReader, decode_labels, open_split
+from mlps_dist.data.shards import SplitReader, decode_labels, open_split, read_info
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
@@ -242,7 +242,7 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dic
     from mlps_dist.metrics import ConfusionMatrix
 
     report = {}
-    info_splits = open_split(cfg.data.root, "train").info["splits"]
+    info_splits = read_info(cfg.data.root)["splits"]
     for split in cfg.masks.quality_splits:
         if split not in info_splits or not info_splits[split].get("has_masks"):
             log.info(f"no quality report for split '{split}': it is absent or has no ground-truth masks")
