@@ -95,6 +95,16 @@ def batched(indices, size: int) -> list[list[int]]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
+def check_split(reader: SplitReader) -> None:
+    """Refuse shards that cannot give pseudo masks before any work starts."""
+    where = f"{reader.root} (split '{reader.split}')"
+    if len(reader) == 0:
+        raise PseudoMaskError(f"{where} holds no samples; check data.root")
+    if "labels" not in reader.read(0):
+        raise PseudoMaskError(f"{where} has no 'labels' members: the mask pass needs patch-level labels; "
+                              f"rebuild the shards with tools/make_shards.py")
+
+
 def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
     from mlps_dist.checkpoint import load_model_file
     from mlps_dist.models import create_classifier
@@ -277,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = dist.device()
         reader = open_split(cfg.data.root, "train")
+        check_split(reader)
         model, model_path = load_classifier(cfg, reader, device)
         settings = on_rank0(lambda: mask_settings(cfg, reader, model_path))
         if run_pass(cfg, log, model, reader, device, settings):

@@ -226,3 +226,20 @@ def test_corrupt_sample_is_named_or_skipped(baseline, tiny_shards, tmp_path):
     exported = run / "pseudo_masks" / "train_PM" / "PM_bn7" / Path(source).name
     assert np.array_equal(decode_png(exported.read_bytes()), masks[reader.key(12)][2])
     assert len(list((run / "pseudo_masks" / "train_PM" / "PM_b4_5").glob("*.png"))) == 32
+
+
+def test_shards_without_labels_are_refused_before_work(tiny_shards, tmp_path):
+    from mlps_dist.data.shards import ShardWriter, read_info, write_info
+
+    source, shards = open_split(tiny_shards, "train"), tmp_path / "unlabelled"
+    shards.mkdir()
+    writer = ShardWriter(shards, "train", 0)
+    for i in range(2):
+        writer.write(source.key(i), {k: v for k, v in source.read(i).items() if k != "labels"})
+    info = read_info(tiny_shards)
+    info["splits"] = {"train": {**info["splits"]["train"], "count": 2, "shards": [writer.close()]}}
+    write_info(shards, info)
+    run = make_run(tmp_path, shards, "unlabelled")
+    with pytest.raises(PseudoMaskError, match=r"no 'labels' members.*patch-level labels"):
+        run_inprocess(run)
+    assert not (run / "pseudo_masks").exists()
