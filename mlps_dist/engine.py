@@ -151,29 +151,31 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
     if steps_per_epoch < 1:
         raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
                           "lower it or add training data")
-    seed_everything(cfg.seed)  # same initial weights on every rank
-    model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
-                          total_steps=steps_per_epoch * train_cfg.epochs)
-    seed_everything(derive_seed(cfg.seed, dist.get_rank()))
-    ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
-    expect = expected_meta(task, train_cfg)
-    progress = Progress()
-    resume_from = ckpts.latest()
-    if resume_from is not None:
-        state = ckpts.load(resume_from, model, expect)
-        progress = Progress(**state["progress"])
-        task.load_state_dict(state["task"])
-        log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
-        log.event("resume", checkpoint=str(resume_from), **asdict(progress))
-    log.info(f"{model.kind}: global batch {plan.global_batch} = {plan.micro_batch} x {plan.world} ranks x "
-             f"{plan.accumulation} accumulation; {steps_per_epoch} steps/epoch")
-
-    def save() -> None:
-        client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect}
-        path = ckpts.save(progress.global_step, model, client)
-        log.event("checkpoint", path=str(path), **asdict(progress))
-
+    # Installed first: a signal while the model builds or a checkpoint loads is honoured too.
     with PreemptionGuard() as guard:
+        seed_everything(cfg.seed)  # same initial weights on every rank
+        model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
+                              total_steps=steps_per_epoch * train_cfg.epochs)
+        seed_everything(derive_seed(cfg.seed, dist.get_rank()))
+        ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
+        expect = expected_meta(task, train_cfg)
+        progress = Progress()
+        resume_from = ckpts.latest()
+        if resume_from is not None:
+            state = ckpts.load(resume_from, model, expect)
+            progress = Progress(**state["progress"])
+            task.load_state_dict(state["task"])
+            log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
+            log.event("resume", checkpoint=str(resume_from), **asdict(progress))
+        log.info(f"{model.kind}: global batch {plan.global_batch} = {plan.micro_batch} x {plan.world} ranks x "
+                 f"{plan.accumulation} accumulation; {steps_per_epoch} steps/epoch; "
+                 f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
+
+        def save() -> None:
+            client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect}
+            path = ckpts.save(progress.global_step, model, client)
+            log.event("checkpoint", path=str(path), **asdict(progress))
+
         for epoch in range(progress.epoch, train_cfg.epochs):
             scalars = task.start_epoch(epoch, model.module)
             log.scalars(scalars, step=progress.global_step, prefix="train/")
@@ -192,6 +194,7 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
                 mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch end saves anyway
                 if mid_epoch and guard.agreed():
                     save()
+                    log.event("preempted", **asdict(progress))
                     raise Preempted(f"preempted at epoch {epoch} step {progress.step_in_epoch}; rerun to resume")
                 if mid_epoch and train_cfg.ckpt_every_steps and progress.global_step % train_cfg.ckpt_every_steps == 0:
                     save()
@@ -203,6 +206,7 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
                 _validate(model.module, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt")
             save()
             if guard.agreed():
+                log.event("preempted", **asdict(progress))
                 raise Preempted(f"preempted after epoch {epoch}; rerun to resume")
     if dist.is_main():
         save_model_file(final_model_path(cfg, task.stage), model.module.state_dict(), task.meta)

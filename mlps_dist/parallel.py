@@ -161,7 +161,6 @@ def _deepspeed_config(path: str, train_cfg: TrainConfig, plan: BatchPlan, amp_dt
         train_micro_batch_size_per_gpu=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
         gradient_clipping=train_cfg.grad_clip,
-        # bf16 runs under torch autocast over fp32 weights; fp16 uses DeepSpeed's loss scaler.
         fp16={"enabled": amp_dtype == torch.float16},
         zero_allow_untested_optimizer=True,  # our torch SGD is the client optimizer
     )
@@ -183,10 +182,10 @@ class DeepSpeedModel(Wrapped):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         self.module = module
         self.plan = plan
+        # bf16: torch autocast over fp32 weights. fp16: DeepSpeed's fp16 mode (half weights, its
+        # loss scaler), still under autocast, which casts the fp32 input batches for us.
         self.amp_dtype = resolve_precision(train_cfg, device)
         ds_amp = self.amp_dtype if self.amp_dtype == torch.float16 else None
-        if ds_amp is not None:
-            self.amp_dtype = None  # DeepSpeed's fp16 mode casts the model itself
         optimizer = create_optimizer(module.param_groups(), train_cfg)
         scheduler = create_poly_schedule(optimizer, total_steps, train_cfg.poly_power)
         ds_cfg = _deepspeed_config(train_cfg.deepspeed_config, train_cfg, plan, ds_amp)
