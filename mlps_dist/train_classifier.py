@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist import dist, engine
-from mlps_dist.checkpoint import CheckpointError, Checkpointer
+from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import Config, ConfigError, PdaConfig, parse_cli, save_config
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.shards import ShardError, open_split

@@ -65,7 +65,7 @@ def test_ddp_ranks_agree_and_training_moved_the_weights(reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2])
 def test_deepspeed_zero_ranks_agree_with_each_other_and_with_ddp(tmp_path, reference, zero):
-    cfg, run_dir = write_config(tmp_path, "ds", parallel="deepspeed",
+    cfg, run_dir = write_config(tmp_path, "ds", parallel="deepspeed", keep_last=10,
                                 deepspeed_config=f"configs/deepspeed/zero{zero}.json")
     result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0"])
     assert result.returncode == 0, result.stdout[-4000:]
@@ -74,7 +74,14 @@ def test_deepspeed_zero_ranks_agree_with_each_other_and_with_ddp(tmp_path, refer
     ddp = jobs.load_weights(reference / "weights-rank0.pt")
     for key in ddp:  # same SGD, schedule and data: only the reduction code differs
         torch.testing.assert_close(rank0[key], ddp[key], rtol=1e-5, atol=1e-6)
-    assert list((tmp_path / "ds" / "regression" / "checkpoints").glob("step-*/ds"))
+    checkpoints = tmp_path / "ds" / "regression" / "checkpoints"
+    assert (checkpoints / "step-00000003" / "ds").is_dir()
+    if zero == 2:  # back to the state right after the first mid-epoch checkpoint, then rerun
+        (checkpoints / "latest").write_text("step-00000003")
+        (tmp_path / "ds" / "regression" / "model.pt").unlink()
+        rerun = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0"])
+        assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stdout[-4000:]
+        jobs.assert_equal_weights(jobs.load_weights(tmp_path / "out" / "weights-rank1.pt"), rank0)
 
 
 @pytest.mark.slow
