@@ -34,11 +34,11 @@ def model():
 
 @pytest.fixture(scope="module")
 def patches(tiny_shards):
-    """Six train patches of the tiny shards, one given a 12x12 white square (kept as
+    """Four train patches of the tiny shards (single- and multi-label), one given a 12x12 white square (kept as
     background) and a 3x3 white speck in a dark ring (below min_size, so not background)."""
     reader = open_split(tiny_shards, "train")
     rgb, labels = [], []
-    for i in range(6):
+    for i in range(4):
         members = reader.read(i)
         rgb.append(np.array(Image.open(io.BytesIO(members["png"])).convert("RGB")))
         labels.append(decode_labels(members["labels"]))
