@@ -34,8 +34,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def patches(tiny_shards):
-    """Four train patches of the tiny shards (single- and multi-label), one given a 12x12 white square (kept as
-    background) and a 3x3 white speck in a dark ring (below min_size, so not background)."""
+    """Four train patches of the tiny shards (single- and multi-label); the first gets a
+    12x12 white square (kept as background) and a 3x3 white speck in a dark ring (below
+    min_size, so not background)."""
     reader = open_split(tiny_shards, "train")
     rgb, labels = [], []
     for i in range(4):
