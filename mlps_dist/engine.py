@@ -74,9 +74,24 @@ def expected_meta(task: TrainTask, train_cfg: TrainConfig) -> dict:
     return {"name": task.meta["name"], "num_classes": task.meta["num_classes"], "parallel": train_cfg.parallel}
 
 
+def preflight(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> int:
+    """Every check of the training setup that can fail, before any model is built: the batch
+    plan for this world size, the DeepSpeed JSON, a split too small for one step, and a
+    checkpoint in the run dir that cannot be resumed (unreadable, or written for another
+    model / class count / parallel mode). Returns the optimizer steps per epoch."""
+    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    if train_cfg.parallel == "deepspeed":
+        parallel.deepspeed_config(train_cfg, plan, amp_dtype=None)
+    steps_per_epoch = task.micro_steps_per_epoch(plan) // plan.accumulation
+    if steps_per_epoch < 1:
+        raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
+                          "lower it or add training data")
+    check_resumable(cfg, train_cfg, task)
+    return steps_per_epoch
+
+
 def check_resumable(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> None:
-    """Raise CheckpointError now (before any model is built) if the run dir holds a checkpoint
-    this run cannot resume: unreadable, or for another model / class count / parallel mode."""
+    """CheckpointError if the run dir holds a checkpoint this run cannot resume."""
     ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
     latest = ckpts.latest()
     if latest is not None:
@@ -146,11 +161,8 @@ def _mean_over_ranks(value: float) -> float:
 
 def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
     """Train ``task`` to the end (resuming from the run dir's checkpoint if there is one)."""
+    steps_per_epoch = preflight(cfg, train_cfg, task)
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
-    steps_per_epoch = task.micro_steps_per_epoch(plan) // plan.accumulation
-    if steps_per_epoch < 1:
-        raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
-                          "lower it or add training data")
     # Installed first: a signal while the model builds or a checkpoint loads is honoured too.
     with PreemptionGuard() as guard:
         seed_everything(cfg.seed)  # same initial weights on every rank

@@ -147,7 +147,10 @@ class DdpModel(Wrapped):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _deepspeed_config(path: str, train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict:
+def deepspeed_config(train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict:
+    """The JSON of ``train_cfg.deepspeed_config`` completed from our config (ConfigError if it
+    cannot be read or sets a key that our config owns)."""
+    path = train_cfg.deepspeed_config
     try:
         ds_cfg = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -188,7 +191,7 @@ class DeepSpeedModel(Wrapped):
         ds_amp = self.amp_dtype if self.amp_dtype == torch.float16 else None
         optimizer = create_optimizer(module.param_groups(), train_cfg)
         scheduler = create_poly_schedule(optimizer, total_steps, train_cfg.poly_power)
-        ds_cfg = _deepspeed_config(train_cfg.deepspeed_config, train_cfg, plan, ds_amp)
+        ds_cfg = deepspeed_config(train_cfg, plan, ds_amp)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
         self.forward_module = self.engine

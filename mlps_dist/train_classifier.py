@@ -132,7 +132,7 @@ def prepare(cfg: Config) -> ClassifierTask:
         raise ConfigError(f"'classifier.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
                           f"{train_reader.num_classes} classes {train_reader.classes}; fix one of them")
     task = ClassifierTask(cfg, train_reader, val_reader)
-    engine.check_resumable(cfg, cfg.classifier, task)  # fail now, not after building the model
+    engine.preflight(cfg, cfg.classifier, task)  # fail now, not after building the model
     return task
 
 

@@ -51,6 +51,23 @@ def test_batch_plan_keeps_the_global_batch():
     assert len({derive_seed(0, r) for r in range(64)} | {derive_seed(1, r) for r in range(64)}) == 128
 
 
+def test_deepspeed_json_may_not_contradict_the_config(tmp_path):
+    plan = parallel.plan_batches(TrainConfig(batch_size=16), 2)
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 32}))
+    with pytest.raises(ConfigError, match="clash.json: remove \\['train_batch_size'\\]"):
+        parallel.deepspeed_config(TrainConfig(deepspeed_config=str(clash)), plan, amp_dtype=None)
+    clash.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read it as JSON"):
+        parallel.deepspeed_config(TrainConfig(deepspeed_config=str(clash)), plan, amp_dtype=None)
+    filled = parallel.deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/zero2.json", grad_clip=1.0,
+                                                   micro_batch_size=4), parallel.plan_batches(
+                                                       TrainConfig(batch_size=16, micro_batch_size=4), 2), None)
+    assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"],
+            filled["gradient_accumulation_steps"]) == (16, 4, 2)
+    assert filled["zero_optimization"]["stage"] == 2 and filled["fp16"] == {"enabled": False}
+
+
 @pytest.mark.slow
 def test_ddp_ranks_agree_and_training_moved_the_weights(reference):
     rank0, rank1 = jobs.load_weights(reference / "weights-rank0.pt"), jobs.load_weights(reference / "weights-rank1.pt")
