@@ -37,6 +37,7 @@ nproc=${NPROC_PER_NODE:-$(mlps_default_nproc)}
 nnodes=${NNODES:-${SLURM_NNODES:-1}}
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || mlps_die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || mlps_die "NNODES must be a positive integer, got '$nnodes'"
+[[ "${MAX_RESTARTS:-0}" =~ ^[0-9]+$ ]] || mlps_die "MAX_RESTARTS must be a whole number, got '$MAX_RESTARTS'"
 
 # SIGUSR1 is the usual SLURM preemption notice: torchrun passes it on like SIGTERM.
 torchrun_args=(
@@ -44,6 +45,13 @@ torchrun_args=(
     --max-restarts="${MAX_RESTARTS:-0}"
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 )
+# torchrun keeps one TCP store for all restarts of the worker group, and the keys the
+# previous group left there (its gloo/NCCL addresses) can be read by the new group:
+# its process group then connects to dead peers. With restarts allowed, let each new
+# group bring up its own store instead.
+if ((${MAX_RESTARTS:-0} > 0)); then
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+fi
 if ((nnodes == 1)); then
     torchrun_args+=(--standalone)
 else
