@@ -1,8 +1,9 @@
 # Shell helpers shared by launch/*.sh and slurm/*. Source it; do not run it.
 #
-# Defines: mlps_die, mlps_trap_early, mlps_stage_module, mlps_stage_artefact, mlps_default_nproc,
-# mlps_head_node, mlps_rdzv_port, mlps_run_forwarding, mlps_print_metrics and
-# MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL: "preempted, rerun the same command to resume").
+# Defines: mlps_log, mlps_die, mlps_stage_module, mlps_stage_done, mlps_gpu_count,
+# mlps_default_nproc, mlps_head_node, mlps_rdzv_port, mlps_trap_early, mlps_run_forwarding,
+# mlps_check_config, mlps_print_metrics and MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL:
+# "preempted, rerun the same command to resume").
 
 MLPS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MLPS_PREEMPTED_EXIT=75
@@ -41,16 +42,22 @@ mlps_stage_module() {
     esac
 }
 
-# The file whose existence means "this stage is finished" (docs/architecture.md).
-# The pseudo-mask stage has no single file that proves completeness (its manifest is
-# written as chunks finish), so it is always started and decides for itself.
-mlps_stage_artefact() {
-    local stage=$1 run_dir=$2
+# Succeeds (and prints the proof) when STAGE is finished in RUN_DIR, i.e. its final
+# artefact exists (docs/architecture.md); for evaluate, the metrics of every split in
+# EVAL_SPLITS. The pseudo-mask stage is always started: whether its manifest is complete
+# *for this classifier and these settings* is for the stage itself to decide.
+mlps_stage_done() {
+    local stage=$1 run_dir=$2 split
+    shift 2
     case "$stage" in
-        classifier) echo "$run_dir/classifier/model.pt" ;;
-        segmenter) echo "$run_dir/segmenter/model.pt" ;;
-        evaluate) echo "$run_dir/metrics/test.json" ;;
-        *) echo "" ;;
+        classifier | segmenter)
+            [[ -e "$run_dir/$stage/model.pt" ]] && echo "$run_dir/$stage/model.pt" ;;
+        evaluate)
+            for split in "$@"; do
+                [[ -e "$run_dir/metrics/$split.json" ]] || return 1
+            done
+            if (($# == 1)); then echo "$run_dir/metrics/$1.json"; else echo "$run_dir/metrics/{$(IFS=,; echo "$*")}.json"; fi ;;
+        *) return 1 ;;
     esac
 }
 
@@ -148,6 +155,7 @@ _mlps_forward() {
 
 # Validate CONFIG + overrides once, before any job or process group starts
 # (the pipeline reports test metrics, so evaluate.splits must include test).
+# Prints evaluate.splits.
 mlps_check_config() {
     python - "$@" <<'EOF'
 import sys
@@ -158,6 +166,7 @@ except ConfigError as exc:
     sys.exit(f"[launch] error: {exc}")
 if "test" not in cfg.evaluate.splits:
     sys.exit("[launch] error: the pipeline ends with the test metrics: add test to evaluate.splits")
+print(" ".join(cfg.evaluate.splits))
 EOF
 }
 

@@ -23,12 +23,12 @@ fi
 config=$1 run_dir=$2
 shift 2
 [[ -f "$config" ]] || mlps_die "config file '$config' does not exist: pass a YAML from configs/"
-mlps_check_config "$config" "run_dir=$run_dir" "$@" || exit 2
+eval_splits=$(mlps_check_config "$config" "run_dir=$run_dir" "$@") || exit 2
 
 for stage in "${MLPS_STAGES[@]}"; do
-    artefact=$(mlps_stage_artefact "$stage" "$run_dir")
-    if [[ -n "$artefact" && -e "$artefact" ]]; then
-        mlps_log "$stage: finished ($artefact exists), skipping"
+    # shellcheck disable=SC2086  # the split names are words
+    if proof=$(mlps_stage_done "$stage" "$run_dir" $eval_splits); then
+        mlps_log "$stage: finished ($proof exists), skipping"
         continue
     fi
     status=0

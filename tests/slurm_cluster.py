@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 NODES = ("node1", "node2")
-CPUS_PER_NODE = 2
+CPUS_PER_NODE = 4  # claimed (SlurmdParameters=config_overrides): lets the test jobs run side by side
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 
 
