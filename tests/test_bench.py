@@ -80,6 +80,13 @@ def test_summarise_ratios_come_from_the_runs_of_the_same_model():
     assert "zero2_vs_ddp" not in got  # its run failed: no ratio rather than a made-up one
 
 
+def test_a_failed_job_is_reported_with_its_worker_error():
+    log = ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"w.py\", line 2, in measure\n"
+           "[rank0]:     step()\n[rank0]: RuntimeError: out of memory\nE1126 torchrun: failed\nRoot Cause: ...\n")
+    message = bench_train.worker_error(log)
+    assert message.endswith("RuntimeError: out of memory") and "torchrun: failed" not in message
+
+
 def test_bench_loader_smallest(tmp_path):
     proc = run_tool("tools/bench_loader.py", "--n", "24", "--size", "32", "--batch", "4", "--steps", "2",
                     "--workers", "1", "--workdir", str(tmp_path), timeout=180)
@@ -87,6 +94,17 @@ def test_bench_loader_smallest(tmp_path):
     rates = record["figures"]["images_per_s"]
     assert set(rates) == {"baseline_png_folder", "torch", "dali"} and all(v > 0 for v in rates.values())
     assert record["ratio"]["torch"] == pytest.approx(rates["torch"] / rates["baseline_png_folder"], rel=0.02)
+
+
+def test_bench_masks_smallest():
+    proc = run_tool("tools/bench_masks.py", "--size", "32", "--images", "4", "--reference-images", "2",
+                    "--batch-size", "4", timeout=180)
+    record = record_of(proc, "masks")
+    figures = record["figures"]
+    assert record["world_size"] == 1 and figures["fast_images_per_s"] > 0 and figures["reference_images_per_s"] > 0
+    assert figures["equal_pixel_fraction"] >= 0.99  # the same masks as the reference, only faster
+    assert record["ratio"]["speedup"] == pytest.approx(
+        figures["fast_images_per_s"] / figures["reference_images_per_s"], rel=0.02)
 
 
 @pytest.mark.slow

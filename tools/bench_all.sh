@@ -39,14 +39,17 @@ run_bench() {  # name, command...: append the one JSON line the command prints, 
 }
 
 if [[ $profile == cpu ]]; then
+    # One torch thread per process (rank): on a few shared cores, more threads per rank
+    # oversubscribe them and make the figures depend on the machine's load more than on the code.
+    export OMP_NUM_THREADS=1
     loader_args=(--n 256 --size 128 --batch 16 --steps 6 --workers 2)
-    masks_args=()
+    masks_args=(--size 128 --images 32 --reference-images 4 --batch-size 8)
     train_args=(--worlds "$worlds")
 else
     loader_args=(--n 2048 --size 224 --batch 32 --steps 30 --workers 6)
-    masks_args=(--size 224)
+    masks_args=(--model resnet38d --size 224 --images 256 --reference-images 16 --batch-size 32)
     train_args=(--worlds "$worlds" --size 224 --micro 16 --paper-micro 8 --steps 20 --paper-steps 10
-                --warmup 3 --threads 4 --workers 4 --timeout 600)
+                --paper-parallel zero1,zero2 --warmup 3 --threads 4 --workers 4 --timeout 600)
 fi
 
 run_bench loader python tools/bench_loader.py "${loader_args[@]}"

@@ -13,9 +13,6 @@ images/s counts all ranks together (slowest rank's wall time).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,8 +20,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tools")]
 
+import bench_common  # noqa: E402
 from mlps_dist import cam, dist  # noqa: E402
 from mlps_dist.models import create_classifier  # noqa: E402
 from reference_cam import reference_masks  # noqa: E402
@@ -103,14 +101,15 @@ def main(argv=None) -> int:
         fast_wall, ref_wall = max(w[0] for w in walls), max(w[1] for w in walls)
         if rank == 0:
             fast_ips, ref_ips = args.images / fast_wall, args.reference_images / ref_wall
-            machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-            print(json.dumps({
-                "bench": "masks", "model": args.model, "size": args.size, "classes": args.classes,
-                "batch_size": args.batch_size, "world_size": world, "device": device.type, "machine": machine,
-                "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                "fast_images_per_s": round(fast_ips, 3), "reference_images_per_s": round(ref_ips, 3),
-                "speedup": round(fast_ips / ref_ips, 2),
-                "equal_pixel_fraction": round(float(totals[0] / totals[1]), 6) if totals[1] else None}))
+            figures = {"model": args.model, "size": args.size, "classes": args.classes,
+                       "batch_size": args.batch_size, "device": device.type, "cpu_threads": torch.get_num_threads(),
+                       "fast_images_per_s": round(fast_ips, 3), "reference_images_per_s": round(ref_ips, 3),
+                       "equal_pixel_fraction": round(float(totals[0] / totals[1]), 6) if totals[1] else None}
+            bench_common.emit(bench_common.make_record(
+                "masks", figures, world_size=world, settings=vars(args),
+                baseline="reference: per-image, per-class, per-layer Grad-CAM as the public MLPS script "
+                         "(tests/reference_cam.py), same model and images, this run",
+                ratio={"speedup": round(fast_ips / ref_ips, 2)}))
         return 0
     finally:
         dist.teardown()

@@ -94,7 +94,7 @@ def plan_runs(args, data: tuple[Path, Path]) -> list[dict]:
                 runs.append({"name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}", "stage": stage,
                              "model": models[stage], "parallel": parallel, "world": world, "loader": loader,
                              "micro": micro, "steps": steps, "warmup": warmup, "threads": args.threads,
-                             "workers": args.workers, "root": str(root), "run_dir": str(run_dir)})
+                             "precision": args.precision, "workers": args.workers, "root": str(root), "run_dir": str(run_dir)})
     return runs
 
 
@@ -172,7 +172,8 @@ def create_task(spec: dict):
 
     section = {"model": spec["model"], "batch_size": spec["micro"] * spec["world"], "micro_batch_size": spec["micro"],
                "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",
-               "deepspeed_config": str(REPO / "configs" / "deepspeed" / f"{spec['parallel']}.json")}
+               "deepspeed_config": str(REPO / "configs" / "deepspeed" / f"{spec['parallel']}.json"),
+               "precision": spec["precision"]}
     values = {"run_dir": spec["run_dir"], "data": {"root": spec["root"], "loader": spec["loader"],
                                                    "num_workers": spec["workers"]}, spec["stage"]: section}
     if spec["stage"] == "classifier":
@@ -214,7 +215,8 @@ def measure(spec: dict) -> dict:
         start = time.perf_counter()
         engine.train_step(model, task, batches, plan)  # reads the loss: the step has finished
         step_times.append(time.perf_counter() - start)
-    batches.batches.close()  # stop the loader's workers now rather than at interpreter exit
+    if hasattr(batches.batches, "close"):
+        batches.batches.close()  # stop the loader's workers now rather than at interpreter exit
     seconds = sum(step_times)
     images = spec["steps"] * plan.micro_batch * plan.accumulation
     return {"rank": dist.get_rank(), "images": images, "seconds": seconds, "waited": batches.waited,
@@ -240,6 +242,17 @@ def worker_main(spec_json: str, result_path: str) -> int:
         dist.teardown()
 
 
+def worker_error(output: str) -> str:
+    """The end of the first worker traceback in a torchrun log (its own summary names no cause)."""
+    lines = [line.split("]: ", 1)[-1] if line.startswith("[rank") else line for line in output.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    if not starts:
+        return " | ".join(lines[-12:])
+    block = lines[starts[0]:]
+    end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
+    return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
+
+
 def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
     """Run one configuration as a torchrun job; its per-rank figures, or RuntimeError with the log tail."""
     result = workdir / f"result-{spec['name'].replace('/', '_')}.json"
@@ -253,8 +266,7 @@ def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"did not finish in {timeout:.0f} s (raise --timeout or lower --steps)") from None
     if proc.returncode != 0 or not result.is_file():
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: " + " | ".join(tail))
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {worker_error(proc.stdout + proc.stderr)}")
     return json.loads(result.read_text())
 
 
@@ -273,6 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (small models)")
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps (paper-size models)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (paper-size models: 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision (GPU only; CPU training stays fp32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
