@@ -128,8 +128,11 @@ def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_pat
     jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 2, job, "two training steps")
     os.kill(int((out / "pid-rank1").read_text()), signal.SIGUSR1)  # rank 0 is not signalled
     output, _ = job.communicate(timeout=120)
-    exited = re.findall(rf"rank\s*:\s*(\d) \(local_rank: \d\)\s*exitcode\s*:\s*{PREEMPTED_EXIT_CODE}\b", output)
-    assert sorted(exited) == ["0", "1"], output[-4000:]  # torchrun's failure report per rank
+    # torchrun's failure report per rank. The first rank to exit makes torchrun SIGTERM the
+    # other, which may still be tearing down: that one may show -15 instead of 75.
+    exits = dict(re.findall(r"rank\s*:\s*(\d) \(local_rank: \d\)\s*exitcode\s*:\s*(-?\d+)", output))
+    assert set(exits) == {"0", "1"} and str(PREEMPTED_EXIT_CODE) in exits.values(), output[-4000:]
+    assert set(exits.values()) <= {str(PREEMPTED_EXIT_CODE), "-15"}, output[-4000:]
     checkpoints = tmp_path / "run" / "regression" / "checkpoints"
     stopped_at = jobs.latest_step(checkpoints)
     assert 2 <= stopped_at < 2 * STEPS_PER_EPOCH and max(_scalar_steps(run_dir)) == stopped_at
