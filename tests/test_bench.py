@@ -4,18 +4,25 @@ JSON record with the machine, world size, figures and ratios (no timing assertio
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_tool
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_common  # noqa: E402
 import bench_train  # noqa: E402
+
+
+def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """A tools/ script in a fresh interpreter, one torch thread per process as tools/bench_all.sh runs them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def record_of(proc: subprocess.CompletedProcess, bench: str) -> dict:
@@ -88,7 +95,7 @@ def test_a_failed_job_is_reported_with_its_worker_error():
 
 
 def test_bench_loader_smallest(tmp_path):
-    proc = run_tool("tools/bench_loader.py", "--n", "24", "--size", "32", "--batch", "4", "--steps", "2",
+    proc = run_script("tools/bench_loader.py", "--n", "24", "--size", "32", "--batch", "4", "--steps", "2",
                     "--workers", "1", "--workdir", str(tmp_path), timeout=180)
     record = record_of(proc, "loader")
     rates = record["figures"]["images_per_s"]
@@ -97,8 +104,8 @@ def test_bench_loader_smallest(tmp_path):
 
 
 def test_bench_masks_smallest():
-    proc = run_tool("tools/bench_masks.py", "--size", "32", "--images", "4", "--reference-images", "2",
-                    "--batch-size", "4", timeout=180)
+    proc = run_script("tools/bench_masks.py", "--size", "32", "--images", "4", "--reference-images", "1",
+                      "--batch-size", "4", timeout=180)
     record = record_of(proc, "masks")
     figures = record["figures"]
     assert record["world_size"] == 1 and figures["fast_images_per_s"] > 0 and figures["reference_images_per_s"] > 0
@@ -110,7 +117,7 @@ def test_bench_masks_smallest():
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     """Real torchrun jobs: the small classifier under DDP on 1 and 2 ranks."""
-    proc = run_tool("tools/bench_train.py", "--quick", "--workdir", str(tmp_path), timeout=400)
+    proc = run_script("tools/bench_train.py", "--quick", "--workdir", str(tmp_path), timeout=400)
     record = record_of(proc, "train")
     runs = record["figures"]["runs"]
     assert record["world_size"] == 2 and not record["figures"]["failed"]
