@@ -1,4 +1,4 @@
-# Shell helpers shared by launch/*.sh and slurm/*. Source it; do not run it.
+# Shell functions shared by launch/*.sh and slurm/*. Source it; do not run it.
 #
 # Defines: mlps_log, mlps_die, mlps_stage_module, mlps_stage_done, mlps_gpu_count,
 # mlps_default_nproc, mlps_head_node, mlps_rdzv_port, mlps_trap_early, mlps_run_forwarding,
@@ -95,10 +95,10 @@ mlps_rdzv_port() {
 # that a preemption notice or Ctrl-C reaches torchrun (which passes it to the workers; they finish the
 # step, checkpoint and exit). Returns the command's status, or 75 when a preemption
 # signal arrived and the command did not finish cleanly.
-# The command runs in its own session and receives the first signal only: a signal
-# sent to the whole process group (or a second one) must not hit torchrun while it
-# is already waiting for its workers to checkpoint (a second signal makes it quit
-# waiting). Where every process already receives the signal from outside (SLURM
+# The command runs detached from our process group (setsid) and receives the first
+# signal only: a signal sent to the whole process group (or a second one) must not hit
+# torchrun while it is already waiting for its workers to checkpoint (a second signal
+# makes it quit waiting). Where every process already receives the signal from outside (SLURM
 # signals all processes of a job step), set MLPS_FORWARD_SIGNALS=0: the status is
 # still mapped to 75, nothing is passed on twice.
 mlps_run_forwarding() {

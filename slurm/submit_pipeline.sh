@@ -29,7 +29,7 @@ overrides=("$@")
 [[ -f "$config" ]] || mlps_die "config file '$1' does not exist: pass a YAML from configs/"
 command -v sbatch >/dev/null || mlps_die "sbatch not found: run this on a SLURM login node"
 source "$MLPS_REPO/tools/venv.sh"
-mlps_check_config "$config" "run_dir=$run_dir" "${overrides[@]}" || exit 2
+mlps_check_config "$config" "run_dir=$run_dir" "${overrides[@]}" >/dev/null || exit 2
 mkdir -p "$run_dir/slurm"
 
 previous=""

@@ -1,6 +1,6 @@
 """A real, private SLURM cluster for the tests: munged + slurmctld + two slurmd on this host.
 
-Use the ``slurm_cluster`` fixture (session scope). It installs the Debian packages when
+Use the ``slurm_cluster`` fixture (one per pytest run). It installs the Debian packages when
 they are missing (root + apt-get needed, else the tests are skipped with the reason),
 writes a slurm.conf whose state/spool/log/pid paths all live in a temporary folder,
 starts the daemons and waits until both nodes are idle. The nodes ``node1`` and

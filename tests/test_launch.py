@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -33,10 +34,10 @@ def tiny_config(path: Path, shards: Path, classifier_epochs: int = 1, segmenter_
     return path
 
 
-def launch(script: str, *args: str, **env: str) -> subprocess.Popen:
-    """A launcher in its own session (the test can clean up all of it); output in a file
-    so a long run cannot block on a full pipe."""
-    log = Path(args[-1]).with_suffix(f".{Path(script).stem}.log")  # beside the run dir, the last argument
+def launch(script: str, *args: str, log_name: str = "", **env: str) -> subprocess.Popen:
+    """A launcher detached from pytest (setsid: the test can clean up all of it); output in a file
+    beside the run dir (the last argument) so a long run cannot block on a full pipe."""
+    log = Path(args[-1]).with_suffix(f".{log_name or Path(script).stem}.log")
     with open(log, "w") as out:
         proc = subprocess.Popen([str(REPO / script), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", **env},
@@ -170,3 +171,24 @@ def test_pipeline_preempted_exits_75_and_the_rerun_skips_finished_stages_and_res
     table = rerun[rerun.index("test metrics (%)"):]
     assert f"{100 * metrics['miou']:.2f}" in table.split("miou")[1].split("\n")[0]
     assert "IoU TE" in table
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_master_addr_without_slurm(tmp_path, tiny_shards):
+    """Two launchers as two "nodes" on this host (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT),
+    one process each: one process group of 2 ranks trains the classifier."""
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_shards)
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    nodes = [launch("launch/stage.sh", "classifier", str(config), str(run_dir), log_name=f"node{rank}",
+                    NPROC_PER_NODE="1", NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port, RDZV_ID=f"test-{port}")
+             for rank in (0, 1)]
+    results = [finish(node, timeout=300) for node in nodes]
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    assert "2 node(s) x 1 process(es)" in results[0][1]
+    assert "x 2 ranks" in results[0][1] + results[1][1]
+    assert (run_dir / "classifier" / "model.pt").is_file()
