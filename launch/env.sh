@@ -91,16 +91,16 @@ mlps_rdzv_port() {
     echo $((20000 + SLURM_JOB_ID % 20000))
 }
 
-# Run a command in the background and pass TERM/USR1/INT/HUP on to it (as SIGTERM), so
-# that a preemption notice or Ctrl-C reaches torchrun (which passes it to the workers; they finish the
-# step, checkpoint and exit). Returns the command's status, or 75 when a preemption
-# signal arrived and the command did not finish cleanly.
+# Run a command in the background and pass TERM/USR1/INT/HUP on to it (as SIGTERM),
+# so that a preemption notice or Ctrl-C reaches torchrun, which passes it to the workers;
+# they finish the step, checkpoint and exit. Returns the command's status, or 75 when a
+# preemption signal arrived and the command did not finish cleanly.
 # The command runs detached from our process group (setsid) and receives the first
 # signal only: a signal sent to the whole process group (or a second one) must not hit
 # torchrun while it is already waiting for its workers to checkpoint (a second signal
-# makes it quit waiting). Where every process already receives the signal from outside (SLURM
-# signals all processes of a job step), set MLPS_FORWARD_SIGNALS=0: the status is
-# still mapped to 75, nothing is passed on twice.
+# makes it quit waiting). Where every process already gets the signal from outside
+# (SLURM signals all processes of a job step), set MLPS_FORWARD_SIGNALS=0: the status
+# is still mapped to 75 and nothing is passed on twice.
 mlps_run_forwarding() {
     local rc=0 prev sig
     _mlps_preempted=0
