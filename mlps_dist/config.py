@@ -82,6 +82,7 @@ class ClassifierConfig(TrainConfig):
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     freeze_bn: bool = False
     freeze_stages: int = 0  # number of early stages with frozen weights
+    dropout: float = 0.5  # channel dropout on bn7 before the head (the public code's dropout7)
     pda: PdaConfig = field(default_factory=PdaConfig)
     cam_images: int = 4  # val patches drawn with CAM overlays in TensorBoard
 
@@ -307,6 +308,7 @@ def validate(cfg: Config) -> None:
     _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
            "needs 0 < gamma_min <= gamma_init <= 1")
     _check(0 < pda.gamma_decay <= 1.0, "classifier.pda.gamma_decay", "must be in (0, 1]")
+    _check(0 <= cfg.classifier.dropout < 1, "classifier.dropout", "must be in [0, 1)")
     _check(pda.start_epoch >= 0, "classifier.pda.start_epoch", "must be >= 0")
     _check(cfg.classifier.num_classes >= 0, "classifier.num_classes", "must be >= 0 (0 = from info.json)")
     _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")

@@ -71,7 +71,8 @@ class ClassifierTask:
 
     def build_model(self):
         return create_classifier(self.section.model, self.num_classes, self.section.pretrained,
-                                 freeze_stages=self.section.freeze_stages, freeze_bn=self.section.freeze_bn)
+                                 freeze_stages=self.section.freeze_stages, freeze_bn=self.section.freeze_bn,
+                                 dropout=self.section.dropout)
 
     def micro_steps_per_epoch(self, plan) -> int:
         return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)

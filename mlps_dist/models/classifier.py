@@ -40,14 +40,14 @@ class Classifier(nn.Module):
     per epoch); None switches it off. In eval mode PDA never applies.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, cam_layers: tuple[str, ...]):
+    def __init__(self, backbone: nn.Module, num_classes: int, cam_layers: tuple[str, ...], dropout: float = 0.5):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.cam_layers = tuple(cam_layers)
-        self.dropout7 = nn.Dropout2d(0.5)
+        self.dropout7 = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.head.weight)
         self.pda_gamma: float | None = None

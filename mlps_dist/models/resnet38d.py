@@ -107,7 +107,8 @@ class ResNet38d(nn.Module):
     poor batch statistics).
     """
 
-    def __init__(self, widths: Widths = Widths(), freeze_stages: int = 0, freeze_bn: bool = False):
+    def __init__(self, widths: Widths = Widths(), freeze_stages: int = 0, freeze_bn: bool = False,
+                 dropout: tuple[float, float] = (0.3, 0.5)):
         super().__init__()
         w = widths
         self.widths = w
@@ -126,8 +127,8 @@ class ResNet38d(nn.Module):
         self.b5 = ResBlock(w.s4, w.s5_mid, w.s5, first_dilation=1, dilation=2)
         self.b5_1 = ResBlock(w.s5, w.s5_mid, w.s5, dilation=2)
         self.b5_2 = ResBlock(w.s5, w.s5_mid, w.s5, dilation=2)
-        self.b6 = BottleneckBlock(w.s5, w.s6, dilation=4, dropout=0.3)
-        self.b7 = BottleneckBlock(w.s6, w.s7, dilation=4, dropout=0.5)
+        self.b6 = BottleneckBlock(w.s5, w.s6, dilation=4, dropout=dropout[0])
+        self.b7 = BottleneckBlock(w.s6, w.s7, dilation=4, dropout=dropout[1])
         self.bn7 = nn.BatchNorm2d(w.s7)
         self.freeze_stages = freeze_stages
         self.freeze_bn = freeze_bn
