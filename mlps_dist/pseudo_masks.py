@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.shards import read_index, write_index
+from mlps_dist.data.shards import TarFiles, read_index, write_index
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -194,8 +194,7 @@ class PseudoMaskStore:
         for chunk in sorted(committed_chunks(self.folder)):
             for key, members in read_index(self.folder / f"{chunk_stem(chunk)}.idx"):
                 self._where[int(key.rsplit("_", 1)[-1])] = (chunk, members)
-        self._handles: dict[int, object] = {}
-        self._pid = os.getpid()
+        self._files = TarFiles()
 
     def __len__(self) -> int:
         return len(self._where)
@@ -203,36 +202,17 @@ class PseudoMaskStore:
     def missing(self, n: int) -> list[int]:
         return [i for i in range(n) if i not in self._where]
 
-    def _handle(self, chunk: int):
-        if self._pid != os.getpid():  # forked into a loader worker: open our own files
-            self._handles, self._pid = {}, os.getpid()
-        if chunk not in self._handles:
-            self._handles[chunk] = open(self.folder / f"{chunk_stem(chunk)}.tar", "rb")
-        return self._handles[chunk]
-
     def read_pngs(self, index: int) -> list[bytes]:
         if index not in self._where:
             raise PseudoMaskError(f"{self.folder}: no pseudo masks for sample {index}; "
                                   f"rerun mlps_dist.generate_masks to complete the pass")
         chunk, members = self._where[index]
-        handle = self._handle(chunk)
-        out = []
-        for layer in self.layers:
-            offset, size = members[f"{layer}.png"]
-            handle.seek(offset)
-            out.append(handle.read(size))
-        return out
+        tar = self.folder / f"{chunk_stem(chunk)}.tar"
+        return [self._files.read(tar, *members[f"{layer}.png"]) for layer in self.layers]
 
     def read_masks(self, index: int) -> np.ndarray:
         """(L, H, W) uint8, layers in ``.layers`` order."""
         return np.stack([decode_png(png) for png in self.read_pngs(index)])
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
+        self._files.close()

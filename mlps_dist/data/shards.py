@@ -174,6 +174,32 @@ def read_info(root: str | Path) -> dict:
     return info
 
 
+class TarFiles:
+    """Read handles to tar files, opened on first use and private to one process: a reader
+    forked or pickled into DataLoader workers never shares a file offset with its parent."""
+
+    def __init__(self):
+        self._files: dict[Path, object] = {}
+        self._pid = os.getpid()
+
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = open(path, "rb")
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+
+    def __getstate__(self):
+        return {"_files": {}, "_pid": self._pid}
+
+
 class SplitReader:
     """Random access to the samples of one split; ``read(i)`` -> {member: bytes}."""
 
@@ -203,8 +229,7 @@ class SplitReader:
         if len(self._keys) != self.split_info["count"]:
             raise ShardError(f"{self.root}: split '{split}' has {len(self._keys)} samples, info.json says "
                              f"{self.split_info['count']}")
-        self._handles: dict[int, object] = {}
-        self._pid = os.getpid()
+        self._files = TarFiles()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -212,21 +237,11 @@ class SplitReader:
     def key(self, i: int) -> str:
         return self._keys[i]
 
-    def _handle(self, shard_no: int):
-        if self._pid != os.getpid():  # forked into a worker: never share a file offset
-            self._handles, self._pid = {}, os.getpid()
-        handle = self._handles.get(shard_no)
-        if handle is None:
-            handle = self._handles[shard_no] = open(self._tars[shard_no], "rb")
-        return handle
-
     def read(self, i: int) -> dict[str, bytes]:
         shard_no, members = self._entries[i]
-        handle = self._handle(shard_no)
         out = {}
         for ext, (offset, size) in members.items():
-            handle.seek(offset)
-            data = handle.read(size)
+            data = self._files.read(self._tars[shard_no], offset, size)
             if len(data) != size:
                 raise ShardError(f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; "
                                  f"rerun tools/make_shards.py")
@@ -237,14 +252,7 @@ class SplitReader:
         return decode_labels(self.read(i)["labels"])
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
+        self._files.close()
 
 
 def open_split(root: str | Path, split: str) -> SplitReader:
