@@ -76,10 +76,10 @@ def gradcams(model, images: torch.Tensor, layers: list[str]) -> dict[str, torch.
 
 
 def tta_gradcams(model, images: torch.Tensor, layers: list[str], flip: bool = False,
-                 scales: tuple[float, ...] = (1.0,)) -> dict[str, torch.Tensor]:
-    """Grad-CAMs upsampled to the patch size, summed over test-time variants
+                 scales: tuple[float, ...] = (1.0,), size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Grad-CAMs upsampled to ``size`` (default: the input's), summed over test-time variants
     (each scale, and its horizontal mirror when ``flip``), like the public inference."""
-    size = images.shape[-2:]
+    size = tuple(size or images.shape[-2:])
     total: dict[str, torch.Tensor] = {}
     for scale in scales:
         scaled = images if scale == 1.0 else F.interpolate(
@@ -171,7 +171,7 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
 
     ``images`` normalised float (B, 3, H, W) on the model's device, ``labels`` (B, C) multi-hot,
     ``rgb`` the uint8 patch (B, 3, H, W) the white background is read from."""
-    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales))
+    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=rgb.shape[-2:])
     white = white_background(rgb.to(images.device), threshold, min_size) if background else None
     labels = labels.to(images.device)
     return {layer: label_maps(normalise_joint(cams[layer]), labels, white) for layer in layers}

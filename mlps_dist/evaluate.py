@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import Config, ConfigError, parse_cli
+from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
@@ -60,7 +61,7 @@ def evaluate_split(cfg: Config, split: str, reader, segmenter, classifier, devic
     matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
                 for name in ("gated", "ungated")}
     for batch in log.progress(loader, total=len(loader), desc=split):
-        image, mask = batch["image"].to(device), batch["mask"].to(device)
+        image, mask = model_input(batch["image"].to(device), cfg.data.image_size), batch["mask"].to(device)
         with _autocast(cfg, device):
             logits = segmenter(image)
         logits = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from mlps_dist import cam, dist
 from mlps_dist.config import Config, parse_cli
+from mlps_dist.data.augment import model_input
 from mlps_dist.data.shards import SplitReader, decode_labels, open_split, read_info
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
@@ -136,7 +137,7 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path) -> dict:
     return {"classifier_sha256": sha256_file(model_path), "classes": reader.classes, "count": len(reader),
             "layers": list(m.layers), "chunk_size": m.chunk_size, "background": vars(m.background).copy(),
             "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std)}  # not skip_bad: turning it on to get past a bad sample keeps the rest
+            "std": list(cfg.data.std), "image_size": cfg.data.image_size}  # not skip_bad: turning it on to get past a bad sample keeps the rest
 
 
 def on_rank0(fn):
@@ -184,6 +185,7 @@ def export_reference(run_dir: str, layers: list[str], sources: list[str], masks:
 def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
     """Masks of a batch on the CPU; samples flagged bad get the ignore index everywhere."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in ("image", "labels", "rgb")}
+    inputs["image"] = model_input(inputs["image"], cfg.data.image_size)  # the scale the classifier learnt
     masks = {k: v.cpu() for k, v in cam.make_masks_cfg(model, inputs, cfg.masks).items()}
     bad = torch.tensor([bool(b) for b in batch["bad"]])
     if bad.any():

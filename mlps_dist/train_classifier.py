@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mlps_dist import dist, engine
 from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import Config, ConfigError, PdaConfig, parse_cli, save_config
+from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter
@@ -37,12 +38,12 @@ def pda_gamma(pda: PdaConfig, epoch: int) -> float | None:
     return max(pda.gamma_init * pda.gamma_decay ** (epoch - pda.start_epoch), pda.gamma_min)
 
 
-def class_activation_maps(module, images: torch.Tensor) -> torch.Tensor:
-    """CAM_c = relu(w_c . bn7) from the head weights, upsampled to the patch: (B,C,H,W).
-    A plain CAM for monitoring; stage 2 computes the multi-layer Grad-CAM."""
+def class_activation_maps(module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """CAM_c = relu(w_c . bn7) from the head weights, upsampled to the patch ``size``:
+    (B,C,H,W). A plain CAM for monitoring; stage 2 computes the multi-layer Grad-CAM."""
     bn7 = module.forward_features(images)["bn7"]
     cams = F.relu(F.conv2d(bn7, module.head.weight))
-    return F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
 
 
 def cam_overlay_row(rgb: np.ndarray, cams: np.ndarray) -> np.ndarray:
@@ -98,8 +99,9 @@ class ClassifierTask:
                                     rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
         self.samples = []
         for batch in loader:
-            labels_meter.update(torch.sigmoid(module(batch["image"])), batch["labels"])
-            cams = class_activation_maps(module, batch["image"])
+            images = model_input(batch["image"], self.cfg.data.image_size)
+            labels_meter.update(torch.sigmoid(module(images)), batch["labels"])
+            cams = class_activation_maps(module, images, batch["rgb"].shape[-2:])
             if reader.has_masks:
                 gated = cams.masked_fill(batch["labels"][:, :, None, None] < 0.5, -1.0)  # absent classes never win
                 cm.update(gated.argmax(dim=1), batch["mask"])

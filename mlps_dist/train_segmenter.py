@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mlps_dist import dist, engine
 from mlps_dist.checkpoint import CheckpointError, load_model_file
 from mlps_dist.config import Config, ConfigError, parse_cli, save_config
+from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.augment import normalise
 from mlps_dist.data.shards import ShardError, open_split
@@ -123,7 +124,7 @@ class SegmenterTask:
                                     rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
         self.val_rows = []
         for batch in loader:
-            logits = module(batch["image"])
+            logits = module(model_input(batch["image"], self.cfg.data.image_size))
             pred = F.interpolate(logits.float(), size=batch["mask"].shape[-2:], mode="bilinear",
                                  align_corners=False).argmax(1)
             cm.update(pred, batch["mask"])

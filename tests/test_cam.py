@@ -155,3 +155,21 @@ def test_flip_tta_is_mirror_symmetric(model, patches):
 def test_unknown_layer_is_refused(model):
     with pytest.raises(ValueError, match="masks.layers"):
         cam.check_layers(model, ["b4_5", "b9"])
+
+
+def test_model_input_scale_gives_masks_at_the_patch_size(model, patches):
+    """A classifier trained at data.image_size sees that scale in the mask pass too; the
+    masks still come out at the stored patch size, with the white background read there."""
+    from mlps_dist.data.augment import model_input
+
+    images, labels, rgb = patches
+    small = model_input(images, 32)
+    assert small.shape[-2:] == (32, 32) and model_input(images, 0) is images
+    assert model_input(images, images.shape[-1]) is images
+    masks = cam.make_masks(model, small, labels, rgb, ["b5_2", "bn7"], background=True)
+    for layer_masks in masks.values():
+        assert layer_masks.shape == (4, *rgb.shape[-2:])
+        assert bool((layer_masks[0, 4:16, 4:16] == 4).all())  # the white square, at full size
+    # a same-size input gives exactly the masks of the unscaled path
+    same = cam.make_masks(model, model_input(images, images.shape[-1]), labels, rgb, ["bn7"])
+    assert torch.equal(same["bn7"], cam.make_masks(model, images, labels, rgb, ["bn7"])["bn7"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mlps_dist.config import DataConfig
 
@@ -77,3 +79,14 @@ def normalise(rgb_float: np.ndarray, mean: list[float], std: list[float]) -> np.
     m = np.asarray(mean, dtype=np.float32) * 255.0
     s = np.asarray(std, dtype=np.float32) * 255.0
     return np.ascontiguousarray(((rgb_float - m) / s).transpose(2, 0, 1))
+
+
+def model_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Normalised patches (B,3,H,W) at the resolution the model was trained on.
+
+    Training resizes patches to ``data.image_size``; evaluation, the mask pass and
+    validation feed the model at that same scale (textures keep the size the network
+    learnt) and upsample its outputs back to the stored patch and mask size."""
+    if not image_size or tuple(images.shape[-2:]) == (image_size, image_size):
+        return images
+    return F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
