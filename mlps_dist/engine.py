@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -27,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from mlps_dist import dist, parallel
-from mlps_dist.checkpoint import Checkpointer, save_model_file
-from mlps_dist.config import Config, ConfigError, TrainConfig
+from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
+from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.runlog import RunLog
 
 PREEMPTED_EXIT_CODE = 75
@@ -241,3 +242,37 @@ def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress
             save_model_file(best_path, module.state_dict(), {**task.meta, "epoch": epoch, "metrics": metrics})
         log.event("best", epoch=epoch, score=score)
     dist.barrier()
+
+
+def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tuple = ()) -> int:
+    """The ``main()`` of a training stage: parse, skip when finished, init, build, fit,
+    close, teardown. ``prepare(cfg)`` runs every check that can fail before training and
+    returns the task. Exit status: 0 done (or already finished), 2 a problem with the
+    config, data or checkpoint (``errors`` adds the stage's own error types), 75 preempted."""
+    try:
+        cfg = parse_cli(argv, description=doc.splitlines()[0])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train_cfg: TrainConfig = getattr(cfg, stage)
+    if final_model_path(cfg, stage).is_file():
+        print(f"{final_model_path(cfg, stage)} exists: the {stage} stage is finished, nothing to do")
+        return 0
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=train_cfg.parallel == "deepspeed")
+    log = RunLog(cfg.run_dir, stage)
+    try:
+        task = prepare(cfg)
+        if dist.is_main():
+            save_config(cfg, f"{cfg.run_dir}/config.yaml")
+        fit(cfg, train_cfg, task, log)
+        return 0
+    except Preempted as exc:
+        log.info(str(exc))
+        return PREEMPTED_EXIT_CODE
+    except (ConfigError, CheckpointError, *errors) as exc:
+        if dist.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        log.close()
+        dist.teardown()

@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist import dist, engine
-from mlps_dist.checkpoint import CheckpointError, load_model_file
-from mlps_dist.config import Config, ConfigError, parse_cli, save_config
-from mlps_dist.data.augment import model_input
+from mlps_dist.checkpoint import load_model_file
+from mlps_dist.config import Config, ConfigError
+from mlps_dist.data.augment import model_input, normalise
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
-from mlps_dist.data.augment import normalise
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.data.torch_loader import decode_rgb
 from mlps_dist.metrics import ConfusionMatrix
@@ -196,32 +195,7 @@ def prepare(cfg: Config) -> SegmenterTask:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_cli(argv, description=__doc__.splitlines()[0])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if engine.final_model_path(cfg, STAGE).is_file():
-        print(f"{engine.final_model_path(cfg, STAGE)} exists: stage 3 is finished, nothing to do")
-        return 0
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=cfg.segmenter.parallel == "deepspeed")
-    log = RunLog(cfg.run_dir, STAGE)
-    try:
-        task = prepare(cfg)
-        if dist.is_main():
-            save_config(cfg, f"{cfg.run_dir}/config.yaml")
-        engine.fit(cfg, cfg.segmenter, task, log)
-        return 0
-    except engine.Preempted as exc:
-        log.info(str(exc))
-        return engine.PREEMPTED_EXIT_CODE
-    except (ConfigError, ShardError, PseudoMaskError, CheckpointError) as exc:
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        log.close()
-        dist.teardown()
+    return engine.run_stage(argv, __doc__, STAGE, prepare, errors=(ShardError, PseudoMaskError))
 
 
 if __name__ == "__main__":
