@@ -26,15 +26,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import Config, ConfigError, parse_cli
-from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import ShardError, open_split
-from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
+from mlps_dist.predict import Predictor, create_predictor
+from mlps_dist.fileio import atomic_write_json
 from mlps_dist.metrics import ConfusionMatrix
 from mlps_dist.runlog import RunLog, format_table
 
@@ -47,30 +46,19 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _autocast(cfg: Config, device: torch.device):
-    enabled = device.type == "cuda" and cfg.segmenter.precision != "fp32"
-    dtype = torch.bfloat16 if cfg.segmenter.precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 @torch.no_grad()
-def evaluate_split(cfg: Config, split: str, reader, segmenter, classifier, device, log: RunLog) -> dict[str, ConfusionMatrix]:
+def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device, log: RunLog) -> dict[str, ConfusionMatrix]:
     """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks."""
     loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size,
                                 rank=dist.get_rank(), world=dist.get_world_size(), device=device)
     matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
                 for name in ("gated", "ungated")}
     for batch in log.progress(loader, total=len(loader), desc=split):
-        image, mask = model_input(batch["image"].to(device), cfg.data.image_size), batch["mask"].to(device)
-        with _autocast(cfg, device):
-            logits = segmenter(image)
-        logits = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        matrices["ungated"].update(logits.argmax(1), mask)
-        if classifier is not None:
-            with _autocast(cfg, device):
-                probs = class_probabilities(classifier, image)
-            allowed = allowed_classes(probs.float(), cfg.evaluate.gate_threshold)
-            matrices["gated"].update(apply_gate(logits, allowed).argmax(1), mask)
+        mask = batch["mask"].to(device)
+        out = predictor(batch["image"], out_size=tuple(mask.shape[-2:]))
+        matrices["ungated"].update(out.classes(gated=False), mask)
+        if predictor.gated:
+            matrices["gated"].update(out.classes(gated=True), mask)
     for cm in matrices.values():
         cm.all_reduce()
     return matrices
@@ -99,11 +87,7 @@ def summary_table(record: dict) -> str:
 
 
 def write_json(path: Path, record: dict) -> None:
-    """Atomic: a reader (or the finished-stage check) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, record)
 
 
 def already_done(path: Path, source: dict) -> bool:
@@ -116,10 +100,9 @@ def already_done(path: Path, source: dict) -> bool:
     return all(old.get(k) == v for k, v in source.items())
 
 
-def build_models(cfg: Config, num_classes: int, device):
-    segmenter, seg_meta = load_segmenter(cfg.run_dir, cfg.evaluate.checkpoint, num_classes, device)
-    classifier = load_classifier(cfg.run_dir, num_classes, device)[0] if cfg.evaluate.gate else None
-    return segmenter, classifier, seg_meta
+def build_predictor(cfg: Config, num_classes: int, device) -> tuple[Predictor, dict]:
+    return create_predictor(cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes,
+                            device=device)
 
 
 def open_splits(cfg: Config) -> dict:
@@ -136,7 +119,7 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     device = dist.device()
     readers = open_splits(cfg)
     num_classes = next(iter(readers.values())).num_classes
-    segmenter, classifier, seg_meta = build_models(cfg, num_classes, device)
+    predictor, seg_meta = build_predictor(cfg, num_classes, device)
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
@@ -146,7 +129,7 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
             log.info(f"{out} is up to date for this segmenter; delete it to evaluate again")
             results[split] = json.loads(out.read_text())
             continue
-        matrices = evaluate_split(cfg, split, reader, segmenter, classifier, device, log)
+        matrices = evaluate_split(cfg, split, reader, predictor, device, log)
         record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
         if dist.is_main():
             write_json(out, record)

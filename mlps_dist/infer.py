@@ -13,10 +13,11 @@ Files are split over ranks (each file exactly once). For every input ``REL/NAME.
     OUT/REL/NAME.png          palettised 8-bit PNG of class indices 0..C-1 (the dataset palette)
     OUT/REL/NAME_overlay.png  the image blended with the class colours
 
-Images of any size: one up to the training patch size is segmented in one pass; a larger
-one with sliding windows of the patch size (``--overlap`` of each window shared with its
-neighbour, last window flush with the border), logits averaged where windows overlap. The
-classification gate (``evaluate.gate_threshold``) is applied per window: a class stays
+Images of any size: windows of the training patch size (as stored in the run's shards;
+``--patch`` overrides it) with ``--overlap`` of each window shared with its neighbour, the
+last window flush with the border. Each window is predicted exactly as evaluation predicts
+a patch (mlps_dist.predict: resized to ``data.image_size``, segmenter and gate, logits back
+at the window's size); logits are averaged where windows overlap, and a class stays
 possible at a pixel when the classifier allows it in any window covering that pixel.
 
 Colour modes: RGBA is composited onto white (transparent = empty glass, which is white
@@ -27,7 +28,6 @@ read as an image stops the run with an error naming it, before any segmentation 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -38,7 +38,9 @@ from PIL import Image, UnidentifiedImageError
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import ConfigError, load_config
-from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
+from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
+from mlps_dist.fileio import atomic_write_bytes
+from mlps_dist.predict import Predictor, create_predictor, sliding_window, training_patch_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -93,101 +95,10 @@ def check_readable(files: list[Path]) -> None:
             raise ValueError(f"{path}: cannot be read as an image ({exc}); remove it from --input or re-export it") from exc
 
 
-def window_starts(length: int, window: int, overlap: float) -> list[int]:
-    """Starts of windows covering ``range(length)``; the last one flush with the end."""
-    if length <= window:
-        return [0]
-    stride = max(1, int(round(window * (1 - overlap))))
-    count = math.ceil((length - window) / stride) + 1
-    return sorted({min(i * stride, length - window) for i in range(count)})
-
-
-class Segmenter:
-    """Sliding-window segmentation with the optional gate, for one image at a time."""
-
-    def __init__(self, segmenter, classifier, mean, std, patch: int, overlap: float,
-                 gate_threshold: float, batch_size: int, device):
-        self.segmenter, self.classifier = segmenter, classifier
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.patch, self.overlap, self.threshold = patch, overlap, gate_threshold
-        self.batch_size, self.device = batch_size, device
-
-    @torch.no_grad()
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        h, w = rgb.shape[:2]
-        image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
-        image = (image - self.mean) / self.std
-        boxes = [(y, x, min(self.patch, h), min(self.patch, w))
-                 for y in window_starts(h, self.patch, self.overlap) for x in window_starts(w, self.patch, self.overlap)]
-        logit_sum = count = allowed_any = None
-        for first in range(0, len(boxes), self.batch_size):
-            chunk = boxes[first:first + self.batch_size]
-            crops = torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x, wh, ww in chunk])
-            logits = self.segmenter(crops).float()
-            if logit_sum is None:
-                c = logits.shape[1]
-                logit_sum = torch.zeros(c, h, w, device=self.device)
-                count = torch.zeros(1, h, w, device=self.device)
-                allowed_any = torch.zeros(c, h, w, dtype=torch.bool, device=self.device)
-            allowed = (allowed_classes(class_probabilities(self.classifier, crops), self.threshold)
-                       if self.classifier is not None else None)
-            for i, (y, x, wh, ww) in enumerate(chunk):
-                logit_sum[:, y:y + wh, x:x + ww] += logits[i]
-                count[:, y:y + wh, x:x + ww] += 1
-                if allowed is not None:
-                    allowed_any[:, y:y + wh, x:x + ww] |= allowed[i][:, None, None]
-        logits = (logit_sum / count)[None]
-        if self.classifier is not None:
-            logits = apply_gate(logits, allowed_any[None])
-        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-
-
-def palette_for(num_classes: int, info: dict | None) -> list[tuple[int, int, int]]:
-    """C + 1 colours: the dataset palette (last = ignore/white) or stable generated ones."""
-    if info and len(info.get("palette", [])) >= num_classes:
-        colours = [tuple(int(v) for v in c) for c in info["palette"][:num_classes + 1]]
-    else:
-        rng = np.random.default_rng(num_classes)
-        colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
-    return colours + [(255, 255, 255)] * (num_classes + 1 - len(colours))
-
-
-def colourise(indices: np.ndarray, palette) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8; indices beyond the palette drawn black."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:len(palette)] = np.asarray(palette, np.uint8)
-    return table[np.asarray(indices).astype(np.uint8)]
-
-
-def blend(rgb: np.ndarray, indices: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    return (rgb * (1 - alpha) + colourise(indices, palette) * alpha).round().astype(np.uint8)
-
-
-def overlay_row(rgb, masks, palette) -> np.ndarray:
-    """The image followed by one overlay per mask, side by side (H, W*(1+len(masks)), 3).
-    Accepts (3,H,W) or (H,W,3) images and torch tensors or arrays."""
-    rgb = np.asarray(rgb.cpu() if torch.is_tensor(rgb) else rgb)
-    if rgb.shape[0] == 3 and rgb.shape[-1] != 3:
-        rgb = rgb.transpose(1, 2, 0)
-    panels = [rgb.astype(np.uint8)]
-    for mask in masks:
-        panels.append(blend(rgb, np.asarray(mask.cpu() if torch.is_tensor(mask) else mask), palette))
-    return np.concatenate(panels, axis=1)
-
-
 def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> None:
-    """Written as .tmp then renamed: a crash never leaves a half-written PNG behind."""
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    mask = Image.fromarray(pred, mode="L").convert("P")
-    flat = [v for colour in palette for v in colour]
-    mask.putpalette(flat + [0] * (768 - len(flat)))
-    overlay = Image.fromarray(blend(rgb, pred, palette))
-    for image, path in ((mask, out_stem.parent / f"{out_stem.name}.png"),
-                        (overlay, out_stem.parent / f"{out_stem.name}_overlay.png")):
-        tmp = path.with_name(path.name + ".tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+    """Class-index PNG and overlay, each written atomically."""
+    atomic_write_bytes(out_stem.parent / f"{out_stem.name}.png", palette_png_bytes(pred, palette))
+    atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(blend(rgb, pred, palette)))
 
 
 def parse_args(argv):
@@ -200,7 +111,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
     p.add_argument("--gate-threshold", type=float, default=None, help="default: evaluate.gate_threshold of the run")
-    p.add_argument("--patch", type=int, default=0, help="window side; default: the training patch size")
+    p.add_argument("--patch", type=int, default=0, help="window side; default: the stored training patch size")
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     args = p.parse_args(argv)
@@ -209,36 +120,34 @@ def parse_args(argv):
     return args
 
 
-def build(args) -> tuple[Segmenter, list]:
+def build(args) -> tuple[Predictor, int, list]:
+    """(predictor, window side = the training patch size, palette)."""
     config_path = Path(args.run) / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{config_path} does not exist; --run must be a run directory of a finished training")
     cfg = load_config(config_path)
-    device = dist.device()
-    segmenter, meta = load_segmenter(args.run, args.checkpoint, device=device)
-    classifier = None if args.no_gate else load_classifier(args.run, int(meta["num_classes"]), device)[0]
+    predictor, meta = create_predictor(args.run, cfg, checkpoint=args.checkpoint, gate=not args.no_gate,
+                                       gate_threshold=args.gate_threshold, device=dist.device())
     info = None
     try:
         from mlps_dist.data.shards import read_info
 
         info = read_info(cfg.data.root)
     except (OSError, ValueError):
-        pass  # shards not reachable from here: fall back to generated colours and 224 px
-    patch = args.patch or cfg.data.image_size or (info or {}).get("splits", {}).get("train", {}).get("image_size", [224])[0]
-    threshold = cfg.evaluate.gate_threshold if args.gate_threshold is None else args.gate_threshold
-    model = Segmenter(segmenter, classifier, cfg.data.mean, cfg.data.std, int(patch), args.overlap,
-                      threshold, args.batch_size, device)
-    return model, palette_for(int(meta["num_classes"]), info)
+        pass  # shards not reachable from here: generated colours, data.image_size windows
+    window = args.patch or training_patch_size(cfg, info)
+    return predictor, int(window), palette_for(int(meta["num_classes"]), info)
 
 
 def run(args) -> int:
     files = list_inputs(args.input)
     mine = [files[i] for i in dist.partition(len(files), dist.get_world_size(), dist.get_rank())]
     check_readable([f for f, _ in mine])
-    model, palette = build(args)
+    predictor, window, palette = build(args)
     for file, rel in mine:
         rgb = load_rgb(file)
-        save_outputs(Path(args.out) / rel, rgb, model(rgb), palette)
+        pred = sliding_window(predictor, rgb, window, args.overlap, args.batch_size).classes()[0]
+        save_outputs(Path(args.out) / rel, rgb, pred.to(torch.uint8).cpu().numpy(), palette)
     dist.barrier()
     return len(files)
 

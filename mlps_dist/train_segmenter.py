@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from mlps_dist import dist, engine
 from mlps_dist.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError
-from mlps_dist.data.augment import model_input, normalise
+from mlps_dist.data.augment import normalise
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.data.torch_loader import decode_rgb
+from mlps_dist.draw import overlay_row, palette_for
 from mlps_dist.metrics import ConfusionMatrix
 from mlps_dist.models import create_segmenter
+from mlps_dist.predict import Predictor
 from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore
 from mlps_dist.runlog import RunLog
-from mlps_dist.infer import overlay_row, palette_for
 
 STAGE = "segmenter"
 
@@ -122,10 +123,10 @@ class SegmenterTask:
         loader = create_eval_loader(self.cfg, reader, batch_size=self.cfg.evaluate.batch_size,
                                     rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
         self.val_rows = []
+        predictor = Predictor(module, None, image_size=self.cfg.data.image_size, mean=self.cfg.data.mean,
+                              std=self.cfg.data.std, device=dist.device())
         for batch in loader:
-            logits = module(model_input(batch["image"], self.cfg.data.image_size))
-            pred = F.interpolate(logits.float(), size=batch["mask"].shape[-2:], mode="bilinear",
-                                 align_corners=False).argmax(1)
+            pred = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:])).classes(gated=False)
             cm.update(pred, batch["mask"])
             keep = self.section.vis_images - len(self.val_rows) if dist.is_main() else 0
             for rgb, mask, p in zip(batch["rgb"][:keep], batch["mask"][:keep], pred[:keep]):

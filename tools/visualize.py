@@ -18,30 +18,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlps_dist.config import ConfigError, load_config  # noqa: E402
 from mlps_dist.data.shards import open_split  # noqa: E402
-from mlps_dist.gate import load_classifier, load_segmenter  # noqa: E402
-from mlps_dist.infer import Segmenter, blend, palette_for  # noqa: E402
+from mlps_dist.draw import blend, palette_for  # noqa: E402
+from mlps_dist.predict import create_predictor  # noqa: E402
 
 LABEL_H = 18
 MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible
 
 
 def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: bool):
-    if not ((run / "segmenter" / "model.pt").is_file() or (run / "segmenter" / "best.pt").is_file()):
+    """The run's predictor (mlps_dist.predict), or None while stage 3 has no model yet."""
+    if not (run / "segmenter" / "model.pt").is_file():
         return None, ""
-    segmenter, _ = load_segmenter(run, checkpoint, num_classes)
-    classifier = None
-    if gate and (run / "classifier" / "model.pt").is_file():
-        classifier, _ = load_classifier(run, num_classes)
-    patch = cfg.data.image_size or 10**6  # the stored patches are segmented whole
-    predictor = Segmenter(segmenter, classifier, cfg.data.mean, cfg.data.std, patch, 0.5,
-                          cfg.evaluate.gate_threshold, 8, "cpu")
-    return predictor, "prediction (gated)" if classifier is not None else "prediction"
+    gate = gate and (run / "classifier" / "model.pt").is_file()
+    predictor, _ = create_predictor(run, cfg, checkpoint=checkpoint, gate=gate, num_classes=num_classes)
+    return predictor, "prediction (gated)" if gate else "prediction"
 
 
 def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]:
@@ -53,7 +50,8 @@ def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]
     if store is not None:
         panels += [blend(rgb, mask, palette, alpha=0.6) for mask in store.read_masks(i)]
     if predictor is not None:
-        panels.append(blend(rgb, predictor(rgb), palette, alpha=0.6))
+        pred = predictor(torch.from_numpy(rgb).permute(2, 0, 1)[None]).classes()[0].numpy()
+        panels.append(blend(rgb, pred, palette, alpha=0.6))
     return panels
 
 

@@ -1,0 +1,165 @@
+"""The one prediction path: patches -> model at the training scale -> gate -> stored size.
+
+Every consumer of a trained run goes through here: validation in stage 3, evaluation,
+`infer`, the visualiser, the slide tools and the export parity checks. So a patch is
+predicted the same way wherever it comes from:
+
+1. normalise (``data.mean`` / ``data.std``) unless the caller already did;
+2. resize to ``data.image_size``, the scale the networks were trained at (textures keep the
+   size they were learnt at; a no-op when the patch already has that size);
+3. segmenter logits, and the stage-1 classifier's sigmoid probabilities for the gate;
+4. logits upsampled (bilinear) back to the size the patch came in at;
+5. the gate: classes with probability <= ``gate_threshold`` get logit -inf (see gate.py).
+
+Larger images are cut into windows of the training patch size (``sliding_window``), each
+window predicted as above; logits are averaged where windows overlap and a class stays
+possible at a pixel when the classifier allows it in any window covering that pixel.
+
+    predictor = create_predictor(run_dir)               # from RUN/config.yaml + model files
+    out = predictor(images)                              # normalised (B,3,H,W)
+    out.classes()                                        # gated argmax (B,H,W)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlps_dist.data.augment import model_input
+from mlps_dist.gate import allowed_classes, apply_gate
+
+
+@dataclass
+class Prediction:
+    """Outputs for a batch, all at the input's spatial size."""
+
+    logits: torch.Tensor  # (B, C, H, W) float32, ungated
+    probs: torch.Tensor | None = None  # (B, C) classifier probabilities; None without a gate
+    allowed: torch.Tensor | None = None  # (B, C) or (B, C, H, W) bool; None without a gate
+
+    def gated_logits(self) -> torch.Tensor:
+        return self.logits if self.allowed is None else apply_gate(self.logits, self.allowed)
+
+    def classes(self, gated: bool = True) -> torch.Tensor:
+        """(B, H, W) int64 class index per pixel."""
+        return (self.gated_logits() if gated else self.logits).argmax(1)
+
+    def scores(self) -> torch.Tensor:
+        """(B, C, H, W) softmax after the gate (gated classes score exactly 0)."""
+        return torch.softmax(self.gated_logits(), dim=1)
+
+
+class Predictor:
+    """Segmenter (+ optional gate classifier) behind the training-scale contract above."""
+
+    def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
+                 mean, std, gate_threshold: float = 0.1, precision: str = "fp32", device="cpu"):
+        self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
+        self.image_size, self.gate_threshold = int(image_size or 0), float(gate_threshold)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.precision = precision
+
+    @property
+    def gated(self) -> bool:
+        return self.classifier is not None
+
+    def normalise(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (B, 3, H, W) -> normalised float32 on the predictor's device."""
+        return (rgb.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.precision != "fp32"
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> Prediction:
+        """``images``: normalised float (B, 3, H, W), or uint8 RGB (normalised here).
+        ``out_size``: size of the returned maps, default the input's (H, W)."""
+        if images.dtype == torch.uint8:
+            images = self.normalise(images)
+        images = images.to(self.device, non_blocking=True)
+        size = tuple(out_size or images.shape[-2:])
+        x = model_input(images, self.image_size)
+        with self._autocast():
+            logits = self.segmenter(x)
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if self.classifier is None:
+            return Prediction(logits)
+        with self._autocast():
+            probs = torch.sigmoid(self.classifier(x).float())
+        return Prediction(logits, probs, allowed_classes(probs, self.gate_threshold))
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Starts of windows covering ``range(length)``; the last one flush with the end."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(round(window * (1 - overlap))))
+    count = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(count)})
+
+
+@torch.no_grad()
+def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: float = 0.5,
+                   batch_size: int = 8) -> Prediction:
+    """Predict an (H, W, 3) uint8 image of any size with windows of ``window`` px (the
+    training patch size). Returns a Prediction with batch 1 and a per-pixel ``allowed``."""
+    h, w = rgb.shape[:2]
+    image = predictor.normalise(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None])
+    boxes = [(y, x) for y in window_starts(h, window, overlap) for x in window_starts(w, window, overlap)]
+    wh, ww = min(window, h), min(window, w)
+    logit_sum = count = allowed_any = None
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first:first + batch_size]
+        out = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk]))
+        if logit_sum is None:
+            c = out.logits.shape[1]
+            logit_sum = torch.zeros(c, h, w, device=predictor.device)
+            count = torch.zeros(1, h, w, device=predictor.device)
+            allowed_any = torch.zeros(c, h, w, dtype=torch.bool, device=predictor.device)
+        for i, (y, x) in enumerate(chunk):
+            logit_sum[:, y:y + wh, x:x + ww] += out.logits[i]
+            count[:, y:y + wh, x:x + ww] += 1
+            if out.allowed is not None:
+                allowed_any[:, y:y + wh, x:x + ww] |= out.allowed[i][:, None, None]
+    logits = (logit_sum / count)[None]
+    return Prediction(logits, None, allowed_any[None] if predictor.gated else None)
+
+
+def training_patch_size(cfg, info: dict | None) -> int:
+    """Side of the patches the run was trained on, as stored in the shards (falls back to
+    ``data.image_size``, then 224)."""
+    stored = ((info or {}).get("splits", {}).get("train", {}) or {}).get("image_size")
+    if stored:
+        return int(stored[0])
+    return int(cfg.data.image_size or 224)
+
+
+def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best", gate: bool | None = None,
+                     gate_threshold: float | None = None, num_classes: int | None = None,
+                     device="cpu") -> tuple[Predictor, dict]:
+    """Predictor of a finished run (RUN/config.yaml, segmenter and classifier files).
+    Returns (predictor, segmenter meta)."""
+    from mlps_dist.config import load_config
+    from mlps_dist.gate import load_classifier, load_segmenter
+
+    if cfg is None:
+        cfg = load_config(Path(run_dir) / "config.yaml")
+    segmenter, meta = load_segmenter(run_dir, checkpoint, num_classes, device)
+    use_gate = cfg.evaluate.gate if gate is None else gate
+    classifier = load_classifier(run_dir, int(meta["num_classes"]), device)[0] if use_gate else None
+    threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
+    predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
+                          std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
+                          device=device)
+    return predictor, meta
