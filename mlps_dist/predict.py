@@ -12,8 +12,8 @@ predicted the same way wherever it comes from:
 5. the gate: classes with probability <= ``gate_threshold`` get logit -inf (see gate.py).
 
 Larger images are cut into windows of the training patch size (``sliding_window``), each
-window predicted as above; logits are averaged where windows overlap and a class stays
-possible at a pixel when the classifier allows it in any window covering that pixel.
+window predicted as above; the gated scores (softmax after the gate) are averaged where
+windows overlap (the rule of mlps_dist.windows, shared with the exported ONNX model).
 
     predictor = create_predictor(run_dir)               # from RUN/config.yaml + model files
     out = predictor(images)                              # normalised (B,3,H,W)
@@ -22,7 +22,6 @@ possible at a pixel when the classifier allows it in any window covering that pi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from mlps_dist.data.augment import model_input
 from mlps_dist.gate import allowed_classes, apply_gate
+from mlps_dist.windows import window_boxes, window_starts  # noqa: F401  (window_starts: re-exported)
 
 
 @dataclass
@@ -100,40 +100,28 @@ class Predictor:
         return Prediction(logits, probs, allowed_classes(probs, self.gate_threshold))
 
 
-def window_starts(length: int, window: int, overlap: float) -> list[int]:
-    """Starts of windows covering ``range(length)``; the last one flush with the end."""
-    if length <= window:
-        return [0]
-    stride = max(1, int(round(window * (1 - overlap))))
-    count = math.ceil((length - window) / stride) + 1
-    return sorted({min(i * stride, length - window) for i in range(count)})
-
-
 @torch.no_grad()
 def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: float = 0.5,
                    batch_size: int = 8) -> Prediction:
     """Predict an (H, W, 3) uint8 image of any size with windows of ``window`` px (the
-    training patch size). Returns a Prediction with batch 1 and a per-pixel ``allowed``."""
+    training patch size). Returns a Prediction with batch 1 whose ``logits`` are the log of
+    the blended scores (windows.py's rule), so ``classes()`` is the argmax of the averaged
+    gated scores and ``scores()`` the averaged scores; the gate is already inside."""
     h, w = rgb.shape[:2]
-    image = predictor.normalise(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None])
-    boxes = [(y, x) for y in window_starts(h, window, overlap) for x in window_starts(w, window, overlap)]
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    boxes = window_boxes(h, w, window, overlap)
     wh, ww = min(window, h), min(window, w)
-    logit_sum = count = allowed_any = None
+    score_sum = count = None
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first:first + batch_size]
-        out = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk]))
-        if logit_sum is None:
-            c = out.logits.shape[1]
-            logit_sum = torch.zeros(c, h, w, device=predictor.device)
+        scores = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk])).scores()
+        if score_sum is None:
+            score_sum = torch.zeros(scores.shape[1], h, w, device=predictor.device)
             count = torch.zeros(1, h, w, device=predictor.device)
-            allowed_any = torch.zeros(c, h, w, dtype=torch.bool, device=predictor.device)
         for i, (y, x) in enumerate(chunk):
-            logit_sum[:, y:y + wh, x:x + ww] += out.logits[i]
+            score_sum[:, y:y + wh, x:x + ww] += scores[i]
             count[:, y:y + wh, x:x + ww] += 1
-            if out.allowed is not None:
-                allowed_any[:, y:y + wh, x:x + ww] |= out.allowed[i][:, None, None]
-    logits = (logit_sum / count)[None]
-    return Prediction(logits, None, allowed_any[None] if predictor.gated else None)
+    return Prediction(torch.log(score_sum / count)[None])
 
 
 def training_patch_size(cfg, info: dict | None) -> int:

@@ -1,0 +1,66 @@
+"""Sliding windows over large images, in numpy only (usable without torch).
+
+An image larger than the training patch is cut into windows of the patch size; each window
+is predicted as evaluation predicts a patch (training-scale resize, segmenter, gate, back
+to the window's size) and the per-window outputs are blended:
+
+    blended rule: the *gated scores* (softmax after the gate) are averaged over the windows
+    covering a pixel; the class is the argmax of that average.
+
+A class gated off in a window scores exactly 0 there, so a class that no covering window
+allows can never win a pixel; each window applies the all-gated-off fallback on its own.
+The rule needs nothing but each window's ``scores``, so the torch predictor
+(predict.sliding_window), the exported ONNX model (deploy.OnnxModel) and the slide tools
+all blend the same way and agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Starts of windows covering ``range(length)``; the last one flush with the end."""
+    if length <= window:
+        return [0]
+    stride = max(1, int(round(window * (1 - overlap))))
+    count = math.ceil((length - window) / stride) + 1
+    return sorted({min(i * stride, length - window) for i in range(count)})
+
+
+def window_boxes(height: int, width: int, window: int, overlap: float) -> list[tuple[int, int]]:
+    """(y, x) of every window, row by row."""
+    return [(y, x) for y in window_starts(height, window, overlap) for x in window_starts(width, window, overlap)]
+
+
+def blend_scores(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, window: int,
+                 overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
+    """Average gated scores (C, H, W) float32 of an (H, W, 3) uint8 image.
+
+    ``scores_fn``: uint8 tiles (N, 3, h, w) -> float32 scores (N, C, h, w) (deploy.OnnxModel.scores
+    or any model with that contract)."""
+    h, w = rgb.shape[:2]
+    image = np.ascontiguousarray(np.asarray(rgb, np.uint8).transpose(2, 0, 1))
+    wh, ww = min(window, h), min(window, w)
+    boxes = window_boxes(h, w, window, overlap)
+    total = count = None
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first:first + batch_size]
+        tiles = np.stack([image[:, y:y + wh, x:x + ww] for y, x in chunk])
+        scores = np.asarray(scores_fn(tiles), np.float32)
+        if total is None:
+            total = np.zeros((scores.shape[1], h, w), np.float32)
+            count = np.zeros((1, h, w), np.float32)
+        for i, (y, x) in enumerate(chunk):
+            total[:, y:y + wh, x:x + ww] += scores[i]
+            count[:, y:y + wh, x:x + ww] += 1
+    return total / count
+
+
+def segment_image(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, window: int,
+                  overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
+    """(H, W) class indices (int64) of an (H, W, 3) uint8 image, blended as above."""
+    return blend_scores(scores_fn, rgb, window, overlap, batch_size).argmax(0)
