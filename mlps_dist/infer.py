@@ -1,24 +1,33 @@
-"""Segment any folder of H&E images with a trained run: class-index PNGs and colour overlays.
+"""Segment any folder of H&E images with a trained run or an exported model: class-index PNGs and overlays.
 
     python -m mlps_dist.infer --run runs/luad --input slides/patches --out predictions/
     python -m mlps_dist.infer --run runs/luad --input a.png b.png --out predictions/ --no-gate
+    python -m mlps_dist.infer --model export/model.onnx --input slides/patches --out predictions/
     torchrun --standalone --nproc_per_node=4 -m mlps_dist.infer --run-dir runs/luad --input big/ --out pred/
 
 (Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own ``--run-path``.)
 
-Model, classes and normalisation come from RUN/config.yaml and the model files in the run.
-Files are split over ranks (each file exactly once). For every input ``REL/NAME.ext``
-(relative to the input folder, or the file name for explicit files) two files are written:
+Two backends behind one interface (``segment(rgb, window, overlap, batch_size)``):
+
+- ``--run RUN``: the torch models of a finished run (RUN/config.yaml and the model files);
+  files are split over ranks under torchrun (each file exactly once).
+- ``--model DIR/model.onnx``: an export of tools/export.py, run with onnxruntime (CUDA
+  execution provider where present, else CPU) in one process. Needs only onnxruntime,
+  numpy and pillow (``pip install mlps-dist[deploy]``): nothing on this path imports torch.
+  The gate, its threshold and the checkpoint are fixed in the export.
+
+For every input ``REL/NAME.ext`` (relative to the input folder, or the file name for
+explicit files) two files are written:
 
     OUT/REL/NAME.png          palettised 8-bit PNG of class indices 0..C-1 (the dataset palette)
     OUT/REL/NAME_overlay.png  the image blended with the class colours
 
-Images of any size: windows of the training patch size (as stored in the run's shards;
-``--patch`` overrides it) with ``--overlap`` of each window shared with its neighbour, the
-last window flush with the border. Each window is predicted exactly as evaluation predicts
-a patch (mlps_dist.predict: resized to ``data.image_size``, segmenter and gate, logits back
-at the window's size); logits are averaged where windows overlap, and a class stays
-possible at a pixel when the classifier allows it in any window covering that pixel.
+Images of any size: windows of the training patch size (as stored in the run's shards or
+the export's model.json; ``--patch`` overrides it) with ``--overlap`` of each window shared
+with its neighbour, the last window flush with the border. Each window is predicted exactly
+as evaluation predicts a patch (resized to ``data.image_size``, segmenter and gate, back at
+the window's size); the gated scores are averaged where windows overlap (mlps_dist.windows),
+the same rule for both backends, so they agree up to float rounding.
 
 Colour modes: RGBA is composited onto white (transparent = empty glass, which is white
 in H&E); greyscale, palette and 16-bit images are converted to RGB. A file that cannot be
@@ -32,15 +41,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from mlps_dist import dist
-from mlps_dist.checkpoint import CheckpointError
-from mlps_dist.config import ConfigError, load_config
 from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
+from mlps_dist.errors import MlpsError
 from mlps_dist.fileio import atomic_write_bytes
-from mlps_dist.predict import Predictor, create_predictor, sliding_window, training_patch_size
+from mlps_dist.windows import segment_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -101,15 +107,61 @@ def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> 
     atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(blend(rgb, pred, palette)))
 
 
+class RunModel:
+    """Torch backend: the predictor of a run, windows blended by predict.sliding_window."""
+
+    def __init__(self, args):
+        from mlps_dist import dist
+        from mlps_dist.config import ConfigError, load_config
+        from mlps_dist.predict import create_predictor, training_patch_size
+
+        config_path = Path(args.run) / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"{config_path} does not exist; --run must be a run directory of a finished training")
+        cfg = load_config(config_path)
+        self.predictor, meta = create_predictor(args.run, cfg, checkpoint=args.checkpoint or "best",
+                                                gate=not args.no_gate, gate_threshold=args.gate_threshold,
+                                                device=dist.device())
+        info = None
+        try:
+            from mlps_dist.data.shards import read_info
+
+            info = read_info(cfg.data.root)
+        except (OSError, ValueError):
+            pass  # shards not reachable from here: generated colours, data.image_size windows
+        self.patch_size = training_patch_size(cfg, info)
+        self.palette = palette_for(int(meta["num_classes"]), info)
+
+    def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
+        from mlps_dist.predict import sliding_window
+
+        return sliding_window(self.predictor, rgb, window, overlap, batch_size).classes()[0].cpu().numpy()
+
+
+class ExportedModel:
+    """ONNX backend: deploy.OnnxModel, windows blended by windows.segment_image (numpy)."""
+
+    def __init__(self, args):
+        from mlps_dist.deploy import OnnxModel
+
+        self.model = OnnxModel(args.model)
+        self.patch_size, self.palette = self.model.patch_size, self.model.palette
+
+    def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
+        return segment_image(self.model.scores, rgb, window, overlap, batch_size)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # --run-dir as well: under torchrun a bare --run is taken as torchrun's own --run-path.
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory with config.yaml and segmenter/ (classifier/ for the gate)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", "--run-dir", dest="run",
+                        help="run directory with config.yaml and segmenter/ (classifier/ for the gate)")
+    source.add_argument("--model", help="model.onnx written by tools/export.py (model.json next to it)")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None, help="--run only; default best")
+    p.add_argument("--no-gate", action="store_true", help="--run only: skip the classification gate")
     p.add_argument("--gate-threshold", type=float, default=None, help="default: evaluate.gate_threshold of the run")
     p.add_argument("--patch", type=int, default=0, help="window side; default: the stored training patch size")
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
@@ -117,54 +169,46 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
+    if args.model and (args.no_gate or args.gate_threshold is not None or args.checkpoint):
+        p.error("--no-gate, --gate-threshold and --checkpoint apply to --run; an exported model has its gate "
+                "and checkpoint fixed by tools/export.py (export again to change them)")
     return args
 
 
-def build(args) -> tuple[Predictor, int, list]:
-    """(predictor, window side = the training patch size, palette)."""
-    config_path = Path(args.run) / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{config_path} does not exist; --run must be a run directory of a finished training")
-    cfg = load_config(config_path)
-    predictor, meta = create_predictor(args.run, cfg, checkpoint=args.checkpoint, gate=not args.no_gate,
-                                       gate_threshold=args.gate_threshold, device=dist.device())
-    info = None
-    try:
-        from mlps_dist.data.shards import read_info
-
-        info = read_info(cfg.data.root)
-    except (OSError, ValueError):
-        pass  # shards not reachable from here: generated colours, data.image_size windows
-    window = args.patch or training_patch_size(cfg, info)
-    return predictor, int(window), palette_for(int(meta["num_classes"]), info)
-
-
-def run(args) -> int:
+def run(args, rank: int = 0, world: int = 1) -> int:
     files = list_inputs(args.input)
-    mine = [files[i] for i in dist.partition(len(files), dist.get_world_size(), dist.get_rank())]
+    mine = files[rank::world]  # every file on exactly one rank
     check_readable([f for f, _ in mine])
-    predictor, window, palette = build(args)
+    model = ExportedModel(args) if args.model else RunModel(args)
+    window = int(args.patch or model.patch_size)
     for file, rel in mine:
         rgb = load_rgb(file)
-        pred = sliding_window(predictor, rgb, window, args.overlap, args.batch_size).classes()[0]
-        save_outputs(Path(args.out) / rel, rgb, pred.to(torch.uint8).cpu().numpy(), palette)
-    dist.barrier()
+        pred = model.segment(rgb, window, args.overlap, args.batch_size)
+        save_outputs(Path(args.out) / rel, rgb, pred.astype(np.uint8), model.palette)
     return len(files)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist.init("auto")
     try:
-        count = run(args)
-        if dist.is_main():
+        if args.model:  # one process, no torch
+            count, rank = run(args), 0
+        else:
+            from mlps_dist import dist
+
+            dist.init("auto")
+            try:
+                rank = dist.get_rank()
+                count = run(args, rank, dist.get_world_size())
+                dist.barrier()
+            finally:
+                dist.teardown()
+        if rank == 0:
             print(f"wrote {count} predictions to {args.out}")
         return 0
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (MlpsError, FileNotFoundError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)  # every rank: each names its own bad files
         return 2
-    finally:
-        dist.teardown()
 
 
 if __name__ == "__main__":
