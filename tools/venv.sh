@@ -16,8 +16,8 @@ fi
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     echo "[venv] installing dependencies ($torch_pin) ..." >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "$torch_pin" -e "$repo[test]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-    "$venv/bin/python" -c "import torch, deepspeed, nvidia.dali, webdataset, tensorboard" \
+        "$torch_pin" -e "$repo[test,export]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+    "$venv/bin/python" -c "import torch, deepspeed, nvidia.dali, webdataset, tensorboard, onnx, onnxruntime" \
         >/dev/null 2>&1 || { echo "[venv] install failed: see pip output above" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

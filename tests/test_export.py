@@ -1,0 +1,145 @@
+"""ONNX export: the graph equals the torch prediction path (resize, gate, fallback), the CLI
+self-checks and writes model.json + card, infer --model agrees with infer --run, bad inputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mlps_dist import export, infer
+from mlps_dist.deploy import OnnxModel
+from mlps_dist.errors import InputError
+from mlps_dist.export_graph import DeployGraph, antialiased_resize
+from mlps_dist.predict import Predictor, create_predictor
+from test_infer import CLASSES, make_run
+
+
+@pytest.mark.parametrize("h,w,size", [(48, 48, 32), (224, 224, 224), (50, 37, 32), (20, 24, 32), (300, 97, 64)])
+def test_exportable_resize_equals_torch_antialiased_bilinear(h, w, size):
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    want = x if (h, w) == (size, size) else F.interpolate(x, (size, size), mode="bilinear", align_corners=False,
+                                                          antialias=True)
+    torch.testing.assert_close(antialiased_resize(x, size), want, rtol=0, atol=1e-5)
+
+
+class BrightnessGate(torch.nn.Module):
+    """Classifier logits chosen by the patch's brightness: bright patches allow classes 1 and 3,
+    dark patches allow none (the all-gated-off fallback)."""
+
+    def forward(self, x):
+        partial = torch.tensor([-9.0, 9.0, -9.0, 9.0])
+        nothing = torch.full((4,), -9.0)
+        return torch.where(x.mean(dim=(1, 2, 3))[:, None] > 0, partial, nothing)
+
+
+def test_graph_reproduces_predictor_gate_and_fallback_for_any_n_h_w(tmp_path):
+    torch.manual_seed(0)
+    segmenter = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(2),
+                                    torch.nn.Upsample(scale_factor=2, mode="bilinear"))
+    predictor = Predictor(segmenter, BrightnessGate(), image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
+                          gate_threshold=0.1)
+    path = tmp_path / "g.onnx"
+    export.export_graph(DeployGraph.from_predictor(predictor), path, opset=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for n, h, w in [(2, 48, 48), (2, 32, 32), (3, 50, 37), (2, 20, 24)]:  # first bright, last dark
+        tiles = rng.integers(0, 256, (n, 3, h, w), dtype=np.uint8)
+        tiles[0] = np.clip(tiles[0].astype(int) + 120, 0, 255)  # bright: classes 1, 3 only
+        tiles[-1] //= 3  # dark: everything gated off -> ungated prediction
+        classes, scores, presence = session.run(None, {"image": tiles})
+        want = predictor(torch.from_numpy(tiles))
+        assert classes.shape == (n, h, w) and scores.shape == (n, 4, h, w) and presence.shape == (n, 4)
+        np.testing.assert_array_equal(classes, want.classes().numpy())
+        np.testing.assert_allclose(scores, want.scores().numpy(), atol=1e-5)
+        np.testing.assert_allclose(presence, want.probs.numpy(), atol=1e-6)
+        assert set(np.unique(classes[0])) <= {1, 3} and (scores[0][[0, 2]] == 0).all()  # -inf -> exactly 0
+        assert len(np.unique(classes[-1])) > 2  # fallback: ungated argmax, not all class 0
+        np.testing.assert_array_equal(classes[-1], want.classes(gated=False)[-1].numpy())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_shards):
+    """A tiny run on the tiny shards, with test metrics, exported by the CLI."""
+    base = tmp_path_factory.mktemp("export")
+    run = make_run(base / "run", data_root=str(tiny_shards), image_size=32)
+    (run / "metrics").mkdir()
+    iou = {c: 0.5 + 0.1 * i for i, c in enumerate(CLASSES)}
+    (run / "metrics" / "test.json").write_text(json.dumps(
+        {"miou": 0.6512, "fwiou": 0.7, "acc": 0.8, "macc": 0.75, "iou": iou, "gate": True, "samples": 8,
+         "ungated": {"miou": 0.6, "fwiou": 0.65, "acc": 0.7, "macc": 0.7, "iou": iou}}))
+    (run / "metrics" / "pseudo_masks.json").write_text(json.dumps({"val": {"bn7": {"miou": 0.4321}}}))
+    out = base / "export"
+    assert export.main(["--run", str(run), "--out", str(out)]) == 0
+    return run, out
+
+
+def test_export_writes_checked_model_json_and_card(exported, capsys):
+    run, out = exported
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == CLASSES and meta["num_classes"] == 4 and len(meta["palette"]) == 5
+    assert meta["patch_size"] == 48 and meta["image_size"] == 32 and meta["gate_threshold"] == 0.1
+    assert meta["self_check"]["samples"] == 8 and meta["self_check"]["class_agreement"] >= 0.999
+    assert meta["metrics"]["test"]["miou"] == 0.6512
+    assert meta["weights"]["segmenter"]["sha256"] == export.sha256(run / "segmenter" / "model.pt")
+    assert meta["weights"]["model.onnx"]["sha256"] == export.sha256(out / "model.onnx")
+    card = (out / "MODEL_CARD.md").read_text()
+    for needle in ("## Data", "## Method and settings", "## Results", "## Intended use and limits",
+                   "## Software and hardware", "## How to reproduce", "65.12", "43.21", "tools/export.py"):
+        assert needle in card, needle
+    assert not list(out.glob("*.tmp"))
+
+
+def test_onnx_model_matches_torch_on_patches_and_refuses_bad_input(exported, tiny_shards):
+    run, out = exported
+    model = OnnxModel(out / "model.onnx", providers=["CPUExecutionProvider"])
+    assert (model.classes, model.patch_size, model.num_classes, model.mpp) == (CLASSES, 48, 4, None)
+    predictor, _ = create_predictor(run)
+    tiles = np.random.default_rng(3).integers(0, 256, (3, 3, 48, 48), dtype=np.uint8)
+    got, want = model(tiles), predictor(torch.from_numpy(tiles))
+    assert (got["classes"] == want.classes().numpy()).mean() >= 0.999
+    np.testing.assert_allclose(model.scores(tiles), want.scores().numpy(), atol=1e-4)
+    with pytest.raises(InputError, match="expected uint8"):
+        model(tiles.astype(np.float32))
+    with pytest.raises(InputError, match="3 RGB channels"):
+        model(np.zeros((1, 4, 48, 48), np.uint8))
+    with pytest.raises(Exception, match="(?i)type"):  # the graph itself only takes uint8
+        model.session.run(None, {"image": tiles.astype(np.float32)})
+
+
+def test_infer_model_and_infer_run_agree_on_patches_and_a_large_image(exported, tmp_path):
+    run, out = exported
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(inputs / "patch.png")
+    # a synthetic "slide": smooth blobs, so that windows overlap over structure, not noise
+    yy, xx = np.mgrid[:260, :330]
+    slide = np.stack([128 + 100 * np.sin(xx / 37 + c) * np.cos(yy / 23 - c) for c in range(3)], -1)
+    Image.fromarray(slide.astype(np.uint8)).save(inputs / "slide.png")
+    common = ["--input", str(inputs), "--overlap", "0.25", "--batch-size", "16"]
+    assert infer.main(["--model", str(out / "model.onnx"), "--out", str(tmp_path / "onnx"), *common]) == 0
+    assert infer.main(["--run", str(run), "--out", str(tmp_path / "torch"), *common]) == 0
+    for name, shape in (("patch", (48, 48)), ("slide", (260, 330))):
+        a = np.asarray(Image.open(tmp_path / "onnx" / f"{name}.png"))
+        b = np.asarray(Image.open(tmp_path / "torch" / f"{name}.png"))
+        assert a.shape == shape and (a == b).mean() >= 0.999, name
+        assert len(np.unique(b)) > 1
+
+
+def test_infer_model_refuses_run_only_flags(exported, tmp_path, capsys):
+    _, out = exported
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--model", str(out / "model.onnx"), "--input", "x", "--out", "y", "--no-gate"])
+    assert "fixed by tools/export.py" in capsys.readouterr().err
+
+
+def test_export_without_test_patches_fails_before_writing(tmp_path, capsys):
+    run = make_run(tmp_path / "run", data_root=str(tmp_path / "no-shards"))
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "info.json does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.onnx").exists()
