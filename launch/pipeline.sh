@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole pipeline on this node (or, with NNODES etc., on each node of a group):
-# classifier -> pseudo masks -> segmenter -> evaluate, then print the test metrics.
+# classifier -> pseudo masks -> segmenter -> evaluate, then write RUN/MODEL_CARD.md and print
+# the test metrics.
 #
 #   launch/pipeline.sh CONFIG RUN_DIR [key=value ...]
 #
@@ -41,4 +42,7 @@ for stage in "${MLPS_STAGES[@]}"; do
         exit "$status"
     fi
 done
+# The model card (RUN/MODEL_CARD.md) describes the finished run; tools/export.py copies it.
+python -m mlps_dist.model_card --run "$run_dir" ||
+    mlps_log "warning: writing $run_dir/MODEL_CARD.md failed; rerun: python -m mlps_dist.model_card --run $run_dir"
 mlps_print_metrics "$run_dir/metrics/test.json"

@@ -143,3 +143,48 @@ def test_export_without_test_patches_fails_before_writing(tmp_path, capsys):
     assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "info.json does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
+    """The deployment install: the package with --no-deps plus the [deploy] extra, no torch;
+    its infer --model writes the same classes as infer --run in the training environment."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    run, out = exported
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "mlps_dist", src / "mlps_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    deploy = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deploy"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+    def call(*args, check=True):
+        return subprocess.run([python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                              check=check)
+
+    call("-m", "pip", "install", "--quiet", "--no-deps", str(src))
+    call("-m", "pip", "install", "--quiet", *deploy)
+    assert call("-c", "import torch", check=False).returncode != 0, "torch must not be in the deployment venv"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(5)
+    for i, size in enumerate([(48, 48), (70, 90)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f"p{i}.png")
+    proc = call("-m", "mlps_dist.infer", "--model", str(out / "model.onnx"), "--input", str(inputs),
+                "--out", str(tmp_path / "deployed"), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(tmp_path / "torch")]) == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "deployed" / f"p{i}.png"))
+        b = np.asarray(Image.open(tmp_path / "torch" / f"p{i}.png"))
+        assert (a == b).mean() >= 0.999

@@ -171,6 +171,8 @@ def test_pipeline_preempted_exits_75_and_the_rerun_skips_finished_stages_and_res
     table = rerun[rerun.index("test metrics (%)"):]
     assert f"{100 * metrics['miou']:.2f}" in table.split("miou")[1].split("\n")[0]
     assert "IoU TE" in table
+    card = (run_dir / "MODEL_CARD.md").read_text()  # written when the pipeline finishes
+    assert "## Results" in card and f"| **miou** | {100 * metrics['miou']:.2f} |" in card
 
 
 @pytest.mark.slow
