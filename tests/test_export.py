@@ -78,6 +78,20 @@ def exported(tmp_path_factory, tiny_shards):
     return run, out
 
 
+def test_ungated_graph_has_presence_one_and_plain_softmax(tmp_path):
+    torch.manual_seed(1)
+    predictor = Predictor(torch.nn.Conv2d(3, 4, 1), None, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    path = tmp_path / "g.onnx"
+    export.export_graph(DeployGraph.from_predictor(predictor), path, opset=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    tiles = np.random.default_rng(1).integers(0, 256, (3, 3, 24, 20), dtype=np.uint8)
+    classes, scores, presence = session.run(None, {"image": tiles})
+    want = predictor(torch.from_numpy(tiles))
+    np.testing.assert_array_equal(classes, want.classes().numpy())
+    np.testing.assert_allclose(scores, want.scores().numpy(), atol=1e-5)
+    assert presence.shape == (3, 4) and (presence == 1).all()
+
+
 def test_export_writes_checked_model_json_and_card(exported, capsys):
     run, out = exported
     meta = json.loads((out / "model.json").read_text())
