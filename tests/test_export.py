@@ -152,6 +152,29 @@ def test_infer_model_refuses_run_only_flags(exported, tmp_path, capsys):
     assert "fixed by tools/export.py" in capsys.readouterr().err
 
 
+def test_self_check_detects_a_graph_that_differs_from_the_torch_model(tmp_path):
+    def predictor(seed):
+        torch.manual_seed(seed)
+        return Predictor(torch.nn.Conv2d(3, 4, 1), None, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+
+    path = tmp_path / "a.onnx"
+    export.export_graph(DeployGraph.from_predictor(predictor(0)), path, opset=17)
+    tiles = [np.random.default_rng(2).integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)]
+    assert export.self_check(predictor(0), path, tiles)["class_agreement"] == 1.0
+    other = export.self_check(predictor(1), path, tiles)
+    assert other["class_agreement"] < export.MIN_AGREEMENT and other["max_score_diff"] > 0.01
+
+
+def test_model_card_cli_writes_the_run_card(exported):
+    from mlps_dist import model_card
+
+    run, _ = exported
+    assert model_card.main(["--run", str(run)]) == 0
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| test | 8 | 48x48 |" in card and "digest `" in card and "sha256 of info.json" in card
+    assert "| **miou** | 65.12 | 60.00 |" in card and "| val | bn7 | 43.21 |" in card
+
+
 def test_export_without_test_patches_fails_before_writing(tmp_path, capsys):
     run = make_run(tmp_path / "run", data_root=str(tmp_path / "no-shards"))
     assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 2
