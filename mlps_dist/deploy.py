@@ -69,8 +69,11 @@ class OnnxModel:
     """model.onnx + model.json of an export, run with onnxruntime."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise InputError(f"an exported model runs with onnxruntime, which is not installed ({exc}): "
+                             f"pip install onnxruntime (or onnxruntime-gpu)") from exc
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path} does not exist; --model must be the model.onnx written by tools/export.py")

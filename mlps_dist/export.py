@@ -177,6 +177,11 @@ def run_export(args) -> dict:
     from mlps_dist.data.shards import open_split
     from mlps_dist.predict import create_predictor
 
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise MlpsError(f"the export needs onnx and onnxruntime ({exc}): pip install 'mlps-dist[export]'") from exc
     run, out = Path(args.run), Path(args.out)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run / 'config.yaml'} does not exist; --run must be a run directory of a finished training")
