@@ -7,7 +7,8 @@
 
 Reads the train shards (data.root) and RUN/pseudo_masks/train, joined by sample key; the
 loss is sum_l weight_l * CE(logits, mask_l) over ``segmenter.loss_layers`` (paper: 0.6 bn7
-+ 0.2 b5_2 + 0.2 b4_5), white/excluded pixels (value C) ignored. Validates on val every
++ 0.2 b5_2 + 0.2 b4_5), white/excluded pixels (value C) ignored; ``segmenter.loss_batch_average``
+divides it once more by the global batch, as the public code's loss does. Validates on val every
 ``val_every_epochs`` (ungated mIoU, all-reduced) and keeps the best as RUN/segmenter/best.pt;
 writes RUN/segmenter/{checkpoints/, model.pt}. Relaunching resumes from the newest
 checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75 means
@@ -92,12 +93,14 @@ class SegmenterTask:
         # The loader yields every layer of the store, in the store's order; pick ours.
         self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
         self.meta = {"name": self.section.model, "num_classes": self.num_classes,
+                     "multi_grid": list(self.section.multi_grid),
                      "classes": list(train_reader.classes), "config": cfg.to_dict()}
         self.palette = palette_for(self.num_classes, train_reader.info)
         self.val_rows: list[np.ndarray] = []
 
     def build_model(self):
-        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained)
+        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained,
+                                multi_grid=self.section.multi_grid)
 
     def micro_steps_per_epoch(self, plan) -> int:
         return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
@@ -105,12 +108,17 @@ class SegmenterTask:
     def train_loader(self, epoch: int, start_step: int, plan):
         loader = create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
                                      start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                     device=dist.device(), pseudo_masks=self.store)
+                                     device=dist.device(), pseudo_masks=self.store, augment=self.section.augment)
         return StartedOnIter(loader)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots]
-        return segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index)
+        loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index)
+        if self.section.loss_batch_average:
+            # The public loss (pixel mean / n, n = the whole batch on one device): the global
+            # batch here, since DDP and accumulation already average the per-micro-batch means.
+            loss = loss / self.section.batch_size
+        return loss
 
     def start_epoch(self, epoch: int, module) -> dict[str, float]:
         return {"epoch": float(epoch)}
