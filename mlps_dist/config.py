@@ -138,6 +138,9 @@ class SegmenterConfig(TrainConfig):
     # weight decay is not divided. True reproduces that (divides by segmenter.batch_size,
     # the global batch); false keeps the plain pixel mean.
     loss_batch_average: bool = False
+    # The public loss appends a logit channel (100 on white pixels of the first layer's mask,
+    # 0 elsewhere) and averages over all pixels; false ignores white pixels instead.
+    loss_white_channel: bool = False
     # The public DeepLab is the multi-grid ResNet-101 of pytorch-deeplab-xception: layer4
     # dilations (1, 2, 4) x 2. Empty keeps torchvision's layer4 (dilation 1, 2, 2).
     multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])

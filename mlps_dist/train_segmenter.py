@@ -42,12 +42,21 @@ STAGE = "segmenter"
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, weights: list[float],
-                      ignore_index: int) -> torch.Tensor:
+                      ignore_index: int, white_channel: bool = False) -> torch.Tensor:
     """sum_l weights[l] * mean pixel CE of ``logits`` (B,C,H,W) against ``masks[:, l]`` (B,L,H,W).
 
     Pixels equal to ``ignore_index`` count neither in the sum nor in the mean; a layer with
     no valid pixel in the batch contributes 0 (plain mean reduction would give nan).
+
+    ``white_channel``: the public code's form instead. A constant logit channel is appended,
+    100 where the first layer's mask is white (= ``ignore_index``, the value C) and 0
+    elsewhere, and the CE is the mean over every pixel: white pixels cost ~0 but count in
+    the mean, and elsewhere the extra logit 0 takes part in the softmax.
     """
+    if white_channel:
+        white = (masks[:, 0] == ignore_index).unsqueeze(1).to(torch.float32)
+        extended = torch.cat([logits.float(), 100.0 * white], dim=1)
+        return sum(weight * F.cross_entropy(extended, masks[:, layer]) for layer, weight in enumerate(weights))
     total = logits.new_zeros(())
     for layer, weight in enumerate(weights):
         target = masks[:, layer]
@@ -113,7 +122,8 @@ class SegmenterTask:
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots]
-        loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index)
+        loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index,
+                                 white_channel=self.section.loss_white_channel)
         if self.section.loss_batch_average:
             # The public loss (pixel mean / n, n = the whole batch on one device): the global
             # batch here, since DDP and accumulation already average the per-micro-batch means.
