@@ -347,8 +347,9 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg.segmenter, "segmenter")
     _validate_augment(cfg.classifier.augment, "classifier.augment")
     _validate_augment(cfg.segmenter.augment, "segmenter.augment")
-    _check(all(g >= 1 for g in cfg.segmenter.multi_grid), "segmenter.multi_grid",
-           f"must hold dilation multipliers >= 1 (public: [1, 2, 4]; [] = torchvision layer4), got {cfg.segmenter.multi_grid}")
+    _check(len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
+           "segmenter.multi_grid", "must hold 3 dilation multipliers >= 1, one per layer4 block (public: "
+           f"[1, 2, 4]), or be [] for torchvision's layer4; got {cfg.segmenter.multi_grid}")
     pda = cfg.classifier.pda
     _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
            "needs 0 < gamma_min <= gamma_init <= 1")

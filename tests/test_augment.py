@@ -121,7 +121,7 @@ def test_stage_sections_are_used_by_their_stage(tiny_shards):
     classifier = first()
     assert torch.equal(classifier, first(augment=cfg.classifier.augment))
     assert not torch.allclose(classifier, first(augment=cfg.segmenter.augment), atol=1e-2)
-    assert torch.equal(first(pseudo_masks=RedChannelMasks(reader))[:, :], first(augment=cfg.segmenter.augment))
+    assert torch.equal(first(pseudo_masks=RedChannelMasks(reader)), first(augment=cfg.segmenter.augment))
 
 
 def test_torch_and_dali_agree_with_blur_and_hed_on(tiny_shards):
@@ -135,8 +135,8 @@ def test_torch_and_dali_agree_with_blur_and_hed_on(tiny_shards):
     assert len(out["torch"]) == len(out["dali"]) == 4
     for a, b in zip(out["torch"], out["dali"]):
         assert a["key"] == b["key"] and torch.equal(a["masks"], b["masks"])
-        # float32 log/exp and 2-D vs separable blur differ by rounding: < 0.05 grey levels
-        assert (a["image"] - b["image"]).abs().max() < 1e-3
+        # float32 log/exp and 2-D vs separable blur differ by rounding only (measured: 2e-6)
+        assert (a["image"] - b["image"]).abs().max() < 1e-4
 
 
 def _write(tmp_path, values) -> str:
@@ -155,7 +155,7 @@ def test_old_shared_keys_name_the_new_ones(tmp_path, old):
 
 @pytest.mark.parametrize("key,value", [("segmenter.augment.blur_prob", 1.5), ("classifier.augment.hed_jitter", 1.0),
                                        ("segmenter.augment.hed_shift", -0.1), ("classifier.augment.blur_radius", 0),
-                                       ("segmenter.augment.color_jitter", 1.0)])
+                                       ("segmenter.augment.color_jitter", 1.0), ("segmenter.multi_grid", "[1, 2]")])
 def test_bad_augment_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [f"{key}={value}"])
