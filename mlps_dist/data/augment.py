@@ -10,8 +10,9 @@ Masks get the geometry and nothing else. The image then gets, on floats in 0..25
    h = ceil(3 blur_radius), borders reflected without repeating the edge (reflect-101);
 2. HED stain jitter (Tellez et al. 2018): RGB -> optical density -> H, E, D stains by the
    Ruifrok-Johnston matrix (skimage's rgb2hed convention: OD = log(max(x/255, 1e-6)) /
-   log(1e-6)), each stain s -> s * alpha + beta, back to RGB. It is one affine map in log
-   space: ``log x' = log x @ A + t`` with A = inv(M) diag(alpha) M, t = (beta @ M) log(1e-6),
+   log(1e-6); negative stain values are kept, not clipped to 0 as rgb2hed does, so zero
+   jitter is the identity), each stain s -> s * alpha + beta, back to RGB. It is one affine
+   map in log space: ``log x' = log x @ A + t`` with A = inv(M) diag(alpha) M, t = (beta @ M) log(1e-6),
    so both back ends apply the same (A, t) computed here;
 3. colour jitter: ``out = clip(img * gain[c] + offset * 255, 0, 255)``.
 
