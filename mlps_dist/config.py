@@ -30,12 +30,30 @@ class DataConfig:
     loader: str = "torch"  # torch | dali
     num_workers: int = 2  # loader worker processes (torch) or threads (dali) per rank
     image_size: int = 0  # side the patches are resized to for training; 0 keeps the stored size
-    hflip: bool = True  # the paper's augmentation
-    vflip: bool = True
-    rot90: bool = False
-    color_jitter: float = 0.0  # 0 disables; otherwise the strength of H&E stain/brightness jitter
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation of one stage (classifier.augment, segmenter.augment).
+
+    Every draw is a function of (seed, epoch, sample index): see data/augment.py. Pseudo
+    masks follow the geometry only; blur and colour touch the image alone."""
+
+    hflip: bool = True  # random left-right flip (p = 0.5)
+    vflip: bool = True  # random top-bottom flip (p = 0.5)
+    rot90: bool = False  # random turn by 0/90/180/270 degrees
+    color_jitter: float = 0.0  # 0 disables; per-channel RGB gain in [1-s, 1+s] and a common offset of +-0.1 s
+    hed_jitter: float = 0.0  # 0 disables; HED stain scale alpha ~ U(1-s, 1+s) per stain (Tellez et al. 2018)
+    hed_shift: float = 0.0  # 0 disables; HED stain shift beta ~ U(-b, b) per stain, in normalised optical density
+    blur_prob: float = 0.0  # chance of a Gaussian blur per sample (the public stage-3 recipe: 0.5)
+    blur_radius: float = 1.0  # blur sigma ~ U(0, blur_radius) pixels (PIL GaussianBlur(radius=random()))
+
+
+# Keys that moved into the per-stage augment sections: named in the error for old configs.
+MOVED_KEYS = {f"data.{name}": (f"classifier.augment.{name}", f"segmenter.augment.{name}")
+              for name in ("hflip", "vflip", "rot90", "color_jitter")}
 
 
 @dataclass
@@ -84,6 +102,7 @@ class ClassifierConfig(TrainConfig):
     freeze_stages: int = 0  # number of early stages with frozen weights
     dropout: float = 0.5  # channel dropout on bn7 before the head (the public code's dropout7)
     pda: PdaConfig = field(default_factory=PdaConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # stage 1 (public: h and v flips)
     cam_images: int = 4  # val patches drawn with CAM overlays in TensorBoard
 
 
@@ -114,6 +133,18 @@ class SegmenterConfig(TrainConfig):
     loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
     loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     vis_images: int = 4
+    # The public stage-3 loss divides the pixel-mean cross-entropy once more by the batch
+    # (tool/loss.py, batch_average=True): gradients batch_size times smaller, while SGD's
+    # weight decay is not divided. True reproduces that (divides by segmenter.batch_size,
+    # the global batch); false keeps the plain pixel mean.
+    loss_batch_average: bool = False
+    # The public loss appends a logit channel (100 on white pixels of the first layer's mask,
+    # 0 elsewhere) and averages over all pixels; false ignores white pixels instead.
+    loss_white_channel: bool = False
+    # The public DeepLab is the multi-grid ResNet-101 of pytorch-deeplab-xception: layer4
+    # dilations (1, 2, 4) x 2. Empty keeps torchvision's layer4 (dilation 1, 2, 2).
+    multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(vflip=False, blur_prob=0.5))
 
 
 @dataclass
@@ -200,6 +231,9 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
     types = _field_types(type(obj))
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{source}: '{key}' is no longer a key: augmentation is set per stage; use "
+                              f"{' and '.join(repr(k) for k in MOVED_KEYS[key])} instead")
         if name not in types:
             raise _unknown(key, list(types), source)
         tp = types[name]
@@ -294,16 +328,28 @@ def _validate_train(t: TrainConfig, name: str) -> None:
                f"points to {t.deepspeed_config}, which does not exist (see configs/deepspeed/)")
 
 
+def _validate_augment(a: AugmentConfig, name: str) -> None:
+    _check(0 <= a.color_jitter < 1, f"{name}.color_jitter", f"must be in [0, 1), got {a.color_jitter}")
+    _check(0 <= a.hed_jitter < 1, f"{name}.hed_jitter", f"must be in [0, 1), got {a.hed_jitter}")
+    _check(0 <= a.hed_shift < 1, f"{name}.hed_shift", f"must be in [0, 1), got {a.hed_shift}")
+    _check(0 <= a.blur_prob <= 1, f"{name}.blur_prob", f"must be in [0, 1], got {a.blur_prob}")
+    _check(0 < a.blur_radius <= 8, f"{name}.blur_radius", f"must be in (0, 8] pixels, got {a.blur_radius}")
+
+
 def validate(cfg: Config) -> None:
     _check(cfg.data.loader in ("torch", "dali"), "data.loader", f"must be 'torch' or 'dali', got '{cfg.data.loader}'")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/data.std", "must have 3 values (RGB)")
     _check(all(s > 0 for s in cfg.data.std), "data.std", f"must be > 0, got {cfg.data.std}")
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
-    _check(0 <= cfg.data.color_jitter < 1, "data.color_jitter", f"must be in [0, 1), got {cfg.data.color_jitter}")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
     _validate_train(cfg.classifier, "classifier")
     _validate_train(cfg.segmenter, "segmenter")
+    _validate_augment(cfg.classifier.augment, "classifier.augment")
+    _validate_augment(cfg.segmenter.augment, "segmenter.augment")
+    _check(len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
+           "segmenter.multi_grid", "must hold 3 dilation multipliers >= 1, one per layer4 block (public: "
+           f"[1, 2, 4]), or be [] for torchvision's layer4; got {cfg.segmenter.multi_grid}")
     pda = cfg.classifier.pda
     _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
            "needs 0 < gamma_min <= gamma_init <= 1")

@@ -55,7 +55,8 @@ def _load(path: Path, factory, what: str, num_classes: int | None, device) -> tu
     if num_classes is not None and int(meta["num_classes"]) != num_classes:
         raise ValueError(f"{path} was trained for {meta['num_classes']} classes {meta.get('classes')}, "
                          f"but the data has {num_classes}; use a run trained on this dataset")
-    model = factory(meta["name"], int(meta["num_classes"]))
+    extra = {"multi_grid": meta.get("multi_grid", [])} if factory is create_segmenter else {}  # [] = before multi-grid
+    model = factory(meta["name"], int(meta["num_classes"]), **extra)
     model.load_state_dict(state)
     return model.to(device).eval(), {**meta, "path": str(path)}
 

@@ -80,7 +80,7 @@ class ClassifierTask:
     def train_loader(self, epoch: int, start_step: int, plan):
         return create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
                                    start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                   device=dist.device())
+                                   device=dist.device(), augment=self.section.augment)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return F.multilabel_soft_margin_loss(model(batch["image"]), batch["labels"])

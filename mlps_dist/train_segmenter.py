@@ -7,7 +7,8 @@
 
 Reads the train shards (data.root) and RUN/pseudo_masks/train, joined by sample key; the
 loss is sum_l weight_l * CE(logits, mask_l) over ``segmenter.loss_layers`` (paper: 0.6 bn7
-+ 0.2 b5_2 + 0.2 b4_5), white/excluded pixels (value C) ignored. Validates on val every
++ 0.2 b5_2 + 0.2 b4_5), white/excluded pixels (value C) ignored; ``segmenter.loss_batch_average``
+divides it once more by the global batch, as the public code's loss does. Validates on val every
 ``val_every_epochs`` (ungated mIoU, all-reduced) and keeps the best as RUN/segmenter/best.pt;
 writes RUN/segmenter/{checkpoints/, model.pt}. Relaunching resumes from the newest
 checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75 means
@@ -42,12 +43,21 @@ STAGE = "segmenter"
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, weights: list[float],
-                      ignore_index: int) -> torch.Tensor:
+                      ignore_index: int, white_channel: bool = False) -> torch.Tensor:
     """sum_l weights[l] * mean pixel CE of ``logits`` (B,C,H,W) against ``masks[:, l]`` (B,L,H,W).
 
     Pixels equal to ``ignore_index`` count neither in the sum nor in the mean; a layer with
     no valid pixel in the batch contributes 0 (plain mean reduction would give nan).
+
+    ``white_channel``: the public code's form instead. A constant logit channel is appended,
+    100 where the first layer's mask is white (= ``ignore_index``, the value C) and 0
+    elsewhere, and the CE is the mean over every pixel: white pixels cost ~0 but count in
+    the mean, and elsewhere the extra logit 0 takes part in the softmax.
     """
+    if white_channel:
+        white = (masks[:, 0] == ignore_index).unsqueeze(1).to(torch.float32)
+        extended = torch.cat([logits.float(), 100.0 * white], dim=1)
+        return sum(weight * F.cross_entropy(extended, masks[:, layer]) for layer, weight in enumerate(weights))
     total = logits.new_zeros(())
     for layer, weight in enumerate(weights):
         target = masks[:, layer]
@@ -93,12 +103,14 @@ class SegmenterTask:
         # The loader yields every layer of the store, in the store's order; pick ours.
         self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
         self.meta = {"name": self.section.model, "num_classes": self.num_classes,
+                     "multi_grid": list(self.section.multi_grid),
                      "classes": list(train_reader.classes), "config": cfg.to_dict()}
         self.palette = palette_for(self.num_classes, train_reader.info)
         self.val_rows: list[np.ndarray] = []
 
     def build_model(self):
-        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained)
+        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained,
+                                multi_grid=self.section.multi_grid)
 
     def micro_steps_per_epoch(self, plan) -> int:
         return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
@@ -106,12 +118,18 @@ class SegmenterTask:
     def train_loader(self, epoch: int, start_step: int, plan):
         loader = create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
                                      start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                     device=dist.device(), pseudo_masks=self.store)
+                                     device=dist.device(), pseudo_masks=self.store, augment=self.section.augment)
         return StartedOnIter(loader)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots]
-        return segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index)
+        loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index,
+                                 white_channel=self.section.loss_white_channel)
+        if self.section.loss_batch_average:
+            # The public loss (pixel mean / n, n = the whole batch on one device): the global
+            # batch here, since DDP and accumulation already average the per-micro-batch means.
+            loss = loss / self.section.batch_size
+        return loss
 
     def start_epoch(self, epoch: int, module) -> dict[str, float]:
         return {"epoch": float(epoch)}

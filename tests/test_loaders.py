@@ -3,6 +3,7 @@ exactly-once evaluation, and agreement of the torch and DALI back ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -10,16 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from mlps_dist.config import Config, ConfigError
+from mlps_dist.config import AugmentConfig, Config, ConfigError
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.shards import open_split
 
 
-def make_cfg(root, loader="torch", workers=0, **data) -> Config:
+AUGMENT_KEYS = {f.name for f in dataclasses.fields(AugmentConfig)}
+
+
+def make_cfg(root, loader="torch", workers=0, **keys) -> Config:
+    """data.* keys, and augment keys set for both stages alike."""
     cfg = Config()
     cfg.data.root, cfg.data.loader, cfg.data.num_workers = str(root), loader, workers
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
+    for key, value in keys.items():
+        for section in ((cfg.classifier.augment, cfg.segmenter.augment) if key in AUGMENT_KEYS else (cfg.data,)):
+            setattr(section, key, value)
     return cfg
 
 
@@ -110,7 +116,7 @@ def _unnormalise(image, cfg):
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_masks_follow_the_image_geometry(tiny_shards, backend):
     reader = open_split(tiny_shards, "train")
-    cfg = make_cfg(tiny_shards, backend, rot90=True)
+    cfg = make_cfg(tiny_shards, backend, rot90=True, blur_prob=0.0)
     loader = create_train_loader(cfg, reader, batch_size=8, epoch=0, rank=0, world=1, device="cpu",
                                  pseudo_masks=RedChannelMasks(reader))
     batch = next(iter(loader))

@@ -103,7 +103,7 @@ def test_deeplab_param_groups_split_backbone_from_aspp_and_decoder():
     assert not backbone & head
     assert backbone | head == {id(p) for p in model.parameters()}
     assert id(model.backbone.layer4[0].conv1.weight) in backbone
-    assert id(model.decoder.classifier.weight) in head and id(model.aspp.project[0][0].weight) in head
+    assert id(model.decoder.classifier.weight) in head and id(model.aspp.conv1.weight) in head
 
 
 def test_resnet101_deeplab_torchvision_layout_and_output_stride_16():
@@ -113,7 +113,7 @@ def test_resnet101_deeplab_torchvision_layout_and_output_stride_16():
                 "layer3.22.conv3.weight", "layer4.2.bn3.running_var"):
         assert key in keys, key
     assert "layer3.23.conv1.weight" not in keys and not any(k.startswith("fc.") for k in keys)
-    assert model.backbone.layer4[1].conv2.dilation == (2, 2)
+    assert model.backbone.layer4[1].conv2.dilation == (4, 4)  # multi-grid (1, 2, 4) x 2
     x = torch.randn(1, 3, 33, 47)
     with torch.no_grad():
         feats = model.backbone(x)

@@ -95,6 +95,31 @@ def test_layer_with_only_ignored_pixels_contributes_zero_not_nan():
     assert float(loss) == pytest.approx(0.5 * float(F.cross_entropy(logits, masks[:, 1])), rel=1e-6)
 
 
+def test_public_loss_form_matches_the_public_code(tmp_path, tiny_shards):
+    """segmenter.loss_batch_average + loss_white_channel reproduce 3_train_stage2.py's loss
+    (written out here from that script and tool/loss.py) for a global batch of 8."""
+    write_pseudo_masks(tmp_path / "run", tiny_shards)
+    public = train_segmenter.prepare(seg_config(tmp_path / "run", tiny_shards, loss_batch_average=True,
+                                                loss_white_channel=True))
+    plain = train_segmenter.prepare(seg_config(tmp_path / "run", tiny_shards))
+    torch.manual_seed(0)
+    c, n, hw = 4, 8, (6, 7)
+    logits = torch.randn(n, c, *hw) * 3
+    masks = torch.randint(0, c + 1, (n, 3, *hw))  # store order b4_5, b5_2, bn7; value 4 = white
+    masks[:, 0], masks[:, 1] = masks[:, 0].where(masks[:, 2] != c, c), masks[:, 1].where(masks[:, 2] != c, c)
+    batch = {"image": torch.zeros(n, 3, *hw), "masks": masks}
+
+    target, target_a, target_b = masks[:, 2], masks[:, 1], masks[:, 0]  # PM_bn7, PM_b5_2, PM_b4_5
+    output = torch.cat([logits, 100 * torch.ones(n, 1, *hw) * (target == 4).unsqueeze(dim=1)], dim=1)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    expected = (0.6 * criterion(output, target) / n + 0.2 * criterion(output, target_a) / n
+                + 0.2 * criterion(output, target_b) / n)
+    assert float(public.loss(lambda x: logits, batch)) == pytest.approx(float(expected), rel=1e-5)
+    ours = float(plain.loss(lambda x: logits, batch))
+    assert ours == pytest.approx(float(segmentation_loss(logits, masks[:, [2, 1, 0]], [0.6, 0.2, 0.2], c)))
+    assert abs(ours / n - float(expected)) > 1e-4  # the two forms differ when there are white pixels
+
+
 def test_layers_are_picked_from_the_store_order(tmp_path, tiny_shards):
     write_pseudo_masks(tmp_path / "run", tiny_shards)
     cfg = seg_config(tmp_path / "run", tiny_shards, loss_layers=["bn7", "b4_5"], loss_weights=[0.6, 0.4])

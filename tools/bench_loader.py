@@ -47,7 +47,7 @@ class PngFolderDataset(Dataset):
         path = self.files[i]
         labels = torch.tensor(LUAD.parse_train_name(path.name, 4)[0], dtype=torch.float32)
         rgb = np.asarray(Image.open(path).convert("RGB"))
-        p = sample_params(self.cfg.data, self.cfg.seed, 0, i)
+        p = sample_params(self.cfg.classifier.augment, self.cfg.seed, 0, i)
         image = normalise(colour(geometric(rgb, p).astype(np.float32), p), self.cfg.data.mean, self.cfg.data.std)
         return torch.from_numpy(image), labels
 
@@ -89,7 +89,8 @@ def total_rate(images: int, seconds: float) -> float:
 def run(args) -> dict:
     src, shards = prepare(args)
     cfg = Config()
-    cfg.data.root, cfg.data.num_workers, cfg.data.rot90, cfg.data.color_jitter = str(shards), args.workers, True, 0.1
+    cfg.data.root, cfg.data.num_workers = str(shards), args.workers
+    cfg.classifier.augment.rot90, cfg.classifier.augment.color_jitter = True, 0.1
     rank, world, device = dist.get_rank(), dist.get_world_size(), dist.device()
     reader = open_split(shards, "train")
     steps = min(args.steps, len(reader) // (args.batch * world) - 1)

@@ -1,16 +1,22 @@
-"""Convert MXNet ResNet-38 (A1) ImageNet weights to a ResNet-38d state dict.
+"""Convert MXNet ResNet-38 (A1) ImageNet weights to a ResNet-38d state dict, or check and
+extract a pytorch-deeplab-xception checkpoint for the stage-3 DeepLab.
 
     python tools/convert_weights.py --mxnet ilsvrc-cls_rna-a1_cls1000_ep-0001.params \
         --out resnet38d_imagenet.pth
+    python tools/convert_weights.py --deeplab deeplab-resnet.pth.tar --out deeplab_resnet101_voc.pth
 
-Reads the .params file without mxnet, renames every tensor to our ResNet-38d names, drops
-the 1000-class fc, checks the result by loading it into the network (printing the missing /
-unexpected report) and writes a plain state dict for ``classifier.pretrained``.
+--mxnet reads the .params file without mxnet, renames every tensor to our ResNet-38d names,
+drops the 1000-class fc and writes a plain state dict for ``classifier.pretrained``.
+--deeplab reads the checkpoint ({'state_dict', 'optimizer', 'epoch', 'best_pred'}), drops
+its 1x1 classifier (decoder.last_conv.8) and writes the rest for ``segmenter.pretrained``
+(which also takes the .pth.tar itself). Both check the result against the network's names
+and shapes, print every missing / unexpected name, and exit 1 when there is any.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -18,11 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mlps_dist.fileio import atomic_write_bytes  # noqa: E402
+from mlps_dist.models import create_segmenter  # noqa: E402
 from mlps_dist.models.resnet38d import create_resnet38d, create_small38  # noqa: E402
 from mlps_dist.models.weights import (  # noqa: E402
-    LoadReport, convert_mxnet_resnet38d, match_state_dict, read_mxnet_params)
+    LoadReport, convert_mxnet_resnet38d, match_state_dict, read_mxnet_params, read_state_dict)
 
-BACKBONES = {"resnet38d": create_resnet38d, "small38": create_small38}
+BACKBONES = {"resnet38d": create_resnet38d, "small38": create_small38,
+             "deeplabv3plus_resnet101": lambda: create_segmenter("deeplabv3plus_resnet101", 21),
+             "deeplabv3plus_small": lambda: create_segmenter("deeplabv3plus_small", 21)}
+CLASSIFIER = "decoder.last_conv.8."
 
 
 def check_against_model(state: dict[str, torch.Tensor], dropped: list[str], model_name: str,
@@ -39,22 +50,32 @@ def check_against_model(state: dict[str, torch.Tensor], dropped: list[str], mode
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mxnet", required=True, help="MXNet .params file (mx.nd.save format)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mxnet", help="MXNet .params file (mx.nd.save format) of ResNet-38 (A1)")
+    source.add_argument("--deeplab", help="pytorch-deeplab-xception checkpoint, e.g. deeplab-resnet.pth.tar")
     parser.add_argument("--out", required=True, help="output .pth (plain state dict)")
-    parser.add_argument("--model", default="resnet38d", choices=sorted(BACKBONES),
-                        help="network whose names and shapes the result must fit")
+    parser.add_argument("--model", default=None, choices=sorted(BACKBONES),
+                        help="network whose names and shapes the result must fit "
+                             "(default: resnet38d for --mxnet, deeplabv3plus_resnet101 for --deeplab)")
     args = parser.parse_args(argv)
 
-    state, dropped = convert_mxnet_resnet38d(read_mxnet_params(args.mxnet))
-    report = check_against_model(state, dropped, args.model, args.mxnet)
+    if args.mxnet:
+        src, model = args.mxnet, args.model or "resnet38d"
+        state, dropped = convert_mxnet_resnet38d(read_mxnet_params(src))
+        report = check_against_model(state, dropped, model, src)
+        missing = report.missing
+    else:
+        src, model = args.deeplab, args.model or "deeplabv3plus_resnet101"
+        state, dropped = read_state_dict(src, kind="deeplab")
+        report = check_against_model(state, dropped, model, src)
+        missing = [k for k in report.missing if not k.startswith(CLASSIFIER)]  # trained per dataset anyway
     print(report.summary())
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)  # a reader never sees a half-written file
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out, buffer.getvalue())  # a reader never sees a half-written file
     print(f"wrote {out} ({len(state)} tensors)")
-    return 1 if report.missing else 0
+    return 1 if missing or (args.deeplab and report.unexpected) else 0
 
 
 if __name__ == "__main__":

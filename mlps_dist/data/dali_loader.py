@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mlps_dist.config import Config
-from mlps_dist.data.augment import IDENTITY, sample_params
+from mlps_dist.data.augment import IDENTITY, LOG_FLOOR, photometric_inputs, photometric_ops, sample_params
 from mlps_dist.data.shards import SplitReader
 
 
@@ -25,9 +25,10 @@ def _as_bytes(raw: bytes) -> np.ndarray:
 class _BatchSource:
     """Iterator of per-batch input lists for ``fn.external_source(num_outputs=...)``."""
 
-    def __init__(self, reader, batches, params_of, num_masks, masks_of, with_mask):
+    def __init__(self, reader, batches, params_of, num_masks, masks_of, with_mask, ops=(False, False)):
         self.reader, self.batches, self.params_of = reader, batches, params_of
         self.num_masks, self.masks_of, self.with_mask = num_masks, masks_of, with_mask
+        self.ops, self.num_extra = ops, sum(ops)  # blur kernel and/or HED map columns
         self.position = 0
 
     def __iter__(self):
@@ -39,14 +40,15 @@ class _BatchSource:
             raise StopIteration
         batch = self.batches[self.position]
         self.position += 1
-        cols: list[list[np.ndarray]] = [[] for _ in range(6 + self.num_masks)]
+        cols: list[list[np.ndarray]] = [[] for _ in range(6 + self.num_extra + self.num_masks)]
         for index in batch:
             sample = self.reader.read(index)
             p = self.params_of(index)
             pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
             values = [_as_bytes(sample["png"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
                       np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
-                      np.array(p.offset * 255.0, np.float32)] + [_as_bytes(png) for png in pngs]
+                      np.array(p.offset * 255.0, np.float32)] + photometric_inputs(p, self.ops) + [
+                      _as_bytes(png) for png in pngs]
             for col, value in zip(cols, values):
                 col.append(value)
         return tuple(cols)
@@ -70,8 +72,9 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
 
     @pipeline_def(enable_conditionals=True)
     def pipeline():
-        png, transpose, hflip, vflip, gain, offset, *masks = fn.external_source(
-            source=source, num_outputs=6 + source.num_masks, batch=True, cycle="raise")
+        png, transpose, hflip, vflip, gain, offset, *rest = fn.external_source(
+            source=source, num_outputs=6 + source.num_extra + source.num_masks, batch=True, cycle="raise")
+        extra, masks = rest[:source.num_extra], rest[source.num_extra:]
         decode_device = "mixed" if on_gpu else "cpu"
         img = fn.decoders.image(png, device=decode_device, output_type=types.RGB)
         if resize:
@@ -83,6 +86,12 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
         img = fn.cast(img, dtype=types.FLOAT)
         if on_gpu:
             gain, offset = gain.gpu(), offset.gpu()
+        if source.ops[0]:  # blur: the per-sample kernel of augment.blur_kernel_2d (reflect-101 borders)
+            kernel = extra.pop(0)
+            img = fn.filter(img, kernel.gpu() if on_gpu else kernel, border="reflect_101")
+        if source.ops[1]:  # HED: log x' = A^T log x + t, per pixel (augment.hed_affine)
+            log_x = dmath.log(dmath.max(img * (1.0 / 255.0), LOG_FLOOR))
+            img = dmath.clamp(dmath.exp(fn.coord_transform(log_x, MT=extra.pop(0))) * 255.0, 0.0, 255.0)
         img = dmath.clamp(img * gain + offset, 0.0, 255.0)  # gain (3,) broadcasts over HWC
         outputs.insert(0, fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std))
         for mask in masks:
@@ -109,9 +118,11 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 class DaliLoader:
-    def __init__(self, cfg, reader, batches, device, params_of, masks_of=None, num_masks=0, eval_mode=False):
+    def __init__(self, cfg, reader, batches, device, params_of, masks_of=None, num_masks=0, eval_mode=False,
+                 augment=None):
         self.reader, self.batches, self.device = reader, batches, torch.device(device)
         self.eval_mode, self.num_masks = eval_mode, num_masks
+        self.ops = photometric_ops(augment)
         self.with_mask = eval_mode and reader.has_masks
         self._args = (cfg, params_of, masks_of)
 
@@ -123,7 +134,7 @@ class DaliLoader:
             return
         cfg, params_of, masks_of = self._args
         num_masks = self.num_masks if masks_of else int(self.with_mask)
-        source = _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask)
+        source = _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask, self.ops)
         resize = 0 if self.eval_mode else cfg.data.image_size
         pipe = _build_pipeline(cfg, source, max(len(b) for b in self.batches), self.device, self.eval_mode, resize)
         try:
@@ -145,13 +156,16 @@ class DaliLoader:
             del pipe
 
 
-def create_dali_train_loader(cfg: Config, reader: SplitReader, batches, epoch: int, device, pseudo_masks=None):
+def create_dali_train_loader(cfg: Config, reader: SplitReader, batches, epoch: int, device, pseudo_masks=None,
+                             augment=None):
+    augment = augment if augment is not None else cfg.classifier.augment
+
     def params_of(index):
-        return sample_params(cfg.data, cfg.seed, epoch, index)
+        return sample_params(augment, cfg.seed, epoch, index)
 
     num_masks = len(pseudo_masks.layers) if pseudo_masks is not None else 0
     masks_of = pseudo_masks.read_pngs if pseudo_masks is not None else None
-    return DaliLoader(cfg, reader, batches, device, params_of, masks_of, num_masks)
+    return DaliLoader(cfg, reader, batches, device, params_of, masks_of, num_masks, augment=augment)
 
 
 def create_dali_eval_loader(cfg: Config, reader: SplitReader, batches, device):

@@ -15,9 +15,12 @@ __all__ = ["create_train_loader", "create_eval_loader", "steps_per_epoch"]
 
 
 def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, epoch: int, start_step: int = 0,
-                        rank: int, world: int, device, pseudo_masks=None):
+                        rank: int, world: int, device, pseudo_masks=None, augment=None):
     """Training batches of this rank for ``epoch`` from ``start_step`` on; ``len()`` = the
-    remaining steps, equal on every rank."""
+    remaining steps, equal on every rank. ``augment``: the stage's augment section
+    (default: segmenter.augment with pseudo masks, classifier.augment without)."""
+    if augment is None:
+        augment = cfg.segmenter.augment if pseudo_masks is not None else cfg.classifier.augment
     require_steps(len(reader), batch_size, world, "classifier.batch_size or segmenter.batch_size", cfg.data.root)
     if reader.split_info.get("image_size") is None and not cfg.data.image_size:
         raise ConfigError(f"the '{reader.split}' patches in data.root ({cfg.data.root}) differ in size; set "
@@ -30,10 +33,11 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, ep
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 
-        return create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks)
+        return create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks, augment)
     from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
 
-    return create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks), batches, cfg.data.num_workers, device)
+    return create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), batches,
+                               cfg.data.num_workers, device)
 
 
 def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device):

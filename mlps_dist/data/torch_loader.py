@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mlps_dist.config import Config
-from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, sample_params
+from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, photometric, sample_params
 from mlps_dist.data.shards import SplitReader, decode_labels
 
 
@@ -36,8 +36,9 @@ def decode_indices(png: bytes, size: int = 0) -> np.ndarray:
 
 
 class TrainDataset(Dataset):
-    def __init__(self, cfg: Config, reader: SplitReader, epoch: int, pseudo_masks=None):
+    def __init__(self, cfg: Config, reader: SplitReader, epoch: int, pseudo_masks=None, augment=None):
         self.data, self.seed, self.epoch = cfg.data, cfg.seed, epoch
+        self.augment = augment if augment is not None else cfg.classifier.augment
         self.reader, self.pseudo_masks = reader, pseudo_masks
 
     def __len__(self) -> int:
@@ -45,9 +46,9 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.reader.read(index)
-        params = sample_params(self.data, self.seed, self.epoch, index)
+        params = sample_params(self.augment, self.seed, self.epoch, index)
         rgb = geometric(decode_rgb(sample["png"], self.data.image_size), params)
-        image = normalise(colour(rgb.astype(np.float32), params), self.data.mean, self.data.std)
+        image = normalise(photometric(rgb.astype(np.float32), params), self.data.mean, self.data.std)
         out = {"image": torch.from_numpy(image), "labels": torch.from_numpy(decode_labels(sample["labels"])),
                "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index)}
         if self.pseudo_masks is not None:

@@ -29,13 +29,14 @@ def create_classifier(name: str, num_classes: int, pretrained: str = "", *,
     return model
 
 
-def create_segmenter(name: str, num_classes: int, pretrained: str = "") -> nn.Module:
-    """``deeplabv3plus_resnet101`` (paper) or ``deeplabv3plus_small`` (CPU)."""
+def create_segmenter(name: str, num_classes: int, pretrained: str = "", multi_grid=(1, 2, 4)) -> nn.Module:
+    """``deeplabv3plus_resnet101`` (paper) or ``deeplabv3plus_small`` (CPU); ``pretrained`` =
+    a whole pytorch-deeplab-xception checkpoint or an ImageNet ResNet backbone file."""
     if name not in SEGMENTER_NAMES:
         raise ValueError(f"unknown segmenter '{name}'; set segmenter.model to one of {', '.join(SEGMENTER_NAMES)}")
     from .deeplab import create_deeplabv3plus
 
-    return create_deeplabv3plus(name, num_classes, pretrained)
+    return create_deeplabv3plus(name, num_classes, pretrained, multi_grid=tuple(multi_grid))
 
 
 __all__ = ["create_classifier", "create_segmenter", "Classifier", "CLASSIFIER_NAMES", "SEGMENTER_NAMES"]

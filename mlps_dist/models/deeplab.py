@@ -1,10 +1,13 @@
 """DeepLab-v3+ (Chen et al. 2018): ResNet encoder at output stride 16, ASPP, and a decoder
 that fuses the ASPP output with projected stride-4 features; logits upsampled to the input.
 
-Layout as in the public MLPS stage-2 code: ASPP = 1x1 + three 3x3 atrous branches (6, 12,
-18) + image pooling, each conv-BN-ReLU, concatenated, projected by 1x1 conv-BN-ReLU and
-dropout 0.5; decoder = 1x1 projection of layer1 to 48 channels, two 3x3 conv-BN-ReLU (with
-dropout 0.5 and 0.1) and a 1x1 classifier.
+Module names, shapes and resampling are those of pytorch-deeplab-xception (the network the
+public MLPS stage-2 code trains), so its VOC-trained ``deeplab-resnet.pth.tar`` loads as a
+whole: ASPP = aspp1 (1x1) + aspp2..4 (3x3 atrous 6, 12, 18), each conv-BN-ReLU, plus
+global_avg_pool (pool, 1x1 conv, BN, ReLU); concatenated, projected by conv1/bn1/ReLU and
+dropout 0.5. Decoder = conv1/bn1 (1x1 projection of layer1 to 48 channels) and last_conv =
+[3x3 conv, BN, ReLU, dropout 0.5, 3x3 conv, BN, ReLU, dropout 0.1, 1x1 classifier]; every
+bilinear resize uses ``align_corners=True`` as there.
 """
 
 from __future__ import annotations
@@ -15,41 +18,63 @@ from torch import nn
 
 from .resnet import create_resnet101, create_resnet_small
 
+CLASSIFIER_PREFIX = "decoder.last_conv.8."  # the 1x1 class conv: dropped from pretrained files
 
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> nn.Sequential:
-    pad = dilation * (kernel // 2)
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=False),
-                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+class _ASPPModule(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int):
+        super().__init__()
+        pad = 0 if kernel == 1 else dilation
+        self.atrous_conv = nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.atrous_conv(x)))
 
 
 class ASPP(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int = 256, rates: tuple[int, ...] = (6, 12, 18)):
+    def __init__(self, in_ch: int, out_ch: int = 256, rates: tuple[int, int, int] = (6, 12, 18)):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn_relu(in_ch, out_ch, 1)] +
-                                      [_conv_bn_relu(in_ch, out_ch, 3, r) for r in rates])
+        self.aspp1 = _ASPPModule(in_ch, out_ch, 1, 1)
+        self.aspp2 = _ASPPModule(in_ch, out_ch, 3, rates[0])
+        self.aspp3 = _ASPPModule(in_ch, out_ch, 3, rates[1])
+        self.aspp4 = _ASPPModule(in_ch, out_ch, 3, rates[2])
         # Image-level branch: BN over a 1x1 map needs batches of >= 2 per process in training.
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _conv_bn_relu(in_ch, out_ch, 1))
-        self.project = nn.Sequential(_conv_bn_relu(out_ch * (len(rates) + 2), out_ch, 1), nn.Dropout(0.5))
+        self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_ch, out_ch, 1, bias=False),
+                                             nn.BatchNorm2d(out_ch), nn.ReLU())
+        self.conv1 = nn.Conv2d(out_ch * 5, out_ch, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [branch(x) for branch in self.branches]
-        pooled = self.image_pool(x)
-        outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
-        return self.project(torch.cat(outs, dim=1))
+        outs = [self.aspp1(x), self.aspp2(x), self.aspp3(x), self.aspp4(x)]
+        pooled = self.global_avg_pool(x)
+        outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=True))
+        return self.dropout(self.relu(self.bn1(self.conv1(torch.cat(outs, dim=1)))))
 
 
 class Decoder(nn.Module):
     def __init__(self, low_ch: int, aspp_ch: int, num_classes: int, low_proj: int = 48, width: int = 256):
         super().__init__()
-        self.low_proj = _conv_bn_relu(low_ch, low_proj, 1)
-        self.fuse = nn.Sequential(_conv_bn_relu(aspp_ch + low_proj, width, 3), nn.Dropout(0.5),
-                                  _conv_bn_relu(width, width, 3), nn.Dropout(0.1))
-        self.classifier = nn.Conv2d(width, num_classes, 1)
+        self.conv1 = nn.Conv2d(low_ch, low_proj, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(low_proj)
+        self.relu = nn.ReLU()
+        self.last_conv = nn.Sequential(
+            nn.Conv2d(aspp_ch + low_proj, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.Dropout(0.1),
+            nn.Conv2d(width, num_classes, 1))  # index 8: the classifier (CLASSIFIER_PREFIX)
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        return self.last_conv[8]
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        low = self.low_proj(low)
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(self.fuse(torch.cat([high, low], dim=1)))
+        low = self.relu(self.bn1(self.conv1(low)))
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return self.last_conv(torch.cat([high, low], dim=1))
 
 
 class DeepLabV3Plus(nn.Module):
@@ -69,26 +94,28 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
         logits = self.decoder(self.aspp(feats["high"]), feats["low"])
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Backbone (base LR) vs. ASPP + decoder (the randomly initialised "head", 10x LR)."""
+        """Backbone (base LR) vs. ASPP + decoder (the "head", 10x LR, as the public code)."""
         head = list(self.aspp.parameters()) + list(self.decoder.parameters())
         return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
                 "head": [p for p in head if p.requires_grad]}
 
 
-def create_deeplabv3plus(name: str, num_classes: int, pretrained: str = "") -> DeepLabV3Plus:
+def create_deeplabv3plus(name: str, num_classes: int, pretrained: str = "",
+                         multi_grid: tuple[int, ...] = (1, 2, 4)) -> DeepLabV3Plus:
+    """``multi_grid`` (ResNet-101 only): layer4 dilation multipliers; () = torchvision's layer4."""
     if name == "deeplabv3plus_resnet101":
-        model = DeepLabV3Plus(create_resnet101(), num_classes)
+        model = DeepLabV3Plus(create_resnet101(multi_grid=tuple(multi_grid)), num_classes)
     elif name == "deeplabv3plus_small":
         # Same design, narrower: the decoder runs at stride 4, where 256 channels would
-        # dominate the cost on a CPU.
+        # dominate the cost on a CPU. Its single-block layer4 has no multi-grid.
         model = DeepLabV3Plus(create_resnet_small(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
     else:
         raise ValueError(f"unknown segmenter '{name}'; use deeplabv3plus_resnet101 or deeplabv3plus_small")
     if pretrained:
-        from .weights import load_pretrained
+        from .weights import load_segmenter_weights
 
-        load_pretrained(model.backbone, pretrained, kind="resnet")
+        load_segmenter_weights(model, pretrained)
     return model

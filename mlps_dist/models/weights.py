@@ -178,7 +178,10 @@ def convert_mxnet_resnet38d(arrays: dict[str, np.ndarray]) -> tuple[dict[str, to
 # that never belong to a backbone: the ImageNet fc (torchvision "fc.", MXNet-converted
 # "linear1000") and the public MLPS stage-1 head ("fc8.").
 _WRAPPER_PREFIXES = ("module.", "backbone.")
-_HEAD_PREFIXES = {"resnet": ("fc.",), "resnet38d": ("fc8.", "fc.", "head.", "linear1000")}
+_HEAD_PREFIXES = {"resnet": ("fc.",), "resnet38d": ("fc8.", "fc.", "head.", "linear1000"),
+                  "deeplab": ("decoder.last_conv.8.",)}
+# A whole segmenter (pytorch-deeplab-xception layout) rather than a bare backbone.
+_SEGMENTER_PREFIXES = ("backbone.", "aspp.", "decoder.")
 
 
 @dataclass
@@ -190,8 +193,8 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # classifier heads removed on purpose
 
     def summary(self) -> str:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        def few(keys: list[str]) -> str:  # every name: nothing unmatched goes unreported
+            return ", ".join(keys) + (f" ({len(keys)} in all)" if len(keys) > 8 else "")
 
         lines = [f"{self.path}: loaded {len(self.loaded)} tensors"]
         if self.dropped:
@@ -213,24 +216,54 @@ def read_state_dict(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor
         if kind != "resnet38d":
             raise ValueError(f"{path}: MXNet .params files hold ResNet-38d weights only, not '{kind}'")
         return convert_mxnet_resnet38d(read_mxnet_params(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors carry no file name
-        raise ValueError(f"{path}: not a loadable torch weights file ({exc})") from exc
-    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    obj = _unwrap(_torch_load(path), path)
     state, dropped = {}, []
+    wrappers = ("module.",) if kind == "deeplab" else _WRAPPER_PREFIXES
     for key, value in obj.items():
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in wrappers:
             key = key.removeprefix(prefix)
         if key.startswith(_HEAD_PREFIXES[kind]):
             dropped.append(key)
         else:
             state[key] = value
     return state, dropped
+
+
+def _numpy_scalar_globals() -> list:
+    """What ``torch.save`` of a numpy scalar needs: training scripts often store
+    ``best_pred`` (a numpy float64 from np.nanmean) beside the weights."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    kinds = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
+             if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
+    return [scalar, np.dtype, *kinds]
+
+
+def _torch_load(path: Path):
+    """weights_only loading (no code runs) that also accepts numpy scalars."""
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors carry no file name
+        raise ValueError(f"{path}: not a loadable torch weights file ({exc})") from exc
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers ({'state_dict', 'optimizer', ...})
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def is_whole_segmenter(path: str | Path) -> bool:
+    """True for a file holding a whole DeepLab (backbone., aspp., decoder. keys), False for
+    a bare backbone (torchvision ImageNet ResNet)."""
+    keys = [k.removeprefix("module.") for k in _unwrap(_torch_load(Path(path)), Path(path))]
+    return any(k.startswith(_SEGMENTER_PREFIXES[1:]) for k in keys)
 
 
 def match_state_dict(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -254,10 +287,20 @@ def match_state_dict(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     return report
 
 
+def load_segmenter_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise a DeepLab from ``path``: a whole pytorch-deeplab-xception checkpoint
+    (e.g. its VOC ``deeplab-resnet.pth.tar``: backbone, ASPP and decoder; the 21-class 1x1
+    classifier is dropped) or an ImageNet ResNet file for the backbone alone."""
+    if is_whole_segmenter(path):
+        return load_pretrained(model, path, kind="deeplab")
+    return load_pretrained(model.backbone, path, kind="resnet")
+
+
 def load_pretrained(model: nn.Module, path: str | Path, kind: str) -> LoadReport:
     """Load ``path`` into ``model`` (a backbone) by name; log and return what matched.
 
-    ``kind``: "resnet" (torchvision ImageNet ResNet) or "resnet38d". Errors as in
+    ``kind``: "resnet" (torchvision ImageNet ResNet), "resnet38d", or "deeplab" (a whole
+    segmenter: ``model`` is the DeepLab, not its backbone). Errors as in
     ``match_state_dict``; missing and unexpected keys are logged, not fatal, as a partial
     backbone may be intended (e.g. the small CPU variants have no ImageNet weights).
     """

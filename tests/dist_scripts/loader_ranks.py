@@ -23,7 +23,8 @@ from mlps_dist.data.shards import open_split
 
 def record(root: str, backend: str, rank: int, world: int) -> dict:
     cfg = Config()
-    cfg.data.root, cfg.data.loader, cfg.data.num_workers, cfg.data.rot90 = root, backend, 1, True
+    cfg.data.root, cfg.data.loader, cfg.data.num_workers = root, backend, 1
+    cfg.classifier.augment.rot90 = True
     out = {}
     info_splits = open_split(root, "train").info["splits"]
     for split in info_splits:
