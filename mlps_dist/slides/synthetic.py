@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mlps_dist.data.synthetic import CLASSES, PALETTE, WHITE, random_stain
 from mlps_dist.data.synthetic_tissue import TISSUE_TEXTURES
-from mlps_dist.fileio import atomic_write_json, commit_file, tmp_path
+from mlps_dist.fileio import atomic_write_json
+from mlps_dist.slides.tiff import write_pyramid_tiff
 
 QUPATH_NAMES = ("Tumor", "Necrosis", "Immune cells", "Stroma")
 CLASS_MAP = ",".join(f"{n}={c}" for n, c in zip(QUPATH_NAMES, CLASSES))
@@ -102,33 +103,6 @@ def render_slide(regions, width: int, height: int, seed: int) -> np.ndarray:
             bh, bw = min(RENDER_BLOCK, height - by), min(RENDER_BLOCK, width - bx)
             rgb[by:by + bh, bx:bx + bw] = block[:bh, :bw]
     return rgb
-
-
-def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, tile: int = 256,
-                       compression: str = "jpeg") -> None:
-    """A tiled pyramidal TIFF that OpenSlide opens as generic-tiff (atomically written)."""
-    import tifffile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) > 2 * tile:
-        h, w = levels[-1].shape[:2]
-        levels.append(np.asarray(Image.fromarray(levels[-1]).reduce(2)) if h > 1 and w > 1 else levels[-1])
-    res = {}
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
-            for number, level in enumerate(levels):
-                if mpp:
-                    scale = mpp * (rgb.shape[1] / level.shape[1])
-                    res = {"resolution": (1e4 / scale, 1e4 / scale), "resolutionunit": "CENTIMETER"}
-                tif.write(level, tile=(tile, tile), photometric="rgb", compression=compression,
-                          subfiletype=1 if number else 0, metadata=None, **res)
-        commit_file(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_synthetic_slide(slide_path: str | Path, annotation_path: str | Path | None, width: int, height: int,
