@@ -176,6 +176,9 @@ def run(args) -> int:
         for split, s in info["splits"].items():
             print(f"{split}: {s['count']} tiles from {len(s['slides'])} slide(s) in {len(s['shards'])} shard(s); "
                   f"per class: {dict(zip(spec.classes, s['class_counts']))}")
+        reused = sum(1 for r in records if r.get("reused"))
+        if reused:
+            print(f"reused {reused} slide(s) finished by an earlier run")
         print(f"wrote {out / 'info.json'}")
         for path, error in bad:
             print(f"bad slide skipped: {error}", file=sys.stderr)

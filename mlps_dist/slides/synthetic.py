@@ -15,8 +15,6 @@ stored in centimetres so OpenSlide reports ``openslide.mpp-x`` (``mpp=None`` wri
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +80,12 @@ def truth_map(regions, x0: float, y0: float, size0: float, out: int, out_h: int 
     return np.asarray(image)
 
 
+def render_flat(regions, width: int, height: int) -> np.ndarray:
+    """Each region in its class's palette colour on white: a slide whose truth a per-pixel
+    colour rule recovers exactly (tests of the stitching geometry)."""
+    return np.asarray(PALETTE, np.uint8)[truth_map(regions, 0, 0, width, width, height, height)]
+
+
 def render_slide(regions, width: int, height: int, seed: int) -> np.ndarray:
     """(H, W, 3) uint8 H&E rendering of the regions, block by block."""
     rng = np.random.default_rng([seed, 11])
@@ -106,17 +110,18 @@ def render_slide(regions, width: int, height: int, seed: int) -> np.ndarray:
 
 
 def write_synthetic_slide(slide_path: str | Path, annotation_path: str | Path | None, width: int, height: int,
-                          seed: int, mpp: float | None = 1.0, cell_px: int = 600) -> list:
+                          seed: int, mpp: float | None = 1.0, cell_px: int = 600, flat: bool = False) -> list:
     """Write one slide (and its GeoJSON); returns the regions (the truth)."""
     regions = slide_regions(width, height, seed, cell_px)
-    write_pyramid_tiff(slide_path, render_slide(regions, width, height, seed), mpp)
+    rgb = render_flat(regions, width, height) if flat else render_slide(regions, width, height, seed)
+    write_pyramid_tiff(slide_path, rgb, mpp, compression="zlib" if flat else "jpeg")
     if annotation_path is not None:
         atomic_write_json(annotation_path, geojson(regions), indent=None)
     return regions
 
 
 def write_synthetic_slides(out_dir: str | Path, count: int, width: int = 3072, height: int = 2048,
-                           seed: int = 0, mpp: float | None = 1.0) -> dict:
+                           seed: int = 0, mpp: float | None = 1.0, cell_px: int = 600) -> dict:
     """``count`` slides under OUT/slides/ and their GeoJSON under OUT/annotations/."""
     out = Path(out_dir)
     names = []
@@ -124,10 +129,10 @@ def write_synthetic_slides(out_dir: str | Path, count: int, width: int = 3072, h
         name = f"synthslide{i:02d}"
         slide = out / "slides" / f"{name}.tiff"
         if not slide.is_file() or not (out / "annotations" / f"{name}.geojson").is_file():
-            write_synthetic_slide(slide, out / "annotations" / f"{name}.geojson", width, height, seed + i, mpp)
+            write_synthetic_slide(slide, out / "annotations" / f"{name}.geojson", width, height, seed + i, mpp,
+                                  cell_px)
         names.append(name)
     summary = {"slides": names, "width": width, "height": height, "mpp": mpp, "seed": seed,
                "classes": list(CLASSES), "class_map": CLASS_MAP}
     atomic_write_json(out / "synthetic_slides.json", summary)
-    os.sync() if hasattr(os, "sync") else None
     return summary

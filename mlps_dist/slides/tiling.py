@@ -73,7 +73,7 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
     if marker.is_file():
         record = json.loads(marker.read_text())
         if record.get("split") == job.split and record.get("spec") == _spec_key(spec):
-            return record
+            return {**record, "reused": True}
     annotations = load_annotations(job.annotations, spec.classes, spec.class_map) if job.annotations else None
     with Slide(job.path, spec.slide_mpp) as slide:
         tissue = TissueMap(detect_tissue(slide.read_scaled(spec.tissue_mpp), spec.tissue_mpp), spec.tissue_mpp)
