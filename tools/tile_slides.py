@@ -9,7 +9,8 @@ Output: the shard format of tools/make_shards.py (every stage trains on it uncha
 info.json adds ``mpp`` and the slides of each split; each sample's json has slide, x, y
 (level-0 top-left), size0, mpp and tissue. Splits are by slide (``--splits`` CSV of
 ``slide,split`` lines, or ``--split-ratios`` with ``--seed``). Tissue masks for checking:
-OUT/tissue/<slide>.png.
+OUT/tissue/<slide>.png. Without --annotations every tile with enough tissue is written with
+an empty label (for inspection or unsupervised use; the MLPS stages need annotations).
 
 Everything about the inputs is checked first (slides open and have an MPP, every
 annotation file exists and its class names map); a slide that then fails while being read
