@@ -30,8 +30,9 @@ CLASS_MAP = ",".join(f"{n}={c}" for n, c in zip(QUPATH_NAMES, CLASSES))
 RENDER_BLOCK = 512
 
 
-def slide_regions(width: int, height: int, seed: int, cell_px: int = 600) -> list[tuple[int, object]]:
-    """[(class index, shapely Polygon)]: Voronoi cells of the tissue blob, disjoint."""
+def slide_regions(width: int, height: int, seed: int, cell_px: int = 600, extent: float = 0.42) -> list[tuple[int, object]]:
+    """[(class index, shapely Polygon)]: Voronoi cells of the tissue blob, disjoint. ``extent``:
+    the blob's half-axes as a share of the slide's sides (0.42: about half the slide is tissue)."""
     from shapely.geometry import MultiPoint, Polygon
     from shapely.ops import voronoi_diagram
 
@@ -40,8 +41,8 @@ def slide_regions(width: int, height: int, seed: int, cell_px: int = 600) -> lis
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
     wobble = 1 + sum(rng.uniform(0, 0.06) * np.sin(k * angles + rng.uniform(0, 6.3)) for k in (2, 3, 5))
     cx, cy = width / 2, height / 2
-    outline = Polygon(np.stack([cx + 0.42 * width * wobble * np.cos(angles),
-                                cy + 0.40 * height * wobble * np.sin(angles)], 1)).buffer(0)
+    outline = Polygon(np.stack([cx + extent * width * wobble * np.cos(angles),
+                                cy + extent * 0.95 * height * wobble * np.sin(angles)], 1)).buffer(0)
     count = max(4, int(outline.area / cell_px ** 2))
     points = MultiPoint(np.stack([rng.uniform(0, width, count), rng.uniform(0, height, count)], 1))
     cells = voronoi_diagram(points, envelope=outline.envelope.buffer(10))
@@ -110,9 +111,10 @@ def render_slide(regions, width: int, height: int, seed: int) -> np.ndarray:
 
 
 def write_synthetic_slide(slide_path: str | Path, annotation_path: str | Path | None, width: int, height: int,
-                          seed: int, mpp: float | None = 1.0, cell_px: int = 600, flat: bool = False) -> list:
+                          seed: int, mpp: float | None = 1.0, cell_px: int = 600, flat: bool = False,
+                          extent: float = 0.42) -> list:
     """Write one slide (and its GeoJSON); returns the regions (the truth)."""
-    regions = slide_regions(width, height, seed, cell_px)
+    regions = slide_regions(width, height, seed, cell_px, extent)
     rgb = render_flat(regions, width, height) if flat else render_slide(regions, width, height, seed)
     write_pyramid_tiff(slide_path, rgb, mpp, compression="zlib" if flat else "jpeg")
     if annotation_path is not None:
