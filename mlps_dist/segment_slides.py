@@ -28,6 +28,7 @@ import io
 import json
 import shutil
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -247,6 +248,7 @@ def run(args, model: SlideModel | None = None) -> int:
     paths = list_slides(args.slides)
     good, bad = check_slides(paths, args.slide_mpp)
     model = model or build_model(args)
+    start = time.perf_counter()  # after start-up and model loading: the slide work itself
     world, rank = dist.get_world_size(), dist.get_rank()
     pending = {n: p for n, p in good.items() if not (out / n / "summary.json").is_file()}
     sizes = {n: p.stat().st_size for n, p in pending.items()}
@@ -287,7 +289,8 @@ def run(args, model: SlideModel | None = None) -> int:
         for name in sorted(bad):
             print(f"slide failed: {name}: {bad[name]}", file=sys.stderr)
         ok = len(paths) - len(bad)
-        print(f"segmented {ok} of {len(paths)} slide(s) into {out} (summary: {out / 'summary.csv'})")
+        print(f"segmented {ok} of {len(paths)} slide(s) into {out} in {time.perf_counter() - start:.2f} s "
+              f"(summary: {out / 'summary.csv'})")
     dist.barrier()
     return EXIT_BAD_INPUT if bad else 0
 

@@ -96,3 +96,22 @@ def test_segment_slides_on_2_ranks_equals_1_rank(slides, tmp_path):
         assert len(maps[nproc]) == 4 and all(t > 0 for t in tiles.values())
     for name, reference in maps[1].items():
         assert (maps[2][name] == reference).mean() > 0.999  # float sums in another order may flip a tie
+
+
+def test_bench_slides_smallest(tmp_path):
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_common
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "tools/bench_slides.py", "--width", "512", "--height", "384", "--patch",
+                           "32", "--worlds", "1", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = bench_common.check_lines(proc.stdout)
+    figures = record["figures"]
+    assert record["bench"] == "slides" and figures["segment_x1"]["tiles"] > 0 and figures["tile_x1"]["tiles"] > 0
+    assert figures["hand_loop"]["tiles"] >= figures["segment_x1"]["tiles"]  # glass is skipped, tissue is not
+    assert record["ratio"]["segment_x1_vs_hand"] > 0
