@@ -16,7 +16,7 @@ from PIL import Image
 from mlps_dist.data.synthetic import PALETTE, WHITE
 from mlps_dist.errors import InputError
 from mlps_dist.slides.reader import Slide
-from mlps_dist.slides.synthetic import CLASS_MAP, slide_regions, truth_map, write_synthetic_slide
+from mlps_dist.slides.synthetic import CLASS_MAP, truth_map, write_synthetic_slide
 from mlps_dist.slides.tissue import detect_tissue
 
 REPO = Path(__file__).resolve().parents[1]
