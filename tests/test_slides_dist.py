@@ -80,16 +80,22 @@ def test_killed_tiling_resumes_without_redoing_finished_slides(slides, tmp_path)
     assert samples(out) == samples(reference)
 
 
-def test_segment_slides_on_2_ranks_equals_1_rank(slides, tmp_path):
+def test_segment_slides_killed_and_resumed_equals_2_ranks(slides, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from test_infer import make_run
 
     run_dir = make_run(tmp_path / "run")
     maps = {}
+    command = lambda out: ["-m", "mlps_dist.segment_slides", "--run-dir", str(run_dir), "--slides",  # noqa: E731
+                           str(slides / "slides"), "--out", str(out), "--model-mpp", "8", "--map-mpp", "8",
+                           "--stride", "16"]
+    # The 1-rank result comes from a run killed once it saved its first scores, then rerun.
+    first = start(command(tmp_path / "maps1"), nproc=0)
+    wait_for(lambda: any((tmp_path / "maps1" / ".work").glob("*/part-*.npz")), first, "saved scores")
+    kill_job(first)
     for nproc in (1, 2):
         out = tmp_path / f"maps{nproc}"
-        proc = run(["-m", "mlps_dist.segment_slides", "--run-dir", str(run_dir), "--slides", str(slides / "slides"),
-                    "--out", str(out), "--model-mpp", "8", "--map-mpp", "8", "--stride", "16"], nproc=nproc)
+        proc = run(command(out), nproc=nproc)
         assert proc.returncode == 0, proc.stdout[-3000:]
         maps[nproc] = {p.parent.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*/classes.png"))}
         tiles = {p.parent.name: json.loads(p.read_text())["tiles"] for p in out.glob("*/summary.json")}
