@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh clone: generate the built-in synthetic H&E dataset (LUAD-HistoSeg
 # folder layout), convert it to shards, run all four stages of MLPS on this machine and print
-# the test metrics. About 10 minutes on 2 CPU cores; GPUs are used when present.
+# the test metrics; then segment one synthetic whole slide with the trained run and print where
+# its class map and overlay are. About 10 minutes on 2 CPU cores; GPUs are used when present.
 #
 #   bash launch/demo.sh [RUN_DIR] [key=value ...]      # default RUN_DIR: runs/demo
 #
@@ -17,6 +18,13 @@ data=${DEMO_DATA:-data/demo}
 
 if [[ ! -f "$data/shards/info.json" ]]; then
     python tools/make_synthetic.py --out "$data/raw" --train 1000 --val 100 --test 100 --size 96 --seed 0
-    python tools/make_shards.py --layout luad --src "$data/raw" --out "$data/shards"
+    # The synthetic textures are drawn at about 1 micron per pixel.
+    python tools/make_shards.py --layout luad --src "$data/raw" --out "$data/shards" --mpp 1.0
 fi
-exec bash launch/pipeline.sh configs/demo.yaml "$run_dir" "data.root=$data/shards" "$@"
+bash launch/pipeline.sh configs/demo.yaml "$run_dir" "data.root=$data/shards" "$@"
+
+# Whole slides: one synthetic slide (pyramidal TIFF + QuPath GeoJSON), segmented by the run.
+python tools/make_synthetic_slides.py --out "$data/wsi" --count 1 --width 768 --height 512 --cell 250
+python -m mlps_dist.segment_slides --run "$run_dir" --slides "$data/wsi/slides" --out "$run_dir/slides" \
+    --model-mpp 1.0 --map-mpp 4
+echo "slide overlay: $run_dir/slides/synthslide00/overlay.png (areas in $run_dir/slides/summary.csv)"

@@ -45,11 +45,13 @@ if [[ $profile == cpu ]]; then
     loader_args=(--n 256 --size 128 --batch 16 --steps 6 --workers 2)
     masks_args=(--size 128 --images 32 --reference-images 4 --batch-size 8)
     train_args=(--worlds "$worlds")
+    slides_args=(--worlds "$worlds" --width 3072 --height 2048 --patch 96 --batch-size 16)
 else
     loader_args=(--n 2048 --size 224 --batch 32 --steps 30 --workers 6)
     masks_args=(--model resnet38d --size 224 --images 256 --reference-images 16 --batch-size 32)
     train_args=(--worlds "$worlds" --size 224 --micro 16 --paper-micro 8 --steps 20 --paper-steps 10
                 --paper-parallel zero1,zero2 --warmup 3 --threads 4 --workers 4 --timeout 600)
+    slides_args=(--worlds "$worlds" --width 16384 --height 12288 --patch 224 --batch-size 64)
 fi
 
 run_bench loader python tools/bench_loader.py "${loader_args[@]}"
@@ -63,5 +65,6 @@ else
     status=1
 fi
 run_bench train python tools/bench_train.py "${train_args[@]}"
+run_bench slides python tools/bench_slides.py "${slides_args[@]}"
 echo "[bench_all] results in $out" >&2
 exit $status

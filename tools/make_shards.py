@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="microns per pixel of the patches (recorded in info.json; segment_slides reads slides at it)")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,10 @@ def main(argv=None) -> int:
     if not plan.splits.get("train"):
         print(f"error: {args.src}: no usable training patches", file=sys.stderr)
         return 2
-    info = write_plan(plan, args.out)
+    if args.mpp is not None and args.mpp <= 0:
+        print(f"error: --mpp {args.mpp}: must be > 0 (e.g. 0.5 for 20x)", file=sys.stderr)
+        return 2
+    info = write_plan(plan, args.out, extra={"mpp": args.mpp} if args.mpp else None)
     for line in summary_lines(info):
         print(line)
     print(f"wrote {Path(args.out) / 'info.json'}")

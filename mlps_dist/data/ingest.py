@@ -181,7 +181,8 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
     return True
 
 
-def write_plan(plan: Plan, out: str | Path, log=print) -> dict:
+def write_plan(plan: Plan, out: str | Path, log=print, extra: dict | None = None) -> dict:
+    """Write the shards and info.json; ``extra`` keys (e.g. ``mpp``) are added to info.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # the folder is incomplete until the end
@@ -189,7 +190,7 @@ def write_plan(plan: Plan, out: str | Path, log=print) -> dict:
         stale.unlink()
     info = {"format": FORMAT_VERSION, "layout": plan.layout.name, "classes": list(plan.layout.classes),
             "ignore_index": plan.layout.ignore_index, "palette": [list(c) for c in plan.layout.palette],
-            "source": str(plan.src.resolve()), "splits": {}}
+            "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
     for split, samples in plan.splits.items():
         shards, reused = [], 0
         for number, first in enumerate(range(0, len(samples), plan.shard_size)):

@@ -1,0 +1,315 @@
+"""Segment whole-slide images with a trained run: a class map per slide, stitched and measured.
+
+    python -m mlps_dist.segment_slides --run runs/luad --slides slides/ --out maps/
+    torchrun --nproc_per_node=4 -m mlps_dist.segment_slides --run-dir runs/luad --slides slides/ --out maps/
+
+(Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own option.)
+
+Per slide, in OUT/<slide>/: classes.png (uint8 class index per map pixel at ``--map-mpp``,
+the ignore index off tissue), classes.tiff (the map in the palette colours as a pyramidal
+TIFF that OpenSlide and QuPath open), overlay.png (the slide at the map's resolution with
+the classes blended in), tissue.png and summary.json; OUT/summary.csv has a row per slide.
+
+Three passes, each split over ranks: (1) per slide, the tissue mask and thumbnail at the map
+resolution; (2) the tiles of all slides that touch tissue, one global list split into
+contiguous shares so every tile is predicted exactly once, each rank saving its weighted
+score sums per slide; (3) per slide, one rank sums the shares, takes the argmax and writes
+the outputs into a temporary folder renamed into place. A slide whose folder exists is
+done: a killed run, rerun, redoes only unfinished slides (and reuses saved shares). A slide
+that cannot be read is named, the others finish, and the exit status is non-zero.
+See mlps_dist/slides/stitch.py for the tile geometry and blending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mlps_dist import dist
+from mlps_dist.draw import blend, colourise, palette_png_bytes, png_bytes
+from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError
+from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from mlps_dist.slides.grid import balanced_slides, rank_share
+from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
+from mlps_dist.slides.stitch import (SlideGeometry, SlideModel, area_summary, class_map, geometry,
+                                     merge_partials)
+from mlps_dist.slides.tiff import write_pyramid_tiff
+from mlps_dist.slides.tissue import detect_tissue
+
+WORK = ".work"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory of a finished training")
+    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model-mpp", type=float, default=None, help="training MPP when the run does not record one")
+    p.add_argument("--map-mpp", type=float, default=8.0, help="microns per pixel of the class map")
+    p.add_argument("--stride", type=int, default=0, help="tile step in model pixels (default: half a patch)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
+    p.add_argument("--readers", type=int, default=4, help="threads reading tiles ahead of the model")
+    p.add_argument("--mpp", "--slide-mpp", dest="slide_mpp", type=float, default=None,
+                   help="level-0 microns per pixel of every slide, overriding the stored MPP")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
+    args = p.parse_args(argv)
+    if args.map_mpp <= 0 or args.batch_size < 1 or args.stride < 0 or args.readers < 1:
+        p.error("need --map-mpp > 0, --batch-size >= 1, --readers >= 1, --stride >= 0")
+    return args
+
+
+# ---------------------------------------------------------------- pass 1: tissue
+
+
+def work_dir(out: Path, name: str) -> Path:
+    return out / WORK / name
+
+
+def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None) -> None:
+    """Tissue mask and thumbnail at the map resolution (reused when already there)."""
+    work = work_dir(out, slide_stem(path))
+    (work / "bad.txt").unlink(missing_ok=True)
+    if (work / "meta.json").is_file():
+        return
+    try:
+        with Slide(path, slide_mpp) as slide:
+            thumb = slide.read_scaled(map_mpp)
+            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp}
+        tissue = detect_tissue(thumb, map_mpp)
+    except SlideError as exc:
+        atomic_write_text(work / "bad.txt", str(exc))
+        return
+    atomic_write_bytes(work / "thumb.png", png_bytes(thumb))
+    atomic_write_bytes(work / "tissue.png", png_bytes(tissue.astype(np.uint8) * 255))
+    atomic_write_json(work / "meta.json", meta)
+
+
+def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+# ---------------------------------------------------------------- pass 2: tiles
+
+
+def read_batches(slide: Slide, geo: SlideGeometry, origins, patch: int, batch: int, threads: int):
+    """Yield (origins, uint8 (N, 3, P, P)) in order, ``2 * threads`` batches read ahead."""
+    def read(chunk):
+        return np.stack([slide.read(x * geo.px0, y * geo.px0, geo.size0, patch).transpose(2, 0, 1)
+                         for x, y in chunk])
+
+    chunks = [origins[i:i + batch] for i in range(0, len(origins), batch)]
+    with ThreadPoolExecutor(threads) as pool:
+        pending = [pool.submit(read, c) for c in chunks[:2 * threads]]
+        for i, chunk in enumerate(chunks):
+            tiles = pending[i].result()
+            if i + 2 * threads < len(chunks):
+                pending.append(pool.submit(read, chunks[i + 2 * threads]))
+            pending[i] = None  # drop the reference: memory stays at the read-ahead window
+            yield chunk, tiles
+
+
+def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origins, first: int, last: int,
+                  out: Path, args) -> None:
+    """Predict tiles [first, last) of a slide and save their weighted score sums."""
+    from mlps_dist.slides.stitch import Accumulator
+
+    work = work_dir(out, geo.name)
+    target = work / f"part-{first:08d}-{last:08d}.npz"
+    if target.is_file() or (work / "bad.txt").is_file():
+        return
+    mine = origins[first:last]
+    acc = Accumulator(len(model.classes), geo, mine)
+    try:
+        with Slide(slide_path, args.slide_mpp) as slide:
+            for chunk, tiles in read_batches(slide, geo, mine, model.patch_size, args.batch_size, args.readers):
+                acc.add(model.scores(tiles, geo.n), chunk)
+    except SlideError as exc:
+        atomic_write_text(work / "bad.txt", str(exc))
+        return
+    buf = io.BytesIO()
+    np.savez(buf, **acc.arrays())
+    atomic_write_bytes(target, buf.getvalue())
+
+
+def share_ranges(counts: list[int], world: int) -> list[list[tuple[int, int, int]]]:
+    """Per rank, its (slide number, first, last) pieces of the global tile list."""
+    flat = [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    out = []
+    for rank in range(world):
+        share = rank_share(flat, world, rank)
+        pieces: dict[int, list[int]] = {}
+        for s, i in share:
+            pieces.setdefault(s, []).append(i)
+        out.append([(s, idx[0], idx[-1] + 1) for s, idx in sorted(pieces.items())])
+    return out
+
+
+# ---------------------------------------------------------------- pass 3: outputs
+
+
+def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], model: SlideModel, out: Path,
+                 args, tiles: int) -> dict:
+    work = work_dir(out, name)
+    if (work / "bad.txt").is_file():
+        return {"slide": name, "error": (work / "bad.txt").read_text()}
+    partials = []
+    for first, last in ranges:
+        with np.load(work / f"part-{first:08d}-{last:08d}.npz") as part:
+            partials.append({k: part[k] for k in part.files})
+    sums, weight = merge_partials(len(model.classes), geo, partials)
+    tissue = load_png(work / "tissue.png") > 0
+    ignore = len(model.classes)
+    classes = class_map(sums, weight, tissue, ignore)
+    del sums, weight, partials
+    summary = {"slide": name, "width": geo.width, "height": geo.height, "mpp": geo.mpp, "map_mpp": geo.map_mpp,
+               "classes": list(model.classes), **area_summary(classes, tissue, model.classes, geo.map_mpp),
+               "model_mpp": model.mpp, "tiles": tiles, "map_size": [geo.map_w, geo.map_h]}
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_bytes(tmp / "classes.png", palette_png_bytes(classes, model.palette))
+    write_pyramid_tiff(tmp / "classes.tiff", colourise(classes, model.palette), geo.map_mpp, compression="zlib",
+                       nearest=True)
+    thumb = load_png(work / "thumb.png")
+    overlay = np.where((classes != ignore)[..., None], blend(thumb, classes, model.palette, 0.45), thumb)
+    atomic_write_bytes(tmp / "overlay.png", png_bytes(overlay))
+    shutil.copyfile(work / "tissue.png", tmp / "tissue.png")
+    atomic_write_json(tmp / "summary.json", summary)
+    final = out / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # the slide's outputs appear together or not at all
+    fsync_dir(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def write_summary_csv(out: Path, names: list[str], bad: dict[str, str], classes: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["slide", "status", "width", "height", "mpp", "map_mpp", "tissue_mm2"]
+                    + [f"{c}_mm2" for c in classes] + ["error"])
+    for name in names:
+        path = out / name / "summary.json"
+        if name not in bad and path.is_file():
+            s = json.loads(path.read_text())
+            writer.writerow([name, "ok", s["width"], s["height"], s["mpp"], s["map_mpp"], s["tissue_mm2"]]
+                            + [s["area_mm2"].get(c, 0) for c in classes] + [""])
+        else:
+            writer.writerow([name, "failed"] + [""] * (5 + len(classes)) + [bad.get(name, "not finished")])
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def check_slides(paths: list[Path], slide_mpp: float | None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Open every slide header first: a slide without MPP stops the run before any work."""
+    good, bad, no_mpp = {}, {}, []
+    for path in paths:
+        try:
+            Slide(path, slide_mpp).close()
+            good[slide_stem(path)] = path
+        except SlideError as exc:
+            if "microns per pixel" in str(exc):
+                no_mpp.append(str(path))
+            else:
+                bad[slide_stem(path)] = str(exc)
+    if no_mpp:
+        raise InputError(f"slide(s) without microns per pixel: {no_mpp}; pass --mpp with the scanner's resolution "
+                         f"or remove them")
+    return good, bad
+
+
+def build_model(args) -> SlideModel:
+    from mlps_dist.slide_model import create_slide_model
+
+    model = create_slide_model(args.run, args.model_mpp, checkpoint=args.checkpoint, gate=False if args.no_gate else None,
+                               device=dist.device())
+    if not model.mpp:
+        raise InputError(f"{args.run}: the run does not record the microns per pixel it was trained at (no 'mpp' in "
+                         f"its shards' info.json); pass --model-mpp")
+    return model
+
+
+def run(args, model: SlideModel | None = None) -> int:
+    out = Path(args.out)
+    paths = list_slides(args.slides)
+    good, bad = check_slides(paths, args.slide_mpp)
+    model = model or build_model(args)
+    start = time.perf_counter()  # after start-up and model loading: the slide work itself
+    world, rank = dist.get_world_size(), dist.get_rank()
+    pending = {n: p for n, p in good.items() if not (out / n / "summary.json").is_file()}
+    sizes = {n: p.stat().st_size for n, p in pending.items()}
+    for name in balanced_slides(sizes, world, rank):
+        prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp)
+    dist.barrier()
+    stride = args.stride or max(1, model.patch_size // 2)
+    plans = []
+    for name in sorted(pending):
+        work = work_dir(out, name)
+        if (work / "bad.txt").is_file() or not (work / "meta.json").is_file():
+            bad[name] = (work / "bad.txt").read_text() if (work / "bad.txt").is_file() else "tissue pass failed"
+            continue
+        meta = json.loads((work / "meta.json").read_text())
+        geo = geometry(name, meta["width"], meta["height"], meta["mpp"], args.map_mpp, model.patch_size,
+                       model.mpp, stride)
+        if geo.n < 4:
+            raise InputError(f"--map-mpp {args.map_mpp}: a {model.patch_size} px tile at {model.mpp} um/px covers "
+                             f"only {geo.n} map pixels; use a --map-mpp of at most {model.patch_size * model.mpp / 4:g}")
+        plans.append((name, geo, geo.origins(load_png(work / "tissue.png") > 0)))
+    shares = share_ranges([len(o) for _, _, o in plans], world)
+    for s, first, last in shares[rank]:
+        name, geo, origins = plans[s]
+        predict_share(model, pending[name], geo, origins, first, last, out, args)
+    dist.barrier()
+    done = []
+    for number, (name, geo, origins) in enumerate(plans):
+        if number % world != rank:
+            continue
+        ranges = [(first, last) for pieces in shares for s, first, last in pieces if s == number]
+        result = finish_slide(name, geo, ranges, model, out, args, len(origins))
+        if "error" in result:
+            bad[name] = result["error"]
+        done.append(name)
+    bad = {k: v for share in dist.all_gather_object(bad) for k, v in share.items()}
+    if dist.is_main():
+        write_summary_csv(out, sorted(slide_stem(p) for p in paths), bad, model.classes)
+        for name in sorted(bad):
+            print(f"slide failed: {name}: {bad[name]}", file=sys.stderr)
+        ok = len(paths) - len(bad)
+        print(f"segmented {ok} of {len(paths)} slide(s) into {out} in {time.perf_counter() - start:.2f} s "
+              f"(summary: {out / 'summary.csv'})")
+    dist.barrier()
+    return EXIT_BAD_INPUT if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist.init("auto")
+    try:
+        return run(args)
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    from mlps_dist.checkpoint import CheckpointError
+    from mlps_dist.config import ConfigError
+
+    try:
+        sys.exit(main())
+    except (MlpsError, ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))

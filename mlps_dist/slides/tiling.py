@@ -1,0 +1,202 @@
+"""Slides -> training tiles: the per-slide work of tools/tile_slides.py and the final assembly.
+
+Per slide (one process, any rank): tissue mask at ``tissue_mpp`` (also written as
+OUT/tissue/<slide>.png), a grid of ``tile`` px tiles every ``stride`` px at the target
+``mpp``, tiles with tissue >= ``min_tissue`` kept; with annotations, a train tile is
+labelled with every class covering >= ``label_min_fraction`` of it (tiles with no class are
+unlabelled and left out) and a val/test tile carries the rasterised polygons as its mask
+(tiles no polygon touches are left out). The slide's tiles go into one part tar
+(OUT/.parts/<slide>-000000.tar + .idx, local keys) committed atomically, then
+OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done slides.
+
+Assembly renumbers the parts into the shard format of tools/make_shards.py: per split, the
+slides in name order, keys ``<split>_<index:08d>`` contiguous whatever order the slides
+finished in. Members are copied byte for byte (no re-encoding); output shards are split
+over ranks, each written by exactly one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
+                                   sample_key, shard_stem, write_info)
+from mlps_dist.draw import png_bytes
+from mlps_dist.fileio import atomic_write_bytes, atomic_write_json
+from mlps_dist.slides.grid import rank_share, tile_grid
+from mlps_dist.slides.reader import Slide, slide_stem
+from mlps_dist.slides.tissue import TissueMap, detect_tissue
+
+PARTS = ".parts"
+
+
+@dataclass
+class TileSpec:
+    mpp: float
+    tile: int
+    stride: int
+    min_tissue: float
+    classes: list[str]
+    class_map: dict[str, int] = field(default_factory=dict)
+    label_min_fraction: float = 0.05
+    tissue_mpp: float = 8.0
+    slide_mpp: float | None = None  # level-0 MPP override for every slide
+
+    @property
+    def ignore_index(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class SlideJob:
+    path: str
+    split: str
+    annotations: str | None  # GeoJSON path
+
+
+def part_marker(out: Path, name: str) -> Path:
+    return out / PARTS / f"{name}.json"
+
+
+def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
+    """Tile one slide into its part; returns the part record (also written as the marker)."""
+    from mlps_dist.slides.annotations import load_annotations
+
+    out = Path(out)
+    name = slide_stem(job.path)
+    marker = part_marker(out, name)
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        if record.get("split") == job.split and record.get("spec") == _spec_key(spec):
+            return {**record, "reused": True}
+    annotations = load_annotations(job.annotations, spec.classes, spec.class_map) if job.annotations else None
+    with Slide(job.path, spec.slide_mpp) as slide:
+        tissue = TissueMap(detect_tissue(slide.read_scaled(spec.tissue_mpp), spec.tissue_mpp), spec.tissue_mpp)
+        atomic_write_bytes(out / "tissue" / f"{name}.png", tissue.png_bytes())
+        size0 = spec.tile * spec.mpp / slide.mpp
+        stride0 = spec.stride * spec.mpp / slide.mpp
+        writer = ShardWriter(out / PARTS, name, 0)
+        labels_out, count = [], 0
+        try:
+            for x, y in tile_grid(slide.width, slide.height, size0, stride0):
+                frac = tissue.fraction(x, y, size0, slide.mpp)
+                if frac < spec.min_tissue:
+                    continue
+                meta = {"slide": name, "x": x, "y": y, "size0": round(size0, 4), "mpp": spec.mpp,
+                        "tissue": round(frac, 4), "split": job.split}
+                members = {}
+                labels = [0] * len(spec.classes)
+                if annotations is not None:
+                    cover = annotations.coverage(x, y, size0)
+                    if job.split == "train":
+                        labels = [int(c >= spec.label_min_fraction) for c in cover]
+                        if not any(labels):
+                            continue  # no annotated class here: unlabelled, not negative
+                        meta["coverage"] = {c: round(float(v), 4) for c, v in zip(spec.classes, cover) if v > 0}
+                    else:
+                        if cover.sum() <= 0:
+                            continue
+                        mask = annotations.rasterise(x, y, size0, spec.tile, spec.ignore_index)
+                        present = set(np.unique(mask).tolist())
+                        labels = [int(c in present) for c in range(len(spec.classes))]
+                        members["mask.png"] = png_bytes(mask)
+                rgb = slide.read(x, y, size0, spec.tile)
+                members.update(png=png_bytes(rgb), labels=encode_labels(labels), json=json.dumps(meta).encode())
+                writer.write(f"t_{count:08d}", members)
+                labels_out.append(labels)
+                count += 1
+        except BaseException:
+            writer.abort()
+            raise
+        part = writer.close()
+    record = {"slide": name, "path": str(job.path), "split": job.split, "count": count, "part": part,
+              "labels": labels_out, "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
+              "spec": _spec_key(spec)}
+    atomic_write_json(marker, record, indent=None)
+    return record
+
+
+def _spec_key(spec: TileSpec) -> dict:
+    """What a finished part depends on: a rerun with other settings redoes the slide."""
+    return json.loads(json.dumps(asdict(spec)))
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def assembly_plan(records: list[dict], shard_size: int) -> dict[str, list[list[tuple[str, int]]]]:
+    """{split: [shard: [(slide, local index)]]}: slides in name order, shards of shard_size."""
+    plan: dict[str, list[list[tuple[str, int]]]] = {}
+    for split in sorted({r["split"] for r in records}):
+        samples = [(r["slide"], i) for r in sorted(records, key=lambda r: r["slide"]) if r["split"] == split
+                   for i in range(r["count"])]
+        plan[split] = [samples[i:i + shard_size] for i in range(0, len(samples), shard_size)]
+    return plan
+
+
+def write_assigned_shards(out: str | Path, records: list[dict], shard_size: int, world: int, rank: int) -> None:
+    """Write this rank's share of the output shards (copying members from the parts)."""
+    out = Path(out)
+    plan = assembly_plan(records, shard_size)
+    jobs = [(split, number, first) for split, shards in plan.items()
+            for number, first in zip(range(len(shards)), np.cumsum([0] + [len(s) for s in shards[:-1]]))]
+    files, entries = TarFiles(), {}
+    try:
+        for split, number, first in rank_share(jobs, world, rank):
+            writer = ShardWriter(out, split, number)
+            try:
+                for offset, (slide, local) in enumerate(plan[split][number]):
+                    if slide not in entries:
+                        entries[slide] = read_index(out / PARTS / f"{shard_stem(slide, 0)}.idx")
+                    tar = out / PARTS / f"{shard_stem(slide, 0)}.tar"
+                    members = {ext: files.read(tar, off, size) for ext, (off, size) in entries[slide][local][1].items()}
+                    writer.write(sample_key(split, int(first) + offset), members)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+    finally:
+        files.close()
+
+
+def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palette, shard_size: int,
+                     extra: dict | None = None) -> dict:
+    out = Path(out)
+    plan = assembly_plan(records, shard_size)
+    info = {"format": FORMAT_VERSION, "layout": "slides", "classes": list(spec.classes),
+            "ignore_index": spec.ignore_index, "palette": [list(c) for c in palette], "mpp": spec.mpp,
+            "tile": spec.tile, "stride": spec.stride, "min_tissue": spec.min_tissue,
+            "label_min_fraction": spec.label_min_fraction, "splits": {}, **(extra or {})}
+    for split, shards in plan.items():
+        mine = [r for r in records if r["split"] == split]
+        counts = np.zeros(len(spec.classes), np.int64)
+        for r in mine:
+            if r["labels"]:
+                counts += np.asarray(r["labels"], np.int64).sum(axis=0)
+        info["splits"][split] = {
+            "count": sum(len(s) for s in shards), "has_masks": split != "train", "image_size": [spec.tile, spec.tile],
+            "class_counts": [int(v) for v in counts],
+            "slides": sorted(r["slide"] for r in mine),
+            "shards": [{"tar": f"{shard_stem(split, n)}.tar", "idx": f"{shard_stem(split, n)}.idx", "count": len(s)}
+                       for n, s in enumerate(shards)]}
+    write_info(out, info)
+    return info
+
+
+def remove_stale_shards(out: Path, records: list[dict], shard_size: int) -> None:
+    """Shards of an earlier, different assembly (info.json is absent while assembling)."""
+    plan = assembly_plan(records, shard_size)
+    keep = {f"{shard_stem(split, n)}.{ext}" for split, shards in plan.items() for n in range(len(shards))
+            for ext in ("tar", "idx")}
+    for path in list(out.glob("*-*.tar")) + list(out.glob("*-*.idx")) + list(out.glob("*.tmp")):
+        if path.name not in keep or path.suffix == ".tmp":
+            path.unlink(missing_ok=True)
+
+
+def remove_parts(out: Path) -> None:
+    shutil.rmtree(Path(out) / PARTS, ignore_errors=True)

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Generate synthetic whole slides (pyramidal tiled TIFF with MPP) and their QuPath GeoJSON.
+
+    python tools/make_synthetic_slides.py --out data/demo/wsi --count 4 --width 3072 --height 2048
+
+Writes OUT/slides/<name>.tiff, OUT/annotations/<name>.geojson and OUT/synthetic_slides.json
+(with the --class-map that maps the QuPath names to TE,NEC,LYM,TAS). Slides already there
+are kept, so an interrupted run finishes on the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
+
+from mlps_dist.slides.synthetic import write_synthetic_slides  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--count", type=int, default=2, help="number of slides")
+    p.add_argument("--width", type=int, default=3072, help="level-0 width in pixels")
+    p.add_argument("--height", type=int, default=2048, help="level-0 height in pixels")
+    p.add_argument("--mpp", type=float, default=1.0, help="level-0 microns per pixel (0: write none)")
+    p.add_argument("--cell", type=int, default=600, help="typical side of one tissue region in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.count < 1 or min(args.width, args.height) < 256:
+        p.error("need --count >= 1 and slides of at least 256 x 256 pixels")
+    summary = write_synthetic_slides(args.out, args.count, args.width, args.height, args.seed, args.mpp or None,
+                                     args.cell)
+    print(f"{args.out}: {len(summary['slides'])} slide(s) of {args.width} x {args.height} px at {args.mpp} um/px; "
+          f"annotations in {Path(args.out) / 'annotations'}; --class-map \"{summary['class_map']}\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Cut whole-slide images (and their QuPath annotations) into training shards.
+
+    python tools/tile_slides.py --slides slides/ --out data/wsi/shards --mpp 0.5 --tile 224 \
+        --annotations annotations/ --classes TE,NEC,LYM,TAS \
+        --class-map "Tumor=TE,Necrosis=NEC,Immune cells=LYM,Stroma=TAS" --split-ratios 0.7,0.15,0.15
+    torchrun --nproc_per_node=4 tools/tile_slides.py ...     # slides split over ranks
+
+Output: the shard format of tools/make_shards.py (every stage trains on it unchanged);
+info.json adds ``mpp`` and the slides of each split; each sample's json has slide, x, y
+(level-0 top-left), size0, mpp and tissue. Splits are by slide (``--splits`` CSV of
+``slide,split`` lines, or ``--split-ratios`` with ``--seed``). Tissue masks for checking:
+OUT/tissue/<slide>.png. Without --annotations every tile with enough tissue is written with
+an empty label (for inspection or unsupervised use; the MLPS stages need annotations).
+
+Everything about the inputs is checked first (slides open and have an MPP, every
+annotation file exists and its class names map); a slide that then fails while being read
+(truncated, damaged) is named and skipped, the others are written, and the exit status is
+non-zero. A killed run, rerun, keeps the slides it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from mlps_dist import dist  # noqa: E402
+from mlps_dist.draw import palette_for  # noqa: E402
+from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError  # noqa: E402
+from mlps_dist.slides.annotations import load_annotations, parse_class_map  # noqa: E402
+from mlps_dist.slides.grid import balanced_slides  # noqa: E402
+from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem  # noqa: E402
+from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards, tile_slide,  # noqa: E402
+                                     write_assigned_shards, write_slide_info)
+
+SPLITS = ("train", "val", "test")
+KNOWN_PALETTES = {("TE", "NEC", "LYM", "TAS"): [(205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0)],
+                  ("TUM", "STR", "LYM", "NEC"): [(0, 64, 128), (64, 128, 0), (243, 152, 0), (255, 0, 0)]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
+    p.add_argument("--mpp", type=float, required=True, help="microns per pixel of the tiles")
+    p.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
+    p.add_argument("--stride", type=int, default=0, help="tile step in pixels at --mpp (default: --tile)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
+    p.add_argument("--annotations", default=None, help="folder of <slide name>.geojson (QuPath export)")
+    p.add_argument("--classes", default="TE,NEC,LYM,TAS", help="class names in label order")
+    p.add_argument("--class-map", default="", help='annotation name -> class, e.g. "Tumor=TE,Stroma=TAS"')
+    p.add_argument("--label-min-fraction", type=float, default=0.05,
+                   help="a class covering at least this share of a train tile is in its label")
+    p.add_argument("--splits", default=None, help="CSV of slide,split lines (slide = file name without extension)")
+    p.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test shares of the slides")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split by ratios")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="level-0 microns per pixel of every slide, overriding (or standing in for) the stored MPP")
+    p.add_argument("--tissue-mpp", type=float, default=8.0, help="resolution of the tissue mask")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    p.add_argument("--workers", type=int, default=1, help="processes per rank, each tiling one slide at a time")
+    p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
+    args = p.parse_args(argv)
+    if args.tile < 8 or args.stride < 0 or args.mpp <= 0 or not 0 <= args.min_tissue <= 1:
+        p.error("need --tile >= 8, --stride >= 0, --mpp > 0 and 0 <= --min-tissue <= 1")
+    args.stride = args.stride or args.tile
+    return args
+
+
+def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: int) -> dict[str, str]:
+    if splits_csv:
+        table = {}
+        with open(splits_csv, newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0].strip().startswith("#") or [c.strip().lower() for c in row[:2]] == ["slide", "split"]:
+                    continue
+                if len(row) < 2 or row[1].strip() not in SPLITS:
+                    raise InputError(f"{splits_csv}: line {row}: expected 'slide,split' with split in {SPLITS}")
+                table[row[0].strip()] = row[1].strip()
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise InputError(f"{splits_csv}: no split for slide(s) {missing}; add a 'slide,split' line for each")
+        return {n: table[n] for n in names}
+    try:
+        shares = [float(v) for v in ratios.split(",")]
+        assert len(shares) == 3 and all(s >= 0 for s in shares) and sum(shares) > 0
+    except (ValueError, AssertionError):
+        raise InputError(f"--split-ratios {ratios!r}: expected three shares train,val,test such as 0.7,0.15,0.15")
+    order = list(np.random.default_rng(seed).permutation(sorted(names)))
+    bounds = np.round(np.cumsum(shares) / sum(shares) * len(order)).astype(int)
+    bounds[0] = max(bounds[0], 1 if shares[0] > 0 else 0)  # at least one training slide
+    out = {}
+    for i, name in enumerate(order):
+        out[str(name)] = SPLITS[int(np.searchsorted(bounds, i, side="right"))] if i < bounds[-1] else "test"
+    return out
+
+
+def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]:
+    """Every check that needs no tile read: returns (jobs, spec, unopenable slides)."""
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if len(set(classes)) != len(classes) or not classes:
+        raise InputError(f"--classes {args.classes!r}: give distinct class names separated by commas")
+    spec = TileSpec(mpp=args.mpp, tile=args.tile, stride=args.stride, min_tissue=args.min_tissue, classes=classes,
+                    class_map=parse_class_map(args.class_map, classes), label_min_fraction=args.label_min_fraction,
+                    tissue_mpp=args.tissue_mpp, slide_mpp=args.slide_mpp)
+    paths = list_slides(args.slides)
+    bad, no_mpp, good = [], [], []
+    for path in paths:
+        try:
+            Slide(path, args.slide_mpp).close()
+            good.append(path)
+        except SlideError as exc:
+            (no_mpp if "microns per pixel" in str(exc) else bad).append((str(path), str(exc)))
+    if no_mpp:
+        raise InputError(f"slide(s) without microns per pixel: {[p for p, _ in no_mpp]}; pass --slide-mpp with "
+                         f"the scanner's resolution or remove them")
+    splits = assign_splits([slide_stem(p) for p in paths], args.splits, args.split_ratios, args.seed)
+    jobs = []
+    for path in good:
+        geojson = None
+        if args.annotations:
+            geojson = Path(args.annotations) / f"{slide_stem(path)}.geojson"
+            if not geojson.is_file():
+                raise InputError(f"{geojson}: no annotations for slide {path}; export them from QuPath or "
+                                 f"remove the slide from --slides")
+            load_annotations(geojson, classes, spec.class_map)  # unmapped names fail here, before any tile
+        jobs.append(SlideJob(str(path), splits[slide_stem(path)], str(geojson) if geojson else None))
+    return jobs, spec, bad
+
+
+def _tile_or_report(args):
+    job, spec, out = args
+    try:
+        return tile_slide(job, spec, out)
+    except MlpsError as exc:
+        return {"bad": job.path, "error": str(exc)}
+
+
+def tile_my_slides(jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int) -> list[dict]:
+    sizes = {j.path: Path(j.path).stat().st_size for j in jobs}
+    mine = [j for j in jobs if j.path in set(balanced_slides(sizes, dist.get_world_size(), dist.get_rank()))]
+    (out / ".parts").mkdir(parents=True, exist_ok=True)
+    work = [(j, spec, str(out)) for j in mine]
+    if workers > 1 and len(work) > 1:
+        with ProcessPoolExecutor(min(workers, len(work))) as pool:
+            return list(pool.map(_tile_or_report, work))
+    return [_tile_or_report(w) for w in work]
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    jobs, spec, bad = check_inputs(args)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "info.json").unlink(missing_ok=True)  # incomplete until assembled
+    dist.barrier()
+    results = [r for share in dist.all_gather_object(tile_my_slides(jobs, spec, out, args.workers)) for r in share]
+    bad += [(r["bad"], r["error"]) for r in results if "bad" in r]
+    records = sorted((r for r in results if "bad" not in r), key=lambda r: r["slide"])
+    if dist.is_main():
+        remove_stale_shards(out, records, args.shard_size)
+    dist.barrier()
+    write_assigned_shards(out, records, args.shard_size, dist.get_world_size(), dist.get_rank())
+    dist.barrier()
+    if dist.is_main():
+        palette = KNOWN_PALETTES.get(tuple(spec.classes)) or palette_for(len(spec.classes), None)[:len(spec.classes)]
+        info = write_slide_info(out, records, spec, list(palette) + [(255, 255, 255)], args.shard_size,
+                                {"bad_slides": [p for p, _ in bad]})
+        if not args.keep_parts:
+            remove_parts(out)
+        for split, s in info["splits"].items():
+            print(f"{split}: {s['count']} tiles from {len(s['slides'])} slide(s) in {len(s['shards'])} shard(s); "
+                  f"per class: {dict(zip(spec.classes, s['class_counts']))}")
+        reused = sum(1 for r in records if r.get("reused"))
+        if reused:
+            print(f"reused {reused} slide(s) finished by an earlier run")
+        print(f"wrote {out / 'info.json'}")
+        for path, error in bad:
+            print(f"bad slide skipped: {error}", file=sys.stderr)
+        if bad:
+            print(f"{len(bad)} slide(s) skipped; the others are written", file=sys.stderr)
+    dist.barrier()
+    return EXIT_BAD_INPUT if bad else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist.init("auto")
+    try:
+        return run(args)
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except MlpsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
