@@ -143,7 +143,7 @@ class SegmenterTask:
         for i, row in enumerate(self.val_rows):
             log.image(f"val/{i}", row, step=epoch)
         for i in range(min(self.section.vis_images, len(self.train_reader))):
-            rgb = decode_rgb(self.train_reader.read(i)["png"])
+            rgb = decode_rgb(self.train_reader.read(i)["image"])
             image = torch.from_numpy(normalise(rgb.astype(np.float32), self.cfg.data.mean, self.cfg.data.std))
             pred = module(image[None].to(dist.device())).argmax(1)[0]
             log.image(f"pseudo_masks/{i}", overlay_row(rgb, [*self.store.read_masks(i), pred], self.palette), epoch)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlps_dist import dist, engine
+from mlps_dist.batching import rank_micro_batches
 from mlps_dist.config import load_config
 from mlps_dist.runlog import RunLog
 
@@ -43,7 +44,7 @@ class SmallMlp(nn.Module):
 
 class RegressionTask:
     """y = sin(x . w): the order of epoch e is a permutation drawn from (seed, e) only, and
-    rank r / micro step m of a global step take fixed slices of it, as the real loaders do."""
+    rank r / micro step m of a global step take the plan's slices of it, as the real loaders do."""
 
     stage = "regression"
 
@@ -60,13 +61,11 @@ class RegressionTask:
         return SmallMlp(self.dropout)
 
     def micro_steps_per_epoch(self, plan):
-        return SAMPLES // (plan.micro_batch * plan.world)
+        return plan.micro_steps_per_epoch(SAMPLES)
 
     def train_loader(self, epoch, start_step, plan):
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(SAMPLES)
-        glob, rank = plan.micro_batch * plan.world, dist.get_rank()
-        for step in range(start_step, self.micro_steps_per_epoch(plan)):
-            idx = torch.as_tensor(order[step * glob + rank * plan.micro_batch:][:plan.micro_batch])
+        for idx in rank_micro_batches(order, plan, dist.get_rank(), start_step):  # uneven where it must be
             yield {"x": self.x[idx], "y": self.y[idx]}
 
     def loss(self, model, batch):

@@ -183,11 +183,11 @@ def test_interrupted_conversion_finishes_on_rerun_identically(tiny_luad_folder, 
     plan = build_plan(LUAD, tiny_luad_folder, shard_size=10)
     real, calls = ingest.sample_members, []
 
-    def dies_in_second_shard(checked, plan):
+    def dies_in_second_shard(checked, plan, *encoding):
         calls.append(1)
         if len(calls) == 15:
             raise KeyboardInterrupt  # as a kill would, in the middle of a shard
-        return real(checked, plan)
+        return real(checked, plan, *encoding)
 
     monkeypatch.setattr(ingest, "sample_members", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -44,7 +44,7 @@ class _BatchSource:
             sample = self.reader.read(index)
             p = self.params_of(index)
             pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
-            values = [_as_bytes(sample["png"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
+            values = [_as_bytes(sample["image"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
                       np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
                       np.array(p.offset * 255.0, np.float32)] + [_as_bytes(png) for png in pngs]
             for col, value in zip(cols, values):
@@ -94,7 +94,7 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
 
     device_id = device.index if on_gpu else None
     pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
-                    prefetch_queue_depth=1, exec_dynamic=True)
+                    prefetch_queue_depth=2, exec_dynamic=True)  # decode the next batch during this step
     pipe.build()
     return pipe
 
