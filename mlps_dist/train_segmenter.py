@@ -28,7 +28,7 @@ from mlps_dist import dist, engine
 from mlps_dist.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.augment import model_input, normalise
-from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.data.torch_loader import decode_rgb
 from mlps_dist.metrics import ConfusionMatrix
@@ -100,10 +100,10 @@ class SegmenterTask:
         return create_segmenter(self.section.model, self.num_classes, self.section.pretrained)
 
     def micro_steps_per_epoch(self, plan) -> int:
-        return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
+        return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        loader = create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+        loader = create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
                                      start_step=start_step, rank=dist.get_rank(), world=plan.world,
                                      device=dist.device(), pseudo_masks=self.store)
         return StartedOnIter(loader)

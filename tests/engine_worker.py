@@ -65,8 +65,9 @@ class RegressionTask:
 
     def train_loader(self, epoch, start_step, plan):
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(SAMPLES)
+        device = dist.device()  # a GPU when the job has one (tests/test_gpu.py)
         for idx in rank_micro_batches(order, plan, dist.get_rank(), start_step):  # uneven where it must be
-            yield {"x": self.x[idx], "y": self.y[idx]}
+            yield {"x": self.x[idx].to(device), "y": self.y[idx].to(device)}
 
     def loss(self, model, batch):
         time.sleep(self.step_seconds)
@@ -78,7 +79,8 @@ class RegressionTask:
 
     def validate(self, module, epoch):
         self.trained = module
-        return {"score": -float(F.mse_loss(module(self.x), self.y))}
+        device = dist.device()
+        return {"score": -float(F.mse_loss(module(self.x.to(device)), self.y.to(device)))}
 
     def visualise(self, module, epoch, log):
         pass
@@ -117,7 +119,7 @@ def main() -> int:
             original = task.validate
             task.validate = lambda module, epoch: (setattr(task, "trained", module), original(module, epoch))[1]
         engine.fit(cfg, train_cfg, task, log)
-        state = {k: v.detach().clone() for k, v in task.trained.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in task.trained.state_dict().items()}
         torch.save({"weights": state, "task": task.state_dict()}, out / f"weights-rank{dist.get_rank()}.pt")
         return 0
     except engine.Preempted:
