@@ -48,6 +48,23 @@ def _train_regression(tmp_path: Path, name: str, *overrides: str, **section) -> 
     return jobs.load_weights(tmp_path / f"out-{name}" / "weights-rank0.pt")
 
 
+def test_nccl_ddp_gradient_on_one_gpu_equals_the_single_process_gradient(tmp_path):
+    """DDP over NCCL (one rank, with and without accumulation): the engine's step gives the
+    gradient of the whole global batch, as over gloo in tests/test_batching.py."""
+    from test_batching import _single_process_gradient
+
+    import plan_gradients
+
+    result = jobs.run(["tests/dist_scripts/plan_gradients.py", str(tmp_path), "nccl"], nproc=1, timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:]
+    reference, reference_loss = _single_process_gradient()
+    for micro in plan_gradients.MICRO_BATCH_SIZES:
+        got = torch.load(tmp_path / f"grads-w1-m{micro}.pt", weights_only=True)
+        for name, grad in reference.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6)
+        assert got["loss"] == pytest.approx(reference_loss, rel=1e-5)
+
+
 def test_nccl_ddp_and_deepspeed_steps_on_one_gpu_agree(tmp_path):
     """One rank over NCCL: DDP, then DeepSpeed ZeRO-1 with the same SGD, schedule and data."""
     ddp = _train_regression(tmp_path, "ddp", "dist.backend=nccl")

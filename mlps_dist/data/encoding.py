@@ -35,7 +35,8 @@ def encode_rgb(img: Image.Image, image_format: str, quality: int = DEFAULT_JPEG_
     if image_format == "png":
         img.save(buf, format="PNG")
     elif image_format == "webp":
-        img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+        # Low effort: encoding stays fast (a one-off per collection); decoding speed barely depends on it.
+        img.save(buf, format="WEBP", lossless=True, quality=25, method=1)
     elif image_format == "jpeg":
         # 4:4:4: no chroma subsampling, which would blur the stain colours at cell edges.
         img.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)

@@ -1,9 +1,11 @@
 """One optimizer step of engine.train_step on every rank of a gloo job, for several batch
 plans of a global batch of 20; rank 0 saves the all-reduced gradient and the logged loss.
 
-    torchrun --standalone --nproc_per_node=W tests/dist_scripts/plan_gradients.py OUT
+    torchrun --standalone --nproc_per_node=W tests/dist_scripts/plan_gradients.py OUT [nccl]
 
 OUT/grads-w<W>-m<micro_batch_size>.pt: {"grads": {name: tensor}, "loss": float, "plan": str}.
+With ``nccl`` the model runs on the rank's GPU and is wrapped in DDP even on one rank, so
+the NCCL all-reduce and ``no_sync`` accumulation path run on a single GPU too.
 """
 
 from __future__ import annotations
@@ -52,25 +54,29 @@ class Task:
 
 def main() -> int:
     out = Path(sys.argv[1])
-    dist.init("gloo")
+    backend = sys.argv[2] if len(sys.argv) > 2 else "gloo"
+    dist.init(backend)
+    device = dist.device() if backend == "nccl" else torch.device("cpu")
     try:
         task = Task()
         for micro in MICRO_BATCH_SIZES:
             cfg = TrainConfig(batch_size=GLOBAL_BATCH, micro_batch_size=micro, lr=0.1, momentum=0.0, weight_decay=0.0)
             plan = parallel.plan_batches(cfg, dist.get_world_size())
             torch.manual_seed(0)
-            model = parallel.wrap(TinyNet(), cfg, plan=plan, total_steps=10, device=torch.device("cpu"))
+            model = parallel.wrap(TinyNet(), cfg, plan=plan, total_steps=10, device=device)
+            if backend == "nccl" and not isinstance(model.forward_module, nn.parallel.DistributedDataParallel):
+                model.forward_module = nn.parallel.DistributedDataParallel(model.module, device_ids=[device.index])
             captured = {}
             step = model.step
 
             def capture_then_step():
-                captured.update({n: p.grad.detach().clone() for n, p in model.module.named_parameters()})
+                captured.update({n: p.grad.detach().cpu().clone() for n, p in model.module.named_parameters()})
                 step()
 
             model.step = capture_then_step
             order = permutation(SAMPLES, SEED, 0)
             idx = rank_micro_batches(order, plan, dist.get_rank())
-            batches = iter({"x": task.x[i], "y": task.y[i]} for i in idx)
+            batches = iter({"x": task.x[i].to(device), "y": task.y[i].to(device)} for i in idx)
             loss = engine._mean_over_ranks(engine.train_step(model, task, batches, plan))
             if dist.is_main():
                 torch.save({"grads": captured, "loss": loss, "plan": plan.describe()},
