@@ -4,8 +4,11 @@
 DALI's own webdataset reader shuffles with internal state that cannot resume in the middle
 of an epoch, so the order comes from sampling.py, as in the torch back end, and the
 per-sample parameters from augment.py: both back ends yield the same samples with the
-same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU (PNG is still
-decoded on the CPU there; augmentation then runs on the GPU) and the CPU otherwise.
+same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU: JPEG shards
+(``make_shards.py --image-format jpeg``) are decoded by nvJPEG on the GPU, PNG and WebP by
+DALI's CPU threads; augmentation then runs on the GPU. Without a GPU everything runs on the
+CPU. The pipeline prefetches two batches, so decoding overlaps the training step; the
+Python source only reads bytes (decoding happens in DALI's threads, outside the GIL).
 """
 
 from __future__ import annotations
