@@ -143,7 +143,7 @@ def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel
     gradient is that of the whole global batch even when micro batches are uneven. Returns
     this rank's weighted loss as a tensor (averaged over ranks it is the global batch's
     mean loss); reading it waits for the device, so the loop does that at log steps only."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     rank = dist.get_rank()
     for micro in range(plan.accumulation):
         # Loaders may draw from the global RNG (a DataLoader draws its worker seed on the first
@@ -156,7 +156,7 @@ def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel
             with model.autocast():
                 loss = task.loss(model, batch) * plan.loss_weight(micro, rank)
             model.backward(loss, boundary)
-        total = total.to(loss.device) + loss.detach().double()
+        total = loss.detach().double() if total is None else total + loss.detach().double()
     model.step()
     return total
 
