@@ -26,9 +26,11 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 WORKER = "tests/engine_worker.py"
 
-# Stated tolerances: mean loss of the last training steps under autocast vs. fp32, same
-# weights, data and steps (relative). bf16 keeps 8 mantissa bits, fp16 10 (with loss scaling).
-AMP_LOSS_RTOL = {"bf16": 0.05, "fp16": 0.02}
+# Stated tolerances (relative, autocast vs. fp32 from the same weights on the same data):
+# the first step's loss (rounding only: bf16 keeps 8 mantissa bits, fp16 10) and the mean of
+# the last 5 of 30 steps (GradScaler may skip a first step or two while it finds its scale).
+AMP_FIRST_LOSS_RTOL = {"bf16": 0.02, "fp16": 0.005}
+AMP_FINAL_LOSS_RTOL = {"bf16": 0.15, "fp16": 0.15}  # SGD on 8 patches wobbles by ~10% step to step
 DEMO_MIN_TEST_MIOU = 0.70  # the 2-core CPU run gives 0.79 gated; GPU arithmetic differs a little
 
 
@@ -74,7 +76,7 @@ def test_nccl_ddp_and_deepspeed_steps_on_one_gpu_agree(tmp_path):
         torch.testing.assert_close(ds[key], ddp[key], rtol=1e-4, atol=1e-5)
 
 
-def _tiny_classifier_losses(precision: str, steps: int = 12) -> list[float]:
+def _tiny_classifier_losses(precision: str, steps: int = 30) -> list[float]:
     """Losses of ``steps`` SGD steps of small38 on fixed random patches, on cuda:0."""
     from mlps_dist import parallel
     from mlps_dist.config import TrainConfig
@@ -97,7 +99,7 @@ def _tiny_classifier_losses(precision: str, steps: int = 12) -> list[float]:
             loss = F.multilabel_soft_margin_loss(model(images).float(), labels)
         model.backward(loss, boundary=True)
         model.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -107,9 +109,10 @@ def test_autocast_reaches_the_fp32_loss(precision):
     reference = _tiny_classifier_losses("fp32")
     amp = _tiny_classifier_losses(precision)
     assert all(np.isfinite(amp))
-    assert amp[-1] < amp[0]  # it trains
-    tail_ref, tail_amp = np.mean(reference[-4:]), np.mean(amp[-4:])
-    assert abs(tail_amp - tail_ref) <= AMP_LOSS_RTOL[precision] * tail_ref, (reference, amp)
+    assert amp[-1] < 0.9 * amp[0] and reference[-1] < 0.9 * reference[0]  # both train
+    assert abs(amp[0] - reference[0]) <= AMP_FIRST_LOSS_RTOL[precision] * reference[0], (reference, amp)
+    tail_ref, tail_amp = np.mean(reference[-5:]), np.mean(amp[-5:])
+    assert abs(tail_amp - tail_ref) <= AMP_FINAL_LOSS_RTOL[precision] * tail_ref, (reference, amp)
 
 
 def _bn_statistics(module) -> dict[str, torch.Tensor]:
