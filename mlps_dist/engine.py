@@ -137,9 +137,14 @@ class PreemptionGuard:
         return bool(votes.item() > 0)
 
 
-def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> float:
-    """One optimizer step over ``plan.accumulation`` micro batches; returns the mean loss."""
-    total = 0.0
+def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> torch.Tensor:
+    """One optimizer step over ``plan.accumulation`` micro batches. Each micro batch's mean
+    loss is weighted by its share of the global batch (batching.py), so the all-reduced
+    gradient is that of the whole global batch even when micro batches are uneven. Returns
+    this rank's weighted loss as a tensor (averaged over ranks it is the global batch's
+    mean loss); reading it waits for the device, so the loop does that at log steps only."""
+    total = None
+    rank = dist.get_rank()
     for micro in range(plan.accumulation):
         # Loaders may draw from the global RNG (a DataLoader draws its worker seed on the first
         # batch); fork it so that the model's random stream (dropout) depends only on the
@@ -149,15 +154,16 @@ def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel
         boundary = micro == plan.accumulation - 1
         with model.sync_gradients(boundary):
             with model.autocast():
-                loss = task.loss(model, batch)
+                loss = task.loss(model, batch) * plan.loss_weight(micro, rank)
             model.backward(loss, boundary)
-        total += float(loss.detach())
+        total = loss.detach().double() if total is None else total + loss.detach().double()
     model.step()
-    return total / plan.accumulation
+    return total
 
 
-def _mean_over_ranks(value: float) -> float:
-    return float(dist.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item()) / dist.get_world_size()
+def _mean_over_ranks(value) -> float:
+    value = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+    return float(dist.all_reduce_sum(value.cpu()).item()) / dist.get_world_size()
 
 
 def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
@@ -170,6 +176,8 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
         model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
                               total_steps=steps_per_epoch * train_cfg.epochs)
         seed_everything(derive_seed(cfg.seed, dist.get_rank()))
+        log.info(f"{model.kind}: {plan.describe()}; {steps_per_epoch} steps/epoch; "
+                 f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
         progress = Progress()
@@ -180,9 +188,6 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
             task.load_state_dict(state["task"])
             log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
             log.event("resume", checkpoint=str(resume_from), **asdict(progress))
-        log.info(f"{model.kind}: global batch {plan.global_batch} = {plan.micro_batch} x {plan.world} ranks x "
-                 f"{plan.accumulation} accumulation; {steps_per_epoch} steps/epoch; "
-                 f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
 
         def save() -> None:
             client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect}

@@ -53,7 +53,7 @@ class PatchDataset(torch.utils.data.Dataset):
         labels = decode_labels(members["labels"])
         if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
             raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
-        rgb = np.array(Image.open(io.BytesIO(members["png"])).convert("RGB"))
+        rgb = np.array(Image.open(io.BytesIO(members["image"])).convert("RGB"))
         if self.size and rgb.shape[:2] != self.size:
             raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
         out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}

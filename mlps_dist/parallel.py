@@ -1,13 +1,13 @@
 """One small API over DistributedDataParallel and a DeepSpeed engine.
 
-    batches = plan_batches(train_cfg, world)          # micro batch + accumulation steps
-    model = wrap(module, train_cfg, plan=batches, total_steps=N, device=dev)
+    plan = plan_batches(train_cfg, world)             # batching.py: micro batches + accumulation
+    model = wrap(module, train_cfg, plan=plan, total_steps=N, device=dev)
     for micro, batch in enumerate(micro_batches):
-        boundary = micro == batches.accumulation - 1
+        boundary = micro == plan.accumulation - 1
         with model.sync_gradients(boundary):          # DDP: no all-reduce until the boundary
             with model.autocast():
                 loss = criterion(model(batch["image"]), batch["labels"])
-            model.backward(loss, boundary)
+            model.backward(loss * plan.loss_weight(micro, rank), boundary)
     model.step()                                      # optimizer + poly LR, then zero_grad
     model.module                                      # the bare nn.Module (for saving)
 
@@ -21,37 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from mlps_dist import dist
+from mlps_dist.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
 from mlps_dist.config import ConfigError, TrainConfig
+from mlps_dist.models.batchnorm import sync_batchnorm_helps
 
 # Keys of a DeepSpeed JSON that our config owns; the JSON must leave them out.
 _OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "optimizer", "scheduler", "gradient_clipping", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int  # samples per optimizer step, whatever the world size
-    micro_batch: int  # samples per rank per forward
-    accumulation: int  # forwards per rank per optimizer step
-    world: int
-
-
-def plan_batches(train_cfg: TrainConfig, world: int, section: str = "train") -> BatchPlan:
-    """global batch = micro batch x world x accumulation, or a ConfigError saying what to change."""
-    micro = train_cfg.micro_batch_size or train_cfg.batch_size // world
-    if micro < 1 or train_cfg.batch_size % (micro * world):
-        raise ConfigError(
-            f"'{section}.batch_size' = {train_cfg.batch_size} is not a multiple of micro batch {micro or 1} x "
-            f"{world} ranks; set {section}.batch_size to a multiple of {max(micro, 1) * world} or pick "
-            f"{section}.micro_batch_size so that micro_batch_size x {world} divides it")
-    return BatchPlan(train_cfg.batch_size, micro, train_cfg.batch_size // (micro * world), world)
 
 
 def resolve_precision(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -135,7 +117,8 @@ class DdpModel(Wrapped):
         return ddp.no_sync()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        self.scaler.scale(loss / self.plan.accumulation).backward()
+        """``loss`` comes weighted by ``plan.loss_weight`` (1/accumulation when even)."""
+        self.scaler.scale(loss).backward()
 
     def step(self) -> None:
         if self.grad_clip > 0:
@@ -159,6 +142,19 @@ def deepspeed_config(train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict
     if clash:
         raise ConfigError(f"{path}: remove {clash}; batch sizes, optimizer, schedule, clipping and "
                           "precision come from the trainer section of the experiment config")
+    stage = (ds_cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        # ZeRO-3 partitions the weights themselves: module.state_dict() on a rank holds empty
+        # placeholders, so model files, validation and the mask pass would see no weights.
+        raise ConfigError(f"{path}: ZeRO stage 3 is not supported (model files would hold partitioned, "
+                          "empty weights); use configs/deepspeed/zero2.json (optimizer states and gradients "
+                          "partitioned) or zero1.json")
+    if not plan.even:
+        raise ConfigError(
+            f"DeepSpeed needs equal micro batches on every rank, but {plan.describe()} on {plan.world} ranks; "
+            f"with batch_size={train_cfg.batch_size} and micro_batch_size={train_cfg.micro_batch_size} it runs on "
+            f"{', '.join(map(str, even_world_sizes(train_cfg, 32)))} ranks; use parallel=ddp (uneven micro "
+            "batches, same gradient), another world size, or a batch_size that the ranks divide")
     ds_cfg.update(
         train_batch_size=plan.global_batch,
         train_micro_batch_size_per_gpu=plan.micro_batch,
@@ -203,7 +199,8 @@ class DeepSpeedModel(Wrapped):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        self.engine.backward(loss)  # scales by 1/accumulation itself
+        # DeepSpeed divides by the accumulation steps itself; the plan's weight already does.
+        self.engine.backward(loss * self.plan.accumulation)
         if not boundary:
             self.engine.step()  # counts the micro step; the update happens at the boundary
 
@@ -218,8 +215,8 @@ def wrap(module: nn.Module, train_cfg: TrainConfig, *, plan: BatchPlan, total_st
          device: torch.device) -> Wrapped:
     """Move ``module`` to ``device`` and wrap it for ``train_cfg.parallel`` (ddp | deepspeed)."""
     module = module.to(device)
-    if device.type == "cuda" and dist.get_world_size() > 1:
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # refuses CPU modules
+    if sync_batchnorm_helps(module, dist.get_world_size(), device):
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # only CUDA modules can run it
     if train_cfg.parallel == "deepspeed":
         return DeepSpeedModel(module, train_cfg, plan, total_steps, device)
     return DdpModel(module, train_cfg, plan, total_steps, device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from mlps_dist import dist, engine
 from mlps_dist.config import Config, ConfigError, PdaConfig
 from mlps_dist.data.augment import model_input
-from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter
 from mlps_dist.models import create_classifier
@@ -75,10 +75,10 @@ class ClassifierTask:
                                  dropout=self.section.dropout)
 
     def micro_steps_per_epoch(self, plan) -> int:
-        return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
+        return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        return create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+        return create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
                                    start_step=start_step, rank=dist.get_rank(), world=plan.world,
                                    device=dist.device(), augment=self.section.augment)
 

@@ -29,7 +29,7 @@ from mlps_dist import dist, engine
 from mlps_dist.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.augment import normalise
-from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.data.torch_loader import decode_rgb
 from mlps_dist.draw import overlay_row, palette_for
@@ -113,10 +113,10 @@ class SegmenterTask:
                                 multi_grid=self.section.multi_grid)
 
     def micro_steps_per_epoch(self, plan) -> int:
-        return steps_per_epoch(len(self.train_reader), plan.micro_batch, plan.world)
+        return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        loader = create_train_loader(self.cfg, self.train_reader, batch_size=plan.micro_batch, epoch=epoch,
+        loader = create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
                                      start_step=start_step, rank=dist.get_rank(), world=plan.world,
                                      device=dist.device(), pseudo_masks=self.store, augment=self.section.augment)
         return StartedOnIter(loader)
@@ -162,7 +162,7 @@ class SegmenterTask:
         for i, row in enumerate(self.val_rows):
             log.image(f"val/{i}", row, step=epoch)
         for i in range(min(self.section.vis_images, len(self.train_reader))):
-            rgb = decode_rgb(self.train_reader.read(i)["png"])
+            rgb = decode_rgb(self.train_reader.read(i)["image"])
             image = torch.from_numpy(normalise(rgb.astype(np.float32), self.cfg.data.mean, self.cfg.data.std))
             pred = module(image[None].to(dist.device())).argmax(1)[0]
             log.image(f"pseudo_masks/{i}", overlay_row(rgb, [*self.store.read_masks(i), pred], self.palette), epoch)

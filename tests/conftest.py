@@ -38,6 +38,19 @@ def tiny_shards(tiny_luad_folder, tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where CUDA is present; elsewhere they are skipped with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs CUDA: torch {torch.__version__} sees no GPU here "
+              f"(CUDA build: {torch.version.cuda or 'none'}); run bash tools/gpu_check.sh on a GPU node")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a script from tools/ in a fresh interpreter of this venv."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,

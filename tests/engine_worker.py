@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlps_dist import dist, engine
+from mlps_dist.batching import rank_micro_batches
 from mlps_dist.config import load_config
 from mlps_dist.runlog import RunLog
 
@@ -43,7 +44,7 @@ class SmallMlp(nn.Module):
 
 class RegressionTask:
     """y = sin(x . w): the order of epoch e is a permutation drawn from (seed, e) only, and
-    rank r / micro step m of a global step take fixed slices of it, as the real loaders do."""
+    rank r / micro step m of a global step take the plan's slices of it, as the real loaders do."""
 
     stage = "regression"
 
@@ -60,14 +61,13 @@ class RegressionTask:
         return SmallMlp(self.dropout)
 
     def micro_steps_per_epoch(self, plan):
-        return SAMPLES // (plan.micro_batch * plan.world)
+        return plan.micro_steps_per_epoch(SAMPLES)
 
     def train_loader(self, epoch, start_step, plan):
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(SAMPLES)
-        glob, rank = plan.micro_batch * plan.world, dist.get_rank()
-        for step in range(start_step, self.micro_steps_per_epoch(plan)):
-            idx = torch.as_tensor(order[step * glob + rank * plan.micro_batch:][:plan.micro_batch])
-            yield {"x": self.x[idx], "y": self.y[idx]}
+        device = dist.device()  # a GPU when the job has one (tests/test_gpu.py)
+        for idx in rank_micro_batches(order, plan, dist.get_rank(), start_step):  # uneven where it must be
+            yield {"x": self.x[idx].to(device), "y": self.y[idx].to(device)}
 
     def loss(self, model, batch):
         time.sleep(self.step_seconds)
@@ -79,7 +79,8 @@ class RegressionTask:
 
     def validate(self, module, epoch):
         self.trained = module
-        return {"score": -float(F.mse_loss(module(self.x), self.y))}
+        device = dist.device()
+        return {"score": -float(F.mse_loss(module(self.x.to(device)), self.y.to(device)))}
 
     def visualise(self, module, epoch, log):
         pass
@@ -118,7 +119,7 @@ def main() -> int:
             original = task.validate
             task.validate = lambda module, epoch: (setattr(task, "trained", module), original(module, epoch))[1]
         engine.fit(cfg, train_cfg, task, log)
-        state = {k: v.detach().clone() for k, v in task.trained.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in task.trained.state_dict().items()}
         torch.save({"weights": state, "task": task.state_dict()}, out / f"weights-rank{dist.get_rank()}.pt")
         return 0
     except engine.Preempted:

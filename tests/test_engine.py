@@ -44,10 +44,9 @@ def test_batch_plan_keeps_the_global_batch():
     assert parallel.plan_batches(TrainConfig(batch_size=16), 2) == parallel.BatchPlan(16, 8, 1, 2)
     assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=2), 2).accumulation == 4
     assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=16), 1).accumulation == 1
-    with pytest.raises(ConfigError, match="'classifier.batch_size' = 10 .* multiple of 8"):
-        parallel.plan_batches(TrainConfig(batch_size=10), 4, "classifier")
-    with pytest.raises(ConfigError, match="micro_batch_size"):
-        parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=3), 2, "segmenter")
+    with pytest.raises(ConfigError, match="'classifier.batch_size' = 3 is smaller than the 4 ranks"):
+        parallel.plan_batches(TrainConfig(batch_size=3), 4, "classifier")
+    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=3), 2).sizes(1) == [3, 3, 2]
     assert len({derive_seed(0, r) for r in range(64)} | {derive_seed(1, r) for r in range(64)}) == 128
 
 
@@ -157,3 +156,30 @@ def test_sigterm_to_a_single_process_exits_75_after_a_checkpoint(tmp_path):
     output, _ = job.communicate(timeout=60)
     assert job.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
     assert jobs.latest_step(tmp_path / "run" / "regression" / "checkpoints") >= 1
+
+
+@pytest.mark.slow
+def test_three_ranks_with_uneven_micro_batches_match_two_ranks(tmp_path, reference):
+    """Global batch 8 on 3 ranks: 3 + 3 + 2 samples per step, weighted by their share; same
+    epoch length, LR schedule and weights as the even 2-rank run."""
+    cfg, _ = write_config(tmp_path, "three")
+    result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0"], nproc=3)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "global batch 8 = 3 x 2 ranks + 2 x 1 ranks; 8 steps/epoch" in result.stdout
+    ddp = jobs.load_weights(reference / "weights-rank0.pt")
+    for rank in range(3):
+        weights = jobs.load_weights(tmp_path / "out" / f"weights-rank{rank}.pt")
+        for key in ddp:
+            torch.testing.assert_close(weights[key], ddp[key], rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_refuses_uneven_micro_batches_and_zero3_before_building(tmp_path):
+    plan = parallel.plan_batches(TrainConfig(batch_size=20), 8)
+    with pytest.raises(ConfigError, match=r"equal micro batches .* runs on 1, 2, 4, 5, 10, 20 ranks"):
+        parallel.deepspeed_config(TrainConfig(batch_size=20, deepspeed_config="configs/deepspeed/zero1.json"),
+                                  plan, amp_dtype=None)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
+        parallel.deepspeed_config(TrainConfig(batch_size=16, deepspeed_config=str(zero3)),
+                                  parallel.plan_batches(TrainConfig(batch_size=16), 2), amp_dtype=None)

@@ -183,11 +183,11 @@ def test_interrupted_conversion_finishes_on_rerun_identically(tiny_luad_folder, 
     plan = build_plan(LUAD, tiny_luad_folder, shard_size=10)
     real, calls = ingest.sample_members, []
 
-    def dies_in_second_shard(checked, plan):
+    def dies_in_second_shard(checked, plan, *encoding):
         calls.append(1)
         if len(calls) == 15:
             raise KeyboardInterrupt  # as a kill would, in the middle of a shard
-        return real(checked, plan)
+        return real(checked, plan, *encoding)
 
     monkeypatch.setattr(ingest, "sample_members", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
@@ -232,3 +232,26 @@ def test_inspect_shards_prints_counts_and_dumps_samples(tiny_shards, tmp_path):
     assert dumped == ["val_00000000.json", "val_00000000.mask.png", "val_00000000.png",
                       "val_00000001.json", "val_00000001.mask.png", "val_00000001.png"]
     assert Image.open(tmp_path / "dump" / "val_00000000.mask.png").mode == "P"
+
+
+def test_image_formats_for_the_training_split(tiny_luad_folder, tmp_path):
+    """--image-format: WebP keeps the pixels, JPEG comes close; val/test and masks stay PNG;
+    a rerun with another format rewrites the shards instead of reusing them."""
+    from mlps_dist.data.ingest import build_plan, write_plan
+    from mlps_dist.data.layouts import LUAD
+    from mlps_dist.data.shards import open_split
+    from mlps_dist.data.torch_loader import decode_rgb
+
+    plan = build_plan(LUAD, tiny_luad_folder, shard_size=10)
+    write_plan(plan, tmp_path / "png", log=lambda *_: None)
+    png = open_split(tmp_path / "png", "train")
+    out = tmp_path / "other"
+    for fmt, member, tolerance in (("webp", "webp", 0.0), ("jpeg", "jpg", 4.0)):
+        info = write_plan(plan, out, log=lambda *_: None, image_format=fmt)
+        assert info["splits"]["train"]["image_format"] == fmt and info["splits"]["val"]["image_format"] == "png"
+        reader = open_split(out, "train")
+        assert reader.image_member == member and member in reader.read(0) and "png" not in reader.read(0)
+        for i in range(len(reader)):
+            diff = np.abs(decode_rgb(reader.read(i)["image"]).astype(int) - decode_rgb(png.read(i)["image"]))
+            assert diff.mean() <= tolerance
+        assert "mask.png" in open_split(out, "val").read(0)

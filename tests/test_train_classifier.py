@@ -54,7 +54,9 @@ def test_problems_are_reported_before_training(tmp_path, tiny_shards, capsys):
     cfg, run_dir = write_config(tmp_path, tiny_shards)
     assert "unknown key 'classifier.epoch'" in _error_of(["--config", cfg, "classifier.epoch=3"], capsys)
     assert "'classifier.num_classes' = 5" in _error_of(["--config", cfg, "classifier.num_classes=5"], capsys)
-    assert "micro_batch_size" in _error_of(["--config", cfg, "classifier.micro_batch_size=3"], capsys)
+    # Uneven micro batches are fine for DDP; DeepSpeed refuses them before building the model.
+    uneven = ["classifier.batch_size=5", "classifier.micro_batch_size=2", "classifier.parallel=deepspeed"]
+    assert "equal micro batches" in _error_of(["--config", cfg, *uneven], capsys)
     assert "info.json does not exist" in _error_of(["--config", cfg, f"data.root={tmp_path / 'none'}"], capsys)
 
     broken = tmp_path / "broken"

@@ -116,14 +116,16 @@ def log(message: str) -> None:
 
 
 def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2, test: int = 2,
-                     shard_size: int = 256, seed: int = 0) -> Path:
-    """Synthetic LUAD-layout patches converted by tools/make_shards.py: the shard folder (data.root).
-    Reuses shards a previous call completed in ``workdir`` when they are big enough."""
+                     shard_size: int = 256, seed: int = 0, image_format: str = "png") -> Path:
+    """Synthetic LUAD-layout patches converted by tools/make_shards.py: the shard folder (data.root),
+    training images stored as ``image_format``. Reuses shards a previous call completed in
+    ``workdir`` when they are big enough."""
     workdir = Path(workdir)
-    src, root = workdir / "luad", workdir / "shards"
+    src, root = workdir / "luad", workdir / ("shards" if image_format == "png" else f"shards-{image_format}")
     if (root / "info.json").is_file():
         split = json.loads((root / "info.json").read_text())["splits"]["train"]
-        if split["count"] >= train and split["image_size"][0] == size:
+        if split["count"] >= train and split["image_size"][0] == size and \
+                split.get("image_format", "png") == image_format:
             return root
         raise ValueError(f"{root} holds {split['count']} train patches of {split['image_size'][0]} px, not "
                          f">= {train} of {size} px; pick another --workdir or delete {workdir}")
@@ -132,7 +134,8 @@ def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2
     write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed)
     tool = Path(__file__).resolve().parent / "make_shards.py"
     proc = subprocess.run([sys.executable, str(tool), "--layout", "luad", "--src", str(src), "--out", str(root),
-                           "--shard-size", str(shard_size)], capture_output=True, text=True)
+                           "--shard-size", str(shard_size), "--image-format", image_format],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"tools/make_shards.py failed on {src}: {proc.stderr.strip()[-2000:]}")
     return root

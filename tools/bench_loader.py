@@ -6,6 +6,9 @@ worker count. Prints one JSON line. A benchmark, not a test.
     python tools/bench_loader.py                          # synthetic data, 512 patches of 224 px
     python tools/bench_loader.py --src data/LUAD-HistoSeg --workers 8 --batch 32
     torchrun --nproc_per_node=8 tools/bench_loader.py --src ...   # all ranks together
+
+Keys: ``torch``/``dali`` read PNG shards; ``torch_webp``, ``dali_jpeg``, ... read shards whose
+training images are stored as WebP (lossless) or JPEG (``--image-formats``).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def measure(batches, steps: int, device) -> tuple[int, float]:
     return images, time.perf_counter() - start
 
 
-def prepare(args) -> tuple[Path, Path]:
+def prepare(args) -> tuple[Path, dict[str, Path]]:
+    """The source folder and one shard folder per ``--image-formats`` entry."""
     if args.src:
         src = Path(args.src)
     else:
@@ -74,9 +78,11 @@ def prepare(args) -> tuple[Path, Path]:
         src = Path(args.workdir) / "luad"
         if dist.is_main():
             write_luad_layout(src, train=args.n, val=0, test=0, size=args.size, seed=0)
-    shards = Path(args.workdir) / "shards"
+    shards = {fmt: Path(args.workdir) / f"shards-{fmt}" for fmt in args.image_formats.split(",")}
     if dist.is_main():
-        write_plan(build_plan(LUAD, src, shard_size=256, workers=max(args.workers, 1)), shards, log=lambda *_: None)
+        plan = build_plan(LUAD, src, shard_size=256, workers=max(args.workers, 1))
+        for fmt, folder in shards.items():
+            write_plan(plan, folder, log=lambda *_: None, image_format=fmt)
     dist.barrier()
     return src, shards
 
@@ -89,19 +95,22 @@ def total_rate(images: int, seconds: float) -> float:
 def run(args) -> dict:
     src, shards = prepare(args)
     cfg = Config()
-    cfg.data.root, cfg.data.num_workers = str(shards), args.workers
+    cfg.data.num_workers = args.workers
     cfg.classifier.augment.rot90, cfg.classifier.augment.color_jitter = True, 0.1
     rank, world, device = dist.get_rank(), dist.get_world_size(), dist.device()
-    reader = open_split(shards, "train")
-    steps = min(args.steps, len(reader) // (args.batch * world) - 1)
+    n = len(open_split(next(iter(shards.values())), "train"))
+    steps = min(args.steps, n // (args.batch * world) - 1)
     baseline = DataLoader(PngFolderDataset(find_train_dir(LUAD, src), cfg), batch_size=args.batch, shuffle=True,
                           num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
     rates = {"baseline_png_folder": total_rate(*measure(baseline, steps, device))}
-    for backend in args.backends.split(","):
-        cfg.data.loader = backend
-        loader = create_train_loader(cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world,
-                                     device=device)
-        rates[backend] = total_rate(*measure(loader, steps, device))
+    for fmt, folder in shards.items():  # "torch" = PNG shards, "torch_jpeg" = JPEG shards, ...
+        reader = open_split(folder, "train")
+        cfg.data.root = str(folder)
+        for backend in args.backends.split(","):
+            cfg.data.loader = backend
+            loader = create_train_loader(cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world,
+                                         device=device)
+            rates[backend if fmt == "png" else f"{backend}_{fmt}"] = total_rate(*measure(loader, steps, device))
     figures = {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
                "workers_per_rank": args.workers, "batch_per_rank": args.batch, "steps": steps,
                "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0]}
@@ -121,6 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--backends", default="torch,dali")
+    p.add_argument("--image-formats", default="png,webp,jpeg",
+                   help="shard encodings of the training images to measure (tools/make_shards.py --image-format)")
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)
     dist.init()

@@ -68,7 +68,7 @@ def prepare_data(args, workdir: Path) -> tuple[Path, Path]:
     """Synthetic shards with enough samples for the largest run, and their pseudo masks."""
     worlds = [int(w) for w in args.worlds.split(",")]
     need = (args.warmup + max(args.steps, args.paper_steps)) * max(args.micro, args.paper_micro) * max(worlds)
-    root = bench_common.synthetic_shards(workdir, train=need, size=args.size)
+    root = bench_common.synthetic_shards(workdir, train=need, size=args.size, image_format=args.image_format)
     run_dir = workdir / "run"
     write_pseudo_masks(root, run_dir)
     return root, run_dir
@@ -213,12 +213,12 @@ def measure(spec: dict) -> dict:
     batches.waited, step_times = 0.0, []
     for _ in range(spec["steps"]):
         start = time.perf_counter()
-        engine.train_step(model, task, batches, plan)  # reads the loss: the step has finished
+        float(engine.train_step(model, task, batches, plan))  # reading the loss waits for the step
         step_times.append(time.perf_counter() - start)
     if hasattr(batches.batches, "close"):
         batches.batches.close()  # stop the loader's workers now rather than at interpreter exit
     seconds = sum(step_times)
-    images = spec["steps"] * plan.micro_batch * plan.accumulation
+    images = spec["steps"] * sum(plan.sizes(dist.get_rank()))
     return {"rank": dist.get_rank(), "images": images, "seconds": seconds, "waited": batches.waited,
             "step_s": seconds / len(step_times), "peak_mib": bench_common.peak_memory_mib(device),
             "params_m": sum(p.numel() for p in model.module.parameters()) / 1e6,
@@ -289,6 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="autocast precision (GPU only; CPU training stays fp32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
+    p.add_argument("--image-format", default="png", choices=["png", "webp", "jpeg"],
+                   help="encoding of the training images in the synthetic shards (tools/make_shards.py)")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP on --worlds, "

@@ -40,7 +40,7 @@ def dump(root: Path, split: str, count: int, to: Path) -> None:
     to.mkdir(parents=True, exist_ok=True)
     for i in range(min(count, len(reader))):
         sample, key = reader.read(i), reader.key(i)
-        (to / f"{key}.png").write_bytes(sample["png"])
+        (to / f"{key}.{reader.image_member}").write_bytes(sample["image"])
         (to / f"{key}.json").write_text(json.dumps({**json.loads(sample["json"]),
                                                     "labels": reader.labels(i).astype(int).tolist()}))
         if "mask.png" in sample:  # palettised copy, so the classes are visible

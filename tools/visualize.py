@@ -43,7 +43,7 @@ def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: boo
 
 def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]:
     sample = reader.read(i)
-    rgb = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+    rgb = np.array(Image.open(io.BytesIO(sample["image"])).convert("RGB"))
     panels = [rgb]
     if reader.has_masks:
         panels.append(blend(rgb, np.array(Image.open(io.BytesIO(sample["mask.png"]))), palette, alpha=0.6))

@@ -4,8 +4,11 @@
 DALI's own webdataset reader shuffles with internal state that cannot resume in the middle
 of an epoch, so the order comes from sampling.py, as in the torch back end, and the
 per-sample parameters from augment.py: both back ends yield the same samples with the
-same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU (PNG is still
-decoded on the CPU there; augmentation then runs on the GPU) and the CPU otherwise.
+same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU: JPEG shards
+(``make_shards.py --image-format jpeg``) are decoded by nvJPEG on the GPU, PNG and WebP by
+DALI's CPU threads; augmentation then runs on the GPU. Without a GPU everything runs on the
+CPU. The pipeline prefetches two batches, so decoding overlaps the training step; the
+Python source only reads bytes (decoding happens in DALI's threads, outside the GIL).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class _BatchSource:
             sample = self.reader.read(index)
             p = self.params_of(index)
             pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
-            values = [_as_bytes(sample["png"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
+            values = [_as_bytes(sample["image"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
                       np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
                       np.array(p.offset * 255.0, np.float32)] + photometric_inputs(p, self.ops) + [
                       _as_bytes(png) for png in pngs]
@@ -103,7 +106,7 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
 
     device_id = device.index if on_gpu else None
     pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
-                    prefetch_queue_depth=1, exec_dynamic=True)
+                    prefetch_queue_depth=2, exec_dynamic=True)  # decode the next batch during this step
     pipe.build()
     return pipe
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, image_member
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
@@ -142,22 +143,28 @@ def _png_bytes(array_or_image) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(checked: Checked, plan: Plan) -> dict[str, bytes]:
+def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
+                   quality: int = DEFAULT_JPEG_QUALITY) -> dict[str, bytes]:
     item = checked.item
-    raw = item.image.read_bytes()
-    # Keep the source bytes when they already are an RGB PNG (bit-exact and no re-encode cost).
-    if checked.converted_from or not raw.startswith(b"\x89PNG"):
-        raw = _png_bytes(_rgb(item.image)[0])
+    if image_format == "png":
+        raw = item.image.read_bytes()
+        # Keep the source bytes when they already are an RGB PNG (bit-exact and no re-encode cost).
+        if checked.converted_from or not raw.startswith(b"\x89PNG"):
+            raw = _png_bytes(_rgb(item.image)[0])
+    else:
+        raw = encode_rgb(_rgb(item.image)[0], image_format, quality)
     meta = {"source": str(item.image.relative_to(plan.src)), "dataset": plan.layout.name, **item.meta}
     if checked.converted_from:
         meta["converted_from"] = checked.converted_from
-    members = {"png": raw, "labels": encode_labels(checked.labels), "json": json.dumps(meta).encode()}
+    members = {image_member(image_format): raw, "labels": encode_labels(checked.labels),
+               "json": json.dumps(meta).encode()}
     if item.mask is not None:
         members["mask.png"] = _png_bytes(mask_indices(item.mask, plan.layout))
     return members
 
 
-def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path) -> bool:
+def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path,
+                       member: str = "png") -> bool:
     """True when the shard on disk holds exactly the planned samples (from a previous run)."""
     stem = shard_stem(split, number)
     tar, idx = root / f"{stem}.tar", root / f"{stem}.idx"
@@ -172,7 +179,8 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
     tar_size = tar.stat().st_size
     with open(tar, "rb") as f:
         for (key, members), checked in zip(entries, chunk):
-            if any(off + size > tar_size for off, size in members.values()) or "json" not in members:
+            if any(off + size > tar_size for off, size in members.values()) or "json" not in members \
+                    or member not in members:  # written with another --image-format
                 return False
             f.seek(members["json"][0])
             meta = json.loads(f.read(members["json"][1]))
@@ -181,8 +189,11 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
     return True
 
 
-def write_plan(plan: Plan, out: str | Path, log=print, extra: dict | None = None) -> dict:
-    """Write the shards and info.json; ``extra`` keys (e.g. ``mpp``) are added to info.json."""
+def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png",
+               image_quality: int = DEFAULT_JPEG_QUALITY, extra: dict | None = None) -> dict:
+    """Shards of every split and info.json; ``image_format`` (encoding.py) applies to the
+    training split; ``extra`` keys (e.g. ``mpp``) are added to info.json."""
+    image_member(image_format)  # unknown formats fail before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # the folder is incomplete until the end
@@ -193,17 +204,18 @@ def write_plan(plan: Plan, out: str | Path, log=print, extra: dict | None = None
             "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
     for split, samples in plan.splits.items():
         shards, reused = [], 0
+        fmt = image_format if split == "train" else "png"
         for number, first in enumerate(range(0, len(samples), plan.shard_size)):
             chunk = samples[first : first + plan.shard_size]
             stem = shard_stem(split, number)
-            if _shard_is_complete(out, split, number, chunk, first, plan.src):
+            if _shard_is_complete(out, split, number, chunk, first, plan.src, image_member(fmt)):
                 shards.append({"tar": f"{stem}.tar", "idx": f"{stem}.idx", "count": len(chunk)})
                 reused += 1
                 continue
             writer = ShardWriter(out, split, number)
             try:
                 for i, checked in enumerate(chunk):
-                    writer.write(sample_key(split, first + i), sample_members(checked, plan))
+                    writer.write(sample_key(split, first + i), sample_members(checked, plan, fmt, image_quality))
             except BaseException:
                 writer.abort()
                 raise
@@ -216,6 +228,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, extra: dict | None = None
         info["splits"][split] = {
             "count": len(samples), "has_masks": split != "train",
             "image_size": list(sizes.pop()) if len(sizes) == 1 else None,
+            "image_format": fmt, **({"image_quality": image_quality} if fmt == "jpeg" else {}),
             "class_counts": [int(sum(c.labels[k] for c in samples)) for k in range(plan.layout.num_classes)],
             "shards": shards}
         if reused:
@@ -229,7 +242,7 @@ def summary_lines(info: dict) -> list[str]:
     for split, s in info["splits"].items():
         freq = ", ".join(f"{c}={n}" for c, n in zip(info["classes"], s["class_counts"]))
         lines.append(f"{split}: {s['count']} samples in {len(s['shards'])} shard(s); "
-                     f"image size {s['image_size']}; samples per class: {freq}")
+                     f"image size {s['image_size']} ({s.get('image_format', 'png')}); samples per class: {freq}")
     return lines
 
 

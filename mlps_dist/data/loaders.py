@@ -8,20 +8,30 @@ from __future__ import annotations
 
 from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError
-from mlps_dist.data.sampling import eval_batches, rank_batches, require_steps, steps_per_epoch
+from mlps_dist.batching import BatchPlan, rank_micro_batches
+from mlps_dist.data.sampling import eval_batches, permutation, steps_per_epoch
 from mlps_dist.data.shards import SplitReader
 
 __all__ = ["create_train_loader", "create_eval_loader", "steps_per_epoch"]
 
 
-def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, epoch: int, start_step: int = 0,
-                        rank: int, world: int, device, pseudo_masks=None, augment=None):
-    """Training batches of this rank for ``epoch`` from ``start_step`` on; ``len()`` = the
-    remaining steps, equal on every rank. ``augment``: the stage's augment section
-    (default: segmenter.augment with pseudo masks, classifier.augment without)."""
+def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0, epoch: int, start_step: int = 0,
+                        rank: int, world: int, device, pseudo_masks=None, plan: BatchPlan | None = None,
+                        augment=None):
+    """Training batches of this rank for ``epoch`` from (micro) step ``start_step`` on;
+    ``len()`` = the remaining micro steps, equal on every rank. ``plan`` (batching.py) gives
+    the micro batches of a global batch split over ranks and accumulation, uneven where it
+    does not divide; ``batch_size`` alone means ``batch_size`` samples on each rank.
+    ``augment``: the stage's augment section (default: segmenter.augment with pseudo masks,
+    classifier.augment without)."""
     if augment is None:
         augment = cfg.segmenter.augment if pseudo_masks is not None else cfg.classifier.augment
-    require_steps(len(reader), batch_size, world, "classifier.batch_size or segmenter.batch_size", cfg.data.root)
+    plan = plan or BatchPlan(batch_size * world, batch_size, 1, world)
+    if plan.steps_per_epoch(len(reader)) == 0:
+        raise ConfigError(
+            f"the global batch of {plan.global_batch} samples ('classifier.batch_size' or 'segmenter.batch_size') "
+            f"is more than the {len(reader)} training samples in 'data.root' ({cfg.data.root}); lower the "
+            f"batch_size or point data.root at a larger dataset")
     if reader.split_info.get("image_size") is None and not cfg.data.image_size:
         raise ConfigError(f"the '{reader.split}' patches in data.root ({cfg.data.root}) differ in size; set "
                           f"'data.image_size' (e.g. data.image_size=224) so that they can be batched")
@@ -29,7 +39,7 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int, ep
     if missing:
         raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
                          f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.generate_masks) first")
-    batches = rank_batches(len(reader), batch_size, world, rank, cfg.seed, epoch, start_step)
+    batches = rank_micro_batches(permutation(len(reader), cfg.seed, epoch), plan, rank, start_step)
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 

@@ -1,7 +1,8 @@
 """Shard format: WebDataset tars with DALI index files, and a random-access reader.
 
     root/info.json                       classes, palette, ignore index, per-split shard list
-    root/<split>-NNNNNN.tar              members KEY.png, KEY.labels, KEY.json[, KEY.mask.png]
+    root/<split>-NNNNNN.tar              members KEY.png (or .webp/.jpg, see encoding.py), KEY.labels,
+                                         KEY.json[, KEY.mask.png]
     root/<split>-NNNNNN.idx              DALI webdataset index ("v1.2 <samples>", then per sample
                                          "<ext> <data offset> <size> <member name>" repeated)
 
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mlps_dist.data.encoding import image_member
+
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"
-MEMBERS = ("png", "labels", "json", "mask.png")
+MEMBERS = ("png", "webp", "jpg", "labels", "json", "mask.png")  # one image member (encoding.py)
 
 
 class ShardError(ValueError):
@@ -212,6 +215,9 @@ class SplitReader:
         self.num_classes = len(self.classes)
         self.ignore_index: int = int(info["ignore_index"])
         self.has_masks: bool = bool(self.split_info["has_masks"])
+        # Shards written before image_format existed hold PNG.
+        self.image_format: str = self.split_info.get("image_format", "png")
+        self.image_member: str = image_member(self.image_format)
         self._entries: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, members)
         self._keys: list[str] = []
         self._tars: list[Path] = []
@@ -246,6 +252,8 @@ class SplitReader:
                 raise ShardError(f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; "
                                  f"rerun tools/make_shards.py")
             out[ext] = data
+        if self.image_member in out:
+            out["image"] = out[self.image_member]  # the encoded image, whatever its format
         return out
 
     def labels(self, i: int) -> np.ndarray:

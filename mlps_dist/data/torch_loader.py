@@ -16,11 +16,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlps_dist.config import Config
 from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, photometric, sample_params
+from mlps_dist.data.colour_lut import model_input_chw
 from mlps_dist.data.shards import SplitReader, decode_labels
 
 
-def decode_rgb(png: bytes, size: int = 0) -> np.ndarray:
-    img = Image.open(io.BytesIO(png)).convert("RGB")
+def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
+    """PNG, WebP or JPEG bytes (PIL tells them apart) -> (H, W, 3) uint8."""
+    img = Image.open(io.BytesIO(encoded))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     if size and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -47,8 +51,12 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.reader.read(index)
         params = sample_params(self.augment, self.seed, self.epoch, index)
-        rgb = geometric(decode_rgb(sample["png"], self.data.image_size), params)
-        image = normalise(photometric(rgb.astype(np.float32), params), self.data.mean, self.data.std)
+        rgb = decode_rgb(sample["image"], self.data.image_size)
+        if params.blur_sigma > 0 or params.has_hed:  # these mix pixels or channels: no lookup table
+            image = normalise(photometric(geometric(rgb, params).astype(np.float32), params), self.data.mean,
+                              self.data.std)
+        else:
+            image = model_input_chw(rgb, params, self.data.mean, self.data.std)  # == normalise(colour(geometric))
         out = {"image": torch.from_numpy(image), "labels": torch.from_numpy(decode_labels(sample["labels"])),
                "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index)}
         if self.pseudo_masks is not None:
@@ -69,7 +77,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.reader.read(index)
-        rgb = decode_rgb(sample["png"])
+        rgb = decode_rgb(sample["image"])
         out = {"image": torch.from_numpy(normalise(colour(rgb.astype(np.float32), IDENTITY),
                                                    self.data.mean, self.data.std)),
                "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),

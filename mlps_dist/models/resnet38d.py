@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import freeze_batchnorm_affine, keep_batchnorm_in_eval
+
 
 class ResBlock(nn.Module):
     """Pre-activation block of two 3x3 convs (b2..b5_2)."""
@@ -140,17 +142,12 @@ class ResNet38d(nn.Module):
                 for p in getattr(self, name).parameters():
                     p.requires_grad_(False)
         if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.requires_grad_(False)
-                    m.bias.requires_grad_(False)
+            freeze_batchnorm_affine(self)
 
     def train(self, mode: bool = True) -> "ResNet38d":
         super().train(mode)
         if self.freeze_bn:  # running statistics stay those of the pretrained weights
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+            keep_batchnorm_in_eval(self)  # SyncBatchNorm (multi-GPU) included
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
