@@ -79,7 +79,7 @@ def check_patches(reader, limit: int = 0):
     count = len(reader) if not limit else min(limit, len(reader))
     batch: list[np.ndarray] = []
     for i in range(count):
-        with Image.open(io.BytesIO(reader.read(i)["png"])) as img:
+        with Image.open(io.BytesIO(reader.read(i)["image"])) as img:
             rgb = np.array(img.convert("RGB")).transpose(2, 0, 1)
         if batch and (rgb.shape != batch[0].shape or len(batch) == 16):
             yield np.stack(batch)
