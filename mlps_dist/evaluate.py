@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
+from mlps_dist.errors import MlpsError
 from mlps_dist.config import Config, ConfigError, parse_cli
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader
@@ -118,8 +119,11 @@ def already_done(path: Path, source: dict) -> bool:
 
 def build_models(cfg: Config, num_classes: int, device):
     segmenter, seg_meta = load_segmenter(cfg.run_dir, cfg.evaluate.checkpoint, num_classes, device)
-    classifier = load_classifier(cfg.run_dir, num_classes, device)[0] if cfg.evaluate.gate else None
-    return segmenter, classifier, seg_meta
+    classifier, selection = None, None
+    if cfg.evaluate.gate:
+        classifier, cls_meta = load_classifier(cfg.run_dir, num_classes, device, checkpoint=cfg.classifier.checkpoint)
+        selection = {**cls_meta["selection"], "digest": file_digest(cls_meta["path"])}
+    return segmenter, classifier, {**seg_meta, "classifier": selection}
 
 
 def open_splits(cfg: Config) -> dict:
@@ -140,7 +144,8 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
-                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold}
+                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
+                  "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
         out = Path(cfg.run_dir) / "metrics" / f"{split}.json"
         if already_done(out, source):
             log.info(f"{out} is up to date for this segmenter; delete it to evaluate again")
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, log)
         return 0
-    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError, MlpsError) as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
+from mlps_dist.errors import MlpsError
 from mlps_dist.config import ConfigError, load_config
 from mlps_dist.gate import allowed_classes, apply_gate, class_probabilities, load_classifier, load_segmenter
 
@@ -216,7 +217,8 @@ def build(args) -> tuple[Segmenter, list]:
     cfg = load_config(config_path)
     device = dist.device()
     segmenter, meta = load_segmenter(args.run, args.checkpoint, device=device)
-    classifier = None if args.no_gate else load_classifier(args.run, int(meta["num_classes"]), device)[0]
+    classifier = None if args.no_gate else load_classifier(args.run, int(meta["num_classes"]), device,
+                                                           checkpoint=cfg.classifier.checkpoint)[0]
     info = None
     try:
         from mlps_dist.data.shards import read_info
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             print(f"wrote {count} predictions to {args.out}")
         return 0
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, MlpsError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # every rank: each names its own bad files
         return 2
     finally:

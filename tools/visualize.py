@@ -37,7 +37,7 @@ def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: boo
     segmenter, _ = load_segmenter(run, checkpoint, num_classes)
     classifier = None
     if gate and (run / "classifier" / "model.pt").is_file():
-        classifier, _ = load_classifier(run, num_classes)
+        classifier, _ = load_classifier(run, num_classes, checkpoint=cfg.classifier.checkpoint)
     patch = cfg.data.image_size or 10**6  # the stored patches are segmented whole
     predictor = Segmenter(segmenter, classifier, cfg.data.mean, cfg.data.std, patch, 0.5,
                           cfg.evaluate.gate_threshold, 8, "cpu")
