@@ -93,7 +93,8 @@ def load_classifier(run_dir: str | Path, num_classes: int | None = None, device=
     no epoch was validated) or RUN/classifier/model.pt (``"last"``). None reads
     ``classifier.checkpoint`` from the run's config.yaml. Refuses while stage 1 is unfinished
     and refuses a file whose recorded validation is collapsed (guard.ModelCollapsed).
-    ``meta["selection"]`` = {"checkpoint", "file", "epoch", "score"}: what the consumers record."""
+    ``meta["selection"]`` = {"checkpoint", "file" (relative to the run dir), "epoch", "score"}:
+    what the consumers record."""
     checkpoint = checkpoint or classifier_choice(run_dir)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"'classifier.checkpoint' must be 'best' or 'last', got '{checkpoint}'")
@@ -107,7 +108,7 @@ def load_classifier(run_dir: str | Path, num_classes: int | None = None, device=
     if hasattr(model, "pda_gamma"):
         model.pda_gamma = None  # PDA is a training-time regulariser only
     metrics = meta.get("metrics") or {}
-    meta["selection"] = {"checkpoint": checkpoint, "file": str(path), "epoch": meta.get("epoch"),
+    meta["selection"] = {"checkpoint": checkpoint, "file": f"classifier/{path.name}", "epoch": meta.get("epoch"),
                          "score": metrics.get("score")}
     return model, meta
 

@@ -115,7 +115,7 @@ def test_consumers_refuse_a_collapsed_classifier(tmp_path):
     healthy = {**meta, "epoch": 3, "metrics": {"score": 0.5, "f1": 0.99}}
     save_model_file(run / "classifier" / "best.pt", model.state_dict(), healthy)
     loaded, info = gate.load_classifier(run, 4, checkpoint="best")
-    assert info["selection"] == {"checkpoint": "best", "file": str(run / "classifier" / "best.pt"), "epoch": 3,
+    assert info["selection"] == {"checkpoint": "best", "file": "classifier/best.pt", "epoch": 3,
                                  "score": 0.5}
     refuse_collapsed({"metrics": {"score": 0.4}}, "x")  # files without health records pass
 
