@@ -92,7 +92,9 @@ class SegmenterTask:
         # The loader yields every layer of the store, in the store's order; pick ours.
         self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
         self.meta = {"name": self.section.model, "num_classes": self.num_classes,
-                     "classes": list(train_reader.classes), "config": cfg.to_dict()}
+                     "classes": list(train_reader.classes), "config": cfg.to_dict(),
+                     # the stage-1 classifier its pseudo masks came from (classifier.checkpoint)
+                     "classifier": store.manifest.get("settings", {}).get("classifier", {})}
         self.palette = palette_for(self.num_classes, train_reader.info)
         self.val_rows: list[np.ndarray] = []
 

@@ -171,3 +171,15 @@ def test_ddp_ranks_agree_on_the_rollback_and_sigkill_after_it_resumes_exactly(tm
     assert relaunch.returncode == 0, relaunch.stdout[-3000:]
     for rank in (0, 1):
         jobs.assert_equal_weights(jobs.load_weights(tmp_path / "out2" / f"weights-rank{rank}.pt"), ref0)
+
+
+@pytest.mark.slow
+def test_deepspeed_ranks_roll_back_together_and_finish(tmp_path):
+    cfg, run_dir = _regression_config(tmp_path, "run", max_rollbacks=1, lr_factor=0.001)
+    result = jobs.run([WORKER, str(tmp_path / "out"), "--config", cfg, "--dropout", "0", "segmenter.epochs=2",
+                       "segmenter.parallel=deepspeed", "segmenter.deepspeed_config=configs/deepspeed/zero1.json"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("rolling back to the start") == 1  # logged by rank 0 only
+    rank0 = jobs.load_weights(tmp_path / "out" / "weights-rank0.pt")
+    jobs.assert_equal_weights(rank0, jobs.load_weights(tmp_path / "out" / "weights-rank1.pt"))
+    assert all(torch.isfinite(v).all() for v in rank0.values())
