@@ -100,8 +100,8 @@ def load_classifier(run_dir: str | Path, num_classes: int | None = None, device=
         raise ValueError(f"'classifier.checkpoint' must be 'best' or 'last', got '{checkpoint}'")
     folder = Path(run_dir) / "classifier"
     if not (folder / "model.pt").is_file():
-        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 1 is not finished; run (or resume) "
-                                f"the classifier stage (mlps_dist.train_classifier) first")
+        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 1 is not finished; run the classifier "
+                                f"stage (mlps_dist.train_classifier) first, or resume it")
     path = folder / "best.pt" if checkpoint == "best" and (folder / "best.pt").is_file() else folder / "model.pt"
     model, meta = _load(path, create_classifier, "classifier (mlps_dist.train_classifier)", num_classes, device)
     refuse_collapsed(meta, path, "classifier")
