@@ -11,9 +11,11 @@ scale is that of the head weights times the features. By the time PDA switches o
 head (trained at 10x/20x LR) has grown large, so ``A`` is far from 1 (values of 10-100 are
 common): multiplying ``f`` by it scales every logit by that factor at once (the loss jumps),
 and because ``A`` is not detached the gradient of the head also flows through ``A``, i.e.
-grows with the square of the head's scale. At the still high LR one or two such steps push
-bn7 into the dead ReLU region: every feature and logit is 0, the loss sits at ln 2 and no
-gradient is left to recover.
+grows with the square of the head's scale. At the still high LR a few such steps overshoot
+until every class's CAM w_c . f is negative at every pixel. Then the ReLU'd attention is
+exactly 0, and so are the re-weighted features, every logit and every gradient: the loss
+sits at ln 2 = 0.6931 and nothing can recover (an absorbing state; in eval mode, without
+PDA, every logit is negative, so validation F1 is 0).
 
 ``attention="normalised"`` (default) keeps what PDA is for (the *shape* of ``A``: pixels whose
 CAM exceeds gamma x the peak get weight 0, the moderately activated rest keeps weights in
@@ -21,6 +23,8 @@ proportion to its CAM, so the loss must be carried by less discriminative region
 removes the two amplifiers: ``A`` is divided by its spatial mean per image, so the pooled
 features keep their magnitude whatever the head's scale (GAP(f x A) is an A-weighted mean of
 f), and it is detached, so the head's gradient does not feed back through its own CAMs.
+An image whose CAMs are all 0 keeps weight 1 instead of losing its features, so the
+absorbing state above does not exist.
 ``attention="public"`` reproduces the published behaviour exactly.
 """
 
