@@ -130,8 +130,9 @@ class ClassifierTask:
         """CAM panels after each epoch, under cam/pda_off/<i> before the PDA onset and
         cam/pda_on/<i> from it on, so the shift of attention shows side by side."""
         state = "pda_on" if self.gamma is not None else "pda_off"
-        caption = (f"epoch {epoch}: PDA on, gamma {self.gamma:.3f}, attention {self.section.pda.attention}"
-                   if self.gamma is not None else f"epoch {epoch}: PDA off (starts at epoch {self.section.pda.start_epoch})")
+        pda = self.section.pda
+        caption = (f"epoch {epoch}: PDA on, gamma {self.gamma:.3f}, attention {pda.attention}"
+                   if self.gamma is not None else f"epoch {epoch}: PDA off (starts at epoch {pda.start_epoch})")
         for i, (rgb, cams) in enumerate(self.samples):
             log.image(f"cam/{state}/{i}", cam_overlay_row(rgb, cams), step=epoch)
         if self.samples:

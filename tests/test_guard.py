@@ -164,7 +164,8 @@ def test_ddp_ranks_agree_on_the_rollback_and_sigkill_after_it_resumes_exactly(tm
     cfg, run_dir = _regression_config(tmp_path, "killed", max_rollbacks=1, lr_factor=0.001)
     checkpoints = run_dir / "regression" / "checkpoints"
     job = jobs.start([WORKER, str(tmp_path / "out2"), "--config", cfg, "--dropout", "0", "--step-seconds", "0.2"])
-    after_rollback = lambda: (run_dir / "regression" / "health.json").is_file() and jobs.latest_step(checkpoints) >= 9  # noqa: E731
+    health_file = run_dir / "regression" / "health.json"
+    after_rollback = lambda: health_file.is_file() and jobs.latest_step(checkpoints) >= 9  # noqa: E731
     jobs.wait_for(after_rollback, job, "a checkpoint after the rollback", timeout=300)
     jobs.kill_job(job)
     relaunch = jobs.run([WORKER, str(tmp_path / "out2"), "--config", cfg, "--dropout", "0"])
