@@ -29,6 +29,7 @@ import torch
 from mlps_dist import dist
 
 LATEST = "latest"
+GOOD = "good"  # names the newest checkpoint the training guard accepted (never pruned)
 
 
 class CheckpointError(ValueError):
@@ -183,10 +184,41 @@ class Checkpointer:
         dist.barrier()
         return final
 
+    def good(self) -> Path | None:
+        """The newest checkpoint the training guard marked as healthy, or None."""
+        marker = self.folder / GOOD
+        if not marker.is_file():
+            return None
+        path = self.folder / marker.read_text().strip()
+        return path if path.is_dir() else None
+
+    def mark_good(self, path: Path) -> None:
+        """Rank 0: ``path`` becomes the rollback target; kept whatever keep_last says."""
+        if dist.is_main():
+            _atomic_write_text(self.folder / GOOD, path.name)
+
+    def rewind(self, to: Path | None) -> None:
+        """Rank 0: make ``to`` the checkpoint to resume from (None: start afresh) and delete
+        every newer one. ``latest`` moves first, so a crash part-way leaves a resumable folder."""
+        if not dist.is_main():
+            return
+        if to is None:
+            (self.folder / LATEST).unlink(missing_ok=True)
+            (self.folder / GOOD).unlink(missing_ok=True)
+        else:
+            _atomic_write_text(self.folder / LATEST, to.name)
+        keep_step = -1 if to is None else int(to.name.split("-")[1])
+        for path in _step_dirs(self.folder):
+            if int(path.name.split("-")[1]) > keep_step:
+                shutil.rmtree(path, ignore_errors=True)
+        if self.folder.is_dir():
+            _fsync_dir(self.folder)
+
     def _prune(self, keep: Path) -> None:
         complete = _step_dirs(self.folder)
+        good = self.good()
         for old in complete[:-self.keep_last]:
-            if old != keep:
+            if old != keep and old != good:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.folder.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)

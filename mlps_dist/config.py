@@ -63,6 +63,20 @@ class DistConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Training health (mlps_dist/guard.py): what counts as a failed run and what to do."""
+
+    enabled: bool = True  # false: no rollbacks (a collapsed final model is still refused)
+    frozen_intervals: int = 5  # loss identical (within frozen_tolerance) for this many log intervals = frozen
+    frozen_tolerance: float = 1e-5  # largest spread of the interval mean losses that counts as identical
+    collapse_ratio: float = 0.5  # a watched val metric below ratio x its best so far = collapsed
+    collapse_min_best: float = 0.2  # ... once that best has reached this value (early noise is not a collapse)
+    watch: list[str] = field(default_factory=lambda: ["score"])  # val metrics checked for a collapse
+    max_rollbacks: int = 2  # rollbacks to the last good epoch-end checkpoint before exit status 2
+    lr_factor: float = 0.5  # the LR is multiplied by this at every rollback
+
+
+@dataclass
 class TrainConfig:
     """Keys shared by the two trainers (stage 1 and stage 3)."""
 
@@ -73,6 +87,8 @@ class TrainConfig:
     micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world_size
     lr: float = 0.01
     head_lr_mult: float = 10.0
+    bias_lr_mult: float = 1.0  # LR multiplier of biases (and trained norm affine), on top of head_lr_mult
+    bias_weight_decay: bool = True  # false: biases and norm affine get no weight decay
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -84,14 +100,18 @@ class TrainConfig:
     log_every_steps: int = 10
     val_every_epochs: int = 1
     grad_clip: float = 0.0
+    guard: GuardConfig = field(default_factory=GuardConfig)  # training health: detect, roll back, stop
 
 
 @dataclass
 class PdaConfig:
-    start_epoch: int = 3  # PDA is off for epochs < start_epoch
+    # gamma(0) = gamma_init; at the end of every epoch gamma *= gamma_decay while gamma > gamma_min
+    # (from epoch 0, whether PDA is on or not); PDA applies from start_epoch on.
+    start_epoch: int = 3  # PDA is off for epochs < start_epoch (public: epoch 3, gamma 0.941 then)
     gamma_init: float = 1.0
-    gamma_decay: float = 0.985  # multiplied in once per epoch after start_epoch
-    gamma_min: float = 0.65
+    gamma_decay: float = 0.98
+    gamma_min: float = 0.65  # decay stops once gamma is at or below this
+    attention: str = "normalised"  # normalised (stable, see models/classifier.py) | public (as published)
 
 
 @dataclass
@@ -104,6 +124,10 @@ class ClassifierConfig(TrainConfig):
     pda: PdaConfig = field(default_factory=PdaConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # stage 1 (public: h and v flips)
     cam_images: int = 4  # val patches drawn with CAM overlays in TensorBoard
+    checkpoint: str = "best"  # the classifier stage 2 and the gate use: best (by val score) | last (model.pt)
+    bias_lr_mult: float = 2.0  # public stage 1: biases at 2x (head biases 20x), no weight decay
+    bias_weight_decay: bool = False
+    guard: GuardConfig = field(default_factory=lambda: GuardConfig(watch=["score", "f1"]))
 
 
 @dataclass
@@ -323,6 +347,8 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(t.ckpt_every_steps >= 0, f"{name}.ckpt_every_steps", "must be >= 0 (0 = epoch end only)")
     if t.pretrained:
         _check(Path(t.pretrained).is_file(), f"{name}.pretrained", f"points to {t.pretrained}, which does not exist")
+    _check(t.bias_lr_mult > 0, f"{name}.bias_lr_mult", f"must be > 0, got {t.bias_lr_mult}")
+    _validate_guard(t.guard, f"{name}.guard")
     if t.parallel == "deepspeed":
         _check(Path(t.deepspeed_config).is_file(), f"{name}.deepspeed_config",
                f"points to {t.deepspeed_config}, which does not exist (see configs/deepspeed/)")
@@ -334,6 +360,15 @@ def _validate_augment(a: AugmentConfig, name: str) -> None:
     _check(0 <= a.hed_shift < 1, f"{name}.hed_shift", f"must be in [0, 1), got {a.hed_shift}")
     _check(0 <= a.blur_prob <= 1, f"{name}.blur_prob", f"must be in [0, 1], got {a.blur_prob}")
     _check(0 < a.blur_radius <= 8, f"{name}.blur_radius", f"must be in (0, 8] pixels, got {a.blur_radius}")
+
+
+def _validate_guard(g: GuardConfig, name: str) -> None:
+    _check(g.frozen_intervals >= 2, f"{name}.frozen_intervals", f"must be >= 2, got {g.frozen_intervals}")
+    _check(g.frozen_tolerance >= 0, f"{name}.frozen_tolerance", "must be >= 0")
+    _check(0 < g.collapse_ratio < 1, f"{name}.collapse_ratio", f"must be in (0, 1), got {g.collapse_ratio}")
+    _check(g.collapse_min_best >= 0, f"{name}.collapse_min_best", "must be >= 0")
+    _check(g.max_rollbacks >= 0, f"{name}.max_rollbacks", "must be >= 0 (0 = stop at the first failure)")
+    _check(0 < g.lr_factor <= 1, f"{name}.lr_factor", f"must be in (0, 1], got {g.lr_factor}")
 
 
 def validate(cfg: Config) -> None:
@@ -356,6 +391,10 @@ def validate(cfg: Config) -> None:
     _check(0 < pda.gamma_decay <= 1.0, "classifier.pda.gamma_decay", "must be in (0, 1]")
     _check(0 <= cfg.classifier.dropout < 1, "classifier.dropout", "must be in [0, 1)")
     _check(pda.start_epoch >= 0, "classifier.pda.start_epoch", "must be >= 0")
+    _check(pda.attention in ("normalised", "public"), "classifier.pda.attention",
+           f"must be 'normalised' or 'public', got '{pda.attention}'")
+    _check(cfg.classifier.checkpoint in ("best", "last"), "classifier.checkpoint",
+           f"must be 'best' or 'last', got '{cfg.classifier.checkpoint}'")
     _check(cfg.classifier.num_classes >= 0, "classifier.num_classes", "must be >= 0 (0 = from info.json)")
     _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")
     _check(cfg.masks.chunk_size >= 1, "masks.chunk_size", "must be >= 1")

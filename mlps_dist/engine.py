@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist import dist, parallel
+from mlps_dist import dist, guard as health_guard, parallel
 from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
+from mlps_dist.errors import MlpsError
 from mlps_dist.runlog import RunLog
 
 PREEMPTED_EXIT_CODE = 75
@@ -43,7 +44,7 @@ class TrainTask(Protocol):
     stage: str  # run-dir folder and log name: "classifier" | "segmenter"
     meta: dict  # name, num_classes, classes, config: stored with checkpoints and model files
 
-    def build_model(self) -> nn.Module: ...  # has .param_groups() -> {"backbone", "head"}
+    def build_model(self) -> nn.Module: ...  # has .param_groups() -> {"backbone", "head"} (parallel.optimizer_groups)
     def micro_steps_per_epoch(self, plan: parallel.BatchPlan) -> int: ...
     def train_loader(self, epoch: int, start_step: int, plan: parallel.BatchPlan) -> Iterable[dict]: ...
     def loss(self, model, batch: dict) -> torch.Tensor: ...  # model(x) runs the wrapped forward
@@ -167,7 +168,17 @@ def _mean_over_ranks(value) -> float:
 
 
 def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
-    """Train ``task`` to the end (resuming from the run dir's checkpoint if there is one)."""
+    """Train ``task`` to the end (resuming from the run dir's checkpoint if there is one).
+    After a rollback of the training guard (mlps_dist/guard.py) the run resumes from the
+    good checkpoint with the recorded remedy, exactly as a relaunch would."""
+    while True:
+        try:
+            return _fit_once(cfg, train_cfg, task, log)
+        except health_guard.RolledBack:
+            continue
+
+
+def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
     steps_per_epoch = preflight(cfg, train_cfg, task)
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     # Installed first: a signal while the model builds or a checkpoint loads is honoured too.
@@ -181,18 +192,24 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
         progress = Progress()
+        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, stage_dir(cfg, task.stage), ckpts, log,
+                                             hint=getattr(task, "failure_hint", None))
         resume_from = ckpts.latest()
         if resume_from is not None:
             state = ckpts.load(resume_from, model, expect)
             progress = Progress(**state["progress"])
             task.load_state_dict(state["task"])
+            health.load_state_dict(state.get("health"))
             log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
             log.event("resume", checkpoint=str(resume_from), **asdict(progress))
+        model.set_lr_scale(health.lr_scale)  # 1 unless the guard rolled back
 
-        def save() -> None:
-            client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect}
+        def save() -> Path:
+            client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect,
+                      "health": health.state_dict()}
             path = ckpts.save(progress.global_step, model, client)
             log.event("checkpoint", path=str(path), **asdict(progress))
+            return path
 
         for epoch in range(progress.epoch, train_cfg.epochs):
             scalars = task.start_epoch(epoch, model.module)
@@ -207,8 +224,10 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
                 loss = train_step(model, task, batches, plan)
                 progress.step_in_epoch += 1
                 progress.global_step += 1
+                health.add_step_loss(loss)
                 if progress.global_step % max(train_cfg.log_every_steps, 1) == 0:
                     log.scalars({"loss": _mean_over_ranks(loss), "lr": model.lr()}, progress.global_step, "train/")
+                    health.check_losses(epoch, progress.global_step)
                 mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch end saves anyway
                 if mid_epoch and guard.agreed():
                     save()
@@ -220,33 +239,40 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
             model.sync_buffers()
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             last = epoch + 1 == train_cfg.epochs
+            health.check_losses(epoch, progress.global_step)
             if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:
-                _validate(model.module, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt")
-            save()
+                _validate(model.module, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt", health)
+            health.mark_good(save())
             if guard.agreed():
                 log.event("preempted", **asdict(progress))
                 raise Preempted(f"preempted after epoch {epoch}; rerun to resume")
+    final_meta = {**task.meta, "epoch": health.last_epoch, "metrics": health.last_metrics,
+                  "health": health.check_final(health.last_epoch)}  # never hands on a collapsed model
     if dist.is_main():
-        save_model_file(final_model_path(cfg, task.stage), model.module.state_dict(), task.meta)
+        save_model_file(final_model_path(cfg, task.stage), model.module.state_dict(), final_meta)
     dist.barrier()
     log.info(f"wrote {final_model_path(cfg, task.stage)}")
     return progress
 
 
-def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress, log: RunLog, best_path: Path):
+def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress, log: RunLog, best_path: Path,
+              health: health_guard.TrainingHealth) -> dict[str, float]:
     module.eval()
     with torch.no_grad():
         metrics = task.validate(module, epoch)
         task.visualise(module, epoch, log)
     log.scalars(metrics, step=progress.global_step, prefix="val/")
     log.info(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    health.check_validation(metrics, epoch, progress.global_step)  # a collapsed epoch never becomes best.pt
     score = metrics["score"]
     if not math.isnan(score) and score > progress.best_score:
         progress.best_score = float(score)
         if dist.is_main():
-            save_model_file(best_path, module.state_dict(), {**task.meta, "epoch": epoch, "metrics": metrics})
+            save_model_file(best_path, module.state_dict(), {**task.meta, "epoch": epoch, "metrics": metrics,
+                                                             "health": health.model_meta()})
         log.event("best", epoch=epoch, score=score)
     dist.barrier()
+    return metrics
 
 
 def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tuple = ()) -> int:
@@ -274,7 +300,7 @@ def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tup
     except Preempted as exc:
         log.info(str(exc))
         return PREEMPTED_EXIT_CODE
-    except (ConfigError, CheckpointError, *errors) as exc:
+    except (ConfigError, CheckpointError, MlpsError, *errors) as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr)
         return 2

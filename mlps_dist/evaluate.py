@@ -29,6 +29,7 @@ import torch
 
 from mlps_dist import dist
 from mlps_dist.checkpoint import CheckpointError
+from mlps_dist.errors import MlpsError
 from mlps_dist.config import Config, ConfigError, parse_cli
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import ShardError, open_split
@@ -123,7 +124,8 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
-                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold}
+                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
+                  "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
         out = Path(cfg.run_dir) / "metrics" / f"{split}.json"
         if already_done(out, source):
             log.info(f"{out} is up to date for this segmenter; delete it to evaluate again")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, log)
         return 0
-    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError, MlpsError) as exc:
         if dist.is_main():
             print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mlps_dist.checkpoint import load_model_file
+from mlps_dist.guard import refuse_collapsed
 from mlps_dist.models import create_classifier, create_segmenter
 
 
@@ -75,12 +76,41 @@ def load_segmenter(run_dir: str | Path, checkpoint: str = "best", num_classes: i
     return _load(path, create_segmenter, "segmenter (mlps_dist.train_segmenter)", num_classes, device)
 
 
-def load_classifier(run_dir: str | Path, num_classes: int | None = None, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """The final stage-1 classifier, RUN/classifier/model.pt, used as the gate."""
-    path = Path(run_dir) / "classifier" / "model.pt"
+def classifier_choice(run_dir: str | Path) -> str:
+    """``classifier.checkpoint`` of the run's resolved config (RUN/config.yaml); "best" if absent."""
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        values = yaml.safe_load(path.read_text()) or {}
+        return str((values.get("classifier") or {}).get("checkpoint", "best"))
+    return "best"
+
+
+def load_classifier(run_dir: str | Path, num_classes: int | None = None, device="cpu",
+                    checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The stage-1 classifier for downstream use (pseudo masks, the gate, inference, figures):
+    RUN/classifier/best.pt (``checkpoint="best"``: the best validation score; model.pt when
+    no epoch was validated) or RUN/classifier/model.pt (``"last"``). None reads
+    ``classifier.checkpoint`` from the run's config.yaml. Refuses while stage 1 is unfinished
+    and refuses a file whose recorded validation is collapsed (guard.ModelCollapsed).
+    ``meta["selection"]`` = {"checkpoint", "file" (relative to the run dir), "epoch", "score"}:
+    what the consumers record."""
+    checkpoint = checkpoint or classifier_choice(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"'classifier.checkpoint' must be 'best' or 'last', got '{checkpoint}'")
+    folder = Path(run_dir) / "classifier"
+    if not (folder / "model.pt").is_file():
+        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 1 is not finished; run the classifier "
+                                f"stage (mlps_dist.train_classifier) first, or resume it")
+    path = folder / "best.pt" if checkpoint == "best" and (folder / "best.pt").is_file() else folder / "model.pt"
     model, meta = _load(path, create_classifier, "classifier (mlps_dist.train_classifier)", num_classes, device)
+    refuse_collapsed(meta, path, "classifier")
     if hasattr(model, "pda_gamma"):
         model.pda_gamma = None  # PDA is a training-time regulariser only
+    metrics = meta.get("metrics") or {}
+    meta["selection"] = {"checkpoint": checkpoint, "file": f"classifier/{path.name}", "epoch": meta.get("epoch"),
+                         "score": metrics.get("score")}
     return model, meta
 
 

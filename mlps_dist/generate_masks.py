@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from PIL import Image
 from mlps_dist import cam, dist
 from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
-from mlps_dist.data.shards import SplitReader, decode_labels, open_split, read_info
+from mlps_dist.data.shards import ShardError, SplitReader, decode_labels, open_split, read_info
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
@@ -107,34 +108,35 @@ def check_split(reader: SplitReader) -> None:
 
 
 def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
-    from mlps_dist.checkpoint import load_model_file
-    from mlps_dist.models import create_classifier
+    """The stage-1 classifier chosen by ``classifier.checkpoint`` (gate.load_classifier: the
+    one loader every consumer shares), checked against the shards' classes and the CAM
+    layers. Returns (model, path, selection record)."""
+    from mlps_dist import gate
 
-    path = Path(cfg.run_dir) / "classifier" / "model.pt"
-    if not path.is_file():
-        raise PseudoMaskError(f"{path} does not exist: train the classifier first (mlps_dist.train_classifier) "
-                              f"or set run_dir to the run that holds it")
-    state, meta = load_model_file(path)
+    try:
+        model, meta = gate.load_classifier(cfg.run_dir, device="cpu", checkpoint=cfg.classifier.checkpoint)
+    except FileNotFoundError as exc:
+        raise PseudoMaskError(f"{exc} (or set run_dir to the run that holds it)") from exc
+    except RuntimeError as exc:
+        raise PseudoMaskError(f"the stage-1 classifier in {cfg.run_dir} does not fit its model ({exc})") from exc
+    path = Path(meta["path"])
     if list(meta.get("classes", [])) != reader.classes:
         raise PseudoMaskError(f"{path} was trained on classes {meta.get('classes')}, but {cfg.data.root} has "
                               f"{reader.classes}; use the classifier trained on these shards")
-    model = create_classifier(meta["name"], len(reader.classes))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise PseudoMaskError(f"{path} does not fit a '{meta['name']}' classifier ({exc})") from exc
     try:
         cam.check_layers(model, list(cfg.masks.layers))
     except ValueError as exc:
         raise PseudoMaskError(f"{path}: {exc}") from exc
     cam.prepare_model(model)
-    return model.to(device), path
+    return model.to(device), path, meta["selection"]
 
 
-def mask_settings(cfg: Config, reader: SplitReader, model_path: Path) -> dict:
-    """Everything the masks depend on; a change makes the existing chunks unusable."""
+def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection: dict | None = None) -> dict:
+    """Everything the masks depend on; a change makes the existing chunks unusable.
+    ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
     m = cfg.masks
-    return {"classifier_sha256": sha256_file(model_path), "classes": reader.classes, "count": len(reader),
+    return {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
+            "classes": reader.classes, "count": len(reader),
             "layers": list(m.layers), "chunk_size": m.chunk_size, "background": vars(m.background).copy(),
             "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
             "std": list(cfg.data.std), "image_size": cfg.data.image_size}  # not skip_bad: turning it on to get past a bad sample keeps the rest
@@ -249,7 +251,7 @@ def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
              + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
 
 
-def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dict:
+def quality_report(cfg: Config, log: RunLog, model, device: torch.device, selection: dict | None = None) -> dict:
     """mIoU / per-class IoU of the pseudo masks on splits with ground truth, per layer."""
     from mlps_dist.metrics import ConfusionMatrix
 
@@ -278,7 +280,7 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dic
                         step=0, prefix=f"pseudo_masks/{split}/{layer}/")
             log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
     if dist.is_main() and report:
-        write_json(Path(cfg.run_dir) / "metrics" / "pseudo_masks.json", report)
+        write_json(Path(cfg.run_dir) / "metrics" / "pseudo_masks.json", {**report, "classifier": selection or {}})
     return report
 
 
@@ -290,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         device = dist.device()
         reader = open_split(cfg.data.root, "train")
         check_split(reader)
-        model, model_path = load_classifier(cfg, reader, device)
-        settings = on_rank0(lambda: mask_settings(cfg, reader, model_path))
+        model, model_path, selection = load_classifier(cfg, reader, device)
+        settings = on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
         if run_pass(cfg, log, model, reader, device, settings):
-            quality_report(cfg, log, model, device)
+            quality_report(cfg, log, model, device, selection)
             on_rank0(lambda: finish_pass(cfg, log, reader.split))
         return 0
     finally:
@@ -301,5 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         dist.teardown()
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: a refused input (e.g. a collapsed classifier) is one
+    message on stderr and exit status 2 instead of a traceback."""
+    from mlps_dist.errors import MlpsError
+
+    try:
+        return main(argv)
+    except (MlpsError, PseudoMaskError, ShardError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

@@ -44,14 +44,37 @@ def resolve_precision(train_cfg: TrainConfig, device: torch.device) -> torch.dty
     return torch.bfloat16 if train_cfg.precision == "bf16" else torch.float16
 
 
+def optimizer_groups(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> list[dict]:
+    """The model's {"backbone", "head"} parameters split into weights (ndim > 1) and biases
+    (ndim <= 1: conv/linear biases and, when trained, norm affine parameters), each with its
+    LR multiplier and weight decay:
+
+        backbone.weight  1x                          weight decay
+        backbone.bias    bias_lr_mult                weight decay only if bias_weight_decay
+        head.weight      head_lr_mult                weight decay
+        head.bias        head_lr_mult x bias_lr_mult weight decay only if bias_weight_decay
+
+    The public stage 1 uses 1x/2x/10x/20x with no decay on biases (the classifier's
+    defaults); the segmenter defaults keep 1x/10x with decay on everything, as the public
+    DeepLab training does. Empty groups are left out."""
+    out = []
+    for part, params in (("backbone", groups["backbone"]), ("head", groups["head"])):
+        part_mult = train_cfg.head_lr_mult if part == "head" else 1.0
+        weights = [p for p in params if p.ndim > 1]
+        biases = [p for p in params if p.ndim <= 1]
+        bias_decay = train_cfg.weight_decay if train_cfg.bias_weight_decay else 0.0
+        for kind, members, mult, decay in (("weight", weights, part_mult, train_cfg.weight_decay),
+                                           ("bias", biases, part_mult * train_cfg.bias_lr_mult, bias_decay)):
+            if members:
+                out.append({"params": members, "name": f"{part}.{kind}", "lr_mult": mult,
+                            "lr": train_cfg.lr * mult, "weight_decay": decay})
+    return out
+
+
 def create_optimizer(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> torch.optim.SGD:
     # The public MLPS code calls SGD(params, lr, weight_decay) positionally, which puts the
     # weight decay (5e-4) into the momentum slot; we pass real momentum by keyword.
-    param_groups = [
-        {"params": groups["backbone"], "lr": train_cfg.lr, "name": "backbone"},
-        {"params": groups["head"], "lr": train_cfg.lr * train_cfg.head_lr_mult, "name": "head"},
-    ]
-    return torch.optim.SGD([g for g in param_groups if g["params"]], lr=train_cfg.lr,
+    return torch.optim.SGD(optimizer_groups(groups, train_cfg), lr=train_cfg.lr,
                            momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
 
 
@@ -81,6 +104,15 @@ class Wrapped:
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Every group's LR = its configured LR x ``scale`` from now on, at the schedule's
+        current position (the training guard's remedy after a rollback). Collective-free:
+        every rank applies the same scale."""
+        sched = self.scheduler
+        for i, group in enumerate(sched.optimizer.param_groups):
+            sched.base_lrs[i] = group["initial_lr"] * scale
+            group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
 
     def sync_buffers(self) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP only

@@ -137,7 +137,8 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
                      gate_threshold: float | None = None, num_classes: int | None = None,
                      device="cpu") -> tuple[Predictor, dict]:
     """Predictor of a finished run (RUN/config.yaml, segmenter and classifier files).
-    Returns (predictor, segmenter meta)."""
+    Returns (predictor, segmenter meta); ``meta["classifier"]`` records the gate's stage-1
+    model (``classifier.checkpoint``: checkpoint, file, epoch, score, digest), None ungated."""
     from mlps_dist.config import load_config
     from mlps_dist.gate import load_classifier, load_segmenter
 
@@ -145,9 +146,24 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
         cfg = load_config(Path(run_dir) / "config.yaml")
     segmenter, meta = load_segmenter(run_dir, checkpoint, num_classes, device)
     use_gate = cfg.evaluate.gate if gate is None else gate
-    classifier = load_classifier(run_dir, int(meta["num_classes"]), device)[0] if use_gate else None
+    classifier, selection = None, None
+    if use_gate:
+        classifier, cls_meta = load_classifier(run_dir, int(meta["num_classes"]), device,
+                                               checkpoint=cfg.classifier.checkpoint)
+        selection = {**cls_meta["selection"], "digest": file_digest(cls_meta["path"])}
     threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
     predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
                           std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
                           device=device)
-    return predictor, meta
+    return predictor, {**meta, "classifier": selection}
+
+
+def file_digest(path: str | Path) -> str:
+    """First 16 hex digits of the file's sha256."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -30,11 +30,23 @@ from mlps_dist.runlog import RunLog
 STAGE = "classifier"
 
 
+def scheduled_gamma(pda: PdaConfig, epoch: int) -> float:
+    """The public schedule: gamma starts at gamma_init and, at the end of every epoch from
+    epoch 0 on, is multiplied by gamma_decay while it is still above gamma_min (so it ends
+    just below the floor: 1.0 x 0.98^22 = 0.641 with the paper's values)."""
+    gamma = pda.gamma_init
+    for _ in range(epoch):
+        if gamma > pda.gamma_min:
+            gamma *= pda.gamma_decay
+    return gamma
+
+
 def pda_gamma(pda: PdaConfig, epoch: int) -> float | None:
-    """None (PDA off) before ``start_epoch``; then gamma_init x decay^(epochs since) down to the floor."""
+    """The gamma PDA applies in ``epoch``: None (PDA off) before ``start_epoch``, then the
+    schedule's value (public recipe: 0.98^3 = 0.941 at epoch 3, the first PDA epoch)."""
     if epoch < pda.start_epoch:
         return None
-    return max(pda.gamma_init * pda.gamma_decay ** (epoch - pda.start_epoch), pda.gamma_min)
+    return scheduled_gamma(pda, epoch)
 
 
 def class_activation_maps(module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -72,7 +84,7 @@ class ClassifierTask:
     def build_model(self):
         return create_classifier(self.section.model, self.num_classes, self.section.pretrained,
                                  freeze_stages=self.section.freeze_stages, freeze_bn=self.section.freeze_bn,
-                                 dropout=self.section.dropout)
+                                 dropout=self.section.dropout, pda_attention=self.section.pda.attention)
 
     def micro_steps_per_epoch(self, plan) -> int:
         return plan.micro_steps_per_epoch(len(self.train_reader))
@@ -115,9 +127,25 @@ class ClassifierTask:
         return metrics
 
     def visualise(self, module, epoch: int, log: RunLog) -> None:
+        """CAM panels after each epoch, under cam/pda_off/<i> before the PDA onset and
+        cam/pda_on/<i> from it on, so the shift of attention shows side by side."""
+        state = "pda_on" if self.gamma is not None else "pda_off"
+        pda = self.section.pda
+        caption = (f"epoch {epoch}: PDA on, gamma {self.gamma:.3f}, attention {pda.attention}"
+                   if self.gamma is not None else f"epoch {epoch}: PDA off (starts at epoch {pda.start_epoch})")
         for i, (rgb, cams) in enumerate(self.samples):
-            log.image(f"cam/{i}", cam_overlay_row(rgb, cams), step=epoch)
+            log.image(f"cam/{state}/{i}", cam_overlay_row(rgb, cams), step=epoch)
+        if self.samples:
+            log.text("cam/pda_state", caption, step=epoch)
         log.flush()
+
+    def failure_hint(self, epoch: int) -> str:
+        """The config keys named when training fails for good (see mlps_dist/guard.py)."""
+        pda = self.section.pda
+        if epoch >= pda.start_epoch:
+            extra = "" if pda.attention == "normalised" else " (or 'classifier.pda.attention=normalised')"
+            return f"'classifier.lr' or 'classifier.pda.start_epoch'{extra}"
+        return "'classifier.lr'"
 
     def state_dict(self) -> dict:
         return {"pda_gamma": self.gamma}

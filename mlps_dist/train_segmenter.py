@@ -104,7 +104,9 @@ class SegmenterTask:
         self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
         self.meta = {"name": self.section.model, "num_classes": self.num_classes,
                      "multi_grid": list(self.section.multi_grid),
-                     "classes": list(train_reader.classes), "config": cfg.to_dict()}
+                     "classes": list(train_reader.classes), "config": cfg.to_dict(),
+                     # the stage-1 classifier its pseudo masks came from (classifier.checkpoint)
+                     "classifier": store.manifest.get("settings", {}).get("classifier", {})}
         self.palette = palette_for(self.num_classes, train_reader.info)
         self.val_rows: list[np.ndarray] = []
 

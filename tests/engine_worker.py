@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mlps_dist import dist, engine
 from mlps_dist.batching import rank_micro_batches
 from mlps_dist.config import load_config
+from mlps_dist.errors import MlpsError
 from mlps_dist.runlog import RunLog
 
 SAMPLES, FEATURES = 64, 6
@@ -124,6 +125,9 @@ def main() -> int:
         return 0
     except engine.Preempted:
         return engine.PREEMPTED_EXIT_CODE
+    except MlpsError as exc:  # e.g. guard.TrainingFailed: one message, exit status 2
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         log.close()
         dist.teardown()

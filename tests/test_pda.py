@@ -3,7 +3,7 @@
 import torch
 
 from mlps_dist.models import create_classifier
-from mlps_dist.models.classifier import progressive_dropout_attention
+from mlps_dist.models.classifier import dropped_cam_attention, progressive_dropout_attention
 
 
 def _identity_head(num_classes: int) -> torch.Tensor:
@@ -71,10 +71,12 @@ def test_pda_applies_only_in_training_with_a_gamma():
     assert torch.allclose(off, model.logits_from_features(feats), atol=1e-5)
 
     model.pda_gamma = 0.7
-    on = model(x)
-    expected = model.logits_from_features(progressive_dropout_attention(feats, model.head.weight, 0.7))
-    assert torch.allclose(on, expected, atol=1e-5)
-    assert not torch.allclose(on, off)
+    for mode in ("public", "normalised"):
+        model.pda_attention = mode
+        on = model(x)
+        expected = model.logits_from_features(progressive_dropout_attention(feats, model.head.weight, 0.7, mode))
+        assert torch.allclose(on, expected, atol=1e-5)
+        assert not torch.allclose(on, off)
 
     model.eval()  # eval: PDA never applies, whatever gamma says
     assert torch.allclose(model(x), model.logits_from_features(model.forward_features(x)["bn7"]), atol=1e-5)
@@ -85,3 +87,37 @@ def test_pda_gradient_reaches_head_through_attention():
     head = torch.randn(2, 4, 1, 1, requires_grad=True)
     progressive_dropout_attention(features, head, gamma=0.9).sum().backward()
     assert head.grad is not None and head.grad.abs().sum() > 0
+
+
+def test_normalised_attention_has_the_public_shape_with_spatial_mean_one():
+    torch.manual_seed(2)
+    features = torch.rand(3, 6, 5, 5)
+    head = torch.randn(4, 6, 1, 1)
+    public_map = dropped_cam_attention(features, head, 0.8)
+    assert torch.allclose(progressive_dropout_attention(features, head, 0.8, "public"), features * public_map)
+    normalised = progressive_dropout_attention(features, head, 0.8, "normalised")
+    expected_map = public_map / public_map.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(normalised, features * expected_map, atol=1e-6)
+    assert torch.allclose((normalised / features).mean(dim=(2, 3)), torch.ones(3, 6), atol=1e-5)
+
+
+def test_normalised_attention_ignores_the_head_scale_and_passes_no_gradient_through_the_map():
+    torch.manual_seed(3)
+    features = torch.rand(2, 6, 4, 4)
+    head = torch.randn(3, 6, 1, 1)
+    small = progressive_dropout_attention(features, head, 0.9, "normalised")
+    large = progressive_dropout_attention(features, head * 100, 0.9, "normalised")
+    assert torch.allclose(small, large, atol=1e-5)  # the public map would grow 100x
+    assert torch.allclose(progressive_dropout_attention(features, head * 100, 0.9, "public"),
+                          100 * progressive_dropout_attention(features, head, 0.9, "public"), rtol=1e-4)
+    weights = head.clone().requires_grad_(True)
+    assert not progressive_dropout_attention(features, weights, 0.9, "normalised").requires_grad
+    inputs = features.clone().requires_grad_(True)
+    progressive_dropout_attention(inputs, weights, 0.9, "normalised").sum().backward()
+    assert torch.allclose(inputs.grad, small / features)  # d(f x A)/df = A: the map is a constant
+
+
+def test_normalised_attention_keeps_features_where_every_cam_is_zero():
+    features = torch.rand(1, 3, 4, 4)
+    head = -torch.ones(2, 3, 1, 1)  # relu(negative) = 0 everywhere
+    assert torch.equal(progressive_dropout_attention(features, head, 0.7, "normalised"), features)

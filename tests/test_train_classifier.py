@@ -34,7 +34,17 @@ def test_pda_schedule_is_off_then_decays_to_the_floor():
     pda = PdaConfig(start_epoch=3, gamma_init=1.0, gamma_decay=0.5, gamma_min=0.2)
     gammas = [train_classifier.pda_gamma(pda, e) for e in range(7)]
     assert gammas[:3] == [None, None, None]
-    assert gammas[3:] == [1.0, 0.5, 0.25, 0.2]
+    assert gammas[3:] == [0.125, 0.125, 0.125, 0.125]  # decays from epoch 0; stops once <= 0.2
+
+
+def test_public_pda_schedule():
+    """gamma x0.98 at the end of every epoch while above 0.65, PDA from epoch 3 (0.941)."""
+    pda = PdaConfig()
+    gammas = [train_classifier.pda_gamma(pda, e) for e in range(30)]
+    assert gammas[:3] == [None, None, None]
+    assert gammas[3] == pytest.approx(0.98 ** 3) and round(gammas[3], 3) == 0.941
+    assert gammas[21] == pytest.approx(0.98 ** 21) and gammas[21] > 0.65
+    assert gammas[22] == gammas[29] == pytest.approx(0.98 ** 22)  # the first value <= 0.65 is kept
 
 
 def test_cam_overlay_row_puts_one_panel_per_class_beside_the_patch():
@@ -121,7 +131,7 @@ def test_sigkill_mid_epoch_then_relaunch_gives_identical_weights(tmp_path, tiny_
 
     events = EventAccumulator(str(tmp_path / "run" / "tb" / "classifier")).Reload()
     assert {"train/loss", "train/lr", "train/pda_gamma", "val/acc", "val/f1", "val/miou"} <= set(events.Tags()["scalars"])
-    assert {"cam/0", "cam/1"} <= set(events.Tags()["images"])
+    assert {"cam/pda_off/0", "cam/pda_off/1", "cam/pda_on/0", "cam/pda_on/1"} <= set(events.Tags()["images"])
 
     model_file = tmp_path / "run" / "classifier" / "model.pt"
     before = model_file.stat().st_mtime_ns

@@ -12,7 +12,8 @@ SEGMENTER_NAMES = ("deeplabv3plus_resnet101", "deeplabv3plus_small")
 
 
 def create_classifier(name: str, num_classes: int, pretrained: str = "", *,
-                      freeze_stages: int = 0, freeze_bn: bool = False, dropout: float = 0.5) -> Classifier:
+                      freeze_stages: int = 0, freeze_bn: bool = False, dropout: float = 0.5,
+                      pda_attention: str = "normalised") -> Classifier:
     """``resnet38d`` (paper) or ``small38`` (CPU); ``pretrained`` = local weights file for
     the backbone ("" = random init); ``dropout`` = channel dropout before the head."""
     if name == "resnet38d":
@@ -21,7 +22,7 @@ def create_classifier(name: str, num_classes: int, pretrained: str = "", *,
         backbone = create_small38(freeze_stages=freeze_stages, freeze_bn=freeze_bn)
     else:
         raise ValueError(f"unknown classifier '{name}'; set classifier.model to one of {', '.join(CLASSIFIER_NAMES)}")
-    model = Classifier(backbone, num_classes, FEATURE_LAYERS, dropout=dropout)
+    model = Classifier(backbone, num_classes, FEATURE_LAYERS, dropout=dropout, pda_attention=pda_attention)
     if pretrained:
         from .weights import load_pretrained
 
