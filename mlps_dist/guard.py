@@ -88,17 +88,19 @@ class TrainingHealth:
 
     # ------------------------------------------------------------ observations
 
-    def add_step_loss(self, loss: float) -> None:
-        """Every step, local (no collective)."""
-        if math.isfinite(loss):
-            self._sum += loss
-        else:
-            self._bad += 1
+    def add_step_loss(self, loss) -> None:
+        """Every step, local: no collective and no host synchronisation (a tensor loss stays
+        on its device until the next check)."""
+        loss = torch.as_tensor(loss).detach().to(torch.float64).reshape(())
+        finite = torch.isfinite(loss)
+        self._sum = self._sum + torch.where(finite, loss, torch.zeros_like(loss))
+        self._bad = self._bad + (~finite).to(torch.float64)
         self._count += 1
 
     def _reduce_pending(self) -> tuple[float, float, float]:
         """(sum, count, non-finite count) over all ranks since the last check; resets them."""
-        totals = dist.all_reduce_sum(torch.tensor([self._sum, self._count, self._bad], dtype=torch.float64))
+        totals = dist.all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu()
+                                                  for v in (self._sum, self._count, self._bad)]))
         self._sum, self._count, self._bad = 0.0, 0, 0
         return tuple(float(v) for v in totals)
 
