@@ -1,6 +1,7 @@
 """Built-in synthetic H&E dataset in the exact LUAD-HistoSeg folder layout.
 
     summary = write_luad_layout("data/demo/luad", train=800, val=60, test=60, size=128, seed=0)
+    summary = write_luad_layout("data/pale", 800, 60, 60, options=variant_options("pale"))
 
 Layout (as the public dataset): ``train/<pid>-<x>-<y>-[a b c d].png`` with labels for
 TE NEC LYM TAS in that order; ``val/img/<pid>-<x>-<y>.png`` + ``val/mask/<same name>`` and
@@ -9,7 +10,9 @@ the same for ``test/``; masks are palettised PNGs, 0..3 = tissue, 4 = white/excl
 Each patch: 1-4 tissues with irregular borders (argmax of smooth random fields), optional
 white holes, textures from ``synthetic_tissue``, rendered with Beer-Lambert from random
 per-slide and per-patch H and E stain vectors, concentrations and brightness, then blur and
-noise. Tissues covering less than MIN_TISSUE_FRACTION of the patch are absorbed into their
+noise. ``SynthOptions`` (``synthetic_options``) shifts all of it: stain strength and hue,
+scanner lamp, white balance and gamma, nuclear size and density, texture scale, patch size
+and class mix. Glass (mask 4) stays brighter than grey 200 and tissue darker. Tissues covering less than MIN_TISSUE_FRACTION of the patch are absorbed into their
 neighbours, so the train label is exactly the set of tissues in the patch's mask.
 
 Patch ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split, i])``: it does
