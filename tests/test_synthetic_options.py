@@ -218,3 +218,18 @@ def test_white_is_white_flag_matches_the_data(variant):
         assert tissue_taken < 0.07, tissue_taken
     else:
         assert tissue_taken > 0.15, tissue_taken
+
+
+def test_harness_reads_stage1_scores_and_flags_a_collapse():
+    harness = _load_tool("demo_variants")
+    events = [{"stage": "classifier", "kind": "scalars", "step": s, "val/score": v}
+              for s, v in ((10, 0.5), (20, 0.6), (30, 0.62), (30, 0.62), (40, 0.3), (50, 0.55))]
+    events.append({"stage": "segmenter", "kind": "scalars", "step": 10, "val/score": 0.9})
+    scores = harness.stage1_val_scores(events)
+    assert scores == [0.5, 0.6, 0.62, 0.3, 0.55], "one score per epoch, classifier only"
+    assert harness.pda_collapse(scores, 3)["stage1_collapsed"] is True
+    assert harness.pda_collapse([0.5, 0.6, 0.62, 0.58, 0.65], 3)["stage1_collapsed"] is False
+    row = {"variant": "pale", "role": "tuning", "seed": 0, "background": False, "test_miou_gated": 0.8123,
+           "stage1_min_after_pda": 0.3, "stage1_collapsed": True, "pseudo_mask_miou": {"bn7": 0.7}, "wall_s": 600}
+    table = harness.markdown_table([row])
+    assert "| pale | tuning | 0 | off | 81.2 |" in table and "30.0 (collapsed)" in table and "| 10.0 |" in table

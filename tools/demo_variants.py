@@ -120,10 +120,38 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def stage1_val_scores(events: list[dict]) -> list[float]:
+    """Classifier validation score per epoch; an epoch validated again after a resume counts once."""
+    by_step = {e["step"]: e["val/score"] for e in events if e.get("stage") == "classifier" and "val/score" in e}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _pda_start(run_dir: Path) -> int | None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return ((yaml.safe_load(path.read_text()) or {}).get("classifier", {}).get("pda") or {}).get("start_epoch")
+
+
+COLLAPSE_DROP = 0.10  # stage 1 "collapsed" when a score after PDA onset falls this far below the best before
+
+
+def pda_collapse(scores: list[float], start: int | None) -> dict:
+    """Best validation score before PDA onset, lowest after it, and whether stage 1 collapsed."""
+    if start is None or not 0 < start < len(scores):
+        return {"pda_start_epoch": start, "stage1_best_before_pda": None, "stage1_min_after_pda": None,
+                "stage1_collapsed": None}
+    before, after = max(scores[:start]), min(scores[start:])
+    return {"pda_start_epoch": start, "stage1_best_before_pda": before, "stage1_min_after_pda": after,
+            "stage1_collapsed": after < before - COLLAPSE_DROP}
+
+
 def collect(run_dir: Path, data: Path) -> dict:
     """The figures of one finished run (None where a file is missing)."""
     events = _events(run_dir)
-    val_scores = [e["val/score"] for e in events if e.get("stage") == "classifier" and "val/score" in e]
+    val_scores = stage1_val_scores(events)
     test = json.loads((run_dir / "metrics" / "test.json").read_text())
     masks_path = run_dir / "metrics" / "pseudo_masks.json"
     pseudo = json.loads(masks_path.read_text()) if masks_path.is_file() else {}
@@ -137,6 +165,7 @@ def collect(run_dir: Path, data: Path) -> dict:
         "stage1_best_val": max(val_scores) if val_scores else None,
         "stage1_last_val": val_scores[-1] if val_scores else None,
         "stage1_val_per_epoch": val_scores,
+        **pda_collapse(val_scores, _pda_start(run_dir)),
         "pseudo_mask_miou": {layer: m.get("miou") for layer, m in pm_split.items()},
         "pipeline_wall_s": round(times[-1] - times[0], 1) if times else None,
         "data_wall_s": summary.get("seconds"),
@@ -162,13 +191,14 @@ def pct(value) -> str:
 def markdown_table(rows: list[dict]) -> str:
     layers = sorted({layer for r in rows for layer in r.get("pseudo_mask_miou", {})})
     head = ["variant", "role", "seed", "white ch.", "test mIoU gated", "ungated", "stage-1 val best",
-            "stage-1 val last", *[f"PM {layer}" for layer in layers], "wall (min)"]
+            "stage-1 val last", "stage-1 min after PDA", *[f"PM {layer}" for layer in layers], "wall (min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         wall = r.get("wall_s")
         cells = [r["variant"], r["role"], str(r["seed"]), {True: "on", False: "off"}.get(r.get("background"), "config"),
                  pct(r.get("test_miou_gated")), pct(r.get("test_miou_ungated")), pct(r.get("stage1_best_val")),
-                 pct(r.get("stage1_last_val")), *[pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers],
+                 pct(r.get("stage1_last_val")), pct(r.get("stage1_min_after_pda"))
+                 + (" (collapsed)" if r.get("stage1_collapsed") else ""), *[pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers],
                  "-" if wall is None else f"{wall / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
