@@ -195,11 +195,12 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         wall = r.get("wall_s")
-        cells = [r["variant"], r["role"], str(r["seed"]), {True: "on", False: "off"}.get(r.get("background"), "config"),
-                 pct(r.get("test_miou_gated")), pct(r.get("test_miou_ungated")), pct(r.get("stage1_best_val")),
-                 pct(r.get("stage1_last_val")), pct(r.get("stage1_min_after_pda"))
-                 + (" (collapsed)" if r.get("stage1_collapsed") else ""), *[pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers],
-                 "-" if wall is None else f"{wall / 60:.1f}"]
+        white = {True: "on", False: "off"}.get(r.get("background"), "config")
+        after_pda = pct(r.get("stage1_min_after_pda")) + (" (collapsed)" if r.get("stage1_collapsed") else "")
+        masks = [pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers]
+        cells = [r["variant"], r["role"], str(r["seed"]), white, pct(r.get("test_miou_gated")),
+                 pct(r.get("test_miou_ungated")), pct(r.get("stage1_best_val")), pct(r.get("stage1_last_val")),
+                 after_pda, *masks, "-" if wall is None else f"{wall / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,8 +12,9 @@ white holes, textures from ``synthetic_tissue``, rendered with Beer-Lambert from
 per-slide and per-patch H and E stain vectors, concentrations and brightness, then blur and
 noise. ``SynthOptions`` (``synthetic_options``) shifts all of it: stain strength and hue,
 scanner lamp, white balance and gamma, nuclear size and density, texture scale, patch size
-and class mix. Glass (mask 4) stays brighter than grey 200 and tissue darker. Tissues covering less than MIN_TISSUE_FRACTION of the patch are absorbed into their
-neighbours, so the train label is exactly the set of tissues in the patch's mask.
+and class mix. Glass (mask 4) stays brighter than grey 200 and tissue darker. Tissues
+covering less than MIN_TISSUE_FRACTION of the patch are absorbed into their neighbours, so
+the train label is exactly the set of tissues in the patch's mask.
 
 Patch ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split, i])``: it does
 not depend on how many patches are generated, and the same seed gives byte-identical files.
@@ -45,7 +46,6 @@ SPLIT_SLIDES = {"train": range(0, 40), "val": range(40, 45), "test": range(45, 5
 GRID_COLUMNS = 64  # patch i sits in cell (i // 64, i % 64) of its slide's grid: names are unique
 MARKER = "synthetic.json"
 FORMAT_VERSION = 2  # 2: generator options and variants (synthetic_options)
-
 
 
 @dataclass
@@ -117,7 +117,8 @@ def tissue_layout(rng: np.random.Generator, size: int, options: SynthOptions = D
 def _resized(values: np.ndarray, size: int) -> np.ndarray:
     if values.shape[0] == size:
         return values
-    return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    # A float32 2-D array becomes a mode "F" image: bilinear resampling keeps real values.
+    return np.asarray(Image.fromarray(values.astype(np.float32)).resize((size, size), Image.BILINEAR))
 
 
 def _concentrations(rng: np.random.Generator, mask: np.ndarray,
