@@ -233,3 +233,12 @@ def test_harness_reads_stage1_scores_and_flags_a_collapse():
            "stage1_min_after_pda": 0.3, "stage1_collapsed": True, "pseudo_mask_miou": {"bn7": 0.7}, "wall_s": 600}
     table = harness.markdown_table([row])
     assert "| pale | tuning | 0 | off | 81.2 |" in table and "30.0 (collapsed)" in table and "| 10.0 |" in table
+
+
+def test_contact_sheet(tmp_path):
+    sheet_tool = _load_tool("synthetic_sheet")
+    out = tmp_path / "sheet.png"
+    assert sheet_tool.main(["--out", str(out), "--variants", "pale,sparse-classes", "--per-row", "2", "--tile", "32"]) == 0
+    image = Image.open(out)
+    assert image.size == (sheet_tool.LABEL_WIDTH + 2 * 2 * (32 + sheet_tool.GAP), 2 * (32 + sheet_tool.GAP))
+    assert sheet_tool.main(["--out", str(tmp_path / "x.png"), "--variants", "nope"]) == 2
