@@ -195,7 +195,7 @@ def test_white_glass_is_white_and_ignored_in_eval_masks(tmp_path):
 def test_variant_split_defined_once_and_harness_reads_it():
     assert set(TUNING_VARIANTS).isdisjoint(HELD_OUT_VARIANTS)
     assert set(TUNING_VARIANTS) | set(HELD_OUT_VARIANTS) == set(VARIANTS)
-    assert 6 <= len(VARIANTS) <= 10
+    assert 6 <= len(VARIANTS) <= 8
     harness = _load_tool("demo_variants")
     assert harness.parse_args(["--held-out"]).names == list(HELD_OUT_VARIANTS)
     assert harness.parse_args(["--tuning", "a.b=1"]).overrides == ["a.b=1"]
