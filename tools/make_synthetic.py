@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate the built-in synthetic H&E dataset in the LUAD-HistoSeg folder layout.
 
-    python tools/make_synthetic.py --out data/demo/luad --train 800 --val 60 --test 60 --size 128
+    python tools/make_synthetic.py --out data/demo/raw --train 1000 --val 100 --test 100 --size 96
+    python tools/make_synthetic.py --out data/pale/raw --variant pale --h-strength 0.5
 
 The result is read by tools/make_shards.py like the real LUAD-HistoSeg download.
 Rerunning with the same arguments after an interruption finishes the job.
@@ -16,30 +17,77 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
 from mlps_dist.data.synthetic import write_luad_layout  # noqa: E402
+from mlps_dist.data.synthetic_options import (  # noqa: E402
+    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANT_HELP, VARIANTS, SyntheticOptionError, variant_options)
+
+
+def _floats(count: int):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"'{text}': expected {count} comma-separated numbers")
+        return values
+    return parse
+
+
+def _variant_epilog() -> str:
+    lines = ["named variants (--variant NAME; explicit options override the variant's values):"]
+    for name in VARIANTS:
+        role = "tuning" if name in TUNING_VARIANTS else "held out" if name in HELD_OUT_VARIANTS else ""
+        lines.append(f"  {name:17s} {VARIANT_HELP[name]}" + (f"  [{role}]" if role else ""))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=_variant_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (new or empty, or an interrupted run's)")
     parser.add_argument("--train", type=int, default=800, help="train patches (labels in the file names)")
     parser.add_argument("--val", type=int, default=60, help="val patches with masks")
     parser.add_argument("--test", type=int, default=60, help="test patches with masks")
-    parser.add_argument("--size", type=int, default=224, help="patch side in pixels (LUAD-HistoSeg: 224)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    parser.add_argument("--variant", default="default", help="named set of the options below (see the list)")
+    group = parser.add_argument_group("data options (default: the variant's value)")
+    group.add_argument("--size", type=int, help="patch side in pixels (default variant: 96; LUAD-HistoSeg: 224)")
+    group.add_argument("--h-strength", type=float, help="x hematoxylin concentration (1.0)")
+    group.add_argument("--e-strength", type=float, help="x eosin concentration (1.0)")
+    group.add_argument("--h-vector", type=_floats(3), help="hematoxylin OD vector R,G,B (0.650,0.704,0.286)")
+    group.add_argument("--e-vector", type=_floats(3), help="eosin OD vector R,G,B (0.072,0.990,0.105)")
+    group.add_argument("--hue-shift", type=float, help="degrees both stain vectors turn about the grey axis (0)")
+    group.add_argument("--brightness", type=float, help="x scanner lamp; glass saturates above ~1.02 (1.0)")
+    group.add_argument("--white-balance", type=_floats(3), help="lamp gains R,G,B (1,1,1)")
+    group.add_argument("--gamma", type=float, help="scanner tone curve, > 1 lifts mid-tones (1.0)")
+    group.add_argument("--nuclear-size", type=float, help="x nucleus radius (1.0)")
+    group.add_argument("--nuclear-density", type=float, help="x nuclei per area (1.0)")
+    group.add_argument("--texture-scale", type=float, help="x size of all texture, > 1 coarser (1.0)")
+    group.add_argument("--class-weights", type=_floats(4), help="how often TE,NEC,LYM,TAS are drawn "
+                       "(0.38,0.14,0.20,0.28)")
+    group.add_argument("--tissues-per-patch", type=_floats(4), help="P(1,2,3,4 tissues) (0.35,0.35,0.20,0.10)")
+    group.add_argument("--white-prob", type=float, help="share of patches showing white glass (0.4)")
     return parser.parse_args(argv)
+
+
+OPTION_FLAGS = ("size", "h_strength", "e_strength", "h_vector", "e_vector", "hue_shift", "brightness",
+                "white_balance", "gamma", "nuclear_size", "nuclear_density", "texture_scale", "class_weights",
+                "tissues_per_patch", "white_prob")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        summary = write_luad_layout(args.out, args.train, args.val, args.test, size=args.size, seed=args.seed)
-    except ValueError as error:
+        options = variant_options(args.variant, **{k: getattr(args, k) for k in OPTION_FLAGS})
+        summary = write_luad_layout(args.out, args.train, args.val, args.test, seed=args.seed,
+                                    options=options, variant=args.variant)
+    except (SyntheticOptionError, ValueError) as error:
         print(f"make_synthetic: {error}", file=sys.stderr)
         return 2
     counts = summary["counts"]
     print(f"{summary['out_dir']}: {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
-          f"({args.size} px); generated {summary['generated']} in {summary['seconds']:.1f} s "
-          f"({summary['patches_per_second'] or '-'} patches/s)")
+          f"({options.size} px, variant {args.variant}); generated {summary['generated']} in "
+          f"{summary['seconds']:.1f} s ({summary['patches_per_second'] or '-'} patches/s)")
     labels = ", ".join(f"{c} {f:.2f}" for c, f in summary["train_label_frequency"].items())
     print(f"train label frequency: {labels}")
     for split, freq in summary["pixel_frequency"].items():

@@ -5,6 +5,8 @@ units at the reference stain vectors; ``synthetic.py`` mixes them per region and
 into RGB with Beer-Lambert. Pixel scales mimic 10x magnification (about 1 um per pixel):
 lymphocyte nuclei ~6 px across, tumour nuclei 8-14 px, spindle nuclei ~3 x 15 px.
 
+Every texture takes ``scale`` and ``density``: multipliers of nuclear size and nuclei per area.
+
 Everything is vectorised numpy; the only per-pixel loop is over the 3x3 neighbouring cells
 of a jittered grid of nuclei (see ``nuclei``), so a 224 px patch takes a few milliseconds.
 """
@@ -42,20 +44,26 @@ def fine_noise(rng: np.random.Generator, size: int, grain: int = 2) -> np.ndarra
 def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
            radius: tuple[float, float], elongation: tuple[float, float], darkness: tuple[float, float],
            vesicular: float = 0.0, angle: float | None = None, angle_jitter: float = 0.3,
-           warp: float = 0.0) -> np.ndarray:
+           warp: float = 0.0, scale: float = 1.0, density: float = 1.0) -> np.ndarray:
     """Hematoxylin map of nuclei on a jittered grid: one candidate nucleus per `cell` x `cell` square.
 
     radius: (min, max) semi-major axis in pixels; elongation: (min, max) ratio major/minor;
     darkness: peak optical density; vesicular: fraction of nuclei with pale centre, dark rim and
     a nucleolus (tumour cells); angle: common orientation (stroma), else random per nucleus;
-    warp: pixels of smooth domain distortion that makes the outlines irregular.
+    warp: pixels of smooth domain distortion that makes the outlines irregular; scale
+    multiplies the nuclei's size (and the grid with it), density the nuclei per area: the grid
+    shrinks by sqrt(density) while the nuclei still fit, the rest goes into `fill`.
 
     Centres sit in the middle 60% of their cell, so with radius + warp < 0.7 * cell a pixel can
     only be reached by its own cell's nucleus and the three neighbours on its side of the cell:
     4 candidates per pixel instead of 9.
     """
-    half = max(1, int(cell) // 2)
+    radius = (radius[0] * scale, radius[1] * scale)
+    wanted = cell * scale / np.sqrt(density)  # grid that gives `density` x the nuclei at `fill`
+    smallest = (radius[1] + warp) / 0.7 + 0.01  # nuclei must not reach past the neighbours
+    half = max(1, int(np.ceil(max(wanted, smallest) / 2)))
     cell = 2 * half
+    fill = min(1.0, fill * (cell / wanted) ** 2)
     assert radius[1] + warp < 0.7 * cell, "nucleus could reach past the neighbouring cells"
     grid = -(-size // cell)  # cells per side covering the patch
     n = grid + 2  # one cell of margin so nuclei straddle the patch border
@@ -110,37 +118,41 @@ def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
     return out.reshape(side, side)[:size, :size]
 
 
-def tumour_epithelium(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def tumour_epithelium(rng: np.random.Generator, size: int, scale: float = 1.0,
+                      density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Packed large irregular dark nuclei, some vesicular with nucleoli, eosinophilic cytoplasm."""
     h = nuclei(rng, size, cell=rng.choice([10, 12]), fill=0.95, radius=(3.8, 5.8), elongation=(1.1, 1.8),
-               darkness=(0.7, 1.3), vesicular=rng.uniform(0.2, 0.6), warp=1.0)
+               darkness=(0.7, 1.3), vesicular=rng.uniform(0.2, 0.6), warp=1.0, scale=scale, density=density)
     h = h * (0.8 + 0.25 * fine_noise(rng, size, 1))
     mottle = smooth_field(rng, size, size / 24)
     e = 0.42 + 0.07 * mottle + 0.04 * fine_noise(rng, size, 2)
     return h + 0.10, e  # faint amphophilic cytoplasm
 
 
-def necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def necrosis(rng: np.random.Generator, size: int, scale: float = 1.0,
+             density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Pale pink amorphous debris with scattered nuclear dust (karyorrhexis)."""
     dust = nuclei(rng, size, cell=6, fill=rng.uniform(0.12, 0.3), radius=(0.7, 1.8), elongation=(1.0, 1.6),
-                  darkness=(0.6, 1.2))
+                  darkness=(0.6, 1.2), scale=scale, density=density)
     ghosts = nuclei(rng, size, cell=12, fill=0.3, radius=(3.0, 5.0), elongation=(1.0, 1.5),
-                    darkness=(0.08, 0.18), warp=1.0)  # faded outlines of dead cells
+                    darkness=(0.08, 0.18), warp=1.0, scale=scale, density=density)  # faded outlines of dead cells
     smudge = smooth_field(rng, size, size / 40)
-    e = 0.30 + 0.05 * smudge + 0.02 * fine_noise(rng, size, 3)
+    e = 0.40 + 0.05 * smudge + 0.02 * fine_noise(rng, size, 3)
     return dust + ghosts + 0.06 + 0.03 * smudge, e
 
 
-def lymphocytes(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def lymphocytes(rng: np.random.Generator, size: int, scale: float = 1.0,
+                density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Dense small round dark nuclei with little cytoplasm."""
     h = nuclei(rng, size, cell=6, fill=rng.uniform(0.7, 0.9), radius=(2.3, 3.2), elongation=(1.0, 1.25),
-               darkness=(1.1, 1.6), warp=0.4)
+               darkness=(1.1, 1.6), warp=0.4, scale=scale, density=density)
     h = h * (0.9 + 0.1 * fine_noise(rng, size, 1))
-    e = 0.16 + 0.04 * smooth_field(rng, size, size / 30)
+    e = 0.22 + 0.04 * smooth_field(rng, size, size / 30)
     return h + 0.07, e
 
 
-def stroma(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def stroma(rng: np.random.Generator, size: int, scale: float = 1.0,
+           density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Wavy pink collagen fibres (oriented streaks) with sparse elongated spindle nuclei."""
     angle = rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -151,13 +163,15 @@ def stroma(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     phase_noise = smooth_field(rng, size, size / 10) * 2.5
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (across + bend) / period + phase_noise)
     breaks = np.clip(0.45 + 0.7 * fine_noise(rng, size, 4), 0, 1)  # fibres fray and end
-    e = 0.20 + 0.5 * stripes ** 2 * breaks + 0.05 * smooth_field(rng, size, size / 30)
+    e = 0.30 + 0.5 * stripes ** 2 * breaks + 0.05 * smooth_field(rng, size, size / 30)
     h = nuclei(rng, size, cell=16, fill=rng.uniform(0.2, 0.45), radius=(5.0, 9.0), elongation=(3.0, 5.0),
-               darkness=(0.7, 1.2), angle=float(angle), angle_jitter=0.15, warp=0.8)
+               darkness=(0.7, 1.2), angle=float(angle), angle_jitter=0.15, warp=0.8, scale=scale,
+               density=density)
     return h + 0.04, e
 
 
-def white(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def white(rng: np.random.Generator, size: int, scale: float = 1.0,
+          density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Lumen, fat or glass: almost no stain, a faint pink haze."""
     e = 0.03 + 0.015 * smooth_field(rng, size, size / 40)
     return np.full((size, size), 0.01, np.float32), np.clip(e, 0, None)

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Run the demo pipeline on synthetic data variants and tabulate the results.
+
+    python tools/demo_variants.py --held-out                       # the variants nobody tuned on
+    python tools/demo_variants.py --variants default,pale --seeds 0,1 segmenter.epochs=10
+
+For every variant and seed: generate the data (tools/make_synthetic.py, demo sizes), make
+shards (tools/make_shards.py --layout luad), run launch/pipeline.sh CONFIG RUN data.root=...
+with the extra key=value overrides, then collect the test mIoU with and without the gate
+(RUN/metrics/test.json), the stage-1 validation score (best and last, RUN/log.jsonl), the
+pseudo-mask mIoU per layer (RUN/metrics/pseudo_masks.json) and the wall time. Prints a
+markdown table and keeps one JSON line per (variant, seed) in --results.
+
+Resumable: a finished (variant, seed) is read back, not rerun; an interrupted one continues
+where it stopped (the data tools and the pipeline resume). The white-background channel is
+switched on for a variant where glass is white and tissue is not (--background auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a source checkout
+
+from mlps_dist.data.synthetic_options import (  # noqa: E402
+    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
+from mlps_dist.fileio import atomic_write_text  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"tuning variants: {', '.join(TUNING_VARIANTS)}; "
+                                       f"held out: {', '.join(HELD_OUT_VARIANTS)}")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--variants", help=f"comma-separated names from: {', '.join(VARIANTS)}")
+    which.add_argument("--tuning", action="store_true", help="the variants the demo settings may be tuned on")
+    which.add_argument("--held-out", action="store_true", help="the variants kept out of all tuning")
+    which.add_argument("--all", action="store_true", help="every variant")
+    p.add_argument("--seeds", default="0", help="comma-separated data seeds (default 0)")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--data", default="data/variants", help="folder for the generated datasets")
+    p.add_argument("--runs", default="runs/variants", help="folder for the run directories")
+    p.add_argument("--results", default=None, help="JSON lines file (default: RUNS/results.jsonl)")
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--val", type=int, default=100)
+    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
+                   help="masks.background.enabled: auto = on where white is white; config = leave it to CONFIG")
+    p.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
+    p.add_argument("overrides", nargs="*", help="key=value passed to every stage")
+    args = p.parse_args(argv)
+    if args.tuning:
+        args.names = list(TUNING_VARIANTS)
+    elif args.held_out:
+        args.names = list(HELD_OUT_VARIANTS)
+    elif args.all or not args.variants:
+        args.names = list(VARIANTS)
+    else:
+        args.names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in args.names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; valid variants: {', '.join(VARIANTS)}")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must be key=value, got {bad}")
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.results = Path(args.results or Path(args.runs) / "results.jsonl")
+    return args
+
+
+def role(name: str) -> str:
+    return "tuning" if name in TUNING_VARIANTS else "held-out" if name in HELD_OUT_VARIANTS else "-"
+
+
+def background_enabled(name: str, mode: str) -> bool | None:
+    return {"on": True, "off": False, "config": None}.get(mode, variant_white_is_white(name))
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    # Children (and their torchrun workers) import this checkout's mlps_dist, as this script does.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        status = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        raise RuntimeError(f"'{' '.join(cmd[:3])} ...' exited with {status}; see {log}, then rerun to resume")
+
+
+def run_one(args, name: str, seed: int) -> None:
+    """Data, shards and the pipeline of one (variant, seed); every step resumes or skips."""
+    key = f"{name}-s{seed}"
+    data, run_dir = Path(args.data) / key, Path(args.runs) / key
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{key}.log"
+    py = sys.executable
+    if not (data / "shards" / "info.json").is_file():
+        _run([py, "tools/make_synthetic.py", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
+              "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)], log)
+        _run([py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
+              "--out", str(data / "shards")], log)
+    overrides = [f"data.root={data / 'shards'}", *args.overrides]
+    enabled = background_enabled(name, args.background)
+    if enabled is not None:
+        overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
+    _run(["bash", "launch/pipeline.sh", args.config, str(run_dir), *overrides], log)
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage1_val_scores(events: list[dict]) -> list[float]:
+    """Classifier validation score per epoch; an epoch validated again after a resume counts once."""
+    by_step = {e["step"]: e["val/score"] for e in events if e.get("stage") == "classifier" and "val/score" in e}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _pda_start(run_dir: Path) -> int | None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return ((yaml.safe_load(path.read_text()) or {}).get("classifier", {}).get("pda") or {}).get("start_epoch")
+
+
+COLLAPSE_DROP = 0.10  # stage 1 "collapsed" when a score after PDA onset falls this far below the best before
+
+
+def pda_collapse(scores: list[float], start: int | None) -> dict:
+    """Best validation score before PDA onset, lowest after it, and whether stage 1 collapsed."""
+    if start is None or not 0 < start < len(scores):
+        return {"pda_start_epoch": start, "stage1_best_before_pda": None, "stage1_min_after_pda": None,
+                "stage1_collapsed": None}
+    before, after = max(scores[:start]), min(scores[start:])
+    return {"pda_start_epoch": start, "stage1_best_before_pda": before, "stage1_min_after_pda": after,
+            "stage1_collapsed": after < before - COLLAPSE_DROP}
+
+
+def collect(run_dir: Path, data: Path) -> dict:
+    """The figures of one finished run (None where a file is missing)."""
+    events = _events(run_dir)
+    val_scores = stage1_val_scores(events)
+    test = json.loads((run_dir / "metrics" / "test.json").read_text())
+    masks_path = run_dir / "metrics" / "pseudo_masks.json"
+    pseudo = json.loads(masks_path.read_text()) if masks_path.is_file() else {}
+    pm_split = next(iter(pseudo.values()), {})
+    times = [e["time"] for e in events if "time" in e]
+    summary = json.loads((data / "raw" / "synthetic.json").read_text()).get("summary", {})
+    return {
+        "test_miou_gated": test.get("miou"),
+        "test_miou_ungated": test.get("ungated", {}).get("miou"),
+        "test_iou_gated": test.get("iou"),
+        "stage1_best_val": max(val_scores) if val_scores else None,
+        "stage1_last_val": val_scores[-1] if val_scores else None,
+        "stage1_val_per_epoch": val_scores,
+        **pda_collapse(val_scores, _pda_start(run_dir)),
+        "pseudo_mask_miou": {layer: m.get("miou") for layer, m in pm_split.items()},
+        "pipeline_wall_s": round(times[-1] - times[0], 1) if times else None,
+        "data_wall_s": summary.get("seconds"),
+    }
+
+
+def load_results(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["variant"], r["seed"]): r for r in rows}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in results.values()))
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    layers = sorted({layer for r in rows for layer in r.get("pseudo_mask_miou", {})})
+    head = ["variant", "role", "seed", "white ch.", "test mIoU gated", "ungated", "stage-1 val best",
+            "stage-1 val last", "stage-1 min after PDA", *[f"PM {layer}" for layer in layers], "wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        wall = r.get("wall_s")
+        white = {True: "on", False: "off"}.get(r.get("background"), "config")
+        after_pda = pct(r.get("stage1_min_after_pda")) + (" (collapsed)" if r.get("stage1_collapsed") else "")
+        masks = [pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers]
+        cells = [r["variant"], r["role"], str(r["seed"]), white, pct(r.get("test_miou_gated")),
+                 pct(r.get("test_miou_ungated")), pct(r.get("stage1_best_val")), pct(r.get("stage1_last_val")),
+                 after_pda, *masks, "-" if wall is None else f"{wall / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = load_results(args.results)
+    for name in args.names:
+        for seed in args.seed_list:
+            key = f"{name}-s{seed}"
+            run_dir, data = Path(args.runs) / key, Path(args.data) / key
+            if (name, seed) in results or args.table_only:
+                continue
+            print(f"[variants] {key}: data, shards, pipeline (log: {run_dir.parent / (key + '.log')})", flush=True)
+            start = time.time()
+            try:
+                run_one(args, name, seed)
+            except RuntimeError as error:
+                print(f"[variants] {key}: {error}", file=sys.stderr)
+                return 1
+            row = {"variant": name, "seed": seed, "role": role(name),
+                   "background": background_enabled(name, args.background), "overrides": args.overrides,
+                   "config": args.config, **collect(run_dir, data)}
+            row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
+            results[(name, seed)] = row
+            save_results(args.results, results)
+            print(f"[variants] {key}: test mIoU {pct(row['test_miou_gated'])} (gated), "
+                  f"stage-1 best val {pct(row['stage1_best_val'])}, {row['wall_s'] / 60:.1f} min", flush=True)
+    chosen = [results[(n, s)] for n in args.names for s in args.seed_list if (n, s) in results]
+    print(markdown_table(chosen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
