@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from mlps_dist import dist
+from mlps_dist.errors import MlpsError
 
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MlpsError, ValueError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
 
 

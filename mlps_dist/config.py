@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlps_dist.errors import MlpsError
 
 
-class ConfigError(ValueError):
+class ConfigError(MlpsError, ValueError):
     """A configuration problem, phrased as what the user should change."""
 
 

@@ -21,3 +21,9 @@ class MlpsError(Exception):
 
 class InputError(MlpsError, ValueError):
     """A bad input file, folder or command-line value (the message names it)."""
+
+
+class Preempted(MlpsError):
+    """A stage stopped on a preemption signal after writing a checkpoint: rerun to resume."""
+
+    exit_code = EXIT_PREEMPTED

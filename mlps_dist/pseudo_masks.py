@@ -27,13 +27,14 @@ import numpy as np
 from PIL import Image
 
 from mlps_dist.data.shards import TarFiles, read_index, write_index
+from mlps_dist.errors import MlpsError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _CHUNK_TAR = re.compile(r"^masks-(\d{6})\.tar$")
 
 
-class PseudoMaskError(ValueError):
+class PseudoMaskError(MlpsError, ValueError):
     """A pseudo-mask folder that does not fit the current run; the message says what to do."""
 
 

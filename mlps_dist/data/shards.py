@@ -19,13 +19,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from mlps_dist.errors import MlpsError
 
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"
 MEMBERS = ("png", "labels", "json", "mask.png")
 
 
-class ShardError(ValueError):
+class ShardError(MlpsError, ValueError):
     """A shard folder that cannot be read as written by tools/make_shards.py."""
 
 
