@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mlps_dist import dist
+from mlps_dist import dist, runner
 from mlps_dist.checkpoint import CheckpointError
 from mlps_dist.config import ConfigError, load_config
 from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
+from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.fileio import atomic_write_bytes
+from mlps_dist.outdirs import check_not_overlapping, claim_output_dir
 from mlps_dist.predict import Predictor, create_predictor, sliding_window, training_patch_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -114,6 +116,7 @@ def parse_args(argv):
     p.add_argument("--patch", type=int, default=0, help="window side; default: the stored training patch size")
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by infer")
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
@@ -140,6 +143,10 @@ def build(args) -> tuple[Predictor, int, list]:
 
 
 def run(args) -> int:
+    if dist.is_main():  # before any work: never write into (or over) the inputs
+        claim_output_dir(args.out, args.input, tool="infer", force=args.force)
+    else:
+        check_not_overlapping(Path(args.out), args.input)
     files = list_inputs(args.input)
     mine = [files[i] for i in dist.partition(len(files), dist.get_world_size(), dist.get_rank())]
     check_readable([f for f, _ in mine])
@@ -152,7 +159,7 @@ def run(args) -> int:
     return len(files)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist.init("auto")
     try:
@@ -160,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             print(f"wrote {count} predictions to {args.out}")
         return 0
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # every rank: each names its own bad files
-        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, MlpsError):
+            raise
+        raise InputError(str(exc)) from exc  # each rank names its own bad files
     finally:
         dist.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":

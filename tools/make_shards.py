@@ -18,7 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan  # noqa: E402
-from mlps_dist.data.layouts import LayoutError, create_layout  # noqa: E402
+from mlps_dist.data.layouts import create_layout  # noqa: E402
+from mlps_dist import runner  # noqa: E402
+from mlps_dist.errors import InputError, MlpsError  # noqa: E402
+from mlps_dist.outdirs import check_not_overlapping, claim_output_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by make_shards")
     return p.parse_args(argv)
 
 
@@ -40,13 +44,17 @@ def report_bad(bad, skip: bool) -> None:
     print(f"{len(bad)} bad file(s) {verb}: {kinds}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
+    # Before any work: --out must not be (inside) --src, nor a foreign folder (write_plan
+    # deletes info.json, *.tmp and {split}-*.tar/.idx that it does not plan to keep).
+    check_not_overlapping(Path(args.out), [args.src], in_flag="--src")
     try:
         plan = build_plan(create_layout(args.layout), args.src, args.shard_size, args.workers)
-    except (LayoutError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        if isinstance(exc, MlpsError):
+            raise
+        raise InputError(str(exc)) from exc
     if plan.bad:
         report_bad(plan.bad, args.skip_bad)
         if not args.skip_bad:
@@ -55,11 +63,17 @@ def main(argv=None) -> int:
     if not plan.splits.get("train"):
         print(f"error: {args.src}: no usable training patches", file=sys.stderr)
         return 2
+    claim_output_dir(args.out, [args.src], tool="make_shards", force=args.force, owned_if=("info.json",),
+                     in_flag="--src")
     info = write_plan(plan, args.out)
     for line in summary_lines(info):
         print(line)
     print(f"wrote {Path(args.out) / 'info.json'}")
     return 0
+
+
+def main(argv=None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":
