@@ -263,11 +263,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from mlps_dist.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- validation

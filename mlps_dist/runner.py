@@ -36,11 +36,14 @@ def _who() -> str:
 
 def report(exc: BaseException) -> int:
     """Print ``exc`` the house way and return the exit status it maps to."""
+    quiet = getattr(exc, "shared", False) and dist.get_rank() != 0  # rank 0 says it for all
     if isinstance(exc, Preempted):
-        print(f"preempted{_who()}: {exc}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"preempted{_who()}: {exc}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     if isinstance(exc, MlpsError):
-        print(f"error{_who()}: {exc}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"error{_who()}: {exc}", file=sys.stderr, flush=True)
         return int(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         print(f"interrupted{_who()}", file=sys.stderr, flush=True)
