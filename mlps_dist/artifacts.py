@@ -46,6 +46,8 @@ from mlps_dist.fileio import atomic_write_json, fsync_dir
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
 FOLDERS = {"classifier": "classifier", "masks": "pseudo_masks", "segmenter": "segmenter", "evaluate": "metrics"}
 UPSTREAM = {"masks": "classifier", "segmenter": "masks", "evaluate": "segmenter"}
+MODULES = {"classifier": "train_classifier", "masks": "generate_masks", "segmenter": "train_segmenter",
+           "evaluate": "evaluate"}
 WRITTEN_BY = "mlps-dist"
 
 # Config keys (dotted) of each stage's result, by prefix. A key listed here but matched by
@@ -320,10 +322,12 @@ def require_runnable(cfg: Config, stage: str) -> Status:
     if st.state == "stale":
         raise StaleError(st.message)
     if st.state == "waiting":
-        up = UPSTREAM[stage]
+        up = st.message.rsplit(" ", 2)[-2]  # "...: waits for the <stage> stage"
         up_st = status(cfg, up)
-        detail = up_st.message if up_st.state == "stale" else f"run the {up} stage first (or set run_dir to a run that has it)"
-        raise StaleError(f"{stage} needs a finished {up} stage in {cfg.run_dir}: {detail}")
+        if up_st.state == "stale":
+            raise StaleError(f"{stage} needs the {up} stage, but {up_st.message}")
+        raise StaleError(f"stage {STAGES.index(up) + 1} is not finished ({up} in {cfg.run_dir}): run or resume "
+                         f"mlps_dist.{MODULES[up]} first, or set run_dir to a run that has it")
     return st
 
 

@@ -63,7 +63,7 @@ class Progress:
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.run_dir) / stage
+    return Path(cfg.run_dir) / stage  # == artifacts.stage_dir for classifier and segmenter
 
 
 def final_model_path(cfg: Config, stage: str) -> Path:

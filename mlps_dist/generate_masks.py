@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlps_dist import cam, dist
+from mlps_dist import artifacts, cam, dist, runner
 from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.shards import SplitReader, decode_labels, open_split, read_info
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
+from mlps_dist.lock import run_lock
 from mlps_dist.runlog import RunLog
 
 
@@ -68,8 +69,8 @@ class PatchDataset(torch.utils.data.Dataset):
             sample, bad = self._decode(index), ""
         except Exception as exc:  # any decoding failure is the sample's fault: name it
             message = f"sample {self.reader.key(index)} of {self.reader.root} ({self.reader.split}): {exc}"
-            if not self.skip_bad:
-                raise PseudoMaskError(message + "; fix or remove it, or set masks.skip_bad=true") from exc
+            if not self.skip_bad:  # raised by the main process (raise_fatal): one line, not a worker traceback
+                message = "fatal:" + message + "; fix or remove it, or set masks.skip_bad=true"
             height, width = self.size or (8, 8)
             sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8),
                            "source": f"{self.reader.key(index)}.png",
@@ -83,10 +84,24 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.reader)
 
 
-def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config) -> torch.utils.data.DataLoader:
+def raise_fatal(batch: dict) -> None:
+    """A sample that could not be decoded (and may not be skipped) stops the pass here."""
+    for why in batch["bad"]:
+        if why.startswith("fatal:"):
+            raise PseudoMaskError(why[len("fatal:"):])
+
+
+def batch_size_for(reader: SplitReader, size: int) -> int:
+    """Patches of mixed sizes (no common image_size in info.json) cannot share a batch."""
+    return size if reader.split_info.get("image_size") else 1
+
+
+def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config,
+                        skip_bad: bool | None = None) -> torch.utils.data.DataLoader:
     """Batches in the given order; worker processes decode ahead while the model runs."""
     workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, cfg.masks.skip_bad), batch_sampler=batches,
+    skip_bad = cfg.masks.skip_bad if skip_bad is None else skip_bad
+    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, skip_bad), batch_sampler=batches,
                                        num_workers=workers, prefetch_factor=4 if workers else None,
                                        pin_memory=torch.cuda.is_available())
 
@@ -110,7 +125,7 @@ def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
     from mlps_dist.checkpoint import load_model_file
     from mlps_dist.models import create_classifier
 
-    path = Path(cfg.run_dir) / "classifier" / "model.pt"
+    path = artifacts.model_file(cfg.run_dir, "classifier")
     if not path.is_file():
         raise PseudoMaskError(f"{path} does not exist: train the classifier first (mlps_dist.train_classifier) "
                               f"or set run_dir to the run that holds it")
@@ -150,6 +165,7 @@ def on_rank0(fn):
             error = exc
     result, error = dist.broadcast_object((result, error))
     if error is not None:
+        error.shared = True  # every rank raises it: rank 0 alone reports it
         raise error
     return result
 
@@ -196,7 +212,7 @@ def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> d
 
 def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
     """Make the missing chunks of the train split; False when the pass was already complete."""
-    folder = Path(cfg.run_dir) / "pseudo_masks" / reader.split
+    folder = artifacts.masks_dir(cfg.run_dir, reader.split)
     todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
     if todo is None:
         log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
@@ -208,11 +224,12 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
     batches = []
     for chunk in mine:
         indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
-        batches += batched(indices, cfg.masks.batch_size)
+        batches += batched(indices, batch_size_for(reader, cfg.masks.batch_size))
         chunk_of.update({i: chunk for i in indices})
     layers, palette = list(cfg.masks.layers), [v for rgb in reader.info["palette"] for v in rgb]
     pending: dict[int, dict] = {}
     for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
+        raise_fatal(batch)
         masks = make_batch_masks(model, batch, cfg, device)
         for j, index in enumerate(batch["index"].tolist()):
             entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
@@ -237,7 +254,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
 
 
 def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
-    folder = Path(cfg.run_dir) / "pseudo_masks" / split
+    folder = artifacts.masks_dir(cfg.run_dir, split)
     manifest = read_manifest(folder)
     missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
     if missing:
@@ -263,8 +280,11 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dic
         classes = reader.num_classes
         # One extra column: pixels painted white/ignore by the mask pass count as misses.
         matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
-        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()), cfg.masks.batch_size)
-        for batch in create_patch_loader(reader, batches, cfg):
+        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
+                          batch_size_for(reader, cfg.masks.batch_size))
+        # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
+        # scored as all-ignore instead of stopping the pass on every rerun.
+        for batch in create_patch_loader(reader, batches, cfg, skip_bad=True):
             for layer, pred in make_batch_masks(model, batch, cfg, device).items():
                 matrices[layer].update(pred, batch["mask"])
         report[split] = {}
@@ -282,23 +302,38 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device) -> dic
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(argv, description="Stage 2: multi-layer Grad-CAM pseudo masks")
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    log = RunLog(cfg.run_dir, stage="masks")
-    try:
-        device = dist.device()
-        reader = open_split(cfg.data.root, "train")
-        check_split(reader)
-        model, model_path = load_classifier(cfg, reader, device)
-        settings = on_rank0(lambda: mask_settings(cfg, reader, model_path))
-        if run_pass(cfg, log, model, reader, device, settings):
-            quality_report(cfg, log, model, device)
-            on_rank0(lambda: finish_pass(cfg, log, reader.split))
+def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.engine import parse_shared
+
+    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks")
+    done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
+    if done.state == "done":
+        print(f"masks: finished for this config ({done.message}), nothing to do")
         return 0
+    inputs = artifacts.expected_inputs(cfg, "masks")
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        with run_lock(cfg.run_dir, "masks"):
+            log = RunLog(cfg.run_dir, stage="masks")
+            try:
+                device = dist.device()
+                reader = open_split(cfg.data.root, "train")
+                check_split(reader)
+                model, model_path = load_classifier(cfg, reader, device)
+                settings = on_rank0(lambda: mask_settings(cfg, reader, model_path))
+                if run_pass(cfg, log, model, reader, device, settings):
+                    quality_report(cfg, log, model, device)
+                    on_rank0(lambda: finish_pass(cfg, log, reader.split))
+                on_rank0(lambda: artifacts.write_stamp(cfg, "masks", inputs) and None)
+                return 0
+            finally:
+                log.close()
     finally:
-        log.close()
         dist.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":
