@@ -43,6 +43,10 @@ class DataConfig:
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800
+    # Seconds torchrun waits for workers to write their preemption checkpoint after passing
+    # a signal on, before it kills them (torchrun's own default, 30 s, is too short for a
+    # large checkpoint); launch/stage.sh passes it as --shutdown-timeout.
+    shutdown_timeout_s: int = 600
 
 
 @dataclass
@@ -301,6 +305,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
     _check(0 <= cfg.data.color_jitter < 1, "data.color_jitter", f"must be in [0, 1), got {cfg.data.color_jitter}")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {cfg.dist.timeout_s}")
+    _check(cfg.dist.shutdown_timeout_s > 0, "dist.shutdown_timeout_s",
+           f"must be > 0 seconds, got {cfg.dist.shutdown_timeout_s}")
     _validate_train(cfg.classifier, "classifier")
     _validate_train(cfg.segmenter, "segmenter")
     pda = cfg.classifier.pda
