@@ -201,14 +201,15 @@ def _finished_unstamped(run_dir: str | Path, stage: str) -> bool:
     return False
 
 
-def upstream_digest(run_dir: str | Path, stage: str) -> str:
-    """The digest of ``stage``'s finished artefact: from its stamp, or computed from its
-    files when it has none; NotReady when it is not finished."""
-    stamp = read_stamp(run_dir, stage)
-    if stamp and "digest" in stamp:
-        return stamp["digest"]
-    if stamp is None and _finished_unstamped(run_dir, stage):
-        return files_digest(stage, {p.name: sha256_file(p) for p in output_files(run_dir, stage)})
+def upstream_digest(cfg: Config, stage: str) -> str:
+    """The digest of ``stage``'s artefact when it is finished *for the current config*
+    (its own stamp matches, recursively up the chain), or computed from its files when it
+    has no stamp at all; NotReady when it is unfinished or stale."""
+    st = status(cfg, stage)
+    if st.state == "done":
+        return read_stamp(cfg.run_dir, stage)["digest"]
+    if st.state == "todo" and read_stamp(cfg.run_dir, stage) is None and _finished_unstamped(cfg.run_dir, stage):
+        return files_digest(stage, {p.name: sha256_file(p) for p in output_files(cfg.run_dir, stage)})
     raise NotReady(stage)
 
 
@@ -217,9 +218,9 @@ def expected_inputs(cfg: Config, stage: str, split: str = "") -> dict:
     inputs = {"config": shaping_config(cfg.to_dict(), stage),
               "shards": shards_fingerprint(cfg.data.root, SPLITS.get(stage, (split,)))}
     if stage in UPSTREAM:
-        inputs["upstream"] = {UPSTREAM[stage]: upstream_digest(cfg.run_dir, UPSTREAM[stage])}
+        inputs["upstream"] = {UPSTREAM[stage]: upstream_digest(cfg, UPSTREAM[stage])}
     if stage == "evaluate" and cfg.evaluate.gate:
-        inputs["upstream"]["classifier"] = upstream_digest(cfg.run_dir, "classifier")
+        inputs["upstream"]["classifier"] = upstream_digest(cfg, "classifier")
     return inputs
 
 
