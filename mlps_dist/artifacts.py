@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
 
     def body(args_list):
-        args = parser.parse_args(args_list)
+        args = parser.parse_intermixed_args(args_list)  # key=value may follow the options
         cfg = load_config(args.config, args.overrides)
         if args.command == "progress":
             print(progress_token(cfg, args.stage or "classifier"))

@@ -17,19 +17,17 @@ mask and are listed under "skipped" in the manifest.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mlps_dist import artifacts, cam, dist, runner
 from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
-from mlps_dist.data.shards import SplitReader, decode_labels, open_split, read_info
+from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.shards import SplitReader, open_split, read_info
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
@@ -48,20 +46,19 @@ class PatchDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
 
     def _decode(self, index: int) -> dict:
-        members = self.reader.read(index)
-        if "labels" not in members:
+        sample = decode_sample(self.reader.read(index))
+        if "labels" not in sample:
             raise ValueError("has no 'labels' member; the mask pass needs patch-level labels")
-        labels = decode_labels(members["labels"])
+        labels = sample["labels"]
         if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
             raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
-        rgb = np.array(Image.open(io.BytesIO(members["png"])).convert("RGB"))
+        rgb = np.array(sample["rgb"])
         if self.size and rgb.shape[:2] != self.size:
             raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
         out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}
-        source = json.loads(members["json"]).get("source", "") if "json" in members else ""
-        out["source"] = source or f"{self.reader.key(index)}.png"
+        out["source"] = sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png"
         if self.reader.has_masks:
-            out["mask"] = torch.from_numpy(np.array(Image.open(io.BytesIO(members["mask.png"]))).astype(np.int64))
+            out["mask"] = torch.from_numpy(sample["mask"].astype(np.int64))
         return out
 
     def __getitem__(self, index: int) -> dict:

@@ -120,15 +120,16 @@ def test_changed_evaluation_settings_evaluate_again_and_restart_moves_stages_asi
     assert artifacts.status(cfg, "classifier").state == "done" and artifacts.status(cfg, "masks").state == "todo"
 
 
-def test_status_command_exit_statuses(tmp_path, tiny_shards):
+def test_status_command_exit_statuses(tmp_path, tiny_shards, capsys):
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps(cfg.to_dict()))
-    args = ["status", "--config", str(config), "--stage", "classifier"]
+    config.write_text(json.dumps({**cfg.to_dict(), "run_dir": "elsewhere"}))
+    args = ["status", "--stage", "classifier", "--config", str(config), f"run_dir={cfg.run_dir}"]
     assert artifacts.main(args) == 1
     finish_classifier(cfg)
-    assert artifacts.main(args) == 0
+    assert artifacts.main(args) == 0 and "classifier: done" in capsys.readouterr().out
     assert artifacts.main([*args, "classifier.epochs=3"]) == 2
+    assert "classifier.epochs (2 -> 3)" in capsys.readouterr().err
 
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_keys(tmp_path, tiny_shards):
