@@ -8,7 +8,8 @@ process start time, SLURM job, what runs. A second launch on the same run direct
 double submit, or a torchrun whose launcher was killed still running) is refused with
 those details instead of resuming from the first one's in-flight checkpoint.
 
-A lock whose holder is gone is taken over: on the same host when the pid is dead (or now
+``.lock`` appears complete or not at all (written aside, then hard-linked into place). A
+lock whose holder is gone is taken over: on the same host when the pid is dead (or now
 belongs to another process, told apart by its start time); from another host when the
 holder has not refreshed the file's mtime (a heartbeat thread does it every 30 s) for
 ``MLPS_LOCK_STALE_S`` seconds (default 600). Takeover renames the stale file away and
@@ -100,15 +101,21 @@ class RunLock:
         return age > _stale_after_s()
 
     def _try_create(self) -> bool:
+        """Write the record to a private file, then hard-link it to ``.lock``: the link
+        fails when the lock exists, and a lock that exists is never empty or partial (a
+        kill between create and write would leave one nobody could judge)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
+        mine = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+        with open(mine, "w") as f:
             json.dump(self._record(), f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(mine, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
         fsync_dir(self.path.parent)
         return True
 

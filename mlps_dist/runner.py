@@ -22,21 +22,27 @@ import sys
 import traceback
 from typing import Callable
 
-from mlps_dist import dist
 from mlps_dist.errors import EXIT_PREEMPTED, MlpsError, Preempted
 
 EXIT_DEFECT = 1
 EXIT_INTERRUPTED = 130
 
 
+def _rank() -> int:
+    # mlps_dist.dist (and torch with it) is loaded by every distributed entry point; light
+    # commands (artifacts status) that never load it run as one process, rank 0.
+    dist = sys.modules.get("mlps_dist.dist")
+    return dist.get_rank() if dist is not None else 0
+
+
 def _who() -> str:
-    rank = dist.get_rank()
+    rank = _rank()
     return f" (rank {rank})" if rank else ""
 
 
 def report(exc: BaseException) -> int:
     """Print ``exc`` the house way and return the exit status it maps to."""
-    quiet = getattr(exc, "shared", False) and dist.get_rank() != 0  # rank 0 says it for all
+    quiet = getattr(exc, "shared", False) and _rank() != 0  # rank 0 says it for all
     if isinstance(exc, Preempted):
         if not quiet:
             print(f"preempted{_who()}: {exc}", file=sys.stderr, flush=True)

@@ -213,7 +213,7 @@ def test_runner_maps_errors_to_exit_statuses(capsys):
 
 
 def test_an_error_on_another_rank_is_printed_with_its_rank():
-    code = ("import sys; from mlps_dist import runner; from mlps_dist.data.shards import ShardError\n"
+    code = ("import sys; from mlps_dist import dist, runner; from mlps_dist.data.shards import ShardError\n"
             "def body(_): raise ShardError('shards/train-000001.idx: bad index')\n"
             "sys.exit(runner.run(body))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
