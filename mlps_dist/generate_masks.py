@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlps_dist import artifacts, cam, dist, runner
+from mlps_dist import artifacts, cam, dist, preflight, runner
 from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
@@ -303,6 +303,7 @@ def _main(argv: list[str] | None = None) -> int:
     from mlps_dist.engine import parse_shared
 
     cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks")
+    preflight.check_models(cfg)
     done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
     if done.state == "done":
         print(f"masks: finished for this config ({done.message}), nothing to do")

@@ -18,10 +18,11 @@ import torch
 import yaml
 
 from mlps_dist import generate_masks
+from mlps_dist.artifacts import StaleError
 from mlps_dist.checkpoint import save_model_file
+from mlps_dist.config import ConfigError
 from mlps_dist.data.shards import open_split, read_index
 from mlps_dist.models import create_classifier
-from mlps_dist.artifacts import StaleError
 from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore, decode_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_classifier_for_other_classes_is_refused(tiny_shards, tmp_path):
     with pytest.raises(PseudoMaskError, match=r"trained on classes \['TUM'.*use the classifier trained on these"):
         run_inprocess(run)
     run = make_run(tmp_path, tiny_shards, "layers")
-    with pytest.raises(PseudoMaskError, match=r"masks.layers names \['b3'\]"):
+    with pytest.raises(ConfigError, match=r"'masks.layers' names \['b3'\]"):  # preflight, before any work
         run_inprocess(run, "masks.layers=[b4_5,b5_2,bn7,b3]")
 
 
