@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist import artifacts, dist, errors, parallel, preflight, runner
+from mlps_dist import artifacts, dist, errors, parallel, runner
 from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.lock import run_lock
+from mlps_dist.preflight import check_models
 from mlps_dist.runlog import RunLog
 
 PREEMPTED_EXIT_CODE = 75
@@ -291,7 +292,7 @@ def parse_shared(argv: list[str] | None, doc: str) -> Config:
 def _run_stage(argv: list[str] | None, doc: str, stage: str, prepare) -> int:
     cfg = parse_shared(argv, doc)
     train_cfg: TrainConfig = getattr(cfg, stage)
-    preflight.check_models(cfg)  # a typo in a later stage's model or layers fails now, not hours later
+    check_models(cfg)  # a typo in a later stage's model or layers fails now, not hours later
     done = artifacts.require_runnable(cfg, stage)  # refuses stale artefacts, naming what changed
     if done.state == "done":
         print(f"{stage}: finished for this config ({done.message}), nothing to do")
