@@ -308,3 +308,25 @@ def test_outputs_inside_inputs_and_foreign_folders_are_refused(tmp_path, tiny_lu
     refused = subprocess.run([*make_shards, "--out", str(foreign)], cwd=REPO, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--force" in refused.stderr
     assert (foreign / "val-000000.tar").read_bytes() == b"someone else's file"
+
+
+def test_patches_of_mixed_sizes_are_evaluated_one_per_batch(tmp_path, tiny_luad_folder):
+    from PIL import Image
+
+    from mlps_dist.data.ingest import build_plan, write_plan
+    from mlps_dist.data.layouts import LUAD
+    from mlps_dist.data.loaders import create_eval_loader
+
+    src = tmp_path / "LUAD-HistoSeg"
+    shutil.copytree(tiny_luad_folder, src)
+    first = sorted((src / "val" / "img").iterdir())[0]
+    for path, resample in ((first, Image.BILINEAR), (src / "val" / "mask" / first.name, Image.NEAREST)):
+        Image.open(path).resize((40, 40), resample).save(path)
+    data = tmp_path / "shards"
+    write_plan(build_plan(LUAD, src, shard_size=10), data, log=lambda *_: None)
+    reader = open_split(data, "val")
+    assert reader.split_info["image_size"] is None
+    cfg = make_cfg(tmp_path / "run", data)
+    sizes = [tuple(batch["mask"].shape) for batch in
+             create_eval_loader(cfg, reader, batch_size=4, rank=0, world=1, device=torch.device("cpu"))]
+    assert len(sizes) == len(reader) and sorted({s[-1] for s in sizes}) == [40, 48]
