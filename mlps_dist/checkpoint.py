@@ -28,6 +28,7 @@ import torch
 
 from mlps_dist import dist
 from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import atomic_open, atomic_write_text
 
 LATEST = "latest"
 
@@ -56,22 +57,11 @@ def _save_synced(obj: Any, path: Path) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write ``path`` so that readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _save_synced(obj, tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+_atomic_write_text = atomic_write_text
 
 
 def _load(path: Path, what: str) -> Any:

@@ -28,6 +28,7 @@ from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
 from mlps_dist.data.shards import SplitReader, open_split, read_info
+from mlps_dist.fileio import atomic_write_bytes
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
@@ -189,10 +190,7 @@ def export_reference(run_dir: str, layers: list[str], sources: list[str], masks:
         out = Path(run_dir) / "pseudo_masks" / "train_PM" / f"PM_{layer}"
         out.mkdir(parents=True, exist_ok=True)
         for source, per_layer in zip(sources, masks):
-            path = out / Path(source).name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(encode_png(per_layer[layer_no], palette))
-            tmp.replace(path)
+            atomic_write_bytes(out / Path(source).name, encode_png(per_layer[layer_no], palette))
 
 
 def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:

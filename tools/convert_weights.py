@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     report = check_against_model(state, dropped, args.model, args.mxnet)
     print(report.summary())
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)  # a reader never sees a half-written file
+    from mlps_dist.checkpoint import atomic_torch_save
+
+    atomic_torch_save(state, out)  # a reader never sees a half-written file
     print(f"wrote {out} ({len(state)} tensors)")
     return 1 if report.missing else 0
 

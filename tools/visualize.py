@@ -26,6 +26,7 @@ from mlps_dist.config import ConfigError, load_config  # noqa: E402
 from mlps_dist.data.decode import decode_sample  # noqa: E402
 from mlps_dist.data.shards import open_split  # noqa: E402
 from mlps_dist.draw import blend, palette_for  # noqa: E402
+from mlps_dist.fileio import atomic_open  # noqa: E402
 from mlps_dist.predict import create_predictor  # noqa: E402
 
 LABEL_H = 18
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(args.n, len(reader)))})
     rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette)) for i in picks]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_sheet(rows, titles, list(reader.classes), palette).save(out)
+    with atomic_open(out) as f:
+        draw_sheet(rows, titles, list(reader.classes), palette).save(f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
     print(f"wrote {out} ({len(rows)} samples: {', '.join(titles)})")
     return 0
 
