@@ -180,8 +180,12 @@ def read_stamp(run_dir: str | Path, stage: str, split: str = "") -> dict | None:
     return stamp if isinstance(stamp, dict) and stamp.get("written_by") == WRITTEN_BY else {}
 
 
-class NotReady(Exception):
-    """The upstream stage is not finished yet (a normal state, not an error)."""
+class NotReady(MlpsError):
+    """The upstream stage ``args[0]`` is not finished (or stale): a state for ``status``,
+    an error for a stage that needs it."""
+
+    def __str__(self) -> str:
+        return f"the {self.args[0]} stage is not finished for this config; run or resume it first"
 
 
 def files_digest(stage: str, files: dict[str, str]) -> str:

@@ -295,7 +295,8 @@ def _run_stage(argv: list[str] | None, doc: str, stage: str, prepare) -> int:
     check_models(cfg)  # a typo in a later stage's model or layers fails now, not hours later
     done = artifacts.require_runnable(cfg, stage)  # refuses stale artefacts, naming what changed
     if done.state == "done":
-        print(f"{stage}: finished for this config ({done.message}), nothing to do")
+        if dist.is_main():
+            print(f"{stage}: finished for this config ({done.message}), nothing to do")
         return 0
     inputs = artifacts.expected_inputs(cfg, stage)
     dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=train_cfg.parallel == "deepspeed")

@@ -304,7 +304,8 @@ def _main(argv: list[str] | None = None) -> int:
     preflight.check_models(cfg)
     done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
     if done.state == "done":
-        print(f"masks: finished for this config ({done.message}), nothing to do")
+        if dist.is_main():
+            print(f"masks: finished for this config ({done.message}), nothing to do")
         return 0
     inputs = artifacts.expected_inputs(cfg, "masks")
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
