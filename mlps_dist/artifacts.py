@@ -209,11 +209,13 @@ def upstream_digest(cfg: Config, stage: str) -> str:
     """The digest of ``stage``'s artefact when it is finished *for the current config*
     (its own stamp matches, recursively up the chain), or computed from its files when it
     has no stamp at all; NotReady when it is unfinished or stale."""
-    st = status(cfg, stage)
-    if st.state == "done":
-        return read_stamp(cfg.run_dir, stage)["digest"]
-    if st.state == "todo" and read_stamp(cfg.run_dir, stage) is None and _finished_unstamped(cfg.run_dir, stage):
-        return files_digest(stage, {p.name: sha256_file(p) for p in output_files(cfg.run_dir, stage)})
+    stamp = read_stamp(cfg.run_dir, stage)
+    if stamp is None:  # no provenance to check: the files are all there is
+        if _finished_unstamped(cfg.run_dir, stage):
+            return files_digest(stage, {p.name: sha256_file(p) for p in output_files(cfg.run_dir, stage)})
+        raise NotReady(stage)
+    if status(cfg, stage).state == "done":
+        return stamp["digest"]
     raise NotReady(stage)
 
 
