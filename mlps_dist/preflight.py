@@ -16,6 +16,15 @@ from mlps_dist.config import Config, ConfigError
 
 
 def check_models(cfg: Config) -> None:
+    """Model names and CAM layers (every rank finds the same problem: rank 0 reports it)."""
+    try:
+        _check_models(cfg)
+    except ConfigError as exc:
+        exc.shared = True
+        raise
+
+
+def _check_models(cfg: Config) -> None:
     import torch
 
     from mlps_dist.models import CLASSIFIER_NAMES, SEGMENTER_NAMES, create_classifier
