@@ -1,6 +1,6 @@
 # Shell functions shared by launch/*.sh and slurm/*. Source it; do not run it.
 #
-# Defines: mlps_log, mlps_die, mlps_stage_module, mlps_stage_done, mlps_gpu_count,
+# Defines: mlps_log, mlps_die, mlps_stage_module, mlps_stage_status, mlps_config_value, mlps_gpu_count,
 # mlps_default_nproc, mlps_head_node, mlps_rdzv_port, mlps_trap_early, mlps_run_forwarding,
 # mlps_check_config, mlps_print_metrics and MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL:
 # "preempted, rerun the same command to resume").
@@ -42,23 +42,16 @@ mlps_stage_module() {
     esac
 }
 
-# Succeeds (and prints the proof) when STAGE is finished in RUN_DIR, i.e. its final
-# artefact exists (docs/architecture.md); for evaluate, the metrics of every split in
-# EVAL_SPLITS. The pseudo-mask stage is always started: whether its manifest is complete
-# *for this classifier and these settings* is for the stage itself to decide.
-mlps_stage_done() {
-    local stage=$1 run_dir=$2 split
-    shift 2
-    case "$stage" in
-        classifier | segmenter)
-            [[ -e "$run_dir/$stage/model.pt" ]] && echo "$run_dir/$stage/model.pt" ;;
-        evaluate)
-            for split in "$@"; do
-                [[ -e "$run_dir/metrics/$split.json" ]] || return 1
-            done
-            if (($# == 1)); then echo "$run_dir/metrics/$1.json"; else echo "$run_dir/metrics/{$(IFS=,; echo "$*")}.json"; fi ;;
-        *) return 1 ;;
-    esac
+# Where STAGE stands in RUN_DIR for CONFIG + overrides, asked of the run directory's owner
+# (mlps_dist.artifacts): status 0 = finished *for this config and these inputs* (prints the
+# stamp), 1 = to run (or resume), 2 = refused: a stale artefact (the message names what
+# changed and how to proceed). Finished means the stage's stamp matches, not that its
+# files exist.
+#   mlps_stage_status STAGE CONFIG RUN_DIR [key=value ...]
+mlps_stage_status() {
+    local stage=$1 config=$2 run_dir=$3
+    shift 3
+    python -m mlps_dist.artifacts status --stage "$stage" --config "$config" "$@" "run_dir=$run_dir"
 }
 
 # GPUs on this node (nvidia-smi; CUDA_VISIBLE_DEVICES narrows them), 0 on a CPU machine.
@@ -153,20 +146,36 @@ _mlps_forward() {
     return 0
 }
 
-# Validate CONFIG + overrides once, before any job or process group starts
-# (the pipeline reports test metrics, so evaluate.splits must include test).
-# Prints evaluate.splits.
+# Validate CONFIG + overrides once, before any job or process group starts: syntax,
+# ranges, model names, CAM layers, class counts and splits against data.root
+# (mlps_dist.preflight). The pipeline reports test metrics, so evaluate.splits must
+# include test. Prints evaluate.splits.
 mlps_check_config() {
     python - "$@" <<'EOF'
 import sys
-from mlps_dist.config import ConfigError, load_config
+from mlps_dist.config import load_config
+from mlps_dist.errors import MlpsError
+from mlps_dist.preflight import check
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
-except ConfigError as exc:
+    check(cfg)
+except MlpsError as exc:
     sys.exit(f"[launch] error: {exc}")
 if "test" not in cfg.evaluate.splits:
     sys.exit("[launch] error: the pipeline ends with the test metrics: add test to evaluate.splits")
 print(" ".join(cfg.evaluate.splits))
+EOF
+}
+
+# One value of the resolved config: mlps_config_value KEY CONFIG [key=value ...]
+mlps_config_value() {
+    python - "$@" <<'EOF'
+import sys
+from mlps_dist.config import load_config
+value = load_config(sys.argv[2], sys.argv[3:]).to_dict()
+for part in sys.argv[1].split("."):
+    value = value[part]
+print(value)
 EOF
 }
 

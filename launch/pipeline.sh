@@ -3,34 +3,51 @@
 # classifier -> pseudo masks -> segmenter -> evaluate, then write RUN/MODEL_CARD.md and print
 # the test metrics.
 #
-#   launch/pipeline.sh CONFIG RUN_DIR [key=value ...]
+#   launch/pipeline.sh [--restart-from STAGE] CONFIG RUN_DIR [key=value ...]
 #
-# The overrides go to every stage. Finished stages are skipped; after a crash or a
+# The overrides go to every stage. A stage is skipped when its stamp in RUN_DIR says it
+# was produced by this config and these inputs (mlps_dist.artifacts). After a crash or a
 # preemption, rerun the same command: the interrupted stage resumes from its last
-# checkpoint. Environment: as for launch/stage.sh (NPROC_PER_NODE, MAX_RESTARTS, ...).
+# checkpoint. When a setting or an input of a finished (or partly trained) stage changed,
+# the pipeline refuses and names what changed: use a new RUN_DIR, or --restart-from STAGE
+# to move that stage and the ones after it to RUN_DIR/superseded/<time>/ and redo them.
+# Changed evaluation settings just evaluate again. Environment: as for launch/stage.sh.
 #
 # Exit status: 0 when all stages are done; 75 when a stage was preempted (rerun to
-# resume); otherwise the failing stage's status.
+# resume); 2 for a bad config or a refused run directory; otherwise the failing stage's.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
 mlps_trap_early
 source "$MLPS_REPO/tools/venv.sh"
 
+restart_from=""
+if [[ "${1:-}" == --restart-from ]]; then
+    restart_from=${2:-}
+    shift 2 || true
+    [[ " ${MLPS_STAGES[*]} " == *" $restart_from "* ]] || mlps_die "--restart-from needs one of: ${MLPS_STAGES[*]}"
+fi
 if (($# < 2)); then
-    echo "usage: launch/pipeline.sh CONFIG RUN_DIR [key=value ...]" >&2
+    echo "usage: launch/pipeline.sh [--restart-from STAGE] CONFIG RUN_DIR [key=value ...]" >&2
     exit 2
 fi
 config=$1 run_dir=$2
 shift 2
 [[ -f "$config" ]] || mlps_die "config file '$config' does not exist: pass a YAML from configs/"
-eval_splits=$(mlps_check_config "$config" "run_dir=$run_dir" "$@") || exit 2
+mlps_check_config "$config" "run_dir=$run_dir" "$@" >/dev/null || exit 2
+if [[ -n "$restart_from" ]]; then
+    python -m mlps_dist.artifacts restart --from "$restart_from" --config "$config" "$@" "run_dir=$run_dir" || exit $?
+fi
 
 for stage in "${MLPS_STAGES[@]}"; do
-    # shellcheck disable=SC2086  # the split names are words
-    if proof=$(mlps_stage_done "$stage" "$run_dir" $eval_splits); then
-        mlps_log "$stage: finished ($proof exists), skipping"
+    state=0
+    proof=$(mlps_stage_status "$stage" "$config" "$run_dir" "$@") || state=$?
+    if ((state == 0)); then
+        mlps_log "$stage: finished for this config (${proof#*: done: }), skipping"
         continue
+    elif ((state != 1)); then
+        mlps_log "$stage: refused (see above); nothing was changed in $run_dir"
+        exit 2
     fi
     status=0
     mlps_run_forwarding "$here/stage.sh" "$stage" "$config" "$run_dir" "$@" || status=$?

@@ -39,11 +39,18 @@ nnodes=${NNODES:-${SLURM_NNODES:-1}}
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || mlps_die "NNODES must be a positive integer, got '$nnodes'"
 [[ "${MAX_RESTARTS:-0}" =~ ^[0-9]+$ ]] || mlps_die "MAX_RESTARTS must be a whole number, got '$MAX_RESTARTS'"
 
+# How long torchrun lets the workers write their preemption checkpoint after passing a
+# signal on, before it kills them: dist.shutdown_timeout_s (MLPS_SHUTDOWN_TIMEOUT overrides).
+shutdown_timeout=${MLPS_SHUTDOWN_TIMEOUT:-$(mlps_config_value dist.shutdown_timeout_s "$config" "$@")} ||
+    mlps_die "cannot read dist.shutdown_timeout_s from $config"
+[[ "$shutdown_timeout" =~ ^[1-9][0-9]*$ ]] || mlps_die "the shutdown timeout must be a positive number of seconds, got '$shutdown_timeout'"
+
 # SIGUSR1 is the usual SLURM preemption notice: torchrun passes it on like SIGTERM.
 torchrun_args=(
     --nproc-per-node="$nproc"
     --max-restarts="${MAX_RESTARTS:-0}"
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+    --shutdown-timeout="$shutdown_timeout"
 )
 # torchrun keeps one TCP store for all restarts of the worker group, and the keys the
 # previous group left there (its gloo/NCCL addresses) can be read by the new group:

@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 from mlps_dist import dist
+from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import atomic_open, atomic_write_text
 
 LATEST = "latest"
 GOOD = "good"  # names the newest checkpoint the training guard accepted (never pruned)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MlpsError, ValueError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
 
 
@@ -56,22 +58,11 @@ def _save_synced(obj: Any, path: Path) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write ``path`` so that readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _save_synced(obj, tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+_atomic_write_text = atomic_write_text
 
 
 def _load(path: Path, what: str) -> Any:
@@ -127,7 +118,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ---------------------------------------------------------------- DeepSpeed files
+
+DS_DIGESTS = "ds-files.json"
+
+
+def _ds_digests(folder: Path) -> dict[str, str]:
+    from mlps_dist.artifacts import sha256_file
+
+    ds = folder / "ds"
+    return {str(p.relative_to(ds)): sha256_file(p) for p in sorted(ds.rglob("*")) if p.is_file()}
+
+
+def _write_ds_digests(folder: Path) -> None:
+    """Rank 0, after every rank wrote ``ds/``: the sha256 of each file, beside them."""
+    from mlps_dist.fileio import atomic_write_json
+
+    atomic_write_json(folder / DS_DIGESTS, {"written_by": "mlps-dist", "files": _ds_digests(folder)})
+
+
+def _check_ds_digests(path: Path) -> None:
+    """DeepSpeed loads its checkpoint with ``weights_only=False`` (arbitrary code on load):
+    load only a folder whose files match the digests this program recorded when it wrote them."""
+    import json
+
+    try:
+        recorded = json.loads((path / DS_DIGESTS).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} has no readable {DS_DIGESTS}: not a DeepSpeed checkpoint written by this "
+                              f"program (or one from an older release); it is not loaded. Delete {path} to resume "
+                              f"from an older checkpoint or restart the stage") from exc
+    if recorded.get("written_by") != "mlps-dist" or recorded.get("files") != _ds_digests(path):
+        raise CheckpointError(f"{path / 'ds'} does not match the digests in {path / DS_DIGESTS}: the files were "
+                              f"changed after this program wrote them; it is not loaded. Delete {path} to resume "
+                              f"from an older checkpoint")
+
+
 # ---------------------------------------------------------------- training checkpoints
+
+
+def _is_complete(path: Path) -> bool:
+    """A committed checkpoint folder holds state.pt (written before the commit rename)."""
+    return (path / "state.pt").is_file()
 
 
 def _step_dirs(folder: Path) -> list[Path]:
@@ -142,15 +174,16 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def latest(self) -> Path | None:
-        """The checkpoint to resume from, or None for a fresh run."""
+        """The checkpoint to resume from, or None for a fresh run: the folder ``latest``
+        names, or, when the marker is missing or names a folder that is gone (a crash
+        between the rename and the marker, a copy without it), the newest complete one."""
         marker = self.folder / LATEST
-        if not marker.is_file():
-            return None
-        path = self.folder / marker.read_text().strip()
-        if not path.is_dir():
-            raise CheckpointError(f"{marker} names {path.name}, which does not exist; delete {marker} "
-                                  f"to resume from the newest folder in {self.folder}, or delete the folder to restart")
-        return path
+        if marker.is_file():
+            path = self.folder / marker.read_text().strip()
+            if path.is_dir() and _is_complete(path):
+                return path
+        complete = [p for p in _step_dirs(self.folder) if _is_complete(p)] if self.folder.is_dir() else []
+        return complete[-1] if complete else None
 
     def save(self, global_step: int, model, client_state: dict) -> Path:
         """Collective: every rank calls it with the same step. ``model`` is a parallel.Wrapped."""
@@ -172,6 +205,8 @@ class Checkpointer:
         _save_synced(rng_state(), tmp / f"rng-rank{dist.get_rank()}.pt")
         dist.barrier()
         if dist.is_main():
+            if model.kind == "deepspeed":
+                _write_ds_digests(tmp)
             for sub in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
                 _fsync_dir(sub)
             if final.exists():  # same step committed before a crash hid it from `latest`
@@ -243,6 +278,7 @@ class Checkpointer:
         the checkpoint is unreadable or belongs to another model."""
         state = self.check(path, expect_meta)
         if model.kind == "deepspeed":
+            _check_ds_digests(path)  # DeepSpeed unpickles its files: only ones this program wrote
             loaded, _ = model.engine.load_checkpoint(str(path / "ds"), tag="state", load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
             if loaded is None:

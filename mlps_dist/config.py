@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlps_dist.errors import MlpsError
 
 
-class ConfigError(ValueError):
+class ConfigError(MlpsError, ValueError):
     """A configuration problem, phrased as what the user should change."""
 
 
@@ -60,6 +61,10 @@ MOVED_KEYS = {f"data.{name}": (f"classifier.augment.{name}", f"segmenter.augment
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800
+    # Seconds torchrun waits for workers to write their preemption checkpoint after passing
+    # a signal on, before it kills them (torchrun's own default, 30 s, is too short for a
+    # large checkpoint); launch/stage.sh passes it as --shutdown-timeout.
+    shutdown_timeout_s: int = 600
 
 
 @dataclass
@@ -320,11 +325,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from mlps_dist.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- validation
@@ -378,6 +381,9 @@ def validate(cfg: Config) -> None:
     _check(all(s > 0 for s in cfg.data.std), "data.std", f"must be > 0, got {cfg.data.std}")
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {cfg.dist.timeout_s}")
+    _check(cfg.dist.shutdown_timeout_s > 0, "dist.shutdown_timeout_s",
+           f"must be > 0 seconds, got {cfg.dist.shutdown_timeout_s}")
     _validate_train(cfg.classifier, "classifier")
     _validate_train(cfg.segmenter, "segmenter")
     _validate_augment(cfg.classifier.augment, "classifier.augment")

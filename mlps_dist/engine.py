@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import random
 import signal
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -27,17 +26,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist import dist, guard as health_guard, parallel
+from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, runner
 from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
-from mlps_dist.errors import MlpsError
+from mlps_dist.lock import run_lock
+from mlps_dist.preflight import check_models
 from mlps_dist.runlog import RunLog
 
 PREEMPTED_EXIT_CODE = 75
 
 
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; exit with PREEMPTED_EXIT_CODE."""
+# Raised after the preemption checkpoint is written; the runner exits with PREEMPTED_EXIT_CODE.
+Preempted = errors.Preempted
 
 
 class TrainTask(Protocol):
@@ -64,7 +64,7 @@ class Progress:
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.run_dir) / stage
+    return Path(cfg.run_dir) / stage  # == artifacts.stage_dir for classifier and segmenter
 
 
 def final_model_path(cfg: Config, stage: str) -> Path:
@@ -97,7 +97,31 @@ def check_resumable(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> Non
     ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
     latest = ckpts.latest()
     if latest is not None:
-        ckpts.check(latest, expected_meta(task, train_cfg))
+        state = ckpts.check(latest, expected_meta(task, train_cfg))
+        check_same_inputs(cfg, task.stage, state, latest)
+
+
+def checkpoint_inputs(cfg: Config, stage: str) -> dict:
+    """The fingerprints a checkpoint of ``stage`` records (artifacts.expected_inputs)."""
+    if stage not in artifacts.SHAPING:
+        return {}
+    return artifacts.expected_inputs(cfg, stage)
+
+
+def check_same_inputs(cfg: Config, stage: str, state: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written for another schedule or other inputs (the
+    two runs would mix): StaleError naming the keys."""
+    if stage not in artifacts.SHAPING:
+        return
+    old = {"config": artifacts.shaping_config(state.get("config") or {}, stage)}
+    new = {"config": artifacts.shaping_config(cfg.to_dict(), stage)}
+    if "inputs" in state:  # shards and upstream fingerprints (checkpoints of this release on)
+        old, new = state["inputs"], checkpoint_inputs(cfg, stage)
+    changed = artifacts.changed_keys(old, new)
+    if changed:
+        raise artifacts.StaleError(
+            f"checkpoint {path} was written with other settings; changed: {'; '.join(changed)}. Resuming it would "
+            f"mix two schedules: restore those settings to resume, or {artifacts.restart_hint(stage)}")
 
 
 def derive_seed(seed: int, rank: int) -> int:
@@ -191,6 +215,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
                  f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
+        inputs = checkpoint_inputs(cfg, task.stage)
         progress = Progress()
         health = health_guard.TrainingHealth(train_cfg.guard, task.stage, stage_dir(cfg, task.stage), ckpts, log,
                                              hint=getattr(task, "failure_hint", None))
@@ -206,7 +231,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
 
         def save() -> Path:
             client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect,
-                      "health": health.state_dict()}
+                      "inputs": inputs, "health": health.state_dict()}
             path = ckpts.save(progress.global_step, model, client)
             log.event("checkpoint", path=str(path), **asdict(progress))
             return path
@@ -276,34 +301,50 @@ def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress
 
 
 def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tuple = ()) -> int:
-    """The ``main()`` of a training stage: parse, skip when finished, init, build, fit,
-    close, teardown. ``prepare(cfg)`` runs every check that can fail before training and
-    returns the task. Exit status: 0 done (or already finished), 2 a problem with the
-    config, data or checkpoint (``errors`` adds the stage's own error types), 75 preempted."""
+    """The ``main()`` of a training stage: parse, skip when finished, init, lock, build,
+    fit, stamp, teardown. ``prepare(cfg)`` runs every check that can fail before training
+    and returns the task. Exit status (mlps_dist.runner): 0 done (or already finished for
+    this config), 2 a problem with the config, data, checkpoint or run directory, 75
+    preempted. (``errors`` is kept for callers; every MlpsError maps to 2.)"""
+    return runner.run(lambda args: _run_stage(args, doc, stage, prepare), argv)
+
+
+def parse_shared(argv: list[str] | None, doc: str) -> Config:
+    """parse_cli; a config error is the same on every rank, so rank 0 alone reports it."""
     try:
-        cfg = parse_cli(argv, description=doc.splitlines()[0])
+        return parse_cli(argv, description=doc.splitlines()[0])
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        exc.shared = True
+        raise
+
+
+def _run_stage(argv: list[str] | None, doc: str, stage: str, prepare) -> int:
+    cfg = parse_shared(argv, doc)
     train_cfg: TrainConfig = getattr(cfg, stage)
-    if final_model_path(cfg, stage).is_file():
-        print(f"{final_model_path(cfg, stage)} exists: the {stage} stage is finished, nothing to do")
+    check_models(cfg)  # a typo in a later stage's model or layers fails now, not hours later
+    done = artifacts.require_runnable(cfg, stage)  # refuses stale artefacts, naming what changed
+    if done.state == "done":
+        if dist.is_main():
+            print(f"{stage}: finished for this config ({done.message}), nothing to do")
         return 0
+    inputs = artifacts.expected_inputs(cfg, stage)
     dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=train_cfg.parallel == "deepspeed")
-    log = RunLog(cfg.run_dir, stage)
     try:
-        task = prepare(cfg)
-        if dist.is_main():
-            save_config(cfg, f"{cfg.run_dir}/config.yaml")
-        fit(cfg, train_cfg, task, log)
-        return 0
-    except Preempted as exc:
-        log.info(str(exc))
-        return PREEMPTED_EXIT_CODE
-    except (ConfigError, CheckpointError, MlpsError, *errors) as exc:
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with run_lock(cfg.run_dir, stage):
+            log = RunLog(cfg.run_dir, stage)
+            try:
+                task = prepare(cfg)
+                if dist.is_main():
+                    save_config(cfg, f"{cfg.run_dir}/config.yaml")
+                fit(cfg, train_cfg, task, log)
+                if dist.is_main():
+                    artifacts.write_stamp(cfg, stage, inputs)  # last: the stage is finished
+                dist.barrier()
+                return 0
+            except Preempted as exc:
+                log.info(str(exc))
+                raise
+            finally:
+                log.close()
     finally:
-        log.close()
         dist.teardown()

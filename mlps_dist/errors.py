@@ -17,7 +17,17 @@ class MlpsError(Exception):
     """An error the user can act on; ``str(exc)`` is the whole message (one line)."""
 
     exit_code = EXIT_BAD_INPUT
+    # True when every rank raises the same error (e.g. found by a collective check): only
+    # rank 0 prints it. False (default): whichever rank raises it prints it.
+    shared = False
 
 
 class InputError(MlpsError, ValueError):
     """A bad input file, folder or command-line value (the message names it)."""
+
+
+class Preempted(MlpsError):
+    """A stage stopped on a preemption signal after writing a checkpoint: rerun to resume."""
+
+    exit_code = EXIT_PREEMPTED
+    shared = True

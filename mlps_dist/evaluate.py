@@ -13,13 +13,13 @@ the segmenter's logits are upsampled to the mask size; one confusion matrix per 
 
 With ``evaluate.gate=false`` the top-level keys are the ungated result too. IoU of a class
 absent from both prediction and ground truth is null (nan) and left out of the mIoU.
-A split whose metrics file exists for the same segmenter file and gate settings is not
-evaluated again (delete the file to force it).
+A split whose stamp (RUN/metrics/<split>.stamp.json, mlps_dist.artifacts) matches the
+current segmenter, gate classifier, shards and evaluate settings is not evaluated again;
+when any of them changed it is evaluated again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -27,24 +27,17 @@ from pathlib import Path
 
 import torch
 
-from mlps_dist import dist
-from mlps_dist.checkpoint import CheckpointError
-from mlps_dist.errors import MlpsError
-from mlps_dist.config import Config, ConfigError, parse_cli
+from mlps_dist import artifacts, dist, runner
+from mlps_dist.checkpoint import load_model_file
+from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.loaders import create_eval_loader
-from mlps_dist.data.shards import ShardError, open_split
-from mlps_dist.predict import Predictor, create_predictor
+from mlps_dist.data.shards import open_split
+from mlps_dist.errors import InputError, MlpsError
+from mlps_dist.lock import run_lock
+from mlps_dist.predict import Predictor, create_predictor, file_digest
 from mlps_dist.fileio import atomic_write_json
 from mlps_dist.metrics import ConfusionMatrix
 from mlps_dist.runlog import RunLog, format_table
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -116,25 +109,42 @@ def open_splits(cfg: Config) -> dict:
     return readers
 
 
+def check_classes(path: str, meta: dict, reader) -> None:
+    """Same class names in the same order (not only the same count: 4 LUAD classes are not
+    4 BCSS classes)."""
+    classes = meta.get("classes")
+    if classes is not None and list(classes) != list(reader.classes):
+        raise ConfigError(f"{path} was trained on classes {list(classes)}, but split '{reader.split}' of "
+                          f"{reader.root} has {list(reader.classes)}; evaluate it on the shards it was trained "
+                          f"on (data.root), or use the run trained on these")
+
+
 def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     device = dist.device()
     readers = open_splits(cfg)
     num_classes = next(iter(readers.values())).num_classes
     predictor, seg_meta = build_predictor(cfg, num_classes, device)
+    gate_meta = load_model_file(artifacts.model_file(cfg.run_dir, "classifier"))[1] if predictor.gated else None
+    for reader in readers.values():
+        check_classes(seg_meta["path"], seg_meta, reader)
+        if gate_meta is not None:
+            check_classes(str(artifacts.model_file(cfg.run_dir, "classifier")), gate_meta, reader)
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
                   "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
                   "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
-        out = Path(cfg.run_dir) / "metrics" / f"{split}.json"
-        if already_done(out, source):
-            log.info(f"{out} is up to date for this segmenter; delete it to evaluate again")
+        out = artifacts.metrics_file(cfg.run_dir, split)
+        if artifacts.status(cfg, "evaluate", split).state == "done":
+            log.info(f"{out} is up to date for this segmenter, gate and shards")
             results[split] = json.loads(out.read_text())
             continue
+        inputs = artifacts.expected_inputs(cfg, "evaluate", split)
         matrices = evaluate_split(cfg, split, reader, predictor, device, log)
         record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
         if dist.is_main():
             write_json(out, record)
+            artifacts.write_stamp(cfg, "evaluate", inputs, split)
         log.info(f"{split} ({len(reader)} samples)\n{summary_table(record)}")
         log.event("metrics", **record)
         results[split] = record
@@ -142,24 +152,30 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_cli(argv, description=__doc__.split("\n")[0])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.engine import parse_shared
+
+    cfg = parse_shared(argv, __doc__.split("\n")[0])
+    artifacts.require_runnable(cfg, "evaluate")  # a finished segmenter that the current config produced
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
     try:
-        run(cfg, log)
-        return 0
-    except (ConfigError, ShardError, CheckpointError, FileNotFoundError, ValueError, MlpsError) as exc:
-        if dist.is_main():
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with run_lock(cfg.run_dir, "evaluate"):
+            log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
+            try:
+                run(cfg, log)
+                return 0
+            except (FileNotFoundError, ValueError) as exc:
+                if isinstance(exc, MlpsError):
+                    raise
+                raise InputError(str(exc)) from exc
+            finally:
+                log.close()
     finally:
-        log.close()
         dist.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":

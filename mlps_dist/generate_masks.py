@@ -17,23 +17,23 @@ mask and are listed under "skipped" in the manifest.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from mlps_dist import cam, dist
+from mlps_dist import artifacts, cam, dist, preflight, runner
 from mlps_dist.config import Config, parse_cli
 from mlps_dist.data.augment import model_input
-from mlps_dist.data.shards import ShardError, SplitReader, decode_labels, open_split, read_info
+from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.shards import ShardError, SplitReader, open_split, read_info
+from mlps_dist.fileio import atomic_write_bytes
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,
                                     remove_debris, sha256_file, write_chunk, write_json)
+from mlps_dist.lock import run_lock
 from mlps_dist.runlog import RunLog
 
 
@@ -48,20 +48,19 @@ class PatchDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
 
     def _decode(self, index: int) -> dict:
-        members = self.reader.read(index)
-        if "labels" not in members:
+        sample = decode_sample(self.reader.read(index))
+        if "labels" not in sample:
             raise ValueError("has no 'labels' member; the mask pass needs patch-level labels")
-        labels = decode_labels(members["labels"])
+        labels = sample["labels"]
         if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
             raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
-        rgb = np.array(Image.open(io.BytesIO(members["image"])).convert("RGB"))
+        rgb = np.array(sample["rgb"])
         if self.size and rgb.shape[:2] != self.size:
             raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
         out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}
-        source = json.loads(members["json"]).get("source", "") if "json" in members else ""
-        out["source"] = source or f"{self.reader.key(index)}.png"
+        out["source"] = sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png"
         if self.reader.has_masks:
-            out["mask"] = torch.from_numpy(np.array(Image.open(io.BytesIO(members["mask.png"]))).astype(np.int64))
+            out["mask"] = torch.from_numpy(sample["mask"].astype(np.int64))
         return out
 
     def __getitem__(self, index: int) -> dict:
@@ -69,8 +68,8 @@ class PatchDataset(torch.utils.data.Dataset):
             sample, bad = self._decode(index), ""
         except Exception as exc:  # any decoding failure is the sample's fault: name it
             message = f"sample {self.reader.key(index)} of {self.reader.root} ({self.reader.split}): {exc}"
-            if not self.skip_bad:
-                raise PseudoMaskError(message + "; fix or remove it, or set masks.skip_bad=true") from exc
+            if not self.skip_bad:  # raised by the main process (raise_fatal): one line, not a worker traceback
+                message = "fatal:" + message + "; fix or remove it, or set masks.skip_bad=true"
             height, width = self.size or (8, 8)
             sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8),
                            "source": f"{self.reader.key(index)}.png",
@@ -84,10 +83,24 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.reader)
 
 
-def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config) -> torch.utils.data.DataLoader:
+def raise_fatal(batch: dict) -> None:
+    """A sample that could not be decoded (and may not be skipped) stops the pass here."""
+    for why in batch["bad"]:
+        if why.startswith("fatal:"):
+            raise PseudoMaskError(why[len("fatal:"):])
+
+
+def batch_size_for(reader: SplitReader, size: int) -> int:
+    """Patches of mixed sizes (no common image_size in info.json) cannot share a batch."""
+    return size if reader.split_info.get("image_size") else 1
+
+
+def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config,
+                        skip_bad: bool | None = None) -> torch.utils.data.DataLoader:
     """Batches in the given order; worker processes decode ahead while the model runs."""
     workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, cfg.masks.skip_bad), batch_sampler=batches,
+    skip_bad = cfg.masks.skip_bad if skip_bad is None else skip_bad
+    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, skip_bad), batch_sampler=batches,
                                        num_workers=workers, prefetch_factor=4 if workers else None,
                                        pin_memory=torch.cuda.is_available())
 
@@ -152,6 +165,7 @@ def on_rank0(fn):
             error = exc
     result, error = dist.broadcast_object((result, error))
     if error is not None:
+        error.shared = True  # every rank raises it: rank 0 alone reports it
         raise error
     return result
 
@@ -178,10 +192,7 @@ def export_reference(run_dir: str, layers: list[str], sources: list[str], masks:
         out = Path(run_dir) / "pseudo_masks" / "train_PM" / f"PM_{layer}"
         out.mkdir(parents=True, exist_ok=True)
         for source, per_layer in zip(sources, masks):
-            path = out / Path(source).name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(encode_png(per_layer[layer_no], palette))
-            tmp.replace(path)
+            atomic_write_bytes(out / Path(source).name, encode_png(per_layer[layer_no], palette))
 
 
 def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
@@ -198,7 +209,7 @@ def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> d
 
 def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
     """Make the missing chunks of the train split; False when the pass was already complete."""
-    folder = Path(cfg.run_dir) / "pseudo_masks" / reader.split
+    folder = artifacts.masks_dir(cfg.run_dir, reader.split)
     todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
     if todo is None:
         log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
@@ -210,11 +221,12 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
     batches = []
     for chunk in mine:
         indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
-        batches += batched(indices, cfg.masks.batch_size)
+        batches += batched(indices, batch_size_for(reader, cfg.masks.batch_size))
         chunk_of.update({i: chunk for i in indices})
     layers, palette = list(cfg.masks.layers), [v for rgb in reader.info["palette"] for v in rgb]
     pending: dict[int, dict] = {}
     for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
+        raise_fatal(batch)
         masks = make_batch_masks(model, batch, cfg, device)
         for j, index in enumerate(batch["index"].tolist()):
             entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
@@ -239,7 +251,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
 
 
 def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
-    folder = Path(cfg.run_dir) / "pseudo_masks" / split
+    folder = artifacts.masks_dir(cfg.run_dir, split)
     manifest = read_manifest(folder)
     missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
     if missing:
@@ -265,8 +277,11 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
         classes = reader.num_classes
         # One extra column: pixels painted white/ignore by the mask pass count as misses.
         matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
-        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()), cfg.masks.batch_size)
-        for batch in create_patch_loader(reader, batches, cfg):
+        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
+                          batch_size_for(reader, cfg.masks.batch_size))
+        # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
+        # scored as all-ignore instead of stopping the pass on every rerun.
+        for batch in create_patch_loader(reader, batches, cfg, skip_bad=True):
             for layer, pred in make_batch_masks(model, batch, cfg, device).items():
                 matrices[layer].update(pred, batch["mask"])
         report[split] = {}
@@ -284,36 +299,41 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(argv, description="Stage 2: multi-layer Grad-CAM pseudo masks")
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    log = RunLog(cfg.run_dir, stage="masks")
-    try:
-        device = dist.device()
-        reader = open_split(cfg.data.root, "train")
-        check_split(reader)
-        model, model_path, selection = load_classifier(cfg, reader, device)
-        settings = on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
-        if run_pass(cfg, log, model, reader, device, settings):
-            quality_report(cfg, log, model, device, selection)
-            on_rank0(lambda: finish_pass(cfg, log, reader.split))
+def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.engine import parse_shared
+
+    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks")
+    preflight.check_models(cfg)
+    done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
+    if done.state == "done":
+        if dist.is_main():
+            print(f"masks: finished for this config ({done.message}), nothing to do")
         return 0
+    inputs = artifacts.expected_inputs(cfg, "masks")
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        with run_lock(cfg.run_dir, "masks"):
+            log = RunLog(cfg.run_dir, stage="masks")
+            try:
+                device = dist.device()
+                reader = open_split(cfg.data.root, "train")
+                check_split(reader)
+                model, model_path, selection = load_classifier(cfg, reader, device)
+                settings = on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
+                if run_pass(cfg, log, model, reader, device, settings):
+                    quality_report(cfg, log, model, device, selection)
+                    on_rank0(lambda: finish_pass(cfg, log, reader.split))
+                on_rank0(lambda: artifacts.write_stamp(cfg, "masks", inputs) and None)
+                return 0
+            finally:
+                log.close()
     finally:
-        log.close()
         dist.teardown()
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``main`` for the command line: a refused input (e.g. a collapsed classifier) is one
-    message on stderr and exit status 2 instead of a traceback."""
-    from mlps_dist.errors import MlpsError
-
-    try:
-        return main(argv)
-    except (MlpsError, PseudoMaskError, ShardError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    raise SystemExit(main())

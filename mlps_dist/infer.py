@@ -43,9 +43,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mlps_dist import runner
 from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
-from mlps_dist.errors import MlpsError
+from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.fileio import atomic_write_bytes
+from mlps_dist.outdirs import check_not_overlapping, claim_output_dir
 from mlps_dist.windows import segment_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -166,6 +168,7 @@ def parse_args(argv):
     p.add_argument("--patch", type=int, default=0, help="window side; default: the stored training patch size")
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by infer")
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
@@ -176,6 +179,10 @@ def parse_args(argv):
 
 
 def run(args, rank: int = 0, world: int = 1) -> int:
+    if rank == 0:  # before any work: never write into (or over) the inputs
+        claim_output_dir(args.out, args.input, tool="infer", force=args.force)
+    else:
+        check_not_overlapping(Path(args.out), args.input)
     files = list_inputs(args.input)
     mine = files[rank::world]  # every file on exactly one rank
     check_readable([f for f, _ in mine])
@@ -188,7 +195,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
     return len(files)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.model:  # one process, no torch
@@ -206,9 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"wrote {count} predictions to {args.out}")
         return 0
-    except (MlpsError, FileNotFoundError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)  # every rank: each names its own bad files
-        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, MlpsError):
+            raise
+        raise InputError(str(exc)) from exc  # each rank names its own bad files
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.shards import TarFiles, read_index, write_index
+from mlps_dist.data.shards import TarFiles, check_index_fits, read_index, write_index
+from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import atomic_write_text, commit_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _CHUNK_TAR = re.compile(r"^masks-(\d{6})\.tar$")
 
 
-class PseudoMaskError(ValueError):
+class PseudoMaskError(MlpsError, ValueError):
     """A pseudo-mask folder that does not fit the current run; the message says what to do."""
 
 
@@ -78,11 +80,7 @@ def fingerprint(settings: dict) -> str:
 
 def write_json(path: str | Path, data: dict) -> None:
     """Atomic JSON write: a reader sees the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------- writing
@@ -96,17 +94,16 @@ def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[by
     folder = Path(folder)
     stem = chunk_stem(chunk)
     tar_path, idx_path = folder / f"{stem}.tar", folder / f"{stem}.idx"
-    tar_tmp, idx_tmp = folder / f"{stem}.tar.tmp", folder / f"{stem}.idx.tmp"
+    tar_tmp = folder / f"{stem}.tar.tmp"
     with open(tar_tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reruns are byte-identical
         for key, pngs in samples:
             writer.write({"__key__": key, **{f"{layer}.png": png for layer, png in zip(layers, pngs)}})
         writer.close()
-    write_index(tar_tmp, idx_tmp)
     if skipped:
         write_json(folder / f"{stem}.skipped.json", skipped)
-    os.replace(idx_tmp, idx_path)
-    os.replace(tar_tmp, tar_path)  # the commit point
+    write_index(tar_tmp, idx_path)  # atomic and fsynced
+    commit_file(tar_tmp, tar_path)  # the commit point
     return tar_path
 
 
@@ -192,7 +189,10 @@ class PseudoMaskStore:
         self.complete = bool(manifest.get("complete", False))
         self._where: dict[int, tuple[int, dict[str, tuple[int, int]]]] = {}
         for chunk in sorted(committed_chunks(self.folder)):
-            for key, members in read_index(self.folder / f"{chunk_stem(chunk)}.idx"):
+            idx, tar = self.folder / f"{chunk_stem(chunk)}.idx", self.folder / f"{chunk_stem(chunk)}.tar"
+            entries = read_index(idx)
+            check_index_fits(entries, tar, idx)
+            for key, members in entries:
                 self._where[int(key.rsplit("_", 1)[-1])] = (chunk, members)
         self._files = TarFiles()
 

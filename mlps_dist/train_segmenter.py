@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist import dist, engine
+from mlps_dist import artifacts, dist, engine
 from mlps_dist.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.augment import normalise
@@ -191,7 +191,7 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
                           f"pick loss layers from those or regenerate the masks with masks.layers including them")
     data_classes = list(train_reader.classes)
     sources = {f"{masks_dir}/manifest.json": store.manifest.get("settings", {}).get("classes")}
-    classifier_file = Path(cfg.run_dir) / "classifier" / "model.pt"
+    classifier_file = artifacts.model_file(cfg.run_dir, "classifier")
     if classifier_file.is_file():
         sources[str(classifier_file)] = load_model_file(classifier_file)[1].get("classes")
     for source, classes in sources.items():
@@ -208,7 +208,7 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
 def prepare(cfg: Config) -> SegmenterTask:
     """Every check that can fail before training: shards, masks, class counts, the checkpoint."""
     train_reader, val_reader = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
-    store = PseudoMaskStore(Path(cfg.run_dir) / "pseudo_masks" / "train")
+    store = PseudoMaskStore(artifacts.masks_dir(cfg.run_dir, "train"))
     check_inputs(cfg, train_reader, store)
     task = SegmenterTask(cfg, train_reader, val_reader, store)
     engine.check_resumable(cfg, cfg.segmenter, task)

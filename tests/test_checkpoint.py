@@ -101,9 +101,8 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="state.pt cannot be read"):
         ckpts.load(path, make_model(), META)
-    (tmp_path / "ck" / "latest").write_text("step-00000042")
-    with pytest.raises(CheckpointError, match="step-00000042, which does not exist"):
-        ckpts.latest()
+    (tmp_path / "ck" / "latest").write_text("step-00000042")  # names a folder that is gone
+    assert ckpts.latest() == path  # the newest complete checkpoint instead
 
 
 def test_rng_state_round_trip():

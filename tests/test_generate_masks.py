@@ -18,7 +18,9 @@ import torch
 import yaml
 
 from mlps_dist import generate_masks
+from mlps_dist.artifacts import StaleError
 from mlps_dist.checkpoint import save_model_file
+from mlps_dist.config import ConfigError
 from mlps_dist.data.shards import open_split, read_index
 from mlps_dist.models import create_classifier
 from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore, decode_png
@@ -75,7 +77,8 @@ def process_tree(pid: int) -> list[int]:
 
 def run_inprocess(run: Path, *overrides: str) -> None:
     torch.set_num_threads(1)  # the same arithmetic as the torchrun workers (OMP_NUM_THREADS=1)
-    assert generate_masks.main(["--config", str(run / "config.yaml"), *overrides]) == 0
+    # The body of main(): errors propagate here instead of becoming exit statuses.
+    assert generate_masks._main(["--config", str(run / "config.yaml"), *overrides]) == 0
 
 
 def mask_folder(run: Path) -> Path:
@@ -179,15 +182,20 @@ def test_changed_inputs_are_refused(baseline, tiny_shards, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(baseline, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(baseline), str(run)))
-    with pytest.raises(PseudoMaskError, match=r"changed: background.*Delete"):
+    # The finished pass's stamp refuses first, naming the key ...
+    with pytest.raises(StaleError, match=r"changed: masks.background.enabled \(True -> False\).*--restart-from"):
         run_inprocess(run, "masks.background.enabled=false")
-    with pytest.raises(PseudoMaskError, match=r"changed: chunk_size"):
+    with pytest.raises(StaleError, match=r"changed: masks.chunk_size"):
         run_inprocess(run, "masks.chunk_size=4")
     torch.manual_seed(1)
     other = create_classifier("small38", 4)
     save_model_file(run / "classifier" / "model.pt", other.state_dict(),
                     {"name": "small38", "num_classes": 4, "classes": open_split(tiny_shards, "train").classes,
                      "config": {}})
+    with pytest.raises(StaleError, match=r"changed: the classifier artefact"):
+        run_inprocess(run)
+    # ... and without the stamp (an interrupted pass) the manifest still refuses to mix.
+    (run / "pseudo_masks" / "stamp.json").unlink()
     with pytest.raises(PseudoMaskError, match=r"changed: classifier_sha256"):
         run_inprocess(run)
 
@@ -197,7 +205,7 @@ def test_classifier_for_other_classes_is_refused(tiny_shards, tmp_path):
     with pytest.raises(PseudoMaskError, match=r"trained on classes \['TUM'.*use the classifier trained on these"):
         run_inprocess(run)
     run = make_run(tmp_path, tiny_shards, "layers")
-    with pytest.raises(PseudoMaskError, match=r"masks.layers names \['b3'\]"):
+    with pytest.raises(ConfigError, match=r"'masks.layers' names \['b3'\]"):  # preflight, before any work
         run_inprocess(run, "masks.layers=[b4_5,b5_2,bn7,b3]")
 
 

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in report.missing if not k.startswith(CLASSIFIER)]  # trained per dataset anyway
     print(report.summary())
     out = Path(args.out)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(out, buffer.getvalue())  # a reader never sees a half-written file
+    from mlps_dist.checkpoint import atomic_torch_save
+
+    atomic_torch_save(state, out)  # a reader never sees a half-written file
     print(f"wrote {out} ({len(state)} tensors)")
     return 1 if missing or (args.deeplab and report.unexpected) else 0
 

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mlps_dist.data.shards import ShardError, open_split, read_info  # noqa: E402
+from mlps_dist.fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def describe(root: Path) -> list[str]:
@@ -40,13 +41,14 @@ def dump(root: Path, split: str, count: int, to: Path) -> None:
     to.mkdir(parents=True, exist_ok=True)
     for i in range(min(count, len(reader))):
         sample, key = reader.read(i), reader.key(i)
-        (to / f"{key}.{reader.image_member}").write_bytes(sample["image"])
-        (to / f"{key}.json").write_text(json.dumps({**json.loads(sample["json"]),
-                                                    "labels": reader.labels(i).astype(int).tolist()}))
+        atomic_write_bytes(to / f"{key}.{reader.image_member}", sample["image"])
+        meta = {**json.loads(sample["json"]), "labels": reader.labels(i).astype(int).tolist()}
+        atomic_write_text(to / f"{key}.json", json.dumps(meta))
         if "mask.png" in sample:  # palettised copy, so the classes are visible
             mask = Image.open(io.BytesIO(sample["mask.png"])).convert("P")
             mask.putpalette(palette)
-            mask.save(to / f"{key}.mask.png")
+            with atomic_open(to / f"{key}.mask.png") as f:
+                mask.save(f, format="PNG")
     print(f"wrote {min(count, len(reader))} sample(s) of {split} to {to}")
 
 

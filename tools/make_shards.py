@@ -20,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
 from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan  # noqa: E402
-from mlps_dist.data.layouts import LayoutError, create_layout  # noqa: E402
+from mlps_dist.data.layouts import create_layout  # noqa: E402
+from mlps_dist import runner  # noqa: E402
+from mlps_dist.errors import InputError, MlpsError  # noqa: E402
+from mlps_dist.outdirs import check_not_overlapping, claim_output_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,6 +41,7 @@ def parse_args(argv=None):
                         "decode), jpeg (lossy, fastest; decoded on the GPU by DALI); val/test and masks stay PNG")
     p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                    help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by make_shards")
     return p.parse_args(argv)
 
 
@@ -49,16 +53,20 @@ def report_bad(bad, skip: bool) -> None:
     print(f"{len(bad)} bad file(s) {verb}: {kinds}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if not 1 <= args.image_quality <= 100:
         print(f"error: --image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)", file=sys.stderr)
         return 2
+    # Before any work: --out must not be (inside) --src, nor a foreign folder (write_plan
+    # deletes info.json, *.tmp and {split}-*.tar/.idx that it does not plan to keep).
+    check_not_overlapping(Path(args.out), [args.src], in_flag="--src")
     try:
         plan = build_plan(create_layout(args.layout), args.src, args.shard_size, args.workers)
-    except (LayoutError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        if isinstance(exc, MlpsError):
+            raise
+        raise InputError(str(exc)) from exc
     if plan.bad:
         report_bad(plan.bad, args.skip_bad)
         if not args.skip_bad:
@@ -67,6 +75,8 @@ def main(argv=None) -> int:
     if not plan.splits.get("train"):
         print(f"error: {args.src}: no usable training patches", file=sys.stderr)
         return 2
+    claim_output_dir(args.out, [args.src], tool="make_shards", force=args.force, owned_if=("info.json",),
+                     in_flag="--src")
     if args.mpp is not None and args.mpp <= 0:
         print(f"error: --mpp {args.mpp}: must be > 0 (e.g. 0.5 for 20x)", file=sys.stderr)
         return 2
@@ -76,6 +86,10 @@ def main(argv=None) -> int:
         print(line)
     print(f"wrote {Path(args.out) / 'info.json'}")
     return 0
+
+
+def main(argv=None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Samples are spread evenly over the split.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -24,8 +23,10 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlps_dist.config import ConfigError, load_config  # noqa: E402
+from mlps_dist.data.decode import decode_sample  # noqa: E402
 from mlps_dist.data.shards import open_split  # noqa: E402
 from mlps_dist.draw import blend, palette_for  # noqa: E402
+from mlps_dist.fileio import atomic_open  # noqa: E402
 from mlps_dist.predict import create_predictor  # noqa: E402
 
 LABEL_H = 18
@@ -42,11 +43,11 @@ def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: boo
 
 
 def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]:
-    sample = reader.read(i)
-    rgb = np.array(Image.open(io.BytesIO(sample["image"])).convert("RGB"))
+    sample = decode_sample(reader.read(i))
+    rgb = sample["rgb"]
     panels = [rgb]
     if reader.has_masks:
-        panels.append(blend(rgb, np.array(Image.open(io.BytesIO(sample["mask.png"]))), palette, alpha=0.6))
+        panels.append(blend(rgb, sample["mask"], palette, alpha=0.6))
     if store is not None:
         panels += [blend(rgb, mask, palette, alpha=0.6) for mask in store.read_masks(i)]
     if predictor is not None:
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(args.n, len(reader)))})
     rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette)) for i in picks]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_sheet(rows, titles, list(reader.classes), palette).save(out)
+    with atomic_open(out) as f:
+        draw_sheet(rows, titles, list(reader.classes), palette).save(f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
     print(f"wrote {out} ({len(rows)} samples: {', '.join(titles)})")
     return 0
 

@@ -27,11 +27,12 @@ from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, image_memb
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
+from mlps_dist.errors import MlpsError
 
 CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
 
 
-class BadInput(ValueError):
+class BadInput(MlpsError, ValueError):
     def __init__(self, path: Path, problem: str):
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = path, problem

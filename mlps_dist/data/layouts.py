@@ -23,9 +23,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from mlps_dist.errors import MlpsError
 
 
-class LayoutError(ValueError):
+class LayoutError(MlpsError, ValueError):
     """A source file or folder that does not fit the dataset layout."""
 
 

@@ -52,7 +52,10 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
 
 def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device):
     """Every sample of the split exactly once across ranks (and workers); a rank with no
-    share yields zero batches."""
+    share yields zero batches. Patches of mixed sizes (info.json has no common image_size)
+    go one per batch: they cannot be stacked."""
+    if not reader.split_info.get("image_size"):
+        batch_size = 1
     batches = eval_batches(dist.partition(len(reader), world, rank), batch_size)
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_eval_loader

@@ -20,6 +20,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import atomic_write_text, commit_file
 
 from mlps_dist.data.encoding import image_member
 
@@ -28,7 +30,7 @@ INDEX_VERSION = "v1.2"
 MEMBERS = ("png", "webp", "jpg", "labels", "json", "mask.png")  # one image member (encoding.py)
 
 
-class ShardError(ValueError):
+class ShardError(MlpsError, ValueError):
     """A shard folder that cannot be read as written by tools/make_shards.py."""
 
 
@@ -77,7 +79,7 @@ def write_index(tar_path: str | Path, idx_path: str | Path) -> int:
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     for members in samples:
         lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in members))
-    Path(idx_path).write_text("\n".join(lines) + "\n")
+    atomic_write_text(idx_path, "\n".join(lines) + "\n")
     return len(samples)
 
 
@@ -109,9 +111,10 @@ def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int
 
 
 class ShardWriter:
-    """Writes one shard atomically: ``.tar.tmp`` -> ``.tar``, then ``.idx.tmp`` -> ``.idx``.
-
-    A shard whose ``.idx`` exists is complete (the index is renamed last).
+    """Writes one shard atomically: the index of ``.tar.tmp`` is committed as ``.idx`` first,
+    then ``.tar.tmp`` is fsynced and renamed to ``.tar`` (the commit point). A kill in between
+    leaves a new index beside an old or absent tar, which readers reject (index entries are
+    checked against the tar's size) and make_shards rewrites.
     """
 
     def __init__(self, root: str | Path, split: str, shard_number: int):
@@ -138,10 +141,8 @@ class ShardWriter:
         self._writer.close()
         if not self._file.closed:
             self._file.close()
-        os.replace(self._tmp, self.tar_path)
-        idx_tmp = self.idx_path.with_suffix(".idx.tmp")
-        write_index(self.tar_path, idx_tmp)
-        os.replace(idx_tmp, self.idx_path)
+        write_index(self._tmp, self.idx_path)
+        commit_file(self._tmp, self.tar_path)
         return {"tar": self.tar_path.name, "idx": self.idx_path.name, "count": self.count}
 
     def abort(self) -> None:
@@ -153,10 +154,7 @@ class ShardWriter:
 
 
 def write_info(root: str | Path, info: dict) -> None:
-    path = Path(root) / "info.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(Path(root) / "info.json", json.dumps(info, indent=1))
 
 
 # ---------------------------------------------------------------- reading
@@ -222,12 +220,13 @@ class SplitReader:
         self._keys: list[str] = []
         self._tars: list[Path] = []
         for shard_no, shard in enumerate(self.split_info["shards"]):
-            tar = self.root / shard["tar"]
+            tar = self.root / shard_file_name(self.root, shard, "tar")
             if not tar.is_file():
                 raise ShardError(f"{tar} is listed in {self.root / 'info.json'} but missing; rerun tools/make_shards.py")
-            entries = read_index(self.root / shard["idx"])
+            entries = read_index(self.root / shard_file_name(self.root, shard, "idx"))
             if len(entries) != shard["count"]:
                 raise ShardError(f"{self.root / shard['idx']}: {len(entries)} samples, info.json says {shard['count']}")
+            check_index_fits(entries, tar, self.root / shard["idx"])
             self._tars.append(tar)
             for key, members in entries:
                 self._keys.append(key)
@@ -261,6 +260,30 @@ class SplitReader:
 
     def close(self) -> None:
         self._files.close()
+
+
+def shard_file_name(root: Path, shard: dict, kind: str) -> str:
+    """The ``tar``/``idx`` name of an info.json shard entry: a plain file name inside the
+    folder (no path separators, no "..", no hidden files), so that a damaged or hostile
+    info.json cannot make a reader open files elsewhere."""
+    name = shard.get(kind) if isinstance(shard, dict) else None
+    if (not isinstance(name, str) or not name or name != Path(name).name or name.startswith(".")
+            or "\\" in name or not name.endswith(f".{kind}")):
+        raise ShardError(f"{root / 'info.json'}: shard {kind} name {name!r} is not a plain '*.{kind}' file name "
+                         f"inside {root}; rerun tools/make_shards.py")
+    return name
+
+
+def check_index_fits(entries: list[tuple[str, dict[str, tuple[int, int]]]], tar: Path, idx: Path) -> None:
+    """Every member the index lists must lie inside the tar (a stale index beside a newer
+    tar, or a damaged one, would otherwise fail mid-epoch with MemoryError or EINVAL)."""
+    tar_size = tar.stat().st_size
+    for key, members in entries:
+        for ext, (offset, size) in members.items():
+            if offset < 0 or size < 0 or offset + size > tar_size:
+                raise ShardError(f"{idx}: member {key}.{ext} at bytes {offset}..{offset + size} lies outside "
+                                 f"{tar} ({tar_size} bytes): the index does not belong to this tar; "
+                                 f"rerun tools/make_shards.py")
 
 
 def open_split(root: str | Path, split: str) -> SplitReader:

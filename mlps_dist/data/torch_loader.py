@@ -17,26 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from mlps_dist.config import Config
 from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, photometric, sample_params
 from mlps_dist.data.colour_lut import model_input_chw
-from mlps_dist.data.shards import SplitReader, decode_labels
+from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb  # noqa: F401 (re-exported)
+from mlps_dist.data.shards import SplitReader
 
-
-def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
-    """PNG, WebP or JPEG bytes (PIL tells them apart) -> (H, W, 3) uint8."""
-    img = Image.open(io.BytesIO(encoded))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def decode_indices(png: bytes, size: int = 0) -> np.ndarray:
-    img = Image.open(io.BytesIO(png))
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"mask PNG has mode {img.mode}; expected 8-bit class indices")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.NEAREST)
-    return np.asarray(img, dtype=np.uint8)
 
 
 class TrainDataset(Dataset):

@@ -1,0 +1,80 @@
+"""The one way every entry point turns exceptions into messages and exit statuses.
+
+    def main(argv=None) -> int:
+        return runner.run(_main, argv)
+
+``_main(argv) -> int`` does the work. What leaves it decides the exit status on every
+rank alike:
+
+    MlpsError (ConfigError, ShardError, ...)  one line "error: <message>" on stderr, exit 2
+    Preempted                                  one line, exit 75 (rerun the same command)
+    KeyboardInterrupt                          exit 130
+    anything else                              the traceback, exit 1 (a defect, not an input)
+
+The rank that found the problem prints it, whichever rank that is: ranks other than 0
+prefix their number ("error (rank 3): ..."), so a bad file seen by one worker of a
+multi-node job is not lost behind torchrun's bare "exit 2".
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+from mlps_dist.errors import EXIT_PREEMPTED, MlpsError, Preempted
+
+EXIT_DEFECT = 1
+EXIT_INTERRUPTED = 130
+
+
+def _rank() -> int:
+    # mlps_dist.dist (and torch with it) is loaded by every distributed entry point; light
+    # commands (artifacts status) that never load it run as one process, rank 0.
+    dist = sys.modules.get("mlps_dist.dist")
+    return dist.get_rank() if dist is not None else 0
+
+
+def _who() -> str:
+    rank = _rank()
+    return f" (rank {rank})" if rank else ""
+
+
+def report(exc: BaseException) -> int:
+    """Print ``exc`` the house way and return the exit status it maps to."""
+    quiet = getattr(exc, "shared", False) and _rank() != 0  # rank 0 says it for all
+    if isinstance(exc, Preempted):
+        if not quiet:
+            print(f"preempted{_who()}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    if isinstance(exc, MlpsError):
+        if not quiet:
+            print(f"error{_who()}: {exc}", file=sys.stderr, flush=True)
+        return int(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"interrupted{_who()}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    print(f"internal error{_who()} (please report it with the traceback):", file=sys.stderr)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    sys.stderr.flush()
+    return EXIT_DEFECT
+
+
+def run(body: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Call ``body(argv)`` and map its outcome to an exit status (0 when it returns None)."""
+    try:
+        status = body(argv)
+    except SystemExit as exc:  # argparse --help / usage errors keep their own status
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else (print(code, file=sys.stderr) or 2))
+    except BaseException as exc:  # noqa: BLE001 - this is the one place that maps them all
+        return report(exc)
+    return 0 if status is None else int(status)
+
+
+def entry(body: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorator form: ``@runner.entry`` over ``def main(argv=None)``."""
+    def main(argv: list[str] | None = None) -> int:
+        return run(body, argv)
+    main.__doc__, main.__name__, main.__wrapped__ = body.__doc__, body.__name__, body
+    return main
