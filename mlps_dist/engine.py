@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, runner
-from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
+from mlps_dist.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.lock import run_lock
 from mlps_dist.preflight import check_models

@@ -18,17 +18,16 @@ mask and are listed under "skipped" in the manifest.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mlps_dist import artifacts, cam, dist, preflight, runner
-from mlps_dist.config import Config, parse_cli
+from mlps_dist.config import Config
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
-from mlps_dist.data.shards import ShardError, SplitReader, open_split, read_info
+from mlps_dist.data.shards import SplitReader, open_split, read_info
 from mlps_dist.fileio import atomic_write_bytes
 from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks,
                                     encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest,

@@ -16,7 +16,6 @@ and shapes, print every missing / unexpected name, and exit 1 when there is any.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlps_dist.fileio import atomic_write_bytes  # noqa: E402
 from mlps_dist.models import create_segmenter  # noqa: E402
 from mlps_dist.models.resnet38d import create_resnet38d, create_small38  # noqa: E402
 from mlps_dist.models.weights import (  # noqa: E402

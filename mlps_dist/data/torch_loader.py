@@ -7,11 +7,9 @@ output does not depend on the number of workers, and resuming is slicing that li
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mlps_dist.config import Config
