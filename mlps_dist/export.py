@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlps_dist.errors import MlpsError
+from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, commit_file, tmp_path
 
@@ -225,16 +225,23 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         record = run_export(args)
-    except (MlpsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, MlpsError):
+            raise
+        raise InputError(str(exc)) from exc
     print(f"wrote {Path(args.out) / 'model.onnx'} ({record['num_classes']} classes, gate "
           f"{'off' if not record['gate'] else record['gate_threshold']}) and model.json, MODEL_CARD.md")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlps_dist import runner
+
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
     python -m mlps_dist.segment_slides --run runs/luad --slides slides/ --out maps/
     torchrun --nproc_per_node=4 -m mlps_dist.segment_slides --run-dir runs/luad --slides slides/ --out maps/
+    python -m mlps_dist.segment_slides --model export/model.onnx --slides slides/ --out maps/   # no torch
 
 (Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own option.)
+With ``--model`` (an export of tools/export.py) the pass runs in one process through
+onnxruntime and needs neither torch nor the training stack: tiles get the same scores as
+with ``--run`` (the graph holds the same normalisation, resize, networks and gate).
 
 Per slide, in OUT/<slide>/: classes.png (uint8 class index per map pixel at ``--map-mpp``,
 the ignore index off tissue), classes.tiff (the map in the palette colours as a pyramidal
@@ -34,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist import dist
+from mlps_dist import runner
 from mlps_dist.draw import blend, colourise, palette_png_bytes, png_bytes
-from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError
+from mlps_dist.errors import EXIT_BAD_INPUT, InputError
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from mlps_dist.slides.grid import balanced_slides, rank_share
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
@@ -50,7 +54,9 @@ WORK = ".work"
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory of a finished training")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", "--run-dir", dest="run", help="run directory of a finished training")
+    source.add_argument("--model", help="model.onnx written by tools/export.py (model.json next to it)")
     p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model-mpp", type=float, default=None, help="training MPP when the run does not record one")
@@ -232,22 +238,80 @@ def check_slides(paths: list[Path], slide_mpp: float | None) -> tuple[dict[str, 
     return good, bad
 
 
-def build_model(args) -> SlideModel:
-    from mlps_dist.slide_model import create_slide_model
+class OneProcess:
+    """The process group of a torch-free run (``--model``): rank 0 of 1."""
 
-    model = create_slide_model(args.run, args.model_mpp, checkpoint=args.checkpoint, gate=False if args.no_gate else None,
-                               device=dist.device())
+    def init(self, backend: str = "auto") -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def get_world_size(self) -> int:
+        return 1
+
+    def get_rank(self) -> int:
+        return 0
+
+    def is_main(self) -> bool:
+        return True
+
+    def barrier(self) -> None:
+        pass
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+
+def area_average(scores: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, P, P) -> (N, C, size, size): the mean over each output pixel's input area
+    (as torch's adaptive average pooling, which the run-backed model uses)."""
+    p = scores.shape[-1]
+    if p == size:
+        return scores
+    edges = [(i * p // size, -(-(i + 1) * p // size)) for i in range(size)]
+    rows = np.stack([scores[:, :, a:b].mean(axis=2) for a, b in edges], axis=2)
+    return np.stack([rows[..., a:b].mean(axis=3) for a, b in edges], axis=3).astype(np.float32)
+
+
+class ExportedSlideModel:
+    """An exported model (mlps_dist.deploy.OnnxModel) behind the SlideModel interface."""
+
+    def __init__(self, path: str):
+        from mlps_dist.deploy import OnnxModel
+
+        self.model = OnnxModel(path)
+        self.classes, self.palette = list(self.model.classes), self.model.palette
+        self.mpp, self.patch_size = self.model.mpp, int(self.model.patch_size)
+
+    def scores(self, tiles: np.ndarray, out_size: int) -> np.ndarray:
+        return area_average(self.model.scores(np.ascontiguousarray(tiles)), out_size)
+
+
+def build_model(args, group) -> SlideModel:
+    if args.model:
+        model = ExportedSlideModel(args.model)
+        if not model.mpp and args.model_mpp:
+            model.mpp = float(args.model_mpp)
+    else:
+        from mlps_dist.slide_model import create_slide_model
+
+        model = create_slide_model(args.run, args.model_mpp, checkpoint=args.checkpoint,
+                                   gate=False if args.no_gate else None, device=group.device())
     if not model.mpp:
-        raise InputError(f"{args.run}: the run does not record the microns per pixel it was trained at (no 'mpp' in "
-                         f"its shards' info.json); pass --model-mpp")
+        raise InputError(f"{args.model or args.run}: the model does not record the microns per pixel it was trained "
+                         f"at (no 'mpp' in its shards' info.json or model.json); pass --model-mpp")
     return model
 
 
-def run(args, model: SlideModel | None = None) -> int:
+def run(args, model: SlideModel | None = None, group=None) -> int:
     out = Path(args.out)
     paths = list_slides(args.slides)
     good, bad = check_slides(paths, args.slide_mpp)
-    model = model or build_model(args)
+    if group is None:
+        from mlps_dist import dist as group
+    dist = group
+    model = model or build_model(args, group)
     start = time.perf_counter()  # after start-up and model loading: the slide work itself
     world, rank = dist.get_world_size(), dist.get_rank()
     pending = {n: p for n, p in good.items() if not (out / n / "summary.json").is_file()}
@@ -295,21 +359,25 @@ def run(args, model: SlideModel | None = None) -> int:
     return EXIT_BAD_INPUT if bad else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist.init("auto")
+    if args.model and (args.no_gate or args.checkpoint != "best"):
+        raise InputError("--no-gate and --checkpoint apply to --run; an exported model has its gate and checkpoint "
+                         "fixed by tools/export.py (export again to change them)")
+    if args.model:
+        group = OneProcess()  # one process, no torch
+    else:
+        from mlps_dist import dist as group
+    group.init("auto")
     try:
-        return run(args)
+        return run(args, group=group)
     finally:
-        dist.teardown()
+        group.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
 
 
 if __name__ == "__main__":
-    from mlps_dist.checkpoint import CheckpointError
-    from mlps_dist.config import ConfigError
-
-    try:
-        sys.exit(main())
-    except (MlpsError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+    sys.exit(main())

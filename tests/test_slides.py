@@ -128,7 +128,7 @@ def test_an_unmapped_annotation_name_is_refused_with_the_names_found(slides, tmp
     args = tile_args(root, tmp_path / "out")
     args[args.index("--annotations") + 1] = str(ann)
     with pytest.raises(InputError, match="Fat.*names found"):
-        tile_slides.main(args)
+        tile_slides._main(args)
     assert not (tmp_path / "out" / "info.json").exists()
 
 
@@ -139,7 +139,7 @@ def test_a_slide_without_mpp_is_refused_by_name(slides, tmp_path):
     shutil.copy(root / "slides" / "slide0.tiff", folder)
     write_synthetic_slide(folder / "nompp.tiff", None, 512, 384, seed=5, mpp=None, cell_px=CELL)
     with pytest.raises(InputError, match="nompp"):
-        tile_slides.main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp", "2", "--tile", "32"])
+        tile_slides._main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp", "2", "--tile", "32"])
     assert not (tmp_path / "out").exists()
     from mlps_dist import segment_slides
 
@@ -256,7 +256,7 @@ def test_segment_slides_with_a_trained_run_needs_its_mpp(flat_slides, tmp_path):
     base = ["--run", str(run), "--slides", str(flat_slides[0] / "slides" / "flat0.tiff"), "--out", str(tmp_path / "m"),
             "--map-mpp", "8", "--stride", "32"]
     with pytest.raises(InputError, match="--model-mpp"):
-        segment_slides.main(base)
+        segment_slides._main(base)
     assert segment_slides.main(base + ["--model-mpp", "8"]) == 0
     classes = np.asarray(Image.open(tmp_path / "m" / "flat0" / "classes.png"))
     assert classes.shape == (H // 8, W // 8) and set(np.unique(classes)) <= set(range(5))

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from mlps_dist import dist  # noqa: E402
 from mlps_dist.draw import palette_for  # noqa: E402
+from mlps_dist import runner  # noqa: E402
 from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError  # noqa: E402
 from mlps_dist.slides.annotations import load_annotations, parse_class_map  # noqa: E402
 from mlps_dist.slides.grid import balanced_slides  # noqa: E402
@@ -189,7 +190,7 @@ def run(args) -> int:
     return EXIT_BAD_INPUT if bad else 0
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     dist.init("auto")
     try:
@@ -198,9 +199,9 @@ def main(argv=None) -> int:
         dist.teardown()
 
 
+def main(argv=None) -> int:
+    return runner.run(_main, argv)
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MlpsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    sys.exit(main())
