@@ -41,6 +41,7 @@ from pathlib import Path
 
 from mlps_dist.config import Config
 from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import sha256_file
 from mlps_dist.fileio import atomic_write_json, fsync_dir
 
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
@@ -122,14 +123,6 @@ def output_files(run_dir: str | Path, stage: str, split: str = "") -> list[Path]
 
 
 # ---------------------------------------------------------------- fingerprints
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
-from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, commit_file, tmp_path
+from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, commit_file, sha256_file, tmp_path
 
 MIN_AGREEMENT = 0.999
 FORMAT_VERSION = 1
@@ -48,16 +48,6 @@ class ExportCheckError(MlpsError):
     """The exported graph does not reproduce the torch model."""
 
     exit_code = 1
-
-
-def sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_graph(graph: DeployGraph, path: Path, opset: int) -> None:
@@ -188,9 +178,11 @@ def run_export(args) -> dict:
     cfg = load_config(run / "config.yaml")
     reader = open_split(cfg.data.root, args.check_split)  # before the export: no test patches, no model
     predictor, seg_meta = create_predictor(run, cfg, checkpoint=args.checkpoint, num_classes=reader.num_classes)
-    weights = {"segmenter": {"file": str(Path(seg_meta["path"]).relative_to(run)), "sha256": sha256(seg_meta["path"])}}
+    seg_file = str(Path(seg_meta["path"]).relative_to(run))
+    weights = {"segmenter": {"file": seg_file, "sha256": sha256_file(seg_meta["path"])}}
     if predictor.gated:
-        weights["classifier"] = {"file": "classifier/model.pt", "sha256": sha256(run / "classifier" / "model.pt")}
+        chosen = seg_meta["classifier"]["file"]  # classifier.checkpoint: best.pt or model.pt
+        weights["classifier"] = {"file": chosen, "sha256": sha256_file(run / chosen)}
     out.mkdir(parents=True, exist_ok=True)
     final = out / "model.onnx"
     staged = tmp_path(final)
@@ -203,7 +195,7 @@ def run_export(args) -> dict:
         if not check["class_agreement"] >= MIN_AGREEMENT:
             raise ExportCheckError(f"onnxruntime and torch agree on only {100 * check['class_agreement']:.4f} % of "
                                    f"pixels (need {100 * MIN_AGREEMENT:.1f} %); no model.onnx written")
-        weights["model.onnx"] = {"file": "model.onnx", "sha256": sha256(staged)}
+        weights["model.onnx"] = {"file": "model.onnx", "sha256": sha256_file(staged)}
         record = model_record(args, cfg, predictor, seg_meta, reader.info, check, weights)
         atomic_write_json(out / "model.json", record)
         copy_model_card(run, out)

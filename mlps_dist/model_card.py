@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mlps_dist.fileio import atomic_write_text
+from mlps_dist.fileio import atomic_write_text, sha256_file
 
 PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "webdataset", "numpy", "pillow",
             "onnx", "onnxruntime")
@@ -39,11 +39,7 @@ def _json(path: Path) -> dict | None:
 def _sha256(path: Path) -> str | None:
     if not path.is_file():
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def shards_digest(root: Path, info: dict) -> str:

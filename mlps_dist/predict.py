@@ -160,10 +160,6 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
 
 def file_digest(path: str | Path) -> str:
     """First 16 hex digits of the file's sha256."""
-    import hashlib
+    from mlps_dist.fileio import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mlps_dist.data.shards import TarFiles, check_index_fits, read_index, write_index
 from mlps_dist.errors import MlpsError
-from mlps_dist.fileio import atomic_write_text, commit_file
+from mlps_dist.fileio import atomic_write_text, commit_file, sha256_file  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -64,14 +64,6 @@ def encode_png(mask: np.ndarray, palette: list[int] | None = None) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(settings: dict) -> str:
