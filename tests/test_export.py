@@ -14,6 +14,7 @@ from PIL import Image
 from mlps_dist import export, infer
 from mlps_dist.deploy import OnnxModel
 from mlps_dist.errors import InputError
+from mlps_dist.fileio import sha256_file
 from mlps_dist.export_graph import DeployGraph, antialiased_resize
 from mlps_dist.predict import Predictor, create_predictor
 from test_infer import CLASSES, make_run
@@ -99,8 +100,8 @@ def test_export_writes_checked_model_json_and_card(exported, capsys):
     assert meta["patch_size"] == 48 and meta["image_size"] == 32 and meta["gate_threshold"] == 0.1
     assert meta["self_check"]["samples"] == 8 and meta["self_check"]["class_agreement"] >= 0.999
     assert meta["metrics"]["test"]["miou"] == 0.6512
-    assert meta["weights"]["segmenter"]["sha256"] == export.sha256(run / "segmenter" / "model.pt")
-    assert meta["weights"]["model.onnx"]["sha256"] == export.sha256(out / "model.onnx")
+    assert meta["weights"]["segmenter"]["sha256"] == sha256_file(run / "segmenter" / "model.pt")
+    assert meta["weights"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Data", "## Method and settings", "## Results", "## Intended use and limits",
                    "## Software and hardware", "## How to reproduce", "65.12", "43.21", "tools/export.py"):
