@@ -102,9 +102,21 @@ def data_section(cfg: dict, info: dict | None, root: Path) -> list[str]:
 
 
 def method_section(run: Path, cfg: dict) -> list[str]:
-    gate_sha = _sha256(run / "classifier" / "model.pt")
     manifest = _json(run / "pseudo_masks" / "train" / "manifest.json") or {}
-    masks_sha = (manifest.get("settings") or {}).get("classifier_sha256")
+    settings = manifest.get("settings") or {}
+    masks_sha, masks_pick = settings.get("classifier_sha256"), settings.get("classifier") or {}
+    # the gate's stage-1 file (classifier.checkpoint) as evaluation recorded it
+    gate_pick = (_json(run / "metrics" / "test.json") or _json(run / "metrics" / "val.json") or {}).get("classifier")
+    gate_pick = gate_pick or masks_pick
+    gate_file = gate_pick.get("file") or "classifier/model.pt"
+    gate_sha = _sha256(run / gate_file)
+
+    def describe(pick: dict, default: str) -> str:
+        where = f"RUN/{pick.get('file') or default}"
+        if pick.get("checkpoint"):
+            where += f" (classifier.checkpoint={pick['checkpoint']}, epoch {pick.get('epoch')}, " \
+                     f"validation score {_pct(pick.get('score'))} %)"
+        return where
     ev = cfg["evaluate"]
     out = ["## Method and settings", "",
            "MLPS (Han et al., Medical Image Analysis 2022): a multi-label patch classifier "
@@ -113,8 +125,10 @@ def method_section(run: Path, cfg: dict) -> list[str]:
            f"{', '.join(cfg['masks']['layers'])}, a segmenter (`{cfg['segmenter']['model']}`) trained on the three "
            f"masks (loss weights {cfg['segmenter']['loss_weights']}), and at inference the classification gate "
            f"({'on, threshold ' + str(ev['gate_threshold']) if ev['gate'] else 'off'}).", "",
-           f"- classifier that fed the pseudo masks: RUN/classifier/model.pt, sha256 `{(masks_sha or 'unknown')[:16]}`",
-           f"- classifier used as the gate: RUN/classifier/model.pt, sha256 `{(gate_sha or 'missing')[:16]}`"
+           f"- classifier that fed the pseudo masks: {describe(masks_pick, 'classifier/model.pt')}, "
+           f"sha256 `{(masks_sha or 'unknown')[:16]}`",
+           f"- classifier used as the gate: {describe(gate_pick, 'classifier/model.pt')}, "
+           f"sha256 `{(gate_sha or 'missing')[:16]}`"
            + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
            f"- segmenter checkpoint evaluated: {ev['checkpoint']}", ""]
     out += ["Resolved configuration (RUN/config.yaml):", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
@@ -140,8 +154,9 @@ def results_section(run: Path) -> list[str]:
     pseudo = _json(run / "metrics" / "pseudo_masks.json")
     if pseudo:
         out += ["### Pseudo masks against the ground truth (mIoU %)", "", "| split | layer | mIoU |", "|---|---|---|"]
+        splits = {k: v for k, v in pseudo.items() if k != "classifier"}  # "classifier": which model made them
         out += [f"| {split} | {layer} | {_pct(rec.get('miou'))} |"
-                for split, layers in pseudo.items() for layer, rec in layers.items()]
+                for split, layers in splits.items() for layer, rec in layers.items() if isinstance(rec, dict)]
         out.append("")
     return out
 
