@@ -110,6 +110,9 @@ def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int
 # ---------------------------------------------------------------- writing
 
 
+IMAGE_MEMBERS = ("png", "webp", "jpg")
+
+
 class ShardWriter:
     """Writes one shard atomically: the index of ``.tar.tmp`` is committed as ``.idx`` first,
     then ``.tar.tmp`` is fsynced and renamed to ``.tar`` (the commit point). A kill in between
@@ -131,6 +134,10 @@ class ShardWriter:
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "image" in members and any(m in members for m in IMAGE_MEMBERS):
+            # SplitReader.read adds "image" as an alias of the stored encoding: a read sample
+            # can be written back as it is.
+            members = {k: v for k, v in members.items() if k != "image"}
         unknown = set(members) - set(MEMBERS)
         if unknown:
             raise ValueError(f"sample {key}: unknown members {sorted(unknown)}; allowed: {MEMBERS}")
