@@ -76,6 +76,7 @@ class GuardConfig:
     frozen_tolerance: float = 1e-5  # largest spread of the interval mean losses that counts as identical
     collapse_ratio: float = 0.5  # a watched val metric below ratio x its best so far = collapsed
     collapse_min_best: float = 0.2  # ... once that best has reached this value (early noise is not a collapse)
+    collapse_patience: int = 2  # ... at this many validations in a row (one noisy dip on a small val set is not)
     watch: list[str] = field(default_factory=lambda: ["score"])  # val metrics checked for a collapse
     max_rollbacks: int = 2  # rollbacks to the last good epoch-end checkpoint before exit status 2
     lr_factor: float = 0.5  # the LR is multiplied by this at every rollback
@@ -366,6 +367,7 @@ def _validate_augment(a: AugmentConfig, name: str) -> None:
 
 
 def _validate_guard(g: GuardConfig, name: str) -> None:
+    _check(g.collapse_patience >= 1, f"{name}.collapse_patience", f"must be >= 1, got {g.collapse_patience}")
     _check(g.frozen_intervals >= 2, f"{name}.frozen_intervals", f"must be >= 2, got {g.frozen_intervals}")
     _check(g.frozen_tolerance >= 0, f"{name}.frozen_tolerance", "must be >= 0")
     _check(0 < g.collapse_ratio < 1, f"{name}.collapse_ratio", f"must be in (0, 1), got {g.collapse_ratio}")

@@ -78,6 +78,8 @@ class TrainingHealth:
             self.decisions = json.loads(self.path.read_text())
         self.window: list[float] = []  # mean loss of the latest log intervals (all ranks)
         self.best: dict[str, float] = {}
+        self.below = 0  # validations in a row below collapse_ratio x best
+        self.suspect = False  # the last validation was below it: not a rollback target
         self.last_metrics: dict[str, float] = {}
         self.last_epoch = -1
         self._sum, self._count, self._bad = 0.0, 0, 0  # this rank, since the last check
@@ -124,13 +126,18 @@ class TrainingHealth:
             self._fail(symptom or "a failure on another rank", epoch, step)
 
     def check_validation(self, metrics: dict[str, float], epoch: int, step: int) -> None:
-        """Collective, after validation (metrics are already all-reduced, so equal on all ranks)."""
+        """Collective, after validation (metrics are already all-reduced, so equal on all ranks).
+        A collapse is ``collapse_patience`` validations in a row below ``collapse_ratio`` x the
+        best (a non-finite metric at once): one noisy dip on a small validation set is not."""
         collapsed = [(k, metrics[k], self.best.get(k, -math.inf)) for k in self.cfg.watch
                      if k in metrics and is_collapsed(float(metrics[k]), self.best.get(k, -math.inf), self.cfg)]
         self.last_metrics, self.last_epoch = {k: float(v) for k, v in metrics.items()}, epoch
-        if collapsed and self.cfg.enabled and _agree(True):
-            self._fail("validation collapsed: " + ", ".join(f"{k} {v:.4f} (best {b:.4f})" for k, v, b in collapsed),
-                       epoch, step)
+        self.below = self.below + 1 if collapsed else 0
+        self.suspect = bool(collapsed)
+        nonfinite = any(not math.isfinite(float(v)) for _, v, _ in collapsed)
+        if collapsed and (self.below >= self.cfg.collapse_patience or nonfinite) and self.cfg.enabled and _agree(True):
+            self._fail("validation collapsed: " + ", ".join(f"{k} {v:.4f} (best {b:.4f})" for k, v, b in collapsed)
+                       + (f" for {self.below} validations in a row" if self.below > 1 else ""), epoch, step)
         if not collapsed:
             for k in self.cfg.watch:
                 if k in metrics and math.isfinite(float(metrics[k])):
@@ -138,7 +145,7 @@ class TrainingHealth:
 
     def mark_good(self, path: Path) -> None:
         """The epoch-end checkpoint ``path`` passed every check: the next rollback target."""
-        if self.cfg.enabled:
+        if self.cfg.enabled and not self.suspect:
             self.ckpts.mark_good(path)
 
     # ------------------------------------------------------------ decisions
@@ -174,6 +181,7 @@ class TrainingHealth:
         if dist.is_main():
             self._sum, self._count, self._bad = total, int(count), int(bad)
         return {"window": list(self.window), "best": dict(self.best), "pending": [total, count, bad],
+                "below": self.below, "suspect": self.suspect,
                 "last_metrics": dict(self.last_metrics), "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict | None) -> None:
@@ -181,6 +189,7 @@ class TrainingHealth:
             return
         self.window = [float(v) for v in state["window"]]
         self.best = {k: float(v) for k, v in state["best"].items()}
+        self.below, self.suspect = int(state.get("below", 0)), bool(state.get("suspect", False))
         self.last_metrics = {k: float(v) for k, v in state["last_metrics"].items()}
         self.last_epoch = int(state["last_epoch"])
         total, count, bad = state["pending"]
@@ -188,8 +197,8 @@ class TrainingHealth:
 
     def model_meta(self) -> dict:
         """What a model file records about the run's health (checked again by its consumers)."""
-        collapsed = any(is_collapsed(self.last_metrics[k], self.best.get(k, -math.inf), self.cfg)
-                        for k in self.cfg.watch if k in self.last_metrics)
+        nonfinite = any(not math.isfinite(self.last_metrics[k]) for k in self.cfg.watch if k in self.last_metrics)
+        collapsed = nonfinite or self.below >= self.cfg.collapse_patience
         return {"collapsed": collapsed, "rollbacks": len(self.decisions["rollbacks"]), "lr_scale": self.lr_scale,
                 "best": dict(self.best), "watch": list(self.cfg.watch), "collapse_ratio": self.cfg.collapse_ratio,
                 "collapse_min_best": self.cfg.collapse_min_best}

@@ -70,8 +70,20 @@ def test_frozen_loss_is_noticed_after_k_intervals_and_rolls_back_to_the_good_che
     assert "after 1 rollback(s)" in message
 
 
+def test_one_dip_is_noise_two_in_a_row_are_a_collapse(tmp_path):
+    health, _ = _health(tmp_path, watch=["score", "f1"], max_rollbacks=0)  # collapse_patience 2 (default)
+    health.check_validation({"score": 0.6, "f1": 0.8}, epoch=0, step=5)
+    health.check_validation({"score": 0.6, "f1": 0.3}, epoch=1, step=10)  # one noisy dip: tolerated
+    assert health.suspect and health.below == 1
+    health.check_validation({"score": 0.6, "f1": 0.7}, epoch=2, step=15)
+    assert not health.suspect and health.below == 0
+    health.check_validation({"score": 0.6, "f1": 0.3}, epoch=3, step=20)
+    with pytest.raises(TrainingFailed, match=r"epoch 4 .*validation collapsed: f1 0.2000 .*2 validations in a row"):
+        health.check_validation({"score": 0.6, "f1": 0.2}, epoch=4, step=25)
+
+
 def test_collapsed_validation_relative_to_the_best(tmp_path):
-    health, ckpts = _health(tmp_path, watch=["score", "f1"], max_rollbacks=0)
+    health, ckpts = _health(tmp_path, watch=["score", "f1"], max_rollbacks=0, collapse_patience=1)
     health.check_validation({"score": 0.1, "f1": 0.15}, epoch=0, step=5)  # below collapse_min_best: noise
     health.check_validation({"score": 0.6, "f1": 0.99}, epoch=1, step=10)
     health.check_validation({"score": 0.55, "f1": 0.9}, epoch=2, step=15)  # a dip is not a collapse
@@ -81,7 +93,7 @@ def test_collapsed_validation_relative_to_the_best(tmp_path):
 
 
 def test_disabled_guard_still_refuses_a_collapsed_final_model(tmp_path):
-    health, _ = _health(tmp_path, enabled=False)
+    health, _ = _health(tmp_path, enabled=False, collapse_patience=1)
     health.check_validation({"score": 0.8}, epoch=0, step=1)
     health.add_step_loss(float("inf"))
     health.check_losses(epoch=1, step=2)  # disabled: no rollback, no stop
