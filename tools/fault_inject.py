@@ -134,6 +134,13 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _without_file_ids(record: dict) -> dict:
+    out = {k: v for k, v in record.items() if k not in ("segmenter", "segmenter_digest")}
+    if isinstance(out.get("classifier"), dict):  # the gate's stage-1 file: its digest holds the run dir too
+        out["classifier"] = {k: v for k, v in out["classifier"].items() if k != "digest"}
+    return out
+
+
 def compare(reference: Path, faulted: Path) -> dict[str, bool]:
     import torch
 
@@ -161,12 +168,10 @@ def compare(reference: Path, faulted: Path) -> dict[str, bool]:
         if not other.exists():
             same[f"metrics/{path.name}"] = False
             continue
-        a, b = json.loads(path.read_text()), json.loads(other.read_text())
-        # The segmenter file's path and byte digest name the run dir (its meta holds the
+        # The model files' paths and byte digests name the run dir (their meta holds the
         # config); the weights themselves are compared above.
-        paths = ("segmenter", "segmenter_digest")
-        same[f"metrics/{path.name}"] = ({k: v for k, v in a.items() if k not in paths}
-                                        == {k: v for k, v in b.items() if k not in paths})
+        same[f"metrics/{path.name}"] = _without_file_ids(json.loads(path.read_text())) == _without_file_ids(
+            json.loads(other.read_text()))
     return same
 
 
