@@ -74,20 +74,17 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, stage: str, step:
 
 
 def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """Every process below ``pid`` (the fault-injection tool's own walk of /proc)."""
+    return _fault_inject().descendants(pid)
+
+
+def _fault_inject():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_inject", REPO / "tools" / "fault_inject.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cmdline(pid: int) -> str:

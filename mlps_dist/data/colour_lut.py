@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlps_dist.data.augment import AugParams, colour, normalise
+from mlps_dist.data.augment import AugParams, colour, geometric, normalise
 
 _RAMP = np.repeat(np.arange(256, dtype=np.float32)[:, None, None], 3, axis=2)  # (256, 1, 3)
 
@@ -27,13 +27,7 @@ def channel_tables(p: AugParams, mean: list[float], std: list[float]) -> np.ndar
 def model_input_chw(rgb: np.ndarray, p: AugParams, mean: list[float], std: list[float]) -> np.ndarray:
     """(H, W, 3) uint8 -> geometry of ``p``, colour jitter, normalisation -> (3, H', W') float32."""
     tables = channel_tables(p, mean, std)
-    if p.transpose:
-        rgb = np.swapaxes(rgb, 0, 1)
-    if p.hflip:
-        rgb = rgb[:, ::-1]
-    if p.vflip:
-        rgb = rgb[::-1]
-    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # uint8 copy: cheap, and take() runs contiguous
+    planes = np.ascontiguousarray(geometric(rgb, p).transpose(2, 0, 1))  # uint8 copy: cheap, and take() runs contiguous
     out = np.empty(planes.shape, dtype=np.float32)
     for c in range(3):
         np.take(tables[c], planes[c], out=out[c])
