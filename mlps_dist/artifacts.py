@@ -67,7 +67,7 @@ LATER = {"classifier": ("classifier.checkpoint",)}
 # instead), how fast and how verbosely they run, what is drawn for TensorBoard. The torch
 # and DALI loaders yield identical batches by contract, so data.loader is operational too.
 OPERATIONAL = (
-    "run_dir", "dist.*", "data.root", "data.num_workers", "data.loader",
+    "run_dir", "dist.*", "data.root", "data.num_workers", "data.dali_source_workers", "data.loader",
     "*.log_every_steps", "*.ckpt_every_steps", "*.keep_last", "*.cam_images", "*.vis_images",
     "masks.batch_size", "masks.export_reference", "masks.quality_splits", "masks.skip_bad",
     "evaluate.batch_size", "evaluate.splits",

@@ -30,6 +30,10 @@ class DataConfig:
     root: str = "data/demo/shards"  # folder written by tools/make_shards.py (holds info.json)
     loader: str = "torch"  # torch | dali
     num_workers: int = 2  # loader worker processes (torch) or threads (dali) per rank
+    # DALI only: Python processes that read the next batches' bytes and augmentation
+    # parameters ahead of the pipeline (parallel external source); -1 = 2 on a GPU rank, 0 on
+    # CPU (the training thread reads them). Same batches either way.
+    dali_source_workers: int = -1
     image_size: int = 0  # side the patches are resized to for training; 0 keeps the stored size
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -379,6 +383,7 @@ def _validate_guard(g: GuardConfig, name: str) -> None:
 def validate(cfg: Config) -> None:
     _check(cfg.data.loader in ("torch", "dali"), "data.loader", f"must be 'torch' or 'dali', got '{cfg.data.loader}'")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.dali_source_workers >= -1, "data.dali_source_workers", "must be -1 (auto), 0 or more")
     _check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/data.std", "must have 3 values (RGB)")
     _check(all(s > 0 for s in cfg.data.std), "data.std", f"must be > 0, got {cfg.data.std}")
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")

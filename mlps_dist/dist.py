@@ -62,6 +62,7 @@ def read_env() -> DistEnv:
 
 
 _ENV = read_env()
+_HOST_GROUP = None  # gloo group beside NCCL for host-side flags (see start_vote)
 
 
 def env() -> DistEnv:
@@ -98,7 +99,7 @@ def init(backend: str = "auto", timeout_s: int = 1800, force_group: bool = False
 
     ``force_group`` makes a single plain process a group of one, which DeepSpeed needs.
     """
-    global _ENV
+    global _ENV, _HOST_GROUP
     _ENV = read_env()
     if tdist.is_initialized():
         return _ENV
@@ -119,12 +120,16 @@ def init(backend: str = "auto", timeout_s: int = 1800, force_group: bool = False
     if backend == "nccl":
         kwargs["device_id"] = device()
     tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    if backend == "nccl" and get_world_size() > 1:  # collective: every rank creates it here
+        _HOST_GROUP = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return _ENV
 
 
 def teardown() -> None:
+    global _HOST_GROUP
     if tdist.is_initialized():
         tdist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -146,6 +151,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     else:
         tdist.all_reduce(tensor)
     return tensor
+
+
+@dataclass
+class Vote:
+    """A host-side sum over ranks in flight; ``any()`` waits for it (usually long done)."""
+
+    work: object
+    tensor: torch.Tensor
+
+    def any(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        return bool(self.tensor.item() > 0)
+
+
+def start_vote(flag: bool) -> Vote:
+    """Start summing a 0/1 flag over ranks without waiting (collective). It runs on the CPU:
+    under NCCL on a gloo group of its own, so checking a flag every step neither waits for
+    the GPU nor, when read a step later, for the other ranks."""
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return Vote(None, tensor)
+    group = _HOST_GROUP if tdist.get_backend() == "nccl" else None
+    return Vote(tdist.all_reduce(tensor, group=group, async_op=True), tensor)
 
 
 def all_gather_object(obj):

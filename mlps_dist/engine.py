@@ -143,6 +143,7 @@ class PreemptionGuard:
     def __init__(self):
         self.flag = False
         self._previous = {}
+        self._vote: dist.Vote | None = None  # started by poll(), read by the next poll()
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -156,10 +157,22 @@ class PreemptionGuard:
     def _on_signal(self, signum, frame):
         self.flag = True  # acted on after the current optimizer step
 
+    def poll(self) -> bool:
+        """Per-step check (collective, call on every rank at the same steps): True on every
+        rank when any rank had been signalled by the previous call. The vote started here is
+        read at the next call, so a step never waits for it; the stop comes one step later."""
+        previous, self._vote = self._vote, None
+        if previous is not None and previous.any():
+            return True
+        self._vote = dist.start_vote(self.flag)
+        return False
+
     def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (collective: call on all ranks)."""
-        votes = dist.all_reduce_sum(torch.tensor([1.0 if self.flag else 0.0]))
-        return bool(votes.item() > 0)
+        """True on every rank when any rank was signalled (collective; waits for the vote)."""
+        if self._vote is not None:  # settle the per-step vote in flight; this one covers it
+            self._vote.any()
+            self._vote = None
+        return dist.start_vote(self.flag).any()
 
 
 def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> torch.Tensor:
@@ -254,7 +267,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
                     log.scalars({"loss": _mean_over_ranks(loss), "lr": model.lr()}, progress.global_step, "train/")
                     health.check_losses(epoch, progress.global_step)
                 mid_epoch = progress.step_in_epoch < steps_per_epoch  # the epoch end saves anyway
-                if mid_epoch and guard.agreed():
+                if mid_epoch and guard.poll():
                     save()
                     log.event("preempted", **asdict(progress))
                     raise Preempted(f"preempted at epoch {epoch} step {progress.step_in_epoch}; rerun to resume")

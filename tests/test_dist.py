@@ -31,3 +31,23 @@ def test_single_process_collectives_are_identity():
     assert dist.broadcast_object(5) == 5
     assert dist.get_world_size() == 1 and dist.is_main()
     dist.barrier()
+
+
+@pytest.mark.slow
+def test_preemption_vote_reaches_every_rank_one_step_later_without_a_blocking_collective(tmp_path):
+    """poll() reads the vote started by the previous step, so every rank stops at the same
+    step, one after the signal; agreed() (epoch ends) settles the vote in flight first."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torchrun_helpers as jobs
+
+    result = jobs.run(["tests/dist_scripts/preemption_votes.py", str(tmp_path)], nproc=3, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    records = [json.loads((tmp_path / f"votes-r{rank}.json").read_text()) for rank in range(3)]
+    for record in records:
+        # signalled before the poll of step 3 -> that poll starts the vote, step 4's reads it
+        assert record["polls"] == [False, False, False, False, True], record
+        assert record["agreed"] is True

@@ -198,3 +198,28 @@ def test_mixed_patch_sizes_need_data_image_size(tiny_shards, tmp_path):
     loader = create_train_loader(make_cfg(root, image_size=40), reader, batch_size=4, epoch=0, rank=0, world=1,
                                  device="cpu")
     assert next(iter(loader))["image"].shape == (4, 3, 40, 40)
+
+
+def test_dali_parallel_source_workers_yield_the_same_batches_and_the_source_pickles(tiny_shards, tmp_path):
+    """data.dali_source_workers moves the external source into worker processes (fork on a
+    CPU rank): same batches as the training thread reading them. On a GPU rank the workers
+    are spawned, which pickles the source: it must survive that with readers and params."""
+    import pickle
+
+    reader = open_split(tiny_shards, "train")
+    out = {}
+    for workers in (0, 2):
+        cfg = make_cfg(tiny_shards, "dali", rot90=True, color_jitter=0.3, hed_jitter=0.05, blur_prob=0.5,
+                       dali_source_workers=workers)
+        loader = create_train_loader(cfg, reader, batch_size=4, epoch=3, rank=0, world=1, device="cpu")
+        out[workers] = list(loader)
+    assert len(out[0]) == len(out[2]) > 1
+    for a, b in zip(out[0], out[2]):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+
+    source = loader.source()
+    copy = pickle.loads(pickle.dumps(source))
+    for mine, theirs in zip(source(1), copy(1)):
+        assert all(np.array_equal(x, y) for x, y in zip(mine, theirs))
+    with pytest.raises(StopIteration):  # DALI prefetches past the end; the source must keep saying so
+        copy(len(loader))

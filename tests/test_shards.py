@@ -257,3 +257,30 @@ def test_image_formats_for_the_training_split(tiny_luad_folder, tmp_path):
             diff = np.abs(decode_rgb(reader.read(i)["image"]).astype(int) - decode_rgb(png.read(i)["image"]))
             assert diff.mean() <= tolerance
         assert "mask.png" in open_split(out, "val").read(0)
+
+
+def test_fast_png_decoder_matches_pil_and_leaves_other_modes_to_pil(monkeypatch):
+    """8-bit RGB PNG goes through imagecodecs (libpng; palettes it expands itself); grey,
+    alpha and 16-bit fall back to PIL's conversion, and so does a machine without
+    imagecodecs: the pixels never depend on the decoder."""
+    import io as _io
+
+    from mlps_dist.data import decode
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    images = {"RGB": Image.fromarray(rgb), "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+              "L": Image.fromarray(rgb[..., 0]), "P": Image.fromarray(rgb).quantize(16),
+              "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
+    for mode, img in images.items():
+        buf = _io.BytesIO()
+        img.save(buf, format="PNG")
+        png = buf.getvalue()
+        expected = np.asarray(Image.open(_io.BytesIO(png)).convert("RGB"))
+        fast = decode._fast_png(png)
+        assert fast is not None if mode == "RGB" else (fast is None or mode == "P"), mode  # libpng expands palettes
+        np.testing.assert_array_equal(decode.decode_rgb(png), expected, err_msg=mode)
+        resized = np.asarray(Image.open(_io.BytesIO(png)).convert("RGB").resize((12, 12), Image.BILINEAR))
+        np.testing.assert_array_equal(decode.decode_rgb(png, size=12), resized, err_msg=mode)
+    monkeypatch.setattr(decode, "imagecodecs", None)
+    np.testing.assert_array_equal(decode.decode_rgb(png), expected)

@@ -7,11 +7,15 @@ per-sample parameters from augment.py: both back ends yield the same samples wit
 same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU: JPEG shards
 (``make_shards.py --image-format jpeg``) are decoded by nvJPEG on the GPU, PNG and WebP by
 DALI's CPU threads; augmentation then runs on the GPU. Without a GPU everything runs on the
-CPU. The pipeline prefetches two batches, so decoding overlaps the training step; the
-Python source only reads bytes (decoding happens in DALI's threads, outside the GIL).
+CPU. The pipeline prefetches two batches, so decoding overlaps the training step. The
+Python source only reads bytes and draws parameters (decoding happens in DALI's threads,
+outside the GIL); on a GPU rank it runs in parallel worker processes
+(``data.dali_source_workers``), so the training thread never does even that.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -25,26 +29,31 @@ def _as_bytes(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8)
 
 
+def _identity_params(index: int):
+    return IDENTITY
+
+
 class _BatchSource:
-    """Iterator of per-batch input lists for ``fn.external_source(num_outputs=...)``."""
+    """Batch ``i`` of the plan as input lists for ``fn.external_source(num_outputs=...)``.
+
+    Stateless (a function of the batch number, as DALI's parallel mode requires) and
+    picklable: ``params_of`` and ``masks_of`` must be module-level callables, partials or
+    bound methods of picklable readers, so that spawned worker processes can run it."""
 
     def __init__(self, reader, batches, params_of, num_masks, masks_of, with_mask, ops=(False, False)):
         self.reader, self.batches, self.params_of = reader, batches, params_of
         self.num_masks, self.masks_of, self.with_mask = num_masks, masks_of, with_mask
         self.ops, self.num_extra = ops, sum(ops)  # blur kernel and/or HED map columns
-        self.position = 0
 
-    def __iter__(self):
-        self.position = 0
-        return self
+    @property
+    def num_outputs(self) -> int:
+        return 6 + self.num_extra + self.num_masks
 
-    def __next__(self):
-        if self.position >= len(self.batches):
+    def __call__(self, iteration: int):
+        if iteration >= len(self.batches):  # DALI may ask past the end while prefetching
             raise StopIteration
-        batch = self.batches[self.position]
-        self.position += 1
-        cols: list[list[np.ndarray]] = [[] for _ in range(6 + self.num_extra + self.num_masks)]
-        for index in batch:
+        cols: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
+        for index in self.batches[iteration]:
             sample = self.reader.read(index)
             p = self.params_of(index)
             pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
@@ -55,6 +64,14 @@ class _BatchSource:
             for col, value in zip(cols, values):
                 col.append(value)
         return tuple(cols)
+
+
+def source_workers(cfg: Config, device: torch.device) -> int:
+    """Python processes for the parallel external source: ``data.dali_source_workers``, where
+    -1 means 2 on a GPU rank (keeps the training thread free to queue kernels) and 0 on a CPU
+    (the cores are busy with the model; extra processes would only compete)."""
+    workers = cfg.data.dali_source_workers
+    return (2 if device.type == "cuda" else 0) if workers < 0 else workers
 
 
 def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
@@ -73,10 +90,15 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
             x = x
         return fn.flip(x, horizontal=hflip, vertical=vflip)
 
+    workers = source_workers(cfg, device)
+    # Workers are started per pipeline (per epoch). After CUDA is initialised only spawn is
+    # safe; on a CPU rank fork is, and it starts faster.
+    parallel = {"parallel": True, "prefetch_queue_depth": 2} if workers else {}
+
     @pipeline_def(enable_conditionals=True)
     def pipeline():
         png, transpose, hflip, vflip, gain, offset, *rest = fn.external_source(
-            source=source, num_outputs=6 + source.num_extra + source.num_masks, batch=True, cycle="raise")
+            source=source, num_outputs=source.num_outputs, batch=True, **parallel)
         extra, masks = rest[:source.num_extra], rest[source.num_extra:]
         decode_device = "mixed" if on_gpu else "cpu"
         img = fn.decoders.image(png, device=decode_device, output_type=types.RGB)
@@ -105,8 +127,9 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
         return tuple(outputs)
 
     device_id = device.index if on_gpu else None
+    pool = {"py_num_workers": workers, "py_start_method": "spawn" if on_gpu else "fork"} if workers else {}
     pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
-                    prefetch_queue_depth=2, exec_dynamic=True)  # decode the next batch during this step
+                    prefetch_queue_depth=2, exec_dynamic=True, **pool)  # decode the next batch during this step
     pipe.build()
     return pipe
 
@@ -132,12 +155,17 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def source(self) -> _BatchSource:
+        """The external source of this loader's batches (what parallel workers run)."""
+        _, params_of, masks_of = self._args
+        num_masks = self.num_masks if masks_of else int(self.with_mask)
+        return _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask, self.ops)
+
     def __iter__(self):
         if not self.batches:
             return
-        cfg, params_of, masks_of = self._args
-        num_masks = self.num_masks if masks_of else int(self.with_mask)
-        source = _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask, self.ops)
+        cfg = self._args[0]
+        source = self.source()
         resize = 0 if self.eval_mode else cfg.data.image_size
         pipe = _build_pipeline(cfg, source, max(len(b) for b in self.batches), self.device, self.eval_mode, resize)
         try:
@@ -163,13 +191,11 @@ def create_dali_train_loader(cfg: Config, reader: SplitReader, batches, epoch: i
                              augment=None):
     augment = augment if augment is not None else cfg.classifier.augment
 
-    def params_of(index):
-        return sample_params(augment, cfg.seed, epoch, index)
-
+    params_of = functools.partial(sample_params, augment, cfg.seed, epoch)  # picklable for the source workers
     num_masks = len(pseudo_masks.layers) if pseudo_masks is not None else 0
     masks_of = pseudo_masks.read_pngs if pseudo_masks is not None else None
     return DaliLoader(cfg, reader, batches, device, params_of, masks_of, num_masks, augment=augment)
 
 
 def create_dali_eval_loader(cfg: Config, reader: SplitReader, batches, device):
-    return DaliLoader(cfg, reader, batches, device, lambda index: IDENTITY, eval_mode=True)
+    return DaliLoader(cfg, reader, batches, device, _identity_params, eval_mode=True)

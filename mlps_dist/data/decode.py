@@ -3,7 +3,7 @@ loader, the DALI loader's Python side, the mask pass, tools/).
 
     sample = decode_sample(reader.read(i))     # {"rgb", "labels", "mask", "meta"} as present
 
-``png`` -> rgb (H, W, 3) uint8; ``labels`` -> multi-hot float32 (C,); ``mask.png`` -> class
+``image``/``png`` -> rgb (H, W, 3) uint8; ``labels`` -> multi-hot float32 (C,); ``mask.png`` -> class
 indices (H, W) uint8 (8-bit greyscale or palette PNG only); ``json`` -> dict. ``size``
 resizes rgb (bilinear) and mask (nearest) to size x size.
 """
@@ -18,15 +18,36 @@ from PIL import Image
 
 from mlps_dist.data.shards import decode_labels
 
+try:  # libpng/libspng through imagecodecs: ~1.6x PIL's PNG decoding, same pixels
+    import imagecodecs
+except ImportError:  # the torch-free deployment install has Pillow only
+    imagecodecs = None
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 __all__ = ["decode_rgb", "decode_indices", "decode_labels", "decode_meta", "decode_sample"]
 
 
-def decode_rgb(png: bytes, size: int = 0) -> np.ndarray:
-    """PNG, WebP or JPEG bytes (PIL tells them apart) -> (H, W, 3) uint8."""
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+def _fast_png(encoded: bytes) -> np.ndarray | None:
+    """8-bit RGB PNG -> (H, W, 3) uint8 without PIL; None for anything else (PIL decides)."""
+    if imagecodecs is None or not encoded.startswith(_PNG_SIGNATURE):
+        return None
+    try:
+        rgb = imagecodecs.png_decode(encoded)
+    except Exception:  # noqa: BLE001 - PIL decodes it or raises its own, clearer error
+        return None
+    return rgb if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 else None
+
+
+def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
+    """PNG, WebP or JPEG bytes -> (H, W, 3) uint8. 8-bit RGB PNG (what shards hold) takes the
+    fast decoder; grey, palette, alpha, 16-bit, WebP and JPEG go through PIL's conversion."""
+    rgb = _fast_png(encoded)
+    if rgb is None:
+        rgb = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.uint8)
+    if size and rgb.shape[:2] != (size, size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return rgb
 
 
 def decode_indices(png: bytes, size: int = 0) -> np.ndarray:
