@@ -118,6 +118,29 @@ def test_tile_labels_and_masks_match_the_truth(slides, tmp_path):
     assert total > 0 and agree / total > 0.97
 
 
+def test_tile_slides_image_format_encodes_train_tiles_only(slides, tmp_path):
+    """--image-format webp: train tiles are lossless WebP with the PNG run's pixels; val/test
+    tiles and masks stay PNG, byte for byte."""
+    from mlps_dist.data.decode import decode_rgb
+    from mlps_dist.data.shards import open_split
+
+    root, _ = slides
+    outs = {fmt: tmp_path / fmt for fmt in ("png", "webp")}
+    for fmt, out in outs.items():
+        args = tile_args(root, out, "--splits", str(splits_csv(root)), "--image-format", fmt)
+        assert tile_slides.main(args) == 0
+    info = json.loads((outs["webp"] / "info.json").read_text())
+    assert info["splits"]["train"]["image_format"] == "webp" and info["splits"]["val"]["image_format"] == "png"
+    png, webp = open_split(outs["png"], "train"), open_split(outs["webp"], "train")
+    assert len(png) == len(webp) > 10 and webp.image_member == "webp"
+    for i in range(len(png)):
+        assert webp.read(i)["image"][:4] == b"RIFF"
+        np.testing.assert_array_equal(decode_rgb(webp.read(i)["image"]), decode_rgb(png.read(i)["image"]))
+    for split in ("val", "test"):
+        a, b = open_split(outs["png"], split), open_split(outs["webp"], split)
+        assert [a.read(i) for i in range(len(a))] == [b.read(i) for i in range(len(b))]
+
+
 def test_an_unmapped_annotation_name_is_refused_with_the_names_found(slides, tmp_path):
     root, _ = slides
     ann = tmp_path / "ann"

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from mlps_dist import dist  # noqa: E402
 from mlps_dist.draw import palette_for  # noqa: E402
 from mlps_dist import runner  # noqa: E402
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
 from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError  # noqa: E402
 from mlps_dist.slides.annotations import load_annotations, parse_class_map  # noqa: E402
 from mlps_dist.slides.grid import balanced_slides  # noqa: E402
@@ -67,9 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--workers", type=int, default=1, help="processes per rank, each tiling one slide at a time")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
+                   help="encoding of the training tiles: png (default, exact), webp (lossless, faster to decode), "
+                        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG")
+    p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                   help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
     args = p.parse_args(argv)
     if args.tile < 8 or args.stride < 0 or args.mpp <= 0 or not 0 <= args.min_tissue <= 1:
         p.error("need --tile >= 8, --stride >= 0, --mpp > 0 and 0 <= --min-tissue <= 1")
+    if not 1 <= args.image_quality <= 100:
+        p.error(f"--image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)")
     args.stride = args.stride or args.tile
     return args
 
@@ -109,7 +117,8 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
         raise InputError(f"--classes {args.classes!r}: give distinct class names separated by commas")
     spec = TileSpec(mpp=args.mpp, tile=args.tile, stride=args.stride, min_tissue=args.min_tissue, classes=classes,
                     class_map=parse_class_map(args.class_map, classes), label_min_fraction=args.label_min_fraction,
-                    tissue_mpp=args.tissue_mpp, slide_mpp=args.slide_mpp)
+                    tissue_mpp=args.tissue_mpp, slide_mpp=args.slide_mpp, image_format=args.image_format,
+                    image_quality=args.image_quality)
     paths = list_slides(args.slides)
     bad, no_mpp, good = [], [], []
     for path in paths:

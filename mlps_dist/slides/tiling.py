@@ -12,7 +12,8 @@ OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done s
 Assembly renumbers the parts into the shard format of tools/make_shards.py: per split, the
 slides in name order, keys ``<split>_<index:08d>`` contiguous whatever order the slides
 finished in. Members are copied byte for byte (no re-encoding); output shards are split
-over ranks, each written by exactly one.
+over ranks, each written by exactly one. Train tiles are stored in ``image_format`` (PNG by
+default; WebP or JPEG decode faster, see data/encoding.py), val/test tiles and masks as PNG.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, image_member
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
 from mlps_dist.draw import png_bytes
@@ -46,6 +49,8 @@ class TileSpec:
     label_min_fraction: float = 0.05
     tissue_mpp: float = 8.0
     slide_mpp: float | None = None  # level-0 MPP override for every slide
+    image_format: str = "png"  # encoding of the train tiles (data/encoding.py); val/test and masks stay PNG
+    image_quality: int = DEFAULT_JPEG_QUALITY  # JPEG only
 
     @property
     def ignore_index(self) -> int:
@@ -106,7 +111,10 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
                         labels = [int(c in present) for c in range(len(spec.classes))]
                         members["mask.png"] = png_bytes(mask)
                 rgb = slide.read(x, y, size0, spec.tile)
-                members.update(png=png_bytes(rgb), labels=encode_labels(labels), json=json.dumps(meta).encode())
+                fmt = spec.image_format if job.split == "train" else "png"
+                image = png_bytes(rgb) if fmt == "png" else encode_rgb(Image.fromarray(rgb), fmt, spec.image_quality)
+                members[image_member(fmt)] = image
+                members.update(labels=encode_labels(labels), json=json.dumps(meta).encode())
                 writer.write(f"t_{count:08d}", members)
                 labels_out.append(labels)
                 count += 1
@@ -178,8 +186,10 @@ def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palet
         for r in mine:
             if r["labels"]:
                 counts += np.asarray(r["labels"], np.int64).sum(axis=0)
+        fmt = spec.image_format if split == "train" else "png"
         info["splits"][split] = {
             "count": sum(len(s) for s in shards), "has_masks": split != "train", "image_size": [spec.tile, spec.tile],
+            "image_format": fmt, **({"image_quality": spec.image_quality} if fmt == "jpeg" else {}),
             "class_counts": [int(v) for v in counts],
             "slides": sorted(r["slide"] for r in mine),
             "shards": [{"tar": f"{shard_stem(split, n)}.tar", "idx": f"{shard_stem(split, n)}.idx", "count": len(s)}
