@@ -155,7 +155,8 @@ def collect(run_dir: Path, data: Path) -> dict:
     test = json.loads((run_dir / "metrics" / "test.json").read_text())
     masks_path = run_dir / "metrics" / "pseudo_masks.json"
     pseudo = json.loads(masks_path.read_text()) if masks_path.is_file() else {}
-    pm_split = next(iter(pseudo.values()), {})
+    # {"classifier": {...}, "<split>": {layer: metrics}}: the first split (val) is reported
+    pm_split = next((v for k, v in pseudo.items() if k != "classifier" and isinstance(v, dict)), {})
     times = [e["time"] for e in events if "time" in e]
     summary = json.loads((data / "raw" / "synthetic.json").read_text()).get("summary", {})
     return {
