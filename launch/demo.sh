@@ -17,7 +17,7 @@ run_dir=${1:-runs/demo}
 data=${DEMO_DATA:-data/demo}
 
 if [[ ! -f "$data/shards/info.json" ]]; then
-    python tools/make_synthetic.py --out "$data/raw" --train 1000 --val 100 --test 100 --size 96 --seed 0
+    python tools/make_synthetic.py --out "$data/raw" --train 600 --val 80 --test 100 --size 96 --seed 0
     # The synthetic textures are drawn at about 1 micron per pixel.
     python tools/make_shards.py --layout luad --src "$data/raw" --out "$data/shards" --mpp 1.0
 fi

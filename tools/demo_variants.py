@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="data/variants", help="folder for the generated datasets")
     p.add_argument("--runs", default="runs/variants", help="folder for the run directories")
     p.add_argument("--results", default=None, help="JSON lines file (default: RUNS/results.jsonl)")
-    p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--val", type=int, default=100)
+    p.add_argument("--train", type=int, default=600)
+    p.add_argument("--val", type=int, default=80)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
                    help="masks.background.enabled: auto = on where white is white; config = leave it to CONFIG")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the built-in synthetic H&E dataset in the LUAD-HistoSeg folder layout.
 
-    python tools/make_synthetic.py --out data/demo/raw --train 1000 --val 100 --test 100 --size 96
+    python tools/make_synthetic.py --out data/demo/raw --train 600 --val 80 --test 100 --size 96
     python tools/make_synthetic.py --out data/pale/raw --variant pale --h-strength 0.5
 
 The result is read by tools/make_shards.py like the real LUAD-HistoSeg download.
