@@ -235,6 +235,25 @@ def test_harness_reads_stage1_scores_and_flags_a_collapse():
     assert "| pale | tuning | 0 | off | 81.2 |" in table and "30.0 (collapsed)" in table and "| 10.0 |" in table
 
 
+def test_harness_collects_pseudo_masks_past_the_classifier_record(tmp_path):
+    """metrics/pseudo_masks.json starts with the classifier that made the masks; the harness
+    reports the split's layers, not that record."""
+    import json
+
+    harness = _load_tool("demo_variants")
+    run, data = tmp_path / "run", tmp_path / "data"
+    (run / "metrics").mkdir(parents=True)
+    (data / "raw").mkdir(parents=True)
+    (run / "metrics" / "test.json").write_text(json.dumps({"miou": 0.8, "ungated": {"miou": 0.79}, "iou": {}}))
+    (run / "metrics" / "pseudo_masks.json").write_text(json.dumps(
+        {"classifier": {"checkpoint": "best", "epoch": 3}, "val": {"b5_2": {"miou": 0.7}, "bn7": {"miou": 0.72}}}))
+    (run / "log.jsonl").write_text(json.dumps({"time": 1.0, "stage": "classifier", "step": 5, "val/score": 0.6}))
+    (data / "raw" / "synthetic.json").write_text(json.dumps({"summary": {"seconds": 12.5}}))
+    row = harness.collect(run, data)
+    assert row["pseudo_mask_miou"] == {"b5_2": 0.7, "bn7": 0.72}
+    assert row["test_miou_gated"] == 0.8 and row["stage1_best_val"] == 0.6 and row["data_wall_s"] == 12.5
+
+
 def test_contact_sheet(tmp_path):
     sheet_tool = _load_tool("synthetic_sheet")
     out = tmp_path / "sheet.png"
