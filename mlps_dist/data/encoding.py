@@ -29,6 +29,16 @@ def image_member(image_format: str) -> str:
     return MEMBER_OF_FORMAT[image_format]
 
 
+def split_image_format(image_format: str, split: str) -> str:
+    """The encoding ``split`` is stored in: the chosen one for train, PNG for val and test."""
+    return image_format if split == "train" else "png"
+
+
+def format_info(image_format: str, quality: int) -> dict:
+    """A split's encoding as info.json records it (the quality only where it matters: JPEG)."""
+    return {"image_format": image_format, **({"image_quality": quality} if image_format == "jpeg" else {})}
+
+
 def encode_rgb(img: Image.Image, image_format: str, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """An RGB image as ``image_format`` bytes (``quality`` is used by jpeg only)."""
     buf = io.BytesIO()

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, image_member
+from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
+                                     split_image_format)
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
@@ -205,7 +206,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
             "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
     for split, samples in plan.splits.items():
         shards, reused = [], 0
-        fmt = image_format if split == "train" else "png"
+        fmt = split_image_format(image_format, split)
         for number, first in enumerate(range(0, len(samples), plan.shard_size)):
             chunk = samples[first : first + plan.shard_size]
             stem = shard_stem(split, number)
@@ -229,7 +230,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
         info["splits"][split] = {
             "count": len(samples), "has_masks": split != "train",
             "image_size": list(sizes.pop()) if len(sizes) == 1 else None,
-            "image_format": fmt, **({"image_quality": image_quality} if fmt == "jpeg" else {}),
+            **format_info(fmt, image_quality),
             "class_counts": [int(sum(c.labels[k] for c in samples)) for k in range(plan.layout.num_classes)],
             "shards": shards}
         if reused:

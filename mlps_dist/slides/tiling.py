@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, image_member
+from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
+                                     split_image_format)
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
 from mlps_dist.draw import png_bytes
@@ -111,7 +112,7 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
                         labels = [int(c in present) for c in range(len(spec.classes))]
                         members["mask.png"] = png_bytes(mask)
                 rgb = slide.read(x, y, size0, spec.tile)
-                fmt = spec.image_format if job.split == "train" else "png"
+                fmt = split_image_format(spec.image_format, job.split)
                 image = png_bytes(rgb) if fmt == "png" else encode_rgb(Image.fromarray(rgb), fmt, spec.image_quality)
                 members[image_member(fmt)] = image
                 members.update(labels=encode_labels(labels), json=json.dumps(meta).encode())
@@ -186,10 +187,9 @@ def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palet
         for r in mine:
             if r["labels"]:
                 counts += np.asarray(r["labels"], np.int64).sum(axis=0)
-        fmt = spec.image_format if split == "train" else "png"
         info["splits"][split] = {
             "count": sum(len(s) for s in shards), "has_masks": split != "train", "image_size": [spec.tile, spec.tile],
-            "image_format": fmt, **({"image_quality": spec.image_quality} if fmt == "jpeg" else {}),
+            **format_info(split_image_format(spec.image_format, split), spec.image_quality),
             "class_counts": [int(v) for v in counts],
             "slides": sorted(r["slide"] for r in mine),
             "shards": [{"tar": f"{shard_stem(split, n)}.tar", "idx": f"{shard_stem(split, n)}.idx", "count": len(s)}
