@@ -72,6 +72,10 @@ OPERATIONAL = (
     "masks.batch_size", "masks.export_reference", "masks.quality_splits", "masks.skip_bad",
     "evaluate.batch_size", "evaluate.splits",
 )
+# Keys added after runs were already being made, with the value that behaves as the program
+# did before they existed: a stamp or checkpoint without such a key was made with that value,
+# so finished stages stay finished when the program is updated.
+ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd"}
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 
@@ -231,6 +235,9 @@ def expected_inputs(cfg: Config, stage: str, split: str = "") -> dict:
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Human names of what differs between two ``inputs`` records."""
     a, b = flatten(old or {}), flatten(new)
+    for key, value in ADDED_KEYS.items():
+        if f"config.{key}" in b:
+            a.setdefault(f"config.{key}", value)
     names = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):

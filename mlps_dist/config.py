@@ -99,7 +99,8 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     bias_lr_mult: float = 1.0  # LR multiplier of biases (and trained norm affine), on top of head_lr_mult
     bias_weight_decay: bool = True  # false: biases and norm affine get no weight decay
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd (the public recipe) | adamw (decoupled decay; from-scratch miniatures)
+    momentum: float = 0.9  # sgd momentum; adamw's beta1
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     parallel: str = "ddp"  # ddp | deepspeed
@@ -349,6 +350,7 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(t.micro_batch_size >= 0, f"{name}.micro_batch_size", "must be >= 0 (0 = derive from batch_size)")
     _check(t.lr > 0, f"{name}.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.optimizer in ("sgd", "adamw"), f"{name}.optimizer", f"must be 'sgd' or 'adamw', got '{t.optimizer}'")
     _check(t.parallel in ("ddp", "deepspeed"), f"{name}.parallel", f"must be 'ddp' or 'deepspeed', got '{t.parallel}'")
     _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'")
     _check(t.keep_last >= 1, f"{name}.keep_last", "must be >= 1")

@@ -71,7 +71,12 @@ def optimizer_groups(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConf
     return out
 
 
-def create_optimizer(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> torch.optim.SGD:
+def create_optimizer(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "adamw":
+        # Models trained from scratch in a few hundred steps (the CPU miniatures) get much
+        # further per step with Adam's per-parameter scaling; groups and schedule as for SGD.
+        return torch.optim.AdamW(optimizer_groups(groups, train_cfg), lr=train_cfg.lr,
+                                 betas=(train_cfg.momentum, 0.999), weight_decay=train_cfg.weight_decay)
     # The public MLPS code calls SGD(params, lr, weight_decay) positionally, which puts the
     # weight decay (5e-4) into the momentum slot; we pass real momentum by keyword.
     return torch.optim.SGD(optimizer_groups(groups, train_cfg), lr=train_cfg.lr,

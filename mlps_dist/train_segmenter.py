@@ -123,7 +123,7 @@ class SegmenterTask:
         return StartedOnIter(loader)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        masks = batch["masks"][:, self.layer_slots]
+        masks = batch["masks"][:, self.layer_slots].long()  # the loaders send uint8
         loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index,
                                  white_channel=self.section.loss_white_channel)
         if self.section.loss_batch_average:

@@ -120,10 +120,10 @@ def test_masks_follow_the_image_geometry(tiny_shards, backend):
     loader = create_train_loader(cfg, reader, batch_size=8, epoch=0, rank=0, world=1, device="cpu",
                                  pseudo_masks=RedChannelMasks(reader))
     batch = next(iter(loader))
-    assert batch["masks"].shape == (8, 2, 48, 48) and batch["masks"].dtype == torch.int64
+    assert batch["masks"].shape == (8, 2, 48, 48) and batch["masks"].dtype == torch.uint8
     red = _unnormalise(batch["image"], cfg)[:, 0].to(torch.int64)
-    assert torch.equal(batch["masks"][:, 0], red * 2 // 256)
-    assert torch.equal(batch["masks"][:, 1], red * 5 // 256)
+    assert torch.equal(batch["masks"][:, 0].long(), red * 2 // 256)
+    assert torch.equal(batch["masks"][:, 1].long(), red * 5 // 256)
     # and the geometry is not the identity for every sample (the test would be vacuous)
     plain = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(reader.read(int(i))["png"])))[..., 0]
                                           .astype(np.int64)) for i in batch["index"]])

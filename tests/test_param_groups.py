@@ -58,3 +58,17 @@ def test_lr_scale_applies_at_the_current_schedule_position():
     model.scheduler.step()
     poly = (1 - 5 / 10) ** cfg.classifier.poly_power
     assert model.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.classifier.lr * 0.5 * poly)
+
+
+def test_adamw_takes_the_same_groups_and_sgd_stays_the_default():
+    cfg = load_config("configs/luad.yaml", ["classifier.optimizer=adamw", "classifier.momentum=0.8"])
+    assert load_config("configs/luad.yaml").classifier.optimizer == "sgd"
+    model = create_classifier("small38", 4)
+    adamw = parallel.create_optimizer(model.param_groups(), cfg.classifier)
+    sgd = parallel.create_optimizer(model.param_groups(), load_config("configs/luad.yaml").classifier)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
+    assert {n: (g["lr"], g["weight_decay"]) for n, g in _groups(adamw).items()} == \
+        {n: (g["lr"], g["weight_decay"]) for n, g in _groups(sgd).items()}
+    assert adamw.defaults["betas"] == (0.8, 0.999)
+    with pytest.raises(ValueError, match="segmenter.optimizer"):
+        load_config("configs/luad.yaml", ["segmenter.optimizer=adam"])

@@ -72,6 +72,15 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
     assert st.state == "stale" and "classifier.lr (0.01 -> 0.5)" in st.message and "--restart-from classifier" in st.message
     with pytest.raises(artifacts.StaleError, match=r"classifier.lr"):
         artifacts.require_runnable(changed, "classifier")
+    # A key added by a later release: a stamp without it was made with the value that behaves
+    # as before (sgd), so the stage stays finished; another value is a change.
+    stamp_path = artifacts.stamp_file(cfg.run_dir, "classifier")
+    stamp = json.loads(stamp_path.read_text())
+    del stamp["inputs"]["config"]["classifier.optimizer"]
+    stamp_path.write_text(json.dumps(stamp))
+    assert artifacts.status(cfg, "classifier").state == "done"
+    adamw = artifacts.status(make_cfg(tmp_path / "run", tiny_shards, classifier={"optimizer": "adamw"}), "classifier")
+    assert adamw.state == "stale" and "classifier.optimizer ('sgd' -> 'adamw')" in adamw.message
     # Replacing the weights behind the stamp's back is noticed too.
     torch.save({"state_dict": {}, "meta": {}}, artifacts.model_file(cfg.run_dir, "classifier"))
     assert artifacts.status(cfg, "classifier").state == "stale"

@@ -260,27 +260,44 @@ def test_image_formats_for_the_training_split(tiny_luad_folder, tmp_path):
 
 
 def test_fast_png_decoder_matches_pil_and_leaves_other_modes_to_pil(monkeypatch):
-    """8-bit RGB PNG goes through imagecodecs (libpng; palettes it expands itself); grey,
-    alpha and 16-bit fall back to PIL's conversion, and so does a machine without
-    imagecodecs: the pixels never depend on the decoder."""
+    """8-bit RGB images and 8-bit greyscale masks go through imagecodecs (libpng); palette,
+    alpha and 16-bit fall back to PIL (palette masks keep their indices), and so does a
+    machine without imagecodecs: pixels and class indices never depend on the decoder."""
     import io as _io
 
     from mlps_dist.data import decode
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    indices = rng.integers(0, 5, (20, 24), dtype=np.uint8)
+    palette_mask = Image.fromarray(indices)
+    palette_mask.putpalette([v for i in range(256) for v in (i * 40 % 256, 255 - i, 7)])
     images = {"RGB": Image.fromarray(rgb), "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
               "L": Image.fromarray(rgb[..., 0]), "P": Image.fromarray(rgb).quantize(16),
               "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
-    for mode, img in images.items():
+
+    def encoded(img):
         buf = _io.BytesIO()
         img.save(buf, format="PNG")
-        png = buf.getvalue()
+        return buf.getvalue()
+
+    for mode, img in images.items():
+        png = encoded(img)
         expected = np.asarray(Image.open(_io.BytesIO(png)).convert("RGB"))
-        fast = decode._fast_png(png)
-        assert fast is not None if mode == "RGB" else (fast is None or mode == "P"), mode  # libpng expands palettes
+        assert (decode._fast_png(png, decode._PNG_RGB) is not None) == (mode == "RGB"), mode
+        assert (decode._fast_png(png, decode._PNG_GREY) is not None) == (mode == "L"), mode
         np.testing.assert_array_equal(decode.decode_rgb(png), expected, err_msg=mode)
         resized = np.asarray(Image.open(_io.BytesIO(png)).convert("RGB").resize((12, 12), Image.BILINEAR))
         np.testing.assert_array_equal(decode.decode_rgb(png, size=12), resized, err_msg=mode)
+    masks = {"L": encoded(Image.fromarray(indices)), "P": encoded(palette_mask)}
+    for mode, png in masks.items():
+        np.testing.assert_array_equal(decode.decode_indices(png), indices, err_msg=mode)
+        nearest = np.asarray(Image.fromarray(indices).resize((12, 12), Image.NEAREST))
+        np.testing.assert_array_equal(decode.decode_indices(png, size=12), nearest, err_msg=mode)
+    with pytest.raises(ValueError, match="mode RGB"):
+        decode.decode_indices(encoded(images["RGB"]))
     monkeypatch.setattr(decode, "imagecodecs", None)
-    np.testing.assert_array_equal(decode.decode_rgb(png), expected)
+    np.testing.assert_array_equal(decode.decode_rgb(png_rgb := encoded(images["RGB"])), rgb)
+    assert decode._fast_png(png_rgb, decode._PNG_RGB) is None
+    for png in masks.values():
+        np.testing.assert_array_equal(decode.decode_indices(png), indices)

@@ -177,9 +177,9 @@ class DaliLoader:
                        "key": [self.reader.key(i) for i in batch]}
                 if self.eval_mode:
                     out["rgb"] = outs.pop(0)
-                masks = [o[..., 0].to(torch.int64) for o in outs]
+                masks = [o[..., 0] for o in outs]  # uint8 class indices
                 if self.with_mask:
-                    out["mask"] = masks[0]
+                    out["mask"] = masks[0].to(torch.int64)
                 elif masks:
                     out["masks"] = torch.stack(masks, dim=1)
                 yield out

@@ -28,21 +28,30 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 __all__ = ["decode_rgb", "decode_indices", "decode_labels", "decode_meta", "decode_sample"]
 
 
-def _fast_png(encoded: bytes) -> np.ndarray | None:
-    """8-bit RGB PNG -> (H, W, 3) uint8 without PIL; None for anything else (PIL decides)."""
-    if imagecodecs is None or not encoded.startswith(_PNG_SIGNATURE):
+_PNG_GREY, _PNG_RGB = 0, 2  # IHDR colour types (palette 3 is expanded to RGB by libpng: PIL keeps indices)
+
+
+def _fast_png(encoded: bytes, colour_type: int) -> np.ndarray | None:
+    """An 8-bit PNG of ``colour_type`` (grey -> (H, W), RGB -> (H, W, 3) uint8) without PIL;
+    None for anything else, which PIL then decodes (or rejects with its own, clearer error)."""
+    # IHDR follows the 8-byte signature: length (4), "IHDR" (4), width, height (4 each),
+    # bit depth at byte 24, colour type at byte 25.
+    if imagecodecs is None or len(encoded) < 26 or not encoded.startswith(_PNG_SIGNATURE):
+        return None
+    if encoded[24] != 8 or encoded[25] != colour_type:
         return None
     try:
-        rgb = imagecodecs.png_decode(encoded)
-    except Exception:  # noqa: BLE001 - PIL decodes it or raises its own, clearer error
+        out = imagecodecs.png_decode(encoded)
+    except Exception:  # noqa: BLE001
         return None
-    return rgb if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 else None
+    expected = 2 if colour_type == _PNG_GREY else 3
+    return out if out.dtype == np.uint8 and out.ndim == expected else None
 
 
 def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
     """PNG, WebP or JPEG bytes -> (H, W, 3) uint8. 8-bit RGB PNG (what shards hold) takes the
     fast decoder; grey, palette, alpha, 16-bit, WebP and JPEG go through PIL's conversion."""
-    rgb = _fast_png(encoded)
+    rgb = _fast_png(encoded, _PNG_RGB)
     if rgb is None:
         rgb = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.uint8)
     if size and rgb.shape[:2] != (size, size):
@@ -51,9 +60,17 @@ def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
 
 
 def decode_indices(png: bytes, size: int = 0) -> np.ndarray:
-    img = Image.open(io.BytesIO(png))
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"mask PNG has mode {img.mode}; expected 8-bit class indices")
+    """8-bit greyscale (pseudo masks) or palette (LUAD/BCSS ground truth) PNG -> (H, W) uint8
+    class indices; greyscale takes the fast decoder."""
+    indices = _fast_png(png, _PNG_GREY)
+    if indices is not None:
+        if not size or indices.shape == (size, size):
+            return indices
+        img = Image.fromarray(indices)
+    else:
+        img = Image.open(io.BytesIO(png))
+        if img.mode not in ("L", "P"):
+            raise ValueError(f"mask PNG has mode {img.mode}; expected 8-bit class indices")
     if size and img.size != (size, size):
         img = img.resize((size, size), Image.NEAREST)
     return np.asarray(img, dtype=np.uint8)

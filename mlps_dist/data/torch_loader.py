@@ -43,7 +43,7 @@ class TrainDataset(Dataset):
         if self.pseudo_masks is not None:
             layers = [geometric(decode_indices(png, self.data.image_size), params)
                       for png in self.pseudo_masks.read_pngs(index)]
-            out["masks"] = torch.from_numpy(np.stack(layers).astype(np.int64))
+            out["masks"] = torch.from_numpy(np.stack(layers))  # uint8: 8x less to move; the loss widens it
         return out
 
 
