@@ -75,7 +75,9 @@ OPERATIONAL = (
 # Keys added after runs were already being made, with the value that behaves as the program
 # did before they existed: a stamp or checkpoint without such a key was made with that value,
 # so finished stages stay finished when the program is updated.
-ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd"}
+ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd", "masks.refine.enabled": False,
+              "masks.refine.iterations": 40, "masks.refine.dilations": [1, 2, 4, 8, 12],
+              "masks.refine.colour_weight": 0.1, "masks.refine.blur_sigma": 1.0}
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 

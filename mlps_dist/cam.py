@@ -166,20 +166,40 @@ def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
 @torch.no_grad()
 def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor, layers: list[str],
                background: bool = True, threshold: int = 200, min_size: int = 50,
-               tta_flip: bool = False, tta_scales: tuple[float, ...] = (1.0,)) -> dict[str, torch.Tensor]:
+               tta_flip: bool = False, tta_scales: tuple[float, ...] = (1.0,),
+               refine: dict | None = None) -> dict[str, torch.Tensor]:
     """Pseudo masks for a batch: ``{layer: (B, H, W) uint8}``.
 
     ``images`` normalised float (B, 3, H, W) on the model's device, ``labels`` (B, C) multi-hot,
-    ``rgb`` the uint8 patch (B, 3, H, W) the white background is read from."""
-    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=rgb.shape[-2:])
-    white = white_background(rgb.to(images.device), threshold, min_size) if background else None
+    ``rgb`` the uint8 patch (B, 3, H, W) the white background is read from. ``refine``: the
+    keyword arguments of cam_refine.refine_cams; the normalised CAMs are then refined at the
+    model's input resolution and upsampled to the patch's."""
+    rgb = rgb.to(images.device)
+    white = white_background(rgb, threshold, min_size) if background else None
     labels = labels.to(images.device)
-    return {layer: label_maps(normalise_joint(cams[layer]), labels, white) for layer in layers}
+    if not refine:
+        cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=rgb.shape[-2:])
+        return {layer: label_maps(normalise_joint(cams[layer]), labels, white) for layer in layers}
+    from mlps_dist.cam_refine import refine_cams
+
+    work = tuple(images.shape[-2:])
+    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=work)
+    colours = rgb if tuple(rgb.shape[-2:]) == work else \
+        F.interpolate(rgb.float(), size=work, mode="bilinear", align_corners=False)
+    out = {}
+    for layer in layers:
+        refined = refine_cams(normalise_joint(cams[layer]), colours, **refine)
+        if work != tuple(rgb.shape[-2:]):
+            refined = F.interpolate(refined, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        out[layer] = label_maps(refined, labels, white)
+    return out
 
 
 def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
     """``make_masks`` with the settings of the ``masks`` config section."""
-    bg = masks_cfg.background
+    bg, rf = masks_cfg.background, masks_cfg.refine
+    refine = dict(iterations=rf.iterations, dilations=tuple(rf.dilations), colour_weight=rf.colour_weight,
+                  blur_sigma=rf.blur_sigma) if rf.enabled else None
     return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
                       background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
-                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales))
+                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales), refine=refine)

@@ -149,6 +149,17 @@ class BackgroundConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Colour-affinity refinement of the CAMs before the argmax (mlps_dist/cam_refine.py)."""
+
+    enabled: bool = False  # paper configs: off (the public pseudo masks are the plain CAM argmax)
+    iterations: int = 40  # propagation steps
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12])  # neighbour rings, pixels at data.image_size
+    colour_weight: float = 0.1  # smaller: colour edges stop the propagation more sharply
+    blur_sigma: float = 1.0  # pixels; smooths nuclei and noise out of the colours compared
+
+
+@dataclass
 class MasksConfig:
     layers: list[str] = field(default_factory=lambda: ["b4_5", "b5_2", "bn7"])
     batch_size: int = 16  # per rank
@@ -156,6 +167,7 @@ class MasksConfig:
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     tta_flip: bool = False
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    refine: RefineConfig = field(default_factory=RefineConfig)
     export_reference: bool = False  # also write train_PM/PM_<layer>/<source name>.png
     skip_bad: bool = False
     quality_splits: list[str] = field(default_factory=lambda: ["val"])
@@ -419,6 +431,12 @@ def validate(cfg: Config) -> None:
            f"must hold at least one scale > 0 (1.0 = no rescaling), got {cfg.masks.tta_scales}")
     _check(0 <= cfg.masks.background.threshold <= 255, "masks.background.threshold", "must be a grey level 0..255")
     _check(cfg.masks.background.min_size >= 0, "masks.background.min_size", "must be >= 0 pixels")
+    refine = cfg.masks.refine
+    _check(refine.iterations >= 0, "masks.refine.iterations", f"must be >= 0, got {refine.iterations}")
+    _check(len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations), "masks.refine.dilations",
+           f"must list at least one neighbour distance >= 1 pixel, got {refine.dilations}")
+    _check(refine.colour_weight > 0, "masks.refine.colour_weight", f"must be > 0, got {refine.colour_weight}")
+    _check(refine.blur_sigma >= 0, "masks.refine.blur_sigma", f"must be >= 0 (0 = no blur), got {refine.blur_sigma}")
     seg = cfg.segmenter
     _check(len(seg.loss_layers) == len(seg.loss_weights), "segmenter.loss_weights",
            f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")

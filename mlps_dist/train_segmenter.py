@@ -17,7 +17,6 @@ checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75 me
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import numpy as np
@@ -66,29 +65,6 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, weights: list[f
     return total
 
 
-class StartedOnIter:
-    """Starts the wrapped loader's iteration inside ``iter()``, not at the first ``next()``.
-
-    A torch DataLoader draws its base seed from the global RNG when its iterator is made.
-    The engine calls ``iter()`` under ``fork_rng`` to keep that draw out of the resumable RNG
-    stream, but a loader whose ``__iter__`` is a generator defers the draw to the first
-    ``next()`` — at epoch start in an uninterrupted run, after the restored RNG in a resumed
-    one — and the dropout masks of the two runs then differ. Fetching the first batch here
-    makes the draw happen where the engine expects it.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        batches = iter(self.loader)
-        first = next(batches, None)
-        return iter(()) if first is None else itertools.chain([first], batches)
-
-
 class SegmenterTask:
     """What stage 3 adds to the shared training loop (see engine.TrainTask)."""
 
@@ -117,10 +93,9 @@ class SegmenterTask:
         return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        loader = create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
+        return create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
                                      start_step=start_step, rank=dist.get_rank(), world=plan.world,
                                      device=dist.device(), pseudo_masks=self.store, augment=self.section.augment)
-        return StartedOnIter(loader)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots].long()  # the loaders send uint8

@@ -174,4 +174,7 @@ def test_shipped_configs_set_the_public_and_demo_augmentation():
     for a in (demo.classifier.augment, demo.segmenter.augment):
         assert (a.hflip, a.vflip, a.rot90, a.color_jitter, a.blur_prob, a.hed_jitter) == (True, True, True, 0.1, 0, 0)
     assert not demo.segmenter.loss_batch_average
-    assert math.isclose(demo.segmenter.lr, 0.005)
+    assert demo.segmenter.optimizer == "adamw" and math.isclose(demo.segmenter.lr, 0.001)
+    for name in ("luad", "bcss"):  # the public recipe: SGD in both stages, no CAM refinement
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.classifier.optimizer == cfg.segmenter.optimizer == "sgd" and not cfg.masks.refine.enabled

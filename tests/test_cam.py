@@ -173,3 +173,53 @@ def test_model_input_scale_gives_masks_at_the_patch_size(model, patches):
     # a same-size input gives exactly the masks of the unscaled path
     same = cam.make_masks(model, model_input(images, images.shape[-1]), labels, rgb, ["bn7"])
     assert torch.equal(same["bn7"], cam.make_masks(model, images, labels, rgb, ["bn7"])["bn7"])
+
+
+def test_refinement_moves_a_blurred_cam_border_onto_the_colour_edge():
+    """Two flat tissues, pink left of column 16 and purple right of it (with noise); the CAMs
+    cross at column 22, as a blurry stride-8 CAM would. Propagation along colour affinities
+    puts the argmax border on the colour edge; a constant CAM stays constant."""
+    from mlps_dist.cam_refine import colour_affinities, refine_cams
+
+    gen = torch.Generator().manual_seed(0)
+    rgb = torch.empty(1, 3, 32, 32)
+    rgb[..., :16] = torch.tensor([230.0, 150.0, 200.0]).view(1, 3, 1, 1)
+    rgb[..., 16:] = torch.tensor([120.0, 70.0, 170.0]).view(1, 3, 1, 1)
+    rgb = (rgb + 6 * torch.randn(rgb.shape, generator=gen)).clamp(0, 255).round()
+    column = torch.arange(32.0).view(1, 1, 32).expand(1, 32, 32)
+    cams = torch.stack([0.5 + (21.5 - column) / 32, torch.full((1, 32, 32), 0.5)], dim=1)  # class 0 up to column 21
+    truth = torch.zeros(32, 32, dtype=torch.long)
+    truth[:, 16:] = 1
+    before = cams.argmax(dim=1)[0]
+    settings = dict(iterations=40, dilations=(1, 2, 4, 8), colour_weight=0.1, blur_sigma=1.0)
+    after = refine_cams(cams, rgb, **settings).argmax(dim=1)[0]
+    assert (before != truth).sum() >= 32 * 5
+    assert (after != truth).sum() <= 32
+    affinity = colour_affinities(rgb, (1, 2), 0.1, 1.0)
+    assert affinity.shape == (1, 16, 32, 32) and torch.allclose(affinity.sum(dim=1), torch.ones(1, 32, 32))
+    flat = torch.full((1, 2, 32, 32), 0.25)
+    assert torch.allclose(refine_cams(flat, rgb, **settings), flat)
+    assert torch.equal(refine_cams(cams, rgb, **{**settings, "iterations": 0}), cams)
+
+
+def test_refined_masks_come_at_the_patch_size_and_only_when_asked(model, patches):
+    images, labels, rgb = patches
+    plain = cam.make_masks(model, images, labels, rgb, LAYERS, background=True)
+    small = torch.nn.functional.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False)
+    refine = dict(iterations=5, dilations=(1, 2), colour_weight=0.1, blur_sigma=1.0)
+    refined = cam.make_masks(model, small, labels, rgb, LAYERS, background=True, refine=refine)
+    for layer in LAYERS:
+        assert refined[layer].shape == plain[layer].shape == rgb.shape[:1] + rgb.shape[-2:]
+        white = plain[layer] == labels.shape[1]
+        assert torch.equal(refined[layer] == labels.shape[1], white)  # background untouched
+        present = labels.bool()[torch.arange(len(labels)).view(-1, 1, 1).expand_as(refined[layer]),
+                                refined[layer].long().clamp(max=labels.shape[1] - 1)]
+        assert present[~white].all()  # only classes of the patch label
+
+
+def test_refine_settings_are_checked():
+    from mlps_dist.config import ConfigError, load_config
+
+    for key, value in (("iterations", "-1"), ("dilations", "[]"), ("colour_weight", "0"), ("blur_sigma", "-1")):
+        with pytest.raises(ConfigError, match=f"masks.refine.{key}"):
+            load_config("configs/demo.yaml", [f"masks.refine.{key}={value}"])

@@ -217,9 +217,78 @@ def test_dali_parallel_source_workers_yield_the_same_batches_and_the_source_pick
     for a, b in zip(out[0], out[2]):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
 
-    source = loader.source()
+    source = loader.loader.source()  # the DALI loader inside the background thread's wrapper
     copy = pickle.loads(pickle.dumps(source))
     for mine, theirs in zip(source(1), copy(1)):
         assert all(np.array_equal(x, y) for x, y in zip(mine, theirs))
     with pytest.raises(StopIteration):  # DALI prefetches past the end; the source must keep saying so
         copy(len(loader))
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", 1), ("dali", 1)])
+def test_batches_fetched_in_the_background_equal_those_fetched_inline(tiny_shards, backend, workers):
+    from mlps_dist.data.prefetch import BackgroundLoader
+
+    reader = open_split(tiny_shards, "train")
+    cfg = make_cfg(tiny_shards, backend, workers=workers, rot90=True, color_jitter=0.2)
+    loader = create_train_loader(cfg, reader, batch_size=3, epoch=2, rank=0, world=1, device="cpu")
+    assert isinstance(loader, BackgroundLoader) and loader.background
+    background = list(loader)
+    inline = list(BackgroundLoader(loader.loader, background=False))
+    assert len(background) == len(inline) == len(loader) > 1
+    for a, b in zip(background, inline):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+    assert not create_train_loader(make_cfg(tiny_shards), reader, batch_size=3, epoch=2, rank=0, world=1,
+                                   device="cpu").background  # num_workers 0: loading stays in the rank's loop
+
+
+def test_background_loader_starts_in_iter_raises_the_loaders_error_and_stops_when_abandoned():
+    import gc
+    import threading
+    import time
+
+    from mlps_dist.data.prefetch import BackgroundLoader
+
+    class Batches:
+        """A generator-based loader that fails at its fourth batch and records what ran."""
+
+        def __init__(self, fail_at=3):
+            self.started = self.closed = False
+            self.fail_at = fail_at
+
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            self.started = True
+            try:
+                for i in range(10):
+                    if i == self.fail_at:
+                        raise OSError(f"shard unreadable at batch {i}")
+                    yield {"i": i}
+            finally:
+                self.closed = True
+
+    def prefetch_threads():
+        return [t for t in threading.enumerate() if t.name == "mlps-prefetch"]
+
+    failing = Batches()
+    it = iter(BackgroundLoader(failing, background=True))
+    assert failing.started  # the first batch was fetched in the caller's thread (RNG draws happen there)
+    assert [next(it)["i"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="batch 3"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert [b["i"] for b in BackgroundLoader(Batches(fail_at=99), background=True)] == list(range(10))
+
+    before = len(prefetch_threads())
+    abandoned = Batches(fail_at=99)
+    it = iter(BackgroundLoader(abandoned, background=True, depth=1))
+    next(it)
+    del it  # a preemption or a rollback leaves the epoch's iterator behind
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(prefetch_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(prefetch_threads()) <= before and abandoned.closed

@@ -9,6 +9,7 @@ from __future__ import annotations
 from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.batching import BatchPlan, rank_micro_batches
+from mlps_dist.data.prefetch import BackgroundLoader
 from mlps_dist.data.sampling import eval_batches, permutation, steps_per_epoch
 from mlps_dist.data.shards import SplitReader
 
@@ -43,11 +44,16 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 
-        return create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks, augment)
-    from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
+        loader = create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks, augment)
+    else:
+        from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
 
-    return create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), batches,
-                               cfg.data.num_workers, device)
+        loader = create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), batches,
+                                     cfg.data.num_workers, device)
+    # Hand-over off the step's critical path, except where loading is meant to stay in the
+    # rank's own loop (the torch loader without workers).
+    background = cfg.data.loader == "dali" or cfg.data.num_workers > 0
+    return BackgroundLoader(loader, background=background, device=device)
 
 
 def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device):
