@@ -36,10 +36,10 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlps_dist.config import Config
+from mlps_dist.config import Config, RefineConfig
 from mlps_dist.errors import MlpsError
 from mlps_dist.fileio import sha256_file
 from mlps_dist.fileio import atomic_write_json, fsync_dir
@@ -75,9 +75,8 @@ OPERATIONAL = (
 # Keys added after runs were already being made, with the value that behaves as the program
 # did before they existed: a stamp or checkpoint without such a key was made with that value,
 # so finished stages stay finished when the program is updated.
-ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd", "masks.refine.enabled": False,
-              "masks.refine.iterations": 40, "masks.refine.dilations": [1, 2, 4, 8, 12],
-              "masks.refine.colour_weight": 0.1, "masks.refine.blur_sigma": 1.0}
+ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
+              **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 

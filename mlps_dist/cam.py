@@ -28,6 +28,8 @@ module); dropout is the identity in eval mode.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 
@@ -177,29 +179,27 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
     rgb = rgb.to(images.device)
     white = white_background(rgb, threshold, min_size) if background else None
     labels = labels.to(images.device)
-    if not refine:
-        cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=rgb.shape[-2:])
-        return {layer: label_maps(normalise_joint(cams[layer]), labels, white) for layer in layers}
-    from mlps_dist.cam_refine import refine_cams
+    patch = tuple(rgb.shape[-2:])
+    size = tuple(images.shape[-2:]) if refine else patch
+    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=size)
+    norms = [normalise_joint(cams[layer]) for layer in layers]
+    if refine:
+        from mlps_dist.cam_refine import refine_cams
 
-    work = tuple(images.shape[-2:])
-    cams = tta_gradcams(model, images, layers, flip=tta_flip, scales=tuple(tta_scales), size=work)
-    colours = rgb if tuple(rgb.shape[-2:]) == work else \
-        F.interpolate(rgb.float(), size=work, mode="bilinear", align_corners=False)
-    out = {}
-    for layer in layers:
-        refined = refine_cams(normalise_joint(cams[layer]), colours, **refine)
-        if work != tuple(rgb.shape[-2:]):
-            refined = F.interpolate(refined, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
-        out[layer] = label_maps(refined, labels, white)
-    return out
+        colours = rgb if patch == size else F.interpolate(rgb.float(), size=size, mode="bilinear",
+                                                          align_corners=False)
+        # Channels propagate independently: all layers in one call share the colour affinities.
+        refined = refine_cams(torch.cat(norms, dim=1), colours, **refine)
+        if patch != size:
+            refined = F.interpolate(refined, size=patch, mode="bilinear", align_corners=False)
+        norms = refined.split(labels.shape[1], dim=1)
+    return {layer: label_maps(norm, labels, white) for layer, norm in zip(layers, norms)}
 
 
 def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
     """``make_masks`` with the settings of the ``masks`` config section."""
-    bg, rf = masks_cfg.background, masks_cfg.refine
-    refine = dict(iterations=rf.iterations, dilations=tuple(rf.dilations), colour_weight=rf.colour_weight,
-                  blur_sigma=rf.blur_sigma) if rf.enabled else None
+    bg = masks_cfg.background
+    refine = {k: v for k, v in asdict(masks_cfg.refine).items() if k != "enabled"} if masks_cfg.refine.enabled else None
     return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
                       background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
                       tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales), refine=refine)

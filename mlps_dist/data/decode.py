@@ -42,7 +42,7 @@ def _fast_png(encoded: bytes, colour_type: int) -> np.ndarray | None:
         return None
     try:
         out = imagecodecs.png_decode(encoded)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - PIL decodes it or raises its own, clearer error
         return None
     expected = 2 if colour_type == _PNG_GREY else 3
     return out if out.dtype == np.uint8 and out.ndim == expected else None
