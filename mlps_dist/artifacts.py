@@ -71,11 +71,13 @@ OPERATIONAL = (
     "*.log_every_steps", "*.ckpt_every_steps", "*.keep_last", "*.cam_images", "*.vis_images",
     "masks.batch_size", "masks.export_reference", "masks.quality_splits", "masks.skip_bad",
     "evaluate.batch_size", "evaluate.splits",
+    "data.max_downscale",  # acts through the data.image_size it resolves to (config.resolve_image_size)
 )
 # Keys added after runs were already being made, with the value that behaves as the program
 # did before they existed: a stamp or checkpoint without such a key was made with that value,
 # so finished stages stay finished when the program is updated.
 ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
+              "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0,
               **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}

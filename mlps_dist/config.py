@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,10 @@ class DataConfig:
     # CPU (the training thread reads them). Same batches either way.
     dali_source_workers: int = -1
     image_size: int = 0  # side the patches are resized to for training; 0 keeps the stored size
+    # > 0: patches stored larger than image_size x max_downscale are resized to
+    # stored / max_downscale instead (rounded up to a multiple of 8), so large patches keep
+    # their texture; data.image_size is resolved from the shards' info.json when loading
+    max_downscale: float = 0.0
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -103,6 +109,9 @@ class TrainConfig:
     momentum: float = 0.9  # sgd momentum; adamw's beta1
     weight_decay: float = 5e-4
     poly_power: float = 0.9
+    # > 0: validation, best.pt and model.pt use an exponential moving average of the weights
+    # with this decay per step (mlps_dist/ema.py); 0 = the weights as trained (public recipe)
+    ema_decay: float = 0.0
     parallel: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GPU only)
@@ -331,6 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, nested in _dotted_to_nested(overrides or []):
         _apply(cfg, nested, "", f"command line '{key}'")
     validate(cfg)
+    resolve_image_size(cfg)
     return cfg
 
 
@@ -338,7 +348,30 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
     _apply(cfg, values, "", source)
     validate(cfg)
+    resolve_image_size(cfg)
     return cfg
+
+
+def stored_patch_side(root: str | Path) -> int | None:
+    """The side of the training patches recorded in ROOT/info.json (the longer one), or None
+    when the file is not there (yet) or the split holds patches of mixed sizes."""
+    try:
+        size = json.loads((Path(root) / "info.json").read_text())["splits"]["train"]["image_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(int(v) for v in size) if size else None
+
+
+def resolve_image_size(cfg: Config) -> None:
+    """Apply ``data.max_downscale``: raise ``data.image_size`` for patches stored more than
+    max_downscale times larger. A fixed working size that suits 96 px patches (the demo's 64)
+    shrinks 224 px patches 3.5x, and with them nuclei and fibres to a pixel or two; their
+    segmentation then loses more than the smaller size saves. Idempotent, so a run's saved
+    config resolves to itself; the resolved size is what run directories record."""
+    limit, size = cfg.data.max_downscale, cfg.data.image_size
+    stored = stored_patch_side(cfg.data.root) if limit and size else None
+    if stored and stored > size * limit:
+        cfg.data.image_size = min(stored, 8 * math.ceil(stored / limit / 8))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -362,6 +395,7 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(t.micro_batch_size >= 0, f"{name}.micro_batch_size", "must be >= 0 (0 = derive from batch_size)")
     _check(t.lr > 0, f"{name}.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(0 <= t.ema_decay < 1, f"{name}.ema_decay", f"must be in [0, 1) (0 = off), got {t.ema_decay}")
     _check(t.optimizer in ("sgd", "adamw"), f"{name}.optimizer", f"must be 'sgd' or 'adamw', got '{t.optimizer}'")
     _check(t.parallel in ("ddp", "deepspeed"), f"{name}.parallel", f"must be 'ddp' or 'deepspeed', got '{t.parallel}'")
     _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'")
@@ -401,6 +435,8 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/data.std", "must have 3 values (RGB)")
     _check(all(s > 0 for s in cfg.data.std), "data.std", f"must be > 0, got {cfg.data.std}")
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
+    _check(cfg.data.max_downscale == 0 or cfg.data.max_downscale >= 1, "data.max_downscale",
+           f"must be 0 (no limit) or >= 1, got {cfg.data.max_downscale}")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {cfg.dist.timeout_s}")
     _check(cfg.dist.shutdown_timeout_s > 0, "dist.shutdown_timeout_s",

@@ -6,7 +6,8 @@
 rest: batch plan and gradient accumulation, DDP/DeepSpeed, poly LR, seeding, periodic and
 epoch-end checkpoints, automatic resume, best/final model files and preemption. The
 resumed run continues from the exact data position, so a crash at any moment followed by a
-rerun gives the same weights as no crash.
+rerun gives the same weights as no crash. With ``ema_decay`` > 0, validation, best.pt and
+model.pt use an exponential moving average of the weights (ema.py), kept in the checkpoints.
 
 Preemption: SIGUSR1 or SIGTERM sets a flag; after the current optimizer step all ranks
 agree on it (an all-reduce), write a checkpoint and raise ``Preempted``; entry points exit
@@ -29,6 +30,7 @@ import torch.nn as nn
 from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, runner
 from mlps_dist.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
+from mlps_dist.ema import WeightAverage
 from mlps_dist.lock import run_lock
 from mlps_dist.preflight import check_models
 from mlps_dist.runlog import RunLog
@@ -224,6 +226,8 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
                               total_steps=steps_per_epoch * train_cfg.epochs)
         seed_everything(derive_seed(cfg.seed, dist.get_rank()))
+        average = WeightAverage(model.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+        evaluated = average.module if average is not None else model.module  # validated and saved
         log.info(f"{model.kind}: {plan.describe()}; {steps_per_epoch} steps/epoch; "
                  f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
@@ -238,6 +242,8 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             progress = Progress(**state["progress"])
             task.load_state_dict(state["task"])
             health.load_state_dict(state.get("health"))
+            if average is not None:
+                average.load_state_dict(state["ema"])
             log.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step_in_epoch})")
             log.event("resume", checkpoint=str(resume_from), **asdict(progress))
         model.set_lr_scale(health.lr_scale)  # 1 unless the guard rolled back
@@ -245,6 +251,8 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         def save() -> Path:
             client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect,
                       "inputs": inputs, "health": health.state_dict()}
+            if average is not None:
+                client["ema"] = average.state_dict()
             path = ckpts.save(progress.global_step, model, client)
             log.event("checkpoint", path=str(path), **asdict(progress))
             return path
@@ -260,6 +268,8 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
                                initial=progress.step_in_epoch, desc=f"epoch {epoch}")
             for _ in bar:
                 loss = train_step(model, task, batches, plan)
+                if average is not None:
+                    average.update(model.module)
                 progress.step_in_epoch += 1
                 progress.global_step += 1
                 health.add_step_loss(loss)
@@ -275,11 +285,13 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
                     save()
             del batches, loader
             model.sync_buffers()
+            if average is not None:
+                average.sync()
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             last = epoch + 1 == train_cfg.epochs
             health.check_losses(epoch, progress.global_step)
             if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:
-                _validate(model.module, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt", health)
+                _validate(evaluated, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt", health)
             health.mark_good(save())
             if guard.agreed():
                 log.event("preempted", **asdict(progress))
@@ -287,7 +299,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
     final_meta = {**task.meta, "epoch": health.last_epoch, "metrics": health.last_metrics,
                   "health": health.check_final(health.last_epoch)}  # never hands on a collapsed model
     if dist.is_main():
-        save_model_file(final_model_path(cfg, task.stage), model.module.state_dict(), final_meta)
+        save_model_file(final_model_path(cfg, task.stage), evaluated.state_dict(), final_meta)
     dist.barrier()
     log.info(f"wrote {final_model_path(cfg, task.stage)}")
     return progress

@@ -178,3 +178,4 @@ def test_shipped_configs_set_the_public_and_demo_augmentation():
     for name in ("luad", "bcss"):  # the public recipe: SGD in both stages, no CAM refinement
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.classifier.optimizer == cfg.segmenter.optimizer == "sgd" and not cfg.masks.refine.enabled
+        assert cfg.classifier.ema_decay == cfg.segmenter.ema_decay == 0 and cfg.data.max_downscale == 0

@@ -74,3 +74,39 @@ def test_cli_parses_config_and_overrides(tmp_path):
     path = write(tmp_path, "seed: 1\n")
     cfg = parse_cli(["--config", str(path), "seed=9", "data.loader=dali"])
     assert cfg.seed == 9 and cfg.data.loader == "dali"
+
+
+def _shards_info(tmp_path, side: int | None):
+    import json
+
+    root = tmp_path / f"shards{side}"
+    root.mkdir()
+    size = [side, side] if side else None
+    (root / "info.json").write_text(json.dumps({"splits": {"train": {"image_size": size}}}))
+    return root
+
+
+@pytest.mark.parametrize("side, expected", [(96, 64), (224, 96), (256, 104), (130, 64), (None, 64)])
+def test_max_downscale_raises_the_working_size_of_large_patches_only(tmp_path, side, expected):
+    root = _shards_info(tmp_path, side)
+    cfg = load_config(None, [f"data.root={root}", "data.image_size=64", "data.max_downscale=2.5"])
+    assert cfg.data.image_size == expected
+    # The saved config resolves to itself: a run's tools see the size it trained at.
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").data.image_size == expected
+
+
+def test_max_downscale_off_or_without_shards_keeps_the_size(tmp_path):
+    root = _shards_info(tmp_path, 224)
+    assert load_config(None, [f"data.root={root}", "data.image_size=64"]).data.image_size == 64
+    assert load_config(None, [f"data.root={tmp_path}/none", "data.image_size=64",
+                              "data.max_downscale=2"]).data.image_size == 64
+    assert load_config(None, [f"data.root={root}", "data.max_downscale=2"]).data.image_size == 0  # stored size
+    with pytest.raises(ConfigError, match="data.max_downscale"):
+        load_config(None, ["data.max_downscale=0.5"])
+
+
+def test_the_demo_trains_large_patches_at_a_larger_size(tmp_path):
+    """The demo's 64 px suits its 96 px patches; LUAD-HistoSeg's 224 px ones train at 96 px."""
+    assert load_config("configs/demo.yaml", [f"data.root={_shards_info(tmp_path, 224)}"]).data.image_size == 96
+    assert load_config("configs/demo.yaml", [f"data.root={_shards_info(tmp_path, 96)}"]).data.image_size == 64

@@ -148,6 +148,37 @@ def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_pat
 
 
 @pytest.mark.slow
+def test_weight_average_is_what_validation_and_model_pt_see_and_resumes_exactly(tmp_path, reference):
+    """segmenter.ema_decay > 0: training is untouched (the raw weights are the reference's);
+    validation and model.pt get the average, which a preempted and resumed run reproduces."""
+    whole_cfg, whole_dir = write_config(tmp_path, "whole", ema_decay=0.8)
+    whole = jobs.run([WORKER, str(tmp_path / "whole_out"), "--config", whole_cfg, "--dropout", "0"])
+    assert whole.returncode == 0, whole.stdout[-4000:]
+    cfg, run_dir = write_config(tmp_path, "run", ema_decay=0.8, ckpt_every_steps=0)
+    out = tmp_path / "out"
+    job = jobs.start([WORKER, str(out), "--config", cfg, "--dropout", "0", "--step-seconds", "0.15"])
+    jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 2, job, "two training steps")
+    os.kill(int((out / "pid-rank0").read_text()), signal.SIGUSR1)
+    job.communicate(timeout=120)
+    assert 2 <= jobs.latest_step(tmp_path / "run" / "regression" / "checkpoints") < 2 * STEPS_PER_EPOCH
+    resumed = jobs.run([WORKER, str(out), "--config", cfg, "--dropout", "0"])
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+
+    averaged = jobs.load_weights(tmp_path / "whole_out" / "weights-rank0.pt")
+    for rank in (0, 1):  # every rank validated the same average, the resumed run too
+        jobs.assert_equal_weights(jobs.load_weights(tmp_path / "whole_out" / f"weights-rank{rank}.pt"), averaged)
+        jobs.assert_equal_weights(jobs.load_weights(out / f"weights-rank{rank}.pt"), averaged)
+    checkpoints = tmp_path / "whole" / "regression" / "checkpoints"
+    final_state = torch.load(checkpoints / (checkpoints / "latest").read_text().strip() / "state.pt",
+                             weights_only=True)
+    jobs.assert_equal_weights(final_state["model"], jobs.load_weights(reference / "weights-rank0.pt"))  # untouched
+    assert final_state["ema"]["updates"] == 2 * STEPS_PER_EPOCH
+    jobs.assert_equal_weights(final_state["ema"]["weights"], averaged)
+    jobs.assert_equal_weights(jobs.load_weights(tmp_path / "whole" / "regression" / "model.pt"), averaged)
+    assert any(not torch.equal(averaged[k], final_state["model"][k]) for k in averaged)  # an average
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_single_process_exits_75_after_a_checkpoint(tmp_path):
     cfg, run_dir = write_config(tmp_path, "run", ckpt_every_steps=0, micro_batch_size=8)
     job = jobs.start([WORKER, str(tmp_path / "out"), "--config", cfg, "--step-seconds", "0.1"], nproc=0)

@@ -63,7 +63,7 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
     finish_classifier(cfg)
     assert artifacts.status(cfg, "classifier").state == "done"
     # Operational keys change nothing ...
-    same = make_cfg(tmp_path / "run", tiny_shards, data={"num_workers": 7, "loader": "dali"},
+    same = make_cfg(tmp_path / "run", tiny_shards, data={"num_workers": 7, "loader": "dali", "max_downscale": 2.0},
                     classifier={"log_every_steps": 3, "ckpt_every_steps": 5, "keep_last": 4})
     assert artifacts.status(same, "classifier").state == "done"
     # ... a key that shapes the classifier makes it stale, and the refusal names it.
@@ -76,11 +76,13 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
     # as before (sgd), so the stage stays finished; another value is a change.
     stamp_path = artifacts.stamp_file(cfg.run_dir, "classifier")
     stamp = json.loads(stamp_path.read_text())
-    del stamp["inputs"]["config"]["classifier.optimizer"]
+    del stamp["inputs"]["config"]["classifier.optimizer"], stamp["inputs"]["config"]["classifier.ema_decay"]
     stamp_path.write_text(json.dumps(stamp))
     assert artifacts.status(cfg, "classifier").state == "done"
     adamw = artifacts.status(make_cfg(tmp_path / "run", tiny_shards, classifier={"optimizer": "adamw"}), "classifier")
     assert adamw.state == "stale" and "classifier.optimizer ('sgd' -> 'adamw')" in adamw.message
+    averaged = artifacts.status(make_cfg(tmp_path / "run", tiny_shards, classifier={"ema_decay": 0.99}), "classifier")
+    assert averaged.state == "stale" and "classifier.ema_decay (0.0 -> 0.99)" in averaged.message
     # Replacing the weights behind the stamp's back is noticed too.
     torch.save({"state_dict": {}, "meta": {}}, artifacts.model_file(cfg.run_dir, "classifier"))
     assert artifacts.status(cfg, "classifier").state == "stale"
