@@ -235,6 +235,20 @@ def test_harness_reads_stage1_scores_and_flags_a_collapse():
     assert "| pale | tuning | 0 | off | 81.2 |" in table and "30.0 (collapsed)" in table and "| 10.0 |" in table
 
 
+def test_harness_reuses_a_row_only_for_the_same_config_and_overrides(tmp_path):
+    harness = _load_tool("demo_variants")
+    config = tmp_path / "demo.yaml"
+    config.write_text("segmenter:\n  epochs: 3\n")
+    args = harness.parse_args(["--variants", "pale", "--config", str(config), "a.b=1"])
+    row = {"variant": "pale", "seed": 0, **harness.settings(args)}
+    assert harness.reusable(row, harness.settings(args))
+    assert not harness.reusable(row, harness.settings(harness.parse_args(["--config", str(config), "a.b=2"])))
+    config.write_text("segmenter:\n  epochs: 4\n")  # the same file, edited since
+    assert not harness.reusable(row, harness.settings(args))
+    assert not harness.reusable({"variant": "pale", "seed": 0, "config": str(config), "overrides": ["a.b=1"]},
+                                harness.settings(args))  # a row from before digests were kept
+
+
 def test_harness_collects_pseudo_masks_past_the_classifier_record(tmp_path):
     """metrics/pseudo_masks.json starts with the classifier that made the masks; the harness
     reports the split's layers, not that record."""

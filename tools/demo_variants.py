@@ -11,14 +11,17 @@ with the extra key=value overrides, then collect the test mIoU with and without 
 pseudo-mask mIoU per layer (RUN/metrics/pseudo_masks.json) and the wall time. Prints a
 markdown table and keeps one JSON line per (variant, seed) in --results.
 
-Resumable: a finished (variant, seed) is read back, not rerun; an interrupted one continues
-where it stopped (the data tools and the pipeline resume). The white-background channel is
+Resumable: a finished (variant, seed) is read back, not rerun, when it was made with the same
+config file contents and overrides (a row made with other settings is rerun, and the pipeline
+then names what changed in its run directory; use a new --runs for a new setting); an
+interrupted one continues where it stopped (the data tools and the pipeline resume). The white-background channel is
 switched on for a variant where glass is white and tissue is not (--background auto).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -173,6 +176,16 @@ def collect(run_dir: Path, data: Path) -> dict:
     }
 
 
+def settings(args) -> dict:
+    """What a results row must have been made with to be reused by this call."""
+    digest = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
+    return {"config": args.config, "config_sha256": digest, "overrides": list(args.overrides)}
+
+
+def reusable(row: dict, wanted: dict) -> bool:
+    return all(row.get(key) == value for key, value in wanted.items())
+
+
 def load_results(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -209,11 +222,12 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = load_results(args.results)
+    wanted = settings(args)
     for name in args.names:
         for seed in args.seed_list:
             key = f"{name}-s{seed}"
             run_dir, data = Path(args.runs) / key, Path(args.data) / key
-            if (name, seed) in results or args.table_only:
+            if args.table_only or ((name, seed) in results and reusable(results[(name, seed)], wanted)):
                 continue
             print(f"[variants] {key}: data, shards, pipeline (log: {run_dir.parent / (key + '.log')})", flush=True)
             start = time.time()
@@ -223,8 +237,8 @@ def main(argv=None) -> int:
                 print(f"[variants] {key}: {error}", file=sys.stderr)
                 return 1
             row = {"variant": name, "seed": seed, "role": role(name),
-                   "background": background_enabled(name, args.background), "overrides": args.overrides,
-                   "config": args.config, **collect(run_dir, data)}
+                   "background": background_enabled(name, args.background), **wanted,
+                   **collect(run_dir, data)}
             row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
             results[(name, seed)] = row
             save_results(args.results, results)
