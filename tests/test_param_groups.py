@@ -51,6 +51,7 @@ def test_lr_scale_applies_at_the_current_schedule_position():
     model = parallel.wrap(create_classifier("small38", 4), cfg.classifier, device=torch.device("cpu"),
                           plan=parallel.plan_batches(cfg.classifier, 1), total_steps=10)
     for _ in range(4):
+        model.optimizer.step()  # no gradients: moves nothing, but keeps the step order torch expects
         model.scheduler.step()
     before = [g["lr"] for g in model.optimizer.param_groups]
     model.set_lr_scale(0.5)
