@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -354,10 +353,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
 
 def stored_patch_side(root: str | Path) -> int | None:
     """The side of the training patches recorded in ROOT/info.json (the longer one), or None
-    when the file is not there (yet) or the split holds patches of mixed sizes."""
+    when there are no readable shards (yet: the stages report that themselves) or the split
+    holds patches of mixed sizes."""
+    from mlps_dist.data.shards import ShardError, read_info, train_image_size
+
     try:
-        size = json.loads((Path(root) / "info.json").read_text())["splits"]["train"]["image_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+        size = train_image_size(read_info(root))
+    except ShardError:
         return None
     return max(int(v) for v in size) if size else None
 

@@ -68,7 +68,7 @@ class WeightAverage:
                 torch.distributed.broadcast(tensor.data, src=0)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "decay": self.decay,
+        return {"updates": self.updates,
                 "weights": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:

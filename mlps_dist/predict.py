@@ -127,7 +127,9 @@ def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: 
 def training_patch_size(cfg, info: dict | None) -> int:
     """Side of the patches the run was trained on, as stored in the shards (falls back to
     ``data.image_size``, then 224)."""
-    stored = ((info or {}).get("splits", {}).get("train", {}) or {}).get("image_size")
+    from mlps_dist.data.shards import train_image_size
+
+    stored = train_image_size(info)
     if stored:
         return int(stored[0])
     return int(cfg.data.image_size or 224)

@@ -82,7 +82,7 @@ def _shards_info(tmp_path, side: int | None):
     root = tmp_path / f"shards{side}"
     root.mkdir()
     size = [side, side] if side else None
-    (root / "info.json").write_text(json.dumps({"splits": {"train": {"image_size": size}}}))
+    (root / "info.json").write_text(json.dumps({"format": 1, "splits": {"train": {"image_size": size}}}))
     return root
 
 

@@ -14,8 +14,9 @@ markdown table and keeps one JSON line per (variant, seed) in --results.
 Resumable: a finished (variant, seed) is read back, not rerun, when it was made with the same
 config file contents and overrides (a row made with other settings is rerun, and the pipeline
 then names what changed in its run directory; use a new --runs for a new setting); an
-interrupted one continues where it stopped (the data tools and the pipeline resume). The white-background channel is
-switched on for a variant where glass is white and tissue is not (--background auto).
+interrupted one continues where it stopped (the data tools and the pipeline resume). The
+white-background channel is switched on for a variant where glass is white and tissue is not
+(--background auto).
 """
 
 from __future__ import annotations

@@ -182,6 +182,12 @@ def read_info(root: str | Path) -> dict:
     return info
 
 
+def train_image_size(info: dict | None) -> list[int] | None:
+    """The size of every training patch as info.json records it, or None when the split holds
+    patches of mixed sizes (or the record has no train split)."""
+    return ((info or {}).get("splits", {}).get("train", {}) or {}).get("image_size") or None
+
+
 class TarFiles:
     """Read handles to tar files, opened on first use and private to one process: a reader
     forked or pickled into DataLoader workers never shares a file offset with its parent."""
