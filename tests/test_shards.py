@@ -82,6 +82,22 @@ def test_reader_survives_pickling_into_another_process(tiny_shards):
     assert clone.read(0) == first and clone.read(7) == reader.read(7)
 
 
+def test_threads_sharing_one_reader_get_the_right_bytes(tiny_shards):
+    """A loader's prefetch thread reads through the same reader as the training thread (and
+    DALI's source callback as its caller): interleaved reads must not move each other's place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = open_split(tiny_shards, "train")
+    expected = [open_split(tiny_shards, "train").read(i) for i in range(len(reader))]
+    order = np.random.default_rng(0).integers(0, len(reader), size=4000)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(reader.read, order.tolist()))
+    bad = [int(i) for i, sample in zip(order, got) if sample != expected[int(i)]]
+    assert not bad, f"{len(bad)} of {len(order)} concurrent reads returned other bytes"
+    reader.close()
+    assert reader.read(1) == expected[1]  # a closed reader reopens on the next read
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -7,9 +7,9 @@
                                          "<ext> <data offset> <size> <member name>" repeated)
 
 Keys are ``<split>_<index:08d>`` with ``index`` the sample's position in the split, so a key
-names its global position. The reader seeks straight to a member using the offsets of the
-index file; file handles are opened lazily per process, so a reader may be pickled into
-DataLoader worker processes.
+names its global position. The reader reads a member straight from the offsets of the index
+file; file handles are opened lazily per process, so a reader may be pickled into DataLoader
+worker processes, and reads are positional, so threads may share one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -190,28 +191,51 @@ def train_image_size(info: dict | None) -> list[int] | None:
 
 class TarFiles:
     """Read handles to tar files, opened on first use and private to one process: a reader
-    forked or pickled into DataLoader workers never shares a file offset with its parent."""
+    forked or pickled into DataLoader workers never shares a file with its parent.
+
+    Reads are positional (``os.pread``): no handle has a file offset that two threads could
+    move under each other. A loader's prefetch thread and the training thread, or DALI's
+    source callback and a caller, may read through the same reader at the same time."""
 
     def __init__(self):
-        self._files: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._pid = os.getpid()
+        self._lock = threading.Lock()
 
     def read(self, path: Path, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()
-        handle = self._files.get(path)
-        if handle is None:
-            handle = self._files[path] = open(path, "rb")
-        handle.seek(offset)
-        return handle.read(size)
+        fd = self._fds.get(path) if self._pid == os.getpid() else None
+        if fd is None:
+            fd = self._open(path)
+        chunks, done = [], 0
+        while done < size:  # pread may return less than asked; only an empty read means the end
+            chunk = os.pread(fd, size - done, offset + done)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+    def _open(self, path: Path) -> int:
+        with self._lock:
+            if self._pid != os.getpid():  # inherited descriptors belong to the parent
+                self._fds, self._pid = {}, os.getpid()
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files = {}
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        if self._pid == os.getpid():
+            for fd in fds.values():
+                os.close(fd)
 
     def __getstate__(self):
-        return {"_files": {}, "_pid": self._pid}
+        return {"_pid": self._pid}
+
+    def __setstate__(self, state):
+        self._fds, self._pid, self._lock = {}, state["_pid"], threading.Lock()
 
 
 class SplitReader:
