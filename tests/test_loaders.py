@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -292,3 +295,26 @@ def test_background_loader_starts_in_iter_raises_the_loaders_error_and_stops_whe
     while len(prefetch_threads()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(prefetch_threads()) <= before and abandoned.closed
+
+
+ABANDON_AND_EXIT = """
+import sys
+from mlps_dist.config import Config
+from mlps_dist.data.loaders import create_train_loader
+from mlps_dist.data.shards import open_split
+cfg = Config(); cfg.data.root, cfg.data.loader, cfg.data.num_workers = sys.argv[1], "dali", 1
+reader = open_split(cfg.data.root, "train")
+for epoch in range(3):  # each iterator dropped mid-epoch, its thread still running the pipeline
+    batches = iter(create_train_loader(cfg, reader, batch_size=2, epoch=epoch, rank=0, world=1, device="cpu"))
+    next(batches), next(batches)
+print("done")
+"""
+
+
+def test_process_exits_cleanly_with_dali_loaders_abandoned_mid_epoch(tiny_shards):
+    """Prefetch threads still inside a DALI pipeline when the interpreter exits are stopped
+    before DALI's own exit handler shuts the pipelines down (otherwise: abort, status 134)."""
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", ABANDON_AND_EXIT, str(tiny_shards)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]

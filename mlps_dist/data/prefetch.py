@@ -20,6 +20,7 @@ those of the wrapped loader, whatever the timing.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -27,6 +28,23 @@ import threading
 import torch
 
 _BATCH, _END, _ERROR = "batch", "end", "error"
+
+# Threads still pumping, with their channels. DALI shuts its pipelines down in an atexit
+# handler; a thread still running one then aborts the process ("terminate called without an
+# active exception"). So at exit every thread is told to stop and joined first: it finishes
+# its batch and closes its loader. atexit runs handlers last-registered first, and DALI
+# registers its own on import, so ours is registered again whenever a thread starts.
+_LIVE: dict[threading.Thread, "_Channel"] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE.items())
+    for thread, channel in live:
+        channel.stop.set()
+    for thread, _ in live:
+        thread.join(timeout=60)
 
 
 class BackgroundLoader:
@@ -78,9 +96,13 @@ def _pump(channel: _Channel, batches, device) -> None:
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
         channel.put((_ERROR, exc))
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # a generator's cleanup (DataLoader workers, the DALI pipeline) runs here
+        try:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # a generator's cleanup (DataLoader workers, the DALI pipeline) runs here
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.pop(threading.current_thread(), None)
 
 
 class _Prefetcher:
@@ -89,6 +111,10 @@ class _Prefetcher:
         self._channel = _Channel(depth)
         self._thread = threading.Thread(target=_pump, args=(self._channel, batches, device), daemon=True,
                                         name="mlps-prefetch")
+        with _LIVE_LOCK:
+            _LIVE[self._thread] = self._channel
+        atexit.unregister(_stop_all)
+        atexit.register(_stop_all)  # after any handler registered since (DALI's), so it runs before them
         self._thread.start()
 
     def __iter__(self):
