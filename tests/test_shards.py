@@ -98,6 +98,25 @@ def test_threads_sharing_one_reader_get_the_right_bytes(tiny_shards):
     assert reader.read(1) == expected[1]  # a closed reader reopens on the next read
 
 
+def _read_in_child(reader, index, queue):
+    queue.put(reader.read(index))
+    reader.close()  # the child's own descriptors; the parent's stay open
+
+
+def test_forked_child_reads_with_its_own_descriptors(tiny_shards):
+    import multiprocessing
+
+    reader = open_split(tiny_shards, "train")
+    first = reader.read(0)  # the parent has a descriptor open before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(reader, 5, queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and got == reader.read(5) and reader.read(0) == first
+
+
 # ---------------------------------------------------------------- bad input
 
 

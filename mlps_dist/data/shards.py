@@ -216,20 +216,22 @@ class TarFiles:
         return b"".join(chunks)
 
     def _open(self, path: Path) -> int:
+        if self._pid != os.getpid():  # a forked child: the parent's descriptors and lock are not its own
+            self._fds, self._pid, self._lock = {}, os.getpid(), threading.Lock()
         with self._lock:
-            if self._pid != os.getpid():  # inherited descriptors belong to the parent
-                self._fds, self._pid = {}, os.getpid()
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
     def close(self) -> None:
+        if self._pid != os.getpid():  # a forked child holds only the parent's descriptors
+            self._fds = {}
+            return
         with self._lock:
             fds, self._fds = self._fds, {}
-        if self._pid == os.getpid():
-            for fd in fds.values():
-                os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
 
     def __getstate__(self):
         return {"_pid": self._pid}
