@@ -144,10 +144,15 @@ def component_sizes(region: torch.Tensor) -> torch.Tensor:
     return counts[flat].view(batch, height, width).masked_fill_(outside, 0)
 
 
-def white_background(rgb: torch.Tensor, threshold: int = 200, min_size: int = 50) -> torch.Tensor:
+def white_background(rgb: torch.Tensor, threshold: int = 200, min_size: int = 50,
+                     max_saturation: int = 0) -> torch.Tensor:
     """(B, H, W) bool: pixels with grey > threshold in 4-connected white components of at
-    least ``min_size`` pixels (skimage remove_small_objects(connectivity=1) semantics)."""
+    least ``min_size`` pixels (skimage remove_small_objects(connectivity=1) semantics).
+    ``max_saturation`` > 0 also requires max - min of R, G, B <= it (glass is near grey)."""
     white = grey_levels(rgb) > threshold
+    if max_saturation > 0:
+        channels = rgb.to(torch.int32)
+        white &= (channels.amax(dim=1) - channels.amin(dim=1)) <= max_saturation
     if min_size <= 1 or not bool(white.any()):
         return white
     return white & (component_sizes(white) >= min_size)
@@ -167,7 +172,7 @@ def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor, layers: list[str],
-               background: bool = True, threshold: int = 200, min_size: int = 50,
+               background: bool = True, threshold: int = 200, min_size: int = 50, max_saturation: int = 0,
                tta_flip: bool = False, tta_scales: tuple[float, ...] = (1.0,),
                refine: dict | None = None) -> dict[str, torch.Tensor]:
     """Pseudo masks for a batch: ``{layer: (B, H, W) uint8}``.
@@ -177,7 +182,7 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
     keyword arguments of cam_refine.refine_cams; the normalised CAMs are then refined at the
     model's input resolution and upsampled to the patch's."""
     rgb = rgb.to(images.device)
-    white = white_background(rgb, threshold, min_size) if background else None
+    white = white_background(rgb, threshold, min_size, max_saturation) if background else None
     labels = labels.to(images.device)
     patch = tuple(rgb.shape[-2:])
     size = tuple(images.shape[-2:]) if refine else patch
@@ -202,4 +207,5 @@ def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
     refine = {k: v for k, v in asdict(masks_cfg.refine).items() if k != "enabled"} if masks_cfg.refine.enabled else None
     return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
                       background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
+                      max_saturation=bg.max_saturation,
                       tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales), refine=refine)

@@ -154,6 +154,10 @@ class BackgroundConfig:
     enabled: bool = True  # LUAD: white pixels form their own channel; BCSS: off
     threshold: int = 200  # grey level above which a pixel counts as white
     min_size: int = 50  # smallest white component (pixels) kept as background
+    # > 0: a white pixel must also be near grey, max - min of its R, G, B <= this. Glass is
+    # near grey; pale tissue brighter than the threshold is still pink or purple. 0: the grey
+    # level alone (the public rule).
+    max_saturation: int = 0
 
 
 @dataclass
@@ -469,6 +473,8 @@ def validate(cfg: Config) -> None:
            f"must hold at least one scale > 0 (1.0 = no rescaling), got {cfg.masks.tta_scales}")
     _check(0 <= cfg.masks.background.threshold <= 255, "masks.background.threshold", "must be a grey level 0..255")
     _check(cfg.masks.background.min_size >= 0, "masks.background.min_size", "must be >= 0 pixels")
+    _check(0 <= cfg.masks.background.max_saturation <= 255, "masks.background.max_saturation",
+           "must be 0 (grey level alone) or a saturation 1..255 (max - min of R, G, B)")
     refine = cfg.masks.refine
     _check(refine.iterations >= 0, "masks.refine.iterations", f"must be >= 0, got {refine.iterations}")
     _check(len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations), "masks.refine.dilations",

@@ -147,11 +147,17 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection:
     """Everything the masks depend on; a change makes the existing chunks unusable.
     ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
     m = cfg.masks
-    return {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
-            "classes": reader.classes, "count": len(reader),
-            "layers": list(m.layers), "chunk_size": m.chunk_size, "background": vars(m.background).copy(),
-            "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std), "image_size": cfg.data.image_size}  # not skip_bad: turning it on to get past a bad sample keeps the rest
+    background = vars(m.background).copy()
+    if not background["max_saturation"]:
+        del background["max_saturation"]  # off: the record of passes made before the key existed
+    settings = {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
+                "classes": reader.classes, "count": len(reader),
+                "layers": list(m.layers), "chunk_size": m.chunk_size, "background": background,
+                "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
+                "std": list(cfg.data.std), "image_size": cfg.data.image_size}
+    if m.refine.enabled:  # refined masks differ from plain ones: never mixed in one folder
+        settings["refine"] = vars(m.refine).copy()
+    return settings  # not skip_bad: turning it on to get past a bad sample keeps the rest
 
 
 def on_rank0(fn):

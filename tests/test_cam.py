@@ -110,6 +110,35 @@ def test_white_background_luad_vs_bcss(model, patches):
     assert torch.equal(luad[outside], bcss[outside])
 
 
+def test_max_saturation_keeps_pale_tinted_tissue_out_of_the_background():
+    """A neutral white square is glass; a pale pink square brighter than the grey threshold is
+    tissue once max_saturation asks white to be near grey (it is glass without the limit)."""
+    rgb = torch.full((1, 3, 40, 40), 120, dtype=torch.uint8)
+    rgb[0, :, 2:14, 2:14] = torch.tensor([238, 236, 240], dtype=torch.uint8).view(3, 1, 1)  # glass, saturation 4
+    rgb[0, :, 20:32, 20:32] = torch.tensor([242, 206, 230], dtype=torch.uint8).view(3, 1, 1)  # pale eosin, 36
+    grey = cam.grey_levels(rgb)
+    assert grey[0, 25, 25] > 200 and grey[0, 5, 5] > 200
+    plain = cam.white_background(rgb, threshold=200, min_size=50)
+    limited = cam.white_background(rgb, threshold=200, min_size=50, max_saturation=20)
+    assert plain[0, 2:14, 2:14].all() and plain[0, 20:32, 20:32].all()
+    assert limited[0, 2:14, 2:14].all() and not limited[0, 20:32, 20:32].any()
+    assert int(limited.sum()) == 144
+
+
+def test_masks_config_passes_max_saturation_on(model):
+    from mlps_dist.config import Config
+
+    rgb = torch.full((1, 3, 32, 32), 120, dtype=torch.uint8)
+    rgb[0, :, 8:24, 8:24] = torch.tensor([242, 206, 230], dtype=torch.uint8).view(3, 1, 1)
+    images = (rgb.float() / 255.0 - 0.5) / 0.25
+    batch = {"image": images, "labels": torch.ones(1, 4), "rgb": rgb}
+    cfg = Config().masks
+    cfg.layers = ["bn7"]
+    assert (cam.make_masks_cfg(model, batch, cfg)["bn7"][0, 8:24, 8:24] == 4).all()
+    cfg.background.max_saturation = 20
+    assert not (cam.make_masks_cfg(model, batch, cfg)["bn7"] == 4).any()
+
+
 def test_component_sizes_match_flood_fill():
     gen = torch.Generator().manual_seed(1)
     region = torch.rand(3, 40, 40, generator=gen) > 0.45

@@ -47,6 +47,8 @@ def test_wrong_type_and_bad_value_name_the_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="classifier.pretrained"):
         load_config(None, ["classifier.pretrained=/nonexistent/weights.pth"])
+    with pytest.raises(ConfigError, match="masks.background.max_saturation"):
+        load_config(None, ["masks.background.max_saturation=300"])
 
 
 def test_section_given_as_scalar_is_refused(tmp_path):

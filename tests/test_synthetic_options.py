@@ -218,6 +218,20 @@ def test_white_is_white_flag_matches_the_data(variant):
         assert tissue_taken < 0.07, tissue_taken
     else:
         assert tissue_taken > 0.15, tissue_taken
+    # Asking white to be near grey as well (the demo's masks.background.max_saturation) finds
+    # most of the glass of every variant and leaves its tissue alone.
+    limited = white_background(images, max_saturation=20).numpy()
+    assert (limited & (masks == WHITE)).sum() > 0.7 * (masks == WHITE).sum()  # noisy glass pixels are missed
+    assert (limited & (masks != WHITE)).sum() < 0.01 * (masks != WHITE).sum()
+
+
+def test_harness_turns_the_white_channel_on_everywhere_when_the_config_limits_saturation():
+    harness = _load_tool("demo_variants")
+    assert harness.background_enabled("pale", "auto", "configs/demo.yaml") is True
+    assert harness.background_enabled("pale", "auto", "configs/luad.yaml") is False
+    assert harness.background_enabled("default", "auto", "configs/luad.yaml") is True
+    assert harness.background_enabled("default", "off", "configs/demo.yaml") is False
+    assert harness.background_enabled("pale", "config", "configs/demo.yaml") is None
 
 
 def test_harness_reads_stage1_scores_and_flags_a_collapse():

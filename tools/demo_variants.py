@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=80)
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
-                   help="masks.background.enabled: auto = on where white is white; config = leave it to CONFIG")
+                   help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
     p.add_argument("overrides", nargs="*", help="key=value passed to every stage")
     args = p.parse_args(argv)
@@ -83,8 +83,15 @@ def role(name: str) -> str:
     return "tuning" if name in TUNING_VARIANTS else "held-out" if name in HELD_OUT_VARIANTS else "-"
 
 
-def background_enabled(name: str, mode: str) -> bool | None:
-    return {"on": True, "off": False, "config": None}.get(mode, variant_white_is_white(name))
+def background_enabled(name: str, mode: str, config: str) -> bool | None:
+    """masks.background.enabled for a variant: ``auto`` is on where glass is the only thing
+    brighter than grey 200, or everywhere when the config also asks white to be near grey
+    (masks.background.max_saturation), which tells glass from pale tinted tissue."""
+    if mode != "auto":
+        return {"on": True, "off": False, "config": None}[mode]
+    from mlps_dist.config import load_config
+
+    return variant_white_is_white(name) or load_config(config).masks.background.max_saturation > 0
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -111,7 +118,7 @@ def run_one(args, name: str, seed: int) -> None:
         _run([py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
               "--out", str(data / "shards")], log)
     overrides = [f"data.root={data / 'shards'}", *args.overrides]
-    enabled = background_enabled(name, args.background)
+    enabled = background_enabled(name, args.background, args.config)
     if enabled is not None:
         overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
     _run(["bash", "launch/pipeline.sh", args.config, str(run_dir), *overrides], log)
@@ -238,7 +245,7 @@ def main(argv=None) -> int:
                 print(f"[variants] {key}: {error}", file=sys.stderr)
                 return 1
             row = {"variant": name, "seed": seed, "role": role(name),
-                   "background": background_enabled(name, args.background), **wanted,
+                   "background": background_enabled(name, args.background, args.config), **wanted,
                    **collect(run_dir, data)}
             row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
             results[(name, seed)] = row
