@@ -227,11 +227,14 @@ def test_white_is_white_flag_matches_the_data(variant):
 
 def test_harness_turns_the_white_channel_on_everywhere_when_the_config_limits_saturation():
     harness = _load_tool("demo_variants")
-    assert harness.background_enabled("pale", "auto", "configs/demo.yaml") is True
-    assert harness.background_enabled("pale", "auto", "configs/luad.yaml") is False
-    assert harness.background_enabled("default", "auto", "configs/luad.yaml") is True
-    assert harness.background_enabled("default", "off", "configs/demo.yaml") is False
-    assert harness.background_enabled("pale", "config", "configs/demo.yaml") is None
+    demo, luad = harness.saturation_limited("configs/demo.yaml", []), harness.saturation_limited("configs/luad.yaml", [])
+    assert harness.background_enabled("pale", "auto", demo) is True
+    assert harness.background_enabled("pale", "auto", luad) is False
+    assert harness.background_enabled("default", "auto", luad) is True
+    assert harness.background_enabled("default", "off", demo) is False
+    assert harness.background_enabled("pale", "config", demo) is None
+    # an override counts as the config does
+    assert not harness.saturation_limited("configs/demo.yaml", ["masks.background.max_saturation=0"])
 
 
 def test_harness_reads_stage1_scores_and_flags_a_collapse():

@@ -15,7 +15,8 @@ Resumable: a finished (variant, seed) is read back, not rerun, when it was made 
 config file contents and overrides (a row made with other settings is rerun, and the pipeline
 then names what changed in its run directory; use a new --runs for a new setting); an
 interrupted one continues where it stopped (the data tools and the pipeline resume). The
-white-background channel is switched on for a variant where glass is white and tissue is not
+white-background channel is switched on for a variant where glass is white and tissue is not,
+or for every variant when the config and overrides set masks.background.max_saturation
 (--background auto).
 """
 
@@ -83,15 +84,20 @@ def role(name: str) -> str:
     return "tuning" if name in TUNING_VARIANTS else "held-out" if name in HELD_OUT_VARIANTS else "-"
 
 
-def background_enabled(name: str, mode: str, config: str) -> bool | None:
-    """masks.background.enabled for a variant: ``auto`` is on where glass is the only thing
-    brighter than grey 200, or everywhere when the config also asks white to be near grey
+def saturation_limited(config: str, overrides: list[str]) -> bool:
+    """Whether the white channel of CONFIG with these overrides also asks white to be near grey
     (masks.background.max_saturation), which tells glass from pale tinted tissue."""
-    if mode != "auto":
-        return {"on": True, "off": False, "config": None}[mode]
     from mlps_dist.config import load_config
 
-    return variant_white_is_white(name) or load_config(config).masks.background.max_saturation > 0
+    return load_config(config, overrides).masks.background.max_saturation > 0
+
+
+def background_enabled(name: str, mode: str, limited: bool) -> bool | None:
+    """masks.background.enabled for a variant: ``auto`` is on where glass is the only thing
+    brighter than grey 200, or everywhere when the white channel is ``limited`` by saturation."""
+    if mode != "auto":
+        return {"on": True, "off": False, "config": None}[mode]
+    return variant_white_is_white(name) or limited
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -118,7 +124,7 @@ def run_one(args, name: str, seed: int) -> None:
         _run([py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
               "--out", str(data / "shards")], log)
     overrides = [f"data.root={data / 'shards'}", *args.overrides]
-    enabled = background_enabled(name, args.background, args.config)
+    enabled = background_enabled(name, args.background, args.limited)
     if enabled is not None:
         overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
     _run(["bash", "launch/pipeline.sh", args.config, str(run_dir), *overrides], log)
@@ -231,6 +237,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results = load_results(args.results)
     wanted = settings(args)
+    args.limited = saturation_limited(args.config, args.overrides)
     for name in args.names:
         for seed in args.seed_list:
             key = f"{name}-s{seed}"
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
                 print(f"[variants] {key}: {error}", file=sys.stderr)
                 return 1
             row = {"variant": name, "seed": seed, "role": role(name),
-                   "background": background_enabled(name, args.background, args.config), **wanted,
+                   "background": background_enabled(name, args.background, args.limited), **wanted,
                    **collect(run_dir, data)}
             row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
             results[(name, seed)] = row

@@ -41,7 +41,7 @@ _LIVE_LOCK = threading.Lock()
 def _stop_all() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE.items())
-    for thread, channel in live:
+    for _, channel in live:
         channel.stop.set()
     for thread, _ in live:
         thread.join(timeout=60)
