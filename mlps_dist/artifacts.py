@@ -78,6 +78,7 @@ OPERATIONAL = (
 # so finished stages stay finished when the program is updated.
 ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
+              "segmenter.mosaic_prob": 0.0,
               **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}

@@ -204,6 +204,10 @@ class SegmenterConfig(TrainConfig):
     # dilations (1, 2, 4) x 2. Empty keeps torchvision's layer4 (dilation 1, 2, 2).
     multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(vflip=False, blur_prob=0.5))
+    # Share of the single-tissue patches in a batch that get a smooth region of a single-tissue
+    # patch of another class pasted in, masks alike (mlps_dist/mosaic.py): borders between
+    # tissues whose labels are exact at every pixel. 0 = none (the public recipe).
+    mosaic_prob: float = 0.0
 
 
 @dataclass
@@ -454,6 +458,8 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
            "segmenter.multi_grid", "must hold 3 dilation multipliers >= 1, one per layer4 block (public: "
            f"[1, 2, 4]), or be [] for torchvision's layer4; got {cfg.segmenter.multi_grid}")
+    _check(0 <= cfg.segmenter.mosaic_prob <= 1, "segmenter.mosaic_prob",
+           f"must be in [0, 1] (0 = no mosaics), got {cfg.segmenter.mosaic_prob}")
     pda = cfg.classifier.pda
     _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
            "needs 0 < gamma_min <= gamma_init <= 1")

@@ -33,6 +33,7 @@ from mlps_dist.data.torch_loader import decode_rgb
 from mlps_dist.draw import overlay_row, palette_for
 from mlps_dist.metrics import ConfusionMatrix
 from mlps_dist.models import create_segmenter
+from mlps_dist.mosaic import mix_single_tissue
 from mlps_dist.predict import Predictor
 from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore
 from mlps_dist.runlog import RunLog
@@ -99,7 +100,8 @@ class SegmenterTask:
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots].long()  # the loaders send uint8
-        loss = segmentation_loss(model(batch["image"]), masks, self.section.loss_weights, self.ignore_index,
+        images, masks = mix_single_tissue(batch["image"], masks, self.ignore_index, self.section.mosaic_prob)
+        loss = segmentation_loss(model(images), masks, self.section.loss_weights, self.ignore_index,
                                  white_channel=self.section.loss_white_channel)
         if self.section.loss_batch_average:
             # The public loss (pixel mean / n, n = the whole batch on one device): the global

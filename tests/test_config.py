@@ -49,6 +49,8 @@ def test_wrong_type_and_bad_value_name_the_key(tmp_path):
         load_config(None, ["classifier.pretrained=/nonexistent/weights.pth"])
     with pytest.raises(ConfigError, match="masks.background.max_saturation"):
         load_config(None, ["masks.background.max_saturation=300"])
+    with pytest.raises(ConfigError, match="segmenter.mosaic_prob"):
+        load_config(None, ["segmenter.mosaic_prob=1.5"])
 
 
 def test_section_given_as_scalar_is_refused(tmp_path):

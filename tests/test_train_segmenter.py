@@ -120,6 +120,28 @@ def test_public_loss_form_matches_the_public_code(tmp_path, tiny_shards):
     assert abs(ours / n - float(expected)) > 1e-4  # the two forms differ when there are white pixels
 
 
+def test_mosaics_change_the_batch_the_loss_sees(tmp_path, tiny_shards):
+    """segmenter.mosaic_prob reaches the loss: single-tissue patches get another tissue pasted in."""
+    run = tmp_path / "run"
+    write_pseudo_masks(run, tiny_shards)
+    seen = {}
+    for prob in (0.0, 1.0):
+        task = train_segmenter.prepare(seg_config(run, tiny_shards, mosaic_prob=prob))
+        masks = torch.arange(4).view(4, 1, 1, 1).expand(4, 3, 8, 8).to(torch.uint8)
+        captured = []
+
+        def model(x):
+            captured.append(x.clone())
+            return torch.zeros(x.shape[0], 4, 8, 8, requires_grad=True)
+
+        torch.manual_seed(0)
+        images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8)  # four single-tissue patches
+        task.loss(model, {"image": images, "masks": masks})
+        seen[prob] = captured[0]
+    assert torch.equal(seen[0.0], torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8))
+    assert all(len(seen[1.0][i].unique()) == 2 for i in range(4))
+
+
 def test_layers_are_picked_from_the_store_order(tmp_path, tiny_shards):
     write_pseudo_masks(tmp_path / "run", tiny_shards)
     cfg = seg_config(tmp_path / "run", tiny_shards, loss_layers=["bn7", "b4_5"], loss_weights=[0.6, 0.4])
@@ -193,7 +215,7 @@ def run_two_ranks(tmp_path: Path, shards: Path, parallel: str) -> Path:
     run = tmp_path / parallel
     write_pseudo_masks(run, shards)
     cfg_file = tmp_path / f"{parallel}.yaml"
-    save_config(seg_config(run, shards, parallel=parallel,
+    save_config(seg_config(run, shards, parallel=parallel, mosaic_prob=1.0,
                            deepspeed_config=str(REPO / "configs/deepspeed/zero1.json")), cfg_file)
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
@@ -255,11 +277,13 @@ def train_in_process(cfg, preempt_at_step: int | None = None) -> int:
         log.close()
 
 
-def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_shards):
+@pytest.mark.parametrize("mosaic_prob", [0.0, 1.0])
+def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_shards, mosaic_prob):
+    """With mosaics on too: their draws come from the RNG the checkpoint saves."""
     runs = {}
     for name in ("straight", "preempted"):
         write_pseudo_masks(tmp_path / name, tiny_shards)
-        runs[name] = seg_config(tmp_path / name, tiny_shards, batch_size=8, epochs=1)
+        runs[name] = seg_config(tmp_path / name, tiny_shards, batch_size=8, epochs=1, mosaic_prob=mosaic_prob)
     assert train_in_process(runs["straight"]) == 0
     assert train_in_process(runs["preempted"], preempt_at_step=2) == engine.PREEMPTED_EXIT_CODE
     assert not (tmp_path / "preempted" / "segmenter" / "model.pt").exists()
@@ -271,3 +295,8 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_shards
         assert torch.equal(straight[key], resumed[key]), key
     events = [json.loads(line)["kind"] for line in (tmp_path / "preempted" / "log.jsonl").read_text().splitlines()]
     assert "resume" in events
+    if mosaic_prob:  # the mosaics took part: without them the same run ends elsewhere
+        write_pseudo_masks(tmp_path / "plain", tiny_shards)
+        assert train_in_process(seg_config(tmp_path / "plain", tiny_shards, batch_size=8, epochs=1)) == 0
+        plain, _ = load_model_file(tmp_path / "plain" / "segmenter" / "model.pt")
+        assert any(not torch.equal(plain[key], straight[key]) for key in straight)
