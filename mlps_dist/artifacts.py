@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -81,6 +82,8 @@ ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "segmenter.mosaic_prob": 0.0,
               **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
 # The shard splits each stage reads.
+# Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
+MASKS_REPORT = "pseudo_masks.json"
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 
 
@@ -357,10 +360,25 @@ def restart(cfg: Config, stage: str) -> Path | None:
     moving = [p for p in moving if p.exists()]
     if not moving:
         return None
-    target = run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (run_dir / "superseded").mkdir(exist_ok=True)
+    for attempt in itertools.count():  # two restarts within a second get folders of their own
+        target = run_dir / "superseded" / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            target.mkdir()
+            break
+        except FileExistsError:
+            continue
     for path in moving:
         os.rename(path, target / path.name)
+    # Stage 2's quality report lives in metrics/ beside the evaluation's files; it belongs to
+    # the masks, so it stays with them when only the stages after the masks are redone.
+    report = target / FOLDERS["evaluate"] / MASKS_REPORT
+    if STAGES.index(stage) > STAGES.index("masks") and report.is_file():
+        kept = stage_dir(run_dir, "evaluate")
+        kept.mkdir()
+        os.rename(report, kept / MASKS_REPORT)
+        fsync_dir(kept)
     fsync_dir(target)
     fsync_dir(run_dir)
     return target

@@ -300,7 +300,7 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
                         step=0, prefix=f"pseudo_masks/{split}/{layer}/")
             log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
     if dist.is_main() and report:
-        write_json(Path(cfg.run_dir) / "metrics" / "pseudo_masks.json", {**report, "classifier": selection or {}})
+        write_json(artifacts.stage_dir(cfg.run_dir, "evaluate") / artifacts.MASKS_REPORT, {**report, "classifier": selection or {}})
     return report
 
 

@@ -126,8 +126,16 @@ def test_changed_evaluation_settings_evaluate_again_and_restart_moves_stages_asi
     assert artifacts.status(cfg, "evaluate").state == "done"
     other = make_cfg(tmp_path / "run", tiny_shards, evaluate={"gate_threshold": 0.3})
     assert artifacts.status(other, "evaluate").state == "todo"  # not refused: metrics are just recomputed
+    report = metrics.parent / artifacts.MASKS_REPORT  # stage 2's quality report of the masks
+    report.write_text('{"val": {}}')
+    moved = artifacts.restart(cfg, "segmenter")  # the masks stay, and their report with them
+    assert sorted(p.name for p in moved.iterdir()) == ["metrics", "segmenter"]
+    assert report.read_text() == '{"val": {}}' and not (moved / "metrics" / artifacts.MASKS_REPORT).exists()
+    assert (moved / "metrics" / metrics.name).is_file() and not metrics.exists()
+    assert artifacts.status(cfg, "masks").state == "done" and artifacts.status(cfg, "segmenter").state == "todo"
     moved = artifacts.restart(cfg, "masks")
-    assert sorted(p.name for p in moved.iterdir()) == ["metrics", "pseudo_masks", "segmenter"]
+    assert sorted(p.name for p in moved.iterdir()) == ["metrics", "pseudo_masks"]
+    assert (moved / "metrics" / artifacts.MASKS_REPORT).is_file() and not report.exists()
     assert artifacts.status(cfg, "classifier").state == "done" and artifacts.status(cfg, "masks").state == "todo"
 
 

@@ -237,6 +237,19 @@ def test_harness_turns_the_white_channel_on_everywhere_when_the_config_limits_sa
     assert not harness.saturation_limited("configs/demo.yaml", ["masks.background.max_saturation=0"])
 
 
+def test_harness_restarts_a_stage_only_in_run_directories_that_hold_a_run(tmp_path):
+    harness = _load_tool("demo_variants")
+    args = harness.parse_args(["--variants", "pale", "--restart-from", "segmenter", "segmenter.epochs=2"])
+    args.limited = True
+    data, run = tmp_path / "data", tmp_path / "run"
+    fresh = harness.pipeline_command(args, "pale", data, run)
+    assert fresh[:3] == ["bash", "launch/pipeline.sh", args.config] and "--restart-from" not in fresh
+    assert fresh[-3:] == [f"data.root={data / 'shards'}", "masks.background.enabled=true", "segmenter.epochs=2"]
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    assert harness.pipeline_command(args, "pale", data, run)[2:4] == ["--restart-from", "segmenter"]
+
+
 def test_harness_reads_stage1_scores_and_flags_a_collapse():
     harness = _load_tool("demo_variants")
     events = [{"stage": "classifier", "kind": "scalars", "step": s, "val/score": v}

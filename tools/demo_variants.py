@@ -3,6 +3,7 @@
 
     python tools/demo_variants.py --held-out                       # the variants nobody tuned on
     python tools/demo_variants.py --variants default,pale --seeds 0,1 segmenter.epochs=10
+    python tools/demo_variants.py --tuning --runs runs/variants --restart-from segmenter   # a new stage-3 setting
 
 For every variant and seed: generate the data (tools/make_synthetic.py, demo sizes), make
 shards (tools/make_shards.py --layout luad), run launch/pipeline.sh CONFIG RUN data.root=...
@@ -14,7 +15,9 @@ markdown table and keeps one JSON line per (variant, seed) in --results.
 Resumable: a finished (variant, seed) is read back, not rerun, when it was made with the same
 config file contents and overrides (a row made with other settings is rerun, and the pipeline
 then names what changed in its run directory; use a new --runs for a new setting); an
-interrupted one continues where it stopped (the data tools and the pipeline resume). The
+interrupted one continues where it stopped (the data tools and the pipeline resume);
+``--restart-from STAGE`` redoes STAGE and the later ones in run directories that exist (the
+wall time is then this call's, those stages only). The
 white-background channel is switched on for a variant where glass is white and tissue is not,
 or for every variant when the config and overrides set masks.background.max_saturation
 (--background auto).
@@ -58,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
                    help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG")
+    p.add_argument("--restart-from", choices=("classifier", "masks", "segmenter", "evaluate"), default=None,
+                   help="in run directories that exist, redo this stage and the ones after it (launch/pipeline.sh "
+                        "--restart-from): a new setting of a later stage measured on the earlier stages' results")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
     p.add_argument("overrides", nargs="*", help="key=value passed to every stage")
     args = p.parse_args(argv)
@@ -123,11 +129,18 @@ def run_one(args, name: str, seed: int) -> None:
               "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)], log)
         _run([py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
               "--out", str(data / "shards")], log)
+    _run(pipeline_command(args, name, data, run_dir), log)
+
+
+def pipeline_command(args, name: str, data: Path, run_dir: Path) -> list[str]:
+    """launch/pipeline.sh on the variant's shards, with its white-channel switch and the
+    overrides; --restart-from only where the run directory already holds a run."""
     overrides = [f"data.root={data / 'shards'}", *args.overrides]
     enabled = background_enabled(name, args.background, args.limited)
     if enabled is not None:
         overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
-    _run(["bash", "launch/pipeline.sh", args.config, str(run_dir), *overrides], log)
+    restart = ["--restart-from", args.restart_from] if args.restart_from and (run_dir / "config.yaml").is_file() else []
+    return ["bash", "launch/pipeline.sh", *restart, args.config, str(run_dir), *overrides]
 
 
 def _events(run_dir: Path) -> list[dict]:
