@@ -3,10 +3,11 @@
 A patch whose image-level label names one tissue has an exact pseudo mask: that tissue on
 every pixel the white channel left (stage 2's argmax runs over the labelled classes only).
 A patch with several tissues has a mask only as good as its CAMs, and the segmenter learns
-their errors with it, above all near the borders between tissues. So, within each batch, a
-random smooth region of one single-tissue patch is pasted into another single-tissue patch
-of a different tissue, image and masks alike: a two-tissue patch whose labels are exact at
-every pixel, borders included. Patches that mix tissues pass through untouched.
+their errors with it, above all near the borders between tissues. So, within each rank's
+micro batch (the loss's input), a random smooth region of one single-tissue patch is pasted
+into another single-tissue patch of a different tissue, image and masks alike: a two-tissue
+patch whose labels are exact at every pixel, borders included. Patches that mix tissues
+pass through untouched.
 
 Which patches are single-tissue is read off their masks (one non-white value over every
 layer), so the mixing needs nothing from the loaders and works the same after either.
