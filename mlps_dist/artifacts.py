@@ -81,9 +81,9 @@ ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
               "segmenter.mosaic_prob": 0.0,
               **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
-# The shard splits each stage reads.
 # Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
 MASKS_REPORT = "pseudo_masks.json"
+# The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 
 

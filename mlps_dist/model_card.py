@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from mlps_dist import artifacts
 from mlps_dist.fileio import atomic_write_text, sha256_file
 
 PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "webdataset", "numpy", "pillow",
@@ -151,7 +152,7 @@ def results_section(run: Path) -> list[str]:
         out += [f"| **{key}** | {_pct(record.get(key))} | {_pct(ungated.get(key))} |"
                 for key in ("miou", "fwiou", "acc", "macc")]
         out.append("")
-    pseudo = _json(run / "metrics" / "pseudo_masks.json")
+    pseudo = _json(artifacts.stage_dir(run, "evaluate") / artifacts.MASKS_REPORT)
     if pseudo:
         out += ["### Pseudo masks against the ground truth (mIoU %)", "", "| split | layer | mIoU |", "|---|---|---|"]
         splits = {k: v for k, v in pseudo.items() if k != "classifier"}  # "classifier": which model made them

@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a source checkout
 
+from mlps_dist import artifacts  # noqa: E402
 from mlps_dist.data.synthetic_options import (  # noqa: E402
     HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
 from mlps_dist.fileio import atomic_write_text  # noqa: E402
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
                    help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG")
-    p.add_argument("--restart-from", choices=("classifier", "masks", "segmenter", "evaluate"), default=None,
+    p.add_argument("--restart-from", choices=artifacts.STAGES, default=None,
                    help="in run directories that exist, redo this stage and the ones after it (launch/pipeline.sh "
                         "--restart-from): a new setting of a later stage measured on the earlier stages' results")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
@@ -183,7 +184,7 @@ def collect(run_dir: Path, data: Path) -> dict:
     events = _events(run_dir)
     val_scores = stage1_val_scores(events)
     test = json.loads((run_dir / "metrics" / "test.json").read_text())
-    masks_path = run_dir / "metrics" / "pseudo_masks.json"
+    masks_path = artifacts.stage_dir(run_dir, "evaluate") / artifacts.MASKS_REPORT
     pseudo = json.loads(masks_path.read_text()) if masks_path.is_file() else {}
     # {"classifier": {...}, "<split>": {layer: metrics}}: the first split (val) is reported
     pm_split = next((v for k, v in pseudo.items() if k != "classifier" and isinstance(v, dict)), {})
