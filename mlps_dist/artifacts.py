@@ -80,7 +80,8 @@ OPERATIONAL = (
 ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
               "segmenter.mosaic_prob": 0.0,
-              **{f"masks.refine.{key}": value for key, value in asdict(RefineConfig()).items()}}  # off
+              **{f"{section}.refine.{key}": value for key, value in asdict(RefineConfig()).items()
+                 for section in ("masks", "evaluate")}}  # off
 # Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
 MASKS_REPORT = "pseudo_masks.json"
 # The shard splits each stage reads.

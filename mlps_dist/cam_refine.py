@@ -1,7 +1,9 @@
-"""Colour-affinity refinement of CAMs before they become pseudo masks (optional, off in the
-paper configs; ``masks.refine``).
+"""Colour-affinity refinement of class maps: CAMs before they become pseudo masks
+(``masks.refine``) and the segmenter's scores before the argmax (``evaluate.refine``); both
+optional and off in the paper configs.
 
     refined = refine_cams(norm_cams, rgb, iterations=40, dilations=(1, 2, 4, 8, 12))
+    log_scores = refine_scores(logits, x, mean, std, iterations=20, dilations=(1, 2, 4, 8, 12))
 
 Why: Grad-CAMs of a stride-8 classifier are blobs. On the demo data 62 % of the pseudo-mask
 errors lie within 6 px of a tissue border (35 % error rate there, 10 % inside regions), and a
@@ -15,12 +17,20 @@ neighbours at each of several dilations, affinity
 ``softmax_k(-mean_rgb((|I_i - I_k| / (w * std_k(I)))^2))`` over all neighbours k, replicate
 padding at the patch border.
 
+The segmenter is taught its borders by pseudo masks whose borders are the CAMs' (above); on
+the variants 80 % of its test errors lie within 6 px of a border (a third of those pixels
+wrong, 3 % inside regions). Refining its softmax scores the same way at prediction moves them
+back onto the colour edges: +1 to +3 test mIoU on every variant (README, "Refined
+predictions").
+
 Cost: ``iterations x 8 x len(dilations)`` multiply-adds per CAM pixel and class; it runs at
 the classifier's input resolution (``data.image_size``), so its cost does not grow with the
 stored patch size.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +41,14 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return images
     radius = max(1, int(round(3 * sigma)))
-    taps = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    out = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1).contiguous(), groups=channels)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1).contiguous(), groups=channels)
+    taps = [math.exp(-t * t / (2 * sigma ** 2)) for t in range(-radius, radius + 1)]
+    # A constant kernel, one channel at a time: the ONNX exporter needs the weights' shape.
+    kernel = torch.tensor([t / sum(taps) for t in taps], dtype=images.dtype, device=images.device)
+    batch, channels, height, width = images.shape
+    out = F.pad(images.reshape(batch * channels, 1, height, width), (radius, radius, radius, radius),
+                mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1)).reshape(batch, channels, height, width)
 
 
 def neighbour_offsets(dilations) -> list[tuple[int, int]]:
@@ -75,3 +86,21 @@ def refine_cams(cams: torch.Tensor, rgb: torch.Tensor, iterations: int, dilation
                          affinity[:, k:k + 1])
         cams = out
     return cams
+
+
+def refine_scores(logits: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  **refine) -> torch.Tensor:
+    """Log of the segmenter's softmax scores refined along the colours of its input.
+
+    ``logits`` (B, C, h, w) for the normalised input ``images`` (B, 3, H, W), ``mean``/``std``
+    (1, 3, 1, 1) its normalisation; returns (B, C, H, W) float32 log-scores at the input's
+    size (the refinement works at the scale the networks see). ``refine``: the keyword
+    arguments of refine_cams. Written with plain tensor operations so that the exported ONNX
+    graph holds the same computation (export_graph.py)."""
+    scores = torch.softmax(logits.float(), dim=1)
+    if scores.shape[-2:] != images.shape[-2:]:
+        scores = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    rgb = ((images.float() * std + mean) * 255.0).clamp(0.0, 255.0)
+    # Propagation averages scores, so they stay positive; the floor only keeps log finite
+    # where one underflowed to 0 in float32.
+    return torch.log(refine_cams(scores, rgb, **refine).clamp(min=1e-30))

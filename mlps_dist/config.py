@@ -162,9 +162,10 @@ class BackgroundConfig:
 
 @dataclass
 class RefineConfig:
-    """Colour-affinity refinement of the CAMs before the argmax (mlps_dist/cam_refine.py)."""
+    """Colour-affinity refinement before the argmax (mlps_dist/cam_refine.py): of the CAMs
+    (masks.refine) or of the segmenter's scores at prediction (evaluate.refine)."""
 
-    enabled: bool = False  # paper configs: off (the public pseudo masks are the plain CAM argmax)
+    enabled: bool = False  # paper configs: off (the public code takes the plain argmax)
     iterations: int = 40  # propagation steps
     dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12])  # neighbour rings, pixels at data.image_size
     colour_weight: float = 0.1  # smaller: colour edges stop the propagation more sharply
@@ -217,6 +218,10 @@ class EvaluateConfig:
     gate: bool = True
     gate_threshold: float = 0.1
     checkpoint: str = "best"  # best | last
+    # The segmenter's scores refined along the patch's colours before the gate and argmax, in
+    # every prediction of a trained run (evaluation, infer, slides, export); stage 3's
+    # validation scores the network's own output.
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 @dataclass
@@ -481,12 +486,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.masks.background.min_size >= 0, "masks.background.min_size", "must be >= 0 pixels")
     _check(0 <= cfg.masks.background.max_saturation <= 255, "masks.background.max_saturation",
            "must be 0 (grey level alone) or a saturation 1..255 (max - min of R, G, B)")
-    refine = cfg.masks.refine
-    _check(refine.iterations >= 0, "masks.refine.iterations", f"must be >= 0, got {refine.iterations}")
-    _check(len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations), "masks.refine.dilations",
-           f"must list at least one neighbour distance >= 1 pixel, got {refine.dilations}")
-    _check(refine.colour_weight > 0, "masks.refine.colour_weight", f"must be > 0, got {refine.colour_weight}")
-    _check(refine.blur_sigma >= 0, "masks.refine.blur_sigma", f"must be >= 0 (0 = no blur), got {refine.blur_sigma}")
+    for name, refine in (("masks.refine", cfg.masks.refine), ("evaluate.refine", cfg.evaluate.refine)):
+        _check(refine.iterations >= 0, f"{name}.iterations", f"must be >= 0, got {refine.iterations}")
+        _check(len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations), f"{name}.dilations",
+               f"must list at least one neighbour distance >= 1 pixel, got {refine.dilations}")
+        _check(refine.colour_weight > 0, f"{name}.colour_weight", f"must be > 0, got {refine.colour_weight}")
+        _check(refine.blur_sigma >= 0, f"{name}.blur_sigma", f"must be >= 0 (0 = no blur), got {refine.blur_sigma}")
     seg = cfg.segmenter
     _check(len(seg.loss_layers) == len(seg.loss_weights), "segmenter.loss_weights",
            f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")

@@ -137,6 +137,7 @@ def model_record(args, cfg, predictor, seg_meta, info: dict, check: dict, weight
         "image_size": int(cfg.data.image_size or 0),
         "gate": predictor.gated,
         "gate_threshold": predictor.gate_threshold if predictor.gated else None,
+        "refine": predictor.refine,  # colour-affinity refinement inside the graph (evaluate.refine), or null
         "normalisation": {"formula": "(image / 255 - mean) / std, inside the graph",
                           "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, "H", "W"], "channels": "RGB"},

@@ -11,7 +11,9 @@ exporter maps to plain ONNX operators for any N, H, W:
    filter is written out as two matrices built from H and W inside the graph:
    ``out = Rh @ x @ Rw^T``, rows of Rh/Rw the normalised triangle weights torch computes.
    When H = image_size the matrix is the identity, matching predict's "no resize";
-3. segmenter logits; classifier sigmoid probabilities (``presence``);
+3. segmenter logits; classifier sigmoid probabilities (``presence``); with a refinement
+   (``evaluate.refine``), the log of the softmax scores refined along the colours
+   (cam_refine.refine_scores, unrolled into the graph);
 4. logits upsampled (bilinear, align_corners=False) back to (H, W);
 5. the gate: classes with probability <= threshold get -inf; a patch whose classes are all
    gated off keeps its ungated logits (gate.apply_gate);
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from mlps_dist.cam_refine import refine_scores
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("classes", "scores", "presence")
@@ -57,8 +61,9 @@ class DeployGraph(torch.nn.Module):
     """Normalisation, training-scale resize, segmenter, classifier gate, upsampling: one module."""
 
     def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
-                 mean, std, gate_threshold: float):
+                 mean, std, gate_threshold: float, refine: dict | None = None):
         super().__init__()
+        self.refine = dict(refine) if refine else None
         self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
         self.image_size, self.gate_threshold = int(image_size or 0), float(gate_threshold)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -69,13 +74,15 @@ class DeployGraph(torch.nn.Module):
     def from_predictor(cls, predictor) -> "DeployGraph":
         return cls(predictor.segmenter, predictor.classifier, image_size=predictor.image_size,
                    mean=predictor.mean.flatten().tolist(), std=predictor.std.flatten().tolist(),
-                   gate_threshold=predictor.gate_threshold)
+                   gate_threshold=predictor.gate_threshold, refine=predictor.refine)
 
     def forward(self, image: torch.Tensor):
         x = (image.float() / 255.0 - self.mean) / self.std
         if self.image_size:
             x = antialiased_resize(x, self.image_size)
         logits = self.segmenter(x).float()
+        if self.refine:
+            logits = refine_scores(logits, x, self.mean, self.std, **self.refine)
         size = torch._shape_as_tensor(image)[2:]
         logits = F.interpolate(logits, size=(size[0], size[1]), mode="bilinear", align_corners=False)
         if self.classifier is None:

@@ -8,6 +8,8 @@ predicted the same way wherever it comes from:
 2. resize to ``data.image_size``, the scale the networks were trained at (textures keep the
    size they were learnt at; a no-op when the patch already has that size);
 3. segmenter logits, and the stage-1 classifier's sigmoid probabilities for the gate;
+   with ``evaluate.refine`` on, the logits become the log of the softmax scores refined
+   along the patch's colours at this scale (cam_refine.refine_scores);
 4. logits upsampled (bilinear) back to the size the patch came in at;
 5. the gate: classes with probability <= ``gate_threshold`` get logit -inf (see gate.py).
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlps_dist.cam_refine import refine_scores
 from mlps_dist.data.augment import model_input
 from mlps_dist.gate import allowed_classes, apply_gate
 from mlps_dist.windows import window_boxes, window_starts  # noqa: F401  (window_starts: re-exported)
@@ -38,7 +41,7 @@ from mlps_dist.windows import window_boxes, window_starts  # noqa: F401  (window
 class Prediction:
     """Outputs for a batch, all at the input's spatial size."""
 
-    logits: torch.Tensor  # (B, C, H, W) float32, ungated
+    logits: torch.Tensor  # (B, C, H, W) float32, ungated (log-scores when refined)
     probs: torch.Tensor | None = None  # (B, C) classifier probabilities; None without a gate
     allowed: torch.Tensor | None = None  # (B, C) or (B, C, H, W) bool; None without a gate
 
@@ -58,8 +61,11 @@ class Predictor:
     """Segmenter (+ optional gate classifier) behind the training-scale contract above."""
 
     def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
-                 mean, std, gate_threshold: float = 0.1, precision: str = "fp32", device="cpu"):
+                 mean, std, gate_threshold: float = 0.1, precision: str = "fp32", refine: dict | None = None,
+                 device="cpu"):
+        """``refine``: keyword arguments of cam_refine.refine_cams, None = the plain argmax."""
         self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
+        self.refine = dict(refine) if refine else None
         self.image_size, self.gate_threshold = int(image_size or 0), float(gate_threshold)
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -91,6 +97,8 @@ class Predictor:
         with self._autocast():
             logits = self.segmenter(x)
         logits = logits.float()
+        if self.refine:
+            logits = refine_scores(logits, x, self.mean, self.std, **self.refine)
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if self.classifier is None:
@@ -156,8 +164,16 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
     predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
                           std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
-                          device=device)
+                          refine=refine_settings(cfg), device=device)
     return predictor, {**meta, "classifier": selection}
+
+
+def refine_settings(cfg) -> dict | None:
+    """refine_cams keyword arguments of ``evaluate.refine``, None when it is off."""
+    from dataclasses import asdict
+
+    refine = cfg.evaluate.refine
+    return {k: v for k, v in asdict(refine).items() if k != "enabled"} if refine.enabled else None
 
 
 def file_digest(path: str | Path) -> str:

@@ -249,6 +249,7 @@ def test_refined_masks_come_at_the_patch_size_and_only_when_asked(model, patches
 def test_refine_settings_are_checked():
     from mlps_dist.config import ConfigError, load_config
 
-    for key, value in (("iterations", "-1"), ("dilations", "[]"), ("colour_weight", "0"), ("blur_sigma", "-1")):
-        with pytest.raises(ConfigError, match=f"masks.refine.{key}"):
-            load_config("configs/demo.yaml", [f"masks.refine.{key}={value}"])
+    for section in ("masks", "evaluate"):
+        for key, value in (("iterations", "-1"), ("dilations", "[]"), ("colour_weight", "0"), ("blur_sigma", "-1")):
+            with pytest.raises(ConfigError, match=f"{section}.refine.{key}"):
+                load_config("configs/demo.yaml", [f"{section}.refine.{key}={value}"])

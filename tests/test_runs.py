@@ -126,6 +126,8 @@ def test_changed_evaluation_settings_evaluate_again_and_restart_moves_stages_asi
     assert artifacts.status(cfg, "evaluate").state == "done"
     other = make_cfg(tmp_path / "run", tiny_shards, evaluate={"gate_threshold": 0.3})
     assert artifacts.status(other, "evaluate").state == "todo"  # not refused: metrics are just recomputed
+    refined = make_cfg(tmp_path / "run", tiny_shards, evaluate={"refine": {"enabled": True}})
+    assert "evaluate.refine.enabled" in " ".join(artifacts.status(refined, "evaluate").changed)
     report = metrics.parent / artifacts.MASKS_REPORT  # stage 2's quality report of the masks
     report.write_text('{"val": {}}')
     moved = artifacts.restart(cfg, "segmenter")  # the masks stay, and their report with them
