@@ -131,7 +131,8 @@ def method_section(run: Path, cfg: dict) -> list[str]:
            f"- classifier used as the gate: {describe(gate_pick, 'classifier/model.pt')}, "
            f"sha256 `{(gate_sha or 'missing')[:16]}`"
            + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
-           f"- segmenter checkpoint evaluated: {ev['checkpoint']}", ""]
+           f"- segmenter checkpoint evaluated: {ev['checkpoint']}",
+           f"- segmenter scores refined along the patch's colours before the argmax: {_refinement(ev)}", ""]
     out += ["Resolved configuration (RUN/config.yaml):", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
             "```", ""]
     return out
@@ -188,6 +189,14 @@ def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
             "```", "",
             "The pipeline resumes interrupted stages and skips finished ones; the configuration above is the "
             "complete set of settings (overrides included).", ""]
+
+
+def _refinement(evaluate: dict) -> str:
+    refine = evaluate.get("refine") or {}  # absent in configs written before the key existed
+    if not refine.get("enabled"):
+        return "no"
+    return (f"yes ({refine['iterations']} iterations, neighbour distances {refine['dilations']}, colour weight "
+            f"{refine['colour_weight']}, blur {refine['blur_sigma']} px; evaluate.refine)")
 
 
 def render(run: str | Path) -> str:

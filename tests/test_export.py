@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from mlps_dist import export, infer
@@ -65,9 +66,13 @@ def test_graph_reproduces_predictor_gate_and_fallback_for_any_n_h_w(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_shards):
-    """A tiny run on the tiny shards, with test metrics, exported by the CLI."""
+    """A tiny run on the tiny shards, with test metrics and the score refinement on (a few
+    iterations), exported by the CLI: every deploy path below runs the refinement."""
     base = tmp_path_factory.mktemp("export")
     run = make_run(base / "run", data_root=str(tiny_shards), image_size=32)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["evaluate"]["refine"] = {**cfg["evaluate"]["refine"], "enabled": True, "iterations": 3}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (run / "metrics").mkdir()
     iou = {c: 0.5 + 0.1 * i for i, c in enumerate(CLASSES)}
     (run / "metrics" / "test.json").write_text(json.dumps(
@@ -98,13 +103,15 @@ def test_export_writes_checked_model_json_and_card(exported, capsys):
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == CLASSES and meta["num_classes"] == 4 and len(meta["palette"]) == 5
     assert meta["patch_size"] == 48 and meta["image_size"] == 32 and meta["gate_threshold"] == 0.1
+    assert meta["refine"] == {"iterations": 3, "dilations": [1, 2, 4, 8, 12], "colour_weight": 0.1, "blur_sigma": 1.0}
     assert meta["self_check"]["samples"] == 8 and meta["self_check"]["class_agreement"] >= 0.999
     assert meta["metrics"]["test"]["miou"] == 0.6512
     assert meta["weights"]["segmenter"]["sha256"] == sha256_file(run / "segmenter" / "model.pt")
     assert meta["weights"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Data", "## Method and settings", "## Results", "## Intended use and limits",
-                   "## Software and hardware", "## How to reproduce", "65.12", "43.21", "tools/export.py"):
+                   "## Software and hardware", "## How to reproduce", "65.12", "43.21", "tools/export.py",
+                   "before the argmax: yes (3 iterations"):
         assert needle in card, needle
     assert not list(out.glob("*.tmp"))
 

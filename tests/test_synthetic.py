@@ -107,17 +107,22 @@ def test_refuses_foreign_folder_and_other_parameters(tmp_path, layout):
 
 
 def test_rerun_after_interruption_completes_identically(tmp_path, layout):
-    out, _ = layout
+    """In worker processes too: the same files, and the same summary, as one process drawing all."""
+    out, summary = layout
     target = tmp_path / "resume"
-    write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3)
+    write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3, workers=2)
     # Simulate a crash: some files never written, one temp file left behind.
     victims = sorted(target.rglob("*.png"))[::3]
     for path in victims:
         path.unlink()
     (target / "train" / "junk.png.tmp").write_bytes(b"partial")
-    write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3)
+    again = write_luad_layout(target, train=24, val=6, test=6, size=64, seed=3, workers=2)
+    assert again["generated"] == len({(p.relative_to(target).parts[0], p.name) for p in victims})  # img+mask: one patch
     for path in sorted(out.rglob("*.png")):
         assert (target / path.relative_to(out)).read_bytes() == path.read_bytes()
+    assert sorted(p.relative_to(target) for p in target.rglob("*.png")) == sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    for key in ("train_label_frequency", "pixel_frequency"):
+        assert again[key] == summary[key], key
 
 
 def test_cli_in_process(tmp_path, capsys):

@@ -11,6 +11,7 @@ Rerunning with the same arguments after an interruption finishes the job.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=60, help="test patches with masks")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--variant", default="default", help="named set of the options below (see the list)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes drawing patches (same bytes for any number; default: the cores, at most 8)")
     group = parser.add_argument_group("data options (default: the variant's value)")
     group.add_argument("--size", type=int, help="patch side in pixels (default variant: 96; LUAD-HistoSeg: 224)")
     group.add_argument("--h-strength", type=float, help="x hematoxylin concentration (1.0)")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = variant_options(args.variant, **{k: getattr(args, k) for k in OPTION_FLAGS})
         summary = write_luad_layout(args.out, args.train, args.val, args.test, seed=args.seed,
-                                    options=options, variant=args.variant)
+                                    options=options, variant=args.variant, workers=max(1, args.workers))
     except (SyntheticOptionError, ValueError) as error:
         print(f"make_synthetic: {error}", file=sys.stderr)
         return 2

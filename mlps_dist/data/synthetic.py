@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,43 +238,55 @@ def parse_train_name(name: str) -> tuple[str, list[int]]:
     return stem, [int(v) for v in bracket.rstrip("]").split(" ")]
 
 
+def _generate(job: tuple) -> tuple[str, np.ndarray]:
+    """Draw and write patch ``index`` of ``split``; return its stem and its mask's pixel
+    counts per index (a worker's job: it depends on nothing but its arguments)."""
+    out, split, index, seed, options = job
+    stem, rgb, mask = make_sample(seed, split, index, options=options)
+    if split == "train":
+        _save_atomic(Image.fromarray(rgb), out / "train" / train_name(stem, labels_of(mask)))
+    else:
+        _save_atomic(Image.fromarray(rgb), out / f"{split}/img/{stem}.png")
+        _save_atomic(palettised(mask), out / f"{split}/mask/{stem}.png")
+    return stem, np.bincount(mask.ravel(), minlength=WHITE + 1)
+
+
 def _write_split(out: Path, split: str, count: int, seed: int, options: SynthOptions,
-                 existing: set[str]) -> tuple[np.ndarray, int]:
+                 existing: set[str], workers: int = 1) -> tuple[np.ndarray, int]:
     """Write one split, keeping finished files; return (per-class counts, patches generated now).
 
     Counts are train patches carrying each label, or val/test pixels of each mask index.
+    Patches are drawn in ``workers`` processes; each depends only on (seed, split, index), so
+    the files are the same whatever the number.
     """
-    totals = np.zeros(WHITE + 1, np.int64)
-    generated = 0
     finished_train = dict(parse_train_name(n[len("train/"):]) for n in existing if n.startswith("train/"))
-    for index in range(count):
-        stem, _ = sample_origin(seed, split, index, options.size)
+    stems = [sample_origin(seed, split, index, options.size)[0] for index in range(count)]
+    done = (lambda stem: stem in finished_train) if split == "train" else \
+        (lambda stem: f"{split}/img/{stem}.png" in existing and f"{split}/mask/{stem}.png" in existing)
+    jobs = [(out, split, index, seed, options) for index, stem in enumerate(stems) if not done(stem)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            made = dict(pool.map(_generate, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        made = dict(map(_generate, jobs))
+    totals = np.zeros(WHITE + 1, np.int64)
+    for stem in stems:
         if split == "train":
-            if stem not in finished_train:
-                stem, rgb, mask = make_sample(seed, split, index, options=options)
-                finished_train[stem] = labels_of(mask)
-                generated += 1
-                _save_atomic(Image.fromarray(rgb), out / "train" / train_name(stem, finished_train[stem]))
-            totals[:len(CLASSES)] += finished_train[stem]
-            continue
-        img, msk = f"{split}/img/{stem}.png", f"{split}/mask/{stem}.png"
-        if img in existing and msk in existing:
-            mask = np.asarray(Image.open(out / msk))
+            labels = finished_train.get(stem)
+            totals[:len(CLASSES)] += labels if labels is not None else (made[stem][:len(CLASSES)] > 0)
         else:
-            stem, rgb, mask = make_sample(seed, split, index, options=options)
-            _save_atomic(Image.fromarray(rgb), out / img)
-            _save_atomic(palettised(mask), out / msk)
-            generated += 1
-        totals += np.bincount(mask.ravel(), minlength=WHITE + 1)
-    return totals, generated
+            totals += made[stem] if stem in made else \
+                np.bincount(np.asarray(Image.open(out / f"{split}/mask/{stem}.png")).ravel(), minlength=WHITE + 1)
+    return totals, len(made)
 
 
 def write_luad_layout(out_dir, train: int, val: int, test: int, size: int | None = None, seed: int = 0,
-                      options: SynthOptions | None = None, variant: str | None = None) -> dict:
+                      options: SynthOptions | None = None, variant: str | None = None, workers: int = 1) -> dict:
     """Generate a synthetic dataset in the LUAD-HistoSeg layout under `out_dir`; return a summary.
 
     `options` (default: variant `default`) says how the data varies; `size` overrides its
-    patch size; `variant` is only recorded. Safe to rerun after a crash: the same parameters
+    patch size; `variant` is only recorded; `workers` processes draw the patches (the same
+    bytes for any number). Safe to rerun after a crash: the same parameters
     regenerate the same bytes, finished files are kept. A folder holding anything else (or
     data made with other parameters) is refused rather than mixed into.
     """
@@ -294,7 +307,7 @@ def write_luad_layout(out_dir, train: int, val: int, test: int, size: int | None
     counts = {"train": int(train), "val": int(val), "test": int(test)}
     totals, generated = {}, 0
     for split, n in counts.items():
-        totals[split], made = _write_split(out, split, n, int(seed), options, existing)
+        totals[split], made = _write_split(out, split, n, int(seed), options, existing, workers)
         generated += made
     seconds = time.perf_counter() - start
     names = list(CLASSES) + ["white"]
