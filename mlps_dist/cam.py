@@ -28,7 +28,6 @@ module); dropout is the identity in eval mode.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -204,8 +203,8 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
 def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
     """``make_masks`` with the settings of the ``masks`` config section."""
     bg = masks_cfg.background
-    refine = {k: v for k, v in asdict(masks_cfg.refine).items() if k != "enabled"} if masks_cfg.refine.enabled else None
     return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
                       background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
                       max_saturation=bg.max_saturation,
-                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales), refine=refine)
+                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales),
+                      refine=masks_cfg.refine.as_kwargs())

@@ -171,6 +171,12 @@ class RefineConfig:
     colour_weight: float = 0.1  # smaller: colour edges stop the propagation more sharply
     blur_sigma: float = 1.0  # pixels; smooths nuclei and noise out of the colours compared
 
+    def as_kwargs(self) -> dict | None:
+        """The keyword arguments of cam_refine.refine_cams, None when the refinement is off."""
+        if not self.enabled:
+            return None
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "enabled"}
+
 
 @dataclass
 class MasksConfig:

@@ -164,16 +164,8 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
     predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
                           std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
-                          refine=refine_settings(cfg), device=device)
+                          refine=cfg.evaluate.refine.as_kwargs(), device=device)
     return predictor, {**meta, "classifier": selection}
-
-
-def refine_settings(cfg) -> dict | None:
-    """refine_cams keyword arguments of ``evaluate.refine``, None when it is off."""
-    from dataclasses import asdict
-
-    refine = cfg.evaluate.refine
-    return {k: v for k, v in asdict(refine).items() if k != "enabled"} if refine.enabled else None
 
 
 def file_digest(path: str | Path) -> str:

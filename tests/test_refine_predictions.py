@@ -9,7 +9,7 @@ import yaml
 
 from mlps_dist import export
 from mlps_dist.export_graph import DeployGraph
-from mlps_dist.predict import Predictor, create_predictor, refine_settings
+from mlps_dist.predict import Predictor, create_predictor
 from test_infer import make_run
 
 REFINE = dict(iterations=30, dilations=(1, 2, 4, 8), colour_weight=0.1, blur_sigma=1.0)
@@ -68,8 +68,8 @@ def test_create_predictor_takes_the_refinement_from_the_run_config(tmp_path):
 def test_refine_settings_are_none_when_off():
     from mlps_dist.config import load_config
 
-    assert refine_settings(load_config("configs/luad.yaml")) is None  # the public recipe: the plain argmax
-    assert refine_settings(load_config("configs/demo.yaml"))["iterations"] == 20
+    assert load_config("configs/luad.yaml").evaluate.refine.as_kwargs() is None  # the public recipe: the plain argmax
+    assert load_config("configs/demo.yaml").evaluate.refine.as_kwargs()["iterations"] == 20
 
 
 @pytest.mark.parametrize("image_size", [32, 0])
