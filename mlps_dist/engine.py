@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, runner
+from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, precision, runner
 from mlps_dist.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.ema import WeightAverage
@@ -84,8 +84,9 @@ def preflight(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> int:
     checkpoint in the run dir that cannot be resumed (unreadable, or written for another
     model / class count / parallel mode). Returns the optimizer steps per epoch."""
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    precision.check(train_cfg, task.stage, dist.device())
     if train_cfg.parallel == "deepspeed":
-        parallel.deepspeed_config(train_cfg, plan, amp_dtype=None)
+        parallel.deepspeed_config(train_cfg, plan, amp_dtype=precision.resolve(train_cfg, dist.device()))
     steps_per_epoch = task.micro_steps_per_epoch(plan) // plan.accumulation
     if steps_per_epoch < 1:
         raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
@@ -228,8 +229,10 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         seed_everything(derive_seed(cfg.seed, dist.get_rank()))
         average = WeightAverage(model.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         evaluated = average.module if average is not None else model.module  # validated and saved
-        log.info(f"{model.kind}: {plan.describe()}; {steps_per_epoch} steps/epoch; "
-                 f"{'autocast ' + str(model.amp_dtype) if model.amp_dtype else 'fp32'} on {dist.device()}")
+        ran = model.precision_record(train_cfg)  # what runs, recorded in log.jsonl and the model files
+        log.info(f"{model.kind}: {plan.describe()}; {steps_per_epoch} steps/epoch; {ran['ran']}")
+        log.event("precision", **ran)
+        task.meta = {**task.meta, "precision": ran}
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
         inputs = checkpoint_inputs(cfg, task.stage)

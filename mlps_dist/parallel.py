@@ -26,22 +26,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mlps_dist import dist
+from mlps_dist import dist, precision
 from mlps_dist.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
 from mlps_dist.config import ConfigError, TrainConfig
 from mlps_dist.models.batchnorm import sync_batchnorm_helps
 
 # Keys of a DeepSpeed JSON that our config owns; the JSON must leave them out.
 _OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "optimizer", "scheduler", "gradient_clipping", "fp16", "bf16")
+                  "optimizer", "scheduler", "gradient_clipping", *precision.DEEPSPEED_KEYS)
 
 
 def resolve_precision(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. Mixed precision is a GPU feature here: CPU
-    autocast with BatchNorm fails in bf16, so CPU runs train in fp32 whatever is asked."""
-    if device.type != "cuda" or train_cfg.precision == "fp32":
-        return None
-    return torch.bfloat16 if train_cfg.precision == "bf16" else torch.float16
+    """The autocast dtype, or None for fp32 (mlps_dist/precision.py)."""
+    return precision.resolve(train_cfg, device)
 
 
 def optimizer_groups(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConfig) -> list[dict]:
@@ -100,9 +97,13 @@ class Wrapped:
         return self.forward_module(*args, **kwargs)
 
     def autocast(self):
+        """Autocast around forward and loss (DDP); DeepSpeed runs its own (see precision.py)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def precision_record(self, train_cfg: TrainConfig) -> dict:
+        return precision.record(self.kind, train_cfg, self.amp_dtype, self.device)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -135,6 +136,7 @@ class DdpModel(Wrapped):
                  device: torch.device):
         self.module = module
         self.plan = plan
+        self.device = device
         self.grad_clip = train_cfg.grad_clip
         self.amp_dtype = resolve_precision(train_cfg, device)
         self.optimizer = create_optimizer(module.param_groups(), train_cfg)
@@ -197,8 +199,8 @@ def deepspeed_config(train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict
         train_micro_batch_size_per_gpu=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
         gradient_clipping=train_cfg.grad_clip,
-        fp16={"enabled": amp_dtype == torch.float16},
         zero_allow_untested_optimizer=True,  # our torch SGD is the client optimizer
+        **precision.deepspeed_sections(amp_dtype),
     )
     return ds_cfg
 
@@ -218,16 +220,22 @@ class DeepSpeedModel(Wrapped):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         self.module = module
         self.plan = plan
-        # bf16: torch autocast over fp32 weights. fp16: DeepSpeed's fp16 mode (half weights, its
-        # loss scaler), still under autocast, which casts the fp32 input batches for us.
+        self.device = device
+        # bf16: DeepSpeed's torch_autocast section (fp32 weights, autocast inside its forward);
+        # fp16 is refused before this point (precision.check).
         self.amp_dtype = resolve_precision(train_cfg, device)
-        ds_amp = self.amp_dtype if self.amp_dtype == torch.float16 else None
         optimizer = create_optimizer(module.param_groups(), train_cfg)
         scheduler = create_poly_schedule(optimizer, total_steps, train_cfg.poly_power)
-        ds_cfg = deepspeed_config(train_cfg, plan, ds_amp)
+        ds_cfg = deepspeed_config(train_cfg, plan, self.amp_dtype)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+        precision.check_engine(self.engine, self.amp_dtype)
         self.forward_module = self.engine
+
+    def autocast(self):
+        # DeepSpeed autocasts inside its forward from the JSON's torch_autocast section, and
+        # switches an outer CUDA autocast off there; the loss outside it is computed in fp32.
+        return contextlib.nullcontext()
         self.zero_stage = self.engine.zero_optimization_stage()
 
     def sync_gradients(self, boundary: bool):

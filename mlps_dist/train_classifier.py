@@ -5,7 +5,7 @@
         -m mlps_dist.train_classifier --config configs/luad.yaml run_dir=runs/luad classifier.parallel=deepspeed
     python -m mlps_dist.train_classifier --config configs/demo.yaml classifier.epochs=1   # one process
 
-Writes RUN/classifier/{checkpoints/, best.pt, model.pt}. Relaunching the same command resumes
+Writes RUN/classifier/{checkpoints/, best.pt, model.pt} (and stain.json with data.stain on). Relaunching the same command resumes
 from the newest checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75
 means "preempted, rerun to resume"; 2 means a problem with the config, data or checkpoint.
 """
@@ -26,6 +26,7 @@ from mlps_dist.data.shards import ShardError, open_split
 from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter
 from mlps_dist.models import create_classifier
 from mlps_dist.runlog import RunLog
+from mlps_dist.stain_run import write_reference
 
 STAGE = "classifier"
 
@@ -95,7 +96,8 @@ class ClassifierTask:
                                    device=dist.device(), augment=self.section.augment)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return F.multilabel_soft_margin_loss(model(batch["image"]), batch["labels"])
+        # fp32 loss from the (bf16/fp16 under autocast) logits: logsigmoid is not on autocast's fp32 list
+        return F.multilabel_soft_margin_loss(model(batch["image"]).float(), batch["labels"])
 
     def start_epoch(self, epoch: int, module) -> dict[str, float]:
         self.gamma = module.pda_gamma = pda_gamma(self.section.pda, epoch)
@@ -161,6 +163,7 @@ def prepare(cfg: Config) -> ClassifierTask:
     if wanted and wanted != train_reader.num_classes:
         raise ConfigError(f"'classifier.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
                           f"{train_reader.num_classes} classes {train_reader.classes}; fix one of them")
+    write_reference(cfg)  # data.stain: fitted on the training patches before any loader reads them
     task = ClassifierTask(cfg, train_reader, val_reader)
     engine.preflight(cfg, cfg.classifier, task)  # fail now, not after building the model
     return task

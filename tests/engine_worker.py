@@ -72,7 +72,9 @@ class RegressionTask:
 
     def loss(self, model, batch):
         time.sleep(self.step_seconds)
-        return F.mse_loss(model(batch["x"]), batch["y"])
+        out = model(batch["x"])
+        self.forward_dtype = str(out.dtype)  # bf16 under autocast (tests/test_precision.py)
+        return F.mse_loss(out.float(), batch["y"])
 
     def start_epoch(self, epoch, module):
         self.epochs_started.append(epoch)
@@ -121,7 +123,8 @@ def main() -> int:
             task.validate = lambda module, epoch: (setattr(task, "trained", module), original(module, epoch))[1]
         engine.fit(cfg, train_cfg, task, log)
         state = {k: v.detach().cpu().clone() for k, v in task.trained.state_dict().items()}
-        torch.save({"weights": state, "task": task.state_dict()}, out / f"weights-rank{dist.get_rank()}.pt")
+        torch.save({"weights": state, "task": task.state_dict(), "forward_dtype": getattr(task, "forward_dtype", "")},
+                   out / f"weights-rank{dist.get_rank()}.pt")
         return 0
     except engine.Preempted:
         return engine.PREEMPTED_EXIT_CODE

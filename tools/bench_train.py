@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps (paper-size models)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (paper-size models: 1)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="autocast precision (GPU only; CPU training stays fp32)")
+                   help="training precision (*.precision: bf16 also on CPU; fp16 needs CUDA and ddp)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
     p.add_argument("--image-format", default="png", choices=["png", "webp", "jpeg"],
