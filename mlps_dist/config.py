@@ -113,7 +113,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     parallel: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed/zero1.json"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; GPU only)
+    # fp32 | bf16 | fp16: autocast for ddp, DeepSpeed's torch_autocast section for deepspeed
+    # (mlps_dist/precision.py); bf16 runs on the CPU too; fp16 needs CUDA and parallel=ddp
+    precision: str = "fp32"
     ckpt_every_steps: int = 100  # 0 = only at epoch end
     keep_last: int = 2
     log_every_steps: int = 10

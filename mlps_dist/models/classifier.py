@@ -65,7 +65,8 @@ def progressive_dropout_attention(features: torch.Tensor, head_weight: torch.Ten
     if attention != "normalised":
         raise ValueError(f"unknown PDA attention '{attention}'; set classifier.pda.attention to one of "
                          f"{', '.join(ATTENTION_MODES)}")
-    with torch.no_grad():
+    # fp32 for the threshold and the normalisation: .float() alone is undone by an active autocast
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         amap = dropped_cam_attention(features.float(), head_weight.float(), gamma)
         level = amap.mean(dim=(2, 3), keepdim=True)
         amap = torch.where(level > 0, amap / level.clamp_min(torch.finfo(amap.dtype).tiny), torch.ones_like(amap))
