@@ -14,6 +14,15 @@ belongs to another process, told apart by its start time); from another host whe
 holder has not refreshed the file's mtime (a heartbeat thread does it every 30 s) for
 ``MLPS_LOCK_STALE_S`` seconds (default 600). Takeover renames the stale file away and
 checks that the file renamed is the one judged stale, so two takers cannot both win.
+
+A ``.lock`` that holds no record of ours (empty, garbled, another program's file) was never
+written by a live holder (ours appear complete), so it is judged by its owner and age: one
+owned by this user and older than ``DAMAGED_GRACE_S`` is taken over; a fresh one, or one of
+another user, is refused with a message that says so (not as a holder with no details).
+
+The tools (make_shards, tile_slides, segment_slides, infer) take the same lock on their
+output folder (mlps_dist/toolout.py). The module needs no torch: the SLURM job is read
+through mlps_dist.dist only where a process has loaded it.
 """
 
 from __future__ import annotations
@@ -22,18 +31,19 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-from mlps_dist import dist
 from mlps_dist.errors import MlpsError
 from mlps_dist.fileio import fsync_dir
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
+DAMAGED_GRACE_S = 2 * HEARTBEAT_S  # an unreadable lock younger than this is refused
 
 
 class RunLockedError(MlpsError):
@@ -63,6 +73,15 @@ def _stale_after_s() -> float:
     return float(os.environ.get("MLPS_LOCK_STALE_S", "600"))
 
 
+def _slurm_job() -> str:
+    dist = sys.modules.get("mlps_dist.dist")  # loaded by every torch entry point; torch-free tools have none
+    return dist.env().slurm_job_id if dist is not None else ""
+
+
+def _is_record(holder) -> bool:
+    return isinstance(holder, dict) and bool(holder.get("pid")) and bool(holder.get("host"))
+
+
 def describe(holder: dict) -> str:
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     return (f"host {holder.get('host')}, pid {holder.get('pid')}{job}, running {holder.get('what')} "
@@ -80,18 +99,37 @@ class RunLock:
     def _record(self) -> dict:
         pid = os.getpid()
         return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
-                "slurm_job": dist.env().slurm_job_id, "what": self.what, "token": self.token,
+                "slurm_job": _slurm_job(), "what": self.what, "token": self.token,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            record = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # being written right now, or damaged: judged by its age below
+            return {}  # damaged or foreign: judged by its owner and age (see _damaged)
+        return record if isinstance(record, dict) else {}
+
+    def _damaged(self) -> tuple[bool, str]:
+        """(stale, why) for a lock file with no record of ours."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return False, ""
+        age = time.time() - st.st_mtime
+        what = "empty" if st.st_size == 0 else "not a lock record of mlps-dist"
+        if st.st_uid != os.getuid():
+            return False, (f"{self.path} is {what} and belongs to another user (uid {st.st_uid}); ask them, or "
+                           f"delete it if no job of theirs is working in {self.path.parent}")
+        if age > DAMAGED_GRACE_S:
+            return True, ""
+        return False, (f"{self.path} is {what} ({age:.0f} s old); if no job is working in {self.path.parent}, "
+                       f"delete it (it is taken over once it is {DAMAGED_GRACE_S:.0f} s old)")
 
     def _is_stale(self, holder: dict) -> bool:
+        if not _is_record(holder):
+            return self._damaged()[0]
         if holder.get("host") == socket.gethostname() and holder.get("pid"):
             return not _alive(int(holder["pid"]), str(holder.get("start", "")))
         try:
@@ -143,6 +181,8 @@ class RunLock:
             if holder is None:
                 continue
             if not self._is_stale(holder):
+                if not _is_record(holder):
+                    raise RunLockedError(self._damaged()[1] or f"{self.path} could not be judged; delete it")
                 raise RunLockedError(
                     f"run directory {self.path.parent} is in use by another job ({describe(holder)}); wait for it "
                     f"to end or stop it, or use another run_dir. If that job is gone, delete {self.path}")
@@ -169,6 +209,8 @@ class RunLock:
 def run_lock(run_dir: str | Path, what: str) -> Iterator[None]:
     """Hold the run directory's lock for the body (collective; rank 0 holds the file).
     Every rank raises RunLockedError when it is held by another live job."""
+    from mlps_dist import dist
+
     lock = RunLock(run_dir, what)
     error = ""
     if dist.is_main():

@@ -44,7 +44,7 @@ def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force
         raise InputError(f"{out_flag} {out} is a file; give a folder")
     if out.is_dir() and not force:
         ours = (out / MARKER).is_file() or any((out / name).exists() for name in owned_if)
-        if not ours and any(out.iterdir()):
+        if not ours and any(not p.name.startswith(".lock") for p in out.iterdir()):  # a lock alone: empty
             raise InputError(f"{out_flag} {out} is not empty and was not written by {tool}; choose an empty or "
                              f"new folder, or pass --force to write into it anyway")
     out.mkdir(parents=True, exist_ok=True)

@@ -194,11 +194,24 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     shutil.copyfile(work / "tissue.png", tmp / "tissue.png")
     atomic_write_json(tmp / "summary.json", summary)
     final = out / name
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():
+        check_ours(final)
+        shutil.rmtree(final)
     tmp.rename(final)  # the slide's outputs appear together or not at all
     fsync_dir(out)
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+OUTPUT_FILES = {"classes.png", "classes.tiff", "overlay.png", "tissue.png", "summary.json"}
+
+
+def check_ours(folder: Path) -> None:
+    """Refuse to replace a folder that is not a slide's outputs written by this tool."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else {folder.name}
+    if not folder.is_dir() or "summary.json" not in names or not names <= OUTPUT_FILES:
+        raise InputError(f"{folder} exists and was not written by segment_slides (it holds {sorted(names)[:5]}); "
+                         f"it is left alone: move it, or choose another --out")
 
 
 def write_summary_csv(out: Path, names: list[str], bad: dict[str, str], classes: list[str]) -> None:
@@ -305,11 +318,21 @@ def build_model(args, group) -> SlideModel:
 
 
 def run(args, model: SlideModel | None = None, group=None) -> int:
+    """Segment the slides into ``args.out``: checked against the inputs, claimed and locked
+    first (mlps_dist/toolout.py), so no slide folder or output of another run is touched."""
+    from mlps_dist.toolout import tool_output
+
+    if group is None:
+        from mlps_dist import dist as group
+    with tool_output(args.out, args.slides, "segment_slides", group, owned_if=("summary.csv", WORK),
+                     in_flag="--slides"):
+        return _run(args, model, group)
+
+
+def _run(args, model: SlideModel | None, group) -> int:
     out = Path(args.out)
     paths = list_slides(args.slides)
     good, bad = check_slides(paths, args.slide_mpp)
-    if group is None:
-        from mlps_dist import dist as group
     dist = group
     model = model or build_model(args, group)
     start = time.perf_counter()  # after start-up and model loading: the slide work itself

@@ -13,6 +13,7 @@ finishes the job, reusing the shards that are already complete.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_
 from mlps_dist.data.layouts import create_layout  # noqa: E402
 from mlps_dist import runner  # noqa: E402
 from mlps_dist.errors import InputError, MlpsError  # noqa: E402
-from mlps_dist.outdirs import check_not_overlapping, claim_output_dir  # noqa: E402
+from mlps_dist.outdirs import check_not_overlapping  # noqa: E402
+from mlps_dist.toolout import tool_output  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,6 +57,12 @@ def report_bad(bad, skip: bool) -> None:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
+        print(f"error: --mpp {args.mpp}: must be a finite number > 0 (e.g. 0.5 for 20x)", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers {args.workers}: must be >= 1", file=sys.stderr)
+        return 2
     if not 1 <= args.image_quality <= 100:
         print(f"error: --image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)", file=sys.stderr)
         return 2
@@ -75,13 +83,11 @@ def _main(argv=None) -> int:
     if not plan.splits.get("train"):
         print(f"error: {args.src}: no usable training patches", file=sys.stderr)
         return 2
-    claim_output_dir(args.out, [args.src], tool="make_shards", force=args.force, owned_if=("info.json",),
-                     in_flag="--src")
-    if args.mpp is not None and args.mpp <= 0:
-        print(f"error: --mpp {args.mpp}: must be > 0 (e.g. 0.5 for 20x)", file=sys.stderr)
-        return 2
-    info = write_plan(plan, args.out, image_format=args.image_format, image_quality=args.image_quality,
-                      extra={"mpp": args.mpp} if args.mpp else None)
+    # Claimed and locked (mlps_dist/toolout.py): a second make_shards into --out is refused.
+    with tool_output(args.out, [args.src], "make_shards", force=args.force, owned_if=("info.json",),
+                     in_flag="--src"):
+        info = write_plan(plan, args.out, image_format=args.image_format, image_quality=args.image_quality,
+                          extra={"mpp": args.mpp} if args.mpp else None)
     for line in summary_lines(info):
         print(line)
     print(f"wrote {Path(args.out) / 'info.json'}")

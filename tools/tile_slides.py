@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--workers", type=int, default=1, help="processes per rank, each tiling one slide at a time")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by tile_slides")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
                    help="encoding of the training tiles: png (default, exact), webp (lossless, faster to decode), "
                         "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG")
@@ -164,11 +165,21 @@ def tile_my_slides(jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int
 
 
 def run(args) -> int:
-    out = Path(args.out)
+    """Tile into ``args.out``, checked against the inputs, claimed and locked first
+    (mlps_dist/toolout.py); only files this tool wrote there are ever replaced or deleted."""
+    from mlps_dist.toolout import tool_output
+
     jobs, spec, bad = check_inputs(args)
+    inputs = list(args.slides) + ([args.annotations] if args.annotations else [])
+    with tool_output(args.out, inputs, "tile_slides", dist, force=args.force, owned_if=(".parts",),
+                     in_flag="--slides/--annotations"):
+        return _run(args, jobs, spec, bad)
+
+
+def _run(args, jobs, spec, bad) -> int:
+    out = Path(args.out)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "info.json").unlink(missing_ok=True)  # incomplete until assembled
+        (out / "info.json").unlink(missing_ok=True)  # incomplete until assembled (the folder is ours)
     dist.barrier()
     results = [r for share in dist.all_gather_object(tile_my_slides(jobs, spec, out, args.workers)) for r in share]
     bad += [(r["bad"], r["error"]) for r in results if "bad" in r]

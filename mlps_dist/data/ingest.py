@@ -27,7 +27,7 @@ from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_in
                                      split_image_format)
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
-                                   sample_key, shard_stem, write_info)
+                                   sample_key, shard_stem, shard_tmp_files, write_info)
 from mlps_dist.errors import MlpsError
 
 CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
@@ -199,8 +199,8 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # the folder is incomplete until the end
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
+    for stale in shard_tmp_files(out):  # a killed writer's temporary shards; no other .tmp file
+        stale.unlink(missing_ok=True)
     info = {"format": FORMAT_VERSION, "layout": plan.layout.name, "classes": list(plan.layout.classes),
             "ignore_index": plan.layout.ignore_index, "palette": [list(c) for c in plan.layout.palette],
             "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
@@ -223,7 +223,8 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
                 raise
             shards.append(writer.close())
         planned = {s["tar"] for s in shards} | {s["idx"] for s in shards}
-        for old in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")):
+        for old in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + \
+                list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].idx")):
             if old.name not in planned:  # left over from an earlier, larger conversion
                 old.unlink()
         sizes = {c.size for c in samples}

@@ -128,8 +128,11 @@ class ShardWriter:
         stem = shard_stem(split, shard_number)
         self.tar_path = self.root / f"{stem}.tar"
         self.idx_path = self.root / f"{stem}.idx"
-        self._tmp = self.root / f"{stem}.tar.tmp"
-        self._file = open(self._tmp, "wb")
+        self._tmp = self.root / f"{stem}.tar.{os.getpid()}.tmp"
+        self._tmp.unlink(missing_ok=True)  # a leftover of a dead process with our pid (removes a link, never its target)
+        # O_EXCL | O_NOFOLLOW: never writes through a symlink planted under the temporary name.
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        self._file = os.fdopen(fd, "wb")
         # Fixed mtime: identical inputs give byte-identical shards.
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="GNU_FORMAT")
         self.count = 0
@@ -154,11 +157,32 @@ class ShardWriter:
         return {"tar": self.tar_path.name, "idx": self.idx_path.name, "count": self.count}
 
     def abort(self) -> None:
+        """Drop the partial shard; never raises (a full disk fails the flush as well)."""
         try:
             self._writer.close()  # flushes into the .tmp that is deleted below
+        except OSError:
+            pass
         finally:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            finally:
+                self._tmp.unlink(missing_ok=True)
+
+
+def shard_tmp_files(root: str | Path, stems=None) -> list[Path]:
+    """Temporary files a ShardWriter left in ``root`` (``STEM.tar.tmp``, ``STEM.tar.PID.tmp``),
+    of the given stems only when ``stems`` is given; nothing else ending in .tmp."""
+    import re
+
+    pattern = re.compile(r"^(?P<stem>.+-\d{6})\.tar(\.\d+)?\.tmp$")
+    found = []
+    for path in Path(root).glob("*.tmp"):
+        m = pattern.match(path.name)
+        if m and (stems is None or m.group("stem") in stems):
+            found.append(path)
+    return sorted(found)
 
 
 def write_info(root: str | Path, info: dict) -> None:

@@ -199,13 +199,22 @@ def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palet
 
 
 def remove_stale_shards(out: Path, records: list[dict], shard_size: int) -> None:
-    """Shards of an earlier, different assembly (info.json is absent while assembling)."""
+    """Shards of an earlier, different assembly (info.json is absent while assembling), and
+    the temporary files of shards: only files the ledger (OUT/.mlps-written.json) says this
+    tool wrote, so nothing of anyone else's in ``out`` is touched. The new shards are added
+    to the ledger before they are written."""
+    from mlps_dist.data.shards import shard_tmp_files
+    from mlps_dist.toolout import Ledger
+
     plan = assembly_plan(records, shard_size)
     keep = {f"{shard_stem(split, n)}.{ext}" for split, shards in plan.items() for n in range(len(shards))
             for ext in ("tar", "idx")}
-    for path in list(out.glob("*-*.tar")) + list(out.glob("*-*.idx")) + list(out.glob("*.tmp")):
-        if path.name not in keep or path.suffix == ".tmp":
-            path.unlink(missing_ok=True)
+    ledger = Ledger(out)
+    stems = {name.rsplit(".", 1)[0] for name in ledger.names() | keep}
+    ledger.remove_except(keep)
+    for tmp in shard_tmp_files(out, stems):
+        tmp.unlink(missing_ok=True)
+    ledger.add(keep)
 
 
 def remove_parts(out: Path) -> None:
