@@ -3,7 +3,9 @@
 Two passes: ``check`` decodes every source file and collects every problem before anything
 is written; ``write`` then writes the shards. Each shard is committed atomically
 (ShardWriter), info.json is written last, and a rerun reuses the shards that already hold
-exactly the planned samples, so a killed conversion finishes on the next run.
+exactly the planned samples made from source files with the same bytes (each shard's
+``STEM.sources.json`` records every source's size, mtime_ns and sha256), so a killed
+conversion finishes on the next run and a corrected image or mask is converted again.
 
 Images that are RGBA, LA, greyscale or palettised are converted to RGB (alpha dropped) and
 the sample's json records ``converted_from``. Masks are stored as 8-bit greyscale PNGs of
@@ -29,6 +31,7 @@ from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
                                    sample_key, shard_stem, shard_tmp_files, write_info)
 from mlps_dist.errors import MlpsError
+from mlps_dist.fileio import atomic_write_json, sha256_file
 
 CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
 
@@ -165,13 +168,51 @@ def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
     return members
 
 
+def sources_file(root: Path, stem: str) -> Path:
+    """``STEM.sources.json``: size, mtime_ns and sha256 of every source file of a shard."""
+    return root / f"{stem}.sources.json"
+
+
+def _file_stamp(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, sha256_file(path)]
+
+
+def source_record(chunk: list[Checked], src: Path) -> list[dict]:
+    return [{"image": str(c.item.image.relative_to(src)), "image_stamp": _file_stamp(c.item.image),
+             "mask_stamp": _file_stamp(c.item.mask)} for c in chunk]
+
+
+def _same_sources(recorded, chunk: list[Checked], src: Path) -> bool:
+    """The recorded sources are the planned ones with the same bytes (size and sha256; the
+    mtime is recorded for people, a file copied with its bytes unchanged is still the same)."""
+    if not isinstance(recorded, list) or len(recorded) != len(chunk):
+        return False
+    for old, new in zip(recorded, source_record(chunk, src)):
+        for kind in ("image_stamp", "mask_stamp"):
+            a, b = old.get(kind) if isinstance(old, dict) else None, new[kind]
+            if (a is None) != (b is None) or (b is not None and (a[0], a[2]) != (b[0], b[2])):
+                return False
+        if old.get("image") != new["image"]:
+            return False
+    return True
+
+
 def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path,
                        member: str = "png") -> bool:
-    """True when the shard on disk holds exactly the planned samples (from a previous run)."""
+    """True when the shard on disk holds exactly the planned samples, made from source files
+    with the same bytes (from a previous run); a corrected image or mask redoes the shard."""
     stem = shard_stem(split, number)
     tar, idx = root / f"{stem}.tar", root / f"{stem}.idx"
     if not (tar.is_file() and idx.is_file()):
         return False
+    try:
+        if not _same_sources(json.loads(sources_file(root, stem).read_text()), chunk, src):
+            return False
+    except (OSError, ValueError, TypeError, IndexError):
+        return False  # no record (an older release, or a kill before it was written): redo
     try:
         entries = read_index(idx)
     except ShardError:
@@ -214,6 +255,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
                 shards.append({"tar": f"{stem}.tar", "idx": f"{stem}.idx", "count": len(chunk)})
                 reused += 1
                 continue
+            sources_file(out, stem).unlink(missing_ok=True)  # written again after the new tar
             writer = ShardWriter(out, split, number)
             try:
                 for i, checked in enumerate(chunk):
@@ -222,11 +264,13 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
                 writer.abort()
                 raise
             shards.append(writer.close())
+            atomic_write_json(sources_file(out, stem), source_record(chunk, plan.src), indent=None)
         planned = {s["tar"] for s in shards} | {s["idx"] for s in shards}
         for old in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + \
                 list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].idx")):
             if old.name not in planned:  # left over from an earlier, larger conversion
                 old.unlink()
+                sources_file(out, old.name.rsplit(".", 1)[0]).unlink(missing_ok=True)
         sizes = {c.size for c in samples}
         info["splits"][split] = {
             "count": len(samples), "has_masks": split != "train",
