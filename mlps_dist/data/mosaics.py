@@ -287,7 +287,8 @@ def write_mosaics(out: str | Path, catalogue: Catalogue, plan: SplitPlan, counts
         made = {(j[0], s): c for j, (s, c) in zip(todo, map(_job, todo))}
     summary = _summarise(out, catalogue, plan, counts, options, made, len(todo))
     atomic_write_json(out / SOURCES_FILE, summary["sources"])
-    atomic_write_json(out / MARKER, {"params": params, "complete": True, "summary": summary})
+    # The files hold nothing that depends on the folder's name or on how much a rerun had left to do.
+    atomic_write_json(out / MARKER, {"params": params, "complete": True, "sources": summary["sources"]})
     return summary
 
 
