@@ -23,6 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from mlps_dist.errors import MlpsError
+
+
+class TooManyRanks(MlpsError):
+    """More ranks on a node than visible GPUs: NCCL cannot share one GPU between ranks."""
+
+    shared = True  # every rank of the node finds it; rank 0 reports it
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -82,9 +90,16 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    """This rank's compute device: its local GPU when CUDA is present, else the CPU."""
+    """This rank's compute device: its local GPU when CUDA is present, else the CPU. More
+    ranks on the node than visible GPUs are refused (TooManyRanks) instead of sharing one."""
     if torch.cuda.is_available():
-        return torch.device("cuda", _ENV.local_rank % max(torch.cuda.device_count(), 1))
+        gpus = torch.cuda.device_count()
+        ranks = max(_ENV.local_world_size, _ENV.local_rank + 1)
+        if ranks > gpus:
+            raise TooManyRanks(f"{ranks} ranks on this node (LOCAL_WORLD_SIZE) but {gpus} GPU(s) visible: start at "
+                               f"most {gpus} (torchrun --nproc_per_node / NPROC_PER_NODE) or make more GPUs visible "
+                               "(CUDA_VISIBLE_DEVICES); CUDA_VISIBLE_DEVICES= runs the ranks on the CPU")
+        return torch.device("cuda", _ENV.local_rank)
     return torch.device("cpu")
 
 

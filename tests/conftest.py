@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny LUAD-layout dataset and its shards (built once per pytest run)."""
+"""Shared fixtures: a tiny LUAD-layout dataset and its shards (built once per pytest run).
+
+CPU tests stay CPU tests on a GPU node: unless MLPS_TEST_GPU=1, CUDA is hidden from this
+process and every job it starts (CUDA_VISIBLE_DEVICES="", set before torch is imported), so
+the stages pick gloo and the CPU. With MLPS_TEST_GPU=1 (tools/gpu_check.sh) the tests marked
+``gpu`` run and every other test is skipped with the reason.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+GPU_RUN = os.environ.get("MLPS_TEST_GPU") == "1"
+if not GPU_RUN:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": 32, "val": 8, "test": 8, "size": 48, "seed": 0}
@@ -39,16 +49,24 @@ def tiny_shards(tiny_luad_folder, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run where CUDA is present; elsewhere they are skipped with the reason."""
+    """Tests marked ``gpu`` run with MLPS_TEST_GPU=1 where CUDA is present, the others without
+    it (CUDA hidden); each is skipped with the reason otherwise."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    reason = (f"needs CUDA: torch {torch.__version__} sees no GPU here "
-              f"(CUDA build: {torch.version.cuda or 'none'}); run bash tools/gpu_check.sh on a GPU node")
+    cpu_test = pytest.mark.skip(reason="a CPU test: runs with CUDA hidden, without MLPS_TEST_GPU=1 (tools/test.sh)")
+    if not GPU_RUN:
+        gpu_test = pytest.mark.skip(reason="needs CUDA: the CPU suite hides it (CUDA_VISIBLE_DEVICES=\"\"); "
+                                           "MLPS_TEST_GPU=1 or bash tools/gpu_check.sh on a GPU node runs it")
+    elif not torch.cuda.is_available():
+        gpu_test = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU here "
+                                           f"(CUDA build: {torch.version.cuda or 'none'})")
+    else:
+        gpu_test = None
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        if "gpu" not in item.keywords and GPU_RUN:
+            item.add_marker(cpu_test)
+        elif "gpu" in item.keywords and gpu_test is not None:
+            item.add_marker(gpu_test)
 
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

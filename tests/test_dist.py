@@ -1,4 +1,6 @@
-"""Rank/world helpers: the exactly-once partition and single-process fallbacks."""
+"""Rank/world helpers: the exactly-once partition, single-process fallbacks, the GPU count check."""
+
+import os
 
 import pytest
 import torch
@@ -51,3 +53,22 @@ def test_preemption_vote_reaches_every_rank_one_step_later_without_a_blocking_co
         # signalled before the poll of step 3 -> that poll starts the vote, step 4's reads it
         assert record["polls"] == [False, False, False, False, True], record
         assert record["agreed"] is True
+
+
+def test_more_ranks_than_visible_gpus_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "_ENV", dist.DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2))
+    with pytest.raises(dist.TooManyRanks, match="2 ranks on this node .* but 1 GPU") as exc:
+        dist.device()
+    assert "\n" not in str(exc.value) and exc.value.exit_code == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist.device() == torch.device("cuda", 1)
+
+
+def test_the_cpu_suite_and_its_jobs_see_no_gpu():
+    """CPU tests stay CPU tests on a GPU node: CUDA is hidden here and in torchrun children."""
+    import torchrun_helpers as jobs
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    assert jobs.job_env()["CUDA_VISIBLE_DEVICES"] == ""

@@ -229,7 +229,7 @@ def test_interrupted_conversion_finishes_on_rerun_identically(tiny_luad_folder, 
     with pytest.raises(KeyboardInterrupt):
         write_plan(plan, out, log=lambda *_: None)
     monkeypatch.setattr(ingest, "sample_members", real)
-    assert sorted(p.name for p in out.iterdir()) == ["train-000000.idx", "train-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.idx", "train-000000.sources.json", "train-000000.tar"]
 
     # A second kind of leftover: a tar renamed but its index not yet, and a stray .tmp.
     (out / "train-000001.tar").write_bytes(b"partial")
