@@ -18,8 +18,10 @@ Three passes, each split over ranks: (1) per slide, the tissue mask and thumbnai
 resolution; (2) the tiles of all slides that touch tissue, one global list split into
 contiguous shares so every tile is predicted exactly once, each rank saving its weighted
 score sums per slide; (3) per slide, one rank sums the shares, takes the argmax and writes
-the outputs into a temporary folder renamed into place. A slide whose folder exists is
-done: a killed run, rerun, redoes only unfinished slides (and reuses saved shares). A slide
+the outputs into a temporary folder renamed into place. A slide whose summary.json has the
+current work key (slide file size and mtime, --map-mpp, --mpp, stride, patch, the model's
+files or export: mlps_dist/slides/workkey.py) is done: a killed run, rerun, redoes only
+unfinished slides (and reuses saved shares of the same key); other settings redo a slide. A slide
 that cannot be read is named, the others finish, and the exit status is non-zero.
 See mlps_dist/slides/stitch.py for the tile geometry and blending.
 """
@@ -48,6 +50,7 @@ from mlps_dist.slides.stitch import (SlideGeometry, SlideModel, area_summary, cl
                                      merge_partials)
 from mlps_dist.slides.tiff import write_pyramid_tiff
 from mlps_dist.slides.tissue import detect_tissue
+from mlps_dist.slides.workkey import export_fingerprint, key_digest, run_fingerprint, work_key
 
 WORK = ".work"
 
@@ -81,16 +84,24 @@ def work_dir(out: Path, name: str) -> Path:
     return out / WORK / name
 
 
-def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None) -> None:
-    """Tissue mask and thumbnail at the map resolution (reused when already there)."""
+def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None, digest: str = "") -> None:
+    """Tissue mask and thumbnail at the map resolution, reused only when the saved work has
+    the same work key (slide file, settings, model: slides/workkey.py); otherwise the
+    slide's work folder is emptied and everything is redone."""
     work = work_dir(out, slide_stem(path))
     (work / "bad.txt").unlink(missing_ok=True)
     if (work / "meta.json").is_file():
-        return
+        try:
+            if json.loads((work / "meta.json").read_text()).get("work_key") == digest:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    if work.is_dir():
+        shutil.rmtree(work)  # made with other settings, another model or another slide file
     try:
         with Slide(path, slide_mpp) as slide:
             thumb = slide.read_scaled(map_mpp)
-            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp}
+            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp, "work_key": digest}
         tissue = detect_tissue(thumb, map_mpp)
     except SlideError as exc:
         atomic_write_text(work / "bad.txt", str(exc))
@@ -127,13 +138,18 @@ def read_batches(slide: Slide, geo: SlideGeometry, origins, patch: int, batch: i
             yield chunk, tiles
 
 
+def part_file(work: Path, digest: str, first: int, last: int) -> Path:
+    return work / f"part-{digest}-{first:08d}-{last:08d}.npz"
+
+
 def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origins, first: int, last: int,
-                  out: Path, args) -> None:
-    """Predict tiles [first, last) of a slide and save their weighted score sums."""
+                  out: Path, args, digest: str = "") -> None:
+    """Predict tiles [first, last) of a slide and save their weighted score sums (named by
+    the work key, so a share made with other settings is never summed in)."""
     from mlps_dist.slides.stitch import Accumulator
 
     work = work_dir(out, geo.name)
-    target = work / f"part-{first:08d}-{last:08d}.npz"
+    target = part_file(work, digest, first, last)
     if target.is_file() or (work / "bad.txt").is_file():
         return
     mine = origins[first:last]
@@ -167,13 +183,13 @@ def share_ranges(counts: list[int], world: int) -> list[list[tuple[int, int, int
 
 
 def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], model: SlideModel, out: Path,
-                 args, tiles: int) -> dict:
+                 args, tiles: int, key: dict | None = None) -> dict:
     work = work_dir(out, name)
     if (work / "bad.txt").is_file():
         return {"slide": name, "error": (work / "bad.txt").read_text()}
     partials = []
     for first, last in ranges:
-        with np.load(work / f"part-{first:08d}-{last:08d}.npz") as part:
+        with np.load(part_file(work, key_digest(key), first, last)) as part:
             partials.append({k: part[k] for k in part.files})
     sums, weight = merge_partials(len(model.classes), geo, partials)
     tissue = load_png(work / "tissue.png") > 0
@@ -182,7 +198,8 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     del sums, weight, partials
     summary = {"slide": name, "width": geo.width, "height": geo.height, "mpp": geo.mpp, "map_mpp": geo.map_mpp,
                "classes": list(model.classes), **area_summary(classes, tissue, model.classes, geo.map_mpp),
-               "model_mpp": model.mpp, "tiles": tiles, "map_size": [geo.map_w, geo.map_h]}
+               "model_mpp": model.mpp, "tiles": tiles, "map_size": [geo.map_w, geo.map_h],
+               "work_key": key_digest(key), "work": key}
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_bytes(tmp / "classes.png", palette_png_bytes(classes, model.palette))
@@ -204,6 +221,14 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
 
 
 OUTPUT_FILES = {"classes.png", "classes.tiff", "overlay.png", "tissue.png", "summary.json"}
+
+
+def finished(folder: Path, key: dict) -> bool:
+    """The slide's outputs exist and were made from this slide file, settings and model."""
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("work_key") == key_digest(key)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_ours(folder: Path) -> None:
@@ -304,6 +329,7 @@ class ExportedSlideModel:
 def build_model(args, group) -> SlideModel:
     if args.model:
         model = ExportedSlideModel(args.model)
+        model.fingerprint = export_fingerprint(args.model)
         if not model.mpp and args.model_mpp:
             model.mpp = float(args.model_mpp)
     else:
@@ -311,6 +337,7 @@ def build_model(args, group) -> SlideModel:
 
         model = create_slide_model(args.run, args.model_mpp, checkpoint=args.checkpoint,
                                    gate=False if args.no_gate else None, device=group.device())
+        model.fingerprint = run_fingerprint(args.run, args.checkpoint, False if args.no_gate else None)
     if not model.mpp:
         raise InputError(f"{args.model or args.run}: the model does not record the microns per pixel it was trained "
                          f"at (no 'mpp' in its shards' info.json or model.json); pass --model-mpp")
@@ -337,12 +364,16 @@ def _run(args, model: SlideModel | None, group) -> int:
     model = model or build_model(args, group)
     start = time.perf_counter()  # after start-up and model loading: the slide work itself
     world, rank = dist.get_world_size(), dist.get_rank()
-    pending = {n: p for n, p in good.items() if not (out / n / "summary.json").is_file()}
+    stride = args.stride or max(1, model.patch_size // 2)
+    settings = {"map_mpp": args.map_mpp, "slide_mpp": args.slide_mpp, "stride": stride,
+                "patch_size": model.patch_size, "model_mpp": model.mpp, "classes": list(model.classes)}
+    fingerprint = getattr(model, "fingerprint", None) or type(model).__name__
+    keys = {n: work_key(p, settings, fingerprint) for n, p in good.items()}
+    pending = {n: p for n, p in good.items() if not finished(out / n, keys[n])}
     sizes = {n: p.stat().st_size for n, p in pending.items()}
     for name in balanced_slides(sizes, world, rank):
-        prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp)
+        prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp, key_digest(keys[name]))
     dist.barrier()
-    stride = args.stride or max(1, model.patch_size // 2)
     plans = []
     for name in sorted(pending):
         work = work_dir(out, name)
@@ -359,14 +390,14 @@ def _run(args, model: SlideModel | None, group) -> int:
     shares = share_ranges([len(o) for _, _, o in plans], world)
     for s, first, last in shares[rank]:
         name, geo, origins = plans[s]
-        predict_share(model, pending[name], geo, origins, first, last, out, args)
+        predict_share(model, pending[name], geo, origins, first, last, out, args, key_digest(keys[name]))
     dist.barrier()
     done = []
     for number, (name, geo, origins) in enumerate(plans):
         if number % world != rank:
             continue
         ranges = [(first, last) for pieces in shares for s, first, last in pieces if s == number]
-        result = finish_slide(name, geo, ranges, model, out, args, len(origins))
+        result = finish_slide(name, geo, ranges, model, out, args, len(origins), keys[name])
         if "error" in result:
             bad[name] = result["error"]
         done.append(name)

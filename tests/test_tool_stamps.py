@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,3 +42,42 @@ def test_make_shards_converts_a_corrected_source_again(tmp_path):
     assert (out / "train-000000.tar").stat().st_mtime_ns == before  # untouched sources: reused
     record = json.loads((out / "val-000000.sources.json").read_text())
     assert all(len(r["image_stamp"]) == 3 and len(r["mask_stamp"]) == 3 for r in record)
+
+
+def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
+    from mlps_dist import segment_slides
+    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.slides.workkey import key_digest, work_key
+    from test_slides import ColourModel
+
+    slide = tmp_path / "slides" / "s0.tiff"
+    write_synthetic_slide(slide, None, 384, 256, seed=4, cell_px=100, flat=True)
+    out = tmp_path / "maps"
+
+    def segment(*extra, model=None):
+        args = segment_slides.parse_args(["--run", "unused", "--slides", str(slide.parent), "--out", str(out),
+                                          *extra])
+        return segment_slides.run(args, model=model or ColourModel())
+
+    assert segment("--map-mpp", "4") == 0
+    assert json.loads((out / "s0" / "summary.json").read_text())["map_mpp"] == 4.0
+    assert segment("--map-mpp", "8") == 0  # not "done": made at another map resolution
+    summary = json.loads((out / "s0" / "summary.json").read_text())
+    assert summary["map_mpp"] == 8.0 and Image.open(out / "s0" / "classes.png").size == (384 // 8, 256 // 8)
+    kept = (out / "s0" / "summary.json").stat().st_mtime_ns
+    assert segment("--map-mpp", "8") == 0 and (out / "s0" / "summary.json").stat().st_mtime_ns == kept
+
+    class OtherModel(ColourModel):
+        fingerprint = "another model"
+
+    assert segment("--map-mpp", "8", model=OtherModel()) == 0
+    assert (out / "s0" / "summary.json").stat().st_mtime_ns != kept
+    # A run killed after the tissue pass at 8 um/px, rerun at 4 um/px: the work is redone.
+    stride = ColourModel.patch_size // 2
+    settings = {"map_mpp": 8.0, "slide_mpp": None, "stride": stride, "patch_size": 32, "model_mpp": 2.0,
+                "classes": ColourModel.classes}
+    shutil.rmtree(out / "s0")
+    segment_slides.prepare_slide(slide, out, 8.0, None, key_digest(work_key(slide, settings, "ColourModel")))
+    assert (out / ".work" / "s0" / "meta.json").is_file()
+    assert segment("--map-mpp", "4") == 0
+    assert Image.open(out / "s0" / "classes.png").size == (384 // 4, 256 // 4)
