@@ -56,9 +56,9 @@ WRITTEN_BY = "mlps-dist"
 # OPERATIONAL below does not count.
 SHAPING = {
     "classifier": ("seed", "data.", "classifier."),
-    "masks": ("data.mean", "data.std", "data.image_size", "masks.", "classifier.checkpoint"),
+    "masks": ("data.mean", "data.std", "data.image_size", "data.stain.", "masks.", "classifier.checkpoint"),
     "segmenter": ("seed", "data.", "segmenter."),
-    "evaluate": ("data.mean", "data.std", "data.image_size", "segmenter.precision", "evaluate.",
+    "evaluate": ("data.mean", "data.std", "data.image_size", "data.stain.", "segmenter.precision", "evaluate.",
                  "classifier.checkpoint"),
 }
 # Keys under a stage's prefix that belong to a later stage: which stage-1 file the masks and
@@ -79,7 +79,7 @@ OPERATIONAL = (
 # so finished stages stay finished when the program is updated.
 ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
-              "segmenter.mosaic_prob": 0.0,
+              "segmenter.mosaic_prob": 0.0, "data.stain.method": "none", "data.stain.fit_images": 256,
               **{f"{section}.refine.{key}": value for key, value in asdict(RefineConfig()).items()
                  for section in ("masks", "evaluate")}}  # off
 # Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
@@ -106,6 +106,11 @@ def model_file(run_dir: str | Path, stage: str, which: str = "model") -> Path:
     return stage_dir(run_dir, stage) / f"{which}.pt"
 
 
+def stain_file(run_dir: str | Path) -> Path:
+    """RUN/classifier/stain.json: the stain reference stage 1 fitted (data.stain)."""
+    return stage_dir(run_dir, "classifier") / "stain.json"
+
+
 def checkpoints_dir(run_dir: str | Path, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "checkpoints"
 
@@ -127,7 +132,10 @@ def stamp_file(run_dir: str | Path, stage: str, split: str = "") -> Path:
 def output_files(run_dir: str | Path, stage: str, split: str = "") -> list[Path]:
     """The files a finished stage stands for (hashed into its stamp)."""
     if stage in ("classifier", "segmenter"):
-        return [p for p in (model_file(run_dir, stage), model_file(run_dir, stage, "best")) if p.is_file()]
+        files = [model_file(run_dir, stage), model_file(run_dir, stage, "best")]
+        if stage == "classifier":
+            files.append(stain_file(run_dir))
+        return [p for p in files if p.is_file()]
     if stage == "masks":
         folder = masks_dir(run_dir)
         return sorted(p for p in folder.iterdir() if p.suffix in (".tar", ".idx", ".json")) if folder.is_dir() else []

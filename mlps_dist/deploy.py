@@ -22,7 +22,8 @@ The model interface shared with the slide tools and ``infer``:
 
 Input contract of the graph: ``image`` uint8 RGB, (N, 3, H, W) with any N, H, W, at the
 training MPP. A patch of ``patch_size`` is predicted exactly as evaluation predicts it;
-larger images are tiled by the caller (mlps_dist.windows). Other dtypes or channel counts
+larger images are tiled by the caller (mlps_dist.windows). A run trained with stain
+normalisation (model.json ``stain``) has it applied here, in numpy, before the graph. Other dtypes or channel counts
 are refused here with an InputError before onnxruntime sees them.
 
 Execution providers: CUDA when onnxruntime offers it, else CPU (``providers=`` overrides).
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist.errors import InputError
+from mlps_dist.stain import StainNormaliser
 
 OUTPUTS = ("classes", "scores", "presence")
 
@@ -101,15 +103,29 @@ class OnnxModel:
         self.patch_size = int(self.meta["patch_size"])
         self.image_size = int(self.meta.get("image_size") or 0)
         self.gate_threshold = self.meta.get("gate_threshold")
+        # data.stain of the run: applied here, before the graph (its per-image estimate needs an
+        # eigen-decomposition and percentiles, which ONNX graphs do not express)
+        self.stain = StainNormaliser(self.meta["stain"]) if self.meta.get("stain") else None
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def __call__(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.session.run(list(OUTPUTS), {"image": check_tiles(tiles)})
+    def normalise_stains(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 mapped onto the run's stain reference (unchanged when it has none)."""
+        return rgb if self.stain is None else self.stain(rgb)
+
+    def _input(self, tiles: np.ndarray, stain: bool) -> np.ndarray:
+        tiles = check_tiles(tiles)
+        if stain and self.stain is not None:
+            tiles = np.stack([self.stain(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])
+        return np.ascontiguousarray(tiles)
+
+    def __call__(self, tiles: np.ndarray, stain: bool = True) -> dict[str, np.ndarray]:
+        """``stain`` False: the tiles' stains were already normalised (a whole image at once)."""
+        outputs = self.session.run(list(OUTPUTS), {"image": self._input(tiles, stain)})
         return dict(zip(OUTPUTS, outputs))
 
-    def scores(self, tiles: np.ndarray) -> np.ndarray:
+    def scores(self, tiles: np.ndarray, stain: bool = True) -> np.ndarray:
         """(N, C, H, W) float32 softmax after the gate."""
-        return self.session.run(["scores"], {"image": check_tiles(tiles)})[0]
+        return self.session.run(["scores"], {"image": self._input(tiles, stain)})[0]

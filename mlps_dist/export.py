@@ -87,8 +87,10 @@ def self_check(predictor, onnx_path: Path, batches) -> dict:
     same = total = samples = 0
     max_diff = 0.0
     for tiles in batches:
+        if predictor.stain is not None:  # applied before the graph, as deploy.OnnxModel does
+            tiles = np.stack([predictor.stain(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])
         classes, scores = session.run(["classes", "scores"], {INPUT_NAME: tiles})
-        out = predictor(torch.from_numpy(tiles))
+        out = predictor(torch.from_numpy(tiles), stain=False)
         same += int((classes == out.classes().cpu().numpy()).sum())
         total += classes.size
         diff = np.abs(scores - out.scores().cpu().numpy())
@@ -138,6 +140,8 @@ def model_record(args, cfg, predictor, seg_meta, info: dict, check: dict, weight
         "gate": predictor.gated,
         "gate_threshold": predictor.gate_threshold if predictor.gated else None,
         "refine": predictor.refine,  # colour-affinity refinement inside the graph (evaluate.refine), or null
+        # data.stain: the reference deploy.OnnxModel maps images onto before the graph, or null
+        "stain": predictor.stain.reference if predictor.stain is not None else None,
         "normalisation": {"formula": "(image / 255 - mean) / std, inside the graph",
                           "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, "H", "W"], "channels": "RGB"},

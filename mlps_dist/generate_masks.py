@@ -34,6 +34,7 @@ from mlps_dist.pseudo_masks import (PseudoMaskError, check_manifest, chunk_indic
                                     remove_debris, sha256_file, write_chunk, write_json)
 from mlps_dist.lock import run_lock
 from mlps_dist.runlog import RunLog
+from mlps_dist.stain_run import load_normaliser
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -45,6 +46,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
         self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
         self.skip_bad = skip_bad
+        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
 
     def _decode(self, index: int) -> dict:
         sample = decode_sample(self.reader.read(index))
@@ -53,7 +55,7 @@ class PatchDataset(torch.utils.data.Dataset):
         labels = sample["labels"]
         if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
             raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
-        rgb = np.array(sample["rgb"])
+        rgb = np.array(sample["rgb"] if self.stain is None else self.stain(sample["rgb"]))
         if self.size and rgb.shape[:2] != self.size:
             raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
         out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}

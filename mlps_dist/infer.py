@@ -150,7 +150,9 @@ class ExportedModel:
         self.patch_size, self.palette = self.model.patch_size, self.model.palette
 
     def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
-        return segment_image(self.model.scores, rgb, window, overlap, batch_size)
+        # stains normalised once over the whole image, as predict.sliding_window does
+        rgb = self.model.normalise_stains(rgb)
+        return segment_image(lambda tiles: self.model.scores(tiles, stain=False), rgb, window, overlap, batch_size)
 
 
 def parse_args(argv):

@@ -4,7 +4,9 @@ Every consumer of a trained run goes through here: validation in stage 3, evalua
 `infer`, the visualiser, the slide tools and the export parity checks. So a patch is
 predicted the same way wherever it comes from:
 
-1. normalise (``data.mean`` / ``data.std``) unless the caller already did;
+1. uint8 input: stain normalisation (``data.stain``: the run's reference, per image; see
+   stain.py), then ``data.mean`` / ``data.std``; float input was normalised by the caller
+   (the evaluation dataset does both);
 2. resize to ``data.image_size``, the scale the networks were trained at (textures keep the
    size they were learnt at; a no-op when the patch already has that size);
 3. segmenter logits, and the stage-1 classifier's sigmoid probabilities for the gate;
@@ -62,9 +64,11 @@ class Predictor:
 
     def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
                  mean, std, gate_threshold: float = 0.1, precision: str = "fp32", refine: dict | None = None,
-                 device="cpu"):
-        """``refine``: keyword arguments of cam_refine.refine_cams, None = the plain argmax."""
+                 stain=None, device="cpu"):
+        """``refine``: keyword arguments of cam_refine.refine_cams, None = the plain argmax.
+        ``stain``: a stain.StainNormaliser for uint8 input, None = off."""
         self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
+        self.stain = stain
         self.refine = dict(refine) if refine else None
         self.image_size, self.gate_threshold = int(image_size or 0), float(gate_threshold)
         self.device = torch.device(device)
@@ -76,8 +80,12 @@ class Predictor:
     def gated(self) -> bool:
         return self.classifier is not None
 
-    def normalise(self, rgb: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB (B, 3, H, W) -> normalised float32 on the predictor's device."""
+    def normalise(self, rgb: torch.Tensor, stain: bool = True) -> torch.Tensor:
+        """uint8 RGB (B, 3, H, W) -> normalised float32 on the predictor's device; ``stain``
+        False: the caller has already normalised the stains (sliding_window, whole image)."""
+        if stain and self.stain is not None:
+            rgb = torch.from_numpy(np.stack([self.stain(im) for im in rgb.permute(0, 2, 3, 1).cpu().numpy()]))
+            rgb = rgb.permute(0, 3, 1, 2)
         return (rgb.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
 
     def _autocast(self):
@@ -86,11 +94,13 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> Prediction:
-        """``images``: normalised float (B, 3, H, W), or uint8 RGB (normalised here).
-        ``out_size``: size of the returned maps, default the input's (H, W)."""
+    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None,
+                 stain: bool = True) -> Prediction:
+        """``images``: normalised float (B, 3, H, W), or uint8 RGB (normalised here, stains
+        included unless ``stain`` is False). ``out_size``: size of the returned maps, default
+        the input's (H, W)."""
         if images.dtype == torch.uint8:
-            images = self.normalise(images)
+            images = self.normalise(images, stain)
         images = images.to(self.device, non_blocking=True)
         size = tuple(out_size or images.shape[-2:])
         x = model_input(images, self.image_size)
@@ -114,7 +124,10 @@ def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: 
     """Predict an (H, W, 3) uint8 image of any size with windows of ``window`` px (the
     training patch size). Returns a Prediction with batch 1 whose ``logits`` are the log of
     the blended scores (windows.py's rule), so ``classes()`` is the argmax of the averaged
-    gated scores and ``scores()`` the averaged scores; the gate is already inside."""
+    gated scores and ``scores()`` the averaged scores; the gate is already inside. Stains are
+    normalised once over the whole image (more tissue to estimate from than one window)."""
+    if predictor.stain is not None:
+        rgb = predictor.stain(rgb)
     h, w = rgb.shape[:2]
     image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
     boxes = window_boxes(h, w, window, overlap)
@@ -122,7 +135,7 @@ def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: 
     score_sum = count = None
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first:first + batch_size]
-        scores = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk])).scores()
+        scores = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk]), stain=False).scores()
         if score_sum is None:
             score_sum = torch.zeros(scores.shape[1], h, w, device=predictor.device)
             count = torch.zeros(1, h, w, device=predictor.device)
@@ -151,6 +164,7 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     model (``classifier.checkpoint``: checkpoint, file, epoch, score, digest), None ungated."""
     from mlps_dist.config import load_config
     from mlps_dist.gate import load_classifier, load_segmenter
+    from mlps_dist.stain_run import load_normaliser
 
     if cfg is None:
         cfg = load_config(Path(run_dir) / "config.yaml")
@@ -164,7 +178,8 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
     predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
                           std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
-                          refine=cfg.evaluate.refine.as_kwargs(), device=device)
+                          refine=cfg.evaluate.refine.as_kwargs(),
+                          stain=load_normaliser(run_dir, cfg.data.stain.method), device=device)
     return predictor, {**meta, "classifier": selection}
 
 

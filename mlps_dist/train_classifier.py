@@ -5,7 +5,8 @@
         -m mlps_dist.train_classifier --config configs/luad.yaml run_dir=runs/luad classifier.parallel=deepspeed
     python -m mlps_dist.train_classifier --config configs/demo.yaml classifier.epochs=1   # one process
 
-Writes RUN/classifier/{checkpoints/, best.pt, model.pt} (and stain.json with data.stain on). Relaunching the same command resumes
+Writes RUN/classifier/{checkpoints/, best.pt, model.pt} (and stain.json with data.stain on).
+Relaunching the same command resumes
 from the newest checkpoint; a finished run (model.pt exists) is left as it is. Exit status 75
 means "preempted, rerun to resume"; 2 means a problem with the config, data or checkpoint.
 """

@@ -25,7 +25,7 @@ except ImportError:  # the torch-free deployment install has Pillow only
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-__all__ = ["decode_rgb", "decode_indices", "decode_labels", "decode_meta", "decode_sample"]
+__all__ = ["decode_rgb", "resize_rgb", "decode_indices", "decode_labels", "decode_meta", "decode_sample"]
 
 
 _PNG_GREY, _PNG_RGB = 0, 2  # IHDR colour types (palette 3 is expanded to RGB by libpng: PIL keeps indices)
@@ -54,6 +54,11 @@ def decode_rgb(encoded: bytes, size: int = 0) -> np.ndarray:
     rgb = _fast_png(encoded, _PNG_RGB)
     if rgb is None:
         rgb = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.uint8)
+    return resize_rgb(rgb, size)
+
+
+def resize_rgb(rgb: np.ndarray, size: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 resized (bilinear) to size x size; unchanged when size is 0 or equal."""
     if size and rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return rgb

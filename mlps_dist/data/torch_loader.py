@@ -15,9 +15,17 @@ from torch.utils.data import DataLoader, Dataset
 from mlps_dist.config import Config
 from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, photometric, sample_params
 from mlps_dist.data.colour_lut import model_input_chw
-from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb  # noqa: F401 (re-exported)
+from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb, resize_rgb  # noqa: F401 (re-exported)
 from mlps_dist.data.shards import SplitReader
+from mlps_dist.stain_run import load_normaliser
 
+
+def decode_normalised(encoded: bytes, stain, size: int = 0) -> np.ndarray:
+    """decode_rgb with the run's stain normalisation (None = off) applied at the stored size,
+    before any resize: the same order as the prediction path (predict.Predictor)."""
+    if stain is None:
+        return decode_rgb(encoded, size)
+    return resize_rgb(stain(decode_rgb(encoded)), size)
 
 
 class TrainDataset(Dataset):
@@ -25,6 +33,7 @@ class TrainDataset(Dataset):
         self.data, self.seed, self.epoch = cfg.data, cfg.seed, epoch
         self.augment = augment if augment is not None else cfg.classifier.augment
         self.reader, self.pseudo_masks = reader, pseudo_masks
+        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -32,7 +41,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.reader.read(index)
         params = sample_params(self.augment, self.seed, self.epoch, index)
-        rgb = decode_rgb(sample["image"], self.data.image_size)
+        rgb = decode_normalised(sample["image"], self.stain, self.data.image_size)
         if params.blur_sigma > 0 or params.has_hed:  # these mix pixels or channels: no lookup table
             image = normalise(photometric(geometric(rgb, params).astype(np.float32), params), self.data.mean,
                               self.data.std)
@@ -48,17 +57,19 @@ class TrainDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """No augmentation and no resizing: evaluation runs at the stored resolution."""
+    """No augmentation and no resizing: evaluation runs at the stored resolution. "image" and
+    "rgb" are both stain-normalised (data.stain), as the predictor would do to uint8 input."""
 
     def __init__(self, cfg: Config, reader: SplitReader):
         self.data, self.reader = cfg.data, reader
+        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.reader.read(index)
-        rgb = decode_rgb(sample["image"])
+        rgb = decode_normalised(sample["image"], self.stain)
         out = {"image": torch.from_numpy(normalise(colour(rgb.astype(np.float32), IDENTITY),
                                                    self.data.mean, self.data.std)),
                "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),

@@ -112,10 +112,19 @@ def create_deeplabv3plus(name: str, num_classes: int, pretrained: str = "",
         # Same design, narrower: the decoder runs at stride 4, where 256 channels would
         # dominate the cost on a CPU. Its single-block layer4 has no multi-grid.
         model = DeepLabV3Plus(create_resnet_small(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
+    elif name == "deeplabv3plus_lite0":
+        from .efficientnet import LiteSegmenterBackbone
+
+        # The small variant's ASPP and decoder widths: they run at stride 16 and 4 and would
+        # cost more than the encoder at the widths of the paper network.
+        model = DeepLabV3Plus(LiteSegmenterBackbone(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
     else:
         raise ValueError(f"unknown segmenter '{name}'; use deeplabv3plus_resnet101 or deeplabv3plus_small")
     if pretrained:
-        from .weights import load_segmenter_weights
+        from .weights import load_pretrained, load_segmenter_weights
 
-        load_segmenter_weights(model, pretrained)
+        if name == "deeplabv3plus_lite0":
+            load_pretrained(model.backbone, pretrained, kind="efficientnet")
+        else:
+            load_segmenter_weights(model, pretrained)
     return model

@@ -179,7 +179,7 @@ def convert_mxnet_resnet38d(arrays: dict[str, np.ndarray]) -> tuple[dict[str, to
 # "linear1000") and the public MLPS stage-1 head ("fc8.").
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 _HEAD_PREFIXES = {"resnet": ("fc.",), "resnet38d": ("fc8.", "fc.", "head.", "linear1000"),
-                  "deeplab": ("decoder.last_conv.8.",)}
+                  "deeplab": ("decoder.last_conv.8.",), "efficientnet": ("_fc.",)}
 # A whole segmenter (pytorch-deeplab-xception layout) rather than a bare backbone.
 _SEGMENTER_PREFIXES = ("backbone.", "aspp.", "decoder.")
 
