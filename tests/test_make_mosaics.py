@@ -241,3 +241,31 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "--sources-test" in line and "no pinned source image" in line
     assert parse_classes("TUM,DEB") == {0: "TUM", 1: "DEB"}
     assert parse_classes("NEC=DEB,TE=TUM") == {0: "TUM", 1: "DEB"}
+
+
+def test_variant_harness_builds_the_real_variants_data(tmp_path):
+    """tools/demo_variants.py --data-only: real and real-stain from --tiles, split by source
+    image (train 01, val 04, test 05 here), shards at 0.495 um/px; no training."""
+    harness = _tool("demo_variants")
+    common = ["--tiles", str(MINI), "--real-counts", "6,2,2", "--real-sources", "01/04/05",
+              "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--data-only"]
+    assert harness.main(["--real", *common]) == 0
+    for name in ("real", "real-stain"):
+        data = tmp_path / "data" / f"{name}-01r04v05t-s0"
+        info = json.loads((data / "shards" / "info.json").read_text())
+        assert info["mpp"] == 0.495 and info["layout"] == "luad"
+        record = json.loads((data / "raw" / "sources.json").read_text())
+        assert {s: r["sources"] for s, r in record["splits"].items()} == {
+            "train": ["CRC-Prim-HE-01"], "val": ["CRC-Prim-HE-04"], "test": ["CRC-Prim-HE-05"]}
+    plain, stained = (tmp_path / "data" / f"{n}-01r04v05t-s0" / "raw" for n in ("real", "real-stain"))
+    assert _files(plain / "train") == _files(stained / "train")
+    assert not filecmp.cmp(sorted((plain / "test" / "img").iterdir())[0],
+                           sorted((stained / "test" / "img").iterdir())[0], shallow=False)
+    args = harness.parse_args(["--variants", "real", "--tiles", str(MINI), "--swap-val-test"])
+    assert harness.run_name(args, "real") == "real-05v04t" and harness.role("real", args) == "held-out"
+    assert args.real_sources == (["01", "02", "03"], ["05"], ["04"])
+    default = harness.parse_args(["--variants", "real-stain", "--tiles", str(MINI)])
+    assert harness.run_name(default, "real-stain") == "real-stain" and harness.role("real-stain", default) == "tuning"
+    assert harness.background_enabled("real", "auto", False) is True
+    assert harness.settings(default, "real-stain")["real_counts"] == [600, 40, 80]
+    assert "real_counts" not in harness.settings(default, "pale")

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Run the demo pipeline on synthetic data variants and tabulate the results.
+"""Run the demo pipeline on synthetic and real-tissue data variants and tabulate the results.
 
     python tools/demo_variants.py --held-out                       # the variants nobody tuned on
+    python tools/demo_variants.py --real --tiles ../shared/real/kather2016_dev   # real, real-stain
     python tools/demo_variants.py --variants default,pale --seeds 0,1 segmenter.epochs=10
     python tools/demo_variants.py --tuning --runs runs/variants --restart-from segmenter   # a new stage-3 setting
 
-For every variant and seed: generate the data (tools/make_synthetic.py, demo sizes), make
-shards (tools/make_shards.py --layout luad), run launch/pipeline.sh CONFIG RUN data.root=...
+For every variant and seed: generate the data (tools/make_synthetic.py, demo sizes; for the
+real-tissue variants tools/make_mosaics.py from --tiles), make shards (tools/make_shards.py
+--layout luad), run launch/pipeline.sh CONFIG RUN data.root=...
 with the extra key=value overrides, then collect the test mIoU with and without the gate
 (RUN/metrics/test.json), the stage-1 validation score (best and last, RUN/log.jsonl), the
 pseudo-mask mIoU per layer (RUN/metrics/pseudo_masks.json) and the wall time. Prints a
@@ -21,6 +23,15 @@ wall time is then this call's, those stages only). The
 white-background channel is switched on for a variant where glass is white and tissue is not,
 or for every variant when the config and overrides set masks.background.max_saturation
 (--background auto).
+
+Real tissue (``real``, ``real-stain``): mosaics of real single-class tiles (--tiles, a class-per-
+folder collection: default ../shared/real/kather2016_dev beside the checkout when it exists),
+--real-counts 600,40,80 patches of 150 px, split by source image: --real-sources
+TRAIN/VAL/TEST, default 01,02,03/04/05 (tuning: train on images 01-03, model selection on 04,
+test on 05). ``real-stain`` is the same with a strong stain and scanner change on val/test
+(make_mosaics --stain-change), training patches untouched. --swap-val-test makes image 05 the
+validation image and reports the test figures on image 04, whose test patches no tuning looked
+at; its runs are kept apart (variant name ``real-05v04t``).
 """
 
 from __future__ import annotations
@@ -43,15 +54,42 @@ from mlps_dist.data.synthetic_options import (  # noqa: E402
 from mlps_dist.fileio import atomic_write_text  # noqa: E402
 
 
+REAL_VARIANTS = ("real", "real-stain")  # tools/make_mosaics.py from --tiles; real-stain: --stain-change on val/test
+REAL_STAIN = {"real": False, "real-stain": True}
+DEFAULT_TILES = REPO.parent / "shared" / "real" / "kather2016_dev"
+DEFAULT_REAL_SOURCES = "01,02,03/04/05"
+REAL_MPP = 0.495  # Kather et al. 2016 tiles (20x Aperio); recorded in the shards' info.json
+
+
+def _real_sources(text: str) -> tuple[list[str], list[str], list[str]]:
+    parts = [[s.strip() for s in part.split(",") if s.strip()] for part in text.split("/")]
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN/VAL/TEST source images, "
+                                         f"e.g. {DEFAULT_REAL_SOURCES}")
+    return parts[0], parts[1], parts[2]
+
+
+def _real_counts(text: str) -> tuple[int, int, int]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three patch counts TRAIN,VAL,TEST such as 600,40,80")
+    return counts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=f"tuning variants: {', '.join(TUNING_VARIANTS)}; "
-                                       f"held out: {', '.join(HELD_OUT_VARIANTS)}")
+                                       f"held out: {', '.join(HELD_OUT_VARIANTS)}; "
+                                       f"real tissue (--tiles): {', '.join(REAL_VARIANTS)}")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--variants", help=f"comma-separated names from: {', '.join(VARIANTS)}")
     which.add_argument("--tuning", action="store_true", help="the variants the demo settings may be tuned on")
     which.add_argument("--held-out", action="store_true", help="the variants kept out of all tuning")
-    which.add_argument("--all", action="store_true", help="every variant")
+    which.add_argument("--all", action="store_true", help="every variant (the real ones where --tiles is found)")
+    which.add_argument("--real", action="store_true", help=f"the real-tissue variants: {', '.join(REAL_VARIANTS)}")
     p.add_argument("--seeds", default="0", help="comma-separated data seeds (default 0)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--data", default="data/variants", help="folder for the generated datasets")
@@ -60,6 +98,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", type=int, default=600)
     p.add_argument("--val", type=int, default=80)
     p.add_argument("--test", type=int, default=100)
+    real = p.add_argument_group("real-tissue variants")
+    real.add_argument("--tiles", default=str(DEFAULT_TILES) if DEFAULT_TILES.is_dir() else None,
+                      help="class-per-folder real tiles for make_mosaics (default ../shared/real/kather2016_dev "
+                           "beside the checkout, when it exists)")
+    real.add_argument("--real-counts", type=_real_counts, default=(600, 40, 80),
+                      help="train,val,test patches of the real variants (default 600,40,80)")
+    real.add_argument("--real-sources", type=_real_sources, default=_real_sources(DEFAULT_REAL_SOURCES),
+                      help=f"TRAIN/VAL/TEST source images, comma-separated in each (default {DEFAULT_REAL_SOURCES})")
+    real.add_argument("--swap-val-test", action="store_true",
+                      help="real variants: val on the test image and test on the val image (default: val 05, "
+                           "test 04), to report on test patches no tuning looked at")
+    real.add_argument("--data-only", action="store_true", help="make the data and shards, run no pipeline")
     p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
                    help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG")
     p.add_argument("--restart-from", choices=artifacts.STAGES, default=None,
@@ -72,13 +122,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.names = list(TUNING_VARIANTS)
     elif args.held_out:
         args.names = list(HELD_OUT_VARIANTS)
+    elif args.real:
+        args.names = list(REAL_VARIANTS)
     elif args.all or not args.variants:
-        args.names = list(VARIANTS)
+        args.names = list(VARIANTS) + (list(REAL_VARIANTS) if args.tiles and args.all else [])
     else:
         args.names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in args.names if n not in VARIANTS]
+    unknown = [n for n in args.names if n not in VARIANTS and n not in REAL_VARIANTS]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; valid variants: {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {unknown}; valid variants: {', '.join([*VARIANTS, *REAL_VARIANTS])}")
+    if any(n in REAL_VARIANTS for n in args.names) and not args.tiles:
+        p.error("the real variants need --tiles DIR (a folder of class folders of tiles, e.g. kather2016_dev)")
+    if args.swap_val_test:
+        train, val, test = args.real_sources
+        args.real_sources = (train, test, val)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must be key=value, got {bad}")
@@ -87,8 +144,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def role(name: str) -> str:
+def role(name: str, args=None) -> str:
+    if name in REAL_VARIANTS:
+        return "held-out" if args is not None and args.swap_val_test else "tuning"
     return "tuning" if name in TUNING_VARIANTS else "held-out" if name in HELD_OUT_VARIANTS else "-"
+
+
+def run_name(args, name: str) -> str:
+    """The row's and folders' name: a real variant with other source images than the default
+    carries them (``real-05v04t``: val 05, test 04; the train images too when they differ)."""
+    if name not in REAL_VARIANTS:
+        return name
+    train, val, test = args.real_sources
+    default = _real_sources(DEFAULT_REAL_SOURCES)
+    if (train, val, test) == default:
+        return name
+    tag = "" if train == default[0] else ".".join(train) + "r"
+    return f"{name}-{tag}{'.'.join(val)}v{'.'.join(test)}t"
 
 
 def saturation_limited(config: str, overrides: list[str]) -> bool:
@@ -104,6 +176,8 @@ def background_enabled(name: str, mode: str, limited: bool) -> bool | None:
     brighter than grey 200, or everywhere when the white channel is ``limited`` by saturation."""
     if mode != "auto":
         return {"on": True, "off": False, "config": None}[mode]
+    if name in REAL_VARIANTS:  # real glass is white; the masks leave white as ignore, as LUAD-HistoSeg
+        return True
     return variant_white_is_white(name) or limited
 
 
@@ -118,19 +192,38 @@ def _run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"'{' '.join(cmd[:3])} ...' exited with {status}; see {log}, then rerun to resume")
 
 
+def data_commands(args, name: str, seed: int, data: Path) -> list[list[str]]:
+    """The commands that make one (variant, seed)'s raw folder and its shards."""
+    py = sys.executable
+    if name in REAL_VARIANTS:
+        (train, val, test), counts = args.real_sources, args.real_counts
+        make = [py, "tools/make_mosaics.py", "--tiles", str(args.tiles), "--out", str(data / "raw"),
+                "--train", str(counts[0]), "--val", str(counts[1]), "--test", str(counts[2]),
+                "--split-by-source", "--sources-train", ",".join(train), "--sources-val", ",".join(val),
+                "--sources-test", ",".join(test), "--seed", str(seed)]
+        make += ["--stain-change"] if REAL_STAIN[name] else []
+        mpp = ["--mpp", str(REAL_MPP)]
+    else:
+        make = [py, "tools/make_synthetic.py", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
+                "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)]
+        mpp = []
+    return [make, [py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
+                   "--out", str(data / "shards"), *mpp]]
+
+
 def run_one(args, name: str, seed: int) -> None:
     """Data, shards and the pipeline of one (variant, seed); every step resumes or skips."""
-    key = f"{name}-s{seed}"
+    key = f"{run_name(args, name)}-s{seed}"
     data, run_dir = Path(args.data) / key, Path(args.runs) / key
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{key}.log"
-    py = sys.executable
-    if not (data / "shards" / "info.json").is_file():
-        _run([py, "tools/make_synthetic.py", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
-              "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)], log)
-        _run([py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
-              "--out", str(data / "shards")], log)
-    _run(pipeline_command(args, name, data, run_dir), log)
+    # make_mosaics refuses a folder made with other counts or sources, so the real variants'
+    # tools always run (they resume in seconds); a synthetic variant's finished shards are kept.
+    if name in REAL_VARIANTS or not (data / "shards" / "info.json").is_file():
+        for cmd in data_commands(args, name, seed, data):
+            _run(cmd, log)
+    if not args.data_only:
+        _run(pipeline_command(args, name, data, run_dir), log)
 
 
 def pipeline_command(args, name: str, data: Path, run_dir: Path) -> list[str]:
@@ -189,7 +282,8 @@ def collect(run_dir: Path, data: Path) -> dict:
     # {"classifier": {...}, "<split>": {layer: metrics}}: the first split (val) is reported
     pm_split = next((v for k, v in pseudo.items() if k != "classifier" and isinstance(v, dict)), {})
     times = [e["time"] for e in events if "time" in e]
-    summary = json.loads((data / "raw" / "synthetic.json").read_text()).get("summary", {})
+    marker = data / "raw" / "synthetic.json"  # real variants (make_mosaics) record no data time
+    summary = json.loads(marker.read_text()).get("summary", {}) if marker.is_file() else {}
     return {
         "test_miou_gated": test.get("miou"),
         "test_miou_ungated": test.get("ungated", {}).get("miou"),
@@ -204,10 +298,15 @@ def collect(run_dir: Path, data: Path) -> dict:
     }
 
 
-def settings(args) -> dict:
-    """What a results row must have been made with to be reused by this call."""
+def settings(args, name: str | None = None) -> dict:
+    """What a results row must have been made with to be reused by this call (a real
+    variant's row also with the same tiles folder and patch counts)."""
     digest = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
-    return {"config": args.config, "config_sha256": digest, "overrides": list(args.overrides)}
+    record = {"config": args.config, "config_sha256": digest, "overrides": list(args.overrides)}
+    if name in REAL_VARIANTS:
+        record.update(tiles=str(args.tiles), real_counts=list(args.real_counts),
+                      real_sources=[list(part) for part in args.real_sources])
+    return record
 
 
 def reusable(row: dict, wanted: dict) -> bool:
@@ -250,30 +349,37 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = load_results(args.results)
-    wanted = settings(args)
-    args.limited = saturation_limited(args.config, args.overrides)
+    args.limited = False if args.data_only else saturation_limited(args.config, args.overrides)
     for name in args.names:
+        label, wanted = run_name(args, name), settings(args, name)
         for seed in args.seed_list:
-            key = f"{name}-s{seed}"
+            key = f"{label}-s{seed}"
             run_dir, data = Path(args.runs) / key, Path(args.data) / key
-            if args.table_only or ((name, seed) in results and reusable(results[(name, seed)], wanted)):
+            if not args.data_only and (args.table_only or
+                                       ((label, seed) in results and reusable(results[(label, seed)], wanted))):
                 continue
-            print(f"[variants] {key}: data, shards, pipeline (log: {run_dir.parent / (key + '.log')})", flush=True)
+            steps = "data and shards" if args.data_only else "data, shards, pipeline"
+            print(f"[variants] {key}: {steps} (log: {run_dir.parent / (key + '.log')})", flush=True)
             start = time.time()
             try:
                 run_one(args, name, seed)
             except RuntimeError as error:
                 print(f"[variants] {key}: {error}", file=sys.stderr)
                 return 1
-            row = {"variant": name, "seed": seed, "role": role(name),
+            if args.data_only:
+                continue
+            row = {"variant": label, "seed": seed, "role": role(name, args),
                    "background": background_enabled(name, args.background, args.limited), **wanted,
                    **collect(run_dir, data)}
             row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
-            results[(name, seed)] = row
+            results[(label, seed)] = row
             save_results(args.results, results)
             print(f"[variants] {key}: test mIoU {pct(row['test_miou_gated'])} (gated), "
                   f"stage-1 best val {pct(row['stage1_best_val'])}, {row['wall_s'] / 60:.1f} min", flush=True)
-    chosen = [results[(n, s)] for n in args.names for s in args.seed_list if (n, s) in results]
+    if args.data_only:
+        return 0
+    labels = [run_name(args, n) for n in args.names]
+    chosen = [results[(n, s)] for n in labels for s in args.seed_list if (n, s) in results]
     print(markdown_table(chosen))
     return 0
 

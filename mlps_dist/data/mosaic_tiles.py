@@ -76,7 +76,8 @@ def parse_classes(text: str) -> dict[int, str]:
                              f"{', '.join(LUAD_CLASSES)} (write NAME=FOLDER, e.g. {DEFAULT_CLASSES})")
         index = LUAD_CLASSES.index(name)
         if index in mapping or not folder:
-            raise InputError(f"--classes {text!r}: class {name} is given {'twice' if index in mapping else 'no folder'}")
+            problem = "twice" if index in mapping else "no folder"
+            raise InputError(f"--classes {text!r}: class {name} is given {problem}")
         mapping[index] = folder
     return dict(sorted(mapping.items()))
 

@@ -20,9 +20,10 @@ the mask, and every labelled class covers at least that share.
 
 ``stain_change`` (val/test only): a strong stain and scanner change applied after the
 mosaic (the mask does not change): the Ruifrok-Johnston H and E optical densities scaled by
-about ``stain_h`` and ``stain_e`` (the residual third channel by their mean), both stain vectors turned by about ``stain_hue`` degrees
-about the grey axis, the lamp scaled by ``stain_brightness``; drawn per patch around those
-values from a generator of its own, so the mosaic is the same with and without it.
+about ``stain_h`` and ``stain_e`` (the residual third channel by their mean), both stain
+vectors turned by about ``stain_hue`` degrees about the grey axis, the lamp scaled by
+``stain_brightness``; drawn per patch around those values from a generator of its own, so
+the mosaic is the same with and without it.
 
 Patch ``i`` of a split is drawn from ``default_rng([seed, split, i])``: the same seed gives
 the same bytes for any number of worker processes, and a rerun keeps finished files.
@@ -329,7 +330,8 @@ def _summarise(out, catalogue, plan, counts, options, made, generated) -> dict:
                 pixels += np.asarray(c)
         tiles = {LUAD_CLASSES[i]: {src: len(per[i]) for src, per in plan.tiles[split].items() if i in per}
                  for i in catalogue.folders}
-        record = {"sources": sorted(plan.tiles[split]), "patches": n, "patches_per_source": dict(sorted(per_source.items())),
+        record = {"sources": sorted(plan.tiles[split]), "patches": n,
+                  "patches_per_source": dict(sorted(per_source.items())),
                   "tiles": tiles, "glass_tiles": len(plan.glass.get(split, []))}
         if split == "train":
             record["patches_labelled"] = {c: labelled[c] for c in LUAD_CLASSES}
