@@ -81,3 +81,21 @@ def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
     assert (out / ".work" / "s0" / "meta.json").is_file()
     assert segment("--map-mpp", "4") == 0
     assert Image.open(out / "s0" / "classes.png").size == (384 // 4, 256 // 4)
+
+
+def test_tile_slides_redoes_a_part_when_the_annotations_change(tmp_path):
+    from mlps_dist.data.shards import open_split
+    from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+
+    root = tmp_path / "wsi"
+    write_synthetic_slide(root / "slides" / "s0.tiff", root / "ann" / "s0.geojson", 384, 256, seed=5, cell_px=100)
+    tile_slides = load_tool("tile_slides")
+    base = ["--slides", str(root / "slides"), "--out", str(tmp_path / "t"), "--mpp", "2", "--tile", "32",
+            "--annotations", str(root / "ann"), "--class-map", CLASS_MAP, "--split-ratios", "1,0,0", "--keep-parts"]
+    assert tile_slides.main(base) == 0
+    first = len(open_split(tmp_path / "t", "train"))
+    geo = json.loads((root / "ann" / "s0.geojson").read_text())
+    geo["features"] = geo["features"][:1]  # a corrected annotation: most regions removed
+    (root / "ann" / "s0.geojson").write_text(json.dumps(geo))
+    assert tile_slides.main(base) == 0
+    assert len(open_split(tmp_path / "t", "train")) < first

@@ -7,7 +7,9 @@ labelled with every class covering >= ``label_min_fraction`` of it (tiles with n
 unlabelled and left out) and a val/test tile carries the rasterised polygons as its mask
 (tiles no polygon touches are left out). The slide's tiles go into one part tar
 (OUT/.parts/<slide>-000000.tar + .idx, local keys) committed atomically, then
-OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done slides.
+OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done slides
+whose marker has the same settings, split, slide file (size, mtime) and GeoJSON (size,
+sha256).
 
 Assembly renumbers the parts into the shard format of tools/make_shards.py: per split, the
 slides in name order, keys ``<split>_<index:08d>`` contiguous whatever order the slides
@@ -76,9 +78,11 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
     out = Path(out)
     name = slide_stem(job.path)
     marker = part_marker(out, name)
+    inputs = _input_key(job)
     if marker.is_file():
         record = json.loads(marker.read_text())
-        if record.get("split") == job.split and record.get("spec") == _spec_key(spec):
+        if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
+                and record.get("inputs") == inputs:
             return {**record, "reused": True}
     annotations = load_annotations(job.annotations, spec.classes, spec.class_map) if job.annotations else None
     with Slide(job.path, spec.slide_mpp) as slide:
@@ -125,9 +129,17 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
         part = writer.close()
     record = {"slide": name, "path": str(job.path), "split": job.split, "count": count, "part": part,
               "labels": labels_out, "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
-              "spec": _spec_key(spec)}
+              "spec": _spec_key(spec), "inputs": inputs}
     atomic_write_json(marker, record, indent=None)
     return record
+
+
+def _input_key(job: SlideJob) -> dict:
+    """The slide file's size and mtime and the GeoJSON's size and sha256: a re-scanned slide
+    or a corrected annotation redoes the slide's part."""
+    from mlps_dist.slides.workkey import content_stamp, slide_stamp
+
+    return json.loads(json.dumps({"slide": slide_stamp(job.path), "annotations": content_stamp(job.annotations)}))
 
 
 def _spec_key(spec: TileSpec) -> dict:
