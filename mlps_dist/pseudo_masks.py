@@ -81,14 +81,14 @@ def write_json(path: str | Path, data: dict) -> None:
 def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[bytes]]],
                 layers: list[str], skipped: dict[str, str] | None = None) -> Path:
     """Commit one chunk: ``samples`` = [(key, [png per layer])] in index order."""
-    import webdataset as wds
+    from mlps_dist.data.tarwriter import TarWriter
 
     folder = Path(folder)
     stem = chunk_stem(chunk)
     tar_path, idx_path = folder / f"{stem}.tar", folder / f"{stem}.idx"
     tar_tmp = folder / f"{stem}.tar.tmp"
     with open(tar_tmp, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reruns are byte-identical
+        writer = TarWriter(f, mtime=0.0)  # fixed mtime: reruns are byte-identical
         for key, pngs in samples:
             writer.write({"__key__": key, **{f"{layer}.png": png for layer, png in zip(layers, pngs)}})
         writer.close()

@@ -336,3 +336,22 @@ def test_fast_png_decoder_matches_pil_and_leaves_other_modes_to_pil(monkeypatch)
     assert decode._fast_png(png_rgb, decode._PNG_RGB) is None
     for png in masks.values():
         np.testing.assert_array_equal(decode.decode_indices(png), indices)
+
+
+def test_the_tar_writer_writes_what_webdataset_writes():
+    """Shards and mask chunks are written without webdataset, byte for byte as it would."""
+    import io
+
+    wds = pytest.importorskip("webdataset")
+    from mlps_dist.data.tarwriter import TarWriter
+
+    samples = [{"__key__": f"train/{i:04d}", "png": bytes(range(i % 256)) * 7, "cls": b"\x01\x00",
+                "mask.png": b"m" * (600 + i), "txt": "ünï".encode()} for i in range(5)]
+    samples.append({"__key__": "train/" + "long_name_" * 12, "png": b"x" * 513})  # a name over 100 bytes
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    a, b = TarWriter(ours, mtime=0), wds.TarWriter(theirs, encoder=False, mtime=0, format="GNU_FORMAT")
+    for sample in samples:
+        assert a.write(sample) == b.write(sample)
+    a.close()
+    b.close()
+    assert ours.getvalue() == theirs.getvalue()

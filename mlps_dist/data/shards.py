@@ -122,7 +122,7 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | Path, split: str, shard_number: int):
-        import webdataset as wds
+        from mlps_dist.data.tarwriter import TarWriter
 
         self.root = Path(root)
         stem = shard_stem(split, shard_number)
@@ -134,7 +134,7 @@ class ShardWriter:
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         self._file = os.fdopen(fd, "wb")
         # Fixed mtime: identical inputs give byte-identical shards.
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, format="GNU_FORMAT")
+        self._writer = TarWriter(self._file, mtime=0)
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
