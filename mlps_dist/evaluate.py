@@ -15,7 +15,9 @@ With ``evaluate.gate=false`` the top-level keys are the ungated result too. IoU 
 absent from both prediction and ground truth is null (nan) and left out of the mIoU.
 A split whose stamp (RUN/metrics/<split>.stamp.json, mlps_dist.artifacts) matches the
 current segmenter, gate classifier, shards and evaluate settings is not evaluated again;
-when any of them changed it is evaluated again.
+when any of them changed it is evaluated again. At the end rank 0 writes the resolved
+config into RUN/config.yaml (and RUN/metrics/config.yaml): what inference, export, the
+slide tools and the model card predict with is what the metrics measured.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from mlps_dist import artifacts, dist, runner
 from mlps_dist.checkpoint import load_model_file
-from mlps_dist.config import Config, ConfigError
+from mlps_dist.config import Config, ConfigError, save_config
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import open_split
 from mlps_dist.errors import InputError, MlpsError
@@ -148,8 +150,19 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
         log.info(f"{split} ({len(reader)} samples)\n{summary_table(record)}")
         log.event("metrics", **record)
         results[split] = record
+    if dist.is_main():
+        save_evaluated_config(cfg)
     dist.barrier()
     return results
+
+
+def save_evaluated_config(cfg: Config) -> None:
+    """The settings the metrics were measured with, where every consumer of the run reads
+    them (infer --run, export, segment_slides, the model card, tools/visualize.py read
+    RUN/config.yaml): an evaluation with changed evaluate.* settings replaces the settings
+    the training stages left there. RUN/metrics/config.yaml keeps the same for the record."""
+    save_config(cfg, Path(cfg.run_dir) / "metrics" / "config.yaml")
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
 
 def _main(argv: list[str] | None = None) -> int:

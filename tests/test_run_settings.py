@@ -1,0 +1,35 @@
+"""Every consumer of a run reads the settings its metrics were measured with: an evaluation
+with changed evaluate.* settings writes them where infer, export, the slide tools and the
+model card read them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_infer import make_run  # noqa: E402
+
+from mlps_dist import evaluate  # noqa: E402
+from mlps_dist.config import load_config  # noqa: E402
+
+
+def test_a_re_evaluation_with_other_settings_is_what_consumers_read(tmp_path, tiny_shards):
+    run = make_run(tmp_path / "run", data_root=str(tiny_shards))
+    base = ["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=0", "evaluate.splits=[val]",
+            "evaluate.batch_size=4"]
+    assert evaluate.main(base + ["evaluate.refine.enabled=true", "evaluate.refine.iterations=2"]) == 0
+    assert load_config(run / "config.yaml").evaluate.refine.enabled
+    assert evaluate.main(base + ["evaluate.refine.enabled=false", "evaluate.gate_threshold=0.3"]) == 0
+    for path in (run / "config.yaml", run / "metrics" / "config.yaml"):
+        ev = yaml.safe_load(path.read_text())["evaluate"]
+        assert ev["refine"]["enabled"] is False and ev["gate_threshold"] == 0.3
+    from mlps_dist.model_card import render
+    from mlps_dist.predict import create_predictor
+
+    assert "refined along the patch's colours before the argmax: no" in render(run)
+    predictor, _ = create_predictor(run)
+    assert predictor.gate_threshold == 0.3 and not predictor.refine
