@@ -21,9 +21,10 @@ same bytes for any --workers.
 
 --stain-change (val/test only; training patches untouched): another lab's stain and scanner:
 the H and E optical densities (Ruifrok-Johnston vectors) scaled by about --stain-h and
---stain-e (0.55, 0.6: about half the stain; the residual channel by their mean), both stain vectors turned by about --stain-hue
-degrees (12) about the grey axis, the lamp scaled by --stain-brightness (1.05); each drawn per
-patch within a few percent of those values. The masks do not change.
+--stain-e (0.55, 0.6: about half the stain; the residual channel by their mean), both stain
+vectors turned by about --stain-hue degrees (12) about the grey axis, the lamp scaled by
+--stain-brightness (1.05); each drawn per patch within a few percent of those values. The
+masks do not change.
 """
 
 from __future__ import annotations

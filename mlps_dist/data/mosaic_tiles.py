@@ -93,7 +93,8 @@ def class_folder(root: Path, folder: str, flag: str) -> list[Path]:
         raise InputError(f"{flag}: no folder {path} (folders in --tiles: {', '.join(there) or 'none'})")
     files = _tile_files(path)
     if not files:
-        raise InputError(f"{flag}: {path} holds no tiles ({'/'.join(TILE_SUFFIXES)}); too few tiles to draw from")
+        raise InputError(f"{flag}: {path} holds no tiles ({'/'.join(TILE_SUFFIXES)}): too few tiles to draw from; "
+                         f"add tiles there or name another folder")
     return files
 
 

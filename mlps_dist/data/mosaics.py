@@ -203,16 +203,22 @@ def _pid(source: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in source) or "tiles"
 
 
-def sample(seed: int, split: str, index: int, plan: SplitPlan, options: MosaicOptions):
-    """(name stem ``pid-x-y``, rgb, mask) of patch ``index`` of ``split``, independent of all others."""
+def _origin(seed: int, split: str, index: int, plan: SplitPlan, size: int):
+    """(name stem ``pid-x-y``, source image, the generator that then draws the patch)."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     sources = sorted(plan.tiles[split])
     source = sources[int(rng.integers(len(sources)))]
+    x, y = (index % GRID_COLUMNS) * size, (index // GRID_COLUMNS) * size  # unique names in a split
+    return f"{_pid(source)}-{x}-{y}", source, rng
+
+
+def sample(seed: int, split: str, index: int, plan: SplitPlan, options: MosaicOptions):
+    """(name stem ``pid-x-y``, rgb, mask) of patch ``index`` of ``split``, independent of all others."""
+    stem, source, rng = _origin(seed, split, index, plan, options.size)
     rgb, mask = draw_patch(rng, plan.tiles[split][source], plan.glass.get(split, []), options)
     if options.stain_change and split != "train":
         rgb = stain_change(rgb, np.random.default_rng([seed, SPLIT_IDS[split], index, 7]), options)
-    x, y = (index % GRID_COLUMNS) * options.size, (index // GRID_COLUMNS) * options.size
-    return f"{_pid(source)}-{x}-{y}", rgb, mask
+    return stem, rgb, mask
 
 
 def labels_of(mask: np.ndarray) -> list[int]:
@@ -294,10 +300,7 @@ def write_mosaics(out: str | Path, catalogue: Catalogue, plan: SplitPlan, counts
 
 
 def _stem(index: int, split: str, plan: SplitPlan, seed: int, options: MosaicOptions) -> str:
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    sources = sorted(plan.tiles[split])
-    x, y = (index % GRID_COLUMNS) * options.size, (index // GRID_COLUMNS) * options.size
-    return f"{_pid(sources[int(rng.integers(len(sources)))])}-{x}-{y}"
+    return _origin(seed, split, index, plan, options.size)[0]
 
 
 def _finished(out: Path, job, plan, options, seed, existing_train) -> bool:
@@ -320,8 +323,8 @@ def _summarise(out, catalogue, plan, counts, options, made, generated) -> dict:
         labelled = Counter()
         per_source = Counter()
         for index in range(n):
-            stem = _stem(index, split, plan, seed, options)
-            per_source[stem.rsplit("-", 2)[0]] += 1
+            stem, source, _ = _origin(seed, split, index, plan, options.size)
+            per_source[source] += 1
             if split == "train":
                 digits = existing_train[stem].rsplit("-[", 1)[1][:-5].split()
                 labelled.update(LUAD_CLASSES[c] for c, d in enumerate(digits) if d == "1")
