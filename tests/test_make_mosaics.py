@@ -179,6 +179,16 @@ def test_default_regex_and_csv_name_sources(tmp_path):
     assert sum(len(v) for v in catalogue.tiles[0].values()) == 9
 
 
+def test_unpinned_split_by_source_gives_each_split_its_own_images():
+    catalogue = mosaic_tiles.scan_tiles(MINI, FOLDERS, "BACK", require_sources=True)
+    for seed in range(3):
+        plan = mosaic_tiles.split_by_source(catalogue, {"train": 5, "val": 1, "test": 1}, seed)
+        sources = [set(plan.tiles[s]) for s in ("train", "val", "test")]
+        assert sorted(x for part in sources for x in part) == ["CRC-Prim-HE-01", "CRC-Prim-HE-04", "CRC-Prim-HE-05"]
+        assert all(len(part) == 1 for part in sources)
+        assert all(set(next(iter(plan.tiles[s].values()))) == {0, 1, 2, 3} for s in ("train", "val", "test"))
+
+
 def test_split_by_tile_keeps_tiles_apart():
     catalogue = mosaic_tiles.scan_tiles(MINI, FOLDERS, "BACK")
     plan = mosaic_tiles.split_by_tile(catalogue, {"train": 5, "val": 1, "test": 1}, 0)
