@@ -18,6 +18,7 @@ complete folder. Everything is read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -137,9 +138,53 @@ def _write_ds_digests(folder: Path) -> None:
     atomic_write_json(folder / DS_DIGESTS, {"written_by": "mlps-dist", "files": _ds_digests(folder)})
 
 
+def _ds_safe_globals() -> list:
+    """The classes DeepSpeed's ZeRO 0-2 checkpoints store besides tensors and builtins: the
+    only ones the restricted unpickler accepts."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class _WeightsOnlyEngine:
+    """DeepSpeed's checkpoint engine with every read through ``torch.load(weights_only=True)``
+    and the allow-list above (DeepSpeed's own reader unpickles with ``weights_only=False``,
+    which runs whatever code a crafted file holds)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def load(self, path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_ds_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: DeepSpeed checkpoint file refused: it holds objects other than tensors "
+                                  f"and DeepSpeed's recorded state ({first[:200]}); it is not loaded. Delete its "
+                                  f"step folder to resume from an older checkpoint") from exc
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def load_deepspeed_state(engine, folder: Path):
+    """``engine.load_checkpoint(folder, tag="state")`` with the weights-only reader."""
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyEngine(original)
+    try:
+        return engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
+                                      load_lr_scheduler_states=True)
+    finally:
+        engine.checkpoint_engine = original
+
+
 def _check_ds_digests(path: Path) -> None:
-    """DeepSpeed loads its checkpoint with ``weights_only=False`` (arbitrary code on load):
-    load only a folder whose files match the digests this program recorded when it wrote them."""
+    """Load only a folder whose files match the digests this program recorded when it wrote
+    them (a check against damage and mix-ups; what keeps a crafted file from running code is
+    the weights-only reader of load_deepspeed_state)."""
     import json
 
     try:
@@ -278,9 +323,8 @@ class Checkpointer:
         the checkpoint is unreadable or belongs to another model."""
         state = self.check(path, expect_meta)
         if model.kind == "deepspeed":
-            _check_ds_digests(path)  # DeepSpeed unpickles its files: only ones this program wrote
-            loaded, _ = model.engine.load_checkpoint(str(path / "ds"), tag="state", load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+            _check_ds_digests(path)  # damaged or mixed-up files are refused before DeepSpeed reads them
+            loaded, _ = load_deepspeed_state(model.engine, path / "ds")  # weights_only=True, allow-listed
             if loaded is None:
                 raise CheckpointError(f"checkpoint {path / 'ds'} could not be loaded by DeepSpeed")
         else:
