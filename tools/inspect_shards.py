@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlps_dist.data.shards import ShardError, open_split, read_info  # noqa: E402
+from mlps_dist.data.shards import ShardError, open_split, read_info, sample_key  # noqa: E402
 from mlps_dist.fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def dump(root: Path, split: str, count: int, to: Path) -> None:
     palette = [v for colour in reader.info["palette"] for v in colour]
     to.mkdir(parents=True, exist_ok=True)
     for i in range(min(count, len(reader))):
-        sample, key = reader.read(i), reader.key(i)
+        sample, key = reader.read(i), sample_key(split, i)  # the file name never comes from the shard
         atomic_write_bytes(to / f"{key}.{reader.image_member}", sample["image"])
         meta = {**json.loads(sample["json"]), "labels": reader.labels(i).astype(int).tolist()}
         atomic_write_text(to / f"{key}.json", json.dumps(meta))

@@ -292,6 +292,11 @@ class SplitReader:
             check_index_fits(entries, tar, self.root / shard["idx"])
             self._tars.append(tar)
             for key, members in entries:
+                expected = sample_key(split, len(self._keys))
+                if key != expected:  # keys name files (inspect_shards --dump): never a path from the idx
+                    raise ShardError(f"{self.root / shard['idx']}: sample {len(self._keys)} has key {key[:80]!r}, "
+                                     f"expected {expected!r}; the shard was not written by tools/make_shards.py "
+                                     f"or was changed since: rerun it")
                 self._keys.append(key)
                 self._entries.append((shard_no, members))
         if len(self._keys) != self.split_info["count"]:
