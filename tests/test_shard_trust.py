@@ -29,3 +29,27 @@ def test_inspect_shards_never_writes_where_an_idx_key_points(tiny_shards, tmp_pa
                     str(tmp_path / "peek"))
     assert good.returncode == 0, good.stderr
     assert sorted(p.name for p in (tmp_path / "peek").iterdir())[:2] == ["val_00000000.json", "val_00000000.mask.png"]
+
+
+def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capsys):
+    from test_infer import make_run
+
+    from mlps_dist import evaluate
+
+    shards = tmp_path / "sh"
+    shutil.copytree(tiny_shards, shards)
+    idx = shards / "test-000000.idx"
+    lines = idx.read_text().splitlines()
+    q = lines[1].split(" ")
+    at = {q[i]: i for i in range(0, len(q), 4)}
+    q[at["png"] + 1:at["png"] + 3] = q[at["labels"] + 1:at["labels"] + 3]  # the image member -> the labels bytes
+    lines[1] = " ".join(q)
+    idx.write_text("\n".join(lines) + "\n")
+    run = make_run(tmp_path / "run", data_root=str(shards))
+    status = evaluate.main(["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=1",
+                            "evaluate.splits=[test]", "evaluate.batch_size=4"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    line = [x for x in err.splitlines() if x.startswith("error")]
+    assert len(line) == 1 and "test-000000.tar: sample test_00000000 cannot be decoded" in line[0], err
+    assert "Traceback" not in err

@@ -48,8 +48,10 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
     else:
         from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
 
-        loader = create_torch_loader(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), batches,
-                                     cfg.data.num_workers, device)
+        from mlps_dist.data.sample_errors import NamedSampleErrors
+
+        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader),
+                                     batches, cfg.data.num_workers, device)
     # Hand-over off the step's critical path, except where loading is meant to stay in the
     # rank's own loop (the torch loader without workers).
     background = cfg.data.loader == "dali" or cfg.data.num_workers > 0
@@ -67,6 +69,9 @@ def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, ran
         from mlps_dist.data.dali_loader import create_dali_eval_loader
 
         return create_dali_eval_loader(cfg, reader, batches, device)
+    from mlps_dist.data.sample_errors import NamedSampleErrors
     from mlps_dist.data.torch_loader import EvalDataset, create_torch_loader
 
-    return create_torch_loader(EvalDataset(cfg, reader), batches, cfg.data.num_workers, device)
+    # A sample that cannot be decoded stops the pass naming its shard and key (exit 2).
+    return create_torch_loader(NamedSampleErrors(EvalDataset(cfg, reader), reader), batches, cfg.data.num_workers,
+                               device)

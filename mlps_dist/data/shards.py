@@ -310,6 +310,10 @@ class SplitReader:
     def key(self, i: int) -> str:
         return self._keys[i]
 
+    def location(self, i: int) -> str:
+        """``TAR: sample KEY``, for messages about one sample."""
+        return f"{self._tars[self._entries[i][0]]}: sample {self._keys[i]}"
+
     def read(self, i: int) -> dict[str, bytes]:
         shard_no, members = self._entries[i]
         out = {}
