@@ -9,6 +9,7 @@ rank alike:
     MlpsError (ConfigError, ShardError, ...)  one line "error: <message>" on stderr, exit 2
     Preempted                                  one line, exit 75 (rerun the same command)
     KeyboardInterrupt                          exit 130
+    OSError: disk full, quota, read-only       one line naming the file and the cause, exit 2
     anything else                              the traceback, exit 1 (a defect, not an input)
 
 The rank that found the problem prints it, whichever rank that is: ranks other than 0
@@ -18,6 +19,8 @@ multi-node job is not lost behind torchrun's bare "exit 2".
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import traceback
 from typing import Callable
@@ -26,6 +29,20 @@ from mlps_dist.errors import EXIT_PREEMPTED, MlpsError, Preempted
 
 EXIT_DEFECT = 1
 EXIT_INTERRUPTED = 130
+# Errors of the storage, not of the program: the user frees space or picks another folder.
+STORAGE_ERRNOS = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space within your quota",
+                  errno.EROFS: "choose a writable folder"}
+
+
+def storage_error(exc: BaseException) -> str:
+    """The one-line message of a full disk / quota / read-only file system, "" otherwise."""
+    while exc is not None and not (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return ""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (f"{where}{os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}); its temporary files were removed; "
+            f"{STORAGE_ERRNOS[exc.errno]} (or choose another output folder) and rerun the same command")
 
 
 def _rank() -> int:
@@ -54,6 +71,10 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print(f"interrupted{_who()}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    storage = storage_error(exc) if isinstance(exc, Exception) else ""
+    if storage:
+        print(f"error{_who()}: {storage}", file=sys.stderr, flush=True)
+        return 2
     print(f"internal error{_who()} (please report it with the traceback):", file=sys.stderr)
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     sys.stderr.flush()

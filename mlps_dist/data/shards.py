@@ -145,7 +145,12 @@ class ShardWriter:
         unknown = set(members) - set(MEMBERS)
         if unknown:
             raise ValueError(f"sample {key}: unknown members {sorted(unknown)}; allowed: {MEMBERS}")
-        self._writer.write({"__key__": key, **members})
+        try:
+            self._writer.write({"__key__": key, **members})
+        except OSError as exc:
+            if exc.filename or not exc.errno:
+                raise
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(self.tar_path)) from exc  # named
         self.count += 1
 
     def close(self) -> dict:

@@ -1,0 +1,39 @@
+"""Failures of the machine, not the program, end in one line and exit 2: a full disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import run_tool  # noqa: E402
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_make_shards_on_a_full_disk_says_so_and_leaves_no_temporary_file(full_disk, tmp_path):
+    from mlps_dist.data.synthetic import write_luad_layout
+
+    write_luad_layout(tmp_path / "src", train=60, val=6, test=6, size=64)
+    out = full_disk / "shards"
+    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(out),
+                      "--shard-size", "20")
+    assert result.returncode == 2, result.stderr
+    assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
+    assert str(out) in result.stderr
+    assert not list(out.glob("*.tmp"))
