@@ -121,6 +121,9 @@ def main() -> int:
         if args.task == "classifier":  # validate() sees the module only on the last epoch here
             original = task.validate
             task.validate = lambda module, epoch: (setattr(task, "trained", module), original(module, epoch))[1]
+            if args.step_seconds:  # slow steps, so that a test can stop the job between checkpoints
+                loss = task.loss
+                task.loss = lambda model, batch: (time.sleep(args.step_seconds), loss(model, batch))[1]
         engine.fit(cfg, train_cfg, task, log)
         state = {k: v.detach().cpu().clone() for k, v in task.trained.state_dict().items()}
         torch.save({"weights": state, "task": task.state_dict(), "forward_dtype": getattr(task, "forward_dtype", "")},

@@ -12,22 +12,26 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# The interpreter's torchrun script, or its module where the script is elsewhere (a system
+# python3 with torch: MLPS_PYTHON=python3 bash tools/gpu_check.sh).
+_SCRIPT = Path(sys.executable).with_name("torchrun")
+TORCHRUN = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def job_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def job_env(extra: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
-def start(args: list[str], nproc: int = 2) -> subprocess.Popen:
-    """A torchrun job in its own process group (so the test can kill all of it at once)."""
-    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args] if nproc else [sys.executable, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def start(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """A torchrun job in its own process group (so the test can kill all of it at once);
+    ``env``: variables added to the job's environment."""
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args] if nproc else [sys.executable, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=job_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
-def run(args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = start(args, nproc)
+def run(args: list[str], nproc: int = 2, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = start(args, nproc, env)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
