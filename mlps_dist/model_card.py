@@ -26,8 +26,8 @@ import yaml
 from mlps_dist import artifacts
 from mlps_dist.fileio import atomic_write_text, sha256_file
 
-PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "webdataset", "numpy", "pillow",
-            "onnx", "onnxruntime")
+PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "numpy",
+            "pillow", "onnx", "onnxruntime")
 
 
 def _json(path: Path) -> dict | None:

@@ -51,9 +51,12 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb" / stage))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a bare GPU node image: log.jsonl and stderr still record everything
+                self.info("tensorboard is not installed: no TensorBoard events for this stage")
+            else:
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb" / stage))
 
     # -------------------------------------------------------------- text
     def info(self, message: str) -> None:
@@ -99,7 +102,10 @@ class RunLog:
         """A tqdm bar on rank 0 (stderr); the bare iterable elsewhere."""
         if not self.enabled:
             return iterable
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return iterable
 
         return tqdm(iterable, total=total, desc=f"{self.stage} {desc}".strip(), initial=initial,
                     dynamic_ncols=True, leave=False, mininterval=2.0, file=sys.stderr)

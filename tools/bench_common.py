@@ -29,6 +29,13 @@ RECORD_FIELDS = ("bench", "time", "host", "machine", "world_size", "settings", "
 MACHINE_FIELDS = ("cpu", "cores", "gpu", "gpu_count", "torch", "cuda", "python")
 
 
+def torchrun_command() -> list[str]:
+    """This interpreter's torchrun script, or its module where the script lies elsewhere (a
+    system python3 with torch, MLPS_PYTHON=python3)."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
     try:

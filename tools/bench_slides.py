@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import emit, log, make_record, ratio  # noqa: E402
+from bench_common import emit, log, make_record, ratio, torchrun_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,8 @@ def hand_loop(slide_path: Path, run_dir: Path, out: Path, model_mpp: float, patc
 
     from mlps_dist.predict import create_predictor
 
-    predictor, _ = create_predictor(run_dir)
+    # On the device segment_slides uses, so that the ratio compares loops, not devices.
+    predictor, _ = create_predictor(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     osr = openslide.OpenSlide(str(slide_path))
     mpp = float(osr.properties["openslide.mpp-x"])
     size0 = int(round(patch * model_mpp / mpp))
@@ -94,7 +95,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def torchrun(world: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={world}"]
+    return [*torchrun_command(), "--standalone", f"--nproc_per_node={world}"]
 
 
 def main(argv=None) -> int:

@@ -257,9 +257,8 @@ def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
     """Run one configuration as a torchrun job; its per-rank figures, or RuntimeError with the log tail."""
     result = workdir / f"result-{spec['name'].replace('/', '_')}.json"
     result.unlink(missing_ok=True)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={spec['world']}", str(Path(__file__).resolve()),
-           "--worker", json.dumps(spec), "--result", str(result)]
+    cmd = [*bench_common.torchrun_command(), "--standalone", f"--nproc_per_node={spec['world']}",
+           str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
