@@ -2,7 +2,7 @@
 #
 # Defines: mlps_log, mlps_die, mlps_stage_module, mlps_stage_status, mlps_config_value, mlps_gpu_count,
 # mlps_default_nproc, mlps_head_node, mlps_rdzv_port, mlps_trap_early, mlps_run_forwarding,
-# mlps_check_config, mlps_print_metrics and MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL:
+# mlps_check_config, mlps_print_metrics, mlps_worker_status and MLPS_PREEMPTED_EXIT (75, EX_TEMPFAIL:
 # "preempted, rerun the same command to resume").
 
 MLPS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -120,6 +120,23 @@ mlps_run_forwarding() {
     fi
     mlps_trap_early  # no stage runs now: a signal from here on just stops with 75
     return "$rc"
+}
+
+# The workers' own exit status, from the files runner.record_status leaves in
+# MLPS_STATUS_DIR (torchrun turns any worker failure into 1): 1 if a worker hit a defect,
+# else 75 if one was preempted, else 2 (a bad input); nothing when no worker left one.
+mlps_worker_status() {
+    local folder=$1 file code worst=""
+    for file in "$folder"/rank-*; do
+        [[ -f "$file" ]] || continue
+        code=$(<"$file")
+        case "$code" in
+            1) worst=1 ;;
+            75) [[ "$worst" == 1 ]] || worst=75 ;;
+            *) [[ -n "$worst" ]] || worst=$code ;;
+        esac
+    done
+    echo "$worst"
 }
 
 # A trap handler: it must end with an explicit status (a bare `return` would hand back

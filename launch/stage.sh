@@ -16,8 +16,9 @@
 #   MAX_RESTARTS     elastic restarts of the worker group after a worker dies (default 0);
 #                    the stage resumes from its last checkpoint after each restart
 #
-# Exit status: the stage's; 75 means preempted (a checkpoint was written): rerun the same
-# command to resume. Finished stages exit 0 at once, so rerunning is always safe.
+# Exit status: the stage's (the workers' own, not torchrun's 1: 2 = bad input); 75 means
+# preempted (a checkpoint was written): rerun the same command to resume. Finished stages
+# exit 0 at once, so rerunning is always safe.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
@@ -76,7 +77,18 @@ else
 fi
 
 mlps_log "$stage on $(hostname): $nnodes node(s) x $nproc process(es), run_dir=$run_dir"
+# Each failing worker leaves its own status here (mlps_dist/runner.py); torchrun says 1.
+MLPS_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/mlps-status.XXXXXX")
+export MLPS_STATUS_DIR
 status=0
 mlps_run_forwarding python -m torch.distributed.run "${torchrun_args[@]}" \
     -m "$module" --config "$config" "run_dir=$run_dir" "$@" || status=$?
+if ((status == 1)); then
+    worker=$(mlps_worker_status "$MLPS_STATUS_DIR")
+    if [[ -n "$worker" && "$worker" != 1 ]]; then
+        mlps_log "$stage: a worker exited with status $worker (its error is above torchrun's report)"
+        status=$worker
+    fi
+fi
+rm -rf "$MLPS_STATUS_DIR"
 exit "$status"

@@ -81,8 +81,26 @@ def report(exc: BaseException) -> int:
     return EXIT_DEFECT
 
 
+def record_status(status: int) -> int:
+    """Under launch/stage.sh (``MLPS_STATUS_DIR`` set), leave a failing rank's status in
+    ``MLPS_STATUS_DIR/rank-<R>``: torchrun reports every worker failure as 1, and the
+    launcher hands on the workers' own status (2, 75) from these files."""
+    folder = os.environ.get("MLPS_STATUS_DIR", "")
+    if folder and status:
+        try:
+            with open(os.path.join(folder, f"rank-{_rank()}"), "w") as f:
+                f.write(f"{status}\n")
+        except OSError:
+            pass
+    return status
+
+
 def run(body: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Call ``body(argv)`` and map its outcome to an exit status (0 when it returns None)."""
+    return record_status(_run(body, argv))
+
+
+def _run(body: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
         status = body(argv)
     except SystemExit as exc:  # argparse --help / usage errors keep their own status

@@ -37,3 +37,18 @@ def test_make_shards_on_a_full_disk_says_so_and_leaves_no_temporary_file(full_di
     assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
     assert str(out) in result.stderr
     assert not list(out.glob("*.tmp"))
+
+
+def test_launch_stage_keeps_the_workers_exit_status_2(tmp_path):
+    """torchrun reports a worker's exit 2 as 1; launch/stage.sh hands on the worker's own."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {root: nowhere}\n")
+    proc = subprocess.run([str(repo / "launch/stage.sh"), "evaluate", str(config), str(tmp_path / "run")],
+                          cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a worker exited with status 2" in proc.stderr
+    assert "error:" in proc.stderr
