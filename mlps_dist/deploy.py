@@ -67,6 +67,41 @@ def check_tiles(tiles) -> np.ndarray:
     return np.ascontiguousarray(tiles)
 
 
+REQUIRED = {"classes": list, "palette": list, "ignore_index": int, "patch_size": int}
+
+
+def record_digest(meta: dict) -> str:
+    """sha256 of model.json's content without its own ``digest`` key (written by the export)."""
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_meta(meta, meta_path: Path, onnx_path: Path) -> None:
+    """model.json has the keys the model needs, and describes this very model.onnx (the
+    sha256 that tools/export.py recorded): a json from another export, or one left beside
+    a newer graph by a killed export, is refused instead of used."""
+    from mlps_dist.fileio import sha256_file
+
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object written by tools/export.py, got "
+                         f"{type(meta).__name__}; export the model again")
+    for key, kind in REQUIRED.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise InputError(f"{meta_path}: key '{key}' is missing or not a {kind.__name__}; export the model again")
+    if len(meta["palette"]) < len(meta["classes"]) or not meta["classes"] or meta["patch_size"] < 8:
+        raise InputError(f"{meta_path}: needs at least one class, a colour per class and patch_size >= 8; "
+                         f"export the model again")
+    if meta.get("digest") and meta["digest"] != record_digest(meta):
+        raise InputError(f"{meta_path} was changed after tools/export.py wrote it (its digest no longer matches "
+                         f"its content); export the model again rather than editing it")
+    recorded = ((meta.get("weights") or {}).get("model.onnx") or {}).get("sha256")
+    if recorded and recorded != sha256_file(onnx_path):
+        raise InputError(f"{meta_path} does not describe {onnx_path} (its sha256 differs from the one recorded): "
+                         f"the two files come from different exports; export the model again")
+
+
 class OnnxModel:
     """model.onnx + model.json of an export, run with onnxruntime."""
 
@@ -87,6 +122,7 @@ class OnnxModel:
             self.meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise InputError(f"{meta_path}: not valid JSON ({exc}); export the model again") from exc
+        check_meta(self.meta, meta_path, self.path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -202,6 +202,9 @@ def run_export(args) -> dict:
                                    f"pixels (need {100 * MIN_AGREEMENT:.1f} %); no model.onnx written")
         weights["model.onnx"] = {"file": "model.onnx", "sha256": sha256_file(staged)}
         record = model_record(args, cfg, predictor, seg_meta, reader.info, check, weights)
+        from mlps_dist.deploy import record_digest
+
+        record["digest"] = record_digest(record)  # OnnxModel refuses a hand-edited or mismatched model.json
         atomic_write_json(out / "model.json", record)
         copy_model_card(run, out)
         commit_file(staged, final)  # last: a model.onnx exists only next to its model.json and card

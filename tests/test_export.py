@@ -263,3 +263,30 @@ def test_segment_slides_model_refuses_run_only_flags(exported, tmp_path):
     with pytest.raises(InputError, match="--no-gate"):
         segment_slides._main(["--model", str(out / "model.onnx"), "--slides", str(tmp_path), "--out",
                               str(tmp_path / "o"), "--no-gate"])
+
+
+def test_a_model_json_that_does_not_describe_its_graph_is_refused(exported, tmp_path, tiny_shards):
+    import shutil
+
+    from mlps_dist import infer
+
+    _, out = exported
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(tmp_path / "img" / "a.png")
+    images = str(tmp_path / "img")
+    cases = {"edited": lambda m: {**m, "patch_size": 17}, "empty": lambda m: {}, "list": lambda m: [1, 2]}
+    messages = {"edited": "was changed after tools/export.py wrote it", "empty": "key 'classes' is missing",
+                "list": "expected a JSON object"}
+    for name, change in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        meta = json.loads((folder / "model.json").read_text())
+        (folder / "model.json").write_text(json.dumps(change(meta)))
+        with pytest.raises(InputError, match=messages[name]):
+            infer._main(["--model", str(folder / "model.onnx"), "--input", images, "--out", str(tmp_path / "p")])
+    # A model.json beside another export's graph (as a kill between the two writes leaves it).
+    folder = tmp_path / "mixed"
+    shutil.copytree(out, folder)
+    (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(InputError, match="sha256 differs"):
+        infer._main(["--model", str(folder / "model.onnx"), "--input", images, "--out", str(tmp_path / "p")])
