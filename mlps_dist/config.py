@@ -432,7 +432,10 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(t.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.micro_batch_size >= 0, f"{name}.micro_batch_size", "must be >= 0 (0 = derive from batch_size)")
-    _check(t.lr > 0, f"{name}.lr", f"must be > 0, got {t.lr}")
+    _check(t.lr > 0 and t.lr < float("inf"), f"{name}.lr", f"must be a finite number > 0, got {t.lr}")
+    for key in ("weight_decay", "head_lr_mult", "poly_power", "bias_lr_mult"):  # NaN fails both comparisons
+        value = getattr(t, key)
+        _check(0 <= value < float("inf"), f"{name}.{key}", f"must be a finite number >= 0, got {value}")
     _check(0 <= t.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {t.momentum}")
     _check(0 <= t.ema_decay < 1, f"{name}.ema_decay", f"must be in [0, 1) (0 = off), got {t.ema_decay}")
     _check(t.optimizer in ("sgd", "adamw"), f"{name}.optimizer", f"must be 'sgd' or 'adamw', got '{t.optimizer}'")

@@ -174,6 +174,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
+    if args.patch and args.patch < 8:  # 0 = the stored training patch size
+        p.error(f"--patch {args.patch}: a window needs at least 8 pixels (0 or unset: the training patch size)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.gate_threshold is not None and not 0 <= args.gate_threshold < 1:
+        p.error(f"--gate-threshold {args.gate_threshold}: must be in [0, 1), as evaluate.gate_threshold")
     if args.model and (args.no_gate or args.gate_threshold is not None or args.checkpoint):
         p.error("--no-gate, --gate-threshold and --checkpoint apply to --run; an exported model has its gate "
                 "and checkpoint fixed by tools/export.py (export again to change them)")

@@ -72,8 +72,11 @@ def parse_args(argv):
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
     args = p.parse_args(argv)
-    if args.map_mpp <= 0 or args.batch_size < 1 or args.stride < 0 or args.readers < 1:
-        p.error("need --map-mpp > 0, --batch-size >= 1, --readers >= 1, --stride >= 0")
+    for flag, value in (("--map-mpp", args.map_mpp), ("--mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
+        if value is not None and not 0 < value < float("inf"):  # NaN fails too
+            p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0")
+    if args.batch_size < 1 or args.stride < 0 or args.readers < 1:
+        p.error("need --batch-size >= 1, --readers >= 1, --stride >= 0")
     return args
 
 

@@ -75,8 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                    help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
     args = p.parse_args(argv)
-    if args.tile < 8 or args.stride < 0 or args.mpp <= 0 or not 0 <= args.min_tissue <= 1:
-        p.error("need --tile >= 8, --stride >= 0, --mpp > 0 and 0 <= --min-tissue <= 1")
+    for flag, value in (("--mpp", args.mpp), ("--slide-mpp", args.slide_mpp), ("--tissue-mpp", args.tissue_mpp)):
+        if value is not None and not 0 < value < float("inf"):  # NaN fails too
+            p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0 (e.g. 0.5 for 20x)")
+    if args.tile < 8 or args.stride < 0 or not 0 <= args.min_tissue <= 1:
+        p.error("need --tile >= 8, --stride >= 0 and 0 <= --min-tissue <= 1")
+    if args.shard_size < 1 or args.workers < 1:
+        p.error(f"--shard-size {args.shard_size} and --workers {args.workers}: both must be >= 1")
+    if not 0 < args.label_min_fraction <= 1:
+        p.error(f"--label-min-fraction {args.label_min_fraction}: must be in (0, 1] (a share of the tile)")
     if not 1 <= args.image_quality <= 100:
         p.error(f"--image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)")
     args.stride = args.stride or args.tile
@@ -102,6 +109,9 @@ def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: i
         assert len(shares) == 3 and all(s >= 0 for s in shares) and sum(shares) > 0
     except (ValueError, AssertionError):
         raise InputError(f"--split-ratios {ratios!r}: expected three shares train,val,test such as 0.7,0.15,0.15")
+    if not shares[0] > 0:
+        raise InputError(f"--split-ratios {ratios!r}: the train share is 0, so no training tiles would be written; "
+                         f"give it a share, or assign the slides with --splits (a 'slide,split' CSV)")
     order = list(np.random.default_rng(seed).permutation(sorted(names)))
     bounds = np.round(np.cumsum(shares) / sum(shares) * len(order)).astype(int)
     bounds[0] = max(bounds[0], 1 if shares[0] > 0 else 0)  # at least one training slide

@@ -1,0 +1,69 @@
+"""Flags and config values that cannot work are refused in one line, exit 2, before any work
+(and before any output folder is created)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import run_tool  # noqa: E402
+from test_slides import load_tool  # noqa: E402
+
+from mlps_dist.config import ConfigError, config_from_dict  # noqa: E402
+
+
+@pytest.mark.parametrize("flags", [["--patch", "-5"], ["--patch", "1"], ["--batch-size", "0"], ["--batch-size", "-2"],
+                                   ["--gate-threshold", "2"], ["--gate-threshold", "-1"]])
+def test_infer_refuses_unusable_flags(flags, tmp_path, capsys):
+    from mlps_dist import infer
+
+    (tmp_path / "in").mkdir()
+    assert infer.main(["--run", str(tmp_path), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                       *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags", [["--mpp", "nan"], ["--mpp", "inf"], ["--slide-mpp", "nan"], ["--tissue-mpp", "0"],
+                                   ["--shard-size", "0"], ["--label-min-fraction", "5"], ["--split-ratios", "0,1,0"]])
+def test_tile_slides_refuses_unusable_flags(flags, tmp_path, capsys):
+    from mlps_dist.slides.synthetic import write_synthetic_slide
+
+    tile_slides = load_tool("tile_slides")
+    write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 128, 128, seed=0, cell_px=64)
+    base = {"--mpp": "1", "--slides": str(tmp_path / "s"), "--out": str(tmp_path / "o")}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    assert tile_slides.main([x for kv in base.items() for x in kv]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags", [["--map-mpp", "nan"], ["--mpp", "nan"], ["--map-mpp", "-1"], ["--model-mpp", "inf"]])
+def test_segment_slides_refuses_unusable_flags(flags, tmp_path, capsys):
+    from mlps_dist import segment_slides
+
+    assert segment_slides.main(["--run", str(tmp_path), "--slides", str(tmp_path), "--out", str(tmp_path / "o"),
+                                *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_make_shards_refuses_an_unusable_mpp_before_creating_out(value, tmp_path):
+    from mlps_dist.data.synthetic import write_luad_layout
+
+    write_luad_layout(tmp_path / "src", train=4, val=2, test=2, size=32)
+    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out",
+                      str(tmp_path / "o"), "--mpp", value)
+    assert result.returncode == 2 and "--mpp" in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("inf")), ("weight_decay", -5.0), ("head_lr_mult", -1.0),
+                                       ("poly_power", -2.0), ("lr", float("nan"))])
+def test_config_refuses_unusable_optimiser_values(key, value):
+    with pytest.raises(ConfigError, match=f"'classifier.{key}' must be a finite number"):
+        config_from_dict({"classifier": {key: value}})
