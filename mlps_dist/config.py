@@ -249,6 +249,16 @@ class EvaluateConfig:
 
 
 @dataclass
+class GpuConfig:
+    """Speed options for CUDA ranks (mlps_dist/gpu_options.py). All off: not measured on a GPU
+    yet (bash tools/gpu_check.sh measures them). They change kernels, not the training."""
+
+    cudnn_benchmark: bool = False  # cuDNN autotunes its conv algorithms (fixed patch size) in the trainers
+    channels_last: bool = False  # NHWC weights and input batches for the trained network
+    dali_pinned_copies: bool = False  # DALI loader: labels/indices copied from pinned memory, not blocking
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -258,6 +268,7 @@ class Config:
     masks: MasksConfig = field(default_factory=MasksConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)  # speed options, off until measured
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist import artifacts, dist, errors, guard as health_guard, parallel, precision, runner
+from mlps_dist import artifacts, dist, errors, gpu_options, guard as health_guard, parallel, precision, runner
 from mlps_dist.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.ema import WeightAverage
@@ -223,15 +223,17 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     # Installed first: a signal while the model builds or a checkpoint loads is honoured too.
     with PreemptionGuard() as guard:
+        speed = gpu_options.apply(cfg.gpu, dist.device())
         seed_everything(cfg.seed)  # same initial weights on every rank
         model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
-                              total_steps=steps_per_epoch * train_cfg.epochs)
+                              total_steps=steps_per_epoch * train_cfg.epochs, channels_last=cfg.gpu.channels_last)
         seed_everything(derive_seed(cfg.seed, dist.get_rank()))
         average = WeightAverage(model.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         evaluated = average.module if average is not None else model.module  # validated and saved
         ran = model.precision_record(train_cfg)  # what runs, recorded in log.jsonl and the model files
         log.info(f"{model.kind}: {plan.describe()}; {steps_per_epoch} steps/epoch; {ran['ran']}")
         log.event("precision", **ran)
+        log.event("speed_options", **speed)
         task.meta = {**task.meta, "precision": ran}
         ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)

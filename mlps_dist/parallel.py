@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mlps_dist import dist, precision
+from mlps_dist import dist, gpu_options, precision
 from mlps_dist.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
 from mlps_dist.config import ConfigError, TrainConfig
 from mlps_dist.models.batchnorm import sync_batchnorm_helps
@@ -257,9 +257,12 @@ class DeepSpeedModel(Wrapped):
 
 
 def wrap(module: nn.Module, train_cfg: TrainConfig, *, plan: BatchPlan, total_steps: int,
-         device: torch.device) -> Wrapped:
-    """Move ``module`` to ``device`` and wrap it for ``train_cfg.parallel`` (ddp | deepspeed)."""
+         device: torch.device, channels_last: bool = False) -> Wrapped:
+    """Move ``module`` to ``device`` and wrap it for ``train_cfg.parallel`` (ddp | deepspeed);
+    ``channels_last`` (gpu.channels_last): NHWC weights and inputs (gpu_options.py)."""
     module = module.to(device)
+    if channels_last:
+        module = gpu_options.channels_last(module)
     if sync_batchnorm_helps(module, dist.get_world_size(), device):
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # only CUDA modules can run it
     if train_cfg.parallel == "deepspeed":

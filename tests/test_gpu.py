@@ -306,6 +306,24 @@ def test_dali_mixed_decoding_and_gpu_augmentation_match_the_torch_loader(tiny_lu
             assert diff.mean() < 1.0 and torch.quantile(diff.flatten(), 0.999) <= 8, float(diff.mean())
 
 
+def test_dali_pinned_copies_yield_the_same_batches(tiny_shards):
+    """gpu.dali_pinned_copies: labels and indices from pinned memory without blocking the
+    prefetch thread; the same batches as the blocking copies."""
+    needs("nvidia.dali")
+    from mlps_dist.config import Config
+    from mlps_dist.data.shards import open_split
+
+    reader = open_split(tiny_shards, "train")
+    out = {}
+    for pinned in (False, True):
+        cfg = Config()
+        cfg.data.root, cfg.gpu.dali_pinned_copies = str(tiny_shards), pinned
+        out[pinned] = _loader_outputs(cfg, reader, "dali", torch.device("cuda", 0))
+    for a, b in zip(out[False], out[True]):
+        assert a["key"] == b["key"] and torch.equal(a["labels"], b["labels"]) and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["image"], b["image"])
+
+
 def test_mask_pass_on_gpu_matches_the_cpu_masks(tiny_shards, tmp_path):
     """The same classifier weights and patches: stage 2 on cuda:0 (TF32 off) vs. on the CPU,
     equal on at least MASK_MIN_EQUAL of the pixels (Grad-CAM near-ties may flip a few under

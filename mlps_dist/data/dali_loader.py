@@ -66,12 +66,14 @@ class _BatchSource:
         return tuple(cols)
 
 
-def source_workers(cfg: Config, device: torch.device) -> int:
+def source_workers(cfg: Config, device: torch.device, eval_mode: bool = False) -> int:
     """Python processes for the parallel external source: ``data.dali_source_workers``, where
-    -1 means 2 on a GPU rank (keeps the training thread free to queue kernels) and 0 on a CPU
-    (the cores are busy with the model; extra processes would only compete)."""
+    -1 means 2 on a GPU rank for training (keeps the training thread free to queue kernels)
+    and 0 on a CPU (the cores are busy with the model; extra processes would only compete)
+    and for the eval loaders (a few batches each: spawning workers, seconds each, costs more
+    than reading the bytes in the thread)."""
     workers = cfg.data.dali_source_workers
-    return (2 if device.type == "cuda" else 0) if workers < 0 else workers
+    return (2 if device.type == "cuda" and not eval_mode else 0) if workers < 0 else workers
 
 
 def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
@@ -90,7 +92,7 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
             x = x
         return fn.flip(x, horizontal=hflip, vertical=vflip)
 
-    workers = source_workers(cfg, device)
+    workers = source_workers(cfg, device, eval_mode=with_rgb)  # with_rgb: the eval loader
     # Workers are started per pipeline (per epoch). After CUDA is initialised only spawn is
     # safe; on a CPU rank fork is, and it starts faster.
     parallel = {"parallel": True, "prefetch_queue_depth": 2} if workers else {}
@@ -150,10 +152,18 @@ class DaliLoader:
         self.eval_mode, self.num_masks = eval_mode, num_masks
         self.ops = photometric_ops(augment)
         self.with_mask = eval_mode and reader.has_masks
+        self.pinned = cfg.gpu.dali_pinned_copies and self.device.type == "cuda"
         self._args = (cfg, params_of, masks_of)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """gpu.dali_pinned_copies: from pinned memory without blocking this (prefetch) thread on
+        the training step queued on the stream; else a plain blocking copy."""
+        if self.pinned:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def source(self) -> _BatchSource:
         """The external source of this loader's batches (what parallel workers run)."""
@@ -173,7 +183,7 @@ class DaliLoader:
                 outs = [_to_torch(o, self.device) for o in pipe.run()]
                 index = torch.tensor(batch, dtype=torch.int64)
                 labels = torch.from_numpy(np.stack([self.reader.labels(i) for i in batch]))
-                out = {"image": outs.pop(0), "labels": labels.to(self.device), "index": index.to(self.device),
+                out = {"image": outs.pop(0), "labels": self._to_device(labels), "index": self._to_device(index),
                        "key": [self.reader.key(i) for i in batch]}
                 if self.eval_mode:
                     out["rgb"] = outs.pop(0)
