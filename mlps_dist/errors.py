@@ -10,6 +10,7 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # the message names the file or key to change
+EXIT_SOME_FAILED = 3  # a batch tool (segment_slides): some items failed and are named, the others are written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written, rerun the same command to resume
 
 

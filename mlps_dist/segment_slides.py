@@ -22,7 +22,8 @@ the outputs into a temporary folder renamed into place. A slide whose summary.js
 current work key (slide file size and mtime, --map-mpp, --mpp, stride, patch, the model's
 files or export: mlps_dist/slides/workkey.py) is done: a killed run, rerun, redoes only
 unfinished slides (and reuses saved shares of the same key); other settings redo a slide. A slide
-that cannot be read is named, the others finish, and the exit status is non-zero.
+that cannot be read is named, the others finish, and the exit status is 3
+(``EXIT_SOME_FAILED``); a bad invocation (flag, model, output folder) is 2, before any work.
 See mlps_dist/slides/stitch.py for the tile geometry and blending.
 """
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from mlps_dist import runner
 from mlps_dist.draw import blend, colourise, palette_png_bytes, png_bytes
-from mlps_dist.errors import EXIT_BAD_INPUT, InputError
+from mlps_dist.errors import EXIT_SOME_FAILED, InputError
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from mlps_dist.slides.grid import balanced_slides, rank_share
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
@@ -413,7 +414,7 @@ def _run(args, model: SlideModel | None, group) -> int:
         print(f"segmented {ok} of {len(paths)} slide(s) into {out} in {time.perf_counter() - start:.2f} s "
               f"(summary: {out / 'summary.csv'})")
     dist.barrier()
-    return EXIT_BAD_INPUT if bad else 0
+    return EXIT_SOME_FAILED if bad else 0
 
 
 def _main(argv: list[str] | None = None) -> int:
