@@ -71,11 +71,15 @@ def parse_args(argv):
     p.add_argument("--mpp", "--slide-mpp", dest="slide_mpp", type=float, default=None,
                    help="level-0 microns per pixel of every slide, overriding the stored MPP")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--max-map-gb", type=float, default=16.0,
+                   help="refuse a --map-mpp whose class map would need more memory than this (GB, default 16)")
     p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
     args = p.parse_args(argv)
     for flag, value in (("--map-mpp", args.map_mpp), ("--mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too
             p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0")
+    if not 0 < args.max_map_gb < float("inf"):
+        p.error(f"--max-map-gb {args.max_map_gb}: must be a finite number > 0")
     if args.batch_size < 1 or args.stride < 0 or args.readers < 1:
         p.error("need --batch-size >= 1, --readers >= 1, --stride >= 0")
     return args
@@ -262,12 +266,36 @@ def write_summary_csv(out: Path, names: list[str], bad: dict[str, str], classes:
 # ---------------------------------------------------------------- entry point
 
 
-def check_slides(paths: list[Path], slide_mpp: float | None) -> tuple[dict[str, Path], dict[str, str]]:
-    """Open every slide header first: a slide without MPP stops the run before any work."""
+MAP_BYTES_PER_PIXEL = 215  # measured peak per map pixel: shares, npz buffers, merged sums, argmax, overlay
+
+
+def check_map_size(dims: dict[str, tuple[int, int, float]], map_mpp: float, max_gb: float) -> None:
+    """Before any work: a map finer than a slide's own pixels, or one whose pass 3 would need
+    more than ``max_gb`` of memory, is refused with the --map-mpp that would do."""
+    for name, (width, height, mpp) in sorted(dims.items()):
+        if map_mpp < mpp * 0.999:
+            raise InputError(f"--map-mpp {map_mpp:g}: finer than the {mpp:g} um/px of slide {name}'s own pixels "
+                             f"(nothing to gain, {(mpp / map_mpp) ** 2:.1f}x the memory); use --map-mpp {mpp:g} "
+                             f"or coarser")
+        map_w, map_h = width * mpp / map_mpp, height * mpp / map_mpp
+        need_gb = map_w * map_h * MAP_BYTES_PER_PIXEL / 1e9
+        if need_gb > max_gb:
+            fits = mpp * (width * height * MAP_BYTES_PER_PIXEL / (max_gb * 1e9)) ** 0.5
+            raise InputError(f"--map-mpp {map_mpp:g}: the map of slide {name} ({map_w:.0f} x {map_h:.0f} px) needs "
+                             f"about {need_gb:.1f} GB of memory, more than --max-map-gb {max_gb:g}; use --map-mpp "
+                             f"{fits * 1.01:.3g} or coarser, or raise --max-map-gb")
+
+
+def check_slides(paths: list[Path], slide_mpp: float | None, dims: dict | None = None
+                 ) -> tuple[dict[str, Path], dict[str, str]]:
+    """Open every slide header first: a slide without MPP stops the run before any work.
+    ``dims`` (when given) receives each readable slide's (width, height, mpp)."""
     good, bad, no_mpp = {}, {}, []
     for path in paths:
         try:
-            Slide(path, slide_mpp).close()
+            with Slide(path, slide_mpp) as slide:
+                if dims is not None:
+                    dims[slide_stem(path)] = (slide.width, slide.height, slide.mpp)
             good[slide_stem(path)] = path
         except SlideError as exc:
             if "microns per pixel" in str(exc):
@@ -363,7 +391,9 @@ def run(args, model: SlideModel | None = None, group=None) -> int:
 def _run(args, model: SlideModel | None, group) -> int:
     out = Path(args.out)
     paths = list_slides(args.slides)
-    good, bad = check_slides(paths, args.slide_mpp)
+    dims: dict[str, tuple[int, int, float]] = {}
+    good, bad = check_slides(paths, args.slide_mpp, dims)
+    check_map_size(dims, args.map_mpp, args.max_map_gb)
     dist = group
     model = model or build_model(args, group)
     start = time.perf_counter()  # after start-up and model loading: the slide work itself

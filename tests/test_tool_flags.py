@@ -67,3 +67,26 @@ def test_make_shards_refuses_an_unusable_mpp_before_creating_out(value, tmp_path
 def test_config_refuses_unusable_optimiser_values(key, value):
     with pytest.raises(ConfigError, match=f"'classifier.{key}' must be a finite number"):
         config_from_dict({"classifier": {key: value}})
+
+
+def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
+    from test_slides import ColourModel
+
+    from mlps_dist import segment_slides
+    from mlps_dist.errors import InputError
+    from mlps_dist.slides.synthetic import write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 384, 256, seed=0, cell_px=100, flat=True)
+
+    def segment(*extra):
+        args = segment_slides.parse_args(["--run", "unused", "--slides", str(tmp_path / "s"), "--out",
+                                          str(tmp_path / "o"), *extra])
+        return segment_slides.run(args, model=ColourModel())
+
+    with pytest.raises(InputError, match=r"--map-mpp 0.5: finer than the 1 um/px of slide a's own pixels"):
+        segment("--map-mpp", "0.5")
+    with pytest.raises(InputError, match=r"needs about 0.0\d* GB .* use --map-mpp (\S+) or coarser") as err:
+        segment("--map-mpp", "1", "--max-map-gb", "0.001")
+    fits = err.value.args[0].split("use --map-mpp ")[1].split()[0]
+    assert not (tmp_path / "o" / "a").exists()
+    assert segment("--map-mpp", fits, "--max-map-gb", "0.001") == 0  # the suggested setting fits
