@@ -131,10 +131,11 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
                     tissue_mpp=args.tissue_mpp, slide_mpp=args.slide_mpp, image_format=args.image_format,
                     image_quality=args.image_quality)
     paths = list_slides(args.slides)
-    bad, no_mpp, good = [], [], []
+    bad, no_mpp, good, dims = [], [], [], {}
     for path in paths:
         try:
-            Slide(path, args.slide_mpp).close()
+            with Slide(path, args.slide_mpp) as slide:
+                dims[str(path)] = (slide.width, slide.height)
             good.append(path)
         except SlideError as exc:
             (no_mpp if "microns per pixel" in str(exc) else bad).append((str(path), str(exc)))
@@ -150,7 +151,11 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
             if not geojson.is_file():
                 raise InputError(f"{geojson}: no annotations for slide {path}; export them from QuPath or "
                                  f"remove the slide from --slides")
-            load_annotations(geojson, classes, spec.class_map)  # unmapped names fail here, before any tile
+            # Unmapped names, bad coordinates and regions off the slide fail here, before any tile.
+            notes = load_annotations(geojson, classes, spec.class_map, bounds=dims[str(path)]).notes
+            if dist.is_main():
+                for note in notes:
+                    print(f"warning: {note}", file=sys.stderr)
         jobs.append(SlideJob(str(path), splits[slide_stem(path)], str(geojson) if geojson else None))
     return jobs, spec, bad
 

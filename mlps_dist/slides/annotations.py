@@ -6,6 +6,14 @@ dataset's classes through ``--class-map "Tumor=TE,Necrosis=NEC"`` (case-insensit
 name equal to a class name maps to it without being listed). A name that maps to nothing
 is an error listing every name found, so a typo cannot silently drop regions.
 
+Checked per feature, and reported in ``annotations.notes`` (tile_slides prints them):
+detections and cells (``objectType`` detection/cell/tile, e.g. QuPath's cell detection) are
+skipped with a count, as are geometries without area (points, lines, null); a
+self-intersecting polygon is repaired with ``shapely.make_valid`` keeping all of its area
+(a bow-tie keeps both lobes); a non-finite coordinate is an error naming the feature. With
+the slide's size given, features wholly outside the slide are dropped and named, and a file
+whose regions lie mostly outside it is refused, saying whether swapped x/y would fit.
+
     annotations = load_annotations(path, classes, class_map)
     annotations.coverage(x0, y0, size0)        # (C,) share of the box covered by each class
     annotations.rasterise(x0, y0, size0, out, ignore)   # (out, out) uint8 class indices
@@ -63,6 +71,7 @@ class Annotations:
         self.prepared = [prepared.prep(g) for g in per_class]
         self.names = names  # class names as found in the file
         self.path = path
+        self.notes: list[str] = []  # per-feature reports (skipped, repaired), for the user
 
     def coverage(self, x0: float, y0: float, size0: float, size0_h: float | None = None) -> np.ndarray:
         from shapely.geometry import box
@@ -104,7 +113,58 @@ class Annotations:
         return mask
 
 
-def load_annotations(path: str | Path, classes: list[str], class_map: dict[str, int]) -> Annotations:
+SKIPPED_OBJECTS = ("detection", "cell", "tile")
+
+
+def _object_type(feature: dict) -> str:
+    props = feature.get("properties") or {}
+    return str(props.get("objectType") or props.get("object_type") or "annotation").lower()
+
+
+def _polygonal(geom):
+    """The polygonal part of a geometry (make_valid may return lines beside polygons)."""
+    from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
+
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    if isinstance(geom, GeometryCollection):
+        polys = [g for g in geom.geoms if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
+        if polys:
+            from shapely.ops import unary_union
+
+            return unary_union(polys)
+    return None
+
+
+def _check_bounds(path: Path, kept: list, bounds: tuple[float, float], notes: list[str]) -> list:
+    """Drop (and name) features wholly outside the slide; refuse a file mostly outside it."""
+    from shapely import affinity
+    from shapely.geometry import box
+
+    width, height = bounds
+    slide = box(0, 0, width, height)
+    total = sum(g.area for _, _, g in kept)
+    inside = sum(g.intersection(slide).area for _, _, g in kept)
+    if total > 0 and inside < 0.5 * total:
+        swapped = sum(affinity.affine_transform(g, [0, 1, 1, 0, 0, 0]).intersection(slide).area for _, _, g in kept)
+        hint = (f"with x and y swapped {100 * swapped / total:.0f} % would lie inside: export with QuPath's x/y order"
+                if swapped > 0.9 * total else "are the coordinates level-0 pixels of this slide (not microns, not "
+                "another slide's)?")
+        raise AnnotationError(f"{path}: only {100 * inside / total:.0f} % of the annotated area lies inside the slide "
+                              f"({width} x {height} px); {hint}")
+    out = []
+    for number, cls, geom in kept:
+        if not geom.intersects(slide):
+            notes.append(f"{path}: feature {number} ({cls}) lies outside the slide ({width} x {height} px): skipped")
+            continue
+        out.append((number, cls, geom))
+    return out
+
+
+def load_annotations(path: str | Path, classes: list[str], class_map: dict[str, int],
+                     bounds: tuple[float, float] | None = None) -> Annotations:
+    """``bounds``: the slide's level-0 (width, height), for the checks of the module docstring."""
+    import shapely
     from shapely.geometry import shape
     from shapely.ops import unary_union
 
@@ -114,25 +174,52 @@ def load_annotations(path: str | Path, classes: list[str], class_map: dict[str, 
     except (OSError, ValueError) as exc:
         raise AnnotationError(f"{path}: not readable as JSON ({exc})") from exc
     features = _features(data, path)
+    notes: list[str] = []
+    detections = [f for f in features if isinstance(f, dict) and _object_type(f) in SKIPPED_OBJECTS]
+    if detections:
+        notes.append(f"{path}: {len(detections)} detection/cell object(s) skipped (they carry no region)")
+    features = [f for f in features if isinstance(f, dict) and _object_type(f) not in SKIPPED_OBJECTS]
     found = sorted({_class_name(f) for f in features})
     unmapped = [n for n in found if n.lower() not in class_map]
     if unmapped:
         raise AnnotationError(f"{path}: annotation class(es) {unmapped} map to no class of {classes}; names found: "
                               f"{found}; add them to --class-map (e.g. --class-map \"{unmapped[0]}={classes[0]}\")")
-    parts: list[list] = [[] for _ in classes]
+    kept, no_area = [], 0
     for number, feature in enumerate(features):
         geometry = feature.get("geometry") or {}
-        if geometry.get("type") not in ("Polygon", "MultiPolygon"):
-            continue  # points, lines and detections carry no region
+        kind = geometry.get("type") if isinstance(geometry, dict) else None
+        if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+            no_area += 1  # points, lines, null geometry: no region
+            continue
         try:
             geom = shape(geometry)
         except Exception as exc:  # shapely raises several types on malformed coordinates
-            raise AnnotationError(f"{path}: feature {number} has a malformed {geometry.get('type')} ({exc})") from exc
-        if not geom.is_valid:
-            geom = geom.buffer(0)  # self-intersections from hand drawing
-        parts[class_map[_class_name(feature).lower()]].append(geom)
+            raise AnnotationError(f"{path}: feature {number} has a malformed {kind} ({exc})") from exc
+        if not np.isfinite(shapely.get_coordinates(geom)).all():
+            raise AnnotationError(f"{path}: feature {number} ({_class_name(feature)}) has a non-finite coordinate "
+                                  f"(NaN or infinity); fix or delete it in QuPath and export again")
+        if not geom.is_valid:  # self-intersections from hand drawing: keep every lobe
+            repaired = _polygonal(shapely.make_valid(geom))
+            notes.append(f"{path}: feature {number} ({_class_name(feature)}) is self-intersecting: repaired, "
+                         f"{repaired.area if repaired is not None else 0:.0f} px2 kept")
+            geom = repaired
+        else:
+            geom = _polygonal(geom)
+        if geom is None or geom.is_empty:
+            no_area += 1
+            continue
+        kept.append((number, _class_name(feature), geom))
+    if no_area:
+        notes.append(f"{path}: {no_area} feature(s) without area (points, lines, empty or null geometry) skipped")
+    if bounds is not None:
+        kept = _check_bounds(path, kept, bounds, notes)
+    parts: list[list] = [[] for _ in classes]
+    for _, cls, geom in kept:
+        parts[class_map[cls.lower()]].append(geom)
     per_class = [unary_union(p) if p else _empty() for p in parts]
-    return Annotations(per_class, found, path)
+    annotations = Annotations(per_class, found, path)
+    annotations.notes = notes
+    return annotations
 
 
 def _empty():

@@ -84,8 +84,9 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
         if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
                 and record.get("inputs") == inputs:
             return {**record, "reused": True}
-    annotations = load_annotations(job.annotations, spec.classes, spec.class_map) if job.annotations else None
     with Slide(job.path, spec.slide_mpp) as slide:
+        annotations = (load_annotations(job.annotations, spec.classes, spec.class_map, bounds=(slide.width, slide.height))
+                       if job.annotations else None)
         tissue = TissueMap(detect_tissue(slide.read_scaled(spec.tissue_mpp), spec.tissue_mpp), spec.tissue_mpp)
         atomic_write_bytes(out / "tissue" / f"{name}.png", tissue.png_bytes())
         size0 = spec.tile * spec.mpp / slide.mpp
