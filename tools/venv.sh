@@ -24,8 +24,10 @@ _mlps_venv() {
         local py shim
         py="$(command -v "$MLPS_PYTHON")" || { echo "[venv] MLPS_PYTHON=$MLPS_PYTHON: no such interpreter" >&2; return 2; }
         shim="${TMPDIR:-/tmp}/mlps-python-$(id -u)-$(printf '%s' "$py" | sha256sum | cut -c1-8)"
-        mkdir -p "$shim" && ln -sf "$py" "$shim/python" || return 1
-        printf '#!/bin/sh\nexec "%s" -m torch.distributed.run "$@"\n' "$py" >"$shim/torchrun" && chmod +x "$shim/torchrun"
+        mkdir -p "$shim" || return 1  # wrappers, not links: a venv's python must keep its own path
+        printf '#!/bin/sh\nexec "%s" "$@"\n' "$py" >"$shim/python" &&
+            printf '#!/bin/sh\nexec "%s" -m torch.distributed.run "$@"\n' "$py" >"$shim/torchrun" &&
+            chmod +x "$shim/python" "$shim/torchrun" || return 1
         export PATH="$shim:$PATH"
         echo "[venv] MLPS_PYTHON: using $py and its packages as they are (no venv, nothing installed)" >&2
         return 0
