@@ -63,10 +63,10 @@ def _regression_config(tmp_path: Path, name: str, **section) -> str:
     return str(path)
 
 
-def _train_regression(tmp_path: Path, name: str, *overrides: str, **section) -> dict:
+def _train_regression(tmp_path: Path, name: str, *overrides: str, nproc: int = 1, **section) -> dict:
     cfg = _regression_config(tmp_path, name, **section)
     result = jobs.run([WORKER, str(tmp_path / f"out-{name}"), "--config", cfg, "--dropout", "0", *overrides],
-                      nproc=1, timeout=300)
+                      nproc=nproc, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "on cuda:0" in result.stdout, result.stdout[-2000:]
     return torch.load(tmp_path / f"out-{name}" / "weights-rank0.pt", weights_only=True)
@@ -106,6 +106,20 @@ def test_nccl_ddp_and_deepspeed_steps_on_one_gpu_agree(tmp_path):
                            deepspeed_config="configs/deepspeed/zero1.json")["weights"]
     for key in ddp:
         torch.testing.assert_close(ds[key], ddp[key], rtol=1e-4, atol=1e-5)
+
+
+@TWO_GPUS
+def test_nccl_ddp_and_deepspeed_zero2_on_two_gpus_agree(tmp_path):
+    """Two NCCL ranks: ZeRO-2 partitions optimizer states and gradients across them and still
+    ends with DDP's weights (and the ranks with each other's)."""
+    needs("deepspeed")
+    ddp = _train_regression(tmp_path, "ddp2", nproc=2)["weights"]
+    ds = _train_regression(tmp_path, "zero2", nproc=2, parallel="deepspeed",
+                           deepspeed_config="configs/deepspeed/zero2.json")["weights"]
+    other = torch.load(tmp_path / "out-zero2" / "weights-rank1.pt", weights_only=True)["weights"]
+    for key in ddp:
+        torch.testing.assert_close(ds[key], ddp[key], rtol=1e-4, atol=1e-5)
+        assert torch.equal(other[key], ds[key])
 
 
 def test_deepspeed_bf16_runs_its_forward_in_bf16_and_refuses_fp16(tmp_path):
