@@ -22,7 +22,9 @@ explicit files) two files are written:
     OUT/REL/NAME.png          palettised 8-bit PNG of class indices 0..C-1 (the dataset palette)
     OUT/REL/NAME_overlay.png  the image blended with the class colours
 
-Images of any size: windows of the training patch size (as stored in the run's shards or
+Images of any size, in bounded memory (about 20 bytes per pixel: the image, its class map
+and overlay; the float scores are held for a band of rows only, windows.segment_image):
+windows of the training patch size (as stored in the run's shards or
 the export's model.json; ``--patch`` overrides it) with ``--overlap`` of each window shared
 with its neighbour, the last window flush with the border. Each window is predicted exactly
 as evaluation predicts a patch (resized to ``data.image_size``, segmenter and gate, back at
@@ -30,8 +32,9 @@ the window's size); the gated scores are averaged where windows overlap (mlps_di
 the same rule for both backends, so they agree up to float rounding.
 
 Colour modes: RGBA is composited onto white (transparent = empty glass, which is white
-in H&E); greyscale, palette and 16-bit images are converted to RGB. A file that cannot be
-read as an image stops the run with an error naming it, before any segmentation starts.
+in H&E); greyscale, palette and 16-bit images are converted to RGB (16-bit scaled by
+65535, so tiles of one scan keep one scale). A file that cannot be read as an image stops
+the run with an error naming it, before any segmentation starts.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from mlps_dist import runner
 from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
 from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.fileio import atomic_write_bytes
-from mlps_dist.outdirs import check_not_overlapping, claim_output_dir
 from mlps_dist.windows import segment_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -76,6 +78,14 @@ def list_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
+def too_large(path: Path, exc: Exception) -> ValueError:
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    return ValueError(f"{path}: {exc.__class__.__name__}: the image has more than --max-megapixels "
+                      f"{limit / 1e6:g} million pixels (about 20 bytes per pixel of memory are needed); pass a "
+                      f"larger --max-megapixels if it is a genuine image, or segment whole slides with "
+                      f"mlps_dist.segment_slides")
+
+
 def load_rgb(path: Path) -> np.ndarray:
     """H x W x 3 uint8; see the module docstring for how other colour modes are converted."""
     try:
@@ -86,9 +96,12 @@ def load_rgb(path: Path) -> np.ndarray:
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(white, rgba)
             elif img.mode.startswith("I;16") or img.mode == "I":
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8))
+                arr = np.asarray(img, dtype=np.float64)  # by the bit depth, not the image's own maximum:
+                full = 65535.0 if arr.max() <= 65535 else arr.max()  # tiles of one slide keep one scale
+                img = Image.fromarray(np.clip(arr / full * 255, 0, 255).round().astype(np.uint8))
             return np.array(img.convert("RGB"))  # a writable copy for torch.from_numpy
+    except Image.DecompressionBombError as exc:
+        raise too_large(path, exc) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot be read as an image ({exc}); remove it from --input or re-export it") from exc
 
@@ -98,15 +111,28 @@ def check_readable(files: list[Path]) -> None:
     for path in files:
         try:
             with Image.open(path) as img:
-                img.size
+                width, height = img.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{width} x {height} px")
+        except Image.DecompressionBombError as exc:
+            raise too_large(path, exc) from exc
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"{path}: cannot be read as an image ({exc}); remove it from --input or re-export it") from exc
+
+
+def overlay(rgb: np.ndarray, pred: np.ndarray, palette, band: int = 256) -> np.ndarray:
+    """draw.blend of the image and its classes, computed in row bands (its float temporaries
+    would take ~70 bytes per pixel of a large image at once)."""
+    out = np.empty_like(rgb)
+    for top in range(0, rgb.shape[0], band):
+        out[top:top + band] = blend(rgb[top:top + band], pred[top:top + band], palette)
+    return out
 
 
 def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> None:
     """Class-index PNG and overlay, each written atomically."""
     atomic_write_bytes(out_stem.parent / f"{out_stem.name}.png", palette_png_bytes(pred, palette))
-    atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(blend(rgb, pred, palette)))
+    atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(overlay(rgb, pred, palette)))
 
 
 class RunModel:
@@ -135,9 +161,18 @@ class RunModel:
         self.palette = palette_for(int(meta["num_classes"]), info)
 
     def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
-        from mlps_dist.predict import sliding_window
+        """predict.sliding_window's rule, blended in row bands (windows.segment_image): memory
+        set by the window and the image's width, not its area."""
+        import torch
 
-        return sliding_window(self.predictor, rgb, window, overlap, batch_size).classes()[0].cpu().numpy()
+        if self.predictor.stain is not None:  # once over the whole image, as sliding_window does
+            rgb = self.predictor.stain(rgb)
+
+        @torch.no_grad()
+        def scores(tiles: np.ndarray) -> np.ndarray:
+            return self.predictor(torch.from_numpy(tiles), stain=False).scores().float().cpu().numpy()
+
+        return segment_image(scores, rgb, window, overlap, batch_size)
 
 
 class ExportedModel:
@@ -171,7 +206,12 @@ def parse_args(argv):
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by infer")
+    p.add_argument("--max-megapixels", type=float, default=Image.MAX_IMAGE_PIXELS / 1e6,
+                   help="refuse larger images (default: Pillow's decompression-bomb limit, "
+                        f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f})")
     args = p.parse_args(argv)
+    if not 0 < args.max_megapixels < float("inf"):
+        p.error(f"--max-megapixels {args.max_megapixels}: must be a finite number > 0")
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.patch and args.patch < 8:  # 0 = the stored training patch size
@@ -186,12 +226,18 @@ def parse_args(argv):
     return args
 
 
-def run(args, rank: int = 0, world: int = 1) -> int:
-    if rank == 0:  # before any work: never write into (or over) the inputs
-        claim_output_dir(args.out, args.input, tool="infer", force=args.force)
-    else:
-        check_not_overlapping(Path(args.out), args.input)
+def run(args, rank: int = 0, world: int = 1, group=None) -> int:
+    """The inputs are listed first (a missing --input creates no --out); then --out is checked
+    against them, claimed and locked (mlps_dist/toolout.py) for the run."""
+    from mlps_dist.toolout import tool_output
+
+    Image.MAX_IMAGE_PIXELS = int(args.max_megapixels * 1e6)
     files = list_inputs(args.input)
+    with tool_output(args.out, args.input, "infer", group, force=args.force):
+        return _run(args, files, rank, world)
+
+
+def _run(args, files, rank: int, world: int) -> int:
     mine = files[rank::world]  # every file on exactly one rank
     check_readable([f for f, _ in mine])
     model = ExportedModel(args) if args.model else RunModel(args)
@@ -214,7 +260,7 @@ def _main(argv: list[str] | None = None) -> int:
             dist.init("auto")
             try:
                 rank = dist.get_rank()
-                count = run(args, rank, dist.get_world_size())
+                count = run(args, rank, dist.get_world_size(), group=dist)
                 dist.barrier()
             finally:
                 dist.teardown()

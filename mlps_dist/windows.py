@@ -62,5 +62,44 @@ def blend_scores(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray,
 
 def segment_image(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, window: int,
                   overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
-    """(H, W) class indices (int64) of an (H, W, 3) uint8 image, blended as above."""
-    return blend_scores(scores_fn, rgb, window, overlap, batch_size).argmax(0)
+    """(H, W) uint8 class indices of an (H, W, 3) uint8 image, blended as above, in row bands.
+
+    The windows are predicted in the same order and batches as ``blend_scores`` and each
+    pixel's scores are summed in the same order, so the classes equal
+    ``blend_scores(...).argmax(0)``; but only the rows that windows still to come can touch
+    are held as float scores: a pixel row is decided (argmax) and its sums dropped as soon as
+    no later window covers it. Memory: C x (window + a batch of window rows) x W floats
+    beside the uint8 image and map, not C x H x W."""
+    h, w = rgb.shape[:2]
+    image = np.ascontiguousarray(np.asarray(rgb, np.uint8).transpose(2, 0, 1))
+    wh, ww = min(window, h), min(window, w)
+    boxes = window_boxes(h, w, window, overlap)
+    cover_x = np.zeros(w, np.float32)
+    for x in window_starts(w, window, overlap):
+        cover_x[x:x + ww] += 1
+    cover_y = np.zeros(h, np.float32)
+    for y in window_starts(h, window, overlap):
+        cover_y[y:y + wh] += 1
+    out = np.empty((h, w), np.uint8)
+    total, top = None, 0  # total: (C, rows, W) sums of the rows [top, top + rows)
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first:first + batch_size]
+        tiles = np.stack([image[:, y:y + wh, x:x + ww] for y, x in chunk])
+        scores = np.asarray(scores_fn(tiles), np.float32)
+        if scores.shape[1] > 255:
+            raise ValueError(f"{scores.shape[1]} classes do not fit the uint8 class map")
+        bottom = max(y for y, _ in chunk) + wh
+        if total is None:
+            total = np.zeros((scores.shape[1], bottom - top, w), np.float32)
+        elif top + total.shape[1] < bottom:
+            grow = np.zeros((scores.shape[1], bottom - top - total.shape[1], w), np.float32)
+            total = np.concatenate([total, grow], axis=1)
+        for i, (y, x) in enumerate(chunk):
+            total[:, y - top:y - top + wh, x:x + ww] += scores[i]
+        done = boxes[first + batch_size][0] if first + batch_size < len(boxes) else h  # rows above are final
+        if done > top:
+            rows = slice(0, done - top)
+            count = cover_y[top:done, None] * cover_x[None, :]
+            out[top:done] = (total[:, rows] / count[None]).argmax(0)
+            total, top = total[:, done - top:], done
+    return out
