@@ -90,3 +90,18 @@ def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
     fits = err.value.args[0].split("use --map-mpp ")[1].split()[0]
     assert not (tmp_path / "o" / "a").exists()
     assert segment("--map-mpp", fits, "--max-map-gb", "0.001") == 0  # the suggested setting fits
+
+
+def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path):
+    from PIL import Image
+
+    from mlps_dist.data.synthetic import write_luad_layout
+
+    write_luad_layout(tmp_path / "src", train=6, val=2, test=2, size=32)
+    odd = sorted((tmp_path / "src" / "train").glob("*.png"))[0]
+    Image.open(odd).resize((20, 28)).save(odd)
+    args = ["tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]
+    result = run_tool(*args)
+    assert result.returncode == 2 and "32x32: 5, 20x28: 1" in result.stderr and odd.name in result.stderr
+    assert not (tmp_path / "o").exists()
+    assert run_tool(*args, "--allow-mixed-sizes").returncode == 0

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
+    p.add_argument("--allow-mixed-sizes", action="store_true",
+                   help="accept training patches of different sizes (then set data.image_size when training)")
     p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
     p.add_argument("--mpp", type=float, default=None,
                    help="microns per pixel of the patches (recorded in info.json; segment_slides reads slides at it)")
@@ -45,6 +47,19 @@ def parse_args(argv=None):
                    help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by make_shards")
     return p.parse_args(argv)
+
+
+def mixed_sizes(samples) -> str:
+    """"" when every sample has one size; else the sizes by count, with a file of the rarest."""
+    from collections import Counter
+
+    counts = Counter(c.size for c in samples)
+    if len(counts) <= 1:
+        return ""
+    rare = min(counts, key=counts.get)
+    example = next(c.item.image for c in samples if c.size == rare)
+    sizes = ", ".join(f"{w}x{h}: {n}" for (h, w), n in counts.most_common(4))
+    return f"{sizes}{' ...' if len(counts) > 4 else ''}; e.g. {example}"
 
 
 def report_bad(bad, skip: bool) -> None:
@@ -82,6 +97,12 @@ def _main(argv=None) -> int:
             return 2
     if not plan.splits.get("train"):
         print(f"error: {args.src}: no usable training patches", file=sys.stderr)
+        return 2
+    mixed = mixed_sizes(plan.splits["train"])
+    if mixed and not args.allow_mixed_sizes:
+        print(f"error: {args.src}: the training patches differ in size ({mixed}); the training and inference "
+              f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes (and set "
+              f"data.image_size)", file=sys.stderr)
         return 2
     # Claimed and locked (mlps_dist/toolout.py): a second make_shards into --out is refused.
     with tool_output(args.out, [args.src], "make_shards", force=args.force, owned_if=("info.json",),
