@@ -66,7 +66,9 @@ SHAPING = {
 LATER = {"classifier": ("classifier.checkpoint",)}
 # Keys that never change a result: where things are (data.root is fingerprinted by content
 # instead), how fast and how verbosely they run, what is drawn for TensorBoard. The torch
-# and DALI loaders yield identical batches by contract, so data.loader is operational too.
+# and DALI loaders yield identical batches by contract, so data.loader is operational too
+# (for PNG shards at the stored size; JPEG decoders and resizes differ by rounding, a grey
+# level or less: not a different result, as the GPU tier states).
 OPERATIONAL = (
     "run_dir", "dist.*", "data.root", "data.num_workers", "data.dali_source_workers", "data.loader",
     "*.log_every_steps", "*.ckpt_every_steps", "*.keep_last", "*.cam_images", "*.vis_images",

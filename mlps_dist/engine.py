@@ -6,7 +6,9 @@
 rest: batch plan and gradient accumulation, DDP/DeepSpeed, poly LR, seeding, periodic and
 epoch-end checkpoints, automatic resume, best/final model files and preemption. The
 resumed run continues from the exact data position, so a crash at any moment followed by a
-rerun gives the same weights as no crash. With ``ema_decay`` > 0, validation, best.pt and
+rerun takes the same steps over the same samples as no crash: on the CPU to the same
+weights bit for bit, on CUDA within rounding (cuDNN and atomic adds are not reproducible;
+docs/running.md, "What a resume reproduces"). With ``ema_decay`` > 0, validation, best.pt and
 model.pt use an exponential moving average of the weights (ema.py), kept in the checkpoints.
 
 Preemption: SIGUSR1 or SIGTERM sets a flag; after the current optimizer step all ranks

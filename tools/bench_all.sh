@@ -5,7 +5,9 @@
 #   bash tools/bench_all.sh          # CPU settings: under 10 minutes on 2 cores
 #   bash tools/bench_all.sh --gpu    # a GPU node: 224 px patches, paper batch sizes, more steps
 #
-# BENCH_WORLDS (default 1,2) sets the rank counts compared; BENCH_OUT another results file.
+# BENCH_WORLDS (default 1,2; 1 with --gpu on a one-GPU node) sets the rank counts compared;
+# BENCH_OUT another results file. The GPU check that fits one short allocation is
+# tools/gpu_check.sh, not this (which takes 5-10 minutes with --gpu).
 # A benchmark that fails is reported and the others still run; the exit status is then 1.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +17,11 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 profile=cpu
 [[ "${1:-}" == "--gpu" ]] && profile=gpu
-worlds="${BENCH_WORLDS:-1,2}"
+default_worlds=1,2
+if [[ $profile == gpu ]] && (($(nvidia-smi -L 2>/dev/null | grep -c '^GPU') < 2)); then
+    default_worlds=1  # two ranks need two GPUs (NCCL)
+fi
+worlds="${BENCH_WORLDS:-$default_worlds}"
 out="${BENCH_OUT:-$repo/bench/results-$(hostname).jsonl}"
 mkdir -p "$(dirname "$out")"
 status=0
@@ -47,11 +53,12 @@ if [[ $profile == cpu ]]; then
     train_args=(--worlds "$worlds")
     slides_args=(--worlds "$worlds" --width 3072 --height 2048 --patch 96 --batch-size 16)
 else
-    # Sized so that tools/gpu_check.sh (the GPU tests plus this) fits in 8 minutes on one H100/H200.
+    # 224 px and the paper batch sizes; bf16 as the paper configs would run on a GPU.
     loader_args=(--n 1024 --size 224 --batch 32 --steps 20 --workers 6 --image-formats png,jpeg)
     masks_args=(--model resnet38d --size 224 --images 128 --reference-images 8 --batch-size 32)
     train_args=(--worlds "$worlds" --size 224 --micro 16 --paper-micro 8 --steps 10 --paper-steps 5
-                --parallel zero2 --paper-parallel zero2 --warmup 2 --threads 4 --workers 4 --timeout 300)
+                --parallel zero2 --paper-parallel zero2 --warmup 2 --threads 4 --workers 4 --timeout 300
+                --precision bf16)
     slides_args=(--worlds "$worlds" --width 8192 --height 6144 --patch 224 --batch-size 64)
 fi
 
