@@ -4,7 +4,9 @@
 the destination and fsyncs the folder, so after a crash (process kill or power loss) a
 reader sees either the old complete file or the new complete one, never an empty or
 partial file. The temporary name starts with the destination's name and ends in ``.tmp``
-so leftovers are easy to recognise (and to remove).
+so leftovers are easy to recognise (and to remove); it is created exclusively and never
+through a symbolic link (O_EXCL | O_NOFOLLOW), so a link planted under that name in a
+shared folder cannot redirect the write.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        with open(tmp, mode) as f:
+        tmp.unlink(missing_ok=True)  # a dead process's leftover with our pid; a planted link is removed, not followed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -216,7 +216,7 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     thumb = load_png(work / "thumb.png")
     overlay = np.where((classes != ignore)[..., None], blend(thumb, classes, model.palette, 0.45), thumb)
     atomic_write_bytes(tmp / "overlay.png", png_bytes(overlay))
-    shutil.copyfile(work / "tissue.png", tmp / "tissue.png")
+    atomic_write_bytes(tmp / "tissue.png", (work / "tissue.png").read_bytes())  # fsynced before the rename
     atomic_write_json(tmp / "summary.json", summary)
     final = out / name
     if final.exists():

@@ -52,3 +52,18 @@ def test_launch_stage_keeps_the_workers_exit_status_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "a worker exited with status 2" in proc.stderr
     assert "error:" in proc.stderr
+
+
+def test_atomic_writes_never_follow_a_link_planted_under_the_temporary_name(tmp_path):
+    import os
+
+    from mlps_dist.fileio import atomic_write_text, tmp_path as temporary_name
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out" / "result.json"
+    target.parent.mkdir()
+    os.symlink(victim, temporary_name(target))
+    atomic_write_text(target, "new")
+    assert victim.read_text() == "precious" and target.read_text() == "new"
+    assert not temporary_name(target).exists() and not os.path.islink(temporary_name(target))
