@@ -137,3 +137,22 @@ def test_an_empty_or_foreign_lock_is_judged_by_owner_and_age(tmp_path):
     lock = RunLock(folder, "x").acquire()  # ours, unreadable and old: taken over
     assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_make_shards_into_a_folder_another_run_holds_is_refused(tmp_path):
+    from mlps_dist.data.synthetic import write_luad_layout
+
+    write_luad_layout(tmp_path / "src", train=4, val=2, test=2, size=32)
+    out = tmp_path / "shards"
+    held = RunLock(out, "make_shards").acquire()
+    try:
+        proc = subprocess.run([sys.executable, "tools/make_shards.py", "--layout", "luad", "--src",
+                               str(tmp_path / "src"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and f"pid {os.getpid()}, running make_shards" in proc.stderr, proc.stderr
+        assert not (out / "info.json").exists()
+    finally:
+        held.release()
+    assert subprocess.run([sys.executable, "tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}).returncode == 0
