@@ -36,6 +36,16 @@ def test_without_cuda_it_prints_the_environment_every_check_and_exits_2(tmp_path
     assert "nothing installed" in done.stderr  # MLPS_PYTHON: no venv, no pip
 
 
+def test_an_environment_that_cannot_be_prepared_is_a_setup_failure_with_the_environment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLPS_PYTHON"}
+    done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=REPO, env={**env, "MLPS_TORCH": "cu99x"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "MLPS_TORCH=cu99x: use auto, cpu, cu126, cu128 or cu130" in done.stderr
+    assert done.stdout.startswith("gpu_check: environment") and "FAIL  setup      tools/venv.sh" in done.stdout
+    assert done.stdout.rstrip().endswith("nothing checked; exit status 2")
+
+
 def _fake_env(**packages):
     return {"host": "h", "driver": "580.0", "python": sys.version, "torch": "2.x", "cuda_devices": 1,
             "gpus": ["FakeGPU (1 MiB)"], "packages": {"pytest": "9", "numpy": "2", "yaml": "6", "PIL": "1", **packages}}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -195,10 +196,11 @@ def measure(spec: dict) -> dict:
     """Train ``warmup + steps`` optimizer steps; time the last ``steps`` on this rank."""
     import torch
 
-    from mlps_dist import dist, engine, parallel
+    from mlps_dist import dist, engine, parallel, precision
 
     cfg, train_cfg, task = create_task(spec)
     device = dist.device()
+    precision.check(train_cfg, task.stage, device)  # as the trainers' preflight: fp16 needs CUDA and ddp
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     engine.seed_everything(cfg.seed)
     model = parallel.wrap(task.build_model(), train_cfg, plan=plan, total_steps=spec["warmup"] + spec["steps"],
@@ -237,20 +239,40 @@ def worker_main(spec_json: str, result_path: str) -> int:
         per_rank = dist.all_gather_object(measure(spec))
         if dist.is_main():
             Path(result_path).write_text(json.dumps(per_rank))
+        # The DeepSpeed engine and the loader's workers sit in reference cycles: free them while the
+        # process group is alive, and let every rank get here before it is destroyed, so that no
+        # rank tears its sockets down under a peer still using them (a C++ abort, no traceback).
+        import gc
+
+        gc.collect()
+        dist.barrier()
         return 0
     finally:
         dist.teardown()
 
 
+def _launcher_traceback(block: list[str]) -> bool:
+    """torchrun's own traceback (ChildFailedError), which names no cause."""
+    text = "\n".join(block)
+    return "ChildFailedError" in text or "torch/distributed/run.py" in text or "elastic/multiprocessing" in text
+
+
 def worker_error(output: str) -> str:
-    """The end of the first worker traceback in a torchrun log (its own summary names no cause)."""
+    """The worker's own error in a torchrun log: the end of the first traceback that is not
+    torchrun's, else the worker's last lines before torchrun's report (a C++ abort such as
+    gloo's "Connection closed by peer") with the failure summary (exit code or signal)."""
     lines = [line.split("]: ", 1)[-1] if line.startswith("[rank") else line for line in output.splitlines()]
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
-    if not starts:
-        return " | ".join(lines[-12:])
-    block = lines[starts[0]:]
-    end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
-    return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
+    for start in starts:
+        block = lines[start:]
+        end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
+        if not _launcher_traceback(block[:end + 1]):
+            return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
+    summary = [line.strip() for line in lines if line.strip().startswith(("exitcode", "traceback :", "rank "))]
+    first_launcher = starts[0] if starts else len(lines)
+    chatter = re.compile(r"^[WI]\d{4} |\[WARNING\]|FutureWarning|return func")  # torchrun's and libraries' notices
+    before = [line.strip() for line in lines[:first_launcher] if line.strip() and not chatter.search(line)][-6:]
+    return " | ".join(before + summary[:6]) or " | ".join(lines[-12:])
 
 
 def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
@@ -260,12 +282,17 @@ def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
     cmd = [*bench_common.torchrun_command(), "--standalone", f"--nproc_per_node={spec['world']}",
            str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
+    log = workdir / f"log-{spec['name'].replace('/', '_')}.txt"  # the whole job's output, kept for --workdir
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        log.write_text((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else
+                       str(exc.stdout or ""))
         raise RuntimeError(f"did not finish in {timeout:.0f} s (raise --timeout or lower --steps)") from None
+    log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {worker_error(proc.stdout + proc.stderr)}")
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {worker_error(proc.stdout + proc.stderr)} "
+                           f"(whole log: {log})")
     return json.loads(result.read_text())
 
 

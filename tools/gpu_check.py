@@ -44,6 +44,7 @@ class Check:
     timeout: int  # seconds
     quick: bool  # in the --quick half
     tests: str = ""  # pytest -k expression over tests/test_gpu.py
+    quick_tests: str = ""  # the -k expression with --quick (default: tests)
     command: tuple = ()  # or a command; "{py}" is this interpreter
     requires: tuple = ()  # modules: absent -> SKIP
     default: bool = True  # False: only with --with-demo
@@ -52,7 +53,8 @@ class Check:
 TEST_NEEDS = ("pytest", "numpy", "yaml", "PIL")
 CHECKS = (
     Check("amp", "bf16/fp16 through the stage-1 task (DDP, DeepSpeed) and the fp32 loss", 180, True,
-          tests="amp_trains or autocast_reaches or deepspeed_bf16", requires=TEST_NEEDS),
+          tests="amp_trains or autocast_reaches or deepspeed_bf16", quick_tests="amp_trains or deepspeed_bf16",
+          requires=TEST_NEEDS),
     Check("nccl-ddp", "NCCL DDP step = single-process gradient (1 GPU; 2 GPUs where present)", 90, True,
           tests="nccl_ddp_gradient", requires=TEST_NEEDS),
     Check("masks", "mask pass on the GPU vs the CPU, TF32 off", 120, True, tests="mask_pass", requires=TEST_NEEDS),
@@ -63,7 +65,8 @@ CHECKS = (
                    "--precision", "bf16", "--threads", "4", "--workers", "4", "--timeout", "150"),
           requires=("numpy", "yaml", "PIL")),
     Check("dali", "DALI mixed decoding with every augmentation vs the torch loader", 150, True,
-          tests="dali", requires=(*TEST_NEEDS, "nvidia.dali")),
+          tests="dali", quick_tests="dali_mixed and (png-train or jpeg-train or png-masks)",
+          requires=(*TEST_NEEDS, "nvidia.dali")),
     Check("deepspeed", "DeepSpeed ZeRO-1 vs DDP over NCCL (ZeRO-2 on 2 GPUs where present)", 150, False,
           tests="nccl_ddp_and_deepspeed",
           requires=(*TEST_NEEDS, "deepspeed")),
@@ -132,7 +135,8 @@ def pytest_summary(xml_path: Path) -> tuple[str, str]:
             skips.append((kind.get("message") or "").replace("Skipped: ", ""))
         else:
             counts["failed"] += 1
-            failures.append(f"{case.get('name')}: {(kind.get('message') or '').splitlines()[0][:160] if kind.get('message') else kind.tag}")
+            message = (kind.get("message") or kind.tag).splitlines() or [kind.tag]
+            failures.append(f"{case.get('name')}: {message[0][:160]}")
         out = case.find("system-out")
         lines = (out.text or "").splitlines() if out is not None else []
         figures += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("---")]
@@ -166,9 +170,10 @@ def bench_summary(log: Path) -> tuple[str, str]:
 
 def command_of(check: Check, args, env: dict) -> list[str]:
     if check.tests:
-        return [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", check.tests, "-q", "-p", "no:cacheprovider",
+        tests = check.quick_tests if args.quick and check.quick_tests else check.tests
+        return [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", tests, "-q", "-p", "no:cacheprovider",
                 "-o", "junit_logging=system-out", "--junitxml", str(args.log_dir / f"{check.name}.xml")]
-    fill = {"{py}": sys.executable, "{zero}": "zero2" if env["packages"].get("deepspeed") else "none",
+    fill = {"{py}": sys.executable, "{zero}": "zero2" if env["packages"].get("deepspeed") and not args.quick else "none",
             "{steps}": "3" if args.quick else "5"}
     return [fill.get(part, part) for part in check.command]
 
@@ -209,6 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--with-demo", action="store_true", help="also the demo pipeline (3-5 min more)")
     p.add_argument("--only", default="", help="comma list of check names")
     p.add_argument("--log-dir", default="", help="where the logs go (default: a new temporary folder)")
+    p.add_argument("--env-only", action="store_true", help="print the environment lines only")
     args = p.parse_args(argv)
     args.budget = int(os.environ.get("GPU_CHECK_SECONDS") or (220 if args.quick else 450))
     args.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gpu_check."))
@@ -222,6 +228,8 @@ def main(argv=None) -> int:
     deadline = start + args.budget
     env = gpu_check_env.probe(timeout=60)
     print("\n".join(gpu_check_env.describe(env)) + f"\n  log folder {args.log_dir}", flush=True)
+    if args.env_only:
+        return 0
     chosen = [c for c in CHECKS if not args.only or c.name in args.only.split(",")]
     results = {}
     for check in chosen:

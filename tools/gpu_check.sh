@@ -15,7 +15,9 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 if ! source "$repo/tools/venv.sh"; then
+    command -v python3 >/dev/null && python3 tools/gpu_check.py --env-only  # what python3 here would have
     echo "FAIL  setup      tools/venv.sh could not prepare the environment (see above); MLPS_PYTHON=python3 uses an existing one"
+    echo "gpu_check: no usable Python environment: nothing checked; exit status 2"
     exit 2
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
