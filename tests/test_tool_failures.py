@@ -67,3 +67,28 @@ def test_atomic_writes_never_follow_a_link_planted_under_the_temporary_name(tmp_
     atomic_write_text(target, "new")
     assert victim.read_text() == "precious" and target.read_text() == "new"
     assert not temporary_name(target).exists() and not os.path.islink(temporary_name(target))
+
+
+def test_the_benchmark_reports_a_worker_that_died_without_a_traceback(tmp_path):
+    """A worker killed by a signal (a C++ abort in gloo, the OOM killer) prints no Python
+    traceback: the report names the signal and the worker's last words, not torchrun's
+    own traceback."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tools"))
+    import bench_common
+    import bench_train
+
+    script = tmp_path / "w.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    print('worker 1: lost its peer', file=sys.stderr, flush=True)\n"
+                      "    os.abort()\n"
+                      "time.sleep(20)\n")
+    proc = subprocess.run([*bench_common.torchrun_command(), "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode != 0
+    report = bench_train.worker_error(proc.stdout + proc.stderr)
+    assert "worker 1: lost its peer" in report and "SIGABRT" in report, report
+    assert "ChildFailedError" not in report
