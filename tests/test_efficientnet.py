@@ -13,9 +13,11 @@ def test_imagenet_weights_fill_every_tensor_of_both_variants():
     state = torch.load(imagenet_weights_file(), map_location="cpu", weights_only=True)
     classifier = create_classifier("efficientnet_lite0", 4, "imagenet")
     segmenter = create_segmenter("deeplabv3plus_lite0", 4, "imagenet")
-    for backbone in (classifier.backbone, segmenter.backbone):
+    head = {k for k in state if k.startswith(("_conv_head.", "_bn1."))}
+    for backbone, dropped in ((classifier.backbone, set()), (segmenter.backbone, head)):
         own = backbone.state_dict()
-        assert set(own) == set(state) - {"_fc.weight", "_fc.bias"}  # the ImageNet classifier is dropped
+        # the ImageNet classifier is dropped; the segmenter's encoder has no 1280-channel head
+        assert set(own) == set(state) - {"_fc.weight", "_fc.bias"} - dropped
         for key, value in own.items():
             assert torch.equal(value, state[key]), key
 
@@ -38,6 +40,8 @@ def test_segmenter_logits_at_input_size_with_a_stride_16_encoder():
     feats = model.backbone(x)
     assert feats["low"].shape[-2:] == (24, 32) and feats["high"].shape[-2:] == (6, 8)
     assert model(x).shape == (1, 5, 96, 128)
+    model(x).sum().backward()  # every parameter takes part (DDP needs it)
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_freeze_stages_and_bn():

@@ -124,7 +124,7 @@ def create_deeplabv3plus(name: str, num_classes: int, pretrained: str = "",
         from .weights import load_pretrained, load_segmenter_weights
 
         if name == "deeplabv3plus_lite0":
-            load_pretrained(model.backbone, pretrained, kind="efficientnet")
+            load_pretrained(model.backbone, pretrained, kind="efficientnet_encoder")
         else:
             load_segmenter_weights(model, pretrained)
     return model

@@ -95,9 +95,10 @@ class EfficientNetLite(nn.Module):
                 channels[len(blocks) - 1] = out_ch
                 in_ch = out_ch
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(in_ch, HEAD_CHANNELS, 1, bias=False)
-        self._bn1 = _bn(HEAD_CHANNELS)
-        channels["head"] = HEAD_CHANNELS
+        if "head" in self.taps:  # built only when used: DDP refuses parameters without gradients
+            self._conv_head = nn.Conv2d(in_ch, HEAD_CHANNELS, 1, bias=False)
+            self._bn1 = _bn(HEAD_CHANNELS)
+            channels["head"] = HEAD_CHANNELS
         self.feature_channels = {name: channels[index] for index, name in self.taps.items()}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -149,8 +150,8 @@ class LiteClassifierBackbone(EfficientNetLite):
 
 class LiteSegmenterBackbone(EfficientNetLite):
     """Stage 3's encoder: "low" = the end of stage 2 (stride 4, 24 channels) for the decoder,
-    "high" = the end of stage 7 (stride 16, 320 channels) for ASPP; the 1x1 head is not built
-    into the graph (its weights load and stay unused)."""
+    "high" = the end of stage 7 (stride 16, 320 channels) for ASPP; the 1280-channel head is
+    not built (its ImageNet weights are dropped on loading, as the classifier's are)."""
 
     def __init__(self):
         super().__init__(16, {2: "low", 15: "high"})

@@ -179,7 +179,8 @@ def convert_mxnet_resnet38d(arrays: dict[str, np.ndarray]) -> tuple[dict[str, to
 # "linear1000") and the public MLPS stage-1 head ("fc8.").
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 _HEAD_PREFIXES = {"resnet": ("fc.",), "resnet38d": ("fc8.", "fc.", "head.", "linear1000"),
-                  "deeplab": ("decoder.last_conv.8.",), "efficientnet": ("_fc.",)}
+                  "deeplab": ("decoder.last_conv.8.",), "efficientnet": ("_fc.",),
+                  "efficientnet_encoder": ("_fc.", "_conv_head.", "_bn1.")}  # DeepLab's encoder: no 1280-channel head
 # A whole segmenter (pytorch-deeplab-xception layout) rather than a bare backbone.
 _SEGMENTER_PREFIXES = ("backbone.", "aspp.", "decoder.")
 
