@@ -138,7 +138,8 @@ def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2
                          f">= {train} of {size} px; pick another --workdir or delete {workdir}")
     from mlps_dist.data.synthetic import write_luad_layout
 
-    write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed)
+    write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed,
+                      workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers
     tool = Path(__file__).resolve().parent / "make_shards.py"
     proc = subprocess.run([sys.executable, str(tool), "--layout", "luad", "--src", str(src), "--out", str(root),
                            "--shard-size", str(shard_size), "--image-format", image_format],

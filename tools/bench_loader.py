@@ -14,6 +14,7 @@ training images are stored as WebP (lossless) or JPEG (``--image-formats``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -77,7 +78,8 @@ def prepare(args) -> tuple[Path, dict[str, Path]]:
 
         src = Path(args.workdir) / "luad"
         if dist.is_main():
-            write_luad_layout(src, train=args.n, val=0, test=0, size=args.size, seed=0)
+            write_luad_layout(src, train=args.n, val=0, test=0, size=args.size, seed=0,
+                              workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers
     shards = {fmt: Path(args.workdir) / f"shards-{fmt}" for fmt in args.image_formats.split(",")}
     if dist.is_main():
         plan = build_plan(LUAD, src, shard_size=256, workers=max(args.workers, 1))
