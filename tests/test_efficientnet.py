@@ -6,7 +6,7 @@ import torch
 
 from mlps_dist.config import ConfigError, load_config
 from mlps_dist.models import create_classifier, create_segmenter, resolve_pretrained
-from mlps_dist.models.efficientnet import imagenet_weights_file
+from mlps_dist.models.efficientnet import LiteClassifierBackbone, imagenet_weights_file
 
 
 def test_imagenet_weights_fill_every_tensor_of_both_variants():
@@ -22,16 +22,22 @@ def test_imagenet_weights_fill_every_tensor_of_both_variants():
             assert torch.equal(value, state[key]), key
 
 
-def test_classifier_cams_at_stride_8_and_differentiable():
+def test_classifier_cams_at_stride_16_and_differentiable():
     model = create_classifier("efficientnet_lite0", 3).eval()
     x = torch.randn(2, 3, 96, 64)
     feats = model.forward_features(x)
     assert set(feats) == {"b4_5", "b5_2", "bn7"}
     for name, f in feats.items():
-        assert f.shape == (2, model.backbone.feature_channels[name], 12, 8), name
+        assert f.shape == (2, model.backbone.feature_channels[name], 6, 4), name
     logits = model.logits_from_features(feats["bn7"])
     grads = torch.autograd.grad(logits[:, 0].sum(), list(feats.values()))
     assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_dilation_keeps_a_stride_8_grid_where_asked():
+    backbone = LiteClassifierBackbone(output_stride=8).eval()
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert all(f.shape[-2:] == (8, 8) for f in feats.values())
 
 
 def test_segmenter_logits_at_input_size_with_a_stride_16_encoder():

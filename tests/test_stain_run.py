@@ -71,3 +71,13 @@ def test_exported_model_normalises_before_its_graph(tmp_path, tiny_shards):
     want = predictor(torch.from_numpy(tiles)).classes().numpy()
     assert (model(tiles)["classes"] == want).mean() > 0.999
     assert not np.array_equal(model(tiles, stain=False)["scores"], model(tiles)["scores"])
+
+
+def test_config_refuses_stain_normalisation_with_the_dali_loader():
+    from mlps_dist.config import load_config
+
+    with pytest.raises(ConfigError, match="data.loader"):
+        load_config("configs/luad.yaml", ["data.stain.method=macenko", "data.loader=dali"])
+    with pytest.raises(ConfigError, match="data.stain.method"):
+        load_config("configs/luad.yaml", ["data.stain.method=vahadane"])
+    assert load_config("configs/luad.yaml").data.stain.method == "none"  # the public recipe
