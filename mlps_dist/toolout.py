@@ -10,6 +10,10 @@ folder needs ``--force``; ``.mlps-output`` names the tool) and holds ``OUT/.lock
 with the holder's host and pid; a lock whose holder died is taken over. The refusal reaches
 every rank.
 
+Once the lock is held, the temporary files a killed run of a tool left (``NAME.PID.tmp``
+of mlps_dist/fileio.py and the shard writer, whose process is gone) are removed, so a rerun
+leaves exactly what an uninterrupted run does.
+
 A tool deletes only what it wrote itself: ``Ledger`` keeps the names of the files a tool
 committed in ``OUT/.mlps-written.json``; ``Ledger.remove_except(keep)`` deletes those (and
 only those) that the new result does not keep.
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +69,7 @@ def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None
                                  f"replace) those: choose another folder, or pass --force")
             claim_output_dir(out, inputs, tool=tool, force=force, owned_if=owned_if, in_flag=in_flag)
             lock = RunLock(out, tool).acquire()
+            remove_stale_temporaries(out)
         except RunLockedError as exc:
             error = str(exc).replace("run directory", "output folder").replace("use another run_dir",
                                                                                "use another --out")
@@ -78,6 +85,31 @@ def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None
     finally:
         if lock is not None:
             lock.release()
+
+
+_TMP = re.compile(r"\.(\d+)\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete ``*.PID.tmp`` files under ``out`` whose writing process is gone (a killed run's
+    debris: the project's atomic writes and shard writers name their temporaries so)."""
+    gone = []
+    for path in Path(out).rglob("*.tmp"):
+        match = _TMP.search(path.name)
+        if match and path.is_file() and not path.is_symlink() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
 
 
 class Ledger:
