@@ -253,7 +253,7 @@ class GpuConfig:
     """Speed options for CUDA ranks (mlps_dist/gpu_options.py). All off: not measured on a GPU
     yet (bash tools/gpu_check.sh measures them). They change kernels, not the training."""
 
-    cudnn_benchmark: bool = False  # cuDNN autotunes its conv algorithms (fixed patch size) in the trainers
+    cudnn_benchmark: bool = False  # cuDNN autotunes its conv algorithms (fixed patch size): trainers, mask pass
     channels_last: bool = False  # NHWC weights and input batches for the trained network
     dali_pinned_copies: bool = False  # DALI loader: labels/indices copied from pinned memory, not blocking
 

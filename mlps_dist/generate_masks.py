@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlps_dist import artifacts, cam, dist, preflight, runner
+from mlps_dist import artifacts, cam, dist, gpu_options, preflight, runner
 from mlps_dist.config import Config
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
@@ -323,6 +323,7 @@ def _main(argv: list[str] | None = None) -> int:
             log = RunLog(cfg.run_dir, stage="masks")
             try:
                 device = dist.device()
+                gpu_options.apply(cfg.gpu, device)  # gpu.cudnn_benchmark: one patch size, autotuned once
                 reader = open_split(cfg.data.root, "train")
                 check_split(reader)
                 model, model_path, selection = load_classifier(cfg, reader, device)
