@@ -36,7 +36,9 @@ NO_TF32 = {"NVIDIA_TF32_OVERRIDE": "0"}  # true fp32 convolutions and matmuls in
 # the last 5 of 30 steps (GradScaler may skip a first step or two while it finds its scale).
 AMP_FIRST_LOSS_RTOL = {"bf16": 0.02, "fp16": 0.005}
 AMP_FINAL_LOSS_RTOL = {"bf16": 0.15, "fp16": 0.15}  # SGD on 8 patches wobbles by ~10% step to step
-AMP_WEIGHTS_RTOL = 0.10  # stage-1 weights after 16 steps, global norm (measured on the CPU: bf16 3.2 %)
+# Stage-1 weights after 16 steps vs fp32, global norm (measured on the CPU: bf16 3.2 %); fp16 more
+# because GradScaler skips the steps whose scaled gradients overflow while it finds its scale.
+AMP_WEIGHTS_RTOL = {"bf16": 0.10, "fp16": 0.20}
 RESUME_WEIGHTS_RTOL = 0.01  # killed + resumed vs. uninterrupted on CUDA (bit-exact on the CPU); to be measured
 MASK_MIN_EQUAL = 0.995  # share of pixels equal between the GPU and CPU mask passes, TF32 off
 DALI_PNG_MAX_GREY = 0.05  # PNG: decoded alike, augmentation in float32 on the GPU (exp/log, blur)
@@ -182,7 +184,7 @@ def test_amp_trains_the_classifier_task_like_fp32(tmp_path, tiny_shards, classif
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     off = _relative_difference(weights, classifier_fp32)
     print(f"{parallel} {precision}: weights {off:.4%} from fp32 (global norm)")
-    assert 0 < off < AMP_WEIGHTS_RTOL, off
+    assert 0 < off < AMP_WEIGHTS_RTOL[precision], off
 
 
 def _tiny_classifier_losses(precision: str, steps: int = 30) -> list[float]:
