@@ -146,3 +146,11 @@ print("ok")
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert "tensorboard is not installed" in done.stderr
+
+
+def test_a_check_killed_mid_run_says_how_far_its_tests_got(tmp_path):
+    log = tmp_path / "amp.log"
+    log.write_text("tests/test_gpu.py::a PASSED [ 20%]\ntests/test_gpu.py::b SKIPPED (x) [ 40%]\n"
+                   "tests/test_gpu.py::c PASSED [ 60%]\n")
+    assert gpu_check.progress(log) == ", after 2 passed, 1 skipped"
+    assert gpu_check.progress(tmp_path / "none.log") == ""

@@ -168,10 +168,17 @@ def bench_summary(log: Path) -> tuple[str, str]:
     return ("FAIL" if failed or not runs else "PASS"), "; ".join(parts)
 
 
+def progress(log: Path) -> str:
+    """What a killed pytest run had finished, from its -v lines (", after 2 passed, 1 skipped")."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    done = {word.lower(): text.count(f" {word}") for word in ("PASSED", "FAILED", "SKIPPED") if f" {word}" in text}
+    return ", after " + ", ".join(f"{n} {k}" for k, n in done.items()) if done else ""
+
+
 def command_of(check: Check, args, env: dict) -> list[str]:
     if check.tests:
         tests = check.quick_tests if args.quick and check.quick_tests else check.tests
-        return [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", tests, "-q", "-p", "no:cacheprovider",
+        return [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", tests, "-v", "-p", "no:cacheprovider",
                 "-o", "junit_logging=system-out", "--junitxml", str(args.log_dir / f"{check.name}.xml")]
     fill = {"{py}": sys.executable, "{zero}": "zero2" if env["packages"].get("deepspeed") and not args.quick else "none",
             "{steps}": "3" if args.quick else "5"}
@@ -196,7 +203,7 @@ def run_check(check: Check, args, env: dict, deadline: float) -> Result:
             rc = proc.wait(limit)
         except subprocess.TimeoutExpired:
             kill_tree(proc)
-            return Result("FAIL", f"ran out of its {limit:.0f} s (log: {log})", time.monotonic() - start)
+            return Result("FAIL", f"ran out of its {limit:.0f} s{progress(log)} (log: {log})", time.monotonic() - start)
     seconds = time.monotonic() - start
     xml = args.log_dir / f"{check.name}.xml"
     try:
