@@ -278,7 +278,7 @@ def test_the_index_is_committed_before_its_tar(tmp_path, monkeypatch, tiny_shard
         writer.close()
     # The index is there, the tar is not: the shard is not complete (tar = commit point).
     assert (tmp_path / "val-000000.idx").is_file() and not (tmp_path / "val-000000.tar").exists()
-    assert (tmp_path / "val-000000.tar.tmp").is_file()
+    assert (tmp_path / f"val-000000.tar.{os.getpid()}.tmp").is_file()  # the temporary name carries the pid
 
 
 def test_newest_complete_checkpoint_is_used_without_the_marker(tmp_path):
