@@ -81,7 +81,7 @@ OPERATIONAL = (
 # so finished stages stay finished when the program is updated.
 ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
               "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
-              "segmenter.mosaic_prob": 0.0, "data.stain.method": "none", "data.stain.fit_images": 256,
+              "segmenter.mosaic_prob": 0.0, "evaluate.skip_bad": False, "data.stain.method": "none", "data.stain.fit_images": 256,
               **{f"{section}.refine.{key}": value for key, value in asdict(RefineConfig()).items()
                  for section in ("masks", "evaluate")}}  # off
 # Stage 2's quality report of its masks (in the evaluation's metrics/ folder).

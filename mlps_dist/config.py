@@ -246,6 +246,9 @@ class EvaluateConfig:
     # every prediction of a trained run (evaluation, infer, slides, export); stage 3's
     # validation scores the network's own output.
     refine: RefineConfig = field(default_factory=RefineConfig)
+    # A sample that cannot be decoded: false stops naming its tar and key; true leaves it out
+    # of the metrics (named in a warning, counted in metrics/<split>.json "skipped_bad").
+    skip_bad: bool = False
 
 
 @dataclass

@@ -44,12 +44,16 @@ from mlps_dist.runlog import RunLog, format_table
 
 @torch.no_grad()
 def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device, log: RunLog) -> dict[str, ConfusionMatrix]:
-    """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks."""
-    loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size,
-                                rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+    """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks; with
+    ``evaluate.skip_bad`` also "skipped": the samples left out because they cannot be decoded."""
+    loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size, rank=dist.get_rank(),
+                                world=dist.get_world_size(), device=device, skip_bad=cfg.evaluate.skip_bad)
     matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
                 for name in ("gated", "ungated")}
+    skipped = torch.zeros(1, dtype=torch.int64)
     for batch in log.progress(loader, total=len(loader), desc=split):
+        if "bad" in batch:
+            skipped += batch["bad"].sum().cpu()
         mask = batch["mask"].to(device)
         out = predictor(batch["image"], out_size=tuple(mask.shape[-2:]))
         matrices["ungated"].update(out.classes(gated=False), mask)
@@ -57,6 +61,7 @@ def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device
             matrices["gated"].update(out.classes(gated=True), mask)
     for cm in matrices.values():
         cm.all_reduce()
+    matrices["skipped"] = int(dist.all_reduce_sum(skipped).item())
     return matrices
 
 
@@ -143,7 +148,12 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
             continue
         inputs = artifacts.expected_inputs(cfg, "evaluate", split)
         matrices = evaluate_split(cfg, split, reader, predictor, device, log)
+        skipped = matrices.pop("skipped")
         record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
+        if cfg.evaluate.skip_bad:
+            record["skipped_bad"] = skipped  # left out: they cannot be decoded (named in the log)
+            if skipped:
+                log.info(f"{split}: {skipped} sample(s) that cannot be decoded were left out (evaluate.skip_bad)")
         if dist.is_main():
             write_json(out, record)
             artifacts.write_stamp(cfg, "evaluate", inputs, split)

@@ -3,6 +3,7 @@ paths, and a corrupt sample is named by shard and key."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -31,10 +32,11 @@ def test_inspect_shards_never_writes_where_an_idx_key_points(tiny_shards, tmp_pa
     assert sorted(p.name for p in (tmp_path / "peek").iterdir())[:2] == ["val_00000000.json", "val_00000000.mask.png"]
 
 
-def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capsys):
+def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capfd):
     from test_infer import make_run
 
     from mlps_dist import evaluate
+    from mlps_dist.data.shards import open_split
 
     shards = tmp_path / "sh"
     shutil.copytree(tiny_shards, shards)
@@ -48,8 +50,16 @@ def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp
     run = make_run(tmp_path / "run", data_root=str(shards))
     status = evaluate.main(["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=1",
                             "evaluate.splits=[test]", "evaluate.batch_size=4"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert status == 2, err
     line = [x for x in err.splitlines() if x.startswith("error")]
     assert len(line) == 1 and "test-000000.tar: sample test_00000000 cannot be decoded" in line[0], err
     assert "Traceback" not in err
+    # With evaluate.skip_bad the sample is named, left out of the metrics and counted.
+    status = evaluate.main(["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=1",
+                            "evaluate.splits=[test]", "evaluate.batch_size=4", "evaluate.skip_bad=true"])
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert "sample test_00000000 cannot be decoded" in err and "left out of the metrics" in err
+    record = json.loads((run / "metrics" / "test.json").read_text())
+    assert record["skipped_bad"] == 1 and record["samples"] == len(open_split(shards, "test"))

@@ -58,10 +58,12 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
     return BackgroundLoader(loader, background=background, device=device)
 
 
-def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device):
+def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device,
+                       skip_bad: bool = False):
     """Every sample of the split exactly once across ranks (and workers); a rank with no
     share yields zero batches. Patches of mixed sizes (info.json has no common image_size)
-    go one per batch: they cannot be stacked."""
+    go one per batch: they cannot be stacked. ``skip_bad`` (torch loader): a sample that
+    cannot be decoded is named in a warning and blanked (``batch["bad"]``, data/sample_errors.py)."""
     if not reader.split_info.get("image_size"):
         batch_size = 1
     batches = eval_batches(dist.partition(len(reader), world, rank), batch_size)
@@ -73,5 +75,5 @@ def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, ran
     from mlps_dist.data.torch_loader import EvalDataset, create_torch_loader
 
     # A sample that cannot be decoded stops the pass naming its shard and key (exit 2).
-    return create_torch_loader(NamedSampleErrors(EvalDataset(cfg, reader), reader), batches, cfg.data.num_workers,
-                               device)
+    dataset = NamedSampleErrors(EvalDataset(cfg, reader), reader, skip=skip_bad, size=cfg.data.image_size or 64)
+    return create_torch_loader(dataset, batches, cfg.data.num_workers, device)

@@ -8,12 +8,18 @@ them into ``SampleError`` (a ShardError: exit 2): ``TAR: sample KEY cannot be de
 (...)``. Raised in a DataLoader worker, torch re-raises it in the main process as
 ``SampleError("Caught SampleError in DataLoader worker ... Original Traceback ...")``:
 the constructor keeps only the original one-line message.
+
+With ``skip=True`` (evaluation with ``evaluate.skip_bad``) such a sample is named in a
+warning and replaced by a blank one whose mask is all ignore (it counts in no metric); every
+sample then carries ``bad`` (1 for a replaced one), which the evaluation sums.
 """
 
 from __future__ import annotations
 
+import sys
 import zlib
 
+import torch
 from torch.utils.data import Dataset
 
 from mlps_dist.data.shards import ShardError
@@ -31,18 +37,33 @@ class SampleError(ShardError):
 
 
 class NamedSampleErrors(Dataset):
-    def __init__(self, dataset: Dataset, reader):
-        self.dataset, self.reader = dataset, reader
+    def __init__(self, dataset: Dataset, reader, skip: bool = False, size: int = 64):
+        self.dataset, self.reader, self.skip, self.size = dataset, reader, skip, size
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         try:
-            return self.dataset[index]
+            sample = self.dataset[index]
         except MlpsError:
             raise
         except DECODE_ERRORS as exc:
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise SampleError(f"{self.reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail}); "
-                              f"rerun tools/make_shards.py on its source (fix or remove the file)") from None
+            message = f"{self.reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail})"
+            if not self.skip:
+                raise SampleError(f"{message}; rerun tools/make_shards.py on its source (fix or remove the file), "
+                                  f"or set evaluate.skip_bad=true to leave it out of the metrics") from None
+            print(f"warning: {message}: left out of the metrics (evaluate.skip_bad)", file=sys.stderr, flush=True)
+            return self.blank(index)
+        if self.skip:
+            sample["bad"] = torch.tensor(0, dtype=torch.int64)
+        return sample
+
+    def blank(self, index: int) -> dict:
+        """An evaluation sample that counts in no metric (its mask is all ignore)."""
+        h, w = (self.reader.split_info.get("image_size") or [self.size, self.size])[:2]
+        return {"image": torch.zeros(3, h, w), "rgb": torch.zeros(3, h, w, dtype=torch.uint8),
+                "labels": torch.zeros(self.reader.num_classes), "index": torch.tensor(index, dtype=torch.int64),
+                "key": self.reader.key(index), "bad": torch.tensor(1, dtype=torch.int64),
+                "mask": torch.full((h, w), self.reader.ignore_index, dtype=torch.int64)}
