@@ -145,7 +145,12 @@ class DdpModel(Wrapped):
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         if dist.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.forward_module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+            # broadcast_buffers=False: no broadcast of every BatchNorm buffer before each forward.
+            # Training-mode BN normalises with the batch's statistics (SyncBatchNorm's on several
+            # GPUs), frozen BN's buffers never change, and sync_buffers() gives every rank rank 0's
+            # statistics at each epoch end, before validation and saving; rank 0's own buffers,
+            # which checkpoints hold, are the same either way.
+            self.forward_module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
         else:
             self.forward_module = module
 
