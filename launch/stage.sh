@@ -78,7 +78,13 @@ fi
 
 mlps_log "$stage on $(hostname): $nnodes node(s) x $nproc process(es), run_dir=$run_dir"
 # Each failing worker leaves its own status here (mlps_dist/runner.py); torchrun says 1.
-MLPS_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/mlps-status.XXXXXX")
+# slurm/stage.sbatch passes a folder on the shared file system (all nodes' ranks) and reads it.
+own_status_dir=0
+if [[ -z "${MLPS_STATUS_DIR:-}" ]]; then
+    MLPS_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/mlps-status.XXXXXX")
+    own_status_dir=1
+fi
+mkdir -p "$MLPS_STATUS_DIR"
 export MLPS_STATUS_DIR
 status=0
 mlps_run_forwarding python -m torch.distributed.run "${torchrun_args[@]}" \
@@ -90,5 +96,5 @@ if ((status == 1)); then
         status=$worker
     fi
 fi
-rm -rf "$MLPS_STATUS_DIR"
+((own_status_dir == 0)) || rm -rf "$MLPS_STATUS_DIR"
 exit "$status"
