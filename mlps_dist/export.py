@@ -226,9 +226,13 @@ def parse_args(argv):
 
 
 def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.toolout import tool_output
+
     args = parse_args(argv)
     try:
-        record = run_export(args)
+        # --out is not the run (nor inside or around it), is ours or empty, and one export at a time.
+        with tool_output(args.out, [args.run], "export", owned_if=("model.json", "model.onnx"), in_flag="--run"):
+            record = run_export(args)
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, MlpsError):
             raise

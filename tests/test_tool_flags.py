@@ -105,3 +105,15 @@ def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path)
     assert result.returncode == 2 and "32x32: 5, 20x28: 1" in result.stderr and odd.name in result.stderr
     assert not (tmp_path / "o").exists()
     assert run_tool(*args, "--allow-mixed-sizes").returncode == 0
+
+
+def test_export_refuses_an_out_that_is_or_lies_inside_the_run(tmp_path, capsys):
+    from test_infer import make_run
+
+    from mlps_dist import export
+
+    run = make_run(tmp_path / "run")
+    for out in (run, run / "export"):
+        assert export.main(["--run", str(run), "--out", str(out)]) == 2
+        assert "--run" in capsys.readouterr().err
+    assert not (run / "model.onnx").exists() and not (run / "export").exists()
