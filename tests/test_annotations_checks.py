@@ -74,3 +74,16 @@ def test_tile_slides_refuses_swapped_annotations_before_any_tile(tmp_path, capsy
                              "--split-ratios", "1,0,0"]) == 2
     assert "swapped" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_tile_slides_warns_about_an_annotated_slide_without_tiles(tmp_path, capsys):
+    from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 768, 512, seed=1, cell_px=100)
+    (tmp_path / "ann").mkdir()
+    write(tmp_path / "ann" / "a.geojson", feature([[[0, 0], [6, 0], [6, 6], [0, 6], [0, 0]]]))  # a speck on glass
+    tile_slides = load_tool("tile_slides")
+    assert tile_slides.main(["--slides", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--mpp", "1", "--tile",
+                             "96", "--annotations", str(tmp_path / "ann"), "--class-map", CLASS_MAP,
+                             "--split-ratios", "1,0,0"]) == 0
+    assert "warning: slide a (train) gave no tiles" in capsys.readouterr().err

@@ -213,6 +213,12 @@ def _run(args, jobs, spec, bad) -> int:
         for split, s in info["splits"].items():
             print(f"{split}: {s['count']} tiles from {len(s['slides'])} slide(s) in {len(s['shards'])} shard(s); "
                   f"per class: {dict(zip(spec.classes, s['class_counts']))}")
+        for r in records:
+            if r["count"] == 0:
+                print(f"warning: slide {r['slide']} ({r['split']}) gave no tiles: "
+                      f"{'no annotated region covers enough tissue' if args.annotations else 'too little tissue'} "
+                      f"at --min-tissue {args.min_tissue}, --label-min-fraction {args.label_min_fraction}; "
+                      f"check its annotations' coordinates and classes", file=sys.stderr)
         reused = sum(1 for r in records if r.get("reused"))
         if reused:
             print(f"reused {reused} slide(s) finished by an earlier run")
