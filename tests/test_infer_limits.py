@@ -64,3 +64,12 @@ def test_an_image_over_the_pixel_limit_is_refused_in_one_line(tmp_path):
     # A missing --input creates no --out.
     rc, _, err = peak_rss_mb(["--run", str(tmp_path), "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "q")])
     assert rc == 2 and not (tmp_path / "q").exists(), err
+
+
+def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    from mlps_dist.infer import load_rgb
+
+    for name, top in (("dim", 1000), ("bright", 65535)):
+        Image.fromarray(np.full((8, 8), top, np.uint16)).save(tmp_path / f"{name}.png")
+    assert load_rgb(tmp_path / "dim.png").max() == round(1000 / 65535 * 255)  # not stretched to 255
+    assert load_rgb(tmp_path / "bright.png").max() == 255
