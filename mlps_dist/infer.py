@@ -130,9 +130,15 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, palette, band: int = 256) -> np.n
 
 
 def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> None:
-    """Class-index PNG and overlay, each written atomically."""
-    atomic_write_bytes(out_stem.parent / f"{out_stem.name}.png", palette_png_bytes(pred, palette))
-    atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(overlay(rgb, pred, palette)))
+    """Class-index PNG and overlay, each written atomically; when the overlay cannot be written
+    (a full disk) the class PNG is removed too: an image has both outputs or neither."""
+    classes = out_stem.parent / f"{out_stem.name}.png"
+    atomic_write_bytes(classes, palette_png_bytes(pred, palette))
+    try:
+        atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(overlay(rgb, pred, palette)))
+    except BaseException:
+        classes.unlink(missing_ok=True)
+        raise
 
 
 class RunModel:

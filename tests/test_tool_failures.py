@@ -92,3 +92,23 @@ def test_the_benchmark_reports_a_worker_that_died_without_a_traceback(tmp_path):
     report = bench_train.worker_error(proc.stdout + proc.stderr)
     assert "worker 1: lost its peer" in report and "SIGABRT" in report, report
     assert "ChildFailedError" not in report
+
+
+def test_infer_on_a_full_disk_says_so_and_leaves_no_half_written_image(full_disk, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from test_infer import make_run
+
+    run = make_run(tmp_path / "run")
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i:02d}.png")
+    out = full_disk / "pred"
+    result = run_tool("-m", "mlps_dist.infer", "--run", str(run), "--input", str(tmp_path / "img"), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
+    classes = {p.stem for p in out.glob("*.png") if not p.stem.endswith("_overlay")}
+    overlays = {p.stem[:-len("_overlay")] for p in out.glob("*_overlay.png")}
+    assert classes == overlays and not list(out.glob("*.tmp"))
