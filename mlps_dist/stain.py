@@ -39,7 +39,12 @@ METHODS = ("none", "macenko", "reinhard")
 OD_TISSUE = 0.15  # a pixel is tissue when its optical density exceeds this in some channel
 MIN_TISSUE = 64  # fewer tissue pixels than this: nothing to estimate from
 MIN_ANGLE_DEG = 8.0  # estimated H and E vectors closer than this: a single-stain image
-MAX_SCALE = 4.0  # stain amounts are scaled by at most this factor (or its inverse)
+# Stain amounts are scaled by at most this factor (or its inverse). A patch of one pale tissue
+# (mucus, debris) looks like a pale stain: scaling it fully to the reference's amounts makes it
+# look like dense tissue and costs more than it gains (a frozen-feature probe on tiles of unseen
+# images: 67.6 % at 4, 69.4 % at 2, 72.7 % at 1.5, 72.2 % without normalisation; the same tiles
+# at 0.55x optical density: 68.5, 74.1, 75.9 and 54.6 %). Augmentation covers the rest.
+MAX_SCALE = 1.5
 PERCENTILE = 99.0
 
 # l-alpha-beta (Ruderman et al. 1998) as used by Reinhard: RGB -> LMS -> log10 -> decorrelated.

@@ -3,11 +3,15 @@ segmenter's prediction, side by side, with a colour legend.
 
     python tools/visualize.py --run runs/demo --split val --n 8 --out sheet.png
     python tools/visualize.py --run runs/demo --split train --n 6 --out train.png   # pseudo masks
+    python tools/visualize.py --run runs/real --split test --cams --out cams.png    # CAMs on any split
 
-Columns: image | ground truth (val/test) | pseudo mask per layer (train, from
-RUN/pseudo_masks/train) | prediction (when RUN/segmenter has a model; gated with the stage-1
-classifier unless --no-gate or it is missing). White in a mask = ignore / background.
-Samples are spread evenly over the split.
+Columns: image | stain-normalised image (runs with data.stain: what the networks see) | ground
+truth (val/test) | pseudo mask per layer (train, from RUN/pseudo_masks/train) | with --cams,
+the stage-1 classifier's Grad-CAM per masks.layers, argmax over the patch's labelled classes,
+computed as the mask pass does (any split, so CAMs on held-out tissue can be looked at) |
+prediction (when RUN/segmenter has a model; gated with the stage-1 classifier unless --no-gate
+or it is missing). White in a mask = ignore / background. Samples are spread evenly over the
+split.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mlps_dist.data.shards import open_split  # noqa: E402
 from mlps_dist.draw import blend, palette_for  # noqa: E402
 from mlps_dist.fileio import atomic_open  # noqa: E402
 from mlps_dist.predict import create_predictor  # noqa: E402
+from mlps_dist.stain_run import load_normaliser  # noqa: E402
 
 LABEL_H = 18
 MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible
@@ -42,14 +47,35 @@ def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: boo
     return predictor, "prediction (gated)" if gate else "prediction"
 
 
-def sample_panels(reader, i: int, store, predictor, palette) -> list[np.ndarray]:
+def cam_panels(cams, cfg, rgb: np.ndarray, labels: np.ndarray, palette) -> list[np.ndarray]:
+    """The mask pass's label maps for one patch (``rgb`` already stain-normalised)."""
+    from mlps_dist import cam
+
+    model, device = cams
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    batch = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    from mlps_dist.data.augment import model_input
+
+    images = model_input((batch.float() / 255 - mean) / std, cfg.data.image_size).to(device)
+    masks = cam.make_masks_cfg(model, {"image": images, "labels": torch.from_numpy(labels)[None], "rgb": batch},
+                               cfg.masks)
+    return [blend(rgb, masks[layer][0].cpu().numpy(), palette, alpha=0.6) for layer in cfg.masks.layers]
+
+
+def sample_panels(reader, i: int, store, predictor, palette, stain=None, cams=None, cfg=None) -> list[np.ndarray]:
     sample = decode_sample(reader.read(i))
     rgb = sample["rgb"]
     panels = [rgb]
+    seen = rgb if stain is None else stain(rgb)
+    if stain is not None:
+        panels.append(seen)
     if reader.has_masks:
         panels.append(blend(rgb, sample["mask"], palette, alpha=0.6))
     if store is not None:
         panels += [blend(rgb, mask, palette, alpha=0.6) for mask in store.read_masks(i)]
+    if cams is not None:
+        panels += cam_panels(cams, cfg, seen, sample["labels"], palette)
     if predictor is not None:
         pred = predictor(torch.from_numpy(rgb).permute(2, 0, 1)[None]).classes()[0].numpy()
         panels.append(blend(rgb, pred, palette, alpha=0.6))
@@ -90,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--no-gate", action="store_true")
+    p.add_argument("--cams", action="store_true", help="add the stage-1 Grad-CAM label maps (masks.layers)")
     args = p.parse_args(argv)
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
@@ -103,11 +130,22 @@ def main(argv: list[str] | None = None) -> int:
 
         store = PseudoMaskStore(run / "pseudo_masks" / "train")
     predictor, pred_title = build_predictor(run, cfg, reader.num_classes, args.checkpoint, not args.no_gate)
-    titles = ["image"] + (["ground truth"] if reader.has_masks else [])
+    stain = load_normaliser(run, cfg.data.stain.method)
+    cams = None
+    if args.cams:
+        from mlps_dist import cam
+        from mlps_dist.gate import load_classifier
+
+        model, _ = load_classifier(run, reader.num_classes)
+        cam.prepare_model(model)
+        cams = (model, torch.device("cpu"))
+    titles = ["image"] + (["stain-normalised"] if stain is not None else [])
+    titles += ["ground truth"] if reader.has_masks else []
     titles += [f"pseudo {layer}" for layer in store.layers] if store is not None else []
+    titles += [f"CAM {layer}" for layer in cfg.masks.layers] if cams is not None else []
     titles += [pred_title] if predictor is not None else []
     picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(args.n, len(reader)))})
-    rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette)) for i in picks]
+    rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette, stain, cams, cfg)) for i in picks]
     out = Path(args.out)
     with atomic_open(out) as f:
         draw_sheet(rows, titles, list(reader.classes), palette).save(f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
