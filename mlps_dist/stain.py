@@ -130,7 +130,7 @@ def fit_reference(method: str, images) -> dict:
     if not stats:
         raise ValueError("no training image has enough tissue (and, for macenko, two distinct stains) "
                          "to fit a stain reference; set data.stain.method to none")
-    ref = {"method": method, "images": len(stats)}
+    ref = {"method": method, "images": len(stats), "max_scale": MAX_SCALE}  # the run keeps its own limit
     for key in stats[0]:
         value = np.median(np.stack([s[key] for s in stats]), axis=0)
         if key == "vectors":
@@ -147,6 +147,7 @@ class StainNormaliser:
         if self.method not in METHODS[1:]:
             raise ValueError(f"stain reference has unknown method '{self.method}'")
         self.reference = reference
+        self.max_scale = float(reference.get("max_scale", MAX_SCALE))
         if self.method == "macenko":
             self.vectors = np.asarray(reference["vectors"], dtype=np.float64)
             self.max = np.asarray(reference["max"], dtype=np.float64)
@@ -175,11 +176,11 @@ class StainNormaliser:
         amounts = concentrations(od, vectors)
         peak = np.percentile(amounts[tissue], PERCENTILE, axis=0)
         scale = np.where(peak > 1e-6, self.max / np.maximum(peak, 1e-6), 1.0)
-        amounts = amounts * np.clip(scale, 1 / MAX_SCALE, MAX_SCALE)
+        amounts = amounts * np.clip(scale, 1 / self.max_scale, self.max_scale)
         return from_optical_density(np.maximum(amounts, 0.0) @ self.vectors)
 
     def _reinhard(self, rgb_tissue: np.ndarray) -> np.ndarray:
         lab = _lab(rgb_tissue)
         std = np.maximum(lab.std(axis=0), 1e-6)
-        lab = (lab - lab.mean(axis=0)) * np.clip(self.std / std, 1 / MAX_SCALE, MAX_SCALE) + self.mean
+        lab = (lab - lab.mean(axis=0)) * np.clip(self.std / std, 1 / self.max_scale, self.max_scale) + self.mean
         return _rgb_from_lab(lab)
