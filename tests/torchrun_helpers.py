@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mlps_dist.proctree import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 # The interpreter's torchrun script, or its module where the script is elsewhere (a system
 # python3 with torch: MLPS_PYTHON=python3 bash tools/gpu_check.sh).
@@ -39,23 +41,6 @@ def run(args: list[str], nproc: int = 2, timeout: float = 180, env: dict | None 
         kill_job(proc)
         raise AssertionError(f"job did not finish in {timeout} s:\n{out[-4000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (from /proc), children first."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        out += children
-        todo += children
-    return out
 
 
 def kill_job(proc: subprocess.Popen) -> None:

@@ -31,8 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO))
 
 import gpu_check_env  # noqa: E402
+from mlps_dist.proctree import descendants  # noqa: E402  (standard library only: no torch needed)
 
 KILL_GRACE_S = 5
 
@@ -86,23 +88,6 @@ class Result:
     word: str  # PASS | FAIL | SKIP
     detail: str
     seconds: float = 0.0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc); torchrun puts its workers in sessions of their own."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        out += children
-        todo += children
-    return out
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
