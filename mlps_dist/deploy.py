@@ -23,8 +23,8 @@ The model interface shared with the slide tools and ``infer``:
 Input contract of the graph: ``image`` uint8 RGB, (N, 3, H, W) with any N, H, W, at the
 training MPP. A patch of ``patch_size`` is predicted exactly as evaluation predicts it;
 larger images are tiled by the caller (mlps_dist.windows). A run trained with stain
-normalisation (model.json ``stain``) has it applied here, in numpy, before the graph. Other dtypes or channel counts
-are refused here with an InputError before onnxruntime sees them.
+normalisation (model.json ``stain``) has it applied here, in numpy, before the graph. Other
+dtypes or channel counts are refused here with an InputError before onnxruntime sees them.
 
 Execution providers: CUDA when onnxruntime offers it, else CPU (``providers=`` overrides).
 """
@@ -154,7 +154,7 @@ class OnnxModel:
     def _input(self, tiles: np.ndarray, stain: bool) -> np.ndarray:
         tiles = check_tiles(tiles)
         if stain and self.stain is not None:
-            tiles = np.stack([self.stain(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])
+            tiles = self.stain.tiles(tiles)
         return np.ascontiguousarray(tiles)
 
     def __call__(self, tiles: np.ndarray, stain: bool = True) -> dict[str, np.ndarray]:

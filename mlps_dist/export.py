@@ -88,7 +88,7 @@ def self_check(predictor, onnx_path: Path, batches) -> dict:
     max_diff = 0.0
     for tiles in batches:
         if predictor.stain is not None:  # applied before the graph, as deploy.OnnxModel does
-            tiles = np.stack([predictor.stain(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])
+            tiles = predictor.stain.tiles(tiles)
         classes, scores = session.run(["classes", "scores"], {INPUT_NAME: tiles})
         out = predictor(torch.from_numpy(tiles), stain=False)
         same += int((classes == out.classes().cpu().numpy()).sum())

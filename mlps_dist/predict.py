@@ -84,8 +84,7 @@ class Predictor:
         """uint8 RGB (B, 3, H, W) -> normalised float32 on the predictor's device; ``stain``
         False: the caller has already normalised the stains (sliding_window, whole image)."""
         if stain and self.stain is not None:
-            rgb = torch.from_numpy(np.stack([self.stain(im) for im in rgb.permute(0, 2, 3, 1).cpu().numpy()]))
-            rgb = rgb.permute(0, 3, 1, 2)
+            rgb = torch.from_numpy(self.stain.tiles(rgb.cpu().numpy()))
         return (rgb.to(self.device, non_blocking=True).float() / 255.0 - self.mean) / self.std
 
     def _autocast(self):

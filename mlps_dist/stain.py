@@ -167,6 +167,10 @@ class StainNormaliser:
         out[tissue] = self._reinhard(flat[tissue])
         return out.reshape(rgb.shape)
 
+    def tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """Channels-first uint8 tiles (N, 3, H, W), each normalised on its own."""
+        return np.stack([self(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])
+
     def _macenko(self, od: np.ndarray, tissue: np.ndarray) -> np.ndarray:
         """Estimated on the tissue, applied to every pixel: glass has stain amounts near 0 and
         stays near white, and pale tissue just under the tissue threshold moves with the rest."""
