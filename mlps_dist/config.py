@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 from mlps_dist.errors import MlpsError
+from mlps_dist.stain import METHODS as STAIN_METHODS
 
 
 # Networks whose ImageNet weights install from the package index (``pretrained: imagenet``).
@@ -498,8 +499,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
     _check(cfg.data.max_downscale == 0 or cfg.data.max_downscale >= 1, "data.max_downscale",
            f"must be 0 (no limit) or >= 1, got {cfg.data.max_downscale}")
-    _check(cfg.data.stain.method in ("none", "macenko", "reinhard"), "data.stain.method",
-           f"must be none, macenko or reinhard, got '{cfg.data.stain.method}'")
+    _check(cfg.data.stain.method in STAIN_METHODS, "data.stain.method",
+           f"must be one of {', '.join(STAIN_METHODS)}, got '{cfg.data.stain.method}'")
     _check(cfg.data.stain.fit_images >= 1, "data.stain.fit_images", f"must be >= 1, got {cfg.data.stain.fit_images}")
     _check(cfg.data.stain.method == "none" or cfg.data.loader == "torch", "data.loader",
            "stain normalisation (data.stain.method) runs in the torch loader only; set data.loader=torch "
