@@ -5,12 +5,19 @@
         --class-map "Tumor=TE,Necrosis=NEC,Immune cells=LYM,Stroma=TAS" --split-ratios 0.7,0.15,0.15
     torchrun --nproc_per_node=4 tools/tile_slides.py ...     # slides split over ranks
 
+Annotations: QuPath GeoJSON (segment_slides' regions.geojson too), ImageScope or ASAP XML,
+found as NAME.geojson, NAME.EXT.geojson, NAME.xml or NAME.EXT.xml in --annotations, or named
+per slide by --annotations-map; --class-map maps their class names (exact, or glob patterns)
+to classes or to ignore. docs/slides.md has the rules.
+
 Output: the shard format of tools/make_shards.py (every stage trains on it unchanged);
-info.json adds ``mpp`` and the slides of each split; each sample's json has slide, x, y
-(level-0 top-left), size0, mpp and tissue. Splits are by slide (``--splits`` CSV of
-``slide,split`` lines, or ``--split-ratios`` with ``--seed``). Tissue masks for checking:
-OUT/tissue/<slide>.png. Without --annotations every tile with enough tissue is written with
-an empty label (for inspection or unsupervised use; the MLPS stages need annotations).
+info.json adds ``mpp``, the slides of each split, the class map and each slide's annotation
+file with its sha256; each sample's json has slide, x, y (level-0 top-left), size0, mpp and
+tissue. Splits are by slide (``--splits`` CSV of ``slide,split`` lines, or ``--split-ratios``
+with ``--seed``). Tissue masks for checking: OUT/tissue/<slide>.png. Without annotations
+every tile with enough tissue is written with an empty label (for inspection or
+unsupervised use; the MLPS stages need annotations). Progress (grid tiles done / total,
+tiles/s, ETA) goes to stderr: a redrawn line on a terminal, a plain line every 30 s in a log.
 
 Everything about the inputs is checked first (slides open and have an MPP, every
 annotation file exists and its class names map); a slide that then fails while being read
@@ -23,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,11 +40,13 @@ from mlps_dist import dist  # noqa: E402
 from mlps_dist.draw import palette_for  # noqa: E402
 from mlps_dist import runner  # noqa: E402
 from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
-from mlps_dist.errors import EXIT_BAD_INPUT, InputError, MlpsError  # noqa: E402
-from mlps_dist.slides.annotations import load_annotations, parse_class_map  # noqa: E402
-from mlps_dist.slides.grid import balanced_slides  # noqa: E402
+from mlps_dist.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
+from mlps_dist.slides.annotation_files import find_annotation_files  # noqa: E402
+from mlps_dist.slides.annotations import load_annotations  # noqa: E402
+from mlps_dist.slides.class_map import parse_class_map  # noqa: E402
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem  # noqa: E402
-from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards, tile_slide,  # noqa: E402
+from mlps_dist.slides.tile_work import tile_my_slides  # noqa: E402
+from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards,  # noqa: E402
                                      write_assigned_shards, write_slide_info)
 
 SPLITS = ("train", "val", "test")
@@ -46,17 +54,37 @@ KNOWN_PALETTES = {("TE", "NEC", "LYM", "TAS"): [(205, 51, 51), (0, 255, 0), (65,
                   ("TUM", "STR", "LYM", "NEC"): [(0, 64, 128), (64, 128, 0), (243, 152, 0), (255, 0, 0)]}
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (required flags, switches, empty)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "" or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsHelp)
     p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
     p.add_argument("--mpp", type=float, required=True, help="microns per pixel of the tiles")
     p.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
-    p.add_argument("--stride", type=int, default=0, help="tile step in pixels at --mpp (default: --tile)")
+    p.add_argument("--stride", type=int, default=0, help="tile step in pixels at --mpp (0: --tile)")
     p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
-    p.add_argument("--annotations", default=None, help="folder of <slide name>.geojson (QuPath export)")
+    p.add_argument("--annotations", default=None,
+                   help="folder of annotation files, one per slide NAME.EXT: NAME.geojson or NAME.EXT.geojson "
+                        "(QuPath GeoJSON, e.g. slide1.svs.geojson), NAME.xml or NAME.EXT.xml (ImageScope/ASAP); "
+                        "two of these for one slide are refused")
+    p.add_argument("--annotations-map", default=None, metavar="CSV",
+                   help="CSV of 'slide,annotation-file' rows (slide: name without extension, or file name; a "
+                        "relative file is relative to the CSV's folder; an optional header row starts with "
+                        "'slide'); its rows take precedence over --annotations")
     p.add_argument("--classes", default="TE,NEC,LYM,TAS", help="class names in label order")
-    p.add_argument("--class-map", default="", help='annotation name -> class, e.g. "Tumor=TE,Stroma=TAS"')
+    p.add_argument("--class-map", default="",  # empty: only names equal to a class map
+                   help='annotation name -> class or ignore, comma-separated NAME=TARGET, case-insensitive, e.g. '
+                        '"Tumor=TE,Stroma*=TAS,Other=ignore,Region*=ignore"; NAME with * ? [ is an fnmatch '
+                        'pattern; exact names first, then the class names, then patterns in the order given; '
+                        'ignore: left out of labels, the ignore index in masks')
     p.add_argument("--label-min-fraction", type=float, default=0.05,
                    help="a class covering at least this share of a train tile is in its label")
     p.add_argument("--splits", default=None, help="CSV of slide,split lines (slide = file name without extension)")
@@ -70,10 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by tile_slides")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
-                   help="encoding of the training tiles: png (default, exact), webp (lossless, faster to decode), "
+                   help="encoding of the training tiles: png (exact), webp (lossless, faster to decode), "
                         "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG")
     p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
+                   help="JPEG quality 1-100 for --image-format jpeg")
     args = p.parse_args(argv)
     for flag, value in (("--mpp", args.mpp), ("--slide-mpp", args.slide_mpp), ("--tissue-mpp", args.tissue_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too
@@ -143,40 +171,18 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
         raise InputError(f"slide(s) without microns per pixel: {[p for p, _ in no_mpp]}; pass --slide-mpp with "
                          f"the scanner's resolution or remove them")
     splits = assign_splits([slide_stem(p) for p in paths], args.splits, args.split_ratios, args.seed)
+    files = find_annotation_files(good, args.annotations, args.annotations_map)
     jobs = []
     for path in good:
-        geojson = None
-        if args.annotations:
-            geojson = Path(args.annotations) / f"{slide_stem(path)}.geojson"
-            if not geojson.is_file():
-                raise InputError(f"{geojson}: no annotations for slide {path}; export them from QuPath or "
-                                 f"remove the slide from --slides")
+        annotation = files[slide_stem(path)]
+        if annotation is not None:
             # Unmapped names, bad coordinates and regions off the slide fail here, before any tile.
-            notes = load_annotations(geojson, classes, spec.class_map, bounds=dims[str(path)]).notes
+            notes = load_annotations(annotation, classes, spec.class_map, bounds=dims[str(path)]).notes
             if dist.is_main():
                 for note in notes:
                     print(f"warning: {note}", file=sys.stderr)
-        jobs.append(SlideJob(str(path), splits[slide_stem(path)], str(geojson) if geojson else None))
+        jobs.append(SlideJob(str(path), splits[slide_stem(path)], str(annotation) if annotation else None))
     return jobs, spec, bad
-
-
-def _tile_or_report(args):
-    job, spec, out = args
-    try:
-        return tile_slide(job, spec, out)
-    except MlpsError as exc:
-        return {"bad": job.path, "error": str(exc)}
-
-
-def tile_my_slides(jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int) -> list[dict]:
-    sizes = {j.path: Path(j.path).stat().st_size for j in jobs}
-    mine = [j for j in jobs if j.path in set(balanced_slides(sizes, dist.get_world_size(), dist.get_rank()))]
-    (out / ".parts").mkdir(parents=True, exist_ok=True)
-    work = [(j, spec, str(out)) for j in mine]
-    if workers > 1 and len(work) > 1:
-        with ProcessPoolExecutor(min(workers, len(work))) as pool:
-            return list(pool.map(_tile_or_report, work))
-    return [_tile_or_report(w) for w in work]
 
 
 def run(args) -> int:
@@ -185,7 +191,8 @@ def run(args) -> int:
     from mlps_dist.toolout import tool_output
 
     jobs, spec, bad = check_inputs(args)
-    inputs = list(args.slides) + ([args.annotations] if args.annotations else [])
+    inputs = list(args.slides) + [a for a in (args.annotations, args.annotations_map) if a]
+    inputs += [j.annotations for j in jobs if j.annotations]
     with tool_output(args.out, inputs, "tile_slides", dist, force=args.force, owned_if=(".parts",),
                      in_flag="--slides/--annotations"):
         return _run(args, jobs, spec, bad)
@@ -196,7 +203,8 @@ def _run(args, jobs, spec, bad) -> int:
     if dist.is_main():
         (out / "info.json").unlink(missing_ok=True)  # incomplete until assembled (the folder is ours)
     dist.barrier()
-    results = [r for share in dist.all_gather_object(tile_my_slides(jobs, spec, out, args.workers)) for r in share]
+    mine = tile_my_slides(jobs, spec, out, args.workers, show_progress=dist.is_main())
+    results = [r for share in dist.all_gather_object(mine) for r in share]
     bad += [(r["bad"], r["error"]) for r in results if "bad" in r]
     records = sorted((r for r in results if "bad" not in r), key=lambda r: r["slide"])
     if dist.is_main():
@@ -216,7 +224,7 @@ def _run(args, jobs, spec, bad) -> int:
         for r in records:
             if r["count"] == 0:
                 print(f"warning: slide {r['slide']} ({r['split']}) gave no tiles: "
-                      f"{'no annotated region covers enough tissue' if args.annotations else 'too little tissue'} "
+                      f"{'no annotated region covers enough tissue' if r.get('annotations') else 'too little tissue'} "
                       f"at --min-tissue {args.min_tissue}, --label-min-fraction {args.label_min_fraction}; "
                       f"check its annotations' coordinates and classes", file=sys.stderr)
         reused = sum(1 for r in records if r.get("reused"))

@@ -1,10 +1,18 @@
-"""Region annotations from QuPath GeoJSON: class polygons, per-class coverage, raster masks.
+"""Region annotations (QuPath GeoJSON, ImageScope or ASAP XML): class polygons, per-class
+coverage, raster masks.
 
 A QuPath export is a FeatureCollection of Polygon/MultiPolygon features in level-0 pixel
-coordinates, the class name in ``properties.classification.name``. Names map to the
-dataset's classes through ``--class-map "Tumor=TE,Necrosis=NEC"`` (case-insensitive; a
-name equal to a class name maps to it without being listed). A name that maps to nothing
-is an error listing every name found, so a typo cannot silently drop regions.
+coordinates, the class name in ``properties.classification.name``; holes are kept. A file
+whose first character is ``<`` is read as ImageScope or ASAP XML (annotation_xml.py), turned
+into the same features. Names map to the dataset's classes, or to ``ignore``, through
+``--class-map`` (class_map.py: exact names, class names, then glob patterns; case-insensitive).
+A name with area that maps to nothing is an error naming it, the file and --class-map, so a
+typo cannot silently drop regions.
+
+Ignore regions are cut out of every class's region: they count for no class in a train
+tile's coverage (so for no label) and carry the ignore index in val/test masks, also where
+they overlap a class region. Where class regions overlap each other, each counts for its own
+class in coverage, and in masks the class later in ``--classes`` wins.
 
 Checked per feature, and reported in ``annotations.notes`` (tile_slides prints them):
 detections and cells (``objectType`` detection/cell/tile, e.g. QuPath's cell detection) are
@@ -27,22 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist.errors import InputError
+from mlps_dist.slides.class_map import IGNORE, ClassMap, as_class_map, parse_class_map  # noqa: F401 (re-exported)
+
+AREA_TYPES = ("Polygon", "MultiPolygon", "GeometryCollection")
 
 
 class AnnotationError(InputError):
     """A GeoJSON file that cannot be used (unreadable, unknown geometry, unmapped class)."""
-
-
-def parse_class_map(spec: str | None, classes: list[str]) -> dict[str, int]:
-    """``"Tumor=TE,Necrosis=NEC"`` -> {"tumor": 0, "necrosis": 1, "te": 0, ...} (lower-case names)."""
-    index = {c.lower(): i for i, c in enumerate(classes)}
-    mapping = dict(index)
-    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-        name, sep, target = item.partition("=")
-        if not sep or not name.strip() or target.strip().lower() not in index:
-            raise InputError(f"--class-map entry {item!r}: expected NAME=CLASS with CLASS one of {classes}")
-        mapping[name.strip().lower()] = index[target.strip().lower()]
-    return mapping
 
 
 def _features(data, path: Path) -> list[dict]:
@@ -72,6 +71,8 @@ class Annotations:
         self.names = names  # class names as found in the file
         self.path = path
         self.notes: list[str] = []  # per-feature reports (skipped, repaired), for the user
+        self.ignored = None  # union of the regions mapped to ignore (cut out of per_class)
+        self.mapping: dict[str, str] = {}  # name found -> class name or "ignore"
 
     def coverage(self, x0: float, y0: float, size0: float, size0_h: float | None = None) -> np.ndarray:
         from shapely.geometry import box
@@ -86,7 +87,8 @@ class Annotations:
     def rasterise(self, x0: float, y0: float, size0: float, out: int, ignore: int,
                   out_h: int | None = None, size0_h: float | None = None) -> np.ndarray:
         """Class index per pixel of the level-0 box resampled to (out_h, out); ``ignore`` where
-        no region covers the pixel centre. Later classes win where regions overlap."""
+        no region covers the pixel centre (ignore regions are cut out of the classes' regions
+        at load). Later classes win where regions overlap."""
         from PIL import Image, ImageDraw
         from shapely.geometry import MultiPolygon, Polygon, box
 
@@ -161,38 +163,58 @@ def _check_bounds(path: Path, kept: list, bounds: tuple[float, float], notes: li
     return out
 
 
-def load_annotations(path: str | Path, classes: list[str], class_map: dict[str, int],
+def read_features(path: Path) -> list[dict]:
+    """The features of a GeoJSON file, or of an ImageScope/ASAP XML file (first character ``<``)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"{path}: not readable ({exc})") from exc
+    if text.lstrip().startswith("<"):
+        from mlps_dist.slides.annotation_xml import read_xml_features
+
+        return read_xml_features(path)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise AnnotationError(f"{path}: not readable as JSON ({exc})") from exc
+    return _features(data, path)
+
+
+def _has_area(feature: dict) -> bool:
+    geometry = feature.get("geometry")
+    return isinstance(geometry, dict) and geometry.get("type") in AREA_TYPES
+
+
+def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap | dict,
                      bounds: tuple[float, float] | None = None) -> Annotations:
-    """``bounds``: the slide's level-0 (width, height), for the checks of the module docstring."""
+    """``bounds``: the slide's level-0 (width, height), for the checks of the module docstring.
+    ``class_map``: a ClassMap, or a {lower-case name: class index} dict."""
     import shapely
     from shapely.geometry import shape
     from shapely.ops import unary_union
 
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AnnotationError(f"{path}: not readable as JSON ({exc})") from exc
-    features = _features(data, path)
+    class_map = as_class_map(class_map, classes)
+    features = read_features(path)
     notes: list[str] = []
     detections = [f for f in features if isinstance(f, dict) and _object_type(f) in SKIPPED_OBJECTS]
     if detections:
         notes.append(f"{path}: {len(detections)} detection/cell object(s) skipped (they carry no region)")
     features = [f for f in features if isinstance(f, dict) and _object_type(f) not in SKIPPED_OBJECTS]
-    found = sorted({_class_name(f) for f in features})
-    unmapped = [n for n in found if n.lower() not in class_map]
+    found = sorted({_class_name(f) for f in features if _has_area(f)})  # names of points/lines do not matter
+    unmapped = [n for n in found if class_map.lookup(n) is None]
     if unmapped:
         raise AnnotationError(f"{path}: annotation class(es) {unmapped} map to no class of {classes}; names found: "
-                              f"{found}; add them to --class-map (e.g. --class-map \"{unmapped[0]}={classes[0]}\")")
+                              f"{found}; add them to --class-map (e.g. --class-map \"{unmapped[0]}={classes[0]}\", "
+                              f"or \"{unmapped[0]}=ignore\" to leave its regions out)")
     kept, no_area = [], 0
     for number, feature in enumerate(features):
-        geometry = feature.get("geometry") or {}
-        kind = geometry.get("type") if isinstance(geometry, dict) else None
-        if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        if not _has_area(feature):
             no_area += 1  # points, lines, null geometry: no region
             continue
+        kind = feature["geometry"]["type"]
         try:
-            geom = shape(geometry)
+            geom = shape(feature["geometry"])
         except Exception as exc:  # shapely raises several types on malformed coordinates
             raise AnnotationError(f"{path}: feature {number} has a malformed {kind} ({exc})") from exc
         if not np.isfinite(shapely.get_coordinates(geom)).all():
@@ -214,10 +236,23 @@ def load_annotations(path: str | Path, classes: list[str], class_map: dict[str, 
     if bounds is not None:
         kept = _check_bounds(path, kept, bounds, notes)
     parts: list[list] = [[] for _ in classes]
+    ignored_parts, ignored_names = [], set()
     for _, cls, geom in kept:
-        parts[class_map[cls.lower()]].append(geom)
+        target = class_map.lookup(cls)
+        if target == IGNORE:
+            ignored_parts.append(geom)
+            ignored_names.add(cls)
+        else:
+            parts[target].append(geom)
+    ignored = unary_union(ignored_parts) if ignored_parts else _empty()
     per_class = [unary_union(p) if p else _empty() for p in parts]
+    if not ignored.is_empty:  # ignore wins where it overlaps a class region (labels and masks agree)
+        per_class = [g.difference(ignored) if not g.is_empty else g for g in per_class]
+        notes.append(f"{path}: {len(ignored_parts)} region(s) of {sorted(ignored_names)} mapped to ignore "
+                     f"({ignored.area:.0f} px2): in no label, the ignore index in masks")
     annotations = Annotations(per_class, found, path)
+    annotations.ignored = ignored
+    annotations.mapping = {n: class_map.target_name(class_map.lookup(n)) for n in found}
     annotations.notes = notes
     return annotations
 

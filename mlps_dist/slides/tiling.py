@@ -8,8 +8,8 @@ unlabelled and left out) and a val/test tile carries the rasterised polygons as 
 (tiles no polygon touches are left out). The slide's tiles go into one part tar
 (OUT/.parts/<slide>-000000.tar + .idx, local keys) committed atomically, then
 OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done slides
-whose marker has the same settings, split, slide file (size, mtime) and GeoJSON (size,
-sha256).
+whose marker has the same settings (the class map included), split, slide file (size,
+mtime) and annotation file (name, size, sha256).
 
 Assembly renumbers the parts into the shard format of tools/make_shards.py: per split, the
 slides in name order, keys ``<split>_<index:08d>`` contiguous whatever order the slides
@@ -35,6 +35,7 @@ from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode
 from mlps_dist.draw import png_bytes
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json
 from mlps_dist.slides.grid import rank_share, tile_grid
+from mlps_dist.slides.class_map import ClassMap, as_class_map
 from mlps_dist.slides.reader import Slide, slide_stem
 from mlps_dist.slides.tissue import TissueMap, detect_tissue
 
@@ -48,7 +49,7 @@ class TileSpec:
     stride: int
     min_tissue: float
     classes: list[str]
-    class_map: dict[str, int] = field(default_factory=dict)
+    class_map: ClassMap | dict = field(default_factory=dict)  # slides/class_map.py (a dict: exact names only)
     label_min_fraction: float = 0.05
     tissue_mpp: float = 8.0
     slide_mpp: float | None = None  # level-0 MPP override for every slide
@@ -64,26 +65,46 @@ class TileSpec:
 class SlideJob:
     path: str
     split: str
-    annotations: str | None  # GeoJSON path
+    annotations: str | None  # annotation file (GeoJSON, ImageScope or ASAP XML)
 
 
 def part_marker(out: Path, name: str) -> Path:
     return out / PARTS / f"{name}.json"
 
 
-def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
-    """Tile one slide into its part; returns the part record (also written as the marker)."""
+def finished_part(job: SlideJob, spec: TileSpec, out: str | Path) -> dict | None:
+    """The record of the slide's part when an earlier run finished it under the same key."""
+    marker = part_marker(Path(out), slide_stem(job.path))
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: redo the slide
+    if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
+            and record.get("inputs") == _input_key(job):
+        return {**record, "reused": True}
+    return None
+
+
+def grid_size(width: int, height: int, slide_mpp: float, spec: TileSpec) -> int:
+    """Grid positions of a slide (what progress counts: glass positions pass quickly)."""
+    return len(tile_grid(width, height, spec.tile * spec.mpp / slide_mpp, spec.stride * spec.mpp / slide_mpp))
+
+
+def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) -> dict:
+    """Tile one slide into its part; returns the part record (also written as the marker).
+    ``on_tiles(n)``: called as grid positions are done (in batches), for progress."""
     from mlps_dist.slides.annotations import load_annotations
 
     out = Path(out)
     name = slide_stem(job.path)
     marker = part_marker(out, name)
     inputs = _input_key(job)
-    if marker.is_file():
-        record = json.loads(marker.read_text())
-        if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
-                and record.get("inputs") == inputs:
-            return {**record, "reused": True}
+    done = finished_part(job, spec, out)
+    if done is not None:
+        return done
+    report = on_tiles or (lambda n: None)
     with Slide(job.path, spec.slide_mpp) as slide:
         annotations = (load_annotations(job.annotations, spec.classes, spec.class_map, bounds=(slide.width, slide.height))
                        if job.annotations else None)
@@ -92,9 +113,13 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
         size0 = spec.tile * spec.mpp / slide.mpp
         stride0 = spec.stride * spec.mpp / slide.mpp
         writer = ShardWriter(out / PARTS, name, 0)
-        labels_out, count = [], 0
+        labels_out, count, pending = [], 0, 0
         try:
             for x, y in tile_grid(slide.width, slide.height, size0, stride0):
+                pending += 1
+                if pending == 64:
+                    report(pending)
+                    pending = 0
                 frac = tissue.fraction(x, y, size0, slide.mpp)
                 if frac < spec.min_tissue:
                     continue
@@ -128,19 +153,27 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path) -> dict:
             writer.abort()
             raise
         part = writer.close()
+        report(pending)
     record = {"slide": name, "path": str(job.path), "split": job.split, "count": count, "part": part,
               "labels": labels_out, "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
               "spec": _spec_key(spec), "inputs": inputs}
+    if annotations is not None:
+        record["annotations"] = {"file": str(job.annotations), "sha256": inputs["annotations"]["sha256"],
+                                 "classes": annotations.mapping}
     atomic_write_json(marker, record, indent=None)
     return record
 
 
 def _input_key(job: SlideJob) -> dict:
-    """The slide file's size and mtime and the GeoJSON's size and sha256: a re-scanned slide
-    or a corrected annotation redoes the slide's part."""
+    """The slide file's size and mtime and the annotation file's name, size and sha256: a
+    re-scanned slide, a corrected annotation or another file chosen redoes the slide's part."""
     from mlps_dist.slides.workkey import content_stamp, slide_stamp
 
-    return json.loads(json.dumps({"slide": slide_stamp(job.path), "annotations": content_stamp(job.annotations)}))
+    annotations = None
+    if job.annotations is not None:
+        size, digest = content_stamp(job.annotations)
+        annotations = {"file": Path(job.annotations).name, "size": size, "sha256": digest}
+    return json.loads(json.dumps({"slide": slide_stamp(job.path), "annotations": annotations}))
 
 
 def _spec_key(spec: TileSpec) -> dict:
@@ -193,7 +226,11 @@ def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palet
     info = {"format": FORMAT_VERSION, "layout": "slides", "classes": list(spec.classes),
             "ignore_index": spec.ignore_index, "palette": [list(c) for c in palette], "mpp": spec.mpp,
             "tile": spec.tile, "stride": spec.stride, "min_tissue": spec.min_tissue,
-            "label_min_fraction": spec.label_min_fraction, "splits": {}, **(extra or {})}
+            "label_min_fraction": spec.label_min_fraction,
+            "class_map": as_class_map(spec.class_map, spec.classes).record(),
+            "annotations": {r["slide"]: r["annotations"] for r in sorted(records, key=lambda r: r["slide"])
+                            if r.get("annotations")},
+            "splits": {}, **(extra or {})}
     for split, shards in plan.items():
         mine = [r for r in records if r["split"] == split]
         counts = np.zeros(len(spec.classes), np.int64)
