@@ -140,3 +140,12 @@ def test_progress_is_plain_lines_on_stderr_off_a_terminal(wsi, tmp_path, capsys,
     assert "grid tiles/s" in lines[-1] and "\r" not in err
     assert tile_slides.main(base) == 0
     assert "tiling: 0/0 grid tiles" in capsys.readouterr().err  # both slides reused: nothing left to do
+
+
+def test_help_shows_the_defaults_and_the_annotation_flags(capsys):
+    with pytest.raises(SystemExit):
+        tile_slides.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--tile TILE tile side in pixels at --mpp (default: 224)" in text
+    assert "--annotations-map CSV" in text and "slide1.svs.geojson" in text and "Region*=ignore" in text
+    assert "--out OUT shard folder to write (becomes data.root) --mpp" in text  # no "(default: None)"
