@@ -171,7 +171,7 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
         raise InputError(f"slide(s) without microns per pixel: {[p for p, _ in no_mpp]}; pass --slide-mpp with "
                          f"the scanner's resolution or remove them")
     splits = assign_splits([slide_stem(p) for p in paths], args.splits, args.split_ratios, args.seed)
-    files = find_annotation_files(good, args.annotations, args.annotations_map)
+    files = find_annotation_files(good, args.annotations, args.annotations_map, listed=paths)
     jobs = []
     for path in good:
         annotation = files[slide_stem(path)]

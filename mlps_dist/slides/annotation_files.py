@@ -77,14 +77,15 @@ def read_annotations_map(map_csv: str | Path, slides: list[Path]) -> dict[str, P
     return table
 
 
-def find_annotation_files(slides: list[Path], folder: str | Path | None,
-                          map_csv: str | Path | None) -> dict[str, Path | None]:
-    """{slide name: its annotation file}; all None when neither flag is given."""
+def find_annotation_files(slides: list[Path], folder: str | Path | None, map_csv: str | Path | None,
+                          listed: list[Path] | None = None) -> dict[str, Path | None]:
+    """{slide name: its annotation file} of ``slides``; all None when neither flag is given.
+    ``listed``: every slide of --slides (a map row may name one that cannot be opened)."""
     if folder is None and map_csv is None:
         return {slide_stem(p): None for p in slides}
     if folder is not None and not Path(folder).is_dir():
         raise InputError(f"--annotations {folder}: no such folder")
-    mapped = read_annotations_map(map_csv, slides) if map_csv is not None else {}
+    mapped = read_annotations_map(map_csv, listed or slides) if map_csv is not None else {}
     found: dict[str, Path | None] = {}
     missing = []
     for slide in slides:
