@@ -47,8 +47,9 @@ from mlps_dist.errors import EXIT_SOME_FAILED, InputError
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from mlps_dist.slides.grid import balanced_slides, rank_share
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
+from mlps_dist.slides.regions import region_features
 from mlps_dist.slides.stitch import (SlideGeometry, SlideModel, area_summary, class_map, geometry,
-                                     merge_partials)
+                                     merge_partials, probabilities)
 from mlps_dist.slides.tiff import write_pyramid_tiff
 from mlps_dist.slides.tissue import detect_tissue
 from mlps_dist.slides.workkey import export_fingerprint, key_digest, run_fingerprint, work_key
@@ -74,10 +75,17 @@ def parse_args(argv):
     p.add_argument("--max-map-gb", type=float, default=16.0,
                    help="refuse a --map-mpp whose class map would need more memory than this (GB, default 16)")
     p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
+    p.add_argument("--simplify", type=float, default=1.0, metavar="PX",
+                   help="regions.geojson: simplification tolerance in map pixels (0: exact pixel outlines; default 1)")
+    p.add_argument("--min-region-um2", type=float, default=0.0,
+                   help="regions.geojson: drop regions smaller than this many square microns (default 0: keep all)")
     args = p.parse_args(argv)
     for flag, value in (("--map-mpp", args.map_mpp), ("--mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too
             p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0")
+    for flag, value in (("--simplify", args.simplify), ("--min-region-um2", args.min_region_um2)):
+        if not 0 <= value < float("inf"):
+            p.error(f"{flag} {value}: must be a finite number >= 0")
     if not 0 < args.max_map_gb < float("inf"):
         p.error(f"--max-map-gb {args.max_map_gb}: must be a finite number > 0")
     if args.batch_size < 1 or args.stride < 0 or args.readers < 1:
@@ -203,14 +211,19 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     tissue = load_png(work / "tissue.png") > 0
     ignore = len(model.classes)
     classes = class_map(sums, weight, tissue, ignore)
-    del sums, weight, partials
+    probs = probabilities(sums, weight)  # in place: the sums become the weighted mean scores
+    del weight, partials
+    regions = region_features(classes, probs, model.classes, model.palette, slide=name, px0=geo.px0,
+                              map_mpp=geo.map_mpp, simplify=args.simplify, min_area_um2=args.min_region_um2,
+                              bounds=(geo.width, geo.height), ignore=ignore)
     summary = {"slide": name, "width": geo.width, "height": geo.height, "mpp": geo.mpp, "map_mpp": geo.map_mpp,
                "classes": list(model.classes), **area_summary(classes, tissue, model.classes, geo.map_mpp),
                "model_mpp": model.mpp, "tiles": tiles, "map_size": [geo.map_w, geo.map_h],
-               "work_key": key_digest(key), "work": key}
+               **regions.summary(), "work_key": key_digest(key), "work": key}
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_bytes(tmp / "classes.png", palette_png_bytes(classes, model.palette))
+    atomic_write_bytes(tmp / "regions.geojson", regions.geojson_bytes())
     write_pyramid_tiff(tmp / "classes.tiff", colourise(classes, model.palette), geo.map_mpp, compression="zlib",
                        nearest=True)
     thumb = load_png(work / "thumb.png")
@@ -228,7 +241,8 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     return summary
 
 
-OUTPUT_FILES = {"classes.png", "classes.tiff", "overlay.png", "tissue.png", "summary.json"}
+OUTPUT_FILES = {"classes.png", "classes.tiff", "overlay.png", "tissue.png", "summary.json", "regions.geojson",
+                "probabilities.tiff"}
 
 
 def finished(folder: Path, key: dict) -> bool:
@@ -400,7 +414,8 @@ def _run(args, model: SlideModel | None, group) -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     stride = args.stride or max(1, model.patch_size // 2)
     settings = {"map_mpp": args.map_mpp, "slide_mpp": args.slide_mpp, "stride": stride,
-                "patch_size": model.patch_size, "model_mpp": model.mpp, "classes": list(model.classes)}
+                "patch_size": model.patch_size, "model_mpp": model.mpp, "classes": list(model.classes),
+                "simplify": args.simplify, "min_region_um2": args.min_region_um2}
     fingerprint = getattr(model, "fingerprint", None) or type(model).__name__
     keys = {n: work_key(p, settings, fingerprint) for n, p in good.items()}
     pending = {n: p for n, p in good.items() if not finished(out / n, keys[n])}

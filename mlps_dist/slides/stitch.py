@@ -140,3 +140,11 @@ def area_summary(classes_map: np.ndarray, tissue: np.ndarray, classes: list[str]
     counts = np.bincount(classes_map.ravel(), minlength=len(classes) + 1)
     return {"tissue_mm2": round(float(tissue.sum()) * px_mm2, 6),
             "area_mm2": {c: round(float(counts[i]) * px_mm2, 6) for i, c in enumerate(classes)}}
+
+
+def probabilities(sums: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The weighted mean scores (C, H, W), computed in place in ``sums`` (0 where no tile
+    was predicted)."""
+    np.divide(sums, np.maximum(weight, 1e-12)[None], out=sums)
+    sums[:, weight <= 0] = 0
+    return sums
