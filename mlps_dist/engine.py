@@ -36,6 +36,7 @@ from mlps_dist.ema import WeightAverage
 from mlps_dist.lock import run_lock
 from mlps_dist.preflight import check_models
 from mlps_dist.runlog import RunLog
+from mlps_dist.speed import EpochMeter, describe as describe_speed
 
 PREEMPTED_EXIT_CODE = 75
 
@@ -264,6 +265,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             log.event("checkpoint", path=str(path), **asdict(progress))
             return path
 
+        meter = EpochMeter(dist.device())
         for epoch in range(progress.epoch, train_cfg.epochs):
             scalars = task.start_epoch(epoch, model.module)
             log.scalars(scalars, step=progress.global_step, prefix="train/")
@@ -271,8 +273,10 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             loader = task.train_loader(epoch, progress.step_in_epoch * plan.accumulation, plan)
             with torch.random.fork_rng(devices=[]):  # see train_step
                 batches = iter(loader)
+            first_step = progress.step_in_epoch
             bar = log.progress(range(progress.step_in_epoch, steps_per_epoch), total=steps_per_epoch,
                                initial=progress.step_in_epoch, desc=f"epoch {epoch}")
+            meter.start()
             for _ in bar:
                 loss = train_step(model, task, batches, plan)
                 if average is not None:
@@ -290,6 +294,9 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
                     raise Preempted(f"preempted at epoch {epoch} step {progress.step_in_epoch}; rerun to resume")
                 if mid_epoch and train_cfg.ckpt_every_steps and progress.global_step % train_cfg.ckpt_every_steps == 0:
                     save()
+            speed_figures = meter.done(progress.step_in_epoch - first_step, plan.global_batch)
+            log.scalars(speed_figures, step=progress.global_step, prefix="speed/")
+            log.info(f"epoch {epoch}: {progress.step_in_epoch - first_step} steps, {describe_speed(speed_figures)}")
             del batches, loader
             model.sync_buffers()
             if average is not None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Iterable, Iterator, TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 def format_duration(seconds: float) -> str:
@@ -33,16 +35,20 @@ class Progress:
     """Counts items of one long task and reports them on ``stream``.
 
     ``enabled=False`` (a non-zero rank, a quiet flag) keeps the counting and prints nothing,
-    so callers need no branches. ``total`` may be 0 (nothing to do: one closing line)."""
+    so callers need no branches. ``total`` may be 0 (nothing to do: one closing line) or None
+    (unknown: no share, no ETA). ``initial`` counts items done before (a resumed epoch): they
+    are in the count, not in the rate."""
 
-    def __init__(self, what: str, total: int, unit: str = "items", *, stream: TextIO | None = None,
-                 enabled: bool = True, every_s: float = 30.0, clock=time.monotonic):
-        self.what, self.total, self.unit = what, int(total), unit
+    def __init__(self, what: str, total: int | None, unit: str = "items", *, initial: int = 0,
+                 stream: TextIO | None = None, enabled: bool = True, every_s: float = 30.0,
+                 clock=time.monotonic):
+        self.what, self.unit = what, unit
+        self.total = None if total is None else int(total)
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.every_s = every_s
         self.clock = clock
-        self.done = 0
+        self.done = self.initial = int(initial)
         self.start = clock()
         self._last = self.start
         isatty = getattr(self.stream, "isatty", None)
@@ -51,7 +57,9 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.initial) / elapsed
+        if self.total is None:
+            return f"{self.what}: {self.done} {self.unit}, {rate:.1f} {self.unit}/s, {format_duration(elapsed)}"
         share = f" ({100.0 * self.done / self.total:.0f} %)" if self.total else ""
         text = f"{self.what}: {self.done}/{self.total} {self.unit}{share}, {rate:.1f} {self.unit}/s"
         if self.done < self.total and rate > 0:
@@ -59,6 +67,14 @@ class Progress:
         elif self.done >= self.total:
             text += f", {format_duration(elapsed)}"
         return text
+
+    def wrap(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Yields the items of ``iterable``, counting each; the closing line once it is spent
+        (a loop left early by an exception writes none: its error says more)."""
+        for item in iterable:
+            yield item
+            self.update()
+        self.close()
 
     def update(self, n: int = 1) -> None:
         self.done += n

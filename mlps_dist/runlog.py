@@ -1,4 +1,4 @@
-"""Rank-0 run logging: console, JSONL, TensorBoard and progress bars.
+"""Rank-0 run logging: console, JSONL, TensorBoard and progress lines.
 
 Producers (trainers, the mask pass, evaluation) call one ``RunLog``; it decides what to
 write and where. Every rank may call it; only rank 0 writes, so callers need no
@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mlps_dist import dist
+from mlps_dist.progress import Progress
 
 
 def _jsonable(value: Any) -> Any:
@@ -98,17 +99,13 @@ class RunLog:
             self._tb.flush()
 
     # -------------------------------------------------------------- progress
-    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "", initial: int = 0):
-        """A tqdm bar on rank 0 (stderr); the bare iterable elsewhere."""
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "", initial: int = 0,
+                 unit: str = "steps"):
+        """Progress on rank 0 (stderr: a redrawn line on a terminal, a plain line every 30 s in
+        a log file); the bare iterable elsewhere."""
         if not self.enabled:
             return iterable
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return iterable
-
-        return tqdm(iterable, total=total, desc=f"{self.stage} {desc}".strip(), initial=initial,
-                    dynamic_ncols=True, leave=False, mininterval=2.0, file=sys.stderr)
+        return Progress(f"{self.stage} {desc}".strip(), total, unit, initial=initial).wrap(iterable)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -214,3 +214,11 @@ def test_deepspeed_refuses_uneven_micro_batches_and_zero3_before_building(tmp_pa
     with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
         parallel.deepspeed_config(TrainConfig(batch_size=16, deepspeed_config=str(zero3)),
                                   parallel.plan_batches(TrainConfig(batch_size=16), 2), amp_dtype=None)
+
+
+def test_training_log_has_throughput_and_memory_per_epoch(reference):
+    records = [json.loads(line) for line in open(reference.parent / "run" / "log.jsonl")]
+    speed = [r for r in records if r["kind"] == "scalars" and "speed/images_per_s" in r]
+    assert [r["step"] for r in speed] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]  # one per epoch
+    assert all(r["speed/images_per_s"] > 0 and r["speed/step_s"] > 0 and r["speed/peak_rss_mib"] > 50
+               for r in speed)

@@ -53,3 +53,17 @@ def test_terminal_redraws_one_line():
 
 def test_format_duration():
     assert [format_duration(s) for s in (5, 187, 7500)] == ["5s", "3m07s", "2h05m"]
+
+
+def test_wrap_counts_a_resumed_loop_and_an_unknown_total():
+    clock, out = Clock(), io.StringIO()
+    progress = Progress("classifier epoch 3", total=10, unit="steps", initial=6, stream=out, clock=clock)
+    for _ in progress.wrap(range(6, 10)):
+        clock.t += 2.0
+    # the 6 steps done before the resume are counted, not timed: 4 steps in 8 s
+    assert out.getvalue() == "classifier epoch 3: 10/10 steps (100 %), 0.5 steps/s, 8s\n"
+
+    out = io.StringIO()
+    for _ in Progress("masks", total=None, unit="batches", stream=out, clock=clock).wrap(range(3)):
+        clock.t += 1.0
+    assert out.getvalue() == "masks: 3 batches, 1.0 batches/s, 3s\n"
