@@ -9,18 +9,30 @@ With ``--model`` (an export of tools/export.py) the pass runs in one process thr
 onnxruntime and needs neither torch nor the training stack: tiles get the same scores as
 with ``--run`` (the graph holds the same normalisation, resize, networks and gate).
 
-Per slide, in OUT/<slide>/: classes.png (uint8 class index per map pixel at ``--map-mpp``,
-the ignore index off tissue), classes.tiff (the map in the palette colours as a pyramidal
-TIFF that OpenSlide and QuPath open), overlay.png (the slide at the map's resolution with
-the classes blended in), tissue.png and summary.json; OUT/summary.csv has a row per slide.
+Per slide, in OUT/<slide>/ (docs/segment_slides.md):
+- classes.png: uint8 class index per map pixel at ``--map-mpp``, the ignore index off tissue;
+- classes.tiff: the same indices as a tiled pyramidal palette TIFF (the class colours as its
+  colormap, resolution tags at the map's MPP) that OpenSlide opens;
+- regions.geojson: one QuPath annotation per connected region of each class, level-0 pixel
+  coordinates, simplified by ``--simplify`` map pixels, regions under ``--min-region-um2``
+  dropped, with area_um2 and mean_probability (mlps_dist/slides/regions.py);
+- probabilities.tiff (``--probabilities``): one uint8 plane per class, OME-TIFF, map grid;
+- overlay.png: the slide beside the slide with its classes, 2048 px long where the slide
+  has the pixels, with a legend and a scale bar;
+- tissue.png and summary.json (areas, regions, the stain record, the work key);
+OUT/summary.csv has a row per slide with the run, checkpoint and settings used. A run with
+stain normalisation estimates each slide's stains once on its tissue (pass 1) and maps every
+tile with that estimate (``--stain-scope tile``: each tile on its own, as before). Progress
+(tiles done / total, tiles/s, ETA) is written by rank 0 on stderr (mlps_dist/progress.py).
 
 Three passes, each split over ranks: (1) per slide, the tissue mask and thumbnail at the map
 resolution; (2) the tiles of all slides that touch tissue, one global list split into
 contiguous shares so every tile is predicted exactly once, each rank saving its weighted
 score sums per slide; (3) per slide, one rank sums the shares, takes the argmax and writes
 the outputs into a temporary folder renamed into place. A slide whose summary.json has the
-current work key (slide file size and mtime, --map-mpp, --mpp, stride, patch, the model's
-files or export: mlps_dist/slides/workkey.py) is done: a killed run, rerun, redoes only
+current work key (slide file size and mtime, --map-mpp, --mpp, stride, patch, --simplify,
+--min-region-um2, --probabilities, --stain-scope, the model's files or export:
+mlps_dist/slides/workkey.py) is done: a killed run, rerun, redoes only
 unfinished slides (and reuses saved shares of the same key); other settings redo a slide. A slide
 that cannot be read is named, the others finish, and the exit status is 3
 (``EXIT_SOME_FAILED``); a bad invocation (flag, model, output folder) is 2, before any work.
@@ -30,7 +42,6 @@ See mlps_dist/slides/stitch.py for the tile geometry and blending.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import shutil
@@ -42,15 +53,19 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist import runner
-from mlps_dist.draw import blend, colourise, palette_png_bytes, png_bytes
+from mlps_dist.draw import png_bytes
 from mlps_dist.errors import EXIT_SOME_FAILED, InputError
 from mlps_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from mlps_dist.progress import Progress
 from mlps_dist.slides.grid import balanced_slides, rank_share
+from mlps_dist.slides.overlay import view_mpp
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
-from mlps_dist.slides.regions import region_features
+from mlps_dist.slides.slide_outputs import write_slide_outputs
+from mlps_dist.slides.slide_stain import SlideStain, StainPlan
+from mlps_dist.slides.slide_summary import (checkpoint_label, run_label, run_settings, stain_summary,
+                                            write_summary_csv)
 from mlps_dist.slides.stitch import (SlideGeometry, SlideModel, area_summary, class_map, geometry,
                                      merge_partials, probabilities)
-from mlps_dist.slides.tiff import write_pyramid_tiff
 from mlps_dist.slides.tissue import detect_tissue
 from mlps_dist.slides.workkey import export_fingerprint, key_digest, run_fingerprint, work_key
 
@@ -79,6 +94,10 @@ def parse_args(argv):
                    help="regions.geojson: simplification tolerance in map pixels (0: exact pixel outlines; default 1)")
     p.add_argument("--min-region-um2", type=float, default=0.0,
                    help="regions.geojson: drop regions smaller than this many square microns (default 0: keep all)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write probabilities.tiff: one uint8 plane per class (probability x 255), map grid")
+    p.add_argument("--stain-scope", choices=("slide", "tile"), default="slide",
+                   help="a run with data.stain: estimate the stains once per slide (default) or per tile")
     args = p.parse_args(argv)
     for flag, value in (("--map-mpp", args.map_mpp), ("--mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too
@@ -100,10 +119,12 @@ def work_dir(out: Path, name: str) -> Path:
     return out / WORK / name
 
 
-def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None, digest: str = "") -> None:
-    """Tissue mask and thumbnail at the map resolution, reused only when the saved work has
-    the same work key (slide file, settings, model: slides/workkey.py); otherwise the
-    slide's work folder is emptied and everything is redone."""
+def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None, digest: str = "",
+                  stain=None) -> None:
+    """Tissue mask and thumbnail at the map resolution, the overlay's view of the slide
+    (slides/overlay.py) and, with ``stain`` (a ``StainPlan``), the slide's stain estimate;
+    reused only when the saved work has the same work key (slide file, settings, model:
+    slides/workkey.py); otherwise the slide's work folder is emptied and everything is redone."""
     work = work_dir(out, slide_stem(path))
     (work / "bad.txt").unlink(missing_ok=True)
     if (work / "meta.json").is_file():
@@ -117,12 +138,17 @@ def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None
     try:
         with Slide(path, slide_mpp) as slide:
             thumb = slide.read_scaled(map_mpp)
-            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp, "work_key": digest}
-        tissue = detect_tissue(thumb, map_mpp)
+            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp, "work_key": digest,
+                    "view_mpp": view_mpp(slide.width, slide.height, slide.mpp, map_mpp)}
+            view = slide.read_scaled(meta["view_mpp"]) if meta["view_mpp"] < map_mpp else thumb
+            tissue = detect_tissue(thumb, map_mpp)
+            if stain is not None:
+                meta["stain"] = stain.estimate(slide, tissue)
     except SlideError as exc:
         atomic_write_text(work / "bad.txt", str(exc))
         return
     atomic_write_bytes(work / "thumb.png", png_bytes(thumb))
+    atomic_write_bytes(work / "view.png", png_bytes(view))
     atomic_write_bytes(work / "tissue.png", png_bytes(tissue.astype(np.uint8) * 255))
     atomic_write_json(work / "meta.json", meta)
 
@@ -137,11 +163,13 @@ def load_png(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------- pass 2: tiles
 
 
-def read_batches(slide: Slide, geo: SlideGeometry, origins, patch: int, batch: int, threads: int):
-    """Yield (origins, uint8 (N, 3, P, P)) in order, ``2 * threads`` batches read ahead."""
+def read_batches(slide: Slide, geo: SlideGeometry, origins, patch: int, batch: int, threads: int, stain=None):
+    """Yield (origins, uint8 (N, 3, P, P)) in order, ``2 * threads`` batches read ahead;
+    ``stain`` (a SlideStain) normalises them in the reading threads."""
     def read(chunk):
-        return np.stack([slide.read(x * geo.px0, y * geo.px0, geo.size0, patch).transpose(2, 0, 1)
-                         for x, y in chunk])
+        tiles = np.stack([slide.read(x * geo.px0, y * geo.px0, geo.size0, patch).transpose(2, 0, 1)
+                          for x, y in chunk])
+        return stain.tiles(tiles) if stain is not None else tiles
 
     chunks = [origins[i:i + batch] for i in range(0, len(origins), batch)]
     with ThreadPoolExecutor(threads) as pool:
@@ -159,9 +187,11 @@ def part_file(work: Path, digest: str, first: int, last: int) -> Path:
 
 
 def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origins, first: int, last: int,
-                  out: Path, args, digest: str = "") -> None:
+                  out: Path, args, digest: str = "", progress: Progress | None = None) -> None:
     """Predict tiles [first, last) of a slide and save their weighted score sums (named by
-    the work key, so a share made with other settings is never summed in)."""
+    the work key, so a share made with other settings is never summed in). A run with
+    stain normalisation and ``--stain-scope slide`` maps the tiles with the slide's
+    estimate from pass 1 (meta.json) and the model's own per-tile estimate is skipped."""
     from mlps_dist.slides.stitch import Accumulator
 
     work = work_dir(out, geo.name)
@@ -170,10 +200,17 @@ def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origi
         return
     mine = origins[first:last]
     acc = Accumulator(len(model.classes), geo, mine)
+    normaliser = getattr(model, "stain", None)
+    stain = None
+    if normaliser is not None and args.stain_scope == "slide":
+        stain = SlideStain(normaliser, json.loads((work / "meta.json").read_text()).get("stain"))
     try:
         with Slide(slide_path, args.slide_mpp) as slide:
-            for chunk, tiles in read_batches(slide, geo, mine, model.patch_size, args.batch_size, args.readers):
-                acc.add(model.scores(tiles, geo.n), chunk)
+            for chunk, tiles in read_batches(slide, geo, mine, model.patch_size, args.batch_size, args.readers,
+                                             stain):
+                acc.add(model.scores(tiles, geo.n, stain=False) if stain else model.scores(tiles, geo.n), chunk)
+                if progress is not None:
+                    progress.update(len(chunk))
     except SlideError as exc:
         atomic_write_text(work / "bad.txt", str(exc))
         return
@@ -213,22 +250,19 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     classes = class_map(sums, weight, tissue, ignore)
     probs = probabilities(sums, weight)  # in place: the sums become the weighted mean scores
     del weight, partials
-    regions = region_features(classes, probs, model.classes, model.palette, slide=name, px0=geo.px0,
-                              map_mpp=geo.map_mpp, simplify=args.simplify, min_area_um2=args.min_region_um2,
-                              bounds=(geo.width, geo.height), ignore=ignore)
+    meta = json.loads((work / "meta.json").read_text())
+    areas = area_summary(classes, tissue, model.classes, geo.map_mpp)
     summary = {"slide": name, "width": geo.width, "height": geo.height, "mpp": geo.mpp, "map_mpp": geo.map_mpp,
-               "classes": list(model.classes), **area_summary(classes, tissue, model.classes, geo.map_mpp),
-               "model_mpp": model.mpp, "tiles": tiles, "map_size": [geo.map_w, geo.map_h],
-               **regions.summary(), "work_key": key_digest(key), "work": key}
+               "classes": list(model.classes), **areas, "model_mpp": model.mpp, "tiles": tiles,
+               "map_size": [geo.map_w, geo.map_h], "run": run_label(args), "checkpoint": checkpoint_label(args),
+               "stain": stain_summary(model, meta, args)}
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_bytes(tmp / "classes.png", palette_png_bytes(classes, model.palette))
-    atomic_write_bytes(tmp / "regions.geojson", regions.geojson_bytes())
-    write_pyramid_tiff(tmp / "classes.tiff", colourise(classes, model.palette), geo.map_mpp, compression="zlib",
-                       nearest=True)
-    thumb = load_png(work / "thumb.png")
-    overlay = np.where((classes != ignore)[..., None], blend(thumb, classes, model.palette, 0.45), thumb)
-    atomic_write_bytes(tmp / "overlay.png", png_bytes(overlay))
+    summary.update(write_slide_outputs(
+        tmp, name, classes, probs, geo, model.classes, model.palette, view=load_png(work / "view.png"),
+        view_mpp=meta["view_mpp"], areas_mm2=areas["area_mm2"], simplify=args.simplify,
+        min_region_um2=args.min_region_um2, with_probabilities=args.probabilities))
+    summary.update(work_key=key_digest(key), work=key)
     atomic_write_bytes(tmp / "tissue.png", (work / "tissue.png").read_bytes())  # fsynced before the rename
     atomic_write_json(tmp / "summary.json", summary)
     final = out / name
@@ -259,22 +293,6 @@ def check_ours(folder: Path) -> None:
     if not folder.is_dir() or "summary.json" not in names or not names <= OUTPUT_FILES:
         raise InputError(f"{folder} exists and was not written by segment_slides (it holds {sorted(names)[:5]}); "
                          f"it is left alone: move it, or choose another --out")
-
-
-def write_summary_csv(out: Path, names: list[str], bad: dict[str, str], classes: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["slide", "status", "width", "height", "mpp", "map_mpp", "tissue_mm2"]
-                    + [f"{c}_mm2" for c in classes] + ["error"])
-    for name in names:
-        path = out / name / "summary.json"
-        if name not in bad and path.is_file():
-            s = json.loads(path.read_text())
-            writer.writerow([name, "ok", s["width"], s["height"], s["mpp"], s["map_mpp"], s["tissue_mm2"]]
-                            + [s["area_mm2"].get(c, 0) for c in classes] + [""])
-        else:
-            writer.writerow([name, "failed"] + [""] * (5 + len(classes)) + [bad.get(name, "not finished")])
-    atomic_write_text(out / "summary.csv", buf.getvalue())
 
 
 # ---------------------------------------------------------------- entry point
@@ -367,9 +385,10 @@ class ExportedSlideModel:
         self.model = OnnxModel(path)
         self.classes, self.palette = list(self.model.classes), self.model.palette
         self.mpp, self.patch_size = self.model.mpp, int(self.model.patch_size)
+        self.stain = self.model.stain  # the run's stain reference (None: off)
 
-    def scores(self, tiles: np.ndarray, out_size: int) -> np.ndarray:
-        return area_average(self.model.scores(np.ascontiguousarray(tiles)), out_size)
+    def scores(self, tiles: np.ndarray, out_size: int, stain: bool = True) -> np.ndarray:
+        return area_average(self.model.scores(np.ascontiguousarray(tiles), stain=stain), out_size)
 
 
 def build_model(args, group) -> SlideModel:
@@ -415,13 +434,25 @@ def _run(args, model: SlideModel | None, group) -> int:
     stride = args.stride or max(1, model.patch_size // 2)
     settings = {"map_mpp": args.map_mpp, "slide_mpp": args.slide_mpp, "stride": stride,
                 "patch_size": model.patch_size, "model_mpp": model.mpp, "classes": list(model.classes),
-                "simplify": args.simplify, "min_region_um2": args.min_region_um2}
+                "simplify": args.simplify, "min_region_um2": args.min_region_um2,
+                "probabilities": args.probabilities}
+    normaliser = getattr(model, "stain", None)
+    stain_plan = None
+    if normaliser is not None:  # only a run with stain normalisation has its scope in the key
+        settings["stain_scope"] = args.stain_scope
+        if args.stain_scope == "slide":
+            stain_plan = StainPlan(normaliser, model, args.map_mpp, stride)
     fingerprint = getattr(model, "fingerprint", None) or type(model).__name__
     keys = {n: work_key(p, settings, fingerprint) for n, p in good.items()}
     pending = {n: p for n, p in good.items() if not finished(out / n, keys[n])}
     sizes = {n: p.stat().st_size for n, p in pending.items()}
-    for name in balanced_slides(sizes, world, rank):
-        prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp, key_digest(keys[name]))
+    mine = balanced_slides(sizes, world, rank)
+    tissue_progress = Progress(f"segment_slides{rank_tag(rank, world)}: tissue", len(mine), "slides",
+                               enabled=rank == 0)
+    for name in mine:
+        prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp, key_digest(keys[name]), stain_plan)
+        tissue_progress.update()
+    tissue_progress.close()
     dist.barrier()
     plans = []
     for name in sorted(pending):
@@ -437,22 +468,36 @@ def _run(args, model: SlideModel | None, group) -> int:
                              f"only {geo.n} map pixels; use a --map-mpp of at most {model.patch_size * model.mpp / 4:g}")
         plans.append((name, geo, geo.origins(load_png(work / "tissue.png") > 0)))
     shares = share_ranges([len(o) for _, _, o in plans], world)
-    for s, first, last in shares[rank]:
+    todo = [(s, first, last) for s, first, last in shares[rank]
+            if not part_file(work_dir(out, plans[s][0]), key_digest(keys[plans[s][0]]), first, last).is_file()]
+    everyone = sum(len(o) for _, _, o in plans)
+    tile_progress = Progress(f"segment_slides{rank_tag(rank, world)}: tiles"
+                             + (f" (this rank's share of {everyone})" if world > 1 else ""),
+                             sum(last - first for _, first, last in todo), "tiles", enabled=rank == 0)
+    for s, first, last in todo:
         name, geo, origins = plans[s]
-        predict_share(model, pending[name], geo, origins, first, last, out, args, key_digest(keys[name]))
+        predict_share(model, pending[name], geo, origins, first, last, out, args, key_digest(keys[name]),
+                      tile_progress)
+    tile_progress.close()
     dist.barrier()
     done = []
     for number, (name, geo, origins) in enumerate(plans):
         if number % world != rank:
             continue
         ranges = [(first, last) for pieces in shares for s, first, last in pieces if s == number]
+        started = time.perf_counter()
         result = finish_slide(name, geo, ranges, model, out, args, len(origins), keys[name])
         if "error" in result:
             bad[name] = result["error"]
+        else:
+            print(f"segment_slides{rank_tag(rank, world)}: {name} written ({len(origins)} tiles, "
+                  f"{sum(result['regions'].values())} regions) in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr, flush=True)
         done.append(name)
     bad = {k: v for share in dist.all_gather_object(bad) for k, v in share.items()}
     if dist.is_main():
-        write_summary_csv(out, sorted(slide_stem(p) for p in paths), bad, model.classes)
+        write_summary_csv(out, sorted(slide_stem(p) for p in paths), bad, model.classes,
+                          run_settings(args, settings, fingerprint))
         for name in sorted(bad):
             print(f"slide failed: {name}: {bad[name]}", file=sys.stderr)
         ok = len(paths) - len(bad)
@@ -460,6 +505,10 @@ def _run(args, model: SlideModel | None, group) -> int:
               f"(summary: {out / 'summary.csv'})")
     dist.barrier()
     return EXIT_SOME_FAILED if bad else 0
+
+
+def rank_tag(rank: int, world: int) -> str:
+    return f" [rank {rank}/{world}]" if world > 1 else ""
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,12 @@ class RunSlideModel:
     def __init__(self, predictor: Predictor, classes: list[str], palette, mpp: float | None, patch_size: int):
         self.predictor, self.classes, self.palette = predictor, list(classes), palette
         self.mpp, self.patch_size = mpp, int(patch_size)
+        self.stain = predictor.stain  # the run's stain normaliser (None: off)
 
     @torch.no_grad()
-    def scores(self, tiles: np.ndarray, out_size: int) -> np.ndarray:
-        scores = self.predictor(torch.from_numpy(np.ascontiguousarray(tiles))).scores()
+    def scores(self, tiles: np.ndarray, out_size: int, stain: bool = True) -> np.ndarray:
+        """``stain`` False: the tiles' stains were normalised by the caller (a slide's estimate)."""
+        scores = self.predictor(torch.from_numpy(np.ascontiguousarray(tiles)), stain=stain).scores()
         if tuple(scores.shape[-2:]) != (out_size, out_size):
             scores = F.interpolate(scores, size=(out_size, out_size), mode="area")
         return scores.float().cpu().numpy()

@@ -36,6 +36,8 @@ class SlideModel(Protocol):
     palette: list[tuple[int, int, int]]  # C + 1 colours, the last for ignore/no tissue
     mpp: float | None  # microns per pixel the model was trained at (None: unknown)
     patch_size: int  # side of the training patches
+    # Optional: ``stain``, the run's stain.StainNormaliser (None or absent: none). A model with
+    # one also takes ``scores(..., stain=False)`` for tiles the caller normalised itself.
 
     def scores(self, tiles: np.ndarray, out_size: int) -> np.ndarray:
         """uint8 (N, 3, patch, patch) -> float32 (N, C, out_size, out_size) class scores."""
