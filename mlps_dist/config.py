@@ -254,12 +254,16 @@ class EvaluateConfig:
 
 @dataclass
 class GpuConfig:
-    """Speed options for CUDA ranks (mlps_dist/gpu_options.py). All off: not measured on a GPU
-    yet (bash tools/gpu_check.sh measures them). They change kernels, not the training."""
+    """Speed options (mlps_dist/gpu_options.py), for CUDA ranks where not said otherwise. All
+    off: not measured on a GPU yet (bash tools/gpu_check.sh measures them). They change
+    kernels and lifetimes, not the training."""
 
     cudnn_benchmark: bool = False  # cuDNN autotunes its conv algorithms (fixed patch size): trainers, mask pass
     channels_last: bool = False  # NHWC weights and input batches for the trained network
     dali_pinned_copies: bool = False  # DALI loader: labels/indices copied from pinned memory, not blocking
+    # DALI loader, CPU ranks too: one train and one eval pipeline kept for the run and re-fed
+    # each epoch, instead of one built (with its source workers) per epoch and per validation
+    dali_pipeline_per_run: bool = False
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Speed options for CUDA ranks (the ``gpu`` config section), all off by default: none has
 been measured on a GPU yet (tools/gpu_check.sh measures them; docs/benchmarks.md).
+``gpu.dali_pipeline_per_run`` acts on CPU ranks too: it is read by the DALI loader
+(data/dali_pool.py), not here.
 
     apply(cfg.gpu, device)                 # process-wide switches (cuDNN autotuning)
     module = channels_last(module)         # NHWC weights, 4-D inputs converted on the way in
@@ -24,6 +26,7 @@ def apply(gpu: GpuConfig, device: torch.device) -> dict:
         on["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     on["channels_last"] = bool(gpu.channels_last)
     on["dali_pinned_copies"] = bool(gpu.dali_pinned_copies) and device.type == "cuda"
+    on["dali_pipeline_per_run"] = bool(gpu.dali_pipeline_per_run)  # acts on CPU ranks too (data/dali_pool.py)
     return on
 
 

@@ -126,7 +126,9 @@ def main() -> int:
                 task.loss = lambda model, batch: (time.sleep(args.step_seconds), loss(model, batch))[1]
         engine.fit(cfg, train_cfg, task, log)
         state = {k: v.detach().cpu().clone() for k, v in task.trained.state_dict().items()}
-        torch.save({"weights": state, "task": task.state_dict(), "forward_dtype": getattr(task, "forward_dtype", "")},
+        dali = sys.modules.get("mlps_dist.data.dali_loader")  # imported only where data.loader=dali
+        torch.save({"weights": state, "task": task.state_dict(), "forward_dtype": getattr(task, "forward_dtype", ""),
+                    "dali_pipelines_built": dali.pipelines_built() if dali else 0},
                    out / f"weights-rank{dist.get_rank()}.pt")
         return 0
     except engine.Preempted:

@@ -1,6 +1,7 @@
 """The CUDA paths: NCCL DDP (one and two GPUs) and DeepSpeed steps, bf16/fp16 through the stage-1
-task on both back ends, SyncBatchNorm, DALI ``mixed`` decoding with every augmentation, the
-mask pass against the CPU's, resume on a GPU, and the demo on one GPU.
+task on both back ends and through the stage-1 and stage-3 losses, SyncBatchNorm, DALI ``mixed``
+decoding with every augmentation and the DALI speed keys, the mask pass against the CPU's,
+resume on a GPU, and the demo on one GPU.
 
 Every test here is marked ``gpu``: it runs with MLPS_TEST_GPU=1 where CUDA is present and is
 skipped, with the reason, elsewhere (tests/conftest.py). Tests that need DeepSpeed or DALI skip
@@ -187,28 +188,37 @@ def test_amp_trains_the_classifier_task_like_fp32(tmp_path, tiny_shards, classif
     assert 0 < off < AMP_WEIGHTS_RTOL[precision], off
 
 
-def _tiny_classifier_losses(precision: str, steps: int = 30) -> list[float]:
-    """Losses of ``steps`` SGD steps of small38 through the stage-1 loss on cuda:0."""
+def _tiny_losses(stage: str, precision: str, steps: int = 30) -> list[float]:
+    """Losses of ``steps`` SGD steps through the stage's own loss on cuda:0: small38 with the
+    stage-1 loss, or DeepLab-v3+ (small) with the stage-3 loss over three mask layers."""
+    from types import SimpleNamespace
+
     from mlps_dist import parallel
-    from mlps_dist.config import TrainConfig
-    from mlps_dist.models import create_classifier
+    from mlps_dist.config import SegmenterConfig, TrainConfig
+    from mlps_dist.models import create_classifier, create_segmenter
     from mlps_dist.train_classifier import ClassifierTask
+    from mlps_dist.train_segmenter import SegmenterTask
 
     device = torch.device("cuda", 0)
     cfg = TrainConfig(batch_size=8, lr=0.01, precision=precision)
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(8, 3, 64, 64, generator=gen).to(device),
-             "labels": (torch.rand(8, 4, generator=gen) < 0.5).float().to(device)}
+             "labels": (torch.rand(8, 4, generator=gen) < 0.5).float().to(device),
+             "masks": torch.randint(0, 5, (8, 3, 64, 64), generator=gen, dtype=torch.uint8).to(device)}
     torch.manual_seed(0)
-    model = parallel.wrap(create_classifier("small38", 4, dropout=0.0), cfg,
-                          plan=parallel.plan_batches(cfg, 1), total_steps=steps, device=device)
+    if stage == "classifier":
+        network, task, loss_of = create_classifier("small38", 4, dropout=0.0), None, ClassifierTask.loss
+    else:
+        network, loss_of = create_segmenter("deeplabv3plus_small", 4, ""), SegmenterTask.loss
+        task = SimpleNamespace(section=SegmenterConfig(), layer_slots=[0, 1, 2], ignore_index=4)
+    model = parallel.wrap(network, cfg, plan=parallel.plan_batches(cfg, 1), total_steps=steps, device=device)
     if precision == "fp16":
         assert model.scaler.is_enabled()
     model.train()
     losses = []
     for _ in range(steps):
         with model.autocast():
-            loss = ClassifierTask.loss(None, model, batch)  # the trainer's own loss
+            loss = loss_of(task, model, batch)  # the trainer's own loss
         assert loss.dtype == torch.float32
         model.backward(loss, boundary=True)
         model.step()
@@ -216,10 +226,11 @@ def _tiny_classifier_losses(precision: str, steps: int = 30) -> list[float]:
     return losses
 
 
+@pytest.mark.parametrize("stage", ["classifier", "segmenter"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_autocast_reaches_the_fp32_loss(precision, fp32_reference):
-    reference = _tiny_classifier_losses("fp32")
-    amp = _tiny_classifier_losses(precision)
+def test_autocast_reaches_the_fp32_loss(stage, precision, fp32_reference):
+    reference = _tiny_losses(stage, "fp32")
+    amp = _tiny_losses(stage, precision)
     assert all(np.isfinite(amp))
     assert amp[-1] < 0.9 * amp[0] and reference[-1] < 0.9 * reference[0]  # both train
     assert abs(amp[0] - reference[0]) <= AMP_FIRST_LOSS_RTOL[precision] * reference[0], (reference, amp)
@@ -275,8 +286,8 @@ def _loader_outputs(cfg, reader, backend: str, device, **kwargs) -> list[dict]:
     if kwargs.pop("eval", False):
         loader = create_eval_loader(cfg, reader, batch_size=4, rank=0, world=1, device=device)
     else:
-        loader = create_train_loader(cfg, reader, batch_size=4, epoch=3, rank=0, world=1, device=device,
-                                     augment=cfg.segmenter.augment, **kwargs)
+        loader = create_train_loader(cfg, reader, batch_size=4, epoch=kwargs.pop("epoch", 3), rank=0, world=1,
+                                     device=device, augment=cfg.segmenter.augment, **kwargs)
     return [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for b in loader]
 
 
@@ -330,14 +341,71 @@ def test_dali_pinned_copies_yield_the_same_batches(tiny_shards):
     from mlps_dist.data.shards import open_split
 
     reader = open_split(tiny_shards, "train")
-    out = {}
+    out, wait = {}, {}
     for pinned in (False, True):
         cfg = Config()
         cfg.data.root, cfg.gpu.dali_pinned_copies = str(tiny_shards), pinned
         out[pinned] = _loader_outputs(cfg, reader, "dali", torch.device("cuda", 0))
+        wait[pinned] = _data_wait_ms(cfg, reader)
     for a, b in zip(out[False], out[True]):
         assert a["key"] == b["key"] and torch.equal(a["labels"], b["labels"]) and torch.equal(a["index"], b["index"])
         assert torch.equal(a["image"], b["image"])
+    print(f"DALI data wait behind a queued GPU step: {wait[False]:.2f} ms per batch with blocking copies, "
+          f"{wait[True]:.2f} ms with gpu.dali_pinned_copies")
+
+
+def _data_wait_ms(cfg, reader, step_matmuls: int = 40) -> float:
+    """Mean time next() waits for a batch while each step queues GPU work (matmuls) and moves
+    on without synchronising, as the trainer does: the cost of copies that block the prefetch
+    thread behind that work."""
+    import time
+
+    from mlps_dist.data.loaders import create_train_loader
+
+    device = torch.device("cuda", 0)
+    work = torch.randn(2048, 2048, device=device)
+    loader = create_train_loader(cfg, reader, batch_size=2, epoch=0, rank=0, world=1, device=device)
+    waits, batches = [], iter(loader)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        waits.append(time.perf_counter() - start)
+        if batch is None:
+            break
+        for _ in range(step_matmuls):
+            work = torch.tanh(work @ work * 1e-3)
+    torch.cuda.synchronize(device)
+    return 1000 * sum(waits[1:-1]) / max(len(waits) - 2, 1)  # the first and the end-of-epoch waits are no step's
+
+
+def test_dali_pipeline_per_run_yields_the_same_batches_and_saves_the_builds(tiny_shards):
+    """gpu.dali_pipeline_per_run on cuda:0 with spawned source workers (the default there):
+    two epochs from one pipeline equal two epochs from one pipeline each; prints the time of
+    both (what the key's default is chosen from)."""
+    needs("nvidia.dali")
+    import time
+
+    from mlps_dist.config import Config
+    from mlps_dist.data import dali_loader
+    from mlps_dist.data.dali_pool import POOL
+    from mlps_dist.data.shards import open_split
+
+    reader = open_split(tiny_shards, "train")
+    out, seconds, builds = {}, {}, {}
+    for per_run in (False, True):
+        cfg = Config()
+        cfg.data.root, cfg.gpu.dali_pipeline_per_run = str(tiny_shards), per_run
+        POOL.clear()
+        built, start = dali_loader.pipelines_built(), time.perf_counter()
+        out[per_run] = [b for epoch in (3, 4) for b in _loader_outputs(cfg, reader, "dali", torch.device("cuda", 0),
+                                                                       epoch=epoch)]
+        seconds[per_run], builds[per_run] = time.perf_counter() - start, dali_loader.pipelines_built() - built
+    POOL.clear()
+    for a, b in zip(out[False], out[True], strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["labels"], b["labels"]) and torch.equal(a["image"], b["image"])
+    assert builds == {False: 2, True: 1}, builds
+    print(f"DALI 2 epochs: {seconds[False]:.1f} s with a pipeline built per epoch, {seconds[True]:.1f} s with one "
+          f"per run (gpu.dali_pipeline_per_run)")
 
 
 def test_mask_pass_on_gpu_matches_the_cpu_masks(tiny_shards, tmp_path):

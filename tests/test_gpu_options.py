@@ -12,10 +12,12 @@ from mlps_dist.models import create_classifier
 
 
 def test_the_speed_options_are_off_by_default_and_do_not_shape_a_stage():
-    assert GpuConfig() == GpuConfig(cudnn_benchmark=False, channels_last=False, dali_pinned_copies=False)
+    assert GpuConfig() == GpuConfig(cudnn_benchmark=False, channels_last=False, dali_pinned_copies=False,
+                                    dali_pipeline_per_run=False)
     cfg = load_config("configs/demo.yaml", ["gpu.cudnn_benchmark=true", "gpu.channels_last=true",
-                                            "gpu.dali_pinned_copies=true"])
+                                            "gpu.dali_pinned_copies=true", "gpu.dali_pipeline_per_run=true"])
     assert cfg.gpu.cudnn_benchmark and cfg.gpu.channels_last and cfg.gpu.dali_pinned_copies
+    assert cfg.gpu.dali_pipeline_per_run
     for stage in artifacts.STAGES:
         assert not any(k.startswith("gpu.") for k in artifacts.shaping_config(cfg.to_dict(), stage))
 
@@ -25,6 +27,8 @@ def test_apply_switches_cudnn_autotuning_on_cuda_ranks_only():
     on = gpu_options.apply(GpuConfig(cudnn_benchmark=True, dali_pinned_copies=True), torch.device("cpu"))
     assert torch.backends.cudnn.benchmark == before and "cudnn_benchmark" not in on
     assert on["dali_pinned_copies"] is False  # pinned copies only where there is a GPU to copy to
+    on = gpu_options.apply(GpuConfig(dali_pipeline_per_run=True), torch.device("cpu"))
+    assert on["dali_pipeline_per_run"] is True  # the DALI loader keeps its pipelines on a CPU rank too
 
 
 def test_channels_last_trains_the_same_network_in_nhwc():

@@ -220,12 +220,101 @@ def test_dali_parallel_source_workers_yield_the_same_batches_and_the_source_pick
     for a, b in zip(out[0], out[2]):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
 
+    from nvidia.dali.types import BatchInfo
+
     source = loader.loader.source()  # the DALI loader inside the background thread's wrapper
     copy = pickle.loads(pickle.dumps(source))
-    for mine, theirs in zip(source(1), copy(1)):
+    for mine, theirs in zip(source(BatchInfo(1, 0)), copy(BatchInfo(1, 0))):
         assert all(np.array_equal(x, y) for x, y in zip(mine, theirs))
     with pytest.raises(StopIteration):  # DALI prefetches past the end; the source must keep saying so
-        copy(len(loader))
+        copy(BatchInfo(len(loader), 0))
+
+
+def _same_batches(got, want):
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        assert a["key"] == b["key"] and torch.equal(a["index"], b["index"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["image"], b["image"])
+        for key in ("masks", "mask", "rgb"):
+            assert (key in a) == (key in b) and (key not in a or torch.equal(a[key], b[key])), key
+
+
+@pytest.mark.parametrize("source_workers, masks", [(0, False), (1, True)])
+def test_dali_pipeline_kept_for_the_run_yields_the_per_epoch_batches_and_builds_once(tiny_shards, source_workers,
+                                                                                     masks):
+    """gpu.dali_pipeline_per_run: one pipeline re-fed each epoch gives the batches of one built
+    per epoch, over two epochs and from a resume's mid-epoch position on; the eval loader is
+    built once for every validation; a pipeline left mid-epoch is not reused."""
+    import gc
+
+    from mlps_dist.data import dali_loader
+    from mlps_dist.data.dali_pool import POOL
+
+    reader, val_reader = open_split(tiny_shards, "train"), open_split(tiny_shards, "val")  # kept, as the tasks do
+    pseudo = RedChannelMasks(reader) if masks else None
+
+    def epoch(cfg, e, start=0):
+        return list(create_train_loader(cfg, reader, batch_size=4, epoch=e, start_step=start, rank=1, world=2,
+                                        device="cpu", pseudo_masks=pseudo))
+
+    def validation(cfg):
+        return list(create_eval_loader(cfg, val_reader, batch_size=3, rank=0, world=1, device="cpu"))
+
+    keys = dict(rot90=True, color_jitter=0.2, hed_jitter=0.05, blur_prob=0.5, dali_source_workers=source_workers)
+    per_epoch, per_run = make_cfg(tiny_shards, "dali", **keys), make_cfg(tiny_shards, "dali", **keys)
+    per_run.gpu.dali_pipeline_per_run = True
+    today = {e: epoch(per_epoch, e) for e in (0, 1, 2)}
+    today_val = validation(per_epoch)
+    assert today[0][0]["key"] != today[1][0]["key"]  # the epochs differ: the comparison below means something
+
+    POOL.clear()
+    built = dali_loader.pipelines_built()
+    _same_batches(epoch(per_run, 0), today[0])
+    _same_batches(validation(per_run), today_val)
+    _same_batches(epoch(per_run, 1), today[1])
+    _same_batches(validation(per_run), today_val)
+    assert dali_loader.pipelines_built() - built == 2  # one train pipeline, one eval pipeline
+
+    POOL.clear()  # a rerun after a crash: a new process resumes at epoch 1, micro step 2
+    built = dali_loader.pipelines_built()
+    _same_batches(epoch(per_run, 1, start=2), today[1][2:])
+    _same_batches(epoch(per_run, 2), today[2])
+    assert dali_loader.pipelines_built() - built == 1
+
+    left = iter(create_train_loader(per_run, reader, batch_size=4, epoch=3, rank=1, world=2, device="cpu",
+                                    pseudo_masks=pseudo))
+    next(left)
+    del left  # a preemption leaves epoch 3 behind mid-way
+    gc.collect()
+    built = dali_loader.pipelines_built()
+    _same_batches(epoch(per_run, 3), epoch(per_epoch, 3))
+    assert dali_loader.pipelines_built() - built == 2  # rebuilt for epoch 3, as without the key
+    POOL.clear()
+
+
+@pytest.mark.slow
+def test_the_stage1_trainer_with_one_dali_pipeline_per_run_trains_the_same_weights(tiny_shards, tmp_path):
+    """The real trainer (2 epochs, a validation after each) with gpu.dali_pipeline_per_run:
+    bit-identical weights to pipelines built per epoch, from 2 pipelines instead of 4."""
+    import json
+
+    import torchrun_helpers as jobs
+
+    blobs = {}
+    for per_run in (False, True):
+        cfg = tmp_path / f"per-run-{per_run}.yaml"
+        cfg.write_text(json.dumps({
+            "run_dir": str(tmp_path / f"run-{per_run}"), "seed": 1, "gpu": {"dali_pipeline_per_run": per_run},
+            "data": {"root": str(tiny_shards), "num_workers": 1, "loader": "dali"},
+            "classifier": {"model": "small38", "epochs": 2, "batch_size": 8, "lr": 0.01, "cam_images": 0,
+                           "dropout": 0.0, "pda": {"start_epoch": 1},
+                           "augment": {"rot90": True, "color_jitter": 0.2}}}))
+        done = jobs.run(["tests/engine_worker.py", str(tmp_path / f"out-{per_run}"), "--task", "classifier",
+                         "--config", str(cfg)], nproc=0, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:]
+        blobs[per_run] = torch.load(tmp_path / f"out-{per_run}" / "weights-rank0.pt", weights_only=True)
+    jobs.assert_equal_weights(blobs[True]["weights"], blobs[False]["weights"])
+    assert blobs[False]["dali_pipelines_built"] == 4 and blobs[True]["dali_pipelines_built"] == 2
 
 
 @pytest.mark.parametrize("backend,workers", [("torch", 1), ("dali", 1)])
@@ -303,7 +392,10 @@ from mlps_dist.config import Config
 from mlps_dist.data.loaders import create_train_loader
 from mlps_dist.data.shards import open_split
 cfg = Config(); cfg.data.root, cfg.data.loader, cfg.data.num_workers = sys.argv[1], "dali", 1
+cfg.gpu.dali_pipeline_per_run = sys.argv[2] == "per-run"
+cfg.data.dali_source_workers = int(sys.argv[3])
 reader = open_split(cfg.data.root, "train")
+list(create_train_loader(cfg, reader, batch_size=2, epoch=9, rank=0, world=1, device="cpu"))  # kept when per-run
 for epoch in range(3):  # each iterator dropped mid-epoch, its thread still running the pipeline
     batches = iter(create_train_loader(cfg, reader, batch_size=2, epoch=epoch, rank=0, world=1, device="cpu"))
     next(batches), next(batches)
@@ -313,8 +405,9 @@ print("done")
 
 def test_process_exits_cleanly_with_dali_loaders_abandoned_mid_epoch(tiny_shards):
     """Prefetch threads still inside a DALI pipeline when the interpreter exits are stopped
-    before DALI's own exit handler shuts the pipelines down (otherwise: abort, status 134)."""
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", ABANDON_AND_EXIT, str(tiny_shards)], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before DALI's own exit handler shuts the pipelines down (otherwise: abort, status 134); a
+    pipeline kept for the run (gpu.dali_pipeline_per_run, with source workers) is shut down too."""
+    for lifetime, workers in (("per-epoch", "0"), ("per-run", "1")):
+        proc = subprocess.run([sys.executable, "-c", ABANDON_AND_EXIT, str(tiny_shards), lifetime, workers],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]

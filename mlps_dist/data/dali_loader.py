@@ -11,59 +11,29 @@ CPU. The pipeline prefetches two batches, so decoding overlaps the training step
 Python source only reads bytes and draws parameters (decoding happens in DALI's threads,
 outside the GIL); on a GPU rank it runs in parallel worker processes
 (``data.dali_source_workers``), so the training thread never does even that.
+
+A pipeline is built per epoch and per validation, or, with ``gpu.dali_pipeline_per_run``,
+once per run and re-fed each epoch (dali_source.py maps DALI's epoch number to the training
+epoch; dali_pool.py keeps it between epochs): the same batches either way.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
+from mlps_dist.batching import BatchPlan
 from mlps_dist.config import Config
-from mlps_dist.data.augment import IDENTITY, LOG_FLOOR, photometric_inputs, photometric_ops, sample_params
+from mlps_dist.data.augment import LOG_FLOOR, photometric_ops
+from mlps_dist.data.dali_pool import POOL
+from mlps_dist.data.dali_source import BatchSource, FixedSchedule, TrainSchedule
 from mlps_dist.data.shards import SplitReader
 
-
-def _as_bytes(raw: bytes) -> np.ndarray:
-    return np.frombuffer(raw, dtype=np.uint8)
+_built = 0  # pipelines built in this process (gpu.dali_pipeline_per_run: one per loader kind)
 
 
-def _identity_params(index: int):
-    return IDENTITY
-
-
-class _BatchSource:
-    """Batch ``i`` of the plan as input lists for ``fn.external_source(num_outputs=...)``.
-
-    Stateless (a function of the batch number, as DALI's parallel mode requires) and
-    picklable: ``params_of`` and ``masks_of`` must be module-level callables, partials or
-    bound methods of picklable readers, so that spawned worker processes can run it."""
-
-    def __init__(self, reader, batches, params_of, num_masks, masks_of, with_mask, ops=(False, False)):
-        self.reader, self.batches, self.params_of = reader, batches, params_of
-        self.num_masks, self.masks_of, self.with_mask = num_masks, masks_of, with_mask
-        self.ops, self.num_extra = ops, sum(ops)  # blur kernel and/or HED map columns
-
-    @property
-    def num_outputs(self) -> int:
-        return 6 + self.num_extra + self.num_masks
-
-    def __call__(self, iteration: int):
-        if iteration >= len(self.batches):  # DALI may ask past the end while prefetching
-            raise StopIteration
-        cols: list[list[np.ndarray]] = [[] for _ in range(self.num_outputs)]
-        for index in self.batches[iteration]:
-            sample = self.reader.read(index)
-            p = self.params_of(index)
-            pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
-            values = [_as_bytes(sample["image"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
-                      np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
-                      np.array(p.offset * 255.0, np.float32)] + photometric_inputs(p, self.ops) + [
-                      _as_bytes(png) for png in pngs]
-            for col, value in zip(cols, values):
-                col.append(value)
-        return tuple(cols)
+def pipelines_built() -> int:
+    return _built
 
 
 def source_workers(cfg: Config, device: torch.device, eval_mode: bool = False) -> int:
@@ -76,8 +46,9 @@ def source_workers(cfg: Config, device: torch.device, eval_mode: bool = False) -
     return (2 if device.type == "cuda" and not eval_mode else 0) if workers < 0 else workers
 
 
-def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
+def _build_pipeline(cfg: Config, source: BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
                     resize: int):
+    global _built
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
@@ -93,14 +64,14 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
         return fn.flip(x, horizontal=hflip, vertical=vflip)
 
     workers = source_workers(cfg, device, eval_mode=with_rgb)  # with_rgb: the eval loader
-    # Workers are started per pipeline (per epoch). After CUDA is initialised only spawn is
-    # safe; on a CPU rank fork is, and it starts faster.
+    # Workers are started per pipeline (per epoch, or per run with gpu.dali_pipeline_per_run).
+    # After CUDA is initialised only spawn is safe; on a CPU rank fork is, and it starts faster.
     parallel = {"parallel": True, "prefetch_queue_depth": 2} if workers else {}
 
     @pipeline_def(enable_conditionals=True)
     def pipeline():
         png, transpose, hflip, vflip, gain, offset, *rest = fn.external_source(
-            source=source, num_outputs=source.num_outputs, batch=True, **parallel)
+            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True, **parallel)
         extra, masks = rest[:source.num_extra], rest[source.num_extra:]
         decode_device = "mixed" if on_gpu else "cpu"
         img = fn.decoders.image(png, device=decode_device, output_type=types.RGB)
@@ -133,7 +104,20 @@ def _build_pipeline(cfg: Config, source: _BatchSource, batch_size: int, device: 
     pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
                     prefetch_queue_depth=2, exec_dynamic=True, **pool)  # decode the next batch during this step
     pipe.build()
+    _built += 1
     return pipe
+
+
+def _epoch_ended(pipe) -> bool:
+    """After the epoch's last batch: the source has said StopIteration, so one more ``run()``
+    raises it without scheduling anything; then ``reset()`` starts the pipeline's next epoch.
+    False (the pipeline is out of step with its schedule) where ``run()`` still returns data."""
+    try:
+        pipe.run()
+    except StopIteration:
+        pipe.reset()
+        return True
+    return False
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -146,14 +130,17 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 class DaliLoader:
-    def __init__(self, cfg, reader, batches, device, params_of, masks_of=None, num_masks=0, eval_mode=False,
-                 augment=None):
-        self.reader, self.batches, self.device = reader, batches, torch.device(device)
-        self.eval_mode, self.num_masks = eval_mode, num_masks
+    """One epoch of ``schedule`` (dali_source.py) as batches of torch tensors on ``device``."""
+
+    def __init__(self, cfg, reader, schedule, device, masks_of=None, num_masks=0, eval_mode=False, augment=None):
+        self.cfg, self.reader, self.schedule, self.device = cfg, reader, schedule, torch.device(device)
+        self.batches = schedule.batches(0)
+        self.eval_mode, self.num_masks, self.masks_of = eval_mode, num_masks, masks_of
         self.ops = photometric_ops(augment)
         self.with_mask = eval_mode and reader.has_masks
         self.pinned = cfg.gpu.dali_pinned_copies and self.device.type == "cuda"
-        self._args = (cfg, params_of, masks_of)
+        self.per_run = bool(cfg.gpu.dali_pipeline_per_run)
+        self.resize = 0 if eval_mode else cfg.data.image_size
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -165,22 +152,44 @@ class DaliLoader:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def source(self) -> _BatchSource:
+    def source(self) -> BatchSource:
         """The external source of this loader's batches (what parallel workers run)."""
-        _, params_of, masks_of = self._args
-        num_masks = self.num_masks if masks_of else int(self.with_mask)
-        return _BatchSource(self.reader, self.batches, params_of, num_masks, masks_of, self.with_mask, self.ops)
+        num_masks = self.num_masks if self.masks_of else int(self.with_mask)
+        return BatchSource(self.reader, self.schedule, num_masks, self.masks_of, self.with_mask, self.ops)
+
+    def pool_key(self) -> tuple:
+        """Everything the pipeline and its source are built from, apart from the epoch it starts
+        at. The reader and mask store by identity: the pooled source holds them, so no other
+        object can take their ids while the pipeline is kept."""
+        data = self.cfg.data
+        masks_owner = getattr(self.masks_of, "__self__", self.masks_of)
+        return (self.schedule.identity(), id(self.reader), id(masks_owner), self.num_masks, str(self.device),
+                self.eval_mode, self.resize, self.ops, tuple(data.mean), tuple(data.std), data.num_workers,
+                source_workers(self.cfg, self.device, eval_mode=self.eval_mode))
+
+    def _pipeline(self):
+        """(pipeline, schedule, k): the pool's where gpu.dali_pipeline_per_run has one for this
+        epoch, else a new one reading this loader's schedule from its epoch 0."""
+        if self.per_run:
+            entry = POOL.take(self.pool_key(), self.schedule)
+            if entry is not None:
+                return entry
+        pipe = _build_pipeline(self.cfg, self.source(), self.schedule.max_batch(), self.device, self.eval_mode,
+                               self.resize)
+        return pipe, self.schedule, 0
 
     def __iter__(self):
         if not self.batches:
             return
-        cfg = self._args[0]
-        source = self.source()
-        resize = 0 if self.eval_mode else cfg.data.image_size
-        pipe = _build_pipeline(cfg, source, max(len(b) for b in self.batches), self.device, self.eval_mode, resize)
+        pipe, schedule, k = self._pipeline()
+        last = len(self.batches) - 1
         try:
-            for batch in self.batches:
+            for step, batch in enumerate(self.batches):
                 outs = [_to_torch(o, self.device) for o in pipe.run()]
+                if step == last and self.per_run and _epoch_ended(pipe):
+                    # Handed back before the last batch is yielded: the next epoch's loader
+                    # may ask for it as soon as the training loop has this batch.
+                    POOL.give_back(self.pool_key(), pipe, schedule, k + 1)
                 index = torch.tensor(batch, dtype=torch.int64)
                 labels = torch.from_numpy(np.stack([self.reader.labels(i) for i in batch]))
                 out = {"image": outs.pop(0), "labels": self._to_device(labels), "index": self._to_device(index),
@@ -194,18 +203,17 @@ class DaliLoader:
                     out["masks"] = torch.stack(masks, dim=1)
                 yield out
         finally:
-            del pipe
+            del pipe  # kept by the pool after a clean epoch end; dropped when left mid-epoch
 
 
-def create_dali_train_loader(cfg: Config, reader: SplitReader, batches, epoch: int, device, pseudo_masks=None,
-                             augment=None):
+def create_dali_train_loader(cfg: Config, reader: SplitReader, plan: BatchPlan, rank: int, epoch: int,
+                             start_micro: int, device, pseudo_masks=None, augment=None):
     augment = augment if augment is not None else cfg.classifier.augment
-
-    params_of = functools.partial(sample_params, augment, cfg.seed, epoch)  # picklable for the source workers
+    schedule = TrainSchedule(len(reader), cfg.seed, plan, rank, augment, epoch, start_micro)
     num_masks = len(pseudo_masks.layers) if pseudo_masks is not None else 0
     masks_of = pseudo_masks.read_pngs if pseudo_masks is not None else None
-    return DaliLoader(cfg, reader, batches, device, params_of, masks_of, num_masks, augment=augment)
+    return DaliLoader(cfg, reader, schedule, device, masks_of, num_masks, augment=augment)
 
 
 def create_dali_eval_loader(cfg: Config, reader: SplitReader, batches, device):
-    return DaliLoader(cfg, reader, batches, device, _identity_params, eval_mode=True)
+    return DaliLoader(cfg, reader, FixedSchedule(batches), device, eval_mode=True)

@@ -40,12 +40,13 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
     if missing:
         raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
                          f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.generate_masks) first")
-    batches = rank_micro_batches(permutation(len(reader), cfg.seed, epoch), plan, rank, start_step)
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 
-        loader = create_dali_train_loader(cfg, reader, batches, epoch, device, pseudo_masks, augment)
+        # The same batches, from a schedule a pipeline kept for the run can follow (dali_source.py).
+        loader = create_dali_train_loader(cfg, reader, plan, rank, epoch, start_step, device, pseudo_masks, augment)
     else:
+        batches = rank_micro_batches(permutation(len(reader), cfg.seed, epoch), plan, rank, start_step)
         from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
 
         from mlps_dist.data.sample_errors import NamedSampleErrors
