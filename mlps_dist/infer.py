@@ -7,7 +7,7 @@
 
 (Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own ``--run-path``.)
 
-Two backends behind one interface (``segment(rgb, window, overlap, batch_size)``):
+Two backends behind one interface (``tile_scores(tiles)`` and ``stain``):
 
 - ``--run RUN``: the torch models of a finished run (RUN/config.yaml and the model files);
   files are split over ranks under torchrun (each file exactly once).
@@ -22,14 +22,25 @@ explicit files) two files are written:
     OUT/REL/NAME.png          palettised 8-bit PNG of class indices 0..C-1 (the dataset palette)
     OUT/REL/NAME_overlay.png  the image blended with the class colours
 
-Images of any size, in bounded memory (about 20 bytes per pixel: the image, its class map
-and overlay; the float scores are held for a band of rows only, windows.segment_image):
-windows of the training patch size (as stored in the run's shards or
+Images of any size. Windows of the training patch size (as stored in the run's shards or
 the export's model.json; ``--patch`` overrides it) with ``--overlap`` of each window shared
 with its neighbour, the last window flush with the border. Each window is predicted exactly
 as evaluation predicts a patch (resized to ``data.image_size``, segmenter and gate, back at
 the window's size); the gated scores are averaged where windows overlap (mlps_dist.windows),
 the same rule for both backends, so they agree up to float rounding.
+
+Memory. Images over ``--stream-megapixels`` (default 16) are streamed (``stream_image``):
+read by row bands (mlps_dist.imagerows), blended band by band (windows.segment_bands) and
+written by row bands (mlps_dist.pngstream), so memory is set by the window and the image's
+width, not its height: 8000 x 8000 px with 500 px windows took 520 MB peak RSS (253 MB above
+the interpreter and model, 4.2 bytes per pixel; 1101 MB whole) and 4000 x 4000 px 461 MB
+(tools/bench_infer.py; docs/running.md has the table). PNGs (non-interlaced 8-bit, and 16-bit
+grey) are read by rows; JPEG, TIFF, BMP, WebP and other PNGs are decoded whole and their RGB
+(3 bytes per pixel) is held while the rest streams. Smaller images take the whole-image path
+(about 14-20 bytes per pixel: the image, its class map, overlay and PNG bytes). Both paths
+write the same bytes (tests/test_infer_stream.py). With stain normalisation the streamed
+path estimates the stains once from a grid sample of the whole image (every pixel up to 4 Mpx,
+so then exactly the whole-image estimate) and applies them band by band.
 
 Colour modes: RGBA is composited onto white (transparent = empty glass, which is white
 in H&E); greyscale, palette and 16-bit images are converted to RGB (16-bit scaled by
@@ -49,9 +60,12 @@ from PIL import Image, UnidentifiedImageError
 from mlps_dist import runner
 from mlps_dist.draw import blend, palette_for, palette_png_bytes, png_bytes
 from mlps_dist.errors import InputError, MlpsError
-from mlps_dist.fileio import atomic_write_bytes
-from mlps_dist.windows import segment_image
+from mlps_dist.fileio import atomic_open, atomic_write_bytes
+from mlps_dist.imagerows import image_size, open_rows, rgb_from_pil
+from mlps_dist.pngstream import PngRowWriter
+from mlps_dist.windows import segment_bands, segment_image
 
+STREAM_MEGAPIXELS = 16.0  # larger images go through stream_image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
@@ -81,9 +95,9 @@ def list_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 def too_large(path: Path, exc: Exception) -> ValueError:
     limit = Image.MAX_IMAGE_PIXELS or 0
     return ValueError(f"{path}: {exc.__class__.__name__}: the image has more than --max-megapixels "
-                      f"{limit / 1e6:g} million pixels (about 20 bytes per pixel of memory are needed); pass a "
-                      f"larger --max-megapixels if it is a genuine image, or segment whole slides with "
-                      f"mlps_dist.segment_slides")
+                      f"{limit / 1e6:g} million pixels (a guard against decompression bombs); pass a larger "
+                      f"--max-megapixels if it is a genuine image (images over --stream-megapixels are "
+                      f"processed by row bands), or segment whole slides with mlps_dist.segment_slides")
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -91,15 +105,7 @@ def load_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(white, rgba)
-            elif img.mode.startswith("I;16") or img.mode == "I":
-                arr = np.asarray(img, dtype=np.float64)  # by the bit depth, not the image's own maximum:
-                full = 65535.0 if arr.max() <= 65535 else arr.max()  # tiles of one slide keep one scale
-                img = Image.fromarray(np.clip(arr / full * 255, 0, 255).round().astype(np.uint8))
-            return np.array(img.convert("RGB"))  # a writable copy for torch.from_numpy
+            return rgb_from_pil(img)  # a writable copy for torch.from_numpy
     except Image.DecompressionBombError as exc:
         raise too_large(path, exc) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -141,8 +147,60 @@ def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> 
         raise
 
 
+STAIN_SAMPLE_PIXELS = 4_000_000  # pixels a streamed image's stain estimate is taken from
+
+
+def stain_sample(path: Path, decode) -> np.ndarray:
+    """(N, 3) pixels on a regular grid of the whole image, one pass over its rows: every pixel
+    up to STAIN_SAMPLE_PIXELS (then the estimate is the whole-image one), else every s-th of
+    every s-th row."""
+    source = open_rows(path, decode=decode)
+    step = max(1, int(np.ceil(np.sqrt(source.width * source.height / STAIN_SAMPLE_PIXELS))))
+    picked = []
+    try:
+        for top in range(0, source.height, 256):
+            band = source.rows(top, top + 256)
+            picked.append(band[(step - top % step) % step::step, ::step].reshape(-1, 3))
+            source.release(top + 256)
+    finally:
+        getattr(source, "close", lambda: None)()
+    return np.concatenate(picked)
+
+
+def stream_image(model, path: Path, out_stem: Path, window: int, overlap: float, batch_size: int) -> None:
+    """One image read, predicted and written by row bands (imagerows, windows.segment_bands,
+    pngstream): the same classes and overlay bytes as the whole-image path, with memory set by
+    the window and the image's width. Stains are estimated once from a sample of the whole
+    image (a first pass over its rows) and applied band by band."""
+    transform = None
+    if model.stain is not None:
+        estimate = model.stain.estimate(stain_sample(path, load_rgb))
+        transform = lambda band: model.stain.apply(band, estimate)  # noqa: E731
+    source = open_rows(path, transform, decode=load_rgb)
+    classes = out_stem.parent / f"{out_stem.name}.png"
+    overlay_path = out_stem.parent / f"{out_stem.name}_overlay.png"
+    committed = []
+    try:
+        with atomic_open(classes) as class_file, atomic_open(overlay_path) as overlay_file:
+            class_png = PngRowWriter(class_file, source.width, source.height, palette=model.palette)
+            overlay_png = PngRowWriter(overlay_file, source.width, source.height)
+            for top, rows in segment_bands(model.tile_scores, source, window, overlap, batch_size):
+                class_png.write(rows)
+                overlay_png.write(overlay(source.rows(top, top + len(rows), raw=True), rows, model.palette))
+            class_png.close()
+            overlay_png.close()
+            committed.append(overlay_path)  # the inner file is renamed into place first
+    except BaseException:
+        for path_done in committed:  # both outputs or neither
+            path_done.unlink(missing_ok=True)
+        raise
+    finally:
+        getattr(source, "close", lambda: None)()
+
+
 class RunModel:
-    """Torch backend: the predictor of a run, windows blended by predict.sliding_window."""
+    """Torch backend: the predictor of a run, windows blended by windows.segment_image
+    (predict.sliding_window's rule)."""
 
     def __init__(self, args):
         from mlps_dist import dist
@@ -165,20 +223,14 @@ class RunModel:
             pass  # shards not reachable from here: generated colours, data.image_size windows
         self.patch_size = training_patch_size(cfg, info)
         self.palette = palette_for(int(meta["num_classes"]), info)
+        self.stain = self.predictor.stain
 
-    def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
-        """predict.sliding_window's rule, blended in row bands (windows.segment_image): memory
-        set by the window and the image's width, not its area."""
+    def tile_scores(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (N, 3, h, w) windows, stains already normalised -> float32 (N, C, h, w) gated scores."""
         import torch
 
-        if self.predictor.stain is not None:  # once over the whole image, as sliding_window does
-            rgb = self.predictor.stain(rgb)
-
-        @torch.no_grad()
-        def scores(tiles: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
             return self.predictor(torch.from_numpy(tiles), stain=False).scores().float().cpu().numpy()
-
-        return segment_image(scores, rgb, window, overlap, batch_size)
 
 
 class ExportedModel:
@@ -189,11 +241,18 @@ class ExportedModel:
 
         self.model = OnnxModel(args.model)
         self.patch_size, self.palette = self.model.patch_size, self.model.palette
+        self.stain = self.model.stain
 
-    def segment(self, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
-        # stains normalised once over the whole image, as predict.sliding_window does
-        rgb = self.model.normalise_stains(rgb)
-        return segment_image(lambda tiles: self.model.scores(tiles, stain=False), rgb, window, overlap, batch_size)
+    def tile_scores(self, tiles: np.ndarray) -> np.ndarray:
+        return self.model.scores(tiles, stain=False)
+
+
+def segment(model, rgb: np.ndarray, window: int, overlap: float, batch_size: int) -> np.ndarray:
+    """The whole-image path: stains normalised once over the whole image (as
+    predict.sliding_window does), the windows blended in row bands (windows.segment_image)."""
+    if model.stain is not None:
+        rgb = model.stain(rgb)
+    return segment_image(model.tile_scores, rgb, window, overlap, batch_size)
 
 
 def parse_args(argv):
@@ -212,12 +271,17 @@ def parse_args(argv):
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by infer")
+    p.add_argument("--stream-megapixels", type=float, default=STREAM_MEGAPIXELS,
+                   help="read, predict and write images with more pixels by row bands, in memory set by "
+                        f"the window and the width (default {STREAM_MEGAPIXELS:g}; 0: every image)")
     p.add_argument("--max-megapixels", type=float, default=Image.MAX_IMAGE_PIXELS / 1e6,
                    help="refuse larger images (default: Pillow's decompression-bomb limit, "
                         f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f})")
     args = p.parse_args(argv)
     if not 0 < args.max_megapixels < float("inf"):
         p.error(f"--max-megapixels {args.max_megapixels}: must be a finite number > 0")
+    if not 0 <= args.stream_megapixels < float("inf"):
+        p.error(f"--stream-megapixels {args.stream_megapixels}: must be a finite number >= 0")
     if not 0 <= args.overlap < 1:
         p.error("--overlap must be in [0, 1)")
     if args.patch and args.patch < 8:  # 0 = the stored training patch size
@@ -249,9 +313,13 @@ def _run(args, files, rank: int, world: int) -> int:
     model = ExportedModel(args) if args.model else RunModel(args)
     window = int(args.patch or model.patch_size)
     for file, rel in mine:
+        width, height = image_size(file)
+        if width * height > args.stream_megapixels * 1e6:
+            stream_image(model, file, Path(args.out) / rel, window, args.overlap, args.batch_size)
+            continue
         rgb = load_rgb(file)
-        pred = model.segment(rgb, window, args.overlap, args.batch_size)
-        save_outputs(Path(args.out) / rel, rgb, pred.astype(np.uint8), model.palette)
+        pred = segment(model, rgb, window, args.overlap, args.batch_size)
+        save_outputs(Path(args.out) / rel, rgb, pred, model.palette)
     return len(files)
 
 

@@ -167,6 +167,42 @@ class StainNormaliser:
         out[tissue] = self._reinhard(flat[tissue])
         return out.reshape(rgb.shape)
 
+    def estimate(self, rgb: np.ndarray) -> dict | None:
+        """The per-image part of ``__call__`` (the image's own stain vectors and amounts, or its
+        colour statistics) from (H, W, 3) or (N, 3) uint8 pixels; None with too little tissue.
+        ``apply(band, estimate(sample))`` then normalises an image band by band (infer's
+        streamed path), the estimate taken from a sample of the whole image."""
+        flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1, 3)
+        od = optical_density(flat)
+        tissue = tissue_pixels(od)
+        if tissue.sum() < MIN_TISSUE:
+            return None
+        if self.method == "reinhard":
+            lab = _lab(flat[tissue])
+            return {"mean": lab.mean(axis=0), "std": np.maximum(lab.std(axis=0), 1e-6)}
+        vectors = macenko_vectors(od[tissue])
+        if vectors is None:
+            vectors = self.vectors
+        peak = np.percentile(concentrations(od[tissue], vectors), PERCENTILE, axis=0)
+        scale = np.where(peak > 1e-6, self.max / np.maximum(peak, 1e-6), 1.0)
+        return {"vectors": vectors, "scale": np.clip(scale, 1 / self.max_scale, self.max_scale)}
+
+    def apply(self, rgb: np.ndarray, estimate: dict | None) -> np.ndarray:
+        """(H, W, 3) uint8 normalised with an ``estimate`` of its whole image (pixel by pixel)."""
+        if estimate is None:
+            return np.asarray(rgb, dtype=np.uint8)
+        flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1, 3)
+        od = optical_density(flat)
+        if self.method == "macenko":
+            amounts = concentrations(od, estimate["vectors"]) * estimate["scale"]
+            return from_optical_density(np.maximum(amounts, 0.0) @ self.vectors).reshape(rgb.shape)
+        tissue = tissue_pixels(od)
+        lab = _lab(flat[tissue])
+        gain = np.clip(self.std / estimate["std"], 1 / self.max_scale, self.max_scale)
+        out = flat.copy()
+        out[tissue] = _rgb_from_lab((lab - estimate["mean"]) * gain + self.mean)
+        return out.reshape(rgb.shape)
+
     def tiles(self, tiles: np.ndarray) -> np.ndarray:
         """Channels-first uint8 tiles (N, 3, H, W), each normalised on its own."""
         return np.stack([self(t.transpose(1, 2, 0)).transpose(2, 0, 1) for t in tiles])

@@ -151,6 +151,12 @@ def test_infer_model_and_infer_run_agree_on_patches_and_a_large_image(exported, 
         b = np.asarray(Image.open(tmp_path / "torch" / f"{name}.png"))
         assert a.shape == shape and (a == b).mean() >= 0.999, name
         assert len(np.unique(b)) > 1
+    # the streamed path (row bands) of the ONNX backend writes the same files as its whole-image path
+    assert infer.main(["--model", str(out / "model.onnx"), "--out", str(tmp_path / "bands"), *common,
+                       "--stream-megapixels", "0"]) == 0
+    for name in ("slide.png", "slide_overlay.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "bands" / name)),
+                              np.asarray(Image.open(tmp_path / "onnx" / name))), name
 
 
 def test_infer_model_refuses_run_only_flags(exported, tmp_path, capsys):

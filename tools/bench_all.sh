@@ -52,6 +52,7 @@ if [[ $profile == cpu ]]; then
     masks_args=(--size 128 --images 32 --reference-images 4 --batch-size 8)
     train_args=(--worlds "$worlds")
     slides_args=(--worlds "$worlds" --width 3072 --height 2048 --patch 96 --batch-size 16)
+    infer_args=(--sides 2000)
 else
     # 224 px and the paper batch sizes; bf16 as the paper configs would run on a GPU.
     loader_args=(--n 1024 --size 224 --batch 32 --steps 20 --workers 6 --image-formats png,jpeg)
@@ -60,6 +61,7 @@ else
                 --parallel zero2 --paper-parallel zero2 --warmup 2 --threads 4 --workers 4 --timeout 300
                 --precision bf16)
     slides_args=(--worlds "$worlds" --width 8192 --height 6144 --patch 224 --batch-size 64)
+    infer_args=(--sides 4000,8000)
 fi
 
 run_bench loader python tools/bench_loader.py "${loader_args[@]}"
@@ -74,5 +76,6 @@ else
 fi
 run_bench train python tools/bench_train.py "${train_args[@]}"
 run_bench slides python tools/bench_slides.py "${slides_args[@]}"
+run_bench infer python tools/bench_infer.py "${infer_args[@]}"
 echo "[bench_all] results in $out" >&2
 exit $status
