@@ -94,6 +94,18 @@ def test_a_failed_job_is_reported_with_its_worker_error():
     assert message.endswith("RuntimeError: out of memory") and "torchrun: failed" not in message
 
 
+@pytest.mark.slow
+def test_a_rank_that_dies_without_a_traceback_is_named_with_its_last_words(tmp_path):
+    """A real 2-rank job whose rank 1 aborts (as a C++ abort would: no Python traceback): the
+    failure names the rank, the signal and what the rank itself printed last (its own log)."""
+    proc = run_script("tools/bench_train.py", "--quick", "--worlds", "2", "--abort-rank", "1", "--workdir",
+                      str(tmp_path), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = bench_common.check_lines(proc.stdout)["figures"]["failed"]["classifier/small38/ddp/w2/torch"]
+    assert failed.startswith("torchrun exited with 1: rank 1 (exit code -6, Signal 6 (SIGABRT)"), failed
+    assert "rank 1: aborting as asked" in failed and "ChildFailedError" not in failed, failed
+
+
 def test_bench_loader_smallest(tmp_path):
     proc = run_script("tools/bench_loader.py", "--n", "24", "--size", "32", "--batch", "4", "--steps", "2",
                     "--workers", "1", "--image-formats", "png,jpeg", "--workdir", str(tmp_path), timeout=180)

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,8 @@ def plan_runs(args, data: tuple[Path, Path]) -> list[dict]:
                 runs.append({"name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}", "stage": stage,
                              "model": models[stage], "parallel": parallel, "world": world, "loader": loader,
                              "micro": micro, "steps": steps, "warmup": warmup, "threads": args.threads,
-                             "precision": args.precision, "workers": args.workers, "root": str(root), "run_dir": str(run_dir)})
+                             "precision": args.precision, "workers": args.workers, "root": str(root), "run_dir": str(run_dir),
+                             "abort_rank": args.abort_rank})
     return runs
 
 
@@ -236,6 +238,9 @@ def worker_main(spec_json: str, result_path: str) -> int:
     torch.set_num_threads(spec["threads"])
     dist.init("auto", force_group=True)  # DeepSpeed wants a process group even for one rank
     try:
+        if spec.get("abort_rank") == dist.get_rank():  # --abort-rank: a worker that dies without a traceback
+            print(f"rank {dist.get_rank()}: aborting as asked (--abort-rank)", file=sys.stderr, flush=True)
+            os.abort()
         per_rank = dist.all_gather_object(measure(spec))
         if dist.is_main():
             Path(result_path).write_text(json.dumps(per_rank))
@@ -257,32 +262,91 @@ def _launcher_traceback(block: list[str]) -> bool:
     return "ChildFailedError" in text or "torch/distributed/run.py" in text or "elastic/multiprocessing" in text
 
 
+_CHATTER = re.compile(r"^[WI]\d{4} |\[WARNING\]|FutureWarning|return func")  # torchrun's and libraries' notices
+
+
+def _worker_traceback(lines: list[str]) -> str | None:
+    """The end of the first traceback in ``lines`` that is not torchrun's own."""
+    for start in (i for i, line in enumerate(lines) if line.startswith("Traceback")):
+        block = lines[start:]
+        end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
+        if not _launcher_traceback(block[:end + 1]):
+            return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
+    return None
+
+
 def worker_error(output: str) -> str:
     """The worker's own error in a torchrun log: the end of the first traceback that is not
     torchrun's, else the worker's last lines before torchrun's report (a C++ abort such as
     gloo's "Connection closed by peer") with the failure summary (exit code or signal)."""
     lines = [line.split("]: ", 1)[-1] if line.startswith("[rank") else line for line in output.splitlines()]
+    found = _worker_traceback(lines)
+    if found:
+        return found
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
-    for start in starts:
-        block = lines[start:]
-        end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
-        if not _launcher_traceback(block[:end + 1]):
-            return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
     summary = [line.strip() for line in lines if line.strip().startswith(("exitcode", "traceback :", "rank "))]
     first_launcher = starts[0] if starts else len(lines)
-    chatter = re.compile(r"^[WI]\d{4} |\[WARNING\]|FutureWarning|return func")  # torchrun's and libraries' notices
-    before = [line.strip() for line in lines[:first_launcher] if line.strip() and not chatter.search(line)][-6:]
+    before = [line.strip() for line in lines[:first_launcher] if line.strip() and not _CHATTER.search(line)][-6:]
     return " | ".join(before + summary[:6]) or " | ".join(lines[-12:])
 
 
+def rank_error(text: str) -> str:
+    """A rank's own stderr file: the end of its traceback, else its last lines (a C++ abort)."""
+    lines = text.splitlines()
+    return _worker_traceback(lines) or " | ".join(
+        [line.strip() for line in lines if line.strip() and not _CHATTER.search(line)][-6:]) or "(no output)"
+
+
+def rank_logs(log_dir: Path) -> dict[int, Path]:
+    """Each local rank's stderr file that torchrun's ``--log-dir`` / ``--redirects`` wrote
+    (LOG_DIR/<run id>/attempt_<n>/<local rank>/stderr.log; the last attempt wins)."""
+    logs = {}
+    for path in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        if path.parent.name.isdigit():
+            logs[int(path.parent.name)] = path
+    return logs
+
+
+def failed_rank(output: str) -> tuple[int | None, str]:
+    """(local rank, "exitcode ... / signal") of torchrun's "Root Cause" entry, if it printed one."""
+    cause = output[output.find("Root Cause"):] if "Root Cause" in output else ""
+    rank = re.search(r"local_rank:\s*(\d+)", cause)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", cause)
+    signal = re.search(r"traceback\s*:\s*(Signal .*)", cause)
+    how = f"exit code {code.group(1)}" if code else "failed"
+    if signal:
+        how += f", {signal.group(1).strip()}"
+    return (int(rank.group(1)) if rank else None), how
+
+
+def failure_report(output: str, log_dir: Path) -> str:
+    """The failed rank's own last words: the tail of its stderr file (a Python traceback, or the
+    lines before a C++ abort, which leaves no traceback), with torchrun's exit code or signal;
+    without per-rank files, ``worker_error`` of the combined output."""
+    rank, how = failed_rank(output)
+    logs = rank_logs(log_dir)
+    if rank is None and logs:  # no summary (torchrun itself killed): the first rank that wrote an error
+        rank = next((r for r, p in sorted(logs.items()) if "Error" in p.read_text(errors="replace")), None)
+    if rank in logs:
+        text = logs[rank].read_text(errors="replace")
+        return f"rank {rank} ({how}): {rank_error(text)} (its log: {logs[rank]})"
+    return worker_error(output)
+
+
 def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
-    """Run one configuration as a torchrun job; its per-rank figures, or RuntimeError with the log tail."""
-    result = workdir / f"result-{spec['name'].replace('/', '_')}.json"
+    """Run one configuration as a torchrun job; its per-rank figures, or RuntimeError naming the
+    failed rank and its own error (per-rank logs under WORKDIR/ranks-<name>/)."""
+    name = spec["name"].replace("/", "_")
+    result = workdir / f"result-{name}.json"
     result.unlink(missing_ok=True)
+    log_dir = workdir / f"ranks-{name}"
+    shutil.rmtree(log_dir, ignore_errors=True)  # a rerun into --workdir: only this job's files
+    # --redirects/--tee 3: each rank's stdout and stderr in its own file under log_dir, and on the console
     cmd = [*bench_common.torchrun_command(), "--standalone", f"--nproc_per_node={spec['world']}",
+           "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3",
            str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
-    log = workdir / f"log-{spec['name'].replace('/', '_')}.txt"  # the whole job's output, kept for --workdir
+    log = workdir / f"log-{name}.txt"  # the whole job's output, kept for --workdir
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -291,7 +355,7 @@ def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
         raise RuntimeError(f"did not finish in {timeout:.0f} s (raise --timeout or lower --steps)") from None
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {worker_error(proc.stdout + proc.stderr)} "
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {failure_report(proc.stdout + proc.stderr, log_dir)} "
                            f"(whole log: {log})")
     return json.loads(result.read_text())
 
@@ -321,6 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP on --worlds, "
                    "torch loader, 1 step, 32 px")
+    p.add_argument("--abort-rank", type=int, default=-1, help=argparse.SUPPRESS)  # tests: how a dead rank is reported
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a torchrun job: the spec as JSON
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -364,7 +429,7 @@ def main(argv=None) -> int:
                 failures[spec["name"]] = str(exc)
                 bench_common.log(f"FAILED {spec['name']}: {exc}")
         figures, ratio, baseline = summarise(runs, results, failures)
-        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "workdir")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "workdir", "abort_rank")}
         bench_common.emit(bench_common.make_record("train", figures, world_size=max(s["world"] for s in runs),
                                                    baseline=baseline, ratio=ratio, settings=settings))
         return 1 if failures else 0
