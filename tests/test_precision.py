@@ -67,6 +67,33 @@ def test_the_stage_one_loss_is_fp32_from_bf16_logits():
     assert torch.equal(loss, F.multilabel_soft_margin_loss(logits.float(), labels))
 
 
+@pytest.mark.parametrize("white_channel", [False, True])
+def test_the_stage_three_loss_is_fp32_from_bf16_logits(white_channel):
+    """SegmenterTask.loss under autocast: DeepLab's logits come out bf16, the per-pixel cross
+    entropy of every layer (and the white-channel form) is fp32, equal to the fp32 loss of the
+    same bf16 logits, and its gradient reaches the network."""
+    from types import SimpleNamespace
+
+    from mlps_dist.config import SegmenterConfig
+    from mlps_dist.models import create_segmenter
+    from mlps_dist.train_segmenter import SegmenterTask, segmentation_loss
+
+    torch.manual_seed(0)
+    model = create_segmenter("deeplabv3plus_small", 4, "")
+    section = SegmenterConfig(loss_white_channel=white_channel)
+    task = SimpleNamespace(section=section, layer_slots=[0, 1, 2], ignore_index=4)
+    images = torch.randn(2, 3, 32, 32)
+    masks = torch.randint(0, 5, (2, 3, 32, 32), dtype=torch.uint8)  # 4 = ignore / white
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SegmenterTask.loss(task, lambda x: seen.append(model(x)) or seen[-1], {"image": images, "masks": masks})
+    assert seen[0].dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = segmentation_loss(seen[0].float(), masks.long(), section.loss_weights, 4, white_channel=white_channel)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_normalised_pda_attention_is_computed_in_fp32_under_autocast(monkeypatch):
     seen = []
     original = classifier_model.dropped_cam_attention

@@ -77,7 +77,7 @@ CHECKS = (
     Check("syncbn", "frozen SyncBatchNorm (1 GPU; ranks equal on 2 GPUs)", 120, False, tests="sync_batchnorm",
           requires=TEST_NEEDS),
     Check("speed", "cudnn.benchmark / channels_last step times, 224 px, bf16", 150, False,
-          command=("{py}", "tools/gpu_speed_probe.py"), requires=("numpy",)),
+          command=("{py}", "tools/gpu_speed_probe.py"), requires=("numpy", "yaml")),
     Check("demo", "the demo pipeline on one GPU (3-5 min)", 420, False, tests="demo_pipeline",
           requires=TEST_NEEDS, default=False),
 )
