@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import run_tool  # noqa: E402
@@ -63,3 +65,34 @@ def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp
     assert "sample test_00000000 cannot be decoded" in err and "left out of the metrics" in err
     record = json.loads((run / "metrics" / "test.json").read_text())
     assert record["skipped_bad"] == 1 and record["samples"] == len(open_split(shards, "test"))
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_training_names_a_corrupt_sample_in_one_line_and_does_not_skip_it(loader, tiny_shards, tmp_path, capfd):
+    """Stage 1 with either loader (DALI decoding on the CPU here): the corrupt training sample
+    stops the stage in one line naming its shard and key (exit 2); training offers no skip (a
+    resume replays one fixed sample order), so the line names only the fix."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    from mlps_dist import train_classifier
+
+    shards = tmp_path / "sh"
+    shutil.copytree(tiny_shards, shards)
+    idx = shards / "train-000000.idx"
+    lines = idx.read_text().splitlines()
+    q = lines[1].split(" ")
+    at = {q[i]: i for i in range(0, len(q), 4)}
+    q[at["png"] + 1:at["png"] + 3] = q[at["labels"] + 1:at["labels"] + 3]  # the image member -> the labels bytes
+    lines[1] = " ".join(q)
+    idx.write_text("\n".join(lines) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"run_dir": str(tmp_path / "run"),
+                                  "data": {"root": str(shards), "num_workers": 1, "loader": loader},
+                                  "classifier": {"model": "small38", "epochs": 1, "batch_size": 4,
+                                                 "ckpt_every_steps": 0, "cam_images": 0}}))
+    assert train_classifier.main(["--config", str(config)]) == 2
+    err = capfd.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error")]
+    assert len(line) == 1 and "train-000000.tar: sample train_00000000 cannot be decoded" in line[0], err
+    assert "training does not skip samples" in line[0] and "skip_bad" not in line[0]
+    assert "Traceback" not in err

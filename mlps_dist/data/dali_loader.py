@@ -185,7 +185,10 @@ class DaliLoader:
         last = len(self.batches) - 1
         try:
             for step, batch in enumerate(self.batches):
-                outs = [_to_torch(o, self.device) for o in pipe.run()]
+                try:
+                    outs = [_to_torch(o, self.device) for o in pipe.run()]
+                except RuntimeError as exc:  # DALI's decoder names no sample: find it (prefetched batches too)
+                    raise undecodable_sample(self.reader, self.batches[step:step + 3], self.eval_mode) or exc from None
                 if step == last and self.per_run and _epoch_ended(pipe):
                     # Handed back before the last batch is yielded: the next epoch's loader
                     # may ask for it as soon as the training loop has this batch.
@@ -204,6 +207,24 @@ class DaliLoader:
                 yield out
         finally:
             del pipe  # kept by the pool after a clean epoch end; dropped when left mid-epoch
+
+
+def undecodable_sample(reader: SplitReader, batches, eval_mode: bool):
+    """SampleError naming the first sample of ``batches`` whose shard members Pillow cannot
+    decode either (one line, exit 2, as the torch loader reports it), or None."""
+    from mlps_dist.data.decode import decode_sample
+    from mlps_dist.data.sample_errors import DECODE_ERRORS, SampleError
+
+    for index in (i for batch in batches for i in batch):
+        try:
+            decode_sample(reader.read(index))
+        except DECODE_ERRORS as exc:
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            fix = (f"{reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail}); rerun "
+                   f"tools/make_shards.py on its source (fix or remove the file)")
+            return SampleError(f"{fix}, or set evaluate.skip_bad=true with data.loader=torch to leave it out of "
+                               f"the metrics" if eval_mode else f"{fix}; training does not skip samples")
+    return None
 
 
 def create_dali_train_loader(cfg: Config, reader: SplitReader, plan: BatchPlan, rank: int, epoch: int,

@@ -51,7 +51,8 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
 
         from mlps_dist.data.sample_errors import NamedSampleErrors
 
-        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader),
+        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader,
+                                                       training=True),
                                      batches, cfg.data.num_workers, device)
     # Hand-over off the step's critical path, except where loading is meant to stay in the
     # rank's own loop (the torch loader without workers).

@@ -9,7 +9,8 @@ them into ``SampleError`` (a ShardError: exit 2): ``TAR: sample KEY cannot be de
 ``SampleError("Caught SampleError in DataLoader worker ... Original Traceback ...")``:
 the constructor keeps only the original one-line message.
 
-With ``skip=True`` (evaluation with ``evaluate.skip_bad``) such a sample is named in a
+Training never skips (``training=True``: a resume must replay one fixed sample order), so
+there the line names only the fix. With ``skip=True`` (evaluation with ``evaluate.skip_bad``) such a sample is named in a
 warning and replaced by a blank one whose mask is all ignore (it counts in no metric); every
 sample then carries ``bad`` (1 for a replaced one), which the evaluation sums.
 """
@@ -37,8 +38,10 @@ class SampleError(ShardError):
 
 
 class NamedSampleErrors(Dataset):
-    def __init__(self, dataset: Dataset, reader, skip: bool = False, size: int = 64):
-        self.dataset, self.reader, self.skip, self.size = dataset, reader, skip, size
+    def __init__(self, dataset: Dataset, reader, skip: bool = False, size: int = 64, training: bool = False):
+        """``training``: no skip offered (a resume replays a fixed sample order, which a skipped
+        sample would break), so the message names only the fix."""
+        self.dataset, self.reader, self.skip, self.size, self.training = dataset, reader, skip, size, training
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -52,8 +55,10 @@ class NamedSampleErrors(Dataset):
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
             message = f"{self.reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail})"
             if not self.skip:
-                raise SampleError(f"{message}; rerun tools/make_shards.py on its source (fix or remove the file), "
-                                  f"or set evaluate.skip_bad=true to leave it out of the metrics") from None
+                fix = f"{message}; rerun tools/make_shards.py on its source (fix or remove the file)"
+                if self.training:  # training never skips: exact resume replays one fixed sample order
+                    raise SampleError(f"{fix}; training does not skip samples") from None
+                raise SampleError(f"{fix}, or set evaluate.skip_bad=true to leave it out of the metrics") from None
             print(f"warning: {message}: left out of the metrics (evaluate.skip_bad)", file=sys.stderr, flush=True)
             return self.blank(index)
         if self.skip:
