@@ -35,3 +35,10 @@ def test_a_fine_map_gets_the_coarse_cleanup_enlarged_back():
     coarse = detect_tissue(glass_with_tissue(150, 8.0), 8.0)
     agree = (np.repeat(np.repeat(coarse, factor, 0), factor, 1) == fine).mean()
     assert agree > 0.99, agree
+
+
+def test_a_map_at_half_the_cleanup_resolution_or_coarser_is_cleaned_as_it_is():
+    # 4 um/px: no reduction, so the mask follows single pixels (not whole 2 x 2 blocks)
+    mask = detect_tissue(glass_with_tissue(300, 4.0), 4.0)
+    blocks = mask.reshape(150, 2, 150, 2)
+    assert (blocks.all(axis=(1, 3)) != blocks.any(axis=(1, 3))).any()

@@ -61,7 +61,8 @@ def detect_tissue(rgb: np.ndarray, mpp: float, min_area_mm2: float = MIN_AREA_MM
     sat = saturation(rgb)
     mask = sat > max(otsu_threshold(sat), SATURATION_FLOOR)
     del sat
-    factor = int(MORPHOLOGY_MPP // mpp) if mpp > 0 else 1
+    # "finer than half": a map at 4 um/px or coarser is cleaned as it is
+    factor = int(MORPHOLOGY_MPP // mpp) if 0 < mpp < MORPHOLOGY_MPP / 2 else 1
     if factor < 2:
         return _clean(mask, mpp, min_area_mm2, cleanup_um)
     h, w = mask.shape
