@@ -6,8 +6,10 @@
 
 What is streamed: non-interlaced PNGs of 8-bit grey, grey+alpha, RGB, RGBA or palette
 pixels and 16-bit grey (PngRows: memory for the rows asked for, not the image; Pillow's own
-decoder, band by band). Every other file (JPEG, TIFF, BMP, WebP, interlaced or other PNGs) is decoded whole
-by Pillow, and its RGB (3 bytes per pixel) is held while its rows are read.
+decoder, band by band), and 8-bit grey/RGB(A) TIFFs in strips or tiles (tiffrows.TiffRows:
+one strip or row of tiles at a time). Every other file (JPEG, BMP, WebP, interlaced or other
+PNGs, other TIFFs) is decoded whole by Pillow, and its RGB (3 bytes per pixel) is held while
+its rows are read.
 
 Colour conversion is ``rgb_from_pil`` for both, applied to each band of a streamed PNG as to a
 whole image (each rule works pixel by pixel), so both give the same bytes: RGBA, LA and
@@ -225,11 +227,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def open_rows(path: str | Path, transform: Transform | None = None, decode: Callable | None = None) -> BufferedRows:
-    """PngRows where the file allows it, else ArrayRows of the whole decoded image
+    """PngRows or TiffRows where the file allows it, else ArrayRows of the whole decoded image
     (``decode``: path -> (H, W, 3) uint8, default Pillow + rgb_from_pil)."""
     path = Path(path)
     if path.suffix.lower() == ".png" and png_streamable(path):
         return PngRows(path, transform)
+    from mlps_dist.tiffrows import TiffRows, tiff_streamable  # imports this module
+
+    if tiff_streamable(path):
+        return TiffRows(path, transform)
     if decode is None:
         def decode(p):
             with Image.open(p) as img:

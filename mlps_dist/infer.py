@@ -35,8 +35,9 @@ written by row bands (mlps_dist.pngstream), so memory is set by the window and t
 width, not its height: 8000 x 8000 px with 500 px windows took 520 MB peak RSS (253 MB above
 the interpreter and model, 4.2 bytes per pixel; 1101 MB whole) and 4000 x 4000 px 461 MB
 (tools/bench_infer.py; docs/running.md has the table). PNGs (non-interlaced 8-bit, and 16-bit
-grey) are read by rows; JPEG, TIFF, BMP, WebP and other PNGs are decoded whole and their RGB
-(3 bytes per pixel) is held while the rest streams. Smaller images take the whole-image path
+grey) are read by rows, 8-bit grey/RGB(A) TIFFs by strips or rows of tiles (mlps_dist.tiffrows);
+JPEG, BMP, WebP and other PNGs and TIFFs are decoded whole and their RGB (3 bytes per pixel)
+is held while the rest streams. Smaller images take the whole-image path
 (about 14-20 bytes per pixel: the image, its class map, overlay and PNG bytes). Both paths
 write the same bytes (tests/test_infer_stream.py). With stain normalisation the streamed
 path estimates the stains once from a grid sample of the whole image (every pixel up to 4 Mpx,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +22,7 @@ from mlps_dist import infer  # noqa: E402
 from mlps_dist.draw import palette_png_bytes, png_bytes  # noqa: E402
 from mlps_dist.imagerows import PngRows, open_rows, png_streamable  # noqa: E402
 from mlps_dist.pngstream import PngRowWriter  # noqa: E402
+from mlps_dist.tiffrows import TiffRows, tiff_streamable  # noqa: E402
 
 SAME_ZLIB = features.version("zlib") == zlib.ZLIB_RUNTIME_VERSION  # the deflate bytes match only then
 PALETTE = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (250, 200, 0), (255, 255, 255)]
@@ -36,7 +38,8 @@ def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def colour_modes(folder: Path) -> None:
-    """One file per colour mode PngRows streams, plus a JPEG (decoded whole, written by bands)."""
+    """One file per colour mode PngRows streams, a JPEG (decoded whole, written by bands) and
+    three TIFFs TiffRows streams."""
     folder.mkdir(parents=True)
     rgb = texture(150, 170)
     Image.fromarray(rgb).save(folder / "rgb.png")
@@ -52,6 +55,12 @@ def colour_modes(folder: Path) -> None:
     few.save(folder / "palette4.png")
     Image.fromarray(rgb[..., 2].astype(np.uint16) * 200).save(folder / "deep.png")  # 16-bit grey
     Image.fromarray(rgb).save(folder / "photo.jpg", quality=90)
+    # TIFFs TiffRows streams: JPEG tiles cut at the right and bottom edges, LZW strips with
+    # alpha, deflate grey
+    tifffile.imwrite(folder / "tiled.tif", rgb, tile=(64, 64), compression="jpeg", photometric="rgb")
+    tifffile.imwrite(folder / "strips.tif", np.concatenate([rgb, alpha], -1), rowsperstrip=32,
+                     compression="lzw", photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(folder / "grey_tiff.tif", rgb[..., 1], rowsperstrip=50, compression="zlib", photometric="minisblack")
 
 
 def test_streamed_outputs_are_the_whole_image_path_bytes(tmp_path):
@@ -64,7 +73,7 @@ def test_streamed_outputs_are_the_whole_image_path_bytes(tmp_path):
     assert infer.main([*flags, "--out", str(tmp_path / "whole")]) == 0
     assert infer.main([*flags, "--out", str(tmp_path / "bands"), "--stream-megapixels", "0"]) == 0
     written = sorted(p.name for p in (tmp_path / "whole").glob("*.png"))
-    assert len(written) == 16 and written == sorted(p.name for p in (tmp_path / "bands").glob("*.png"))
+    assert len(written) == 22 and written == sorted(p.name for p in (tmp_path / "bands").glob("*.png"))
     for name in written:
         whole, bands = tmp_path / "whole" / name, tmp_path / "bands" / name
         assert np.array_equal(np.asarray(Image.open(whole)), np.asarray(Image.open(bands))), name
@@ -108,6 +117,24 @@ def test_png_rows_give_the_pixels_of_the_whole_decode_across_band_edges(tmp_path
         np.testing.assert_array_equal(np.concatenate(rows), infer.load_rgb(path), err_msg=path.name)
     assert not png_streamable(tmp_path / "in" / "photo.jpg")
     assert type(open_rows(tmp_path / "in" / "photo.jpg")).__name__ == "ArrayRows"
+
+
+def test_tiff_rows_give_the_pixels_of_pillows_whole_decode(tmp_path):
+    colour_modes(tmp_path / "in")
+    for name in ("tiled.tif", "strips.tif", "grey_tiff.tif"):
+        path = tmp_path / "in" / name
+        assert tiff_streamable(path), name
+        source = open_rows(path)
+        assert isinstance(source, TiffRows), name
+        rows = []
+        for top in range(0, source.height, 23):  # across strip and tile-row edges
+            rows.append(source.rows(top, top + 23).copy())
+            source.release(top + 23)
+        source.close()
+        np.testing.assert_array_equal(np.concatenate(rows), infer.load_rgb(path), err_msg=name)
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, texture(40, 30).transpose(2, 0, 1), planarconfig="separate", photometric="rgb")
+    assert not tiff_streamable(planar) and type(open_rows(planar)).__name__ == "ArrayRows"
 
 
 def test_a_png_truncated_mid_image_is_named_and_leaves_no_output(tmp_path, capsys):

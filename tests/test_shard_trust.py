@@ -34,21 +34,27 @@ def test_inspect_shards_never_writes_where_an_idx_key_points(tiny_shards, tmp_pa
     assert sorted(p.name for p in (tmp_path / "peek").iterdir())[:2] == ["val_00000000.json", "val_00000000.mask.png"]
 
 
+def copy_with_a_corrupt_sample(source, shards, split: str):
+    """A copy of ``source`` whose .idx points the first ``split`` sample's image member at
+    its labels bytes: a sample that cannot be decoded, inside an intact tar."""
+    shutil.copytree(source, shards)
+    idx = shards / f"{split}-000000.idx"
+    lines = idx.read_text().splitlines()
+    q = lines[1].split(" ")
+    at = {q[i]: i for i in range(0, len(q), 4)}
+    q[at["png"] + 1:at["png"] + 3] = q[at["labels"] + 1:at["labels"] + 3]
+    lines[1] = " ".join(q)
+    idx.write_text("\n".join(lines) + "\n")
+    return shards
+
+
 def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capfd):
     from test_infer import make_run
 
     from mlps_dist import evaluate
     from mlps_dist.data.shards import open_split
 
-    shards = tmp_path / "sh"
-    shutil.copytree(tiny_shards, shards)
-    idx = shards / "test-000000.idx"
-    lines = idx.read_text().splitlines()
-    q = lines[1].split(" ")
-    at = {q[i]: i for i in range(0, len(q), 4)}
-    q[at["png"] + 1:at["png"] + 3] = q[at["labels"] + 1:at["labels"] + 3]  # the image member -> the labels bytes
-    lines[1] = " ".join(q)
-    idx.write_text("\n".join(lines) + "\n")
+    shards = copy_with_a_corrupt_sample(tiny_shards, tmp_path / "sh", "test")
     run = make_run(tmp_path / "run", data_root=str(shards))
     status = evaluate.main(["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=1",
                             "evaluate.splits=[test]", "evaluate.batch_size=4"])
@@ -76,15 +82,7 @@ def test_training_names_a_corrupt_sample_in_one_line_and_does_not_skip_it(loader
         pytest.importorskip("nvidia.dali")
     from mlps_dist import train_classifier
 
-    shards = tmp_path / "sh"
-    shutil.copytree(tiny_shards, shards)
-    idx = shards / "train-000000.idx"
-    lines = idx.read_text().splitlines()
-    q = lines[1].split(" ")
-    at = {q[i]: i for i in range(0, len(q), 4)}
-    q[at["png"] + 1:at["png"] + 3] = q[at["labels"] + 1:at["labels"] + 3]  # the image member -> the labels bytes
-    lines[1] = " ".join(q)
-    idx.write_text("\n".join(lines) + "\n")
+    shards = copy_with_a_corrupt_sample(tiny_shards, tmp_path / "sh", "train")
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({"run_dir": str(tmp_path / "run"),
                                   "data": {"root": str(shards), "num_workers": 1, "loader": loader},
