@@ -71,3 +71,11 @@ def test_infer_killed_and_rerun_is_identical(inputs, tmp_path):
     root, run = inputs
     inject(tmp_path, [PY, "-m", "mlps_dist.infer", "--run", str(run), "--input", str(root / "luad" / "val" / "img"),
                       "--out", "{out}"], seed=4)
+
+
+def test_infer_streaming_by_row_bands_killed_and_rerun_is_identical(inputs, tmp_path):
+    """The streamed path (every image by row bands; the slides are tiled TIFFs read by rows of
+    tiles) writes through its own temporary files: a kill leaves none behind as output."""
+    root, run = inputs
+    inject(tmp_path, [PY, "-m", "mlps_dist.infer", "--run", str(run), "--input", str(root / "slides"),
+                      "--out", "{out}", "--stream-megapixels", "0", "--patch", "64"], seed=5)
