@@ -35,9 +35,15 @@ def check_not_overlapping(out: Path, inputs: list[str | Path], out_flag: str = "
                              f"your files; choose another folder")
 
 
-def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force: bool = False,
+def force_hint(force: bool | None, what: str) -> str:
+    """The end of a refusal: ', or pass --force WHAT' where the tool has that flag."""
+    return "" if force is None else f", or pass --force {what}"
+
+
+def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force: bool | None = None,
                      owned_if: tuple[str, ...] = (), out_flag: str = "--out", in_flag: str = "--input") -> Path:
-    """Check ``out`` (see the module docstring), create it and mark it as ours."""
+    """Check ``out`` (see the module docstring), create it and mark it as ours. ``force``: the
+    tool's --force flag; None for a tool without one (its refusals then offer none)."""
     out = Path(out)
     check_not_overlapping(out, inputs, out_flag, in_flag)
     if out.exists() and not out.is_dir():
@@ -46,7 +52,7 @@ def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force
         ours = (out / MARKER).is_file() or any((out / name).exists() for name in owned_if)
         if not ours and any(not p.name.startswith(".lock") for p in out.iterdir()):  # a lock alone: empty
             raise InputError(f"{out_flag} {out} is not empty and was not written by {tool}; choose an empty or "
-                             f"new folder, or pass --force to write into it anyway")
+                             f"new folder" + force_hint(force, "to write into it anyway"))
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():
         atomic_write_text(out / MARKER, f"{tool}\n")

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from mlps_dist.errors import InputError, MlpsError
 from mlps_dist.fileio import atomic_write_json
-from mlps_dist.outdirs import MARKER, check_not_overlapping, claim_output_dir
+from mlps_dist.outdirs import MARKER, check_not_overlapping, claim_output_dir, force_hint
 
 LEDGER = ".mlps-written.json"
 
@@ -52,7 +52,7 @@ def marker_tool(out: Path) -> str:
 
 
 @contextlib.contextmanager
-def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None, force: bool = False,
+def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None, force: bool | None = None,
                 owned_if: tuple[str, ...] = (), in_flag: str = "--input") -> Iterator[Path]:
     """Check, claim and lock ``out`` for the body (see the module docstring)."""
     from mlps_dist.lock import RunLock, RunLockedError
@@ -66,7 +66,7 @@ def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None
             other = marker_tool(out) if out.is_dir() else ""
             if other and other != tool and not force:
                 raise InputError(f"--out {out} holds the output of {other}; {tool} would mix its files with (or "
-                                 f"replace) those: choose another folder, or pass --force")
+                                 f"replace) those: choose another folder" + force_hint(force, "to write there anyway"))
             claim_output_dir(out, inputs, tool=tool, force=force, owned_if=owned_if, in_flag=in_flag)
             lock = RunLock(out, tool).acquire()
             remove_stale_temporaries(out)

@@ -58,8 +58,9 @@ def test_segment_slides_refuses_an_out_among_the_slides_and_keeps_a_mirax_folder
     run = tmp_path / "run"
     (run / "classifier").mkdir(parents=True)
     (run / "classifier" / "model.pt").write_bytes(b"x")
-    with pytest.raises(InputError, match="not empty and was not written by segment_slides"):
+    with pytest.raises(InputError, match="not empty and was not written by segment_slides") as refused:
         segment(slides, run)
+    assert "--force" not in str(refused.value)  # segment_slides has no such flag to offer
     assert (run / "classifier" / "model.pt").read_bytes() == b"x"
 
 
