@@ -147,10 +147,6 @@ class OnnxModel:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def normalise_stains(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 mapped onto the run's stain reference (unchanged when it has none)."""
-        return rgb if self.stain is None else self.stain(rgb)
-
     def _input(self, tiles: np.ndarray, stain: bool) -> np.ndarray:
         tiles = check_tiles(tiles)
         if stain and self.stain is not None:

@@ -71,7 +71,6 @@ class Annotations:
         self.names = names  # class names as found in the file
         self.path = path
         self.notes: list[str] = []  # per-feature reports (skipped, repaired), for the user
-        self.ignored = None  # union of the regions mapped to ignore (cut out of per_class)
         self.mapping: dict[str, str] = {}  # name found -> class name or "ignore"
 
     def coverage(self, x0: float, y0: float, size0: float, size0_h: float | None = None) -> np.ndarray:
@@ -251,7 +250,6 @@ def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap |
         notes.append(f"{path}: {len(ignored_parts)} region(s) of {sorted(ignored_names)} mapped to ignore "
                      f"({ignored.area:.0f} px2): in no label, the ignore index in masks")
     annotations = Annotations(per_class, found, path)
-    annotations.ignored = ignored
     annotations.mapping = {n: class_map.target_name(class_map.lookup(n)) for n in found}
     annotations.notes = notes
     return annotations

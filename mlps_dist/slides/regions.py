@@ -134,7 +134,6 @@ def trace_pieces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     ring_of_rep = np.unique(rep[idx], return_inverse=True)[1]
     pts = np.stack([x[idx], y[idx]], axis=1).astype(np.float64)
     # shoelace area per ring (y down: outer rings positive)
-    nxt_pt = np.empty_like(pts)
     starts = np.r_[0, np.nonzero(np.diff(ring_of_rep))[0] + 1]
     ends = np.r_[starts[1:], len(pts)]
     shifted = np.arange(len(pts)) + 1
