@@ -72,8 +72,9 @@ def part_marker(out: Path, name: str) -> Path:
     return out / PARTS / f"{name}.json"
 
 
-def finished_part(job: SlideJob, spec: TileSpec, out: str | Path) -> dict | None:
-    """The record of the slide's part when an earlier run finished it under the same key."""
+def finished_part(job: SlideJob, spec: TileSpec, out: str | Path, inputs: dict | None = None) -> dict | None:
+    """The record of the slide's part when an earlier run finished it under the same key
+    (``inputs``: the slide's _input_key when the caller has it, so the files are hashed once)."""
     marker = part_marker(Path(out), slide_stem(job.path))
     if not marker.is_file():
         return None
@@ -82,7 +83,7 @@ def finished_part(job: SlideJob, spec: TileSpec, out: str | Path) -> dict | None
     except (OSError, ValueError):
         return None  # unreadable: redo the slide
     if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
-            and record.get("inputs") == _input_key(job):
+            and record.get("inputs") == (inputs if inputs is not None else _input_key(job)):
         return {**record, "reused": True}
     return None
 
@@ -101,7 +102,7 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) ->
     name = slide_stem(job.path)
     marker = part_marker(out, name)
     inputs = _input_key(job)
-    done = finished_part(job, spec, out)
+    done = finished_part(job, spec, out, inputs)
     if done is not None:
         return done
     report = on_tiles or (lambda n: None)
