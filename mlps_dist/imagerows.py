@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from mlps_dist.pngstream import SIGNATURE, _chunk
+
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
@@ -75,6 +77,9 @@ class BufferedRows:
         held = self._raw if raw else self._model
         return held[top - self._top:bottom - self._top]
 
+    def close(self) -> None:
+        """Nothing to close for rows from memory; the file-backed readers close their file."""
+
     def release(self, below: int) -> None:
         drop = max(0, below - self._top)
         if drop:
@@ -91,7 +96,6 @@ class ArrayRows(BufferedRows):
         super().__init__(w, h, (rgb[top:top + band] for top in range(0, h, band)), transform)
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (bit depth, colour type) -> bytes per pixel of the PNGs read by rows; for these Pillow's
 # decoded pixels are the PNG's own samples (16-bit grey as I;16), so a band's last row is the
 # unfiltered row the next band's filters refer to.
@@ -125,7 +129,7 @@ def _png_header(path: Path) -> dict | None:
 
     try:
         with open(path, "rb") as f:
-            if f.read(8) != PNG_SIGNATURE:
+            if f.read(8) != SIGNATURE:
                 return None
             kind, data = next(_chunks(f))
     except (OSError, ValueError, StopIteration):
@@ -163,11 +167,10 @@ class PngRows(BufferedRows):
         import struct
         import zlib
 
-        from mlps_dist.pngstream import _chunk
 
         h = self._header
         ihdr = struct.pack(">IIBBBBB", h["width"], count, h["depth"], h["colour"], 0, 0, 0)
-        return (PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + b"".join(_chunk(k, d) for k, d in kept)
+        return (SIGNATURE + _chunk(b"IHDR", ihdr) + b"".join(_chunk(k, d) for k, d in kept)
                 + _chunk(b"IDAT", zlib.compress(rows, 1)) + _chunk(b"IEND", b""))
 
     def _bands(self) -> Iterator[np.ndarray]:
@@ -198,7 +201,7 @@ class PngRows(BufferedRows):
                 state["done"] += count
                 yield rgb[1:] if lead else rgb
 
-        self._file.seek(len(PNG_SIGNATURE))
+        self._file.seek(len(SIGNATURE))
         try:
             for kind, data in _chunks(self._file):
                 if kind in (b"PLTE", b"tRNS"):

@@ -52,6 +52,7 @@ the run with an error naming it, before any segmentation starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def stain_sample(path: Path, decode) -> np.ndarray:
             picked.append(band[(step - top % step) % step::step, ::step].reshape(-1, 3))
             source.release(top + 256)
     finally:
-        getattr(source, "close", lambda: None)()
+        source.close()
     return np.concatenate(picked)
 
 
@@ -174,10 +175,12 @@ def stream_image(model, path: Path, out_stem: Path, window: int, overlap: float,
     the window and the image's width. Stains are estimated once from a sample of the whole
     image (a first pass over its rows) and applied band by band."""
     transform = None
+    # an image that cannot be read by rows is decoded once for both passes, not twice
+    decode = functools.lru_cache(maxsize=1)(load_rgb)
     if model.stain is not None:
-        estimate = model.stain.estimate(stain_sample(path, load_rgb))
+        estimate = model.stain.estimate(stain_sample(path, decode))
         transform = lambda band: model.stain.apply(band, estimate)  # noqa: E731
-    source = open_rows(path, transform, decode=load_rgb)
+    source = open_rows(path, transform, decode=decode)
     classes = out_stem.parent / f"{out_stem.name}.png"
     overlay_path = out_stem.parent / f"{out_stem.name}_overlay.png"
     committed = []
@@ -196,7 +199,7 @@ def stream_image(model, path: Path, out_stem: Path, window: int, overlap: float,
             path_done.unlink(missing_ok=True)
         raise
     finally:
-        getattr(source, "close", lambda: None)()
+        source.close()
 
 
 class RunModel:
