@@ -567,15 +567,22 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> Config:
-    """``--config FILE [key=value ...]``, the interface of every stage entry point."""
+def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key: str = "") -> Config:
+    """``--config FILE [key=value ...]``, the interface of every stage entry point. A stage that
+    can leave undecodable samples out (``skip_bad_key``, e.g. "evaluate.skip_bad") also takes
+    ``--skip-bad``, the same as ``KEY=true``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    if skip_bad_key:
+        parser.add_argument("--skip-bad", action="store_true",
+                            help=f"name samples that cannot be decoded and pass over them instead of stopping "
+                                 f"({skip_bad_key}=true)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x classifier.epochs=2")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"{skip_bad_key}=true"] if getattr(args, "skip_bad", False) else [])
+    return load_config(args.config, overrides)
 
 
 if __name__ == "__main__":  # python -m mlps_dist.config --config FILE [key=value ...]: print the resolved config

@@ -348,10 +348,10 @@ def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tup
     return runner.run(lambda args: _run_stage(args, doc, stage, prepare), argv)
 
 
-def parse_shared(argv: list[str] | None, doc: str) -> Config:
+def parse_shared(argv: list[str] | None, doc: str, skip_bad_key: str = "") -> Config:
     """parse_cli; a config error is the same on every rank, so rank 0 alone reports it."""
     try:
-        return parse_cli(argv, description=doc.splitlines()[0])
+        return parse_cli(argv, description=doc.splitlines()[0], skip_bad_key=skip_bad_key)
     except ConfigError as exc:
         exc.shared = True
         raise

@@ -178,7 +178,7 @@ def save_evaluated_config(cfg: Config) -> None:
 def _main(argv: list[str] | None = None) -> int:
     from mlps_dist.engine import parse_shared
 
-    cfg = parse_shared(argv, __doc__.split("\n")[0])
+    cfg = parse_shared(argv, __doc__.split("\n")[0], skip_bad_key="evaluate.skip_bad")
     artifacts.require_runnable(cfg, "evaluate")  # a finished segmenter that the current config produced
     dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     try:

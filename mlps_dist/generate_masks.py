@@ -309,7 +309,7 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
 def _main(argv: list[str] | None = None) -> int:
     from mlps_dist.engine import parse_shared
 
-    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks")
+    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks", skip_bad_key="masks.skip_bad")
     preflight.check_models(cfg)
     done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
     if done.state == "done":

@@ -114,3 +114,13 @@ def test_the_demo_trains_large_patches_at_a_larger_size(tmp_path):
     """The demo's 64 px suits its 96 px patches; LUAD-HistoSeg's 224 px ones train at 96 px."""
     assert load_config("configs/demo.yaml", [f"data.root={_shards_info(tmp_path, 224)}"]).data.image_size == 96
     assert load_config("configs/demo.yaml", [f"data.root={_shards_info(tmp_path, 96)}"]).data.image_size == 64
+
+
+def test_skip_bad_flag_sets_the_stage_key_and_only_where_a_stage_offers_it():
+    from mlps_dist.config import parse_cli
+
+    cfg = parse_cli(["--config", "configs/demo.yaml", "--skip-bad"], skip_bad_key="masks.skip_bad")
+    assert cfg.masks.skip_bad and not cfg.evaluate.skip_bad
+    assert not parse_cli(["--config", "configs/demo.yaml"], skip_bad_key="masks.skip_bad").masks.skip_bad
+    with pytest.raises(SystemExit):  # a training stage has no skip: the flag is unknown there
+        parse_cli(["--config", "configs/demo.yaml", "--skip-bad"])

@@ -63,9 +63,9 @@ def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp
     line = [x for x in err.splitlines() if x.startswith("error")]
     assert len(line) == 1 and "test-000000.tar: sample test_00000000 cannot be decoded" in line[0], err
     assert "Traceback" not in err
-    # With evaluate.skip_bad the sample is named, left out of the metrics and counted.
-    status = evaluate.main(["--config", str(run / "config.yaml"), f"run_dir={run}", "data.num_workers=1",
-                            "evaluate.splits=[test]", "evaluate.batch_size=4", "evaluate.skip_bad=true"])
+    # With --skip-bad (evaluate.skip_bad=true) the sample is named, left out of the metrics and counted.
+    status = evaluate.main(["--config", str(run / "config.yaml"), "--skip-bad", f"run_dir={run}", "data.num_workers=1",
+                            "evaluate.splits=[test]", "evaluate.batch_size=4"])
     err = capfd.readouterr().err
     assert status == 0, err
     assert "sample test_00000000 cannot be decoded" in err and "left out of the metrics" in err
