@@ -25,6 +25,6 @@ bash launch/pipeline.sh configs/demo.yaml "$run_dir" "data.root=$data/shards" "$
 
 # Whole slides: one synthetic slide (pyramidal TIFF + QuPath GeoJSON), segmented by the run.
 python tools/make_synthetic_slides.py --out "$data/wsi" --count 1 --width 768 --height 512 --cell 250
-python -m mlps_dist.segment_slides --run "$run_dir" --slides "$data/wsi/slides" --out "$run_dir/slides" \
+python -m mlps_dist.deploy.segment_slides --run "$run_dir" --slides "$data/wsi/slides" --out "$run_dir/slides" \
     --model-mpp 1.0 --map-mpp 4
 echo "slide overlay: $run_dir/slides/synthslide00/overlay.png (areas in $run_dir/slides/summary.csv)"

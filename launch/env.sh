@@ -30,20 +30,20 @@ mlps_log() {
 }
 
 # Stage name -> python module. A name with a dot is taken as a module as it is
-# (e.g. mlps_dist.infer), so any entry point can be launched the same way.
+# (e.g. mlps_dist.deploy.infer), so any entry point can be launched the same way.
 mlps_stage_module() {
     case "$1" in
-        classifier | train_classifier) echo mlps_dist.train_classifier ;;
-        masks | generate_masks) echo mlps_dist.generate_masks ;;
-        segmenter | train_segmenter) echo mlps_dist.train_segmenter ;;
-        evaluate) echo mlps_dist.evaluate ;;
+        classifier | train_classifier) echo mlps_dist.stages.train_classifier ;;
+        masks | generate_masks) echo mlps_dist.stages.generate_masks ;;
+        segmenter | train_segmenter) echo mlps_dist.stages.train_segmenter ;;
+        evaluate) echo mlps_dist.stages.evaluate ;;
         *.*) echo "$1" ;;
-        *) mlps_die "unknown stage '$1': use one of ${MLPS_STAGES[*]} (or a module name such as mlps_dist.infer)" ;;
+        *) mlps_die "unknown stage '$1': use one of ${MLPS_STAGES[*]} (or a module name such as mlps_dist.deploy.infer)" ;;
     esac
 }
 
 # Where STAGE stands in RUN_DIR for CONFIG + overrides, asked of the run directory's owner
-# (mlps_dist.artifacts): status 0 = finished *for this config and these inputs* (prints the
+# (mlps_dist.run.artifacts): status 0 = finished *for this config and these inputs* (prints the
 # stamp), 1 = to run (or resume), 2 = refused: a stale artefact (the message names what
 # changed and how to proceed). Finished means the stage's stamp matches, not that its
 # files exist.
@@ -51,7 +51,7 @@ mlps_stage_module() {
 mlps_stage_status() {
     local stage=$1 config=$2 run_dir=$3
     shift 3
-    python -m mlps_dist.artifacts status --stage "$stage" --config "$config" "$@" "run_dir=$run_dir"
+    python -m mlps_dist.run.artifacts status --stage "$stage" --config "$config" "$@" "run_dir=$run_dir"
 }
 
 # GPUs on this node (nvidia-smi; CUDA_VISIBLE_DEVICES narrows them), 0 on a CPU machine.
@@ -165,14 +165,14 @@ _mlps_forward() {
 
 # Validate CONFIG + overrides once, before any job or process group starts: syntax,
 # ranges, model names, CAM layers, class counts and splits against data.root
-# (mlps_dist.preflight). The pipeline reports test metrics, so evaluate.splits must
+# (mlps_dist.stages.preflight). The pipeline reports test metrics, so evaluate.splits must
 # include test. Prints evaluate.splits.
 mlps_check_config() {
     python - "$@" <<'EOF'
 import sys
 from mlps_dist.config import load_config
-from mlps_dist.errors import MlpsError
-from mlps_dist.preflight import check
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.stages.preflight import check
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
     check(cfg)

@@ -6,7 +6,7 @@
 #   launch/pipeline.sh [--restart-from STAGE] CONFIG RUN_DIR [key=value ...]
 #
 # The overrides go to every stage. A stage is skipped when its stamp in RUN_DIR says it
-# was produced by this config and these inputs (mlps_dist.artifacts). After a crash or a
+# was produced by this config and these inputs (mlps_dist.run.artifacts). After a crash or a
 # preemption, rerun the same command: the interrupted stage resumes from its last
 # checkpoint. When a setting or an input of a finished (or partly trained) stage changed,
 # the pipeline refuses and names what changed: use a new RUN_DIR, or --restart-from STAGE
@@ -36,7 +36,7 @@ shift 2
 [[ -f "$config" ]] || mlps_die "config file '$config' does not exist: pass a YAML from configs/"
 mlps_check_config "$config" "run_dir=$run_dir" "$@" >/dev/null || exit 2
 if [[ -n "$restart_from" ]]; then
-    python -m mlps_dist.artifacts restart --from "$restart_from" --config "$config" "$@" "run_dir=$run_dir" || exit $?
+    python -m mlps_dist.run.artifacts restart --from "$restart_from" --config "$config" "$@" "run_dir=$run_dir" || exit $?
 fi
 
 for stage in "${MLPS_STAGES[@]}"; do
@@ -60,6 +60,6 @@ for stage in "${MLPS_STAGES[@]}"; do
     fi
 done
 # The model card (RUN/MODEL_CARD.md) describes the finished run; tools/export.py copies it.
-python -m mlps_dist.model_card --run "$run_dir" ||
-    mlps_log "warning: writing $run_dir/MODEL_CARD.md failed; rerun: python -m mlps_dist.model_card --run $run_dir"
+python -m mlps_dist.run.model_card --run "$run_dir" ||
+    mlps_log "warning: writing $run_dir/MODEL_CARD.md failed; rerun: python -m mlps_dist.run.model_card --run $run_dir"
 mlps_print_metrics "$run_dir/metrics/test.json"

@@ -3,7 +3,7 @@
 #
 #   launch/stage.sh STAGE CONFIG RUN_DIR [key=value ...]
 #
-# STAGE is classifier | masks | segmenter | evaluate (or a module such as mlps_dist.infer).
+# STAGE is classifier | masks | segmenter | evaluate (or a module such as mlps_dist.deploy.infer).
 # RUN_DIR is passed to the stage as run_dir=RUN_DIR, followed by the overrides.
 #
 # Environment (all optional):
@@ -77,7 +77,7 @@ else
 fi
 
 mlps_log "$stage on $(hostname): $nnodes node(s) x $nproc process(es), run_dir=$run_dir"
-# Each failing worker leaves its own status here (mlps_dist/runner.py); torchrun says 1.
+# Each failing worker leaves its own status here (mlps_dist/core/runner.py); torchrun says 1.
 # slurm/stage.sbatch passes a folder on the shared file system (all nodes' ranks) and reads it.
 own_status_dir=0
 if [[ -z "${MLPS_STATUS_DIR:-}" ]]; then

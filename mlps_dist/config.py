@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlps_dist.errors import MlpsError
-from mlps_dist.stain import METHODS as STAIN_METHODS
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.stain import METHODS as STAIN_METHODS
 
 
 # Networks whose ImageNet weights install from the package index (``pretrained: imagenet``).
@@ -34,7 +34,7 @@ class ConfigError(MlpsError, ValueError):
 
 @dataclass
 class StainConfig:
-    """Stain normalisation (mlps_dist/stain.py): every patch mapped onto a reference fitted on
+    """Stain normalisation (mlps_dist/core/stain.py): every patch mapped onto a reference fitted on
     the training patches (stored as RUN/classifier/stain.json), in training, the mask pass and
     every prediction path."""
 
@@ -95,7 +95,7 @@ class DistConfig:
 
 @dataclass
 class GuardConfig:
-    """Training health (mlps_dist/guard.py): what counts as a failed run and what to do."""
+    """Training health (mlps_dist/train/guard.py): what counts as a failed run and what to do."""
 
     enabled: bool = True  # false: no rollbacks (a collapsed final model is still refused)
     frozen_intervals: int = 5  # loss identical (within frozen_tolerance) for this many log intervals = frozen
@@ -126,12 +126,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     # > 0: validation, best.pt and model.pt use an exponential moving average of the weights
-    # with this decay per step (mlps_dist/ema.py); 0 = the weights as trained (public recipe)
+    # with this decay per step (mlps_dist/train/ema.py); 0 = the weights as trained (public recipe)
     ema_decay: float = 0.0
     parallel: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "configs/deepspeed/zero1.json"
     # fp32 | bf16 | fp16: autocast for ddp, DeepSpeed's torch_autocast section for deepspeed
-    # (mlps_dist/precision.py); bf16 runs on the CPU too; fp16 needs CUDA and parallel=ddp
+    # (mlps_dist/train/precision.py); bf16 runs on the CPU too; fp16 needs CUDA and parallel=ddp
     precision: str = "fp32"
     ckpt_every_steps: int = 100  # 0 = only at epoch end
     keep_last: int = 2
@@ -181,7 +181,7 @@ class BackgroundConfig:
 
 @dataclass
 class RefineConfig:
-    """Colour-affinity refinement before the argmax (mlps_dist/cam_refine.py): of the CAMs
+    """Colour-affinity refinement before the argmax (mlps_dist/method/cam_refine.py): of the CAMs
     (masks.refine) or of the segmenter's scores at prediction (evaluate.refine)."""
 
     enabled: bool = False  # paper configs: off (the public code takes the plain argmax)
@@ -231,7 +231,7 @@ class SegmenterConfig(TrainConfig):
     multi_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(vflip=False, blur_prob=0.5))
     # Share of the single-tissue patches in a batch that get a smooth region of a single-tissue
-    # patch of another class pasted in, masks alike (mlps_dist/mosaic.py): borders between
+    # patch of another class pasted in, masks alike (mlps_dist/method/mosaic.py): borders between
     # tissues whose labels are exact at every pixel. 0 = none (the public recipe).
     mosaic_prob: float = 0.0
 
@@ -254,7 +254,7 @@ class EvaluateConfig:
 
 @dataclass
 class GpuConfig:
-    """Speed options (mlps_dist/gpu_options.py), for CUDA ranks where not said otherwise. All
+    """Speed options (mlps_dist/train/gpu_options.py), for CUDA ranks where not said otherwise. All
     off: not measured on a GPU yet (bash tools/gpu_check.sh measures them). They change
     kernels and lifetimes, not the training."""
 
@@ -434,7 +434,7 @@ def resolve_image_size(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (atomically: a reader never sees half a file)."""
-    from mlps_dist.fileio import atomic_write_text
+    from mlps_dist.core.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

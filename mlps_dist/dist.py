@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from mlps_dist.errors import MlpsError
+from mlps_dist.core.errors import MlpsError
 
 
 class TooManyRanks(MlpsError):

@@ -26,7 +26,7 @@ TINY = {"train": 32, "val": 8, "test": 8, "size": 48, "seed": 0}
 @pytest.fixture(scope="session")
 def tiny_luad_folder(tmp_path_factory) -> Path:
     """A LUAD-HistoSeg-layout folder of synthetic patches: 32 train, 8 val, 8 test, 48 px."""
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     out = tmp_path_factory.mktemp("tiny_luad") / "LUAD-HistoSeg"
     write_luad_layout(out, train=TINY["train"], val=TINY["val"], test=TINY["test"], size=TINY["size"],

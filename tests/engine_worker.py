@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlps_dist import dist, engine
-from mlps_dist.batching import rank_micro_batches
+from mlps_dist import dist
+from mlps_dist.train import engine
+from mlps_dist.data.batching import rank_micro_batches
 from mlps_dist.config import load_config
-from mlps_dist.errors import MlpsError
-from mlps_dist.runlog import RunLog
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.run.runlog import RunLog
 
 SAMPLES, FEATURES = 64, 6
 
@@ -108,7 +109,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "classifier":
-        from mlps_dist import train_classifier
+        from mlps_dist.stages import train_classifier
 
         train_cfg, prepare = cfg.classifier, train_classifier.prepare
     else:

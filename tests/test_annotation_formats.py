@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_slides import load_tool, read_samples  # noqa: E402
 
-from mlps_dist.errors import InputError  # noqa: E402
+from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.slides.annotations import AnnotationError, load_annotations  # noqa: E402
 from mlps_dist.slides.class_map import IGNORE, parse_class_map  # noqa: E402
-from mlps_dist.slides.synthetic import QUPATH_NAMES, geojson, truth_map, write_synthetic_slide  # noqa: E402
+from mlps_dist.synthetic.slides import QUPATH_NAMES, geojson, truth_map, write_synthetic_slide  # noqa: E402
 
 CLASSES = ["TE", "NEC", "LYM", "TAS"]
 W, H = 384, 256
@@ -141,7 +141,7 @@ def _asap(regions) -> str:
 
 
 def test_imagescope_and_asap_xml_read_as_the_same_polygons_as_geojson(tmp_path):
-    from mlps_dist.slides.synthetic import CLASS_MAP, slide_regions
+    from mlps_dist.synthetic.slides import CLASS_MAP, slide_regions
 
     regions = slide_regions(W, H, seed=4, cell_px=100)
     cmap = parse_class_map(CLASS_MAP, CLASSES)

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_slides import load_tool  # noqa: E402
 
-from mlps_dist.errors import InputError  # noqa: E402
-from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide  # noqa: E402
+from mlps_dist.core.errors import InputError  # noqa: E402
+from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide  # noqa: E402
 
 tile_slides = load_tool("tile_slides")
 W, H = 384, 256
@@ -47,7 +47,7 @@ def copy_ann(wsi: Path, dest: Path, names: dict[str, str]) -> Path:
 def test_qupath_export_names_are_found_and_recorded(wsi, tmp_path, capsys):
     """s0.tiff.geojson (QuPath's export name) and s1.geojson: both found; a detection in one
     is skipped with a count; info.json names each slide's file and its sha256."""
-    from mlps_dist.fileio import sha256_file
+    from mlps_dist.core.fileio import sha256_file
 
     ann = copy_ann(wsi, tmp_path / "ann", {"s0.geojson": "s0.tiff.geojson", "s1.geojson": "s1.geojson"})
     data = json.loads((ann / "s1.geojson").read_text())

@@ -63,7 +63,7 @@ def test_regions_off_the_slide_swapped_axes_and_nan_are_named(tmp_path):
 
 
 def test_tile_slides_refuses_swapped_annotations_before_any_tile(tmp_path, capsys):
-    from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+    from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide
 
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 768, 512, seed=1, cell_px=100)
     (tmp_path / "ann").mkdir()
@@ -77,7 +77,7 @@ def test_tile_slides_refuses_swapped_annotations_before_any_tile(tmp_path, capsy
 
 
 def test_tile_slides_warns_about_an_annotated_slide_without_tiles(tmp_path, capsys):
-    from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+    from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide
 
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 768, 512, seed=1, cell_px=100)
     (tmp_path / "ann").mkdir()

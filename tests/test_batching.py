@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import torchrun_helpers as jobs
-from mlps_dist.batching import even_world_sizes, plan_batches, rank_micro_batches
+from mlps_dist.data.batching import even_world_sizes, plan_batches, rank_micro_batches
 from mlps_dist.config import ConfigError, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlps_dist import cam
+from mlps_dist.method import cam
 from mlps_dist.data.shards import decode_labels, open_split
 from mlps_dist.models import create_classifier
 from reference_cam import background_reference, reference_masks
@@ -208,7 +208,7 @@ def test_refinement_moves_a_blurred_cam_border_onto_the_colour_edge():
     """Two flat tissues, pink left of column 16 and purple right of it (with noise); the CAMs
     cross at column 22, as a blurry stride-8 CAM would. Propagation along colour affinities
     puts the argmax border on the colour edge; a constant CAM stays constant."""
-    from mlps_dist.cam_refine import colour_affinities, refine_cams
+    from mlps_dist.method.cam_refine import colour_affinities, refine_cams
 
     gen = torch.Generator().manual_seed(0)
     rgb = torch.empty(1, 3, 32, 32)

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mlps_dist import parallel
-from mlps_dist.checkpoint import (CheckpointError, Checkpointer, load_model_file, rng_state, save_model_file,
-                                  set_rng_state)
+from mlps_dist.train import parallel
+from mlps_dist.train.checkpoint import CheckpointError, Checkpointer, load_model_file, rng_state, save_model_file, set_rng_state
 from mlps_dist.config import TrainConfig
 
 

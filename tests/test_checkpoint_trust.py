@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torchrun_helpers as jobs  # noqa: E402
 
-from mlps_dist import checkpoint as ck  # noqa: E402
+from mlps_dist.train import checkpoint as ck  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "engine_worker.py")

@@ -1,4 +1,4 @@
-"""The weight average (mlps_dist/ema.py): its arithmetic, its ramp, buffers and state."""
+"""The weight average (mlps_dist/train/ema.py): its arithmetic, its ramp, buffers and state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mlps_dist.ema import WeightAverage
+from mlps_dist.train.ema import WeightAverage
 
 
 def _model() -> nn.Module:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import torchrun_helpers as jobs
-from mlps_dist import parallel
+from mlps_dist.train import parallel
 from mlps_dist.config import ConfigError, TrainConfig
-from mlps_dist.engine import PREEMPTED_EXIT_CODE, derive_seed
+from mlps_dist.train.engine import PREEMPTED_EXIT_CODE, derive_seed
 
 WORKER = "tests/engine_worker.py"
 STEPS_PER_EPOCH = 8  # 64 samples / global batch 8

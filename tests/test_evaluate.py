@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mlps_dist import evaluate
+from mlps_dist.stages import evaluate
 from mlps_dist.config import config_from_dict, save_config
 from mlps_dist.data.shards import open_split
-from mlps_dist.gate import allowed_classes, apply_gate, load_classifier, load_segmenter
+from mlps_dist.predict.gate import allowed_classes, apply_gate, load_classifier, load_segmenter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_infer import make_run  # noqa: E402
@@ -158,7 +158,7 @@ def test_split_without_masks_and_wrong_class_count_are_refused(tmp_path, tiny_sh
     cfg.evaluate.splits = ["val", "train"]  # set after validation, as a hand-edited run would
     with pytest.raises(ValueError, match="'train' has no ground-truth masks"):
         evaluate.run(cfg, evaluate.RunLog(run, "evaluate", tensorboard=False))
-    from mlps_dist.checkpoint import load_model_file, save_model_file
+    from mlps_dist.train.checkpoint import load_model_file, save_model_file
     from mlps_dist.models import create_segmenter
 
     _, meta = load_model_file(run / "segmenter" / "model.pt")
@@ -184,7 +184,7 @@ def test_two_ranks_give_the_single_process_result(tmp_path, tiny_shards):
     eval_config(run, tiny_shards)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mlps_dist.evaluate",
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "mlps_dist.stages.evaluate",
                     "--config", str(run / "config.yaml"), "evaluate.splits=[val]"],
                    check=True, cwd=REPO, env=env, timeout=180, capture_output=True)
     two = json.loads((run / "metrics" / "val.json").read_text())

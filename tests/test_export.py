@@ -12,12 +12,13 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from mlps_dist import export, infer
-from mlps_dist.deploy import OnnxModel
-from mlps_dist.errors import InputError
-from mlps_dist.fileio import sha256_file
-from mlps_dist.export_graph import DeployGraph, antialiased_resize
-from mlps_dist.predict import Predictor, create_predictor
+from mlps_dist.predict import export
+from mlps_dist.deploy import infer
+from mlps_dist.deploy.onnx_model import OnnxModel
+from mlps_dist.core.errors import InputError
+from mlps_dist.core.fileio import sha256_file
+from mlps_dist.predict.export_graph import DeployGraph, antialiased_resize
+from mlps_dist.predict.predictor import Predictor, create_predictor
 from test_infer import CLASSES, make_run
 
 
@@ -180,7 +181,7 @@ def test_self_check_detects_a_graph_that_differs_from_the_torch_model(tmp_path):
 
 
 def test_model_card_cli_writes_the_run_card(exported):
-    from mlps_dist import model_card
+    from mlps_dist.run import model_card
 
     run, _ = exported
     assert model_card.main(["--run", str(run)]) == 0
@@ -231,7 +232,7 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
     rng = np.random.default_rng(5)
     for i, size in enumerate([(48, 48), (70, 90)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f"p{i}.png")
-    proc = call("-m", "mlps_dist.infer", "--model", str(out / "model.onnx"), "--input", str(inputs),
+    proc = call("-m", "mlps_dist.deploy.infer", "--model", str(out / "model.onnx"), "--input", str(inputs),
                 "--out", str(tmp_path / "deployed"), check=False)
     assert proc.returncode == 0, proc.stderr
     assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(tmp_path / "torch")]) == 0
@@ -244,8 +245,8 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
 def test_segment_slides_with_the_exported_model_matches_the_run(exported, tmp_path):
     """The same synthetic slide through `segment_slides --run` (torch) and `--model` (onnxruntime,
     one process): the class maps agree on >= 99.9 % of map pixels and the areas match."""
-    from mlps_dist import segment_slides
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.deploy import segment_slides
+    from mlps_dist.synthetic.slides import write_synthetic_slide
 
     run, out = exported
     slide = tmp_path / "slides" / "s0.tiff"
@@ -263,7 +264,7 @@ def test_segment_slides_with_the_exported_model_matches_the_run(exported, tmp_pa
 
 
 def test_segment_slides_model_refuses_run_only_flags(exported, tmp_path):
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     _, out = exported
     with pytest.raises(InputError, match="--no-gate"):
@@ -274,7 +275,7 @@ def test_segment_slides_model_refuses_run_only_flags(exported, tmp_path):
 def test_a_model_json_that_does_not_describe_its_graph_is_refused(exported, tmp_path, tiny_shards):
     import shutil
 
-    from mlps_dist import infer
+    from mlps_dist.deploy import infer
 
     _, out = exported
     (tmp_path / "img").mkdir()

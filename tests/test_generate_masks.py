@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from mlps_dist import generate_masks
-from mlps_dist.artifacts import StaleError
-from mlps_dist.checkpoint import save_model_file
+from mlps_dist.stages import generate_masks
+from mlps_dist.run.artifacts import StaleError
+from mlps_dist.train.checkpoint import save_model_file
 from mlps_dist.config import ConfigError
 from mlps_dist.data.shards import open_split, read_index
 from mlps_dist.models import create_classifier
-from mlps_dist.pseudo_masks import PseudoMaskError, PseudoMaskStore, decode_png
+from mlps_dist.data.pseudo_masks import PseudoMaskError, PseudoMaskStore, decode_png
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["b4_5", "b5_2", "bn7"]
@@ -47,7 +47,7 @@ def make_run(tmp: Path, shards: Path, name: str, classes=None, seed: int = 0, **
 
 def torchrun(nproc: int, run: Path, *overrides: str, wait: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mlps_dist.generate_masks", "--config", str(run / "config.yaml"), *overrides]
+           "-m", "mlps_dist.stages.generate_masks", "--config", str(run / "config.yaml"), *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -193,11 +193,11 @@ def _tiny_losses(stage: str, precision: str, steps: int = 30) -> list[float]:
     stage-1 loss, or DeepLab-v3+ (small) with the stage-3 loss over three mask layers."""
     from types import SimpleNamespace
 
-    from mlps_dist import parallel
+    from mlps_dist.train import parallel
     from mlps_dist.config import SegmenterConfig, TrainConfig
     from mlps_dist.models import create_classifier, create_segmenter
-    from mlps_dist.train_classifier import ClassifierTask
-    from mlps_dist.train_segmenter import SegmenterTask
+    from mlps_dist.stages.train_classifier import ClassifierTask
+    from mlps_dist.stages.train_segmenter import SegmenterTask
 
     device = torch.device("cuda", 0)
     cfg = TrainConfig(batch_size=8, lr=0.01, precision=precision)
@@ -414,10 +414,10 @@ def test_mask_pass_on_gpu_matches_the_cpu_masks(tiny_shards, tmp_path):
     another summation order)."""
     import yaml
 
-    from mlps_dist.checkpoint import save_model_file
+    from mlps_dist.train.checkpoint import save_model_file
     from mlps_dist.data.shards import open_split
     from mlps_dist.models import create_classifier
-    from mlps_dist.pseudo_masks import PseudoMaskStore
+    from mlps_dist.data.pseudo_masks import PseudoMaskStore
 
     classes = open_split(tiny_shards, "train").classes
     torch.manual_seed(0)
@@ -432,7 +432,7 @@ def test_mask_pass_on_gpu_matches_the_cpu_masks(tiny_shards, tmp_path):
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **NO_TF32}
         if where == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
-        done = subprocess.run([sys.executable, "-m", "mlps_dist.generate_masks", "--config", str(run / "config.yaml")],
+        done = subprocess.run([sys.executable, "-m", "mlps_dist.stages.generate_masks", "--config", str(run / "config.yaml")],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         store = PseudoMaskStore(run / "pseudo_masks" / "train")

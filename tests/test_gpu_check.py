@@ -151,13 +151,13 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {BLOCKED!r}:
             raise ImportError(f"blocked {{name}}")
 sys.meta_path.insert(0, Block())
-import mlps_dist.train_classifier, mlps_dist.generate_masks, mlps_dist.train_segmenter, mlps_dist.evaluate
-from mlps_dist.data.synthetic import write_luad_layout
+import mlps_dist.stages.train_classifier, mlps_dist.stages.generate_masks, mlps_dist.stages.train_segmenter, mlps_dist.stages.evaluate
+from mlps_dist.synthetic.patches import write_luad_layout
 from mlps_dist.data.ingest import build_plan, write_plan
 from mlps_dist.data.layouts import LUAD
 from mlps_dist.data.shards import open_split
-from mlps_dist.pseudo_masks import write_chunk, encode_png
-from mlps_dist.runlog import RunLog
+from mlps_dist.data.pseudo_masks import write_chunk, encode_png
+from mlps_dist.run.runlog import RunLog
 import numpy as np
 write_luad_layout({str(tmp_path / 'luad')!r}, train=4, val=2, test=2, size=32, seed=0)
 write_plan(build_plan(LUAD, {str(tmp_path / 'luad')!r}, shard_size=4), {str(tmp_path / 'shards')!r}, log=lambda *_: None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mlps_dist import artifacts, gpu_options, parallel
+from mlps_dist.run import artifacts
+from mlps_dist.train import gpu_options, parallel
 from mlps_dist.config import ClassifierConfig, Config, GpuConfig, load_config
 from mlps_dist.data.dali_loader import source_workers
 from mlps_dist.models import create_classifier

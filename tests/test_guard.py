@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import torchrun_helpers as jobs
-from mlps_dist import gate
-from mlps_dist.checkpoint import Checkpointer, load_model_file, save_model_file
+from mlps_dist.predict import gate
+from mlps_dist.train.checkpoint import Checkpointer, load_model_file, save_model_file
 from mlps_dist.config import GuardConfig
-from mlps_dist.guard import ModelCollapsed, RolledBack, TrainingFailed, TrainingHealth, refuse_collapsed
+from mlps_dist.train.guard import ModelCollapsed, RolledBack, TrainingFailed, TrainingHealth, refuse_collapsed
 from mlps_dist.models import create_classifier
-from mlps_dist.runlog import RunLog
+from mlps_dist.run.runlog import RunLog
 
 
 class _Wrapped:

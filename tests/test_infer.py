@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mlps_dist import infer
-from mlps_dist.checkpoint import save_model_file
+from mlps_dist.deploy import infer
+from mlps_dist.train.checkpoint import save_model_file
 from mlps_dist.config import config_from_dict, save_config
-from mlps_dist.predict import Predictor, sliding_window, window_starts
+from mlps_dist.predict.predictor import Predictor, sliding_window, window_starts
 from mlps_dist.models import create_classifier, create_segmenter
 
 CLASSES = ["TE", "NEC", "LYM", "TAS"]
@@ -160,7 +160,7 @@ def test_two_ranks_split_the_files_and_write_each_once(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-                    "-m", "mlps_dist.infer", "--run-dir", str(run), "--input", str(inputs), "--out", str(tmp_path / "two")],
+                    "-m", "mlps_dist.deploy.infer", "--run-dir", str(run), "--input", str(inputs), "--out", str(tmp_path / "two")],
                    check=True, cwd=repo, env=env, timeout=120, capture_output=True)
     for i in range(5):
         for name in (f"p{i}.png", f"p{i}_overlay.png"):

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_infer(args: list[str]) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "mlps_dist.infer", *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mlps_dist.deploy.infer", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stderr
 
@@ -40,7 +40,7 @@ def test_an_image_over_the_pixel_limit_is_refused_in_one_line(tmp_path):
 
 
 def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
-    from mlps_dist.infer import load_rgb
+    from mlps_dist.deploy.infer import load_rgb
 
     for name, top in (("dim", 1000), ("bright", 65535)):
         Image.fromarray(np.full((8, 8), top, np.uint16)).save(tmp_path / f"{name}.png")

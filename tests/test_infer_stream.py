@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_infer import make_run  # noqa: E402
 
-from mlps_dist import infer  # noqa: E402
-from mlps_dist.draw import palette_png_bytes, png_bytes  # noqa: E402
-from mlps_dist.imagerows import PngRows, open_rows, png_streamable  # noqa: E402
-from mlps_dist.pngstream import PngRowWriter  # noqa: E402
-from mlps_dist.tiffrows import TiffRows, tiff_streamable  # noqa: E402
+from mlps_dist.deploy import infer  # noqa: E402
+from mlps_dist.core.draw import palette_png_bytes, png_bytes  # noqa: E402
+from mlps_dist.core.imagerows import PngRows, open_rows, png_streamable  # noqa: E402
+from mlps_dist.core.pngstream import PngRowWriter  # noqa: E402
+from mlps_dist.core.tiffrows import TiffRows, tiff_streamable  # noqa: E402
 
 SAME_ZLIB = features.version("zlib") == zlib.ZLIB_RUNTIME_VERSION  # the deflate bytes match only then
 PALETTE = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (250, 200, 0), (255, 255, 255)]
@@ -153,7 +153,7 @@ def test_a_png_truncated_mid_image_is_named_and_leaves_no_output(tmp_path, capsy
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_stains_estimated_once_then_applied_by_band_match_the_whole_image(method):
-    from mlps_dist.stain import StainNormaliser, fit_reference
+    from mlps_dist.core.stain import StainNormaliser, fit_reference
 
     images = [texture(64, 64, seed) for seed in range(4)]
     normaliser = StainNormaliser(fit_reference(method, images))

@@ -132,7 +132,7 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_the_stage(tmp_path, ti
     proc = launch("launch/stage.sh", "classifier", str(config), str(run_dir), MAX_RESTARTS="1")
     reached = wait_for_checkpoint(proc, run_dir, "classifier", step=2)
     workers = [p for p in descendants(proc.pid)
-               if "mlps_dist.train_classifier" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
+               if "mlps_dist.stages.train_classifier" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
     assert len(workers) == 2, [cmdline(p) for p in workers]
     os.kill(workers[1], signal.SIGKILL)
 

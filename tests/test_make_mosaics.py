@@ -204,7 +204,7 @@ def test_split_by_tile_keeps_tiles_apart():
 def test_grey_matches_the_pipeline():
     import torch
 
-    from mlps_dist.cam import grey_levels
+    from mlps_dist.method.cam import grey_levels
 
     rgb = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
     expected = grey_levels(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0].numpy()

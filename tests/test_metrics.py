@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter, multilabel_scores
+from mlps_dist.method.metrics import ConfusionMatrix, MultiLabelMeter, multilabel_scores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_multilabel_meter_accumulates_like_one_call():
 WORKER = """
 import json, sys, numpy as np, torch
 from mlps_dist import dist
-from mlps_dist.metrics import ConfusionMatrix, MultiLabelMeter
+from mlps_dist.method.metrics import ConfusionMatrix, MultiLabelMeter
 dist.init("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 rng = np.random.default_rng(0)

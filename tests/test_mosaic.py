@@ -1,10 +1,10 @@
-"""Stage-3 mosaics (mlps_dist/mosaic.py): which patches count as single-tissue, labels that
+"""Stage-3 mosaics (mlps_dist/method/mosaic.py): which patches count as single-tissue, labels that
 stay with their pixels, patches that mix tissues left alone, draws from the saved RNG."""
 
 import pytest
 import torch
 
-from mlps_dist.mosaic import mix_single_tissue, single_tissue_classes, smooth_regions
+from mlps_dist.method.mosaic import mix_single_tissue, single_tissue_classes, smooth_regions
 
 WHITE = 4  # ignore index: four tissue classes
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlps_dist import parallel
+from mlps_dist.train import parallel
 from mlps_dist.config import load_config
 from mlps_dist.models import create_classifier, create_segmenter
 from mlps_dist.models.resnet38d import STAGE_OF

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import torchrun_helpers as jobs
-from mlps_dist import parallel, precision
+from mlps_dist.train import parallel, precision
 from mlps_dist.config import ConfigError, TrainConfig
 from mlps_dist.models import classifier as classifier_model
-from mlps_dist.train_classifier import ClassifierTask
+from mlps_dist.stages.train_classifier import ClassifierTask
 
 CPU = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def test_combinations_that_cannot_run_are_refused_in_one_line():
 
 
 def test_fp16_with_deepspeed_is_refused_before_the_model_is_built(tmp_path, tiny_shards, capsys):
-    from mlps_dist import train_classifier
+    from mlps_dist.stages import train_classifier
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "data": {"root": str(tiny_shards), "num_workers": 0},
@@ -76,7 +76,7 @@ def test_the_stage_three_loss_is_fp32_from_bf16_logits(white_channel):
 
     from mlps_dist.config import SegmenterConfig
     from mlps_dist.models import create_segmenter
-    from mlps_dist.train_segmenter import SegmenterTask, segmentation_loss
+    from mlps_dist.stages.train_segmenter import SegmenterTask, segmentation_loss
 
     torch.manual_seed(0)
     model = create_segmenter("deeplabv3plus_small", 4, "")

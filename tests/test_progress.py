@@ -1,8 +1,8 @@
-"""mlps_dist.progress: plain lines off a terminal, a redrawn line on one, rate and ETA."""
+"""mlps_dist.core.progress: plain lines off a terminal, a redrawn line on one, rate and ETA."""
 
 import io
 
-from mlps_dist.progress import Progress, format_duration
+from mlps_dist.core.progress import Progress, format_duration
 
 
 class Clock:

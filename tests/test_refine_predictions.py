@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from mlps_dist import export
-from mlps_dist.export_graph import DeployGraph
-from mlps_dist.predict import Predictor, create_predictor
+from mlps_dist.predict import export
+from mlps_dist.predict.export_graph import DeployGraph
+from mlps_dist.predict.predictor import Predictor, create_predictor
 from test_infer import make_run
 
 REFINE = dict(iterations=30, dilations=(1, 2, 4, 8), colour_weight=0.1, blur_sigma=1.0)

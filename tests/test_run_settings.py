@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_infer import make_run  # noqa: E402
 
-from mlps_dist import evaluate  # noqa: E402
+from mlps_dist.stages import evaluate  # noqa: E402
 from mlps_dist.config import load_config  # noqa: E402
 
 
@@ -27,8 +27,8 @@ def test_a_re_evaluation_with_other_settings_is_what_consumers_read(tmp_path, ti
     for path in (run / "config.yaml", run / "metrics" / "config.yaml"):
         ev = yaml.safe_load(path.read_text())["evaluate"]
         assert ev["refine"]["enabled"] is False and ev["gate_threshold"] == 0.3
-    from mlps_dist.model_card import render
-    from mlps_dist.predict import create_predictor
+    from mlps_dist.run.model_card import render
+    from mlps_dist.predict.predictor import create_predictor
 
     assert "refined along the patch's colours before the argmax: no" in render(run)
     predictor, _ = create_predictor(run)

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlps_dist import artifacts, runner
-from mlps_dist.checkpoint import CheckpointError, Checkpointer, save_model_file
+from mlps_dist.run import artifacts
+from mlps_dist.core import runner
+from mlps_dist.train.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import config_from_dict
 from mlps_dist.data import shards
 from mlps_dist.data.shards import ShardError, open_split, read_info, write_info
-from mlps_dist.errors import InputError, Preempted
-from mlps_dist.lock import RunLock, RunLockedError
+from mlps_dist.core.errors import InputError, Preempted
+from mlps_dist.run.lock import RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def test_status_command_exit_statuses(tmp_path, tiny_shards, capsys):
 
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_keys(tmp_path, tiny_shards):
-    from mlps_dist.engine import check_same_inputs
+    from mlps_dist.train.engine import check_same_inputs
 
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     state = {"config": cfg.to_dict(), "inputs": artifacts.expected_inputs(cfg, "classifier")}
@@ -198,7 +199,7 @@ def test_lock_refuses_a_second_job_and_takes_over_a_dead_one(tmp_path, monkeypat
 
 def test_lock_held_by_a_live_process_refuses_with_its_pid(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlps_dist.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlps_dist.run.lock import RunLock; "
                                f"RunLock({str(run)!r}, 'segmenter').acquire(); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -234,7 +235,7 @@ def test_runner_maps_errors_to_exit_statuses(capsys):
 
 
 def test_an_error_on_another_rank_is_printed_with_its_rank():
-    code = ("import sys; from mlps_dist import dist, runner; from mlps_dist.data.shards import ShardError\n"
+    code = ("import sys; from mlps_dist import dist; from mlps_dist.core import runner; from mlps_dist.data.shards import ShardError\n"
             "def body(_): raise ShardError('shards/train-000001.idx: bad index')\n"
             "sys.exit(runner.run(body))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -293,7 +294,7 @@ def test_newest_complete_checkpoint_is_used_without_the_marker(tmp_path):
 
 
 def test_deepspeed_files_are_loaded_only_when_their_digests_match(tmp_path):
-    from mlps_dist.checkpoint import _check_ds_digests, _write_ds_digests
+    from mlps_dist.train.checkpoint import _check_ds_digests, _write_ds_digests
 
     (tmp_path / "ds" / "state").mkdir(parents=True)
     (tmp_path / "ds" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
@@ -307,7 +308,7 @@ def test_deepspeed_files_are_loaded_only_when_their_digests_match(tmp_path):
 
 
 def test_outputs_inside_inputs_and_foreign_folders_are_refused(tmp_path, tiny_luad_folder, capsys):
-    from mlps_dist import infer
+    from mlps_dist.deploy import infer
 
     images = tmp_path / "images"
     images.mkdir()

@@ -51,7 +51,7 @@ def copy_with_a_corrupt_sample(source, shards, split: str):
 def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capfd):
     from test_infer import make_run
 
-    from mlps_dist import evaluate
+    from mlps_dist.stages import evaluate
     from mlps_dist.data.shards import open_split
 
     shards = copy_with_a_corrupt_sample(tiny_shards, tmp_path / "sh", "test")
@@ -80,7 +80,7 @@ def test_training_names_a_corrupt_sample_in_one_line_and_does_not_skip_it(loader
     resume replays one fixed sample order), so the line names only the fix."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    from mlps_dist import train_classifier
+    from mlps_dist.stages import train_classifier
 
     shards = copy_with_a_corrupt_sample(tiny_shards, tmp_path / "sh", "train")
     config = tmp_path / "c.yaml"

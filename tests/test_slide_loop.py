@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_slides import read_samples, segment, tile_slides  # noqa: E402
 
-from mlps_dist.data.synthetic import WHITE  # noqa: E402
-from mlps_dist.fileio import sha256_file  # noqa: E402
-from mlps_dist.slides.synthetic import truth_map, write_synthetic_slide  # noqa: E402
+from mlps_dist.synthetic.patches import WHITE  # noqa: E402
+from mlps_dist.core.fileio import sha256_file  # noqa: E402
+from mlps_dist.synthetic.slides import truth_map, write_synthetic_slide  # noqa: E402
 
 W, H, CELL = 768, 512, 200
 LABEL_MIN = 0.05  # tile_slides' --label-min-fraction default

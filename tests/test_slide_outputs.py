@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mlps_dist.slides.regions import region_features, regions_of
-from mlps_dist.slides.synthetic import write_synthetic_slide
+from mlps_dist.synthetic.slides import write_synthetic_slide
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,7 +25,7 @@ PALETTE = ColourModel.palette
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
     """Two flat-colour slides segmented by the nearest-colour model, with probability maps."""
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     root = tmp_path_factory.mktemp("outputs")
     for i in range(2):
@@ -197,7 +197,7 @@ def test_probabilities_tiff_planes_agree_with_the_class_map(maps):
 
 
 def test_overlay_is_large_with_the_slide_beside_it_and_a_legend(maps):
-    from mlps_dist.draw import blend
+    from mlps_dist.core.draw import blend
     from mlps_dist.slides.overlay import ALPHA, panel_origins, view_mpp
     from mlps_dist.slides.reader import Slide
 
@@ -254,10 +254,10 @@ class StainColourModel(ColourModel):
 
 
 def test_stains_are_estimated_once_per_slide_and_recorded(tmp_path, capsys):
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
     from mlps_dist.slides.reader import Slide
     from mlps_dist.slides.slide_stain import SlideStain
-    from mlps_dist.stain import StainNormaliser, fit_reference
+    from mlps_dist.core.stain import StainNormaliser, fit_reference
 
     write_synthetic_slide(tmp_path / "slides" / "tex.tiff", None, W, H, seed=4, cell_px=CELL)
     with Slide(tmp_path / "slides" / "tex.tiff") as slide:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlps_dist.data.synthetic import PALETTE, WHITE
-from mlps_dist.errors import InputError
+from mlps_dist.synthetic.patches import PALETTE, WHITE
+from mlps_dist.core.errors import InputError
 from mlps_dist.slides.reader import Slide
-from mlps_dist.slides.synthetic import CLASS_MAP, truth_map, write_synthetic_slide
+from mlps_dist.synthetic.slides import CLASS_MAP, truth_map, write_synthetic_slide
 from mlps_dist.slides.tissue import detect_tissue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_a_slide_without_mpp_is_refused_by_name(slides, tmp_path):
     with pytest.raises(InputError, match="nompp"):
         tile_slides._main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp", "2", "--tile", "32"])
     assert not (tmp_path / "out").exists()
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     args = segment_slides.parse_args(["--run", "x", "--slides", str(folder), "--out", str(tmp_path / "maps")])
     with pytest.raises(InputError, match="nompp"):
@@ -224,7 +224,7 @@ def flat_slides(tmp_path_factory):
 
 
 def segment(root: Path, out: Path, model=None, *extra) -> int:
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     args = segment_slides.parse_args(["--run", "unused", "--slides", str(root / "slides"), "--out", str(out),
                                       "--map-mpp", "4", *extra])
@@ -273,7 +273,7 @@ def test_segment_slides_with_a_trained_run_needs_its_mpp(flat_slides, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from test_infer import make_run
 
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     run = make_run(tmp_path / "run")
     base = ["--run", str(run), "--slides", str(flat_slides[0] / "slides" / "flat0.tiff"), "--out", str(tmp_path / "m"),
@@ -287,7 +287,7 @@ def test_segment_slides_with_a_trained_run_needs_its_mpp(flat_slides, tmp_path):
 
 
 def test_make_shards_records_the_mpp(tmp_path):
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "luad", train=4, val=2, test=2, size=32)
     make_shards = load_tool("make_shards")
@@ -297,7 +297,7 @@ def test_make_shards_records_the_mpp(tmp_path):
 
 
 def test_share_ranges_cover_every_tile_once():
-    from mlps_dist.segment_slides import share_ranges
+    from mlps_dist.deploy.segment_slides import share_ranges
 
     counts = [5, 0, 7, 1]
     for world in (1, 2, 3, 5):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from torchrun_helpers import REPO, kill_job, run, start, wait_for
 
-from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide
 
 pytestmark = pytest.mark.slow
 TILE = str(REPO / "tools" / "tile_slides.py")
@@ -86,7 +86,7 @@ def test_segment_slides_killed_and_resumed_equals_2_ranks(slides, tmp_path):
 
     run_dir = make_run(tmp_path / "run")
     maps = {}
-    command = lambda out: ["-m", "mlps_dist.segment_slides", "--run-dir", str(run_dir), "--slides",  # noqa: E731
+    command = lambda out: ["-m", "mlps_dist.deploy.segment_slides", "--run-dir", str(run_dir), "--slides",  # noqa: E731
                            str(slides / "slides"), "--out", str(out), "--model-mpp", "8", "--map-mpp", "8",
                            "--stride", "16"]
     # The 1-rank result comes from a run killed once it saved its first scores, then rerun.

@@ -1,4 +1,4 @@
-"""Stain normalisation (mlps_dist/stain.py): H&E images built from known stain vectors and
+"""Stain normalisation (mlps_dist/core/stain.py): H&E images built from known stain vectors and
 amounts, so what normalisation must do is known exactly."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mlps_dist.stain import (MAX_SCALE, StainNormaliser, concentrations, fit_reference, from_optical_density,
-                             macenko_vectors, optical_density)
+from mlps_dist.core.stain import MAX_SCALE, StainNormaliser, concentrations, fit_reference, from_optical_density, macenko_vectors, optical_density
 
 H = np.array([0.65, 0.70, 0.29])
 E = np.array([0.07, 0.99, 0.11])

@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from mlps_dist import export
+from mlps_dist.predict import export
 from mlps_dist.config import ConfigError, config_from_dict
 from mlps_dist.data.decode import decode_rgb
 from mlps_dist.data.shards import open_split
 from mlps_dist.data.torch_loader import EvalDataset
-from mlps_dist.deploy import OnnxModel
-from mlps_dist.predict import create_predictor, sliding_window
-from mlps_dist.stain_run import load_normaliser, read_reference, write_reference
+from mlps_dist.deploy.onnx_model import OnnxModel
+from mlps_dist.predict.predictor import create_predictor, sliding_window
+from mlps_dist.run.stain_run import load_normaliser, read_reference, write_reference
 from test_infer import make_run
 
 

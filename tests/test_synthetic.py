@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlps_dist.data import synthetic
-from mlps_dist.data.synthetic import CLASSES, MIN_TISSUE_FRACTION, WHITE, make_patch, write_luad_layout
+from mlps_dist.synthetic import patches
+from mlps_dist.synthetic.patches import CLASSES, MIN_TISSUE_FRACTION, WHITE, make_patch, write_luad_layout
 
 TRAIN_NAME = re.compile(r"^synth\d{2}-\d+-\d+-\[([01]) ([01]) ([01]) ([01])\]\.png$")
 EVAL_NAME = re.compile(r"^synth\d{2}-\d+-\d+\.png$")
@@ -71,9 +71,9 @@ def test_same_seed_same_bytes_and_patch_independent_of_count(layout, tmp_path):
 def test_labels_match_mask_and_tissue_count():
     counts, whites = [], 0
     for index in range(40):
-        stem, rgb, mask = synthetic.make_sample(0, "train", index, 64)
+        stem, rgb, mask = patches.make_sample(0, "train", index, 64)
         area = np.bincount(mask.ravel(), minlength=WHITE + 1)
-        labels = synthetic.labels_of(mask)
+        labels = patches.labels_of(mask)
         tissues = [c for c in range(len(CLASSES)) if area[c] > 0]
         assert labels == [int(c in tissues) for c in range(len(CLASSES))]
         assert all(area[c] >= MIN_TISSUE_FRACTION * mask.size for c in tissues), area
@@ -175,10 +175,10 @@ def test_presence_not_readable_from_mean_colour():
     """Stain and brightness vary enough that mean RGB predicts tissue presence clearly worse than texture."""
     mean_rgb, texture, labels = [], [], []
     for index in range(200):
-        _, rgb, mask = synthetic.make_sample(0, "train", index, 128)
+        _, rgb, mask = patches.make_sample(0, "train", index, 128)
         mean_rgb.append(rgb.reshape(-1, 3).mean(0) / 255.0)
         texture.append(_texture_features(rgb))
-        labels.append(synthetic.labels_of(mask))
+        labels.append(patches.labels_of(mask))
     labels = np.array(labels, np.float64)
     colour_acc = _cross_validated_accuracy(np.array(mean_rgb), labels)
     texture_acc = _cross_validated_accuracy(np.array(texture), labels)

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mlps_dist.cam import component_sizes, white_background
-from mlps_dist.data import synthetic, synthetic_tissue
-from mlps_dist.data.synthetic import WHITE, labels_of, make_sample, write_luad_layout
-from mlps_dist.data.synthetic_options import (
-    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, SynthOptions, SyntheticOptionError, variant_options,
-    variant_white_is_white)
+from mlps_dist.method.cam import component_sizes, white_background
+from mlps_dist.synthetic import patches
+from mlps_dist.synthetic.tissue import nuclei
+from mlps_dist.synthetic.patches import WHITE, labels_of, make_sample, write_luad_layout
+from mlps_dist.synthetic.options import HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, SynthOptions, SyntheticOptionError, variant_options, variant_white_is_white
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -34,7 +33,7 @@ def _samples(options: SynthOptions, count: int, split: str = "val", size: int | 
 def _hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     """Colour deconvolution onto the reference hematoxylin vector (per pixel)."""
     od = -np.log(np.clip(rgb.astype(np.float64), 1, 255) / 255.0)
-    h, e = np.array(synthetic.SynthOptions().stain_vectors())
+    h, e = np.array(patches.SynthOptions().stain_vectors())
     return od @ np.linalg.pinv(np.stack([h, e]))[:, 0]
 
 
@@ -85,7 +84,7 @@ def _nuclei_components(scale: float, density: float) -> tuple[float, int]:
     """(median size, count) of sparse nuclei (hematoxylin > 0.5), as in stroma."""
     sizes, count = [], 0
     for seed in range(3):
-        h = synthetic_tissue.nuclei(np.random.default_rng(seed), 128, cell=12, fill=0.3, radius=(3.0, 4.0),
+        h = nuclei(np.random.default_rng(seed), 128, cell=12, fill=0.3, radius=(3.0, 4.0),
                                     elongation=(1.0, 1.2), darkness=(1.0, 1.2), scale=scale, density=density)
         region = torch.from_numpy(h > 0.5)[None]
         comp = component_sizes(region)[0].numpy()

@@ -27,7 +27,7 @@ def full_disk(tmp_path):
 
 
 def test_make_shards_on_a_full_disk_says_so_and_leaves_no_temporary_file(full_disk, tmp_path):
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "src", train=60, val=6, test=6, size=64)
     out = full_disk / "shards"
@@ -57,7 +57,7 @@ def test_launch_stage_keeps_the_workers_exit_status_2(tmp_path):
 def test_atomic_writes_never_follow_a_link_planted_under_the_temporary_name(tmp_path):
     import os
 
-    from mlps_dist.fileio import atomic_write_text, tmp_path as temporary_name
+    from mlps_dist.core.fileio import atomic_write_text, tmp_path as temporary_name
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -106,7 +106,7 @@ def test_infer_on_a_full_disk_says_so_and_leaves_no_half_written_image(full_disk
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i:02d}.png")
     out = full_disk / "pred"
-    result = run_tool("-m", "mlps_dist.infer", "--run", str(run), "--input", str(tmp_path / "img"), "--out", str(out))
+    result = run_tool("-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(tmp_path / "img"), "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
     classes = {p.stem for p in out.glob("*.png") if not p.stem.endswith("_overlay")}

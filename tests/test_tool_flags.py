@@ -19,7 +19,7 @@ from mlps_dist.config import ConfigError, config_from_dict  # noqa: E402
 @pytest.mark.parametrize("flags", [["--patch", "-5"], ["--patch", "1"], ["--batch-size", "0"], ["--batch-size", "-2"],
                                    ["--gate-threshold", "2"], ["--gate-threshold", "-1"]])
 def test_infer_refuses_unusable_flags(flags, tmp_path, capsys):
-    from mlps_dist import infer
+    from mlps_dist.deploy import infer
 
     (tmp_path / "in").mkdir()
     assert infer.main(["--run", str(tmp_path), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
@@ -31,7 +31,7 @@ def test_infer_refuses_unusable_flags(flags, tmp_path, capsys):
 @pytest.mark.parametrize("flags", [["--mpp", "nan"], ["--mpp", "inf"], ["--slide-mpp", "nan"], ["--tissue-mpp", "0"],
                                    ["--shard-size", "0"], ["--label-min-fraction", "5"], ["--split-ratios", "0,1,0"]])
 def test_tile_slides_refuses_unusable_flags(flags, tmp_path, capsys):
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.synthetic.slides import write_synthetic_slide
 
     tile_slides = load_tool("tile_slides")
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 128, 128, seed=0, cell_px=64)
@@ -44,7 +44,7 @@ def test_tile_slides_refuses_unusable_flags(flags, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags", [["--map-mpp", "nan"], ["--mpp", "nan"], ["--map-mpp", "-1"], ["--model-mpp", "inf"]])
 def test_segment_slides_refuses_unusable_flags(flags, tmp_path, capsys):
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     assert segment_slides.main(["--run", str(tmp_path), "--slides", str(tmp_path), "--out", str(tmp_path / "o"),
                                 *flags]) == 2
@@ -53,7 +53,7 @@ def test_segment_slides_refuses_unusable_flags(flags, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_make_shards_refuses_an_unusable_mpp_before_creating_out(value, tmp_path):
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "src", train=4, val=2, test=2, size=32)
     result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out",
@@ -72,9 +72,9 @@ def test_config_refuses_unusable_optimiser_values(key, value):
 def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
     from test_slides import ColourModel
 
-    from mlps_dist import segment_slides
-    from mlps_dist.errors import InputError
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.deploy import segment_slides
+    from mlps_dist.core.errors import InputError
+    from mlps_dist.synthetic.slides import write_synthetic_slide
 
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 384, 256, seed=0, cell_px=100, flat=True)
 
@@ -95,7 +95,7 @@ def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
 def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path):
     from PIL import Image
 
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "src", train=6, val=2, test=2, size=32)
     odd = sorted((tmp_path / "src" / "train").glob("*.png"))[0]
@@ -110,7 +110,7 @@ def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path)
 def test_export_refuses_an_out_that_is_or_lies_inside_the_run(tmp_path, capsys):
     from test_infer import make_run
 
-    from mlps_dist import export
+    from mlps_dist.predict import export
 
     run = make_run(tmp_path / "run")
     for out in (run, run / "export"):

@@ -33,8 +33,8 @@ def inject(out: Path, command: list[str], kills: int = 3, seed: int = 0) -> dict
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from mlps_dist.data.synthetic import write_luad_layout
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.synthetic.patches import write_luad_layout
+    from mlps_dist.synthetic.slides import write_synthetic_slide
 
     root = tmp_path_factory.mktemp("kills")
     write_luad_layout(root / "luad", train=300, val=20, test=20, size=48)
@@ -53,7 +53,7 @@ def test_make_shards_killed_and_rerun_is_identical(inputs, tmp_path):
 
 
 def test_tile_slides_killed_and_rerun_is_identical(inputs, tmp_path):
-    from mlps_dist.slides.synthetic import CLASS_MAP
+    from mlps_dist.synthetic.slides import CLASS_MAP
 
     root, _ = inputs
     inject(tmp_path, [PY, "tools/tile_slides.py", "--slides", str(root / "slides"), "--out", "{out}", "--mpp", "2",
@@ -63,13 +63,13 @@ def test_tile_slides_killed_and_rerun_is_identical(inputs, tmp_path):
 
 def test_segment_slides_killed_and_rerun_is_identical(inputs, tmp_path):
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.segment_slides", "--run", str(run), "--slides", str(root / "slides"),
+    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.segment_slides", "--run", str(run), "--slides", str(root / "slides"),
                       "--out", "{out}", "--map-mpp", "8", "--model-mpp", "2", "--stride", "16"], seed=3)
 
 
 def test_infer_killed_and_rerun_is_identical(inputs, tmp_path):
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.infer", "--run", str(run), "--input", str(root / "luad" / "val" / "img"),
+    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(root / "luad" / "val" / "img"),
                       "--out", "{out}"], seed=4)
 
 
@@ -77,5 +77,5 @@ def test_infer_streaming_by_row_bands_killed_and_rerun_is_identical(inputs, tmp_
     """The streamed path (every image by row bands; the slides are tiled TIFFs read by rows of
     tiles) writes through its own temporary files: a kill leaves none behind as output."""
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.infer", "--run", str(run), "--input", str(root / "slides"),
+    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(root / "slides"),
                       "--out", "{out}", "--stream-megapixels", "0", "--patch", "64"], seed=5)

@@ -1,5 +1,5 @@
 """The tools' output discipline: --out never an input, only their own files deleted, one run
-per output folder, a damaged lock judged by its owner and age (mlps_dist/toolout.py, lock.py)."""
+per output folder, a damaged lock judged by its owner and age (mlps_dist/core/toolout.py, lock.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_slides import ColourModel, load_tool, write_synthetic_slide  # noqa: E402
 
-from mlps_dist.errors import InputError  # noqa: E402
-from mlps_dist.lock import RunLock, RunLockedError  # noqa: E402
+from mlps_dist.core.errors import InputError  # noqa: E402
+from mlps_dist.run.lock import RunLock, RunLockedError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 tile_slides = load_tool("tile_slides")
@@ -31,7 +31,7 @@ def one_slide(tmp_path_factory):
 
 
 def segment(slides: Path, out: Path, *extra, model=None) -> int:
-    from mlps_dist import segment_slides
+    from mlps_dist.deploy import segment_slides
 
     args = segment_slides.parse_args(["--run", "unused", "--slides", str(slides), "--out", str(out),
                                       "--map-mpp", "4", *extra])
@@ -91,7 +91,7 @@ def test_tile_slides_deletes_only_what_it_wrote(one_slide, tmp_path):
 
 def test_a_second_run_into_one_output_folder_is_refused_at_once(one_slide, tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from mlps_dist.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from mlps_dist.run.lock import RunLock; "
                                f"RunLock({str(out)!r}, 'tile_slides').acquire(); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -141,7 +141,7 @@ def test_an_empty_or_foreign_lock_is_judged_by_owner_and_age(tmp_path):
 
 
 def test_make_shards_into_a_folder_another_run_holds_is_refused(tmp_path):
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "src", train=4, val=2, test=2, size=32)
     out = tmp_path / "shards"

@@ -21,7 +21,7 @@ make_shards = load_tool("make_shards")
 
 def test_make_shards_converts_a_corrected_source_again(tmp_path):
     from mlps_dist.data.shards import open_split
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     src = tmp_path / "src"
     write_luad_layout(src, train=6, val=3, test=3, size=32)
@@ -45,8 +45,8 @@ def test_make_shards_converts_a_corrected_source_again(tmp_path):
 
 
 def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
-    from mlps_dist import segment_slides
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.deploy import segment_slides
+    from mlps_dist.synthetic.slides import write_synthetic_slide
     from mlps_dist.slides.workkey import key_digest, work_key
     from test_slides import ColourModel
 
@@ -85,7 +85,7 @@ def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
 
 def test_tile_slides_redoes_a_part_when_the_annotations_change(tmp_path):
     from mlps_dist.data.shards import open_split
-    from mlps_dist.slides.synthetic import CLASS_MAP, write_synthetic_slide
+    from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide
 
     root = tmp_path / "wsi"
     write_synthetic_slide(root / "slides" / "s0.tiff", root / "ann" / "s0.geojson", 384, 256, seed=5, cell_px=100)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import torchrun_helpers as jobs
-from mlps_dist import train_classifier
-from mlps_dist.checkpoint import load_model_file
+from mlps_dist.stages import train_classifier
+from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.config import PdaConfig
 
 STEPS_PER_EPOCH = 8  # 32 train samples / global batch 4
@@ -110,7 +110,7 @@ def test_ddp_ranks_agree_and_artefacts_are_written(reference):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_relaunch_gives_identical_weights(tmp_path, tiny_shards, reference):
     cfg, run_dir = write_config(tmp_path, tiny_shards)
-    command = ["-m", "mlps_dist.train_classifier", "--config", cfg]
+    command = ["-m", "mlps_dist.stages.train_classifier", "--config", cfg]
     checkpoints = tmp_path / "run" / "classifier" / "checkpoints"
     job = jobs.start(command)
     mid_epoch = lambda: (step := jobs.latest_step(checkpoints)) > 0 and step % STEPS_PER_EPOCH > 0  # noqa: E731

@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlps_dist import engine, train_segmenter
-from mlps_dist.checkpoint import load_model_file, save_model_file
+from mlps_dist.train import engine
+from mlps_dist.stages import train_segmenter
+from mlps_dist.train.checkpoint import load_model_file, save_model_file
 from mlps_dist.config import ConfigError, config_from_dict, save_config
 from mlps_dist.data.shards import open_split
 from mlps_dist.models import create_classifier
-from mlps_dist.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
-from mlps_dist.runlog import RunLog
-from mlps_dist.train_segmenter import segmentation_loss
+from mlps_dist.data.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
+from mlps_dist.run.runlog import RunLog
+from mlps_dist.stages.train_segmenter import segmentation_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["b4_5", "b5_2", "bn7"]
@@ -193,9 +194,11 @@ def test_mismatched_class_counts_are_refused(tmp_path, tiny_shards):
 
 WORKER = """
 import sys, torch
-from mlps_dist import dist, engine, train_segmenter
+from mlps_dist import dist
+from mlps_dist.train import engine
+from mlps_dist.stages import train_segmenter
 from mlps_dist.config import load_config
-from mlps_dist.runlog import RunLog
+from mlps_dist.run.runlog import RunLog
 cfg = load_config(sys.argv[1])
 dist.init("gloo", force_group=cfg.segmenter.parallel == "deepspeed")
 log = RunLog(cfg.run_dir, "segmenter")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mlps_dist.proctree import descendants
+from mlps_dist.core.proctree import descendants
 
 REPO = Path(__file__).resolve().parents[1]
 # The interpreter's torchrun script, or its module where the script is elsewhere (a system

@@ -136,7 +136,7 @@ def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2
             return root
         raise ValueError(f"{root} holds {split['count']} train patches of {split['image_size'][0]} px, not "
                          f">= {train} of {size} px; pick another --workdir or delete {workdir}")
-    from mlps_dist.data.synthetic import write_luad_layout
+    from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed,
                       workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers

@@ -74,7 +74,7 @@ def prepare(args) -> tuple[Path, dict[str, Path]]:
     if args.src:
         src = Path(args.src)
     else:
-        from mlps_dist.data.synthetic import write_luad_layout
+        from mlps_dist.synthetic.patches import write_luad_layout
 
         src = Path(args.workdir) / "luad"
         if dist.is_main():

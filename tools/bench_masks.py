@@ -1,4 +1,4 @@
-"""Pseudo-mask throughput: the batched path (mlps_dist.cam) against the per-image reference
+"""Pseudo-mask throughput: the batched path (mlps_dist.method.cam) against the per-image reference
 that mirrors the public MLPS script (tests/reference_cam.py), same model, same images.
 
     python tools/bench_masks.py --model small38 --size 224 --images 64 --reference-images 8
@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tools")]
 
 import bench_common  # noqa: E402
-from mlps_dist import cam, dist  # noqa: E402
+from mlps_dist.method import cam  # noqa: E402
+from mlps_dist import dist  # noqa: E402
 from mlps_dist.models import create_classifier  # noqa: E402
 from reference_cam import reference_masks  # noqa: E402
 

@@ -6,7 +6,7 @@ ranks against the per-tile loop users write by hand, and tiling throughput on 1 
 One synthetic slide (pyramidal TIFF) and a run with untrained small models (speed does not
 depend on the weights). The hand-written loop, measured in the same run on the same slide:
 for every tile of the grid, read the region from level 0 with OpenSlide, resize it to the
-patch, predict it alone (through mlps_dist.predict, as segment_slides does) and write its
+patch, predict it alone (through mlps_dist.predict.predictor, as segment_slides does) and write its
 class PNG. segment_slides reads the same tiles (stride = patch, no overlap, so both predict
 the same tile count on tissue) but only where there is tissue, from the pyramid level
 nearest the model's MPP, in batches, with reader threads ahead of the model. Prints one
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_run(run_dir: Path, patch: int) -> Path:
     import torch
 
-    from mlps_dist.checkpoint import save_model_file
+    from mlps_dist.train.checkpoint import save_model_file
     from mlps_dist.config import config_from_dict, save_config
     from mlps_dist.models import create_classifier, create_segmenter
 
@@ -57,7 +57,7 @@ def hand_loop(slide_path: Path, run_dir: Path, out: Path, model_mpp: float, patc
     import torch
     from PIL import Image
 
-    from mlps_dist.predict import create_predictor
+    from mlps_dist.predict.predictor import create_predictor
 
     # On the device segment_slides uses, so that the ratio compares loops, not devices.
     predictor, _ = create_predictor(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
-    from mlps_dist.slides.synthetic import write_synthetic_slide
+    from mlps_dist.synthetic.slides import write_synthetic_slide
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_slides_"))
     slide = work / "slides" / "bench.tiff"
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     for world in worlds:
         out = work / f"maps{world}"
         log(f"segment_slides on {world} rank(s)")
-        seconds, stdout = timed(torchrun(world) + ["-m", "mlps_dist.segment_slides", "--run-dir", str(run_dir), "--slides",
+        seconds, stdout = timed(torchrun(world) + ["-m", "mlps_dist.deploy.segment_slides", "--run-dir", str(run_dir), "--slides",
                                            str(slide), "--out", str(out), "--model-mpp", str(args.model_mpp),
                                            "--map-mpp", str(args.model_mpp * args.patch / 12), "--stride",
                                            str(args.patch), "--batch-size", str(args.batch_size)])

@@ -48,7 +48,7 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     import numpy as np
 
     from mlps_dist.data.shards import open_split
-    from mlps_dist.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
+    from mlps_dist.data.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
 
     reader = open_split(root, "train")
     size = reader.info["splits"]["train"]["image_size"][0]
@@ -184,11 +184,11 @@ def create_task(spec: dict):
     cfg = config_from_dict(values, source="bench_train")
     train, val = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
     if spec["stage"] == "classifier":
-        from mlps_dist.train_classifier import ClassifierTask
+        from mlps_dist.stages.train_classifier import ClassifierTask
 
         return cfg, cfg.classifier, ClassifierTask(cfg, train, val)
-    from mlps_dist.pseudo_masks import PseudoMaskStore
-    from mlps_dist.train_segmenter import SegmenterTask
+    from mlps_dist.data.pseudo_masks import PseudoMaskStore
+    from mlps_dist.stages.train_segmenter import SegmenterTask
 
     store = PseudoMaskStore(Path(cfg.run_dir) / "pseudo_masks" / "train")
     return cfg, cfg.segmenter, SegmenterTask(cfg, train, val, store)
@@ -198,7 +198,8 @@ def measure(spec: dict) -> dict:
     """Train ``warmup + steps`` optimizer steps; time the last ``steps`` on this rank."""
     import torch
 
-    from mlps_dist import dist, engine, parallel, precision
+    from mlps_dist import dist
+    from mlps_dist.train import engine, parallel, precision
 
     cfg, train_cfg, task = create_task(spec)
     device = dist.device()

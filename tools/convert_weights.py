@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k in report.missing if not k.startswith(CLASSIFIER)]  # trained per dataset anyway
     print(report.summary())
     out = Path(args.out)
-    from mlps_dist.checkpoint import atomic_torch_save
+    from mlps_dist.train.checkpoint import atomic_torch_save
 
     atomic_torch_save(state, out)  # a reader never sees a half-written file
     print(f"wrote {out} ({len(state)} tensors)")

@@ -48,10 +48,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a source checkout
 
-from mlps_dist import artifacts  # noqa: E402
-from mlps_dist.data.synthetic_options import (  # noqa: E402
-    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
-from mlps_dist.fileio import atomic_write_text  # noqa: E402
+from mlps_dist.run import artifacts  # noqa: E402
+from mlps_dist.synthetic.options import # noqa: E402     HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white
+from mlps_dist.core.fileio import atomic_write_text  # noqa: E402
 
 
 REAL_VARIANTS = ("real", "real-stain")  # tools/make_mosaics.py from --tiles; real-stain: --stain-change on val/test

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlps_dist.fileio import atomic_write_json  # noqa: E402
+from mlps_dist.core.fileio import atomic_write_json  # noqa: E402
 
 
 # ---------------------------------------------------------------- process trees
@@ -61,7 +61,7 @@ def running_stage(pid: int) -> str:
         except OSError:
             continue
         for word in words:
-            if word.startswith("mlps_dist.") and word != "mlps_dist.artifacts":
+            if word.startswith("mlps_dist.") and word != "mlps_dist.run.artifacts":
                 return word.split(".", 1)[1]
     return "launcher"
 
@@ -144,7 +144,7 @@ def _without_file_ids(record: dict) -> dict:
 def compare(reference: Path, faulted: Path) -> dict[str, bool]:
     import torch
 
-    from mlps_dist.checkpoint import load_model_file
+    from mlps_dist.train.checkpoint import load_model_file
 
     same: dict[str, bool] = {}
     for stage in ("classifier", "segmenter"):

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
 import gpu_check_env  # noqa: E402
-from mlps_dist.proctree import descendants  # noqa: E402  (standard library only: no torch needed)
+from mlps_dist.core.proctree import descendants  # noqa: E402  (standard library only: no torch needed)
 
 KILL_GRACE_S = 5
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlps_dist import gpu_options  # noqa: E402
+from mlps_dist.train import gpu_options  # noqa: E402
 from mlps_dist.config import GpuConfig  # noqa: E402
 from mlps_dist.models import create_classifier, create_segmenter  # noqa: E402
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mlps_dist.data.shards import ShardError, open_split, read_info, sample_key  # noqa: E402
-from mlps_dist.fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402
+from mlps_dist.core.fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def describe(root: Path) -> list[str]:

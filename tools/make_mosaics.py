@@ -36,12 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from mlps_dist import runner  # noqa: E402
+from mlps_dist.core import runner  # noqa: E402
 from mlps_dist.data.mosaic_tiles import (  # noqa: E402
     DEFAULT_CLASSES, DEFAULT_SOURCE_REGEX, LUAD_CLASSES, parse_classes, scan_tiles, split_by_source, split_by_tile)
 from mlps_dist.data.mosaics import MosaicOptions, write_mosaics  # noqa: E402
-from mlps_dist.errors import InputError  # noqa: E402
-from mlps_dist.outdirs import claim_output_dir  # noqa: E402
+from mlps_dist.core.errors import InputError  # noqa: E402
+from mlps_dist.core.outdirs import claim_output_dir  # noqa: E402
 
 
 def _names(text: str) -> list[str]:

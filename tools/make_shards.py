@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
 from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan  # noqa: E402
 from mlps_dist.data.layouts import create_layout  # noqa: E402
-from mlps_dist import runner  # noqa: E402
-from mlps_dist.errors import InputError, MlpsError  # noqa: E402
-from mlps_dist.outdirs import check_not_overlapping  # noqa: E402
-from mlps_dist.toolout import tool_output  # noqa: E402
+from mlps_dist.core import runner  # noqa: E402
+from mlps_dist.core.errors import InputError, MlpsError  # noqa: E402
+from mlps_dist.core.outdirs import check_not_overlapping  # noqa: E402
+from mlps_dist.core.toolout import tool_output  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,7 +104,7 @@ def _main(argv=None) -> int:
               f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes (and set "
               f"data.image_size)", file=sys.stderr)
         return 2
-    # Claimed and locked (mlps_dist/toolout.py): a second make_shards into --out is refused.
+    # Claimed and locked (mlps_dist/core/toolout.py): a second make_shards into --out is refused.
     with tool_output(args.out, [args.src], "make_shards", force=args.force, owned_if=("info.json",),
                      in_flag="--src"):
         info = write_plan(plan, args.out, image_format=args.image_format, image_quality=args.image_quality,

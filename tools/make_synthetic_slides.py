@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from mlps_dist.slides.synthetic import write_synthetic_slides  # noqa: E402
+from mlps_dist.synthetic.slides import write_synthetic_slides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

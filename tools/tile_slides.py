@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from mlps_dist import dist  # noqa: E402
-from mlps_dist.draw import palette_for  # noqa: E402
-from mlps_dist import runner  # noqa: E402
+from mlps_dist.core.draw import palette_for  # noqa: E402
+from mlps_dist.core import runner  # noqa: E402
 from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
-from mlps_dist.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
+from mlps_dist.core.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
 from mlps_dist.slides.annotation_files import find_annotation_files  # noqa: E402
 from mlps_dist.slides.annotations import load_annotations  # noqa: E402
 from mlps_dist.slides.class_map import parse_class_map  # noqa: E402
@@ -187,8 +187,8 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
 
 def run(args) -> int:
     """Tile into ``args.out``, checked against the inputs, claimed and locked first
-    (mlps_dist/toolout.py); only files this tool wrote there are ever replaced or deleted."""
-    from mlps_dist.toolout import tool_output
+    (mlps_dist/core/toolout.py); only files this tool wrote there are ever replaced or deleted."""
+    from mlps_dist.core.toolout import tool_output
 
     jobs, spec, bad = check_inputs(args)
     inputs = list(args.slides) + [a for a in (args.annotations, args.annotations_map) if a]

@@ -29,17 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlps_dist.config import ConfigError, load_config  # noqa: E402
 from mlps_dist.data.decode import decode_sample  # noqa: E402
 from mlps_dist.data.shards import open_split  # noqa: E402
-from mlps_dist.draw import blend, palette_for  # noqa: E402
-from mlps_dist.fileio import atomic_open  # noqa: E402
-from mlps_dist.predict import create_predictor  # noqa: E402
-from mlps_dist.stain_run import load_normaliser  # noqa: E402
+from mlps_dist.core.draw import blend, palette_for  # noqa: E402
+from mlps_dist.core.fileio import atomic_open  # noqa: E402
+from mlps_dist.predict.predictor import create_predictor  # noqa: E402
+from mlps_dist.run.stain_run import load_normaliser  # noqa: E402
 
 LABEL_H = 18
 MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible
 
 
 def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: bool):
-    """The run's predictor (mlps_dist.predict), or None while stage 3 has no model yet."""
+    """The run's predictor (mlps_dist.predict.predictor), or None while stage 3 has no model yet."""
     if not (run / "segmenter" / "model.pt").is_file():
         return None, ""
     gate = gate and (run / "classifier" / "model.pt").is_file()
@@ -49,7 +49,7 @@ def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: boo
 
 def cam_panels(cams, cfg, rgb: np.ndarray, labels: np.ndarray, palette) -> list[np.ndarray]:
     """The mask pass's label maps for one patch (``rgb`` already stain-normalised)."""
-    from mlps_dist import cam
+    from mlps_dist.method import cam
 
     model, device = cams
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
@@ -126,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     palette = palette_for(reader.num_classes, reader.info)
     store = None
     if args.split == "train" and (run / "pseudo_masks" / "train" / "manifest.json").is_file():
-        from mlps_dist.pseudo_masks import PseudoMaskStore
+        from mlps_dist.data.pseudo_masks import PseudoMaskStore
 
         store = PseudoMaskStore(run / "pseudo_masks" / "train")
     predictor, pred_title = build_predictor(run, cfg, reader.num_classes, args.checkpoint, not args.no_gate)
     stain = load_normaliser(run, cfg.data.stain.method)
     cams = None
     if args.cams:
-        from mlps_dist import cam
-        from mlps_dist.gate import load_classifier
+        from mlps_dist.method import cam
+        from mlps_dist.predict.gate import load_classifier
 
         model, _ = load_classifier(run, reader.num_classes)
         cam.prepare_model(model)

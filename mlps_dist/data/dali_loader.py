@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlps_dist.batching import BatchPlan
+from mlps_dist.data.batching import BatchPlan
 from mlps_dist.config import Config
 from mlps_dist.data.augment import LOG_FLOOR, photometric_ops
 from mlps_dist.data.dali_pool import POOL

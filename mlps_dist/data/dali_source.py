@@ -20,7 +20,7 @@ from dataclasses import astuple
 
 import numpy as np
 
-from mlps_dist.batching import BatchPlan, rank_micro_batches
+from mlps_dist.data.batching import BatchPlan, rank_micro_batches
 from mlps_dist.config import AugmentConfig
 from mlps_dist.data.augment import IDENTITY, photometric_inputs, sample_params
 from mlps_dist.data.sampling import permutation

@@ -30,8 +30,8 @@ from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_in
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
                                    sample_key, shard_stem, shard_tmp_files, write_info)
-from mlps_dist.errors import MlpsError
-from mlps_dist.fileio import atomic_write_json, sha256_file
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.fileio import atomic_write_json, sha256_file
 
 CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from mlps_dist.errors import MlpsError
+from mlps_dist.core.errors import MlpsError
 
 
 class LayoutError(MlpsError, ValueError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError
-from mlps_dist.batching import BatchPlan, rank_micro_batches
+from mlps_dist.data.batching import BatchPlan, rank_micro_batches
 from mlps_dist.data.prefetch import BackgroundLoader
 from mlps_dist.data.sampling import eval_batches, permutation, steps_per_epoch
 from mlps_dist.data.shards import SplitReader
@@ -39,7 +39,7 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
     missing = pseudo_masks.missing(len(reader)) if pseudo_masks is not None else []
     if missing:
         raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
-                         f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.generate_masks) first")
+                         f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.stages.generate_masks) first")
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 
 LUAD_CLASSES = ("TE", "NEC", "LYM", "TAS")  # the label digits of the LUAD-HistoSeg layout, in order
 DEFAULT_CLASSES = "TE=TUM,NEC=DEB,LYM=LYM,TAS=STR"

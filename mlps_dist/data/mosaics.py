@@ -13,7 +13,7 @@ share of patches (``glass_prob``) holes of real empty glass from a background ti
 Masks are exact by construction: a region's class on every pixel of its tile, the ignore
 index (4) on the glass holes and on the white pixels inside tissue tiles (lumen, fat
 vacuoles: grey > ``white_grey`` and max - min of R, G, B <= ``white_saturation``, grey as
-cv2 computes it, as mlps_dist.cam.grey_levels). A class whose region covers less than
+cv2 computes it, as mlps_dist.method.cam.grey_levels). A class whose region covers less than
 ``min_share`` of the patch's non-ignored pixels is absorbed into its neighbours before the
 patch is written, so the train label (in the file name) is exactly the set of classes in
 the mask, and every labelled class covers at least that share.
@@ -44,10 +44,10 @@ import numpy as np
 from PIL import Image
 
 from mlps_dist.data.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
-from mlps_dist.data.synthetic import PALETTE
-from mlps_dist.data.synthetic_tissue import smooth_field
-from mlps_dist.errors import InputError
-from mlps_dist.fileio import atomic_write_bytes, atomic_write_json
+from mlps_dist.synthetic.patches import PALETTE
+from mlps_dist.synthetic.tissue import smooth_field
+from mlps_dist.core.errors import InputError
+from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
 
 IGNORE = len(LUAD_CLASSES)
 MARKER = "mosaics.json"
@@ -79,7 +79,7 @@ class MosaicOptions:
 
 
 def grey_levels(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> grey int32, bit-exact with cv2's RGB2GRAY (mlps_dist.cam.grey_levels)."""
+    """(H, W, 3) uint8 -> grey int32, bit-exact with cv2's RGB2GRAY (mlps_dist.method.cam.grey_levels)."""
     rgb = rgb.astype(np.int32)
     return (rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + (1 << 13)) >> 14
 

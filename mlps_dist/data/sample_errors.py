@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlps_dist.data.shards import ShardError
-from mlps_dist.errors import MlpsError
+from mlps_dist.core.errors import MlpsError
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, KeyError, IndexError)
 

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from mlps_dist.errors import MlpsError
-from mlps_dist.fileio import atomic_write_text, commit_file
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.fileio import atomic_write_text, commit_file
 
 from mlps_dist.data.encoding import image_member
 

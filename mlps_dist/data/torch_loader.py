@@ -17,7 +17,7 @@ from mlps_dist.data.augment import IDENTITY, colour, geometric, normalise, photo
 from mlps_dist.data.colour_lut import model_input_chw
 from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb, resize_rgb  # noqa: F401 (re-exported)
 from mlps_dist.data.shards import SplitReader
-from mlps_dist.stain_run import load_normaliser
+from mlps_dist.run.stain_run import load_normaliser
 
 
 def decode_normalised(encoded: bytes, stain, size: int = 0) -> np.ndarray:

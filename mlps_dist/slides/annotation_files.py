@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 from mlps_dist.slides.reader import slide_stem
 
 SUFFIXES = (".geojson", ".xml")

@@ -28,7 +28,7 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 
 ELLIPSE_SIDES = 64
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 from mlps_dist.slides.class_map import IGNORE, ClassMap, as_class_map, parse_class_map  # noqa: F401 (re-exported)
 
 AREA_TYPES = ("Polygon", "MultiPolygon", "GeometryCollection")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 
 IGNORE = -1  # target index of an ``ignore`` entry
 IGNORE_NAME = "ignore"

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from mlps_dist.draw import blend
+from mlps_dist.core.draw import blend
 
 VIEW_SIDE = 2048
 ALPHA = 0.45  # share of the class colour in the blended panel

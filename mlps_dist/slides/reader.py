@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.errors import InputError
+from mlps_dist.core.errors import InputError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif", ".dcm"}
 BLOCK = 512  # output pixels per side of one block of read_scaled

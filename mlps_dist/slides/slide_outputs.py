@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.draw import palette_png_bytes, png_bytes
-from mlps_dist.fileio import atomic_write_bytes
+from mlps_dist.core.draw import palette_png_bytes, png_bytes
+from mlps_dist.core.fileio import atomic_write_bytes
 from mlps_dist.slides.overlay import render_overlay
 from mlps_dist.slides.regions import region_features
 from mlps_dist.slides.tiff import write_index_tiff, write_probability_tiff

@@ -1,7 +1,7 @@
 """Stain normalisation of a whole slide: estimated once on its tissue, applied to every tile.
 
 A run trained with ``data.stain.method`` != none normalises each image onto its stain
-reference (mlps_dist/stain.py). Estimated tile by tile, a slide's tiles would each get their
+reference (mlps_dist/core/stain.py). Estimated tile by tile, a slide's tiles would each get their
 own stain vectors and amounts: a tile of mostly stroma or of lymphocytes looks like a pale
 or a dark stain and is pushed towards the reference's mix, so the same tissue is coloured
 differently from tile to tile. Here the slide's vectors and amounts are estimated once, from

@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from mlps_dist.fileio import atomic_write_text
+from mlps_dist.core.fileio import atomic_write_text
 
 
 def run_label(args) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.fileio import commit_file, tmp_path
+from mlps_dist.core.fileio import commit_file, tmp_path
 
 
 def _levels(image: np.ndarray, tile: int, reduce) -> list[np.ndarray]:

@@ -1,5 +1,5 @@
 """This rank's share of tools/tile_slides.py: its slides tiled in ``workers`` processes, with
-progress on stderr (mlps_dist/progress.py: done / total grid tiles, tiles/s, ETA; plain
+progress on stderr (mlps_dist/core/progress.py: done / total grid tiles, tiles/s, ETA; plain
 lines every 30 s off a terminal).
 
     records = tile_my_slides(jobs, spec, out, workers=2, show_progress=dist.is_main())
@@ -18,8 +18,8 @@ from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
 from mlps_dist import dist
-from mlps_dist.errors import MlpsError
-from mlps_dist.progress import Progress
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.progress import Progress
 from mlps_dist.slides.grid import balanced_slides
 from mlps_dist.slides.reader import Slide, SlideError
 from mlps_dist.slides.tiling import PARTS, SlideJob, TileSpec, finished_part, grid_size, tile_slide

@@ -32,8 +32,8 @@ from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_in
                                      split_image_format)
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
-from mlps_dist.draw import png_bytes
-from mlps_dist.fileio import atomic_write_bytes, atomic_write_json
+from mlps_dist.core.draw import png_bytes
+from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
 from mlps_dist.slides.grid import rank_share, tile_grid
 from mlps_dist.slides.class_map import ClassMap, as_class_map
 from mlps_dist.slides.reader import Slide, slide_stem
@@ -255,7 +255,7 @@ def remove_stale_shards(out: Path, records: list[dict], shard_size: int) -> None
     tool wrote, so nothing of anyone else's in ``out`` is touched. The new shards are added
     to the ledger before they are written."""
     from mlps_dist.data.shards import shard_tmp_files
-    from mlps_dist.toolout import Ledger
+    from mlps_dist.core.toolout import Ledger
 
     plan = assembly_plan(records, shard_size)
     keep = {f"{shard_stem(split, n)}.{ext}" for split, shards in plan.items() for n in range(len(shards))

@@ -16,7 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from mlps_dist.fileio import sha256_file
+from mlps_dist.core.fileio import sha256_file
 
 
 def file_stamp(path: str | Path) -> list:

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlps_dist import dist, engine, parallel
-from mlps_dist.batching import rank_micro_batches
+from mlps_dist import dist
+from mlps_dist.train import engine, parallel
+from mlps_dist.data.batching import rank_micro_batches
 from mlps_dist.config import TrainConfig
 from mlps_dist.data.sampling import permutation
 

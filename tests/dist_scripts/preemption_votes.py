@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from mlps_dist import dist, engine
+from mlps_dist import dist
+from mlps_dist.train import engine
 
 STEPS, SIGNAL_STEP, SIGNALLED_RANK = 6, 3, 1
 

@@ -1,0 +1,210 @@
+"""Pseudo-mask store: chunked shards with atomic commit, a manifest, and a keyed reader.
+
+    RUN/pseudo_masks/<split>/masks-NNNNNN.tar   samples [N*chunk_size, (N+1)*chunk_size) of the split,
+                                                members KEY.<layer>.png (8-bit class indices,
+                                                C = ignore/white), keys identical to the input keys
+    RUN/pseudo_masks/<split>/masks-NNNNNN.idx   DALI webdataset index of the tar
+    RUN/pseudo_masks/<split>/masks-NNNNNN.skipped.json   samples of that chunk replaced by
+                                                all-ignore masks (only with masks.skip_bad)
+    RUN/pseudo_masks/<split>/manifest.json      layers, chunk size, count, fingerprint, done chunks
+
+A chunk is written as ``.tmp`` files; its index is renamed into place first and the tar
+last, so a tar that exists is complete and a crash leaves at most ``.tmp`` debris, which
+the next run deletes. The chunk grid depends only on ``chunk_size``, never on the world
+size, so any number of ranks can resume any partial pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlps_dist.data.shards import TarFiles, check_index_fits, read_index, write_index
+from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.fileio import atomic_write_text, commit_file, sha256_file  # noqa: F401 (re-exported)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK_TAR = re.compile(r"^masks-(\d{6})\.tar$")
+
+
+class PseudoMaskError(MlpsError, ValueError):
+    """A pseudo-mask folder that does not fit the current run; the message says what to do."""
+
+
+def chunk_stem(chunk: int) -> str:
+    return f"masks-{chunk:06d}"
+
+
+def num_chunks(count: int, chunk_size: int) -> int:
+    return (count + chunk_size - 1) // chunk_size
+
+
+def chunk_indices(chunk: int, chunk_size: int, count: int) -> range:
+    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, count))
+
+
+def encode_png(mask: np.ndarray, palette: list[int] | None = None) -> bytes:
+    """8-bit PNG of class indices (greyscale; palettised when ``palette`` is given)."""
+    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
+    if palette is not None:
+        image = image.convert("P")
+        image.putpalette(palette)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(data)))
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic JSON write: a reader sees the old or the new file, never half of one."""
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[bytes]]],
+                layers: list[str], skipped: dict[str, str] | None = None) -> Path:
+    """Commit one chunk: ``samples`` = [(key, [png per layer])] in index order."""
+    from mlps_dist.data.tarwriter import TarWriter
+
+    folder = Path(folder)
+    stem = chunk_stem(chunk)
+    tar_path, idx_path = folder / f"{stem}.tar", folder / f"{stem}.idx"
+    tar_tmp = folder / f"{stem}.tar.tmp"
+    with open(tar_tmp, "wb") as f:
+        writer = TarWriter(f, mtime=0.0)  # fixed mtime: reruns are byte-identical
+        for key, pngs in samples:
+            writer.write({"__key__": key, **{f"{layer}.png": png for layer, png in zip(layers, pngs)}})
+        writer.close()
+    if skipped:
+        write_json(folder / f"{stem}.skipped.json", skipped)
+    write_index(tar_tmp, idx_path)  # atomic and fsynced
+    commit_file(tar_tmp, tar_path)  # the commit point
+    return tar_path
+
+
+def committed_chunks(folder: str | Path) -> set[int]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    done = set()
+    for name in os.listdir(folder):
+        match = _CHUNK_TAR.match(name)
+        if match and (folder / name.replace(".tar", ".idx")).is_file():
+            done.add(int(match.group(1)))
+    return done
+
+
+def remove_debris(folder: str | Path) -> None:
+    """Delete the ``.tmp`` files an interrupted run left behind."""
+    for path in Path(folder).glob("*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise PseudoMaskError(f"{path}: not valid JSON ({exc}); delete {Path(folder)} to start the pass over") from exc
+
+
+def new_manifest(split: str, settings: dict) -> dict:
+    return {"format": FORMAT_VERSION, "split": split, "layers": settings["layers"],
+            "chunk_size": settings["chunk_size"], "count": settings["count"],
+            "num_chunks": num_chunks(settings["count"], settings["chunk_size"]),
+            "fingerprint": fingerprint(settings), "settings": settings,
+            "done": [], "complete": False, "skipped": {}}
+
+
+def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
+    """Refuse to mix masks from different classifiers or settings in one folder."""
+    if manifest.get("fingerprint") == fingerprint(settings):
+        return
+    old = manifest.get("settings", {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    raise PseudoMaskError(
+        f"{Path(folder)} holds pseudo masks made with different inputs (changed: {', '.join(changed)}); "
+        f"they cannot be mixed. Delete {Path(folder)} to start the pass over with the current classifier "
+        f"and masks config, or set run_dir to a new folder")
+
+
+def refresh_manifest(folder: str | Path, manifest: dict, complete: bool = False) -> dict:
+    """Record the chunks committed on disk (and the samples skipped in them)."""
+    folder = Path(folder)
+    manifest["done"] = sorted(committed_chunks(folder))
+    skipped = {}
+    for chunk in manifest["done"]:
+        path = folder / f"{chunk_stem(chunk)}.skipped.json"
+        if path.is_file():
+            skipped.update(json.loads(path.read_text()))
+    manifest["skipped"] = dict(sorted(skipped.items()))
+    manifest["complete"] = complete
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+class PseudoMaskStore:
+    """Random access to committed pseudo masks: ``read_pngs(index)`` -> one PNG per layer."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        if manifest is None:
+            raise PseudoMaskError(f"{self.folder / MANIFEST} does not exist: run the mask pass first "
+                                  f"(torchrun ... -m mlps_dist.stages.generate_masks --config FILE)")
+        self.manifest = manifest
+        self.layers: list[str] = list(manifest["layers"])
+        self.chunk_size = int(manifest["chunk_size"])
+        self.count = int(manifest["count"])
+        self.complete = bool(manifest.get("complete", False))
+        self._where: dict[int, tuple[int, dict[str, tuple[int, int]]]] = {}
+        for chunk in sorted(committed_chunks(self.folder)):
+            idx, tar = self.folder / f"{chunk_stem(chunk)}.idx", self.folder / f"{chunk_stem(chunk)}.tar"
+            entries = read_index(idx)
+            check_index_fits(entries, tar, idx)
+            for key, members in entries:
+                self._where[int(key.rsplit("_", 1)[-1])] = (chunk, members)
+        self._files = TarFiles()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def missing(self, n: int) -> list[int]:
+        return [i for i in range(n) if i not in self._where]
+
+    def read_pngs(self, index: int) -> list[bytes]:
+        if index not in self._where:
+            raise PseudoMaskError(f"{self.folder}: no pseudo masks for sample {index}; "
+                                  f"rerun mlps_dist.stages.generate_masks to complete the pass")
+        chunk, members = self._where[index]
+        tar = self.folder / f"{chunk_stem(chunk)}.tar"
+        return [self._files.read(tar, *members[f"{layer}.png"]) for layer in self.layers]
+
+    def read_masks(self, index: int) -> np.ndarray:
+        """(L, H, W) uint8, layers in ``.layers`` order."""
+        return np.stack([decode_png(png) for png in self.read_pngs(index)])
+
+    def close(self) -> None:
+        self._files.close()

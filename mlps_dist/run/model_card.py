@@ -1,0 +1,237 @@
+"""The model card of a finished run: RUN/MODEL_CARD.md.
+
+    python -m mlps_dist.run.model_card --run runs/luad          # writes runs/luad/MODEL_CARD.md
+
+Written by launch/pipeline.sh when the pipeline finishes and copied next to an export by
+tools/export.py. Everything comes from files of the run (config.yaml, metrics/*.json,
+metrics/pseudo_masks.json, the model files, pseudo_masks/train/manifest.json) and of its
+shards (data.root/info.json); what is missing is said so rather than guessed. Sections:
+data, method and settings, results, intended use and limits, software and hardware, how
+to reproduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from mlps_dist.run import artifacts
+from mlps_dist.core.fileio import atomic_write_text, sha256_file
+
+PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "numpy",
+            "pillow", "onnx", "onnxruntime")
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return sha256_file(path)
+
+
+def shards_digest(root: Path, info: dict) -> str:
+    """sha256 over info.json and every shard's index file (sample names, sizes, offsets)."""
+    h = hashlib.sha256((root / "info.json").read_bytes())
+    for split in sorted(info.get("splits", {})):
+        for shard in info["splits"][split].get("shards", []):
+            idx = root / shard["idx"]
+            h.update(idx.read_bytes() if idx.is_file() else b"missing")
+    return h.hexdigest()
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _versions() -> str:
+    rows = []
+    for name in PACKAGES:
+        try:
+            rows.append(f"| {name} | {metadata.version(name)} |")
+        except metadata.PackageNotFoundError:
+            pass
+    return "\n".join(["| package | version |", "|---|---|", f"| python | {platform.python_version()} |", *rows])
+
+
+def _hardware() -> str:
+    lines = [f"- platform: {platform.platform()}", f"- CPU cores: {os.cpu_count()}"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+            lines.append(f"- GPUs on this node: {torch.cuda.device_count()} x {', '.join(names)}")
+        else:
+            lines.append("- GPUs on this node: none")
+    except ImportError:
+        lines.append("- GPUs: unknown (torch not installed where the card was written)")
+    lines.append("- (the node that wrote this card; the stages' own logs in RUN/log.jsonl record where they ran)")
+    return "\n".join(lines)
+
+
+def data_section(cfg: dict, info: dict | None, root: Path) -> list[str]:
+    out = ["## Data", ""]
+    if info is None:
+        return out + [f"The shards (data.root = `{root}`) were not readable when this card was written.", ""]
+    out += [f"- shards: `{root}` (format {info.get('format')}), digest `{shards_digest(root, info)[:16]}` "
+            f"(sha256 of info.json and the shard indexes)",
+            f"- source layout: {info.get('layout')}, converted from `{info.get('source')}`",
+            f"- microns per pixel: {info.get('mpp') if info.get('mpp') is not None else 'not recorded'}",
+            f"- patches resized to {cfg['data']['image_size'] or 'their stored size'} px for the networks",
+            f"- classes: {', '.join(info['classes'])}; ignore index {info.get('ignore_index')}", "",
+            "| split | patches | patch size | " + " | ".join(info["classes"]) + " |",
+            "|---|---|---|" + "---|" * len(info["classes"])]
+    for split, s in info.get("splits", {}).items():
+        size = "x".join(str(v) for v in s.get("image_size") or []) or "mixed"
+        counts = " | ".join(str(c) for c in s.get("class_counts", []))
+        out.append(f"| {split} | {s.get('count')} | {size} | {counts} |")
+    return out + ["", "Class columns: patches whose patch-level label contains the class.", ""]
+
+
+def method_section(run: Path, cfg: dict) -> list[str]:
+    manifest = _json(run / "pseudo_masks" / "train" / "manifest.json") or {}
+    settings = manifest.get("settings") or {}
+    masks_sha, masks_pick = settings.get("classifier_sha256"), settings.get("classifier") or {}
+    # the gate's stage-1 file (classifier.checkpoint) as evaluation recorded it
+    gate_pick = (_json(run / "metrics" / "test.json") or _json(run / "metrics" / "val.json") or {}).get("classifier")
+    gate_pick = gate_pick or masks_pick
+    gate_file = gate_pick.get("file") or "classifier/model.pt"
+    gate_sha = _sha256(run / gate_file)
+
+    def describe(pick: dict, default: str) -> str:
+        where = f"RUN/{pick.get('file') or default}"
+        if pick.get("checkpoint"):
+            where += f" (classifier.checkpoint={pick['checkpoint']}, epoch {pick.get('epoch')}, " \
+                     f"validation score {_pct(pick.get('score'))} %)"
+        return where
+    ev = cfg["evaluate"]
+    out = ["## Method and settings", "",
+           "MLPS (Han et al., Medical Image Analysis 2022): a multi-label patch classifier "
+           f"(`{cfg['classifier']['model']}`, Progressive Dropout Attention from epoch "
+           f"{cfg['classifier']['pda']['start_epoch']}), pseudo masks from Grad-CAM at layers "
+           f"{', '.join(cfg['masks']['layers'])}, a segmenter (`{cfg['segmenter']['model']}`) trained on the three "
+           f"masks (loss weights {cfg['segmenter']['loss_weights']}), and at inference the classification gate "
+           f"({'on, threshold ' + str(ev['gate_threshold']) if ev['gate'] else 'off'}).", "",
+           f"- classifier that fed the pseudo masks: {describe(masks_pick, 'classifier/model.pt')}, "
+           f"sha256 `{(masks_sha or 'unknown')[:16]}`",
+           f"- classifier used as the gate: {describe(gate_pick, 'classifier/model.pt')}, "
+           f"sha256 `{(gate_sha or 'missing')[:16]}`"
+           + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
+           f"- segmenter checkpoint evaluated: {ev['checkpoint']}",
+           f"- segmenter scores refined along the patch's colours before the argmax: {_refinement(ev)}", ""]
+    out += ["Resolved configuration (RUN/config.yaml):", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+            "```", ""]
+    return out
+
+
+def results_section(run: Path) -> list[str]:
+    out = ["## Results", ""]
+    for split in ("val", "test"):
+        record = _json(run / "metrics" / f"{split}.json")
+        if record is None:
+            out += [f"{split}: not evaluated (no RUN/metrics/{split}.json).", ""]
+            continue
+        ungated = record.get("ungated", {})
+        title = "gated" if record.get("gate") else "result"
+        out += [f"### {split} ({record.get('samples')} patches), IoU %", "", f"| | {title} | ungated |", "|---|---|---|"]
+        out += [f"| {name} | {_pct(v)} | {_pct(ungated.get('iou', {}).get(name))} |"
+                for name, v in record.get("iou", {}).items()]
+        out += [f"| **{key}** | {_pct(record.get(key))} | {_pct(ungated.get(key))} |"
+                for key in ("miou", "fwiou", "acc", "macc")]
+        out.append("")
+    pseudo = _json(artifacts.stage_dir(run, "evaluate") / artifacts.MASKS_REPORT)
+    if pseudo:
+        out += ["### Pseudo masks against the ground truth (mIoU %)", "", "| split | layer | mIoU |", "|---|---|---|"]
+        splits = {k: v for k, v in pseudo.items() if k != "classifier"}  # "classifier": which model made them
+        out += [f"| {split} | {layer} | {_pct(rec.get('miou'))} |"
+                for split, layers in splits.items() for layer, rec in layers.items() if isinstance(rec, dict)]
+        out.append("")
+    return out
+
+
+LIMITS = """## Intended use and limits
+
+- Research use: tissue-class maps of H&E patches and slides for quantification and review
+  by a pathologist; not a diagnostic device.
+- Trained from patch-level labels only (weak supervision): boundaries come from Grad-CAM
+  pseudo masks and are coarser than pixel-level annotations.
+- Predicts only the tissue classes listed above; anything else (other tissue types,
+  artefacts, pen marks, blur) is assigned to one of them.
+- Inputs must be at the training microns per pixel and patch scale; the stain and scanner
+  range is that of the training data (no colour normalisation is applied): expect lower
+  accuracy on other stains, scanners or laboratories, and check on local data first.
+"""
+
+
+def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
+    root = cfg["data"]["root"]
+    layout = (info or {}).get("layout", "LAYOUT")
+    source = (info or {}).get("source", "SOURCE")
+    return ["## How to reproduce", "", "```bash",
+            f"python tools/make_shards.py --layout {layout.lower()} --src {source} --out {root}",
+            f"launch/pipeline.sh {run / 'config.yaml'} {run}",
+            f"python tools/export.py --run {run} --out {run}/export",
+            f"python -m mlps_dist.deploy.infer --model {run}/export/model.onnx --input IMAGES --out PREDICTIONS",
+            "```", "",
+            "The pipeline resumes interrupted stages and skips finished ones; the configuration above is the "
+            "complete set of settings (overrides included).", ""]
+
+
+def _refinement(evaluate: dict) -> str:
+    refine = evaluate.get("refine") or {}  # absent in configs written before the key existed
+    if not refine.get("enabled"):
+        return "no"
+    return (f"yes ({refine['iterations']} iterations, neighbour distances {refine['dilations']}, colour weight "
+            f"{refine['colour_weight']}, blur {refine['blur_sigma']} px; evaluate.refine)")
+
+
+def render(run: str | Path) -> str:
+    run = Path(run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    root = Path(cfg["data"]["root"])
+    info = _json(root / "info.json")
+    classes = (info or {}).get("classes") or []
+    lines = [f"# Model card: {run.name}", "",
+             f"Tissue segmentation of H&E histopathology ({len(classes)} classes: {', '.join(classes) or 'unknown'}), "
+             "trained with MLPS from patch-level labels.", ""]
+    lines += data_section(cfg, info, root)
+    lines += method_section(run, cfg)
+    lines += results_section(run)
+    lines += [LIMITS, "## Software and hardware", "", _versions(), "", _hardware(), ""]
+    lines += reproduce_section(run, cfg, info)
+    return "\n".join(lines)
+
+
+def write(run: str | Path) -> Path:
+    path = Path(run) / "MODEL_CARD.md"
+    atomic_write_text(path, render(run))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run directory (config.yaml, metrics/, model files)")
+    args = p.parse_args(argv)
+    if not (Path(args.run) / "config.yaml").is_file():
+        print(f"error: {Path(args.run) / 'config.yaml'} does not exist; --run must be a run directory", file=sys.stderr)
+        return 2
+    print(f"wrote {write(args.run)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

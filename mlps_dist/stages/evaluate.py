@@ -1,0 +1,207 @@
+"""Stage 4: segmentation metrics of the trained segmenter on val/test, with and without the gate.
+
+    python -m mlps_dist.stages.evaluate --config configs/demo.yaml
+    torchrun --standalone --nproc_per_node=8 -m mlps_dist.stages.evaluate --config configs/luad.yaml \\
+        run_dir=runs/luad evaluate.splits=[val,test] evaluate.checkpoint=best
+
+For each split of ``evaluate.splits`` every sample is evaluated exactly once across ranks;
+the segmenter's logits are upsampled to the mask size; one confusion matrix per variant
+(gated, ungated) is summed over ranks. Rank 0 writes RUN/metrics/<split>.json:
+
+    {"miou", "fwiou", "acc", "macc", "iou": {class: IoU}       # gated (the reported result)
+     "ungated": {same keys},  "split", "samples", "segmenter", "gate_threshold", "gate"}
+
+With ``evaluate.gate=false`` the top-level keys are the ungated result too. IoU of a class
+absent from both prediction and ground truth is null (nan) and left out of the mIoU.
+A split whose stamp (RUN/metrics/<split>.stamp.json, mlps_dist.run.artifacts) matches the
+current segmenter, gate classifier, shards and evaluate settings is not evaluated again;
+when any of them changed it is evaluated again. At the end rank 0 writes the resolved
+config into RUN/config.yaml (and RUN/metrics/config.yaml): what inference, export, the
+slide tools and the model card predict with is what the metrics measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from mlps_dist.run import artifacts
+from mlps_dist import dist
+from mlps_dist.core import runner
+from mlps_dist.train.checkpoint import load_model_file
+from mlps_dist.config import Config, ConfigError, save_config
+from mlps_dist.data.loaders import create_eval_loader
+from mlps_dist.data.shards import open_split
+from mlps_dist.core.errors import InputError, MlpsError
+from mlps_dist.run.lock import run_lock
+from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
+from mlps_dist.core.fileio import atomic_write_json
+from mlps_dist.method.metrics import ConfusionMatrix
+from mlps_dist.run.runlog import RunLog, format_table
+
+
+@torch.no_grad()
+def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device, log: RunLog) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks; with
+    ``evaluate.skip_bad`` also "skipped": the samples left out because they cannot be decoded."""
+    loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size, rank=dist.get_rank(),
+                                world=dist.get_world_size(), device=device, skip_bad=cfg.evaluate.skip_bad)
+    matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
+                for name in ("gated", "ungated")}
+    skipped = torch.zeros(1, dtype=torch.int64)
+    for batch in log.progress(loader, total=len(loader), desc=split):
+        if "bad" in batch:
+            skipped += batch["bad"].sum().cpu()
+        mask = batch["mask"].to(device)
+        out = predictor(batch["image"], out_size=tuple(mask.shape[-2:]))
+        matrices["ungated"].update(out.classes(gated=False), mask)
+        if predictor.gated:
+            matrices["gated"].update(out.classes(gated=True), mask)
+    for cm in matrices.values():
+        cm.all_reduce()
+    matrices["skipped"] = int(dist.all_reduce_sum(skipped).item())
+    return matrices
+
+
+def _named(scores: dict, classes: list[str]) -> dict:
+    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items() if k != "iou"}
+    out["iou"] = {name: (None if math.isnan(v) else v) for name, v in zip(classes, scores["iou"])}
+    return out
+
+
+def metrics_record(matrices: dict[str, ConfusionMatrix], classes: list[str], gate: bool) -> dict:
+    ungated = _named(matrices["ungated"].compute(), classes)
+    main = _named(matrices["gated"].compute(), classes) if gate else dict(ungated)
+    return {**main, "ungated": ungated}
+
+
+def summary_table(record: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    gated, ungated = record, record["ungated"]
+    rows = [(f"IoU {name}", pct(gated["iou"][name]), pct(ungated["iou"][name])) for name in gated["iou"]]
+    rows += [(key, pct(gated[key]), pct(ungated[key])) for key in ("miou", "fwiou", "acc", "macc")]
+    return format_table(rows, header=("metric (%)", "gated" if record.get("gate") else "result", "ungated"))
+
+
+def write_json(path: Path, record: dict) -> None:
+    atomic_write_json(path, record)
+
+
+def already_done(path: Path, source: dict) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(old.get(k) == v for k, v in source.items())
+
+
+def build_predictor(cfg: Config, num_classes: int, device) -> tuple[Predictor, dict]:
+    return create_predictor(cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes,
+                            device=device)
+
+
+def open_splits(cfg: Config) -> dict:
+    """All readers first, so that a split without masks fails before any work."""
+    readers = {split: open_split(cfg.data.root, split) for split in cfg.evaluate.splits}
+    for split, reader in readers.items():
+        if not reader.has_masks:
+            raise ValueError(f"{cfg.data.root}: split '{split}' has no ground-truth masks; "
+                             f"set evaluate.splits to splits that have them (val, test)")
+    return readers
+
+
+def check_classes(path: str, meta: dict, reader) -> None:
+    """Same class names in the same order (not only the same count: 4 LUAD classes are not
+    4 BCSS classes)."""
+    classes = meta.get("classes")
+    if classes is not None and list(classes) != list(reader.classes):
+        raise ConfigError(f"{path} was trained on classes {list(classes)}, but split '{reader.split}' of "
+                          f"{reader.root} has {list(reader.classes)}; evaluate it on the shards it was trained "
+                          f"on (data.root), or use the run trained on these")
+
+
+def run(cfg: Config, log: RunLog) -> dict[str, dict]:
+    device = dist.device()
+    readers = open_splits(cfg)
+    num_classes = next(iter(readers.values())).num_classes
+    predictor, seg_meta = build_predictor(cfg, num_classes, device)
+    gate_meta = load_model_file(artifacts.model_file(cfg.run_dir, "classifier"))[1] if predictor.gated else None
+    for reader in readers.values():
+        check_classes(seg_meta["path"], seg_meta, reader)
+        if gate_meta is not None:
+            check_classes(str(artifacts.model_file(cfg.run_dir, "classifier")), gate_meta, reader)
+    results = {}
+    for split, reader in readers.items():
+        source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
+                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
+                  "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
+        out = artifacts.metrics_file(cfg.run_dir, split)
+        if artifacts.status(cfg, "evaluate", split).state == "done":
+            log.info(f"{out} is up to date for this segmenter, gate and shards")
+            results[split] = json.loads(out.read_text())
+            continue
+        inputs = artifacts.expected_inputs(cfg, "evaluate", split)
+        matrices = evaluate_split(cfg, split, reader, predictor, device, log)
+        skipped = matrices.pop("skipped")
+        record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
+        if cfg.evaluate.skip_bad:
+            record["skipped_bad"] = skipped  # left out: they cannot be decoded (named in the log)
+            if skipped:
+                log.info(f"{split}: {skipped} sample(s) that cannot be decoded were left out (evaluate.skip_bad)")
+        if dist.is_main():
+            write_json(out, record)
+            artifacts.write_stamp(cfg, "evaluate", inputs, split)
+        log.info(f"{split} ({len(reader)} samples)\n{summary_table(record)}")
+        log.event("metrics", **record)
+        results[split] = record
+    if dist.is_main():
+        save_evaluated_config(cfg)
+    dist.barrier()
+    return results
+
+
+def save_evaluated_config(cfg: Config) -> None:
+    """The settings the metrics were measured with, where every consumer of the run reads
+    them (infer --run, export, segment_slides, the model card, tools/visualize.py read
+    RUN/config.yaml): an evaluation with changed evaluate.* settings replaces the settings
+    the training stages left there. RUN/metrics/config.yaml keeps the same for the record."""
+    save_config(cfg, Path(cfg.run_dir) / "metrics" / "config.yaml")
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.train.engine import parse_shared
+
+    cfg = parse_shared(argv, __doc__.split("\n")[0], skip_bad_key="evaluate.skip_bad")
+    artifacts.require_runnable(cfg, "evaluate")  # a finished segmenter that the current config produced
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        with run_lock(cfg.run_dir, "evaluate"):
+            log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
+            try:
+                run(cfg, log)
+                return 0
+            except (FileNotFoundError, ValueError) as exc:
+                if isinstance(exc, MlpsError):
+                    raise
+                raise InputError(str(exc)) from exc
+            finally:
+                log.close()
+    finally:
+        dist.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Stage 2: multi-layer pseudo masks for every training patch, exactly once, resumable.
+
+    torchrun --standalone --nproc_per_node=4 -m mlps_dist.stages.generate_masks --config configs/luad.yaml
+    python -m mlps_dist.stages.generate_masks --config configs/demo.yaml masks.batch_size=8   # one process
+
+Reads RUN/classifier/model.pt and the train shards of data.root; writes
+RUN/pseudo_masks/train/masks-NNNNNN.{tar,idx} (one chunk per masks.chunk_size samples) and
+manifest.json, and a quality report of the same masks on masks.quality_splits (ground-truth
+masks needed) into RUN/metrics/pseudo_masks.json and TensorBoard (RUN/tb/masks).
+
+The chunks not yet committed are shared out over the ranks; a rerun after a crash or a
+preemption, with the same or another number of ranks, makes only the missing chunks. A run
+over a finished pass says so and exits 0. Bad samples (undecodable patch, wrong size, no
+class label) stop the pass with their key, or with masks.skip_bad=true get an all-ignore
+mask and are listed under "skipped" in the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlps_dist.run import artifacts
+from mlps_dist.method import cam
+from mlps_dist import dist
+from mlps_dist.train import gpu_options
+from mlps_dist.stages import preflight
+from mlps_dist.core import runner
+from mlps_dist.config import Config
+from mlps_dist.data.augment import model_input
+from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.shards import SplitReader, open_split, read_info
+from mlps_dist.core.fileio import atomic_write_bytes
+from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, sha256_file, write_chunk, write_json
+from mlps_dist.run.lock import run_lock
+from mlps_dist.run.runlog import RunLog
+from mlps_dist.run.stain_run import load_normaliser
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Decoded patches by sample index: normalised image, uint8 rgb, labels, [mask]."""
+
+    def __init__(self, reader: SplitReader, cfg: Config, skip_bad: bool):
+        self.reader = reader
+        self.size = tuple(reader.split_info.get("image_size") or ())
+        self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
+        self.skip_bad = skip_bad
+        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
+
+    def _decode(self, index: int) -> dict:
+        sample = decode_sample(self.reader.read(index))
+        if "labels" not in sample:
+            raise ValueError("has no 'labels' member; the mask pass needs patch-level labels")
+        labels = sample["labels"]
+        if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
+            raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
+        rgb = np.array(sample["rgb"] if self.stain is None else self.stain(sample["rgb"]))
+        if self.size and rgb.shape[:2] != self.size:
+            raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
+        out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}
+        out["source"] = sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png"
+        if self.reader.has_masks:
+            out["mask"] = torch.from_numpy(sample["mask"].astype(np.int64))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            sample, bad = self._decode(index), ""
+        except Exception as exc:  # any decoding failure is the sample's fault: name it
+            message = f"sample {self.reader.key(index)} of {self.reader.root} ({self.reader.split}): {exc}"
+            if not self.skip_bad:  # raised by the main process (raise_fatal): one line, not a worker traceback
+                message = "fatal:" + message + "; fix or remove it, or set masks.skip_bad=true"
+            height, width = self.size or (8, 8)
+            sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8),
+                           "source": f"{self.reader.key(index)}.png",
+                           "labels": torch.ones(self.reader.num_classes)}, message
+            if self.reader.has_masks:
+                sample["mask"] = torch.full((height, width), self.reader.ignore_index, dtype=torch.int64)
+        image = (sample["rgb"].float() / 255.0 - self.mean) / self.std
+        return {**sample, "image": image, "index": index, "key": self.reader.key(index), "bad": bad}
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+
+def raise_fatal(batch: dict) -> None:
+    """A sample that could not be decoded (and may not be skipped) stops the pass here."""
+    for why in batch["bad"]:
+        if why.startswith("fatal:"):
+            raise PseudoMaskError(why[len("fatal:"):])
+
+
+def batch_size_for(reader: SplitReader, size: int) -> int:
+    """Patches of mixed sizes (no common image_size in info.json) cannot share a batch."""
+    return size if reader.split_info.get("image_size") else 1
+
+
+def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config,
+                        skip_bad: bool | None = None) -> torch.utils.data.DataLoader:
+    """Batches in the given order; worker processes decode ahead while the model runs."""
+    workers = cfg.data.num_workers
+    skip_bad = cfg.masks.skip_bad if skip_bad is None else skip_bad
+    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, skip_bad), batch_sampler=batches,
+                                       num_workers=workers, prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def batched(indices, size: int) -> list[list[int]]:
+    indices = list(indices)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def check_split(reader: SplitReader) -> None:
+    """Refuse shards that cannot give pseudo masks before any work starts."""
+    where = f"{reader.root} (split '{reader.split}')"
+    if len(reader) == 0:
+        raise PseudoMaskError(f"{where} holds no samples; check data.root")
+    if "labels" not in reader.read(0):
+        raise PseudoMaskError(f"{where} has no 'labels' members: the mask pass needs patch-level labels; "
+                              f"rebuild the shards with tools/make_shards.py")
+
+
+def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
+    """The stage-1 classifier chosen by ``classifier.checkpoint`` (gate.load_classifier: the
+    one loader every consumer shares), checked against the shards' classes and the CAM
+    layers. Returns (model, path, selection record)."""
+    from mlps_dist.predict import gate
+
+    try:
+        model, meta = gate.load_classifier(cfg.run_dir, device="cpu", checkpoint=cfg.classifier.checkpoint)
+    except FileNotFoundError as exc:
+        raise PseudoMaskError(f"{exc} (or set run_dir to the run that holds it)") from exc
+    except RuntimeError as exc:
+        raise PseudoMaskError(f"the stage-1 classifier in {cfg.run_dir} does not fit its model ({exc})") from exc
+    path = Path(meta["path"])
+    if list(meta.get("classes", [])) != reader.classes:
+        raise PseudoMaskError(f"{path} was trained on classes {meta.get('classes')}, but {cfg.data.root} has "
+                              f"{reader.classes}; use the classifier trained on these shards")
+    try:
+        cam.check_layers(model, list(cfg.masks.layers))
+    except ValueError as exc:
+        raise PseudoMaskError(f"{path}: {exc}") from exc
+    cam.prepare_model(model)
+    return model.to(device), path, meta["selection"]
+
+
+def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection: dict | None = None) -> dict:
+    """Everything the masks depend on; a change makes the existing chunks unusable.
+    ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
+    m = cfg.masks
+    background = vars(m.background).copy()
+    if not background["max_saturation"]:
+        del background["max_saturation"]  # off: the record of passes made before the key existed
+    settings = {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
+                "classes": reader.classes, "count": len(reader),
+                "layers": list(m.layers), "chunk_size": m.chunk_size, "background": background,
+                "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
+                "std": list(cfg.data.std), "image_size": cfg.data.image_size}
+    if m.refine.enabled:  # refined masks differ from plain ones: never mixed in one folder
+        settings["refine"] = vars(m.refine).copy()
+    return settings  # not skip_bad: turning it on to get past a bad sample keeps the rest
+
+
+def on_rank0(fn):
+    """Run ``fn`` on rank 0 only; every rank gets its result or raises its error."""
+    result, error = None, None
+    if dist.is_main():
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = dist.broadcast_object((result, error))
+    if error is not None:
+        error.shared = True  # every rank raises it: rank 0 alone reports it
+        raise error
+    return result
+
+
+def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None:
+    """Check/create the manifest; the chunks still to make, or None when the pass is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_manifest(folder, manifest, settings)
+        if manifest.get("complete") and committed_chunks(folder) >= set(range(manifest["num_chunks"])):
+            return None  # finished: leave every file as it is
+    else:
+        manifest = new_manifest(split, settings)
+    remove_debris(folder)
+    manifest = refresh_manifest(folder, manifest, complete=False)
+    return sorted(set(range(manifest["num_chunks"])) - set(manifest["done"]))
+
+
+def export_reference(run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]],
+                     palette: list[int]) -> None:
+    """The public code's layout: train_PM/PM_<layer>/<source file name>.png, palettised."""
+    for layer_no, layer in enumerate(layers):
+        out = Path(run_dir) / "pseudo_masks" / "train_PM" / f"PM_{layer}"
+        out.mkdir(parents=True, exist_ok=True)
+        for source, per_layer in zip(sources, masks):
+            atomic_write_bytes(out / Path(source).name, encode_png(per_layer[layer_no], palette))
+
+
+def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
+    """Masks of a batch on the CPU; samples flagged bad get the ignore index everywhere."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("image", "labels", "rgb")}
+    inputs["image"] = model_input(inputs["image"], cfg.data.image_size)  # the scale the classifier learnt
+    masks = {k: v.cpu() for k, v in cam.make_masks_cfg(model, inputs, cfg.masks).items()}
+    bad = torch.tensor([bool(b) for b in batch["bad"]])
+    if bad.any():
+        for v in masks.values():
+            v[bad] = batch["labels"].shape[1]
+    return masks
+
+
+def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
+    """Make the missing chunks of the train split; False when the pass was already complete."""
+    folder = artifacts.masks_dir(cfg.run_dir, reader.split)
+    todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
+    if todo is None:
+        log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
+        return False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = [todo[i] for i in dist.partition(len(todo), world, rank)]
+    log.info(f"{len(todo)} of {num_chunks(len(reader), cfg.masks.chunk_size)} chunks to make over {world} rank(s)")
+    chunk_of = {}
+    batches = []
+    for chunk in mine:
+        indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
+        batches += batched(indices, batch_size_for(reader, cfg.masks.batch_size))
+        chunk_of.update({i: chunk for i in indices})
+    layers, palette = list(cfg.masks.layers), [v for rgb in reader.info["palette"] for v in rgb]
+    pending: dict[int, dict] = {}
+    for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
+        raise_fatal(batch)
+        masks = make_batch_masks(model, batch, cfg, device)
+        for j, index in enumerate(batch["index"].tolist()):
+            entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
+            arrays = [masks[layer][j].numpy() for layer in layers]
+            entry["samples"].append((batch["key"][j], [encode_png(a) for a in arrays]))
+            entry["arrays"].append(arrays)
+            entry["sources"].append(batch["source"][j])
+            if batch["bad"][j]:
+                entry["skipped"][batch["key"][j]] = batch["bad"][j]
+        chunk = chunk_of[batch["index"][-1].item()]
+        if len(pending[chunk]["samples"]) == len(chunk_indices(chunk, cfg.masks.chunk_size, len(reader))):
+            entry = pending.pop(chunk)
+            if cfg.masks.export_reference:
+                export_reference(cfg.run_dir, layers, entry["sources"], entry["arrays"], palette)
+            write_chunk(folder, chunk, entry["samples"], layers, entry["skipped"])
+            for key, why in entry["skipped"].items():
+                log.info(f"skipped (all-ignore mask): {why}")
+            if dist.is_main():  # progress visible in the manifest while the pass runs
+                refresh_manifest(folder, read_manifest(folder))
+    dist.barrier()
+    return True
+
+
+def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
+    folder = artifacts.masks_dir(cfg.run_dir, split)
+    manifest = read_manifest(folder)
+    missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
+    if missing:
+        raise PseudoMaskError(f"{folder}: chunks {[chunk_stem(c) for c in missing]} are missing after the pass; "
+                              f"rerun mlps_dist.stages.generate_masks to make them")
+    manifest = refresh_manifest(folder, manifest, complete=True)
+    log.event("pseudo_masks_done", folder=str(folder), count=manifest["count"], skipped=len(manifest["skipped"]))
+    log.info(f"pseudo masks complete: {manifest['count']} samples in {folder}"
+             + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
+
+
+def quality_report(cfg: Config, log: RunLog, model, device: torch.device, selection: dict | None = None) -> dict:
+    """mIoU / per-class IoU of the pseudo masks on splits with ground truth, per layer."""
+    from mlps_dist.method.metrics import ConfusionMatrix
+
+    report = {}
+    info_splits = read_info(cfg.data.root)["splits"]
+    for split in cfg.masks.quality_splits:
+        if split not in info_splits or not info_splits[split].get("has_masks"):
+            log.info(f"no quality report for split '{split}': it is absent or has no ground-truth masks")
+            continue
+        reader = open_split(cfg.data.root, split)
+        classes = reader.num_classes
+        # One extra column: pixels painted white/ignore by the mask pass count as misses.
+        matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
+        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
+                          batch_size_for(reader, cfg.masks.batch_size))
+        # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
+        # scored as all-ignore instead of stopping the pass on every rerun.
+        for batch in create_patch_loader(reader, batches, cfg, skip_bad=True):
+            for layer, pred in make_batch_masks(model, batch, cfg, device).items():
+                matrices[layer].update(pred, batch["mask"])
+        report[split] = {}
+        for layer, matrix in matrices.items():
+            scores = matrix.all_reduce().compute()
+            iou = scores["iou"][:classes]
+            finite = [v for v in iou if not math.isnan(v)]
+            scores.update(iou=iou, miou=sum(finite) / len(finite) if finite else math.nan)
+            report[split][layer] = {**scores, "per_class": dict(zip(reader.classes, iou))}
+            log.scalars({"miou": scores["miou"], **{f"iou/{c}": v for c, v in zip(reader.classes, iou)}},
+                        step=0, prefix=f"pseudo_masks/{split}/{layer}/")
+            log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
+    if dist.is_main() and report:
+        write_json(artifacts.stage_dir(cfg.run_dir, "evaluate") / artifacts.MASKS_REPORT, {**report, "classifier": selection or {}})
+    return report
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from mlps_dist.train.engine import parse_shared
+
+    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks", skip_bad_key="masks.skip_bad")
+    preflight.check_models(cfg)
+    done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
+    if done.state == "done":
+        if dist.is_main():
+            print(f"masks: finished for this config ({done.message}), nothing to do")
+        return 0
+    inputs = artifacts.expected_inputs(cfg, "masks")
+    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        with run_lock(cfg.run_dir, "masks"):
+            log = RunLog(cfg.run_dir, stage="masks")
+            try:
+                device = dist.device()
+                gpu_options.apply(cfg.gpu, device)  # gpu.cudnn_benchmark: one patch size, autotuned once
+                reader = open_split(cfg.data.root, "train")
+                check_split(reader)
+                model, model_path, selection = load_classifier(cfg, reader, device)
+                settings = on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
+                if run_pass(cfg, log, model, reader, device, settings):
+                    quality_report(cfg, log, model, device, selection)
+                    on_rank0(lambda: finish_pass(cfg, log, reader.split))
+                on_rank0(lambda: artifacts.write_stamp(cfg, "masks", inputs) and None)
+                return 0
+            finally:
+                log.close()
+    finally:
+        dist.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
