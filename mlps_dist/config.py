@@ -78,11 +78,6 @@ class AugmentConfig:
     blur_radius: float = 1.0  # blur sigma ~ U(0, blur_radius) pixels (PIL GaussianBlur(radius=random()))
 
 
-# Keys that moved into the per-stage augment sections: named in the error for old configs.
-MOVED_KEYS = {f"data.{name}": (f"classifier.augment.{name}", f"segmenter.augment.{name}")
-              for name in ("hflip", "vflip", "rot90", "color_jitter")}
-
-
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
@@ -342,9 +337,6 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
     types = _field_types(type(obj))
     for name, value in values.items():
         key = f"{prefix}{name}"
-        if key in MOVED_KEYS:
-            raise ConfigError(f"{source}: '{key}' is no longer a key: augmentation is set per stage; use "
-                              f"{' and '.join(repr(k) for k in MOVED_KEYS[key])} instead")
         if name not in types:
             raise _unknown(key, list(types), source)
         tp = types[name]

@@ -89,6 +89,21 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
     assert artifacts.status(cfg, "classifier").state == "stale"
 
 
+def test_a_key_missing_from_an_old_stamp_counts_as_its_default(tmp_path, tiny_shards):
+    """A stamp made before a config key existed lacks it: it was made with the behaviour the
+    key's default has now, so the stage stays done, and a non-default value is named."""
+    cfg = make_cfg(tmp_path / "run", tiny_shards)
+    finish_classifier(cfg)
+    path = artifacts.stamp_file(cfg.run_dir, "classifier")
+    record = json.loads(path.read_text())
+    del record["inputs"]["config"]["classifier.ema_decay"]
+    path.write_text(json.dumps(record))
+    assert artifacts.status(cfg, "classifier").state == "done"
+    changed = make_cfg(tmp_path / "run", tiny_shards, classifier={"model": "small38", "epochs": 2, "ema_decay": 0.5})
+    st = artifacts.status(changed, "classifier")
+    assert st.state == "stale" and "classifier.ema_decay (0.0 -> 0.5)" in st.message
+
+
 def test_a_changed_upstream_artefact_makes_everything_downstream_stale(tmp_path, tiny_shards):
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     finish_classifier(cfg, seed=0)

@@ -139,8 +139,10 @@ def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
     """Refuse to mix masks from different classifiers or settings in one folder."""
     if manifest.get("fingerprint") == fingerprint(settings):
         return
-    old = manifest.get("settings", {})
-    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    from mlps_dist.run.artifacts import flatten
+
+    old, new = flatten(manifest.get("settings", {})), flatten(settings)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise PseudoMaskError(
         f"{Path(folder)} holds pseudo masks made with different inputs (changed: {', '.join(changed)}); "
         f"they cannot be mixed. Delete {Path(folder)} to start the pass over with the current classifier "

@@ -37,13 +37,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlps_dist.config import Config, RefineConfig
+from mlps_dist.config import Config
 from mlps_dist.core.errors import MlpsError
-from mlps_dist.core.fileio import sha256_file
-from mlps_dist.core.fileio import atomic_write_json, fsync_dir
+from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
 FOLDERS = {"classifier": "classifier", "masks": "pseudo_masks", "segmenter": "segmenter", "evaluate": "metrics"}
@@ -76,14 +75,6 @@ OPERATIONAL = (
     "evaluate.batch_size", "evaluate.splits",
     "data.max_downscale",  # acts through the data.image_size it resolves to (config.resolve_image_size)
 )
-# Keys added after runs were already being made, with the value that behaves as the program
-# did before they existed: a stamp or checkpoint without such a key was made with that value,
-# so finished stages stay finished when the program is updated.
-ADDED_KEYS = {"classifier.optimizer": "sgd", "segmenter.optimizer": "sgd",
-              "classifier.ema_decay": 0.0, "segmenter.ema_decay": 0.0, "masks.background.max_saturation": 0,
-              "segmenter.mosaic_prob": 0.0, "evaluate.skip_bad": False, "data.stain.method": "none", "data.stain.fit_images": 256,
-              **{f"{section}.refine.{key}": value for key, value in asdict(RefineConfig()).items()
-                 for section in ("masks", "evaluate")}}  # off
 # Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
 MASKS_REPORT = "pseudo_masks.json"
 # The shard splits each stage reads.
@@ -253,9 +244,12 @@ def expected_inputs(cfg: Config, stage: str, split: str = "") -> dict:
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Human names of what differs between two ``inputs`` records."""
     a, b = flatten(old or {}), flatten(new)
-    for key, value in ADDED_KEYS.items():
-        if f"config.{key}" in b:
-            a.setdefault(f"config.{key}", value)
+    # A key the record lacks was added to the config after the record was made: the program
+    # behaved then as its default does now (a key whose default changes is a new key).
+    defaults = flatten(Config().to_dict())
+    for key in b:
+        if key.startswith("config.") and key not in a and key[7:] in defaults:
+            a[key] = defaults[key[7:]]
     names = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):

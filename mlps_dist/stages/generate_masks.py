@@ -153,8 +153,6 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection:
     ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
     m = cfg.masks
     background = vars(m.background).copy()
-    if not background["max_saturation"]:
-        del background["max_saturation"]  # off: the record of passes made before the key existed
     settings = {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
                 "classes": reader.classes, "count": len(reader),
                 "layers": list(m.layers), "chunk_size": m.chunk_size, "background": background,
