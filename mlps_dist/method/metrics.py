@@ -29,7 +29,7 @@ import torch
 from mlps_dist import dist
 
 
-def _nanmean(values: torch.Tensor) -> float:
+def nanmean(values: torch.Tensor) -> float:
     finite = values[~torch.isnan(values)]
     return float(finite.mean()) if finite.numel() else math.nan
 
@@ -93,7 +93,7 @@ class ConfusionMatrix:
             acc = float(tp.sum() / total)
         else:
             fwiou = acc = math.nan
-        return {"miou": _nanmean(iou), "fwiou": fwiou, "acc": acc, "macc": _nanmean(recall),
+        return {"miou": nanmean(iou), "fwiou": fwiou, "acc": acc, "macc": nanmean(recall),
                 "iou": [float(v) for v in iou]}
 
 
@@ -143,7 +143,7 @@ class MultiLabelMeter:
             "acc": float(c[-1, 0] / samples) if samples > 0 else math.nan,
             "label_acc": float((tp + tn).sum() / cells) if cells > 0 else math.nan,
             "f1": float(2 * tp.sum() / micro_denom) if micro_denom > 0 else math.nan,
-            "f1_macro": _nanmean(f1_class),
+            "f1_macro": nanmean(f1_class),
             "f1_per_class": [float(v) for v in f1_class],
         }
 
