@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
 from mlps_dist.synthetic.patches import write_luad_layout  # noqa: E402
-from mlps_dist.synthetic.options import # noqa: E402     HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANT_HELP, VARIANTS, SyntheticOptionError, variant_options
+from mlps_dist.synthetic.options import (  # noqa: E402
+    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANT_HELP, VARIANTS, SyntheticOptionError, variant_options)
 
 
 def _floats(count: int):

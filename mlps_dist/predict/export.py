@@ -1,6 +1,6 @@
 """Export a trained run to ONNX: one graph with normalisation, segmenter, classifier and gate.
 
-    python tools/export.py --run runs/luad --out export/luad [--opset 17] [--checkpoint best|last]
+    mlps export --run runs/luad --out export/luad [--opset 17] [--checkpoint best|last]
 
 Writes into the ``--out`` folder:
 
@@ -23,11 +23,9 @@ resize and the upsampling and needs no onnxscript.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
-import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -79,11 +77,15 @@ def check_patches(reader, limit: int = 0):
         yield np.stack(batch)
 
 
-def self_check(predictor, onnx_path: Path, batches) -> dict:
-    """onnxruntime vs torch on the same uint8 patches: class agreement, largest score difference."""
+def self_check(predictor, onnx_path: Path, batches, total: int | None = None) -> dict:
+    """onnxruntime vs torch on the same uint8 patches: class agreement, largest score difference.
+    Patches compared / ``total`` go to stderr (mlps_dist/core/progress.py)."""
     import onnxruntime as ort
 
+    from mlps_dist.core.progress import Progress
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    progress = Progress("self-check", total, "patches")
     same = total = samples = 0
     max_diff = 0.0
     for tiles in batches:
@@ -96,6 +98,8 @@ def self_check(predictor, onnx_path: Path, batches) -> dict:
         diff = np.abs(scores - out.scores().cpu().numpy())
         max_diff = max(max_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
         samples += len(tiles)
+        progress.update(len(tiles))
+    progress.close()
     if not total:
         raise ExportCheckError("self-check: no patches to compare; choose a --check-split with samples")
     return {"samples": samples, "pixels": total, "class_agreement": same / total, "max_score_diff": max_diff}
@@ -193,7 +197,8 @@ def run_export(args) -> dict:
     staged = tmp_path(final)
     try:
         export_graph(DeployGraph.from_predictor(predictor), staged, args.opset)
-        check = self_check(predictor, staged, check_patches(reader, args.check_limit))
+        patches = len(reader) if not args.check_limit else min(args.check_limit, len(reader))
+        check = self_check(predictor, staged, check_patches(reader, args.check_limit), patches)
         check["split"] = args.check_split
         print(f"self-check on {check['samples']} {args.check_split} patches: classes agree on "
               f"{100 * check['class_agreement']:.4f} % of pixels, largest score difference {check['max_score_diff']:.3g}")
@@ -214,39 +219,16 @@ def run_export(args) -> dict:
     return record
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory (config.yaml, segmenter/, classifier/)")
-    p.add_argument("--out", required=True, help="folder for model.onnx, model.json, MODEL_CARD.md")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--check-split", default="test", help="shard split whose patches the self-check runs on")
-    p.add_argument("--check-limit", type=int, default=0, help="at most this many patches in the self-check (0: all)")
-    return p.parse_args(argv)
-
-
-def _main(argv: list[str] | None = None) -> int:
+def export(args) -> dict:
+    """``run_export`` with ``args.out`` claimed and locked first (``mlps export``: the flags
+    are mlps_dist/cli/export.py's); a missing file or bad value is an InputError (exit 2)."""
     from mlps_dist.core.toolout import tool_output
 
-    args = parse_args(argv)
     try:
         # --out is not the run (nor inside or around it), is ours or empty, and one export at a time.
         with tool_output(args.out, [args.run], "export", owned_if=("model.json", "model.onnx"), in_flag="--run"):
-            record = run_export(args)
+            return run_export(args)
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, MlpsError):
             raise
         raise InputError(str(exc)) from exc
-    print(f"wrote {Path(args.out) / 'model.onnx'} ({record['num_classes']} classes, gate "
-          f"{'off' if not record['gate'] else record['gate_threshold']}) and model.json, MODEL_CARD.md")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mlps_dist.core import runner
-
-    return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
