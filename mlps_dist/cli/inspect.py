@@ -1,27 +1,25 @@
-"""Print what a shard folder holds; optionally dump a few samples as PNG files.
+"""``mlps inspect``: what a shard folder holds; optionally a few samples as PNG files.
 
-    python tools/inspect_shards.py data/demo/shards
-    python tools/inspect_shards.py data/demo/shards --dump 4 --split val --to /tmp/peek
+    mlps inspect data/demo/shards
+    mlps inspect data/demo/shards --dump 4 --split val --out /tmp/peek
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlps_dist.cli import parser
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from mlps_dist.data.shards import ShardError, open_split, read_info, sample_key  # noqa: E402
-from mlps_dist.core.fileio import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: E402
+HELP = "summarise a shard folder (classes, splits, samples per class); --dump writes samples as PNG"
 
 
 def describe(root: Path) -> list[str]:
+    import numpy as np
+
+    from mlps_dist.data.shards import open_split, read_info
+
     info = read_info(root)
     lines = [f"{root}: layout {info['layout']}, classes {info['classes']}, ignore index {info['ignore_index']}"]
     for split, s in info["splits"].items():
@@ -36,6 +34,13 @@ def describe(root: Path) -> list[str]:
 
 
 def dump(root: Path, split: str, count: int, to: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from mlps_dist.core.fileio import atomic_open, atomic_write_bytes, atomic_write_text
+    from mlps_dist.data.shards import open_split, sample_key
+
     reader = open_split(root, split)
     palette = [v for colour in reader.info["palette"] for v in colour]
     to.mkdir(parents=True, exist_ok=True)
@@ -52,22 +57,24 @@ def dump(root: Path, split: str, count: int, to: Path) -> None:
     print(f"wrote {min(count, len(reader))} sample(s) of {split} to {to}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Summarise a shard folder written by tools/make_shards.py")
-    p.add_argument("root")
+def build_parser():
+    p = parser("inspect", HELP)
+    p.add_argument("root", help="shard folder (written by mlps shards or mlps tile)")
     p.add_argument("--dump", type=int, default=0, help="write this many samples as PNG (+ json, mask)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--to", default="shard_samples")
-    args = p.parse_args(argv)
+    p.add_argument("--split", default="train", help="split the samples are dumped from")
+    p.add_argument("--out", default="shard_samples", help="folder the dumped samples are written to")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlps_dist.data.shards import ShardError
+
+    args = build_parser().parse_args(argv)
     try:
         print("\n".join(describe(Path(args.root))))
         if args.dump:
-            dump(Path(args.root), args.split, args.dump, Path(args.to))
+            dump(Path(args.root), args.split, args.dump, Path(args.out))
     except ShardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,5 @@
-"""Contact sheet of a run: per sample the image, its ground truth, its pseudo masks and the
-segmenter's prediction, side by side, with a colour legend.
-
-    python tools/visualize.py --run runs/demo --split val --n 8 --out sheet.png
-    python tools/visualize.py --run runs/demo --split train --n 6 --out train.png   # pseudo masks
-    python tools/visualize.py --run runs/real --split test --cams --out cams.png    # CAMs on any split
+"""Contact sheet of a run (``mlps visualize``): per sample the image, its ground truth, its
+pseudo masks and the segmenter's prediction, side by side, with a colour legend.
 
 Columns: image | stain-normalised image (runs with data.stain: what the networks see) | ground
 truth (val/test) | pseudo mask per layer (train, from RUN/pseudo_masks/train) | with --cams,
@@ -16,23 +12,19 @@ split.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlps_dist.config import ConfigError, load_config  # noqa: E402
-from mlps_dist.data.decode import decode_sample  # noqa: E402
-from mlps_dist.data.shards import open_split  # noqa: E402
-from mlps_dist.core.draw import blend, palette_for  # noqa: E402
-from mlps_dist.core.fileio import atomic_open  # noqa: E402
-from mlps_dist.predict.predictor import create_predictor  # noqa: E402
-from mlps_dist.run.stain_run import load_normaliser  # noqa: E402
+from mlps_dist.config import ConfigError, load_config
+from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.shards import open_split
+from mlps_dist.core.draw import blend, palette_for
+from mlps_dist.core.fileio import atomic_open
+from mlps_dist.predict.predictor import create_predictor
+from mlps_dist.run.stain_run import load_normaliser
 
 LABEL_H = 18
 MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible
@@ -108,31 +100,25 @@ def draw_sheet(rows: list[tuple[str, list[np.ndarray]]], titles: list[str], clas
     return sheet
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory (holds config.yaml)")
-    p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--n", type=int, default=8, help="samples (rows)")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--no-gate", action="store_true")
-    p.add_argument("--cams", action="store_true", help="add the stage-1 Grad-CAM label maps (masks.layers)")
-    args = p.parse_args(argv)
-    run = Path(args.run)
+def contact_sheet(run_dir: str | Path, out: str | Path, split: str = "val", count: int = 8, checkpoint: str = "best",
+                  gate: bool = True, cams_wanted: bool = False) -> str:
+    """Write the contact sheet of ``count`` samples of ``split`` to the image file ``out``;
+    returns the line that says what was written."""
+    run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run / 'config.yaml'} does not exist; --run must be a run directory")
     cfg = load_config(run / "config.yaml")
-    reader = open_split(cfg.data.root, args.split)
+    reader = open_split(cfg.data.root, split)
     palette = palette_for(reader.num_classes, reader.info)
     store = None
-    if args.split == "train" and (run / "pseudo_masks" / "train" / "manifest.json").is_file():
+    if split == "train" and (run / "pseudo_masks" / "train" / "manifest.json").is_file():
         from mlps_dist.data.pseudo_masks import PseudoMaskStore
 
         store = PseudoMaskStore(run / "pseudo_masks" / "train")
-    predictor, pred_title = build_predictor(run, cfg, reader.num_classes, args.checkpoint, not args.no_gate)
+    predictor, pred_title = build_predictor(run, cfg, reader.num_classes, checkpoint, gate)
     stain = load_normaliser(run, cfg.data.stain.method)
     cams = None
-    if args.cams:
+    if cams_wanted:
         from mlps_dist.method import cam
         from mlps_dist.predict.gate import load_classifier
 
@@ -144,14 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     titles += [f"pseudo {layer}" for layer in store.layers] if store is not None else []
     titles += [f"CAM {layer}" for layer in cfg.masks.layers] if cams is not None else []
     titles += [pred_title] if predictor is not None else []
-    picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(args.n, len(reader)))})
+    picks = sorted({int(round(v)) for v in np.linspace(0, len(reader) - 1, min(count, len(reader)))})
     rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette, stain, cams, cfg)) for i in picks]
-    out = Path(args.out)
+    out = Path(out)
     with atomic_open(out) as f:
         draw_sheet(rows, titles, list(reader.classes), palette).save(f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
-    print(f"wrote {out} ({len(rows)} samples: {', '.join(titles)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return f"wrote {out} ({len(rows)} samples: {', '.join(titles)})"
