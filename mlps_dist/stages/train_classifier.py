@@ -25,7 +25,7 @@ from mlps_dist.config import Config, ConfigError, PdaConfig
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import ShardError, open_split
-from mlps_dist.method.metrics import ConfusionMatrix, MultiLabelMeter
+from mlps_dist.method.evaluation import CamEvaluator, ExampleCollector, MultiLabelEvaluator, run_eval
 from mlps_dist.models import create_classifier
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.run.stain_run import write_reference
@@ -107,26 +107,32 @@ class ClassifierTask:
 
     def validate(self, module, epoch: int) -> dict[str, float]:
         """Multi-label acc/F1 and the mIoU of label-gated CAM argmax masks against val masks."""
-        reader = self.val_reader
-        labels_meter = MultiLabelMeter(self.num_classes, device=dist.device())
-        cm = ConfusionMatrix(self.num_classes, reader.ignore_index, device=dist.device())
+        reader, device = self.val_reader, dist.device()
         loader = create_eval_loader(self.cfg, reader, batch_size=max(self.section.batch_size // dist.get_world_size(), 1),
-                                    rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
-        self.samples = []
-        for batch in loader:
+                                    rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+        def predict(batch: dict) -> dict:
             images = model_input(batch["image"], self.cfg.data.image_size)
-            labels_meter.update(torch.sigmoid(module(images)), batch["labels"])
-            cams = class_activation_maps(module, images, batch["rgb"].shape[-2:])
+            outputs = {"probs": torch.sigmoid(module(images))}
+            outputs["cams"] = cams = class_activation_maps(module, images, batch["rgb"].shape[-2:])
             if reader.has_masks:
                 gated = cams.masked_fill(batch["labels"][:, :, None, None] < 0.5, -1.0)  # absent classes never win
-                cm.update(gated.argmax(dim=1), batch["mask"])
-            keep = self.section.cam_images - len(self.samples) if dist.is_main() else 0
-            for rgb, cam in zip(batch["rgb"][:keep], cams[:keep]):
-                self.samples.append((rgb.permute(1, 2, 0).cpu().numpy(), cam.float().cpu().numpy()))
-        ml = labels_meter.all_reduce().compute()
-        metrics = {"acc": ml["acc"], "f1": ml["f1"]}
+                outputs["masks"] = {"cam": gated.argmax(dim=1)}
+            return outputs
+
+        def panels(batch: dict, outputs: dict, count: int) -> list:
+            return [(rgb.permute(1, 2, 0).cpu().numpy(), cam.float().cpu().numpy())
+                    for rgb, cam in zip(batch["rgb"][:count], outputs["cams"][:count])]
+
+        evaluators = {"labels": MultiLabelEvaluator(self.num_classes, device=device),
+                      "samples": ExampleCollector(self.section.cam_images, panels)}
         if reader.has_masks:
-            metrics["miou"] = cm.all_reduce().compute()["miou"]
+            evaluators["cam"] = CamEvaluator(self.num_classes, reader.ignore_index, ["cam"], device=device)
+        results = run_eval(loader, predict, evaluators)
+        self.samples = results["samples"]
+        metrics = {"acc": results["labels"]["acc"], "f1": results["labels"]["f1"]}
+        if reader.has_masks:
+            metrics["miou"] = results["cam"]["cam"]["miou"]
         metrics["score"] = metrics.get("miou", metrics["f1"])  # CAM quality is what stage 2 consumes
         return metrics
 
