@@ -1,11 +1,20 @@
-#!/usr/bin/env python
-"""Real-tissue patches with exact masks in the LUAD-HistoSeg layout, from single-class tiles.
+"""``mlps mosaics``: real-tissue patches with exact masks in the LUAD-HistoSeg layout, from
+single-class tiles (mlps_dist/data/mosaic_tiles.py, mlps_dist/data/mosaics.py).
 
-    python tools/make_mosaics.py --tiles ../shared/real/kather2016_dev --out data/real/raw \\
+    mlps mosaics --tiles ../shared/real/kather2016_dev --out data/real/raw \\
         --train 600 --val 40 --test 80 --split-by-source \\
         --sources-train 01,02,03 --sources-val 04 --sources-test 05 --seed 0
-    python tools/make_shards.py --layout luad --src data/real/raw --out data/real/shards --mpp 0.495
+    mlps shards --layout luad --src data/real/raw --out data/real/shards --mpp 0.495
+"""
 
+from __future__ import annotations
+
+import os
+
+from mlps_dist.cli import parser
+
+HELP = "real-tissue training patches with exact masks, drawn from folders of single-class tiles"
+EPILOG = """\
 --tiles holds one folder of tiles per class (DIR/CLASS/*.png|jpg|tif; e.g. Kather et al. 2016,
 NCT-CRC-HE-100K, a lab's own labelled tiles). Every patch is an irregular region map over 1-3
 tissue classes of one source image, each region one real tile of its class (randomly rotated or
@@ -24,53 +33,37 @@ the H and E optical densities (Ruifrok-Johnston vectors) scaled by about --stain
 --stain-e (0.55, 0.6: about half the stain; the residual channel by their mean), both stain
 vectors turned by about --stain-hue degrees (12) about the grey axis, the lamp scaled by
 --stain-brightness (1.05); each drawn per patch within a few percent of those values. The
-masks do not change.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
-
-from mlps_dist.core import runner  # noqa: E402
-from mlps_dist.data.mosaic_tiles import (  # noqa: E402
-    DEFAULT_CLASSES, DEFAULT_SOURCE_REGEX, LUAD_CLASSES, parse_classes, scan_tiles, split_by_source, split_by_tile)
-from mlps_dist.data.mosaics import MosaicOptions, write_mosaics  # noqa: E402
-from mlps_dist.core.errors import InputError  # noqa: E402
-from mlps_dist.core.outdirs import claim_output_dir  # noqa: E402
+masks do not change."""
 
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    from mlps_dist.data.mosaic_tiles import DEFAULT_CLASSES, DEFAULT_SOURCE_REGEX, LUAD_CLASSES
+
+    p = parser("mosaics", HELP, EPILOG)
     p.add_argument("--tiles", required=True, help="folder of class folders of tiles")
     p.add_argument("--out", required=True, help="output folder (new or empty, or an interrupted run's)")
     p.add_argument("--classes", default=DEFAULT_CLASSES,
-                   help=f"LUAD class = tile folder, comma-separated (default {DEFAULT_CLASSES}); "
+                   help=f"LUAD class = tile folder, comma-separated; "
                         f"names from {', '.join(LUAD_CLASSES)}, the label digits follow that order")
     p.add_argument("--background", default="BACK",
-                   help="folder of empty-glass tiles for the holes (default BACK; 'none': no glass holes)")
+                   help="folder of empty-glass tiles for the holes ('none': no glass holes)")
     p.add_argument("--train", type=int, default=600, help="train patches (labels in the file names)")
     p.add_argument("--val", type=int, default=40, help="val patches with masks")
     p.add_argument("--test", type=int, default=80, help="test patches with masks")
     p.add_argument("--size", type=int, default=None, help="patch side in pixels (default: the tiles' smallest side)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes drawing patches (same bytes for any number; default: the cores, at most 8)")
+                   help="processes drawing patches (same bytes for any number; the cores, at most 8)")
     g = p.add_argument_group("splits")
     g.add_argument("--split-by-source", action="store_true",
                    help="whole source images per split, none in two (default: tiles split 70/10/20 per class)")
     g.add_argument("--source-regex", default=None,
                    help=f"names a tile's source image in its file name: group 'source', else group 1, else the "
-                        f"match (default {DEFAULT_SOURCE_REGEX!r}: 10F32_CRC-Prim-HE-03_012_... -> CRC-Prim-HE-03)")
+                        f"match (default: {DEFAULT_SOURCE_REGEX!r}: 10F32_CRC-Prim-HE-03_012_... -> CRC-Prim-HE-03)")
     g.add_argument("--source-csv", default=None, help="CSV 'file,source' instead of --source-regex "
                    "(file relative to --tiles, or a bare file name)")
     for split in ("train", "val", "test"):
@@ -79,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             + ("; default: every source not pinned elsewhere" if split == "train" else ""))
     m = p.add_argument_group("patches")
     m.add_argument("--classes-per-patch", type=lambda t: tuple(float(v) for v in t.split(",")), default=None,
-                   help="P(1,2,3 classes) (default 0.35,0.40,0.25)")
+                   help="P(1,2,3 classes) (default: 0.35,0.40,0.25)")
     m.add_argument("--glass-prob", type=float, default=None, help="share of patches with glass holes (0.35)")
     m.add_argument("--min-share", type=float, default=None,
                    help="a class below this share of a patch's non-ignored pixels is absorbed (0.02)")
@@ -89,11 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--stain-e", type=float, default=None, help="x eosin optical density (0.6)")
     s.add_argument("--stain-hue", type=float, default=None, help="degrees the stain vectors turn (12)")
     s.add_argument("--stain-brightness", type=float, default=None, help="x scanner lamp (1.05)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by make_mosaics")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by mlps mosaics")
     return p.parse_args(argv)
 
 
-def options_from(args, size: int) -> MosaicOptions:
+def options_from(args, size: int):
+    """The patch options of the flags given (MosaicOptions' defaults for the others), checked."""
+    from mlps_dist.core.errors import InputError
+    from mlps_dist.data.mosaics import MosaicOptions
+
     given = {"classes_per_patch": args.classes_per_patch, "glass_prob": args.glass_prob,
              "min_share": args.min_share, "stain_h": args.stain_h, "stain_e": args.stain_e,
              "stain_hue": args.stain_hue, "stain_brightness": args.stain_brightness}
@@ -112,6 +109,11 @@ def options_from(args, size: int) -> MosaicOptions:
 
 
 def _main(argv=None) -> int:
+    from mlps_dist.core.errors import InputError
+    from mlps_dist.core.outdirs import claim_output_dir
+    from mlps_dist.data.mosaic_tiles import parse_classes, scan_tiles, split_by_source, split_by_tile
+    from mlps_dist.data.mosaics import write_mosaics
+
     args = parse_args(argv)
     counts = {"train": args.train, "val": args.val, "test": args.test}
     for split, n in counts.items():
@@ -143,9 +145,9 @@ def _main(argv=None) -> int:
         print(f"{split}: {record['patches']} patches from {', '.join(record['sources'])} "
               f"(tiles: {tiles}; glass {record['glass_tiles']})")
         if "patches_labelled" in record:
-            print(f"  patches labelled: " + ", ".join(f"{c} {n}" for c, n in record["patches_labelled"].items()))
+            print("  patches labelled: " + ", ".join(f"{c} {n}" for c, n in record["patches_labelled"].items()))
         else:
-            print(f"  pixel share: " + ", ".join(f"{c} {v:.2f}" for c, v in record["pixel_share"].items()))
+            print("  pixel share: " + ", ".join(f"{c} {v:.2f}" for c, v in record["pixel_share"].items()))
     if plan.unused:
         print(f"unused source images: {', '.join(plan.unused)}")
     print(f"{out}: {summary['generated']} patches written ({options.size} px"
@@ -154,8 +156,6 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
+    from mlps_dist.core import runner
+
     return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

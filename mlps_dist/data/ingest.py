@@ -1,4 +1,4 @@
-"""Conversion of a source dataset folder into shards (the engine of tools/make_shards.py).
+"""Conversion of a source dataset folder into shards (the engine of ``mlps shards``).
 
 Two passes: ``check`` decodes every source file and collects every problem before anything
 is written; ``write`` then writes the shards. Each shard is committed atomically
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mlps_dist.core.progress import Progress
 from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
                                      split_image_format)
 from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
@@ -120,21 +121,30 @@ def _check_or_report(args):
         return exc
 
 
-def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 1) -> Plan:
-    """Scan and decode every source file; problems are collected in ``plan.bad``."""
+def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 1,
+               show_progress: bool = False) -> Plan:
+    """Scan and decode every source file; problems are collected in ``plan.bad``.
+    ``show_progress``: files checked / total on stderr (mlps_dist/core/progress.py)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     items, bad = scan_layout(layout, src)
     plan = Plan(layout, Path(src), shard_size, bad=list(bad))
+    progress = Progress("check", sum(map(len, items.values())), "files", enabled=show_progress)
     for split, split_items in items.items():
         jobs = [(item, layout) for item in split_items]
+        results = []
         if workers > 1 and len(jobs) > 64:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(_check_or_report, jobs, chunksize=64))
+                for result in pool.map(_check_or_report, jobs, chunksize=64):
+                    results.append(result)
+                    progress.update()
         else:
-            results = [_check_or_report(job) for job in jobs]
+            for job in jobs:
+                results.append(_check_or_report(job))
+                progress.update()
         plan.splits[split] = [r for r in results if isinstance(r, Checked)]
         plan.bad += [(r.path, r.problem) for r in results if isinstance(r, BadInput)]
+    progress.close()
     return plan
 
 
@@ -233,9 +243,11 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
 
 
 def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png",
-               image_quality: int = DEFAULT_JPEG_QUALITY, extra: dict | None = None) -> dict:
+               image_quality: int = DEFAULT_JPEG_QUALITY, extra: dict | None = None,
+               show_progress: bool = False) -> dict:
     """Shards of every split and info.json; ``image_format`` (encoding.py) applies to the
-    training split; ``extra`` keys (e.g. ``mpp``) are added to info.json."""
+    training split; ``extra`` keys (e.g. ``mpp``) are added to info.json; ``show_progress``:
+    samples written (or reused) / total on stderr."""
     image_member(image_format)  # unknown formats fail before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +257,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
     info = {"format": FORMAT_VERSION, "layout": plan.layout.name, "classes": list(plan.layout.classes),
             "ignore_index": plan.layout.ignore_index, "palette": [list(c) for c in plan.layout.palette],
             "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
+    progress = Progress("write", sum(map(len, plan.splits.values())), "samples", enabled=show_progress)
     for split, samples in plan.splits.items():
         shards, reused = [], 0
         fmt = split_image_format(image_format, split)
@@ -254,6 +267,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
             if _shard_is_complete(out, split, number, chunk, first, plan.src, image_member(fmt)):
                 shards.append({"tar": f"{stem}.tar", "idx": f"{stem}.idx", "count": len(chunk)})
                 reused += 1
+                progress.update(len(chunk))
                 continue
             sources_file(out, stem).unlink(missing_ok=True)  # written again after the new tar
             writer = ShardWriter(out, split, number)
@@ -265,6 +279,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
                 raise
             shards.append(writer.close())
             atomic_write_json(sources_file(out, stem), source_record(chunk, plan.src), indent=None)
+            progress.update(len(chunk))
         planned = {s["tar"] for s in shards} | {s["idx"] for s in shards}
         for old in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + \
                 list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].idx")):
@@ -280,6 +295,7 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
             "shards": shards}
         if reused:
             log(f"{split}: reused {reused} complete shard(s) from an earlier run")
+    progress.close()
     write_info(out, info)
     return info
 

@@ -1,58 +1,30 @@
-"""Convert a LUAD-HistoSeg or BCSS-WSSS folder into shards (see docs/architecture.md).
-
-    python tools/make_shards.py --layout luad --src data/LUAD-HistoSeg --out data/luad/shards
-    python tools/make_shards.py ... --image-format jpeg --image-quality 95   # faster training input
+"""Convert a LUAD-HistoSeg or BCSS-WSSS folder into shards (``mlps shards``; docs/architecture.md).
 
 Every source file is decoded and checked before anything is written; problems are listed
-with the file and what is wrong, and the conversion stops (exit 2) unless --skip-bad is
-given, in which case the bad files are listed, counted and left out. Shards are committed
-atomically and info.json is written last: after a crash, rerun the same command and it
-finishes the job, reusing the shards that are already complete.
+with the file and what is wrong, and the conversion stops (exit 2) unless ``skip_bad``, in
+which case the bad files are listed, counted and left out. Shards are committed atomically
+and info.json is written last: after a crash the same call finishes the job, reusing the
+shards that are already complete. The output folder is claimed and locked
+(mlps_dist/core/toolout.py): a second conversion into it is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
-from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan  # noqa: E402
-from mlps_dist.data.layouts import create_layout  # noqa: E402
-from mlps_dist.core import runner  # noqa: E402
-from mlps_dist.core.errors import InputError, MlpsError  # noqa: E402
-from mlps_dist.core.outdirs import check_not_overlapping  # noqa: E402
-from mlps_dist.core.toolout import tool_output  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layout", required=True, choices=["luad", "bcss"])
-    p.add_argument("--src", required=True, help="dataset folder (holds train/ or training/, val/, test/)")
-    p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
-    p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
-    p.add_argument("--allow-mixed-sizes", action="store_true",
-                   help="accept training patches of different sizes (then set data.image_size when training)")
-    p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="microns per pixel of the patches (recorded in info.json; segment_slides reads slides at it)")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
-                   help="encoding of the training images: png (default, exact), webp (lossless, faster to "
-                        "decode), jpeg (lossy, fastest; decoded on the GPU by DALI); val/test and masks stay PNG")
-    p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help=f"JPEG quality 1-100 for --image-format jpeg (default {DEFAULT_JPEG_QUALITY})")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by make_shards")
-    return p.parse_args(argv)
+from mlps_dist.core.errors import InputError, MlpsError
+from mlps_dist.core.outdirs import check_not_overlapping
+from mlps_dist.core.toolout import tool_output
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY
+from mlps_dist.data.ingest import bad_counter, build_plan, summary_lines, write_plan
+from mlps_dist.data.layouts import create_layout
 
 
 def mixed_sizes(samples) -> str:
     """"" when every sample has one size; else the sizes by count, with a file of the rarest."""
-    from collections import Counter
-
     counts = Counter(c.size for c in samples)
     if len(counts) <= 1:
         return ""
@@ -70,54 +42,48 @@ def report_bad(bad, skip: bool) -> None:
     print(f"{len(bad)} bad file(s) {verb}: {kinds}", file=sys.stderr)
 
 
-def _main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
-        print(f"error: --mpp {args.mpp}: must be a finite number > 0 (e.g. 0.5 for 20x)", file=sys.stderr)
-        return 2
-    if args.workers is not None and args.workers < 1:
-        print(f"error: --workers {args.workers}: must be >= 1", file=sys.stderr)
-        return 2
-    if not 1 <= args.image_quality <= 100:
-        print(f"error: --image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)", file=sys.stderr)
-        return 2
-    # Before any work: --out must not be (inside) --src, nor a foreign folder (write_plan
-    # deletes info.json, *.tmp and {split}-*.tar/.idx that it does not plan to keep).
-    check_not_overlapping(Path(args.out), [args.src], in_flag="--src")
+def check_settings(mpp: float | None, workers: int, image_quality: int) -> None:
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise InputError(f"--mpp {mpp}: must be a finite number > 0 (e.g. 0.5 for 20x)")
+    if workers < 1:
+        raise InputError(f"--workers {workers}: must be >= 1")
+    if not 1 <= image_quality <= 100:
+        raise InputError(f"--image-quality {image_quality}: use 1..100 (95 keeps stain detail)")
+
+
+def make_shards(layout: str, src: str, out: str, *, shard_size: int = 1000, skip_bad: bool = False,
+                allow_mixed_sizes: bool = False, workers: int = 1, mpp: float | None = None,
+                image_format: str = "png", image_quality: int = DEFAULT_JPEG_QUALITY, force: bool = False,
+                show_progress: bool = True) -> dict:
+    """Check every file of ``src``, then write the shards and info.json into ``out``; returns
+    info.json's content. Bad input raises InputError (exit 2) before anything is written."""
+    check_settings(mpp, workers, image_quality)
+    # Before any work: out must not be (inside) src, nor a foreign folder (write_plan deletes
+    # info.json, *.tmp and {split}-*.tar/.idx that it does not plan to keep).
+    check_not_overlapping(Path(out), [src], in_flag="--src")
     try:
-        plan = build_plan(create_layout(args.layout), args.src, args.shard_size, args.workers)
+        plan = build_plan(create_layout(layout), src, shard_size, workers, show_progress=show_progress)
     except ValueError as exc:
         if isinstance(exc, MlpsError):
             raise
         raise InputError(str(exc)) from exc
     if plan.bad:
-        report_bad(plan.bad, args.skip_bad)
-        if not args.skip_bad:
-            print("nothing written; fix or remove these files, or pass --skip-bad", file=sys.stderr)
-            return 2
+        report_bad(plan.bad, skip_bad)
+        if not skip_bad:
+            raise InputError("nothing written; fix or remove these files, or pass --skip-bad")
     if not plan.splits.get("train"):
-        print(f"error: {args.src}: no usable training patches", file=sys.stderr)
-        return 2
+        raise InputError(f"{src}: no usable training patches")
     mixed = mixed_sizes(plan.splits["train"])
-    if mixed and not args.allow_mixed_sizes:
-        print(f"error: {args.src}: the training patches differ in size ({mixed}); the training and inference "
-              f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes (and set "
-              f"data.image_size)", file=sys.stderr)
-        return 2
-    # Claimed and locked (mlps_dist/core/toolout.py): a second make_shards into --out is refused.
-    with tool_output(args.out, [args.src], "make_shards", force=args.force, owned_if=("info.json",),
-                     in_flag="--src"):
-        info = write_plan(plan, args.out, image_format=args.image_format, image_quality=args.image_quality,
-                          extra={"mpp": args.mpp} if args.mpp else None)
+    if mixed and not allow_mixed_sizes:
+        raise InputError(f"{src}: the training patches differ in size ({mixed}); the training and inference "
+                         f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes "
+                         f"(and set data.image_size)")
+    with tool_output(out, [src], "make_shards", force=force, owned_if=("info.json",), in_flag="--src"):
+        return write_plan(plan, out, image_format=image_format, image_quality=image_quality,
+                          extra={"mpp": mpp} if mpp else None, show_progress=show_progress)
+
+
+def print_summary(info: dict, out: str) -> None:
     for line in summary_lines(info):
         print(line)
-    print(f"wrote {Path(args.out) / 'info.json'}")
-    return 0
-
-
-def main(argv=None) -> int:
-    return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(f"wrote {Path(out) / 'info.json'}")

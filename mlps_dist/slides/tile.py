@@ -1,16 +1,11 @@
-"""Cut whole-slide images (and their QuPath annotations) into training shards.
+"""Cut whole-slide images (and their QuPath annotations) into training shards (``mlps tile``).
 
-    python tools/tile_slides.py --slides slides/ --out data/wsi/shards --mpp 0.5 --tile 224 \
-        --annotations annotations/ --classes TE,NEC,LYM,TAS \
-        --class-map "Tumor=TE,Necrosis=NEC,Immune cells=LYM,Stroma=TAS" --split-ratios 0.7,0.15,0.15
-    torchrun --nproc_per_node=4 tools/tile_slides.py ...     # slides split over ranks
-
-Annotations: QuPath GeoJSON (segment_slides' regions.geojson too), ImageScope or ASAP XML,
+Annotations: QuPath GeoJSON (``mlps segment``'s regions.geojson too), ImageScope or ASAP XML,
 found as NAME.geojson, NAME.EXT.geojson, NAME.xml or NAME.EXT.xml in --annotations, or named
 per slide by --annotations-map; --class-map maps their class names (exact, or glob patterns)
 to classes or to ignore. docs/slides.md has the rules.
 
-Output: the shard format of tools/make_shards.py (every stage trains on it unchanged);
+Output: the shard format of ``mlps shards`` (every stage trains on it unchanged);
 info.json adds ``mpp``, the slides of each split, the class map and each slide's annotation
 file with its sha256; each sample's json has slide, x, y (level-0 top-left), size0, mpp and
 tissue. Splits are by slide (``--splits`` CSV of ``slide,split`` lines, or ``--split-ratios``
@@ -27,95 +22,27 @@ non-zero. A killed run, rerun, keeps the slides it finished.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mlps_dist import dist  # noqa: E402
-from mlps_dist.core.draw import palette_for  # noqa: E402
-from mlps_dist.core import runner  # noqa: E402
-from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS  # noqa: E402
-from mlps_dist.core.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
-from mlps_dist.slides.annotation_files import find_annotation_files  # noqa: E402
-from mlps_dist.slides.annotations import load_annotations  # noqa: E402
-from mlps_dist.slides.class_map import parse_class_map  # noqa: E402
-from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem  # noqa: E402
-from mlps_dist.slides.tile_work import tile_my_slides  # noqa: E402
-from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards,  # noqa: E402
-                                     write_assigned_shards, write_slide_info)
+from mlps_dist import dist
+from mlps_dist.core.draw import palette_for
+from mlps_dist.core.errors import EXIT_BAD_INPUT, InputError
+from mlps_dist.data.layouts import BCSS, LUAD
+from mlps_dist.slides.annotation_files import find_annotation_files
+from mlps_dist.slides.annotations import load_annotations
+from mlps_dist.slides.class_map import parse_class_map
+from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
+from mlps_dist.slides.tile_work import tile_my_slides
+from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards, write_assigned_shards,
+                                     write_slide_info)
 
 SPLITS = ("train", "val", "test")
-KNOWN_PALETTES = {("TE", "NEC", "LYM", "TAS"): [(205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0)],
-                  ("TUM", "STR", "LYM", "NEC"): [(0, 64, 128), (64, 128, 0), (243, 152, 0), (255, 0, 0)]}
-
-
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where there is none (required flags, switches, empty)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == "" or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsHelp)
-    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
-    p.add_argument("--mpp", type=float, required=True, help="microns per pixel of the tiles")
-    p.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
-    p.add_argument("--stride", type=int, default=0, help="tile step in pixels at --mpp (0: --tile)")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
-    p.add_argument("--annotations", default=None,
-                   help="folder of annotation files, one per slide NAME.EXT: NAME.geojson or NAME.EXT.geojson "
-                        "(QuPath GeoJSON, e.g. slide1.svs.geojson), NAME.xml or NAME.EXT.xml (ImageScope/ASAP); "
-                        "two of these for one slide are refused")
-    p.add_argument("--annotations-map", default=None, metavar="CSV",
-                   help="CSV of 'slide,annotation-file' rows (slide: name without extension, or file name; a "
-                        "relative file is relative to the CSV's folder; an optional header row starts with "
-                        "'slide'); its rows take precedence over --annotations")
-    p.add_argument("--classes", default="TE,NEC,LYM,TAS", help="class names in label order")
-    p.add_argument("--class-map", default="",  # empty: only names equal to a class map
-                   help='annotation name -> class or ignore, comma-separated NAME=TARGET, case-insensitive, e.g. '
-                        '"Tumor=TE,Stroma*=TAS,Other=ignore,Region*=ignore"; NAME with * ? [ is an fnmatch '
-                        'pattern; exact names first, then the class names, then patterns in the order given; '
-                        'ignore: left out of labels, the ignore index in masks')
-    p.add_argument("--label-min-fraction", type=float, default=0.05,
-                   help="a class covering at least this share of a train tile is in its label")
-    p.add_argument("--splits", default=None, help="CSV of slide,split lines (slide = file name without extension)")
-    p.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test shares of the slides")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split by ratios")
-    p.add_argument("--slide-mpp", type=float, default=None,
-                   help="level-0 microns per pixel of every slide, overriding (or standing in for) the stored MPP")
-    p.add_argument("--tissue-mpp", type=float, default=8.0, help="resolution of the tissue mask")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
-    p.add_argument("--workers", type=int, default=1, help="processes per rank, each tiling one slide at a time")
-    p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by tile_slides")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
-                   help="encoding of the training tiles: png (exact), webp (lossless, faster to decode), "
-                        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG")
-    p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help="JPEG quality 1-100 for --image-format jpeg")
-    args = p.parse_args(argv)
-    for flag, value in (("--mpp", args.mpp), ("--slide-mpp", args.slide_mpp), ("--tissue-mpp", args.tissue_mpp)):
-        if value is not None and not 0 < value < float("inf"):  # NaN fails too
-            p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0 (e.g. 0.5 for 20x)")
-    if args.tile < 8 or args.stride < 0 or not 0 <= args.min_tissue <= 1:
-        p.error("need --tile >= 8, --stride >= 0 and 0 <= --min-tissue <= 1")
-    if args.shard_size < 1 or args.workers < 1:
-        p.error(f"--shard-size {args.shard_size} and --workers {args.workers}: both must be >= 1")
-    if not 0 < args.label_min_fraction <= 1:
-        p.error(f"--label-min-fraction {args.label_min_fraction}: must be in (0, 1] (a share of the tile)")
-    if not 1 <= args.image_quality <= 100:
-        p.error(f"--image-quality {args.image_quality}: use 1..100 (95 keeps stain detail)")
-    args.stride = args.stride or args.tile
-    return args
+# Tiles of a known dataset's classes get that dataset's colours (its ignore white is added last).
+KNOWN_PALETTES = {layout.classes: list(layout.palette[:-1]) for layout in (LUAD, BCSS)}
 
 
 def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: int) -> dict[str, str]:
@@ -237,20 +164,3 @@ def _run(args, jobs, spec, bad) -> int:
             print(f"{len(bad)} slide(s) skipped; the others are written", file=sys.stderr)
     dist.barrier()
     return EXIT_BAD_INPUT if bad else 0
-
-
-def _main(argv=None) -> int:
-    args = parse_args(argv)
-    dist.init("auto")
-    try:
-        return run(args)
-    finally:
-        dist.teardown()
-
-
-def main(argv=None) -> int:
-    return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
