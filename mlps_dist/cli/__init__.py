@@ -48,7 +48,8 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescripti
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.required or action.default in (None, False, "") or action.default is argparse.SUPPRESS:
+        default = action.default
+        if action.required or default is None or default is False or default == "" or default is argparse.SUPPRESS:
             return text
         if "%(default)" in text or "default:" in text:
             return text

@@ -1,17 +1,18 @@
 """Segment any folder of H&E images with a trained run or an exported model: class-index PNGs and overlays.
 
-    python -m mlps_dist.deploy.infer --run runs/luad --input slides/patches --out predictions/
-    python -m mlps_dist.deploy.infer --run runs/luad --input a.png b.png --out predictions/ --no-gate
-    python -m mlps_dist.deploy.infer --model export/model.onnx --input slides/patches --out predictions/
-    torchrun --standalone --nproc_per_node=4 -m mlps_dist.deploy.infer --run-dir runs/luad --input big/ --out pred/
+    mlps infer --run runs/luad --input slides/patches --out predictions/
+    mlps infer --run runs/luad --input a.png b.png --out predictions/ --no-gate
+    mlps infer --model export/model.onnx --input slides/patches --out predictions/
+    torchrun --standalone --nproc_per_node=4 -m mlps_dist -- infer --run runs/luad --input big/ --out pred/
 
-(Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own ``--run-path``.)
+(The flags are mlps_dist/cli/infer.py's; under torchrun the ``--`` keeps torchrun's own parser
+from reading ``--run`` as its ``--run-path``.)
 
 Two backends behind one interface (``tile_scores(tiles)`` and ``stain``):
 
 - ``--run RUN``: the torch models of a finished run (RUN/config.yaml and the model files);
   files are split over ranks under torchrun (each file exactly once).
-- ``--model DIR/model.onnx``: an export of tools/export.py, run with onnxruntime (CUDA
+- ``--model DIR/model.onnx``: an export of ``mlps export``, run with onnxruntime (CUDA
   execution provider where present, else CPU) in one process. Needs only onnxruntime,
   numpy and pillow (``pip install mlps-dist[deploy]``): nothing on this path imports torch.
   The gate, its threshold and the checkpoint are fixed in the export.
@@ -51,20 +52,18 @@ the run with an error naming it, before any segmentation starts.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mlps_dist.core import runner
 from mlps_dist.core.draw import blend, palette_for, palette_png_bytes, png_bytes
 from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.core.fileio import atomic_open, atomic_write_bytes
 from mlps_dist.core.imagerows import image_size, open_rows, rgb_from_pil
 from mlps_dist.core.pngstream import PngRowWriter
+from mlps_dist.core.progress import Progress
 from mlps_dist.deploy.windows import segment_bands, segment_image
 
 STREAM_MEGAPIXELS = 16.0  # larger images go through stream_image
@@ -99,7 +98,7 @@ def too_large(path: Path, exc: Exception) -> ValueError:
     return ValueError(f"{path}: {exc.__class__.__name__}: the image has more than --max-megapixels "
                       f"{limit / 1e6:g} million pixels (a guard against decompression bombs); pass a larger "
                       f"--max-megapixels if it is a genuine image (images over --stream-megapixels are "
-                      f"processed by row bands), or segment whole slides with mlps_dist.deploy.segment_slides")
+                      f"processed by row bands), or segment whole slides with mlps segment")
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -259,47 +258,6 @@ def segment(model, rgb: np.ndarray, window: int, overlap: float, batch_size: int
     return segment_image(model.tile_scores, rgb, window, overlap, batch_size)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # --run-dir as well: under torchrun a bare --run is taken as torchrun's own --run-path.
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", "--run-dir", dest="run",
-                        help="run directory with config.yaml and segmenter/ (classifier/ for the gate)")
-    source.add_argument("--model", help="model.onnx written by tools/export.py (model.json next to it)")
-    p.add_argument("--input", nargs="+", required=True, help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", choices=("best", "last"), default=None, help="--run only; default best")
-    p.add_argument("--no-gate", action="store_true", help="--run only: skip the classification gate")
-    p.add_argument("--gate-threshold", type=float, default=None, help="default: evaluate.gate_threshold of the run")
-    p.add_argument("--patch", type=int, default=0, help="window side; default: the stored training patch size")
-    p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by infer")
-    p.add_argument("--stream-megapixels", type=float, default=STREAM_MEGAPIXELS,
-                   help="read, predict and write images with more pixels by row bands, in memory set by "
-                        f"the window and the width (default {STREAM_MEGAPIXELS:g}; 0: every image)")
-    p.add_argument("--max-megapixels", type=float, default=Image.MAX_IMAGE_PIXELS / 1e6,
-                   help="refuse larger images (default: Pillow's decompression-bomb limit, "
-                        f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f})")
-    args = p.parse_args(argv)
-    if not 0 < args.max_megapixels < float("inf"):
-        p.error(f"--max-megapixels {args.max_megapixels}: must be a finite number > 0")
-    if not 0 <= args.stream_megapixels < float("inf"):
-        p.error(f"--stream-megapixels {args.stream_megapixels}: must be a finite number >= 0")
-    if not 0 <= args.overlap < 1:
-        p.error("--overlap must be in [0, 1)")
-    if args.patch and args.patch < 8:  # 0 = the stored training patch size
-        p.error(f"--patch {args.patch}: a window needs at least 8 pixels (0 or unset: the training patch size)")
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.gate_threshold is not None and not 0 <= args.gate_threshold < 1:
-        p.error(f"--gate-threshold {args.gate_threshold}: must be in [0, 1), as evaluate.gate_threshold")
-    if args.model and (args.no_gate or args.gate_threshold is not None or args.checkpoint):
-        p.error("--no-gate, --gate-threshold and --checkpoint apply to --run; an exported model has its gate "
-                "and checkpoint fixed by tools/export.py (export again to change them)")
-    return args
-
-
 def run(args, rank: int = 0, world: int = 1, group=None) -> int:
     """The inputs are listed first (a missing --input creates no --out); then --out is checked
     against them, claimed and locked (mlps_dist/core/toolout.py) for the run."""
@@ -316,44 +274,38 @@ def _run(args, files, rank: int, world: int) -> int:
     check_readable([f for f, _ in mine])
     model = ExportedModel(args) if args.model else RunModel(args)
     window = int(args.patch or model.patch_size)
+    progress = Progress("infer", len(mine), "images", enabled=rank == 0)  # rank 0's share
     for file, rel in mine:
         width, height = image_size(file)
         if width * height > args.stream_megapixels * 1e6:
             stream_image(model, file, Path(args.out) / rel, window, args.overlap, args.batch_size)
-            continue
-        rgb = load_rgb(file)
-        pred = segment(model, rgb, window, args.overlap, args.batch_size)
-        save_outputs(Path(args.out) / rel, rgb, pred, model.palette)
+        else:
+            rgb = load_rgb(file)
+            pred = segment(model, rgb, window, args.overlap, args.batch_size)
+            save_outputs(Path(args.out) / rel, rgb, pred, model.palette)
+        progress.update()
+    progress.close()
     return len(files)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def infer(args) -> tuple[int, int]:
+    """Segment ``args.input`` into ``args.out`` (``mlps infer``: the flags are
+    mlps_dist/cli/infer.py's): one process with ``--model``, else every rank of the process
+    group (torchrun) its share. Returns (images, rank)."""
     try:
         if args.model:  # one process, no torch
-            count, rank = run(args), 0
-        else:
-            from mlps_dist import dist
+            return run(args), 0
+        from mlps_dist import dist
 
-            dist.init("auto")
-            try:
-                rank = dist.get_rank()
-                count = run(args, rank, dist.get_world_size(), group=dist)
-                dist.barrier()
-            finally:
-                dist.teardown()
-        if rank == 0:
-            print(f"wrote {count} predictions to {args.out}")
-        return 0
+        dist.init("auto")
+        try:
+            rank = dist.get_rank()
+            count = run(args, rank, dist.get_world_size(), group=dist)
+            dist.barrier()
+            return count, rank
+        finally:
+            dist.teardown()
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, MlpsError):
             raise
         raise InputError(str(exc)) from exc  # each rank names its own bad files
-
-
-def main(argv: list[str] | None = None) -> int:
-    return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,10 @@
 """Segment whole-slide images with a trained run: a class map per slide, stitched and measured.
 
-    python -m mlps_dist.deploy.segment_slides --run runs/luad --slides slides/ --out maps/
-    torchrun --nproc_per_node=4 -m mlps_dist.deploy.segment_slides --run-dir runs/luad --slides slides/ --out maps/
-    python -m mlps_dist.deploy.segment_slides --model export/model.onnx --slides slides/ --out maps/   # no torch
+    mlps segment --run runs/luad --slides slides/ --out maps/
+    torchrun --nproc_per_node=4 -m mlps_dist -- segment --run runs/luad --slides slides/ --out maps/
+    mlps segment --model export/model.onnx --slides slides/ --out maps/   # no torch
 
-(Under torchrun spell it ``--run-dir``: torchrun reads a bare ``--run`` as its own option.)
-With ``--model`` (an export of tools/export.py) the pass runs in one process through
+(The flags are mlps_dist/cli/segment.py's.) With ``--model`` (an export of ``mlps export``) the pass runs in one process through
 onnxruntime and needs neither torch nor the training stack: tiles get the same scores as
 with ``--run`` (the graph holds the same normalisation, resize, networks and gate).
 
@@ -30,7 +29,7 @@ resolution; (2) the tiles of all slides that touch tissue, one global list split
 contiguous shares so every tile is predicted exactly once, each rank saving its weighted
 score sums per slide; (3) per slide, one rank sums the shares, takes the argmax and writes
 the outputs into a temporary folder renamed into place. A slide whose summary.json has the
-current work key (slide file size and mtime, --map-mpp, --mpp, stride, patch, --simplify,
+current work key (slide file size and mtime, --map-mpp, --slide-mpp, stride, patch, --simplify,
 --min-region-um2, --probabilities, --stain-scope, the model's files or export:
 mlps_dist/slides/workkey.py) is done: a killed run, rerun, redoes only
 unfinished slides (and reuses saved shares of the same key); other settings redo a slide. A slide
@@ -41,7 +40,6 @@ See mlps_dist/slides/stitch.py for the tile geometry and blending.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
@@ -52,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.core import runner
 from mlps_dist.core.draw import png_bytes
 from mlps_dist.core.errors import EXIT_SOME_FAILED, InputError
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
@@ -70,46 +67,6 @@ from mlps_dist.slides.tissue import detect_tissue
 from mlps_dist.slides.workkey import export_fingerprint, key_digest, run_fingerprint, work_key
 
 WORK = ".work"
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", "--run-dir", dest="run", help="run directory of a finished training")
-    source.add_argument("--model", help="model.onnx written by tools/export.py (model.json next to it)")
-    p.add_argument("--slides", nargs="+", required=True, help="slide files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model-mpp", type=float, default=None, help="training MPP when the run does not record one")
-    p.add_argument("--map-mpp", type=float, default=8.0, help="microns per pixel of the class map")
-    p.add_argument("--stride", type=int, default=0, help="tile step in model pixels (default: half a patch)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
-    p.add_argument("--readers", type=int, default=4, help="threads reading tiles ahead of the model")
-    p.add_argument("--mpp", "--slide-mpp", dest="slide_mpp", type=float, default=None,
-                   help="level-0 microns per pixel of every slide, overriding the stored MPP")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--max-map-gb", type=float, default=16.0,
-                   help="refuse a --map-mpp whose class map would need more memory than this (GB, default 16)")
-    p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
-    p.add_argument("--simplify", type=float, default=1.0, metavar="PX",
-                   help="regions.geojson: simplification tolerance in map pixels (0: exact pixel outlines; default 1)")
-    p.add_argument("--min-region-um2", type=float, default=0.0,
-                   help="regions.geojson: drop regions smaller than this many square microns (default 0: keep all)")
-    p.add_argument("--probabilities", action="store_true",
-                   help="also write probabilities.tiff: one uint8 plane per class (probability x 255), map grid")
-    p.add_argument("--stain-scope", choices=("slide", "tile"), default="slide",
-                   help="a run with data.stain: estimate the stains once per slide (default) or per tile")
-    args = p.parse_args(argv)
-    for flag, value in (("--map-mpp", args.map_mpp), ("--mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
-        if value is not None and not 0 < value < float("inf"):  # NaN fails too
-            p.error(f"{flag} {value}: must be a finite number of microns per pixel > 0")
-    for flag, value in (("--simplify", args.simplify), ("--min-region-um2", args.min_region_um2)):
-        if not 0 <= value < float("inf"):
-            p.error(f"{flag} {value}: must be a finite number >= 0")
-    if not 0 < args.max_map_gb < float("inf"):
-        p.error(f"--max-map-gb {args.max_map_gb}: must be a finite number > 0")
-    if args.batch_size < 1 or args.stride < 0 or args.readers < 1:
-        p.error("need --batch-size >= 1, --readers >= 1, --stride >= 0")
-    return args
 
 
 # ---------------------------------------------------------------- pass 1: tissue
@@ -335,7 +292,7 @@ def check_slides(paths: list[Path], slide_mpp: float | None, dims: dict | None =
             else:
                 bad[slide_stem(path)] = str(exc)
     if no_mpp:
-        raise InputError(f"slide(s) without microns per pixel: {no_mpp}; pass --mpp with the scanner's resolution "
+        raise InputError(f"slide(s) without microns per pixel: {no_mpp}; pass --slide-mpp with the scanner's resolution "
                          f"or remove them")
     return good, bad
 
@@ -511,11 +468,13 @@ def rank_tag(rank: int, world: int) -> str:
     return f" [rank {rank}/{world}]" if world > 1 else ""
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def segment(args) -> int:
+    """Segment ``args.slides`` into ``args.out`` (``mlps segment``: the flags are
+    mlps_dist/cli/segment.py's): one process without torch with ``--model``, else every rank
+    of the process group (torchrun) its share. Returns the exit status (3: some slides failed)."""
     if args.model and (args.no_gate or args.checkpoint != "best"):
         raise InputError("--no-gate and --checkpoint apply to --run; an exported model has its gate and checkpoint "
-                         "fixed by tools/export.py (export again to change them)")
+                         "fixed by mlps export (export again to change them)")
     if args.model:
         group = OneProcess()  # one process, no torch
     else:
@@ -525,11 +484,3 @@ def _main(argv: list[str] | None = None) -> int:
         return run(args, group=group)
     finally:
         group.teardown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    return runner.run(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
