@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlps_dist.run import artifacts
+from mlps_dist.run import artifacts, layout
 from mlps_dist.core import runner
 from mlps_dist.train.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import config_from_dict
@@ -43,12 +43,12 @@ def make_cfg(run: Path, data_root: Path, **sections):
 def finish_classifier(cfg, seed: int = 0) -> dict:
     """A finished stage 1 as the engine leaves it: model.pt, then the stamp."""
     torch.manual_seed(seed)
-    save_model_file(artifacts.model_file(cfg.run_dir, "classifier"), {"w": torch.randn(3)}, {"name": "small38"})
+    save_model_file(layout.model_file(cfg.run_dir, "classifier"), {"w": torch.randn(3)}, {"name": "small38"})
     return artifacts.write_stamp(cfg, "classifier", artifacts.expected_inputs(cfg, "classifier"))
 
 
 def finish_masks(cfg) -> dict:
-    folder = artifacts.masks_dir(cfg.run_dir)
+    folder = layout.masks_dir(cfg.run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").write_text(json.dumps({"complete": True}))
     return artifacts.write_stamp(cfg, "masks", artifacts.expected_inputs(cfg, "masks"))
@@ -75,7 +75,7 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
         artifacts.require_runnable(changed, "classifier")
     # A key added by a later release: a stamp without it was made with the value that behaves
     # as before (sgd), so the stage stays finished; another value is a change.
-    stamp_path = artifacts.stamp_file(cfg.run_dir, "classifier")
+    stamp_path = layout.stamp_file(cfg.run_dir, "classifier")
     stamp = json.loads(stamp_path.read_text())
     del stamp["inputs"]["config"]["classifier.optimizer"], stamp["inputs"]["config"]["classifier.ema_decay"]
     stamp_path.write_text(json.dumps(stamp))
@@ -85,7 +85,7 @@ def test_finished_means_the_stamp_matches_not_that_files_exist(tmp_path, tiny_sh
     averaged = artifacts.status(make_cfg(tmp_path / "run", tiny_shards, classifier={"ema_decay": 0.99}), "classifier")
     assert averaged.state == "stale" and "classifier.ema_decay (0.0 -> 0.99)" in averaged.message
     # Replacing the weights behind the stamp's back is noticed too.
-    torch.save({"state_dict": {}, "meta": {}}, artifacts.model_file(cfg.run_dir, "classifier"))
+    torch.save({"state_dict": {}, "meta": {}}, layout.model_file(cfg.run_dir, "classifier"))
     assert artifacts.status(cfg, "classifier").state == "stale"
 
 
@@ -94,7 +94,7 @@ def test_a_key_missing_from_an_old_stamp_counts_as_its_default(tmp_path, tiny_sh
     key's default has now, so the stage stays done, and a non-default value is named."""
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     finish_classifier(cfg)
-    path = artifacts.stamp_file(cfg.run_dir, "classifier")
+    path = layout.stamp_file(cfg.run_dir, "classifier")
     record = json.loads(path.read_text())
     del record["inputs"]["config"]["classifier.ema_decay"]
     path.write_text(json.dumps(record))
@@ -133,9 +133,9 @@ def test_changed_evaluation_settings_evaluate_again_and_restart_moves_stages_asi
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     finish_classifier(cfg)
     finish_masks(cfg)
-    save_model_file(artifacts.model_file(cfg.run_dir, "segmenter"), {"w": torch.ones(2)}, {"name": "x"})
+    save_model_file(layout.model_file(cfg.run_dir, "segmenter"), {"w": torch.ones(2)}, {"name": "x"})
     artifacts.write_stamp(cfg, "segmenter", artifacts.expected_inputs(cfg, "segmenter"))
-    metrics = artifacts.metrics_file(cfg.run_dir, "test")
+    metrics = layout.metrics_file(cfg.run_dir, "test")
     metrics.parent.mkdir()
     metrics.write_text("{}")
     artifacts.write_stamp(cfg, "evaluate", artifacts.expected_inputs(cfg, "evaluate", "test"), "test")
@@ -144,16 +144,16 @@ def test_changed_evaluation_settings_evaluate_again_and_restart_moves_stages_asi
     assert artifacts.status(other, "evaluate").state == "todo"  # not refused: metrics are just recomputed
     refined = make_cfg(tmp_path / "run", tiny_shards, evaluate={"refine": {"enabled": True}})
     assert "evaluate.refine.enabled" in " ".join(artifacts.status(refined, "evaluate").changed)
-    report = metrics.parent / artifacts.MASKS_REPORT  # stage 2's quality report of the masks
+    report = layout.masks_report_file(cfg.run_dir)  # stage 2's quality report of the masks
     report.write_text('{"val": {}}')
     moved = artifacts.restart(cfg, "segmenter")  # the masks stay, and their report with them
     assert sorted(p.name for p in moved.iterdir()) == ["metrics", "segmenter"]
-    assert report.read_text() == '{"val": {}}' and not (moved / "metrics" / artifacts.MASKS_REPORT).exists()
-    assert (moved / "metrics" / metrics.name).is_file() and not metrics.exists()
+    assert report.read_text() == '{"val": {}}' and not layout.masks_report_file(moved).exists()
+    assert layout.metrics_file(moved, "test").is_file() and not metrics.exists()
     assert artifacts.status(cfg, "masks").state == "done" and artifacts.status(cfg, "segmenter").state == "todo"
     moved = artifacts.restart(cfg, "masks")
     assert sorted(p.name for p in moved.iterdir()) == ["metrics", "pseudo_masks"]
-    assert (moved / "metrics" / artifacts.MASKS_REPORT).is_file() and not report.exists()
+    assert layout.masks_report_file(moved).is_file() and not report.exists()
     assert artifacts.status(cfg, "classifier").state == "done" and artifacts.status(cfg, "masks").state == "todo"
 
 

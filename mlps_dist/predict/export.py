@@ -37,6 +37,7 @@ from PIL import Image
 from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.predict.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, commit_file, sha256_file, tmp_path
+from mlps_dist.run import layout
 
 MIN_AGREEMENT = 0.999
 FORMAT_VERSION = 1
@@ -83,32 +84,30 @@ def self_check(predictor, onnx_path: Path, batches, total: int | None = None) ->
     import onnxruntime as ort
 
     from mlps_dist.core.progress import Progress
+    from mlps_dist.method.evaluation import AgreementEvaluator, run_eval
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     progress = Progress("self-check", total, "patches")
-    same = total = samples = 0
-    max_diff = 0.0
-    for tiles in batches:
+
+    def predict(tiles: np.ndarray) -> dict:
         if predictor.stain is not None:  # applied before the graph, as deploy.OnnxModel does
             tiles = predictor.stain.tiles(tiles)
         classes, scores = session.run(["classes", "scores"], {INPUT_NAME: tiles})
         out = predictor(torch.from_numpy(tiles), stain=False)
-        same += int((classes == out.classes().cpu().numpy()).sum())
-        total += classes.size
-        diff = np.abs(scores - out.scores().cpu().numpy())
-        max_diff = max(max_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
-        samples += len(tiles)
         progress.update(len(tiles))
+        return {"onnx": (classes, scores), "torch": (out.classes().cpu().numpy(), out.scores().cpu().numpy())}
+
+    check = run_eval(batches, predict, {"agreement": AgreementEvaluator("onnx", "torch")})["agreement"]
     progress.close()
-    if not total:
+    if not check["pixels"]:
         raise ExportCheckError("self-check: no patches to compare; choose a --check-split with samples")
-    return {"samples": samples, "pixels": total, "class_agreement": same / total, "max_score_diff": max_diff}
+    return check
 
 
 def read_metrics(run: Path) -> dict:
     metrics = {}
     for split in ("val", "test"):
-        path = run / "metrics" / f"{split}.json"
+        path = layout.metrics_file(run, split)
         if path.is_file():
             record = json.loads(path.read_text())
             keys = ("miou", "fwiou", "acc", "macc", "iou", "samples", "gate", "gate_threshold")
@@ -162,17 +161,17 @@ def model_record(args, cfg, predictor, seg_meta, info: dict, check: dict, weight
 
 
 def copy_model_card(run: Path, out: Path) -> None:
-    card = run / "MODEL_CARD.md"
+    card = layout.model_card_file(run)
     if card.is_file():
-        atomic_write_bytes(out / "MODEL_CARD.md", card.read_bytes())
+        atomic_write_bytes(out / layout.MODEL_CARD_NAME, card.read_bytes())
         return
     from mlps_dist.run.model_card import render
 
-    atomic_write_bytes(out / "MODEL_CARD.md", render(run).encode("utf-8"))
+    atomic_write_bytes(out / layout.MODEL_CARD_NAME, render(run).encode("utf-8"))
 
 
 def run_export(args) -> dict:
-    from mlps_dist.config import ConfigError, load_config
+    from mlps_dist.config import load_config
     from mlps_dist.data.shards import open_split
     from mlps_dist.predict.predictor import create_predictor
 
@@ -182,9 +181,7 @@ def run_export(args) -> dict:
     except ImportError as exc:
         raise MlpsError(f"the export needs onnx and onnxruntime ({exc}): pip install 'mlps-dist[export]'") from exc
     run, out = Path(args.run), Path(args.out)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run / 'config.yaml'} does not exist; --run must be a run directory of a finished training")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(layout.existing_config_file(run))
     reader = open_split(cfg.data.root, args.check_split)  # before the export: no test patches, no model
     predictor, seg_meta = create_predictor(run, cfg, checkpoint=args.checkpoint, num_classes=reader.num_classes)
     seg_file = str(Path(seg_meta["path"]).relative_to(run))

@@ -24,6 +24,7 @@ import torch
 from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.train.guard import refuse_collapsed
 from mlps_dist.models import create_classifier, create_segmenter
+from mlps_dist.run import layout
 
 
 def allowed_classes(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -66,19 +67,19 @@ def load_segmenter(run_dir: str | Path, checkpoint: str = "best", num_classes: i
                    device="cpu") -> tuple[torch.nn.Module, dict]:
     """RUN/segmenter/best.pt (``checkpoint="best"``, falling back to model.pt when no best
     exists) or RUN/segmenter/model.pt (``"last"``); refuses while stage 3 is unfinished."""
-    folder = Path(run_dir) / "segmenter"
-    if not (folder / "model.pt").is_file():
+    final = layout.model_file(run_dir, "segmenter")
+    if not final.is_file():
         # best.pt appears during training; using it before the stage is finished would
         # report on a model that is still changing.
-        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 3 is not finished; run (or resume) "
+        raise FileNotFoundError(f"{final} does not exist: stage 3 is not finished; run (or resume) "
                                 f"the segmenter stage (mlps_dist.stages.train_segmenter) first")
-    path = folder / "best.pt" if checkpoint == "best" and (folder / "best.pt").is_file() else folder / "model.pt"
+    path = layout.chosen_model_file(run_dir, "segmenter", checkpoint)
     return _load(path, create_segmenter, "segmenter (mlps_dist.stages.train_segmenter)", num_classes, device)
 
 
 def classifier_choice(run_dir: str | Path) -> str:
     """``classifier.checkpoint`` of the run's resolved config (RUN/config.yaml); "best" if absent."""
-    path = Path(run_dir) / "config.yaml"
+    path = layout.config_file(run_dir)
     if path.is_file():
         import yaml
 
@@ -99,17 +100,17 @@ def load_classifier(run_dir: str | Path, num_classes: int | None = None, device=
     checkpoint = checkpoint or classifier_choice(run_dir)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"'classifier.checkpoint' must be 'best' or 'last', got '{checkpoint}'")
-    folder = Path(run_dir) / "classifier"
-    if not (folder / "model.pt").is_file():
-        raise FileNotFoundError(f"{folder / 'model.pt'} does not exist: stage 1 is not finished; run the classifier "
+    final = layout.model_file(run_dir, "classifier")
+    if not final.is_file():
+        raise FileNotFoundError(f"{final} does not exist: stage 1 is not finished; run the classifier "
                                 f"stage (mlps_dist.stages.train_classifier) first, or resume it")
-    path = folder / "best.pt" if checkpoint == "best" and (folder / "best.pt").is_file() else folder / "model.pt"
+    path = layout.chosen_model_file(run_dir, "classifier", checkpoint)
     model, meta = _load(path, create_classifier, "classifier (mlps_dist.stages.train_classifier)", num_classes, device)
     refuse_collapsed(meta, path, "classifier")
     if hasattr(model, "pda_gamma"):
         model.pda_gamma = None  # PDA is a training-time regulariser only
     metrics = meta.get("metrics") or {}
-    meta["selection"] = {"checkpoint": checkpoint, "file": f"classifier/{path.name}", "epoch": meta.get("epoch"),
+    meta["selection"] = {"checkpoint": checkpoint, "file": layout.relative(run_dir, path), "epoch": meta.get("epoch"),
                          "score": metrics.get("score")}
     return model, meta
 

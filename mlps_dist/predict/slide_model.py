@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist.config import ConfigError, load_config
+from mlps_dist.config import load_config
 from mlps_dist.core.draw import palette_for
 from mlps_dist.predict.predictor import Predictor, create_predictor, training_patch_size
+from mlps_dist.run import layout
 
 
 class RunSlideModel:
@@ -51,10 +52,7 @@ def run_info(cfg) -> dict | None:
 
 def create_slide_model(run_dir: str | Path, model_mpp: float | None = None, *, checkpoint: str = "best",
                        gate: bool | None = None, gate_threshold: float | None = None, device="cpu") -> RunSlideModel:
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{config_path} does not exist; --run must be a run directory of a finished training")
-    cfg = load_config(config_path)
+    cfg = load_config(layout.existing_config_file(run_dir))
     predictor, meta = create_predictor(run_dir, cfg, checkpoint=checkpoint, gate=gate, gate_threshold=gate_threshold,
                                        device=device)
     info = run_info(cfg)

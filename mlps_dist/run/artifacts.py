@@ -1,13 +1,5 @@
-"""The run directory's one owner: where every artefact lives, what it was made from, and
-whether it is finished for the current config.
-
-    RUN/config.yaml                 the resolved config of the last stage started
-    RUN/.lock                       the job working in RUN (mlps_dist.run.lock)
-    RUN/classifier/                 checkpoints/, best.pt, model.pt, stamp.json      (stage 1)
-    RUN/pseudo_masks/train/         masks-NNNNNN.{tar,idx}, manifest.json; RUN/pseudo_masks/stamp.json
-    RUN/segmenter/                  checkpoints/, best.pt, model.pt, stamp.json      (stage 3)
-    RUN/metrics/<split>.json        metrics; <split>.stamp.json beside it            (stage 4)
-    RUN/superseded/<time>/          artefacts moved aside by ``restart``
+"""What each artefact of a run directory was made from, and whether it is finished for the
+current config (where the artefacts live: mlps_dist.run.layout).
 
 A **stamp** is written last, when a stage has finished: the fingerprints of its inputs
 (the config keys that shape it, the shards' info.json and index files, the upstream
@@ -42,10 +34,10 @@ from pathlib import Path
 
 from mlps_dist.config import Config
 from mlps_dist.core.errors import MlpsError
+from mlps_dist.run import layout
 from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
-FOLDERS = {"classifier": "classifier", "masks": "pseudo_masks", "segmenter": "segmenter", "evaluate": "metrics"}
 UPSTREAM = {"masks": "classifier", "segmenter": "masks", "evaluate": "segmenter"}
 MODULES = {"classifier": "train_classifier", "masks": "generate_masks", "segmenter": "train_segmenter",
            "evaluate": "evaluate"}
@@ -75,8 +67,6 @@ OPERATIONAL = (
     "evaluate.batch_size", "evaluate.splits",
     "data.max_downscale",  # acts through the data.image_size it resolves to (config.resolve_image_size)
 )
-# Stage 2's quality report of its masks (in the evaluation's metrics/ folder).
-MASKS_REPORT = "pseudo_masks.json"
 # The shard splits each stage reads.
 SPLITS = {"classifier": ("train", "val"), "masks": ("train",), "segmenter": ("train", "val")}
 
@@ -85,54 +75,6 @@ class StaleError(MlpsError):
     """An artefact (or checkpoint) in the run directory was made from other inputs."""
 
     shared = True
-
-
-# ---------------------------------------------------------------- paths
-
-
-def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / FOLDERS[stage]
-
-
-def model_file(run_dir: str | Path, stage: str, which: str = "model") -> Path:
-    """RUN/<stage>/model.pt (the final weights) or best.pt (``which="best"``)."""
-    return stage_dir(run_dir, stage) / f"{which}.pt"
-
-
-def stain_file(run_dir: str | Path) -> Path:
-    """RUN/classifier/stain.json: the stain reference stage 1 fitted (data.stain)."""
-    return stage_dir(run_dir, "classifier") / "stain.json"
-
-
-def checkpoints_dir(run_dir: str | Path, stage: str) -> Path:
-    return stage_dir(run_dir, stage) / "checkpoints"
-
-
-def masks_dir(run_dir: str | Path, split: str = "train") -> Path:
-    return stage_dir(run_dir, "masks") / split
-
-
-def metrics_file(run_dir: str | Path, split: str) -> Path:
-    return stage_dir(run_dir, "evaluate") / f"{split}.json"
-
-
-def stamp_file(run_dir: str | Path, stage: str, split: str = "") -> Path:
-    if stage == "evaluate":
-        return stage_dir(run_dir, stage) / f"{split}.stamp.json"
-    return stage_dir(run_dir, stage) / "stamp.json"
-
-
-def output_files(run_dir: str | Path, stage: str, split: str = "") -> list[Path]:
-    """The files a finished stage stands for (hashed into its stamp)."""
-    if stage in ("classifier", "segmenter"):
-        files = [model_file(run_dir, stage), model_file(run_dir, stage, "best")]
-        if stage == "classifier":
-            files.append(stain_file(run_dir))
-        return [p for p in files if p.is_file()]
-    if stage == "masks":
-        folder = masks_dir(run_dir)
-        return sorted(p for p in folder.iterdir() if p.suffix in (".tar", ".idx", ".json")) if folder.is_dir() else []
-    return [metrics_file(run_dir, split)]
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -181,7 +123,7 @@ def shards_fingerprint(root: str | Path, splits) -> dict:
 
 
 def read_stamp(run_dir: str | Path, stage: str, split: str = "") -> dict | None:
-    path = stamp_file(run_dir, stage, split)
+    path = layout.stamp_file(run_dir, stage, split)
     try:
         stamp = json.loads(path.read_text())
     except FileNotFoundError:
@@ -207,10 +149,10 @@ def files_digest(stage: str, files: dict[str, str]) -> str:
 def _finished_unstamped(run_dir: str | Path, stage: str) -> bool:
     """A final artefact written without a stamp (by hand, or by an older release)."""
     if stage in ("classifier", "segmenter"):
-        return model_file(run_dir, stage).is_file()
+        return layout.model_file(run_dir, stage).is_file()
     if stage == "masks":
         try:
-            return bool(json.loads((masks_dir(run_dir) / "manifest.json").read_text()).get("complete"))
+            return bool(json.loads(layout.masks_manifest(run_dir).read_text()).get("complete"))
         except (OSError, ValueError):
             return False
     return False
@@ -223,7 +165,7 @@ def upstream_digest(cfg: Config, stage: str) -> str:
     stamp = read_stamp(cfg.run_dir, stage)
     if stamp is None:  # no provenance to check: the files are all there is
         if _finished_unstamped(cfg.run_dir, stage):
-            return files_digest(stage, {p.name: sha256_file(p) for p in output_files(cfg.run_dir, stage)})
+            return files_digest(stage, {p.name: sha256_file(p) for p in layout.output_files(cfg.run_dir, stage)})
         raise NotReady(stage)
     if status(cfg, stage).state == "done":
         return stamp["digest"]
@@ -259,26 +201,26 @@ def changed_keys(old: dict, new: dict) -> list[str]:
         elif key.startswith("shards."):
             names.append("the shards in data.root" + (f" ({key.split('.')[-1]} split)" if ".splits." in key else ""))
         elif key.startswith("upstream."):
-            names.append(f"the {key[9:]} artefact ({FOLDERS[key[9:]]}/)")
+            names.append(f"the {key[9:]} artefact ({layout.FOLDERS[key[9:]]}/)")
     return list(dict.fromkeys(names))
 
 
 def write_stamp(cfg: Config, stage: str, inputs: dict, split: str = "") -> dict:
     """Record that ``stage`` finished from ``inputs`` (rank 0, after its outputs are durable)."""
     files = {}
-    for path in output_files(cfg.run_dir, stage, split):
+    for path in layout.output_files(cfg.run_dir, stage, split):
         st = path.stat()
         files[path.name] = {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     digest = files_digest(stage, {k: v["sha256"] for k, v in files.items()})
     stamp = {"written_by": WRITTEN_BY, "stage": stage, "split": split, "inputs": inputs, "files": files,
              "digest": digest, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(stamp_file(cfg.run_dir, stage, split), stamp)
+    atomic_write_json(layout.stamp_file(cfg.run_dir, stage, split), stamp)
     return stamp
 
 
 def files_intact(run_dir: str | Path, stage: str, stamp: dict, split: str = "") -> bool:
     """The stamped files are still there, unchanged (size and mtime; the hash when they moved)."""
-    current = {p.name: p for p in output_files(run_dir, stage, split)}
+    current = {p.name: p for p in layout.output_files(run_dir, stage, split)}
     recorded = stamp.get("files", {})
     if set(current) != set(recorded):
         return False
@@ -315,8 +257,8 @@ def status(cfg: Config, stage: str, split: str = "") -> Status:
             hit = [s for s in states if s.state == want]
             if hit:
                 return Status(stage, want, "; ".join(s.message for s in hit), sum((s.changed for s in hit), []))
-        return Status(stage, "done", ", ".join(str(metrics_file(cfg.run_dir, s)) for s in cfg.evaluate.splits))
-    where = stamp_file(cfg.run_dir, stage, split)
+        return Status(stage, "done", ", ".join(str(layout.metrics_file(cfg.run_dir, s)) for s in cfg.evaluate.splits))
+    where = layout.stamp_file(cfg.run_dir, stage, split)
     try:
         want = expected_inputs(cfg, stage, split)
     except NotReady as exc:
@@ -329,7 +271,7 @@ def status(cfg: Config, stage: str, split: str = "") -> Status:
                       ["stamp"])
     changed = changed_keys(stamp.get("inputs", {}), want)
     if not changed and not files_intact(cfg.run_dir, stage, stamp, split):
-        changed = [f"the files in {stage_dir(cfg.run_dir, stage)} (changed since {where} was written)"]
+        changed = [f"the files in {layout.stage_dir(cfg.run_dir, stage)} (changed since {where} was written)"]
     if changed:
         what = f"{stage}" + (f" ({split})" if split else "")
         if stage == "evaluate":
@@ -361,14 +303,14 @@ def require_runnable(cfg: Config, stage: str) -> Status:
 def restart(cfg: Config, stage: str) -> Path | None:
     """Move ``stage`` and every stage after it to RUN/superseded/<time>/ (nothing is deleted)."""
     run_dir = Path(cfg.run_dir)
-    moving = [stage_dir(run_dir, s) for s in STAGES[STAGES.index(stage):]]
+    moving = [layout.stage_dir(run_dir, s) for s in STAGES[STAGES.index(stage):]]
     moving = [p for p in moving if p.exists()]
     if not moving:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (run_dir / "superseded").mkdir(exist_ok=True)
+    layout.superseded_dir(run_dir).mkdir(exist_ok=True)
     for attempt in itertools.count():  # two restarts within a second get folders of their own
-        target = run_dir / "superseded" / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        target = layout.superseded_dir(run_dir) / (stamp if attempt == 0 else f"{stamp}-{attempt}")
         try:
             target.mkdir()
             break
@@ -378,12 +320,12 @@ def restart(cfg: Config, stage: str) -> Path | None:
         os.rename(path, target / path.name)
     # Stage 2's quality report lives in metrics/ beside the evaluation's files; it belongs to
     # the masks, so it stays with them when only the stages after the masks are redone.
-    report = target / FOLDERS["evaluate"] / MASKS_REPORT
+    report = layout.masks_report_file(target)  # the moved folders keep the run's layout
     if STAGES.index(stage) > STAGES.index("masks") and report.is_file():
-        kept = stage_dir(run_dir, "evaluate")
-        kept.mkdir()
-        os.rename(report, kept / MASKS_REPORT)
-        fsync_dir(kept)
+        kept = layout.masks_report_file(run_dir)
+        kept.parent.mkdir()
+        os.rename(report, kept)
+        fsync_dir(kept.parent)
     fsync_dir(target)
     fsync_dir(run_dir)
     return target
@@ -394,13 +336,13 @@ def progress_token(cfg: Config, stage: str) -> str:
     parts = []
     if read_stamp(cfg.run_dir, stage) if stage != "evaluate" else False:
         parts.append("stamp")
-    ckpts = checkpoints_dir(cfg.run_dir, stage)
+    ckpts = layout.checkpoints_dir(cfg.run_dir, stage)
     if ckpts.is_dir():
         parts += sorted(p.name for p in ckpts.glob("step-*") if not p.name.endswith(".tmp"))[-1:]
-    if stage == "masks" and masks_dir(cfg.run_dir).is_dir():
-        parts.append(str(len(list(masks_dir(cfg.run_dir).glob("*.tar")))))
+    if stage == "masks" and layout.masks_dir(cfg.run_dir).is_dir():
+        parts.append(str(len(list(layout.masks_dir(cfg.run_dir).glob("*.tar")))))
     if stage == "evaluate":
-        parts += sorted(p.name for p in stage_dir(cfg.run_dir, stage).glob("*.stamp.json"))
+        parts += sorted(p.name for p in layout.stage_dir(cfg.run_dir, stage).glob("*.stamp.json"))
     return ",".join(parts) or "none"
 
 

@@ -40,8 +40,8 @@ from typing import Iterator
 
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import fsync_dir
+from mlps_dist.run import layout
 
-LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 DAMAGED_GRACE_S = 2 * HEARTBEAT_S  # an unreadable lock younger than this is refused
 
@@ -90,7 +90,7 @@ def describe(holder: dict) -> str:
 
 class RunLock:
     def __init__(self, run_dir: str | Path, what: str):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = layout.lock_file(run_dir)
         self.what = what
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -143,7 +143,7 @@ class RunLock:
         fails when the lock exists, and a lock that exists is never empty or partial (a
         kill between create and write would leave one nobody could judge)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        mine = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+        mine = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
         with open(mine, "w") as f:
             json.dump(self._record(), f)
             f.flush()
@@ -158,7 +158,7 @@ class RunLock:
         return True
 
     def _take_over(self, holder: dict) -> None:
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mlps_dist.run import artifacts
+from mlps_dist.run import layout
 from mlps_dist.core.fileio import atomic_write_text, sha256_file
 
 PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "numpy",
@@ -103,14 +103,14 @@ def data_section(cfg: dict, info: dict | None, root: Path) -> list[str]:
 
 
 def method_section(run: Path, cfg: dict) -> list[str]:
-    manifest = _json(run / "pseudo_masks" / "train" / "manifest.json") or {}
+    manifest = _json(layout.masks_manifest(run)) or {}
     settings = manifest.get("settings") or {}
     masks_sha, masks_pick = settings.get("classifier_sha256"), settings.get("classifier") or {}
     # the gate's stage-1 file (classifier.checkpoint) as evaluation recorded it
-    gate_pick = (_json(run / "metrics" / "test.json") or _json(run / "metrics" / "val.json") or {}).get("classifier")
+    gate_pick = (_json(layout.metrics_file(run, "test")) or _json(layout.metrics_file(run, "val")) or {}).get("classifier")
     gate_pick = gate_pick or masks_pick
-    gate_file = gate_pick.get("file") or "classifier/model.pt"
-    gate_sha = _sha256(run / gate_file)
+    final_classifier = layout.relative(run, layout.model_file(run, "classifier"))  # files made before the choice
+    gate_sha = _sha256(run / (gate_pick.get("file") or final_classifier))
 
     def describe(pick: dict, default: str) -> str:
         where = f"RUN/{pick.get('file') or default}"
@@ -126,9 +126,9 @@ def method_section(run: Path, cfg: dict) -> list[str]:
            f"{', '.join(cfg['masks']['layers'])}, a segmenter (`{cfg['segmenter']['model']}`) trained on the three "
            f"masks (loss weights {cfg['segmenter']['loss_weights']}), and at inference the classification gate "
            f"({'on, threshold ' + str(ev['gate_threshold']) if ev['gate'] else 'off'}).", "",
-           f"- classifier that fed the pseudo masks: {describe(masks_pick, 'classifier/model.pt')}, "
+           f"- classifier that fed the pseudo masks: {describe(masks_pick, final_classifier)}, "
            f"sha256 `{(masks_sha or 'unknown')[:16]}`",
-           f"- classifier used as the gate: {describe(gate_pick, 'classifier/model.pt')}, "
+           f"- classifier used as the gate: {describe(gate_pick, final_classifier)}, "
            f"sha256 `{(gate_sha or 'missing')[:16]}`"
            + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
            f"- segmenter checkpoint evaluated: {ev['checkpoint']}",
@@ -141,7 +141,7 @@ def method_section(run: Path, cfg: dict) -> list[str]:
 def results_section(run: Path) -> list[str]:
     out = ["## Results", ""]
     for split in ("val", "test"):
-        record = _json(run / "metrics" / f"{split}.json")
+        record = _json(layout.metrics_file(run, split))
         if record is None:
             out += [f"{split}: not evaluated (no RUN/metrics/{split}.json).", ""]
             continue
@@ -153,7 +153,7 @@ def results_section(run: Path) -> list[str]:
         out += [f"| **{key}** | {_pct(record.get(key))} | {_pct(ungated.get(key))} |"
                 for key in ("miou", "fwiou", "acc", "macc")]
         out.append("")
-    pseudo = _json(artifacts.stage_dir(run, "evaluate") / artifacts.MASKS_REPORT)
+    pseudo = _json(layout.masks_report_file(run))
     if pseudo:
         out += ["### Pseudo masks against the ground truth (mIoU %)", "", "| split | layer | mIoU |", "|---|---|---|"]
         splits = {k: v for k, v in pseudo.items() if k != "classifier"}  # "classifier": which model made them
@@ -183,7 +183,7 @@ def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
     source = (info or {}).get("source", "SOURCE")
     return ["## How to reproduce", "", "```bash",
             f"python tools/make_shards.py --layout {layout.lower()} --src {source} --out {root}",
-            f"launch/pipeline.sh {run / 'config.yaml'} {run}",
+            f"launch/pipeline.sh {layout.config_file(run)} {run}",
             f"python tools/export.py --run {run} --out {run}/export",
             f"python -m mlps_dist.deploy.infer --model {run}/export/model.onnx --input IMAGES --out PREDICTIONS",
             "```", "",
@@ -201,7 +201,7 @@ def _refinement(evaluate: dict) -> str:
 
 def render(run: str | Path) -> str:
     run = Path(run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = yaml.safe_load(layout.config_file(run).read_text())
     root = Path(cfg["data"]["root"])
     info = _json(root / "info.json")
     classes = (info or {}).get("classes") or []
@@ -217,7 +217,7 @@ def render(run: str | Path) -> str:
 
 
 def write(run: str | Path) -> Path:
-    path = Path(run) / "MODEL_CARD.md"
+    path = layout.model_card_file(run)
     atomic_write_text(path, render(run))
     return path
 
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run directory (config.yaml, metrics/, model files)")
     args = p.parse_args(argv)
-    if not (Path(args.run) / "config.yaml").is_file():
-        print(f"error: {Path(args.run) / 'config.yaml'} does not exist; --run must be a run directory", file=sys.stderr)
+    if not layout.config_file(args.run).is_file():
+        print(f"error: {layout.config_file(args.run)} does not exist; --run must be a run directory", file=sys.stderr)
         return 2
     print(f"wrote {write(args.run)}")
     return 0

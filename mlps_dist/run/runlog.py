@@ -26,6 +26,7 @@ import numpy as np
 
 from mlps_dist import dist
 from mlps_dist.core.progress import Progress
+from mlps_dist.run import layout
 
 
 def _jsonable(value: Any) -> Any:
@@ -50,14 +51,14 @@ class RunLog:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
+        self._jsonl = open(layout.log_file(self.run_dir), "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # a bare GPU node image: log.jsonl and stderr still record everything
                 self.info("tensorboard is not installed: no TensorBoard events for this stage")
             else:
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb" / stage))
+                self._tb = SummaryWriter(log_dir=str(layout.tensorboard_dir(self.run_dir, stage)))
 
     # -------------------------------------------------------------- text
     def info(self, message: str) -> None:

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from mlps_dist.core.fileio import sha256_file
+from mlps_dist.run import layout
 
 
 def file_stamp(path: str | Path) -> list:
@@ -48,10 +49,9 @@ def run_fingerprint(run_dir: str | Path, checkpoint: str, gate: bool | None) -> 
     """Digest of what a run predicts with: its resolved config files and model files."""
     run = Path(run_dir)
     parts = {"checkpoint": checkpoint, "gate": gate}
-    for rel in ("config.yaml", "metrics/config.yaml", "segmenter/best.pt", "segmenter/model.pt",
-                "classifier/best.pt", "classifier/model.pt", "classifier/stain.json"):
-        if (run / rel).is_file():
-            parts[rel] = sha256_file(run / rel)
+    for path in layout.prediction_files(run):
+        if path.is_file():
+            parts[layout.relative(run, path)] = sha256_file(path)  # keyed as before: saved work stays valid
     return key_digest(parts)
 
 

@@ -37,6 +37,7 @@ from mlps_dist.config import Config, ConfigError, save_config
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import open_split
 from mlps_dist.core.errors import InputError, MlpsError
+from mlps_dist.run import layout
 from mlps_dist.run.lock import run_lock
 from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
 from mlps_dist.core.fileio import atomic_write_json
@@ -133,17 +134,17 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
     readers = open_splits(cfg)
     num_classes = next(iter(readers.values())).num_classes
     predictor, seg_meta = build_predictor(cfg, num_classes, device)
-    gate_meta = load_model_file(artifacts.model_file(cfg.run_dir, "classifier"))[1] if predictor.gated else None
+    gate_meta = load_model_file(layout.model_file(cfg.run_dir, "classifier"))[1] if predictor.gated else None
     for reader in readers.values():
         check_classes(seg_meta["path"], seg_meta, reader)
         if gate_meta is not None:
-            check_classes(str(artifacts.model_file(cfg.run_dir, "classifier")), gate_meta, reader)
+            check_classes(str(layout.model_file(cfg.run_dir, "classifier")), gate_meta, reader)
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
                   "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
                   "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
-        out = artifacts.metrics_file(cfg.run_dir, split)
+        out = layout.metrics_file(cfg.run_dir, split)
         if artifacts.status(cfg, "evaluate", split).state == "done":
             log.info(f"{out} is up to date for this segmenter, gate and shards")
             results[split] = json.loads(out.read_text())
@@ -173,8 +174,8 @@ def save_evaluated_config(cfg: Config) -> None:
     them (infer --run, export, segment_slides, the model card, tools/visualize.py read
     RUN/config.yaml): an evaluation with changed evaluate.* settings replaces the settings
     the training stages left there. RUN/metrics/config.yaml keeps the same for the record."""
-    save_config(cfg, Path(cfg.run_dir) / "metrics" / "config.yaml")
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    save_config(cfg, layout.evaluated_config_file(cfg.run_dir))
+    save_config(cfg, layout.config_file(cfg.run_dir))
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from mlps_dist.data.decode import decode_sample
 from mlps_dist.data.shards import SplitReader, open_split, read_info
 from mlps_dist.core.fileio import atomic_write_bytes
 from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, sha256_file, write_chunk, write_json
+from mlps_dist.run import layout
 from mlps_dist.run.lock import run_lock
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.run.stain_run import load_normaliser
@@ -197,7 +198,7 @@ def export_reference(run_dir: str, layers: list[str], sources: list[str], masks:
                      palette: list[int]) -> None:
     """The public code's layout: train_PM/PM_<layer>/<source file name>.png, palettised."""
     for layer_no, layer in enumerate(layers):
-        out = Path(run_dir) / "pseudo_masks" / "train_PM" / f"PM_{layer}"
+        out = layout.reference_masks_dir(run_dir, layer)
         out.mkdir(parents=True, exist_ok=True)
         for source, per_layer in zip(sources, masks):
             atomic_write_bytes(out / Path(source).name, encode_png(per_layer[layer_no], palette))
@@ -217,7 +218,7 @@ def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> d
 
 def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
     """Make the missing chunks of the train split; False when the pass was already complete."""
-    folder = artifacts.masks_dir(cfg.run_dir, reader.split)
+    folder = layout.masks_dir(cfg.run_dir, reader.split)
     todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
     if todo is None:
         log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
@@ -259,7 +260,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
 
 
 def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
-    folder = artifacts.masks_dir(cfg.run_dir, split)
+    folder = layout.masks_dir(cfg.run_dir, split)
     manifest = read_manifest(folder)
     missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
     if missing:
@@ -303,7 +304,7 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
                         step=0, prefix=f"pseudo_masks/{split}/{layer}/")
             log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
     if dist.is_main() and report:
-        write_json(artifacts.stage_dir(cfg.run_dir, "evaluate") / artifacts.MASKS_REPORT, {**report, "classifier": selection or {}})
+        write_json(layout.masks_report_file(cfg.run_dir), {**report, "classifier": selection or {}})
     return report
 
 

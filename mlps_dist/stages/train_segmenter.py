@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist.run import artifacts
+from mlps_dist.run import layout
 from mlps_dist import dist
 from mlps_dist.train import engine
 from mlps_dist.train.checkpoint import load_model_file
@@ -169,7 +169,7 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
                           f"pick loss layers from those or regenerate the masks with masks.layers including them")
     data_classes = list(train_reader.classes)
     sources = {f"{masks_dir}/manifest.json": store.manifest.get("settings", {}).get("classes")}
-    classifier_file = artifacts.model_file(cfg.run_dir, "classifier")
+    classifier_file = layout.model_file(cfg.run_dir, "classifier")
     if classifier_file.is_file():
         sources[str(classifier_file)] = load_model_file(classifier_file)[1].get("classes")
     for source, classes in sources.items():
@@ -186,7 +186,7 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
 def prepare(cfg: Config) -> SegmenterTask:
     """Every check that can fail before training: shards, masks, class counts, the checkpoint."""
     train_reader, val_reader = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
-    store = PseudoMaskStore(artifacts.masks_dir(cfg.run_dir, "train"))
+    store = PseudoMaskStore(layout.masks_dir(cfg.run_dir, "train"))
     check_inputs(cfg, train_reader, store)
     task = SegmenterTask(cfg, train_reader, val_reader, store)
     engine.check_resumable(cfg, cfg.segmenter, task)

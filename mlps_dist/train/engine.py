@@ -36,6 +36,7 @@ from mlps_dist.train import gpu_options, guard as health_guard, parallel, precis
 from mlps_dist.train.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
 from mlps_dist.train.ema import WeightAverage
+from mlps_dist.run import layout
 from mlps_dist.run.lock import run_lock
 from mlps_dist.stages.preflight import check_models
 from mlps_dist.run.runlog import RunLog
@@ -71,14 +72,6 @@ class Progress:
     best_score: float = -math.inf
 
 
-def stage_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.run_dir) / stage  # == artifacts.stage_dir for classifier and segmenter
-
-
-def final_model_path(cfg: Config, stage: str) -> Path:
-    return stage_dir(cfg, stage) / "model.pt"
-
-
 def expected_meta(task: TrainTask, train_cfg: TrainConfig) -> dict:
     """What a checkpoint must have been written for to be resumed by this run."""
     return {"name": task.meta["name"], "num_classes": task.meta["num_classes"], "parallel": train_cfg.parallel}
@@ -103,7 +96,7 @@ def preflight(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> int:
 
 def check_resumable(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> None:
     """CheckpointError if the run dir holds a checkpoint this run cannot resume."""
-    ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
+    ckpts = Checkpointer(layout.checkpoints_dir(cfg.run_dir, task.stage), train_cfg.keep_last)
     latest = ckpts.latest()
     if latest is not None:
         state = ckpts.check(latest, expected_meta(task, train_cfg))
@@ -241,11 +234,11 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         log.event("precision", **ran)
         log.event("speed_options", **speed)
         task.meta = {**task.meta, "precision": ran}
-        ckpts = Checkpointer(stage_dir(cfg, task.stage) / "checkpoints", train_cfg.keep_last)
+        ckpts = Checkpointer(layout.checkpoints_dir(cfg.run_dir, task.stage), train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
         inputs = checkpoint_inputs(cfg, task.stage)
         progress = Progress()
-        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, stage_dir(cfg, task.stage), ckpts, log,
+        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, layout.stage_dir(cfg.run_dir, task.stage), ckpts, log,
                                              hint=getattr(task, "failure_hint", None))
         resume_from = ckpts.latest()
         if resume_from is not None:
@@ -308,7 +301,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             last = epoch + 1 == train_cfg.epochs
             health.check_losses(epoch, progress.global_step)
             if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:
-                _validate(evaluated, task, epoch, progress, log, stage_dir(cfg, task.stage) / "best.pt", health)
+                _validate(evaluated, task, epoch, progress, log, layout.model_file(cfg.run_dir, task.stage, "best"), health)
             health.mark_good(save())
             if guard.agreed():
                 log.event("preempted", **asdict(progress))
@@ -316,9 +309,9 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
     final_meta = {**task.meta, "epoch": health.last_epoch, "metrics": health.last_metrics,
                   "health": health.check_final(health.last_epoch)}  # never hands on a collapsed model
     if dist.is_main():
-        save_model_file(final_model_path(cfg, task.stage), evaluated.state_dict(), final_meta)
+        save_model_file(layout.model_file(cfg.run_dir, task.stage), evaluated.state_dict(), final_meta)
     dist.barrier()
-    log.info(f"wrote {final_model_path(cfg, task.stage)}")
+    log.info(f"wrote {layout.model_file(cfg.run_dir, task.stage)}")
     return progress
 
 
@@ -377,7 +370,7 @@ def _run_stage(argv: list[str] | None, doc: str, stage: str, prepare) -> int:
             try:
                 task = prepare(cfg)
                 if dist.is_main():
-                    save_config(cfg, f"{cfg.run_dir}/config.yaml")
+                    save_config(cfg, layout.config_file(cfg.run_dir))
                 fit(cfg, train_cfg, task, log)
                 if dist.is_main():
                     artifacts.write_stamp(cfg, stage, inputs)  # last: the stage is finished
