@@ -23,7 +23,8 @@ from mlps_dist.train.checkpoint import save_model_file
 from mlps_dist.config import ConfigError
 from mlps_dist.data.shards import open_split, read_index
 from mlps_dist.models import create_classifier
-from mlps_dist.data.pseudo_masks import PseudoMaskError, PseudoMaskStore, decode_png
+from mlps_dist.core import png
+from mlps_dist.data.pseudo_masks import PseudoMaskError, PseudoMaskStore
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["b4_5", "b5_2", "bn7"]
@@ -93,7 +94,7 @@ def all_masks(run: Path) -> dict[str, np.ndarray]:
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 key, layer = member.name.split(".")[:2]
-                per_key.setdefault(key, {})[layer] = decode_png(tar.extractfile(member).read())
+                per_key.setdefault(key, {})[layer] = png.decode(tar.extractfile(member).read())
         for key, layers in per_key.items():
             assert key not in out, f"{key} has masks in two chunks"
             assert sorted(layers) == sorted(LAYERS), f"{key}: layers {sorted(layers)}"
@@ -128,7 +129,7 @@ def test_baseline_pass_is_complete_and_reported(baseline, tiny_shards):
     store = PseudoMaskStore(mask_folder(baseline))
     assert store.layers == LAYERS and len(store) == 32 and store.missing(32) == []
     assert np.array_equal(store.read_masks(5), masks[reader.key(5)])
-    assert [decode_png(p).shape for p in store.read_pngs(31)] == [(48, 48)] * 3
+    assert [png.decode(p).shape for p in store.read_pngs(31)] == [(48, 48)] * 3
     # quality of the same masks on the val split, per layer
     report = json.loads((baseline / "metrics" / "pseudo_masks.json").read_text())
     assert sorted(report["val"]) == sorted(LAYERS)
@@ -232,7 +233,7 @@ def test_corrupt_sample_is_named_or_skipped(baseline, tiny_shards, tmp_path):
     # the public code's layout, named after the source patches
     source = json.loads(reader.read(12)["json"])["source"]
     exported = run / "pseudo_masks" / "train_PM" / "PM_bn7" / Path(source).name
-    assert np.array_equal(decode_png(exported.read_bytes()), masks[reader.key(12)][2])
+    assert np.array_equal(png.decode(exported.read_bytes()), masks[reader.key(12)][2])
     assert len(list((run / "pseudo_masks" / "train_PM" / "PM_b4_5").glob("*.png"))) == 32
 
 

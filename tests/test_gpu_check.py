@@ -156,14 +156,15 @@ from mlps_dist.synthetic.patches import write_luad_layout
 from mlps_dist.data.ingest import build_plan, write_plan
 from mlps_dist.data.layouts import LUAD
 from mlps_dist.data.shards import open_split
-from mlps_dist.data.pseudo_masks import write_chunk, encode_png
+from mlps_dist.data.pseudo_masks import write_chunk
+from mlps_dist.core import png
 from mlps_dist.run.runlog import RunLog
 import numpy as np
 write_luad_layout({str(tmp_path / 'luad')!r}, train=4, val=2, test=2, size=32, seed=0)
 write_plan(build_plan(LUAD, {str(tmp_path / 'luad')!r}, shard_size=4), {str(tmp_path / 'shards')!r}, log=lambda *_: None)
 reader = open_split({str(tmp_path / 'shards')!r}, "train")
 assert len(reader) == 4 and reader.read(0)["png"]
-write_chunk({str(tmp_path)!r}, 0, [(reader.key(0), [encode_png(np.zeros((32, 32), np.uint8))])], ["bn7"])
+write_chunk({str(tmp_path)!r}, 0, [(reader.key(0), [png.encode_indices(np.zeros((32, 32), np.uint8))])], ["bn7"])
 log = RunLog({str(tmp_path / 'run')!r}, "classifier")
 assert list(log.progress(range(3))) == [0, 1, 2]
 log.close()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_infer import make_run  # noqa: E402
 
 from mlps_dist.deploy import infer  # noqa: E402
-from mlps_dist.core.draw import palette_png_bytes, png_bytes  # noqa: E402
+from mlps_dist.core import png as png_codec  # noqa: E402
 from mlps_dist.core.imagerows import PngRows, open_rows, png_streamable  # noqa: E402
 from mlps_dist.core.pngstream import PngRowWriter  # noqa: E402
 from mlps_dist.core.tiffrows import TiffRows, tiff_streamable  # noqa: E402
@@ -91,14 +91,14 @@ def test_png_row_writer_writes_pillows_bytes_band_by_band():
         for top in range(0, 97, band):
             png.write(rgb[top:top + band])
         png.close()
-        assert f.getvalue() == png_bytes(rgb), band
+        assert f.getvalue() == png_codec.encode(rgb), band
     classes = (rgb[..., 0] // 52).astype(np.uint8)
     f = io.BytesIO()
     png = PngRowWriter(f, 1300, 97, palette=PALETTE)
     png.write(classes[:40])
     png.write(classes[40:])
     png.close()
-    assert f.getvalue() == palette_png_bytes(classes, PALETTE)
+    assert f.getvalue() == png_codec.encode_indices(classes, PALETTE, full_palette=True)
     with pytest.raises(ValueError, match="rows written"):
         PngRowWriter(io.BytesIO(), 4, 4).close()
 

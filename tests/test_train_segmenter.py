@@ -19,7 +19,8 @@ from mlps_dist.train.checkpoint import load_model_file, save_model_file
 from mlps_dist.config import ConfigError, config_from_dict, save_config
 from mlps_dist.data.shards import open_split
 from mlps_dist.models import create_classifier
-from mlps_dist.data.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
+from mlps_dist.core import png
+from mlps_dist.data.pseudo_masks import new_manifest, refresh_manifest, write_chunk
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.stages.train_segmenter import segmentation_loss
 
@@ -47,7 +48,7 @@ def write_pseudo_masks(run_dir: Path, shards: Path, chunk_size: int = 8, skip_ch
                 rows = np.arange(48)[:, None] // (8 + 4 * layer)
                 mask = present[(rows + np.arange(48)[None] // 16) % len(present)].astype(np.uint8)
                 mask[:6, :6] = c  # white background: ignored by the loss
-                pngs.append(encode_png(mask))
+                pngs.append(png.encode_indices(mask))
             samples.append((reader.key(i), pngs))
         write_chunk(folder, chunk, samples, LAYERS)
     refresh_manifest(folder, manifest, complete=not skip_chunks)

@@ -48,7 +48,8 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     import numpy as np
 
     from mlps_dist.data.shards import open_split
-    from mlps_dist.data.pseudo_masks import encode_png, new_manifest, refresh_manifest, write_chunk
+    from mlps_dist.core import png
+    from mlps_dist.data.pseudo_masks import new_manifest, refresh_manifest, write_chunk
 
     reader = open_split(root, "train")
     size = reader.info["splits"]["train"]["image_size"][0]
@@ -57,7 +58,7 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
         present = np.flatnonzero(reader.labels(i)) if reader.labels(i).any() else np.array([reader.ignore_index])
         band = present[np.arange(size) * len(present) // size].astype(np.uint8)
         mask = np.broadcast_to(band[None, :], (size, size))
-        samples.append((reader.key(i), [encode_png(np.roll(mask, k, axis=1)) for k in range(len(layers))]))
+        samples.append((reader.key(i), [png.encode_indices(np.roll(mask, k, axis=1)) for k in range(len(layers))]))
     folder = run_dir / "pseudo_masks" / "train"
     folder.mkdir(parents=True, exist_ok=True)
     write_chunk(folder, 0, samples, list(layers))

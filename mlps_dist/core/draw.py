@@ -1,7 +1,7 @@
 """Colours and overlays: class-index maps drawn in the dataset palette.
 
 Used by stage-3 validation images, `infer`, the visualiser and the slide tools. Only numpy
-(no torch needed to draw), so deployment code can use it too.
+(no torch needed to draw), so deployment code can use it too. They are saved as PNG by core/png.py.
 """
 
 from __future__ import annotations
@@ -47,27 +47,3 @@ def overlay_row(rgb, masks, palette) -> np.ndarray:
     panels += [blend(rgb, _numpy(mask), palette) for mask in masks]
     return np.concatenate(panels, axis=1)
 
-
-def palette_png_bytes(indices: np.ndarray, palette) -> bytes:
-    """A palettised 8-bit PNG of class indices (viewers show the class colours; the pixel
-    values stay the class indices)."""
-    import io
-
-    from PIL import Image
-
-    image = Image.fromarray(np.asarray(indices, np.uint8), mode="L").convert("P")
-    flat = [v for colour in palette for v in colour]
-    image.putpalette(flat + [0] * (768 - len(flat)))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()

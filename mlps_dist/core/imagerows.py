@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from mlps_dist.core.pngstream import SIGNATURE, _chunk
+from mlps_dist.core.png import SIGNATURE
+from mlps_dist.core.pngstream import _chunk
 
 Transform = Callable[[np.ndarray], np.ndarray]
 

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from mlps_dist.core.png import SIGNATURE
 PIL_MAXBLOCK = 65536  # PIL.ImageFile.MAXBLOCK: the encoder's output buffer
 FILTER_CHUNK_BYTES = 1 << 18  # raw bytes filtered at once (bounds the int16 and int64 temporaries)
 
@@ -78,7 +78,7 @@ class PngRowWriter:
         f.write(SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0)))
         if palette is not None:
             flat = bytes(int(v) for colour in palette for v in colour)
-            f.write(_chunk(b"PLTE", flat + b"\0" * (768 - len(flat))))  # all 256 entries, as draw.palette_png_bytes
+            f.write(_chunk(b"PLTE", flat + b"\0" * (768 - len(flat))))  # all 256 entries, as png.encode_indices(full_palette=True)
 
     def write(self, band: np.ndarray) -> None:
         band = np.ascontiguousarray(band, np.uint8)

@@ -16,14 +16,13 @@ import json
 import numpy as np
 from PIL import Image
 
+from mlps_dist.core.png import SIGNATURE
 from mlps_dist.data.shards import decode_labels
 
 try:  # libpng/libspng through imagecodecs: ~1.6x PIL's PNG decoding, same pixels
     import imagecodecs
 except ImportError:  # the torch-free deployment install has Pillow only
     imagecodecs = None
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 __all__ = ["decode_rgb", "resize_rgb", "decode_indices", "decode_labels", "decode_meta", "decode_sample"]
 
@@ -36,7 +35,7 @@ def _fast_png(encoded: bytes, colour_type: int) -> np.ndarray | None:
     None for anything else, which PIL then decodes (or rejects with its own, clearer error)."""
     # IHDR follows the 8-byte signature: length (4), "IHDR" (4), width, height (4 each),
     # bit depth at byte 24, colour type at byte 25.
-    if imagecodecs is None or len(encoded) < 26 or not encoded.startswith(_PNG_SIGNATURE):
+    if imagecodecs is None or len(encoded) < 26 or not encoded.startswith(SIGNATURE):
         return None
     if encoded[24] != 8 or encoded[25] != colour_type:
         return None

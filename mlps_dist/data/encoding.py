@@ -18,6 +18,8 @@ import io
 
 from PIL import Image
 
+from mlps_dist.core import png
+
 MEMBER_OF_FORMAT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 IMAGE_FORMATS = tuple(MEMBER_OF_FORMAT)
 DEFAULT_JPEG_QUALITY = 95
@@ -41,10 +43,10 @@ def format_info(image_format: str, quality: int) -> dict:
 
 def encode_rgb(img: Image.Image, image_format: str, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """An RGB image as ``image_format`` bytes (``quality`` is used by jpeg only)."""
-    buf = io.BytesIO()
     if image_format == "png":
-        img.save(buf, format="PNG")
-    elif image_format == "webp":
+        return png.encode(img)
+    buf = io.BytesIO()
+    if image_format == "webp":
         # Low effort: encoding stays fast (a one-off per collection); decoding speed barely depends on it.
         img.save(buf, format="WEBP", lossless=True, quality=25, method=1)
     elif image_format == "jpeg":

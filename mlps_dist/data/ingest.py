@@ -15,7 +15,6 @@ mapped through the dataset palette.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mlps_dist.core import png
 from mlps_dist.core.progress import Progress
 from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
                                      split_image_format)
@@ -151,21 +151,14 @@ def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 
 # ---------------------------------------------------------------- writing
 
 
-def _png_bytes(array_or_image) -> bytes:
-    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
                    quality: int = DEFAULT_JPEG_QUALITY) -> dict[str, bytes]:
     item = checked.item
     if image_format == "png":
         raw = item.image.read_bytes()
         # Keep the source bytes when they already are an RGB PNG (bit-exact and no re-encode cost).
-        if checked.converted_from or not raw.startswith(b"\x89PNG"):
-            raw = _png_bytes(_rgb(item.image)[0])
+        if checked.converted_from or not raw.startswith(png.SIGNATURE):
+            raw = png.encode(_rgb(item.image)[0])
     else:
         raw = encode_rgb(_rgb(item.image)[0], image_format, quality)
     meta = {"source": str(item.image.relative_to(plan.src)), "dataset": plan.layout.name, **item.meta}
@@ -174,7 +167,7 @@ def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
     members = {image_member(image_format): raw, "labels": encode_labels(checked.labels),
                "json": json.dumps(meta).encode()}
     if item.mask is not None:
-        members["mask.png"] = _png_bytes(mask_indices(item.mask, plan.layout))
+        members["mask.png"] = png.encode_indices(mask_indices(item.mask, plan.layout))
     return members
 
 

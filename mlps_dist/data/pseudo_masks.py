@@ -17,18 +17,17 @@ size, so any number of ranks can resume any partial pass.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from mlps_dist.core import png
 from mlps_dist.data.shards import TarFiles, check_index_fits, read_index, write_index
 from mlps_dist.core.errors import MlpsError
-from mlps_dist.core.fileio import atomic_write_text, commit_file, sha256_file  # noqa: F401 (re-exported)
+from mlps_dist.core.fileio import atomic_write_text, commit_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -49,21 +48,6 @@ def num_chunks(count: int, chunk_size: int) -> int:
 
 def chunk_indices(chunk: int, chunk_size: int, count: int) -> range:
     return range(chunk * chunk_size, min((chunk + 1) * chunk_size, count))
-
-
-def encode_png(mask: np.ndarray, palette: list[int] | None = None) -> bytes:
-    """8-bit PNG of class indices (greyscale; palettised when ``palette`` is given)."""
-    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L")
-    if palette is not None:
-        image = image.convert("P")
-        image.putpalette(palette)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    return np.array(Image.open(io.BytesIO(data)))
 
 
 def fingerprint(settings: dict) -> str:
@@ -90,7 +74,7 @@ def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[by
     with open(tar_tmp, "wb") as f:
         writer = TarWriter(f, mtime=0.0)  # fixed mtime: reruns are byte-identical
         for key, pngs in samples:
-            writer.write({"__key__": key, **{f"{layer}.png": png for layer, png in zip(layers, pngs)}})
+            writer.write({"__key__": key, **{f"{layer}.png": data for layer, data in zip(layers, pngs)}})
         writer.close()
     if skipped:
         write_json(folder / f"{stem}.skipped.json", skipped)
@@ -206,7 +190,7 @@ class PseudoMaskStore:
 
     def read_masks(self, index: int) -> np.ndarray:
         """(L, H, W) uint8, layers in ``.layers`` order."""
-        return np.stack([decode_png(png) for png in self.read_pngs(index)])
+        return np.stack([png.decode(data) for data in self.read_pngs(index)])
 
     def close(self) -> None:
         self._files.close()

@@ -58,7 +58,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mlps_dist.core.draw import blend, palette_for, palette_png_bytes, png_bytes
+from mlps_dist.core import png
+from mlps_dist.core.draw import blend, palette_for
 from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.core.fileio import atomic_open, atomic_write_bytes
 from mlps_dist.core.imagerows import image_size, open_rows, rgb_from_pil
@@ -140,9 +141,9 @@ def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> 
     """Class-index PNG and overlay, each written atomically; when the overlay cannot be written
     (a full disk) the class PNG is removed too: an image has both outputs or neither."""
     classes = out_stem.parent / f"{out_stem.name}.png"
-    atomic_write_bytes(classes, palette_png_bytes(pred, palette))
+    atomic_write_bytes(classes, png.encode_indices(pred, palette, full_palette=True))
     try:
-        atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png_bytes(overlay(rgb, pred, palette)))
+        atomic_write_bytes(out_stem.parent / f"{out_stem.name}_overlay.png", png.encode(overlay(rgb, pred, palette)))
     except BaseException:
         classes.unlink(missing_ok=True)
         raise

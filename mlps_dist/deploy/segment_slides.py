@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.core.draw import png_bytes
+from mlps_dist.core import png
 from mlps_dist.core.errors import EXIT_SOME_FAILED, InputError
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from mlps_dist.core.progress import Progress
@@ -104,17 +104,10 @@ def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None
     except SlideError as exc:
         atomic_write_text(work / "bad.txt", str(exc))
         return
-    atomic_write_bytes(work / "thumb.png", png_bytes(thumb))
-    atomic_write_bytes(work / "view.png", png_bytes(view))
-    atomic_write_bytes(work / "tissue.png", png_bytes(tissue.astype(np.uint8) * 255))
+    atomic_write_bytes(work / "thumb.png", png.encode(thumb))
+    atomic_write_bytes(work / "view.png", png.encode(view))
+    atomic_write_bytes(work / "tissue.png", png.encode(tissue.astype(np.uint8) * 255))
     atomic_write_json(work / "meta.json", meta)
-
-
-def load_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img)
 
 
 # ---------------------------------------------------------------- pass 2: tiles
@@ -202,7 +195,7 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
         with np.load(part_file(work, key_digest(key), first, last)) as part:
             partials.append({k: part[k] for k in part.files})
     sums, weight = merge_partials(len(model.classes), geo, partials)
-    tissue = load_png(work / "tissue.png") > 0
+    tissue = png.decode(work / "tissue.png") > 0
     ignore = len(model.classes)
     classes = class_map(sums, weight, tissue, ignore)
     probs = probabilities(sums, weight)  # in place: the sums become the weighted mean scores
@@ -216,7 +209,7 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     summary.update(write_slide_outputs(
-        tmp, name, classes, probs, geo, model.classes, model.palette, view=load_png(work / "view.png"),
+        tmp, name, classes, probs, geo, model.classes, model.palette, view=png.decode(work / "view.png"),
         view_mpp=meta["view_mpp"], areas_mm2=areas["area_mm2"], simplify=args.simplify,
         min_region_um2=args.min_region_um2, with_probabilities=args.probabilities))
     summary.update(work_key=key_digest(key), work=key)
@@ -423,7 +416,7 @@ def _run(args, model: SlideModel | None, group) -> int:
         if geo.n < 4:
             raise InputError(f"--map-mpp {args.map_mpp}: a {model.patch_size} px tile at {model.mpp} um/px covers "
                              f"only {geo.n} map pixels; use a --map-mpp of at most {model.patch_size * model.mpp / 4:g}")
-        plans.append((name, geo, geo.origins(load_png(work / "tissue.png") > 0)))
+        plans.append((name, geo, geo.origins(png.decode(work / "tissue.png") > 0)))
     shares = share_ranges([len(o) for _, _, o in plans], world)
     todo = [(s, first, last) for s, first, last in shares[rank]
             if not part_file(work_dir(out, plans[s][0]), key_digest(keys[plans[s][0]]), first, last).is_file()]

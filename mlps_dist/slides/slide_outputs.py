@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.core.draw import palette_png_bytes, png_bytes
+from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes
 from mlps_dist.slides.overlay import render_overlay
 from mlps_dist.slides.regions import region_features
@@ -35,7 +35,7 @@ def write_slide_outputs(tmp: Path, name: str, classes: np.ndarray, probs: np.nda
                         min_region_um2: float, with_probabilities: bool) -> dict:
     """Write the slide's map files into ``tmp``; returns the summary.json entries they add."""
     ignore = len(names)
-    atomic_write_bytes(tmp / "classes.png", palette_png_bytes(classes, palette))
+    atomic_write_bytes(tmp / "classes.png", png.encode_indices(classes, palette, full_palette=True))
     write_index_tiff(tmp / "classes.tiff", classes, palette, geo.map_mpp)
     regions = region_features(classes, probs, names, palette, slide=name, px0=geo.px0, map_mpp=geo.map_mpp,
                               simplify=simplify, min_area_um2=min_region_um2, bounds=(geo.width, geo.height),
@@ -46,5 +46,5 @@ def write_slide_outputs(tmp: Path, name: str, classes: np.ndarray, probs: np.nda
     title = f"{name}: {geo.width} x {geo.height} px at {geo.mpp:.4g} um/px, classes at {geo.map_mpp:g} um/px"
     overlay = render_overlay(view, classes, palette, names, ignore, view_mpp=view_mpp, map_mpp=geo.map_mpp,
                              areas_mm2=areas_mm2, title=title)
-    atomic_write_bytes(tmp / "overlay.png", png_bytes(overlay))
+    atomic_write_bytes(tmp / "overlay.png", png.encode(overlay))
     return {**regions.summary(), "overlay": {"mpp": view_mpp, "size": [overlay.shape[1], overlay.shape[0]]}}

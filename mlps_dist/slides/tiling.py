@@ -32,7 +32,7 @@ from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_in
                                      split_image_format)
 from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
                                    sample_key, shard_stem, write_info)
-from mlps_dist.core.draw import png_bytes
+from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
 from mlps_dist.slides.grid import rank_share, tile_grid
 from mlps_dist.slides.class_map import ClassMap, as_class_map
@@ -141,10 +141,10 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) ->
                         mask = annotations.rasterise(x, y, size0, spec.tile, spec.ignore_index)
                         present = set(np.unique(mask).tolist())
                         labels = [int(c in present) for c in range(len(spec.classes))]
-                        members["mask.png"] = png_bytes(mask)
+                        members["mask.png"] = png.encode_indices(mask)
                 rgb = slide.read(x, y, size0, spec.tile)
                 fmt = split_image_format(spec.image_format, job.split)
-                image = png_bytes(rgb) if fmt == "png" else encode_rgb(Image.fromarray(rgb), fmt, spec.image_quality)
+                image = png.encode(rgb) if fmt == "png" else encode_rgb(Image.fromarray(rgb), fmt, spec.image_quality)
                 members[image_member(fmt)] = image
                 members.update(labels=encode_labels(labels), json=json.dumps(meta).encode())
                 writer.write(f"t_{count:08d}", members)

@@ -113,6 +113,6 @@ class TissueMap:
         return float(window.sum()) / area if area else 0.0
 
     def png_bytes(self) -> bytes:
-        from mlps_dist.core.draw import png_bytes
+        from mlps_dist.core import png
 
-        return png_bytes((self.mask.astype(np.uint8) * 255))
+        return png.encode(self.mask.astype(np.uint8) * 255)

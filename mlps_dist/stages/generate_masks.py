@@ -33,8 +33,9 @@ from mlps_dist.config import Config
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
 from mlps_dist.data.shards import SplitReader, open_split, read_info
-from mlps_dist.core.fileio import atomic_write_bytes
-from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, encode_png, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, sha256_file, write_chunk, write_json
+from mlps_dist.core import png
+from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
+from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, write_chunk, write_json
 from mlps_dist.run import layout
 from mlps_dist.run.lock import run_lock
 from mlps_dist.run.runlog import RunLog
@@ -195,13 +196,13 @@ def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None
 
 
 def export_reference(run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]],
-                     palette: list[int]) -> None:
+                     palette: list[list[int]]) -> None:
     """The public code's layout: train_PM/PM_<layer>/<source file name>.png, palettised."""
     for layer_no, layer in enumerate(layers):
         out = layout.reference_masks_dir(run_dir, layer)
         out.mkdir(parents=True, exist_ok=True)
         for source, per_layer in zip(sources, masks):
-            atomic_write_bytes(out / Path(source).name, encode_png(per_layer[layer_no], palette))
+            atomic_write_bytes(out / Path(source).name, png.encode_indices(per_layer[layer_no], palette))
 
 
 def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
@@ -232,7 +233,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
         indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
         batches += batched(indices, batch_size_for(reader, cfg.masks.batch_size))
         chunk_of.update({i: chunk for i in indices})
-    layers, palette = list(cfg.masks.layers), [v for rgb in reader.info["palette"] for v in rgb]
+    layers, palette = list(cfg.masks.layers), reader.info["palette"]
     pending: dict[int, dict] = {}
     for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
         raise_fatal(batch)
@@ -240,7 +241,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
         for j, index in enumerate(batch["index"].tolist()):
             entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
             arrays = [masks[layer][j].numpy() for layer in layers]
-            entry["samples"].append((batch["key"][j], [encode_png(a) for a in arrays]))
+            entry["samples"].append((batch["key"][j], [png.encode_indices(a) for a in arrays]))
             entry["arrays"].append(arrays)
             entry["sources"].append(batch["source"][j])
             if batch["bad"][j]:
