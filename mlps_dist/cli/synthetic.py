@@ -1,11 +1,11 @@
-#!/usr/bin/env python
-"""Generate the built-in synthetic H&E dataset in the LUAD-HistoSeg folder layout.
+"""``mlps synthetic``: the built-in synthetic H&E dataset in the LUAD-HistoSeg folder layout
+(mlps_dist/synthetic/patches.py), the demo's data.
 
-    python tools/make_synthetic.py --out data/demo/raw --train 600 --val 80 --test 100 --size 96
-    python tools/make_synthetic.py --out data/pale/raw --variant pale --h-strength 0.5
+    mlps synthetic --out data/demo/raw --train 600 --val 80 --test 100 --size 96
+    mlps synthetic --out data/pale/raw --variant pale --h-strength 0.5
 
-The result is read by tools/make_shards.py like the real LUAD-HistoSeg download.
-Rerunning with the same arguments after an interruption finishes the job.
+The result is read by ``mlps shards`` like the real LUAD-HistoSeg download. Rerunning with
+the same arguments after an interruption finishes the job.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
+from mlps_dist.cli import parser as cli_parser
 
-from mlps_dist.synthetic.patches import write_luad_layout  # noqa: E402
-from mlps_dist.synthetic.options import (  # noqa: E402
-    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANT_HELP, VARIANTS, SyntheticOptionError, variant_options)
+HELP = "generate the synthetic H&E patch dataset (LUAD-HistoSeg layout) the demo trains on"
 
 
 def _floats(count: int):
@@ -35,6 +32,8 @@ def _floats(count: int):
 
 
 def _variant_epilog() -> str:
+    from mlps_dist.synthetic.options import HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANT_HELP, VARIANTS
+
     lines = ["named variants (--variant NAME; explicit options override the variant's values):"]
     for name in VARIANTS:
         role = "tuning" if name in TUNING_VARIANTS else "held out" if name in HELD_OUT_VARIANTS else ""
@@ -43,8 +42,7 @@ def _variant_epilog() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=_variant_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("synthetic", HELP, _variant_epilog())
     parser.add_argument("--out", required=True, help="output folder (new or empty, or an interrupted run's)")
     parser.add_argument("--train", type=int, default=800, help="train patches (labels in the file names)")
     parser.add_argument("--val", type=int, default=60, help="val patches with masks")
@@ -52,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--variant", default="default", help="named set of the options below (see the list)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes drawing patches (same bytes for any number; default: the cores, at most 8)")
+                        help="processes drawing patches (same bytes for any number; the cores, at most 8)")
     group = parser.add_argument_group("data options (default: the variant's value)")
     group.add_argument("--size", type=int, help="patch side in pixels (default variant: 96; LUAD-HistoSeg: 224)")
     group.add_argument("--h-strength", type=float, help="x hematoxylin concentration (1.0)")
@@ -79,13 +77,16 @@ OPTION_FLAGS = ("size", "h_strength", "e_strength", "h_vector", "e_vector", "hue
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlps_dist.synthetic.options import SyntheticOptionError, variant_options
+    from mlps_dist.synthetic.patches import write_luad_layout
+
     args = parse_args(argv)
     try:
         options = variant_options(args.variant, **{k: getattr(args, k) for k in OPTION_FLAGS})
         summary = write_luad_layout(args.out, args.train, args.val, args.test, seed=args.seed,
                                     options=options, variant=args.variant, workers=max(1, args.workers))
     except (SyntheticOptionError, ValueError) as error:
-        print(f"make_synthetic: {error}", file=sys.stderr)
+        print(f"mlps synthetic: {error}", file=sys.stderr)
         return 2
     counts = summary["counts"]
     print(f"{summary['out_dir']}: {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
@@ -97,6 +98,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split} pixel frequency: " + ", ".join(f"{c} {f:.2f}" for c, f in freq.items()))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
