@@ -37,16 +37,17 @@ def make_run(run_dir: Path, patch: int) -> Path:
     from mlps_dist.train.checkpoint import save_model_file
     from mlps_dist.config import config_from_dict, save_config
     from mlps_dist.models import create_classifier, create_segmenter
+    from mlps_dist.run import layout
 
     classes = ["TE", "NEC", "LYM", "TAS"]
     cfg = config_from_dict({"run_dir": str(run_dir), "data": {"root": "none", "image_size": patch},
                             "classifier": {"model": "small38"}, "segmenter": {"model": "deeplabv3plus_small"}})
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, layout.config_file(run_dir))
     torch.manual_seed(0)
     for stage, factory, name in (("classifier", create_classifier, "small38"),
                                  ("segmenter", create_segmenter, "deeplabv3plus_small")):
         meta = {"name": name, "num_classes": 4, "classes": classes, "config": cfg.to_dict()}
-        save_model_file(run_dir / stage / "model.pt", factory(name, 4).state_dict(), meta)
+        save_model_file(layout.model_file(run_dir, stage), factory(name, 4).state_dict(), meta)
     return run_dir
 
 

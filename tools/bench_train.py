@@ -50,6 +50,7 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     from mlps_dist.data.shards import open_split
     from mlps_dist.core import png
     from mlps_dist.data.pseudo_masks import new_manifest, refresh_manifest, write_chunk
+    from mlps_dist.run import layout
 
     reader = open_split(root, "train")
     size = reader.info["splits"]["train"]["image_size"][0]
@@ -59,7 +60,7 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
         band = present[np.arange(size) * len(present) // size].astype(np.uint8)
         mask = np.broadcast_to(band[None, :], (size, size))
         samples.append((reader.key(i), [png.encode_indices(np.roll(mask, k, axis=1)) for k in range(len(layers))]))
-    folder = run_dir / "pseudo_masks" / "train"
+    folder = layout.masks_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_chunk(folder, 0, samples, list(layers))
     settings = {"layers": list(layers), "chunk_size": len(reader), "count": len(reader),
@@ -173,6 +174,7 @@ def create_task(spec: dict):
     """The stage's own task object: the same model factory, loss and loader as training."""
     from mlps_dist.config import config_from_dict
     from mlps_dist.data.shards import open_split
+    from mlps_dist.run import layout
 
     section = {"model": spec["model"], "batch_size": spec["micro"] * spec["world"], "micro_batch_size": spec["micro"],
                "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",
@@ -191,7 +193,7 @@ def create_task(spec: dict):
     from mlps_dist.data.pseudo_masks import PseudoMaskStore
     from mlps_dist.stages.train_segmenter import SegmenterTask
 
-    store = PseudoMaskStore(Path(cfg.run_dir) / "pseudo_masks" / "train")
+    store = PseudoMaskStore(layout.masks_dir(cfg.run_dir))
     return cfg, cfg.segmenter, SegmenterTask(cfg, train, val, store)
 
 

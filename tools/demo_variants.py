@@ -48,8 +48,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a source checkout
 
-from mlps_dist.run import artifacts  # noqa: E402
-from mlps_dist.synthetic.options import # noqa: E402     HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white
+from mlps_dist.run import artifacts, layout  # noqa: E402
+from mlps_dist.synthetic.options import (  # noqa: E402
+    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
 from mlps_dist.core.fileio import atomic_write_text  # noqa: E402
 
 
@@ -232,12 +233,12 @@ def pipeline_command(args, name: str, data: Path, run_dir: Path) -> list[str]:
     enabled = background_enabled(name, args.background, args.limited)
     if enabled is not None:
         overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
-    restart = ["--restart-from", args.restart_from] if args.restart_from and (run_dir / "config.yaml").is_file() else []
+    restart = ["--restart-from", args.restart_from] if args.restart_from and layout.config_file(run_dir).is_file() else []
     return ["bash", "launch/pipeline.sh", *restart, args.config, str(run_dir), *overrides]
 
 
 def _events(run_dir: Path) -> list[dict]:
-    path = run_dir / "log.jsonl"
+    path = layout.log_file(run_dir)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -252,7 +253,7 @@ def stage1_val_scores(events: list[dict]) -> list[float]:
 def _pda_start(run_dir: Path) -> int | None:
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = layout.config_file(run_dir)
     if not path.is_file():
         return None
     return ((yaml.safe_load(path.read_text()) or {}).get("classifier", {}).get("pda") or {}).get("start_epoch")
@@ -275,8 +276,8 @@ def collect(run_dir: Path, data: Path) -> dict:
     """The figures of one finished run (None where a file is missing)."""
     events = _events(run_dir)
     val_scores = stage1_val_scores(events)
-    test = json.loads((run_dir / "metrics" / "test.json").read_text())
-    masks_path = artifacts.stage_dir(run_dir, "evaluate") / artifacts.MASKS_REPORT
+    test = json.loads(layout.metrics_file(run_dir, "test").read_text())
+    masks_path = layout.masks_report_file(run_dir)
     pseudo = json.loads(masks_path.read_text()) if masks_path.is_file() else {}
     # {"classifier": {...}, "<split>": {layer: metrics}}: the first split (val) is reported
     pm_split = next((v for k, v in pseudo.items() if k != "classifier" and isinstance(v, dict)), {})

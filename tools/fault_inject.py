@@ -144,33 +144,36 @@ def _without_file_ids(record: dict) -> dict:
 def compare(reference: Path, faulted: Path) -> dict[str, bool]:
     import torch
 
+    from mlps_dist.run import layout
     from mlps_dist.train.checkpoint import load_model_file
 
-    same: dict[str, bool] = {}
-    for stage in ("classifier", "segmenter"):
-        for name in ("model.pt", "best.pt"):
-            a, b = reference / stage / name, faulted / stage / name
+    same: dict[str, bool] = {}  # keyed by the path relative to the run ("classifier/model.pt")
+    for stage in layout.TRAINED:
+        for which in ("model", "best"):
+            a, b = layout.model_file(reference, stage, which), layout.model_file(faulted, stage, which)
+            name = layout.relative(reference, a)
             if not a.exists() and not b.exists():
                 continue
             if a.exists() != b.exists():
-                same[f"{stage}/{name}"] = False
+                same[name] = False
                 continue
             sa, sb = load_model_file(a)[0], load_model_file(b)[0]
-            same[f"{stage}/{name}"] = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    masks_a = sorted((reference / "pseudo_masks" / "train").glob("masks-*.tar"))
-    masks_b = sorted((faulted / "pseudo_masks" / "train").glob("masks-*.tar"))
+            same[name] = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    masks_a = sorted(layout.masks_dir(reference).glob("masks-*.tar"))
+    masks_b = sorted(layout.masks_dir(faulted).glob("masks-*.tar"))
     same["pseudo_masks"] = ([p.name for p in masks_a] == [p.name for p in masks_b]
                             and all(_sha(a) == _sha(b) for a, b in zip(masks_a, masks_b)))
-    for path in sorted((reference / "metrics").glob("*.json")):
+    for path in sorted(layout.stage_dir(reference, "evaluate").glob("*.json")):
         if path.name.endswith(".stamp.json"):
             continue
-        other = faulted / "metrics" / path.name
+        other = layout.stage_dir(faulted, "evaluate") / path.name
+        name = layout.relative(reference, path)
         if not other.exists():
-            same[f"metrics/{path.name}"] = False
+            same[name] = False
             continue
         # The model files' paths and byte digests name the run dir (their meta holds the
         # config); the weights themselves are compared above.
-        same[f"metrics/{path.name}"] = _without_file_ids(json.loads(path.read_text())) == _without_file_ids(
+        same[name] = _without_file_ids(json.loads(path.read_text())) == _without_file_ids(
             json.loads(other.read_text()))
     return same
 
