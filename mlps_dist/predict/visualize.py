@@ -24,6 +24,7 @@ from mlps_dist.data.shards import open_split
 from mlps_dist.core.draw import blend, palette_for
 from mlps_dist.core.fileio import atomic_open
 from mlps_dist.predict.predictor import create_predictor
+from mlps_dist.run import layout
 from mlps_dist.run.stain_run import load_normaliser
 
 LABEL_H = 18
@@ -32,9 +33,9 @@ MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet st
 
 def build_predictor(run: Path, cfg, num_classes: int, checkpoint: str, gate: bool):
     """The run's predictor (mlps_dist.predict.predictor), or None while stage 3 has no model yet."""
-    if not (run / "segmenter" / "model.pt").is_file():
+    if not layout.model_file(run, "segmenter").is_file():
         return None, ""
-    gate = gate and (run / "classifier" / "model.pt").is_file()
+    gate = gate and layout.model_file(run, "classifier").is_file()
     predictor, _ = create_predictor(run, cfg, checkpoint=checkpoint, gate=gate, num_classes=num_classes)
     return predictor, "prediction (gated)" if gate else "prediction"
 
@@ -105,16 +106,16 @@ def contact_sheet(run_dir: str | Path, out: str | Path, split: str = "val", coun
     """Write the contact sheet of ``count`` samples of ``split`` to the image file ``out``;
     returns the line that says what was written."""
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run / 'config.yaml'} does not exist; --run must be a run directory")
-    cfg = load_config(run / "config.yaml")
+    if not layout.config_file(run).is_file():  # any run from stage 1 on (not only a finished one)
+        raise ConfigError(f"{layout.config_file(run)} does not exist; --run must be a run directory")
+    cfg = load_config(layout.config_file(run))
     reader = open_split(cfg.data.root, split)
     palette = palette_for(reader.num_classes, reader.info)
     store = None
-    if split == "train" and (run / "pseudo_masks" / "train" / "manifest.json").is_file():
+    if split == "train" and layout.masks_manifest(run).is_file():
         from mlps_dist.data.pseudo_masks import PseudoMaskStore
 
-        store = PseudoMaskStore(run / "pseudo_masks" / "train")
+        store = PseudoMaskStore(layout.masks_dir(run))
     predictor, pred_title = build_predictor(run, cfg, reader.num_classes, checkpoint, gate)
     stain = load_normaliser(run, cfg.data.stain.method)
     cams = None
