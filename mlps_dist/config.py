@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.stain import METHODS as STAIN_METHODS
-
 
 # Networks whose ImageNet weights install from the package index (``pretrained: imagenet``).
 IMAGENET_NAMES = ("efficientnet_lite0", "deeplabv3plus_lite0")
@@ -44,7 +44,7 @@ class StainConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo/shards"  # folder written by tools/make_shards.py (holds info.json)
+    root: str = "data/demo/shards"  # folder written by mlps shards (holds info.json)
     loader: str = "torch"  # torch | dali
     num_workers: int = 2  # loader worker processes (torch) or threads (dali) per rank
     # DALI only: Python processes that read the next batches' bytes and augmentation
@@ -56,8 +56,8 @@ class DataConfig:
     # stored / max_downscale instead (rounded up to a multiple of 8), so large patches keep
     # their texture; data.image_size is resolved from the shards' info.json when loading
     max_downscale: float = 0.0
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB input normalisation (ImageNet)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB, divides after the mean
     stain: StainConfig = field(default_factory=StainConfig)
 
 
@@ -81,10 +81,10 @@ class AugmentConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    timeout_s: int = 1800
+    timeout_s: int = 1800  # seconds a collective waits for the other ranks before the process group fails
     # Seconds torchrun waits for workers to write their preemption checkpoint after passing
     # a signal on, before it kills them (torchrun's own default, 30 s, is too short for a
-    # large checkpoint); launch/stage.sh passes it as --shutdown-timeout.
+    # large checkpoint); mlps stage passes it as --shutdown-timeout.
     shutdown_timeout_s: int = 600
 
 
@@ -109,40 +109,42 @@ class TrainConfig:
 
     model: str = ""
     pretrained: str = ""  # path to a local weights file; imagenet (efficientnet_lite0 models); "" = from scratch
-    epochs: int = 1
+    epochs: int = 1  # passes over the training split
     batch_size: int = 16  # global batch; micro batches and accumulation derive from it
     micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world_size
-    lr: float = 0.01
-    head_lr_mult: float = 10.0
+    lr: float = 0.01  # base learning rate (backbone), decayed by the poly schedule
+    head_lr_mult: float = 10.0  # LR multiplier of the newly initialised head layers
     bias_lr_mult: float = 1.0  # LR multiplier of biases (and trained norm affine), on top of head_lr_mult
     bias_weight_decay: bool = True  # false: biases and norm affine get no weight decay
     optimizer: str = "sgd"  # sgd (the public recipe) | adamw (decoupled decay; from-scratch miniatures)
     momentum: float = 0.9  # sgd momentum; adamw's beta1
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    weight_decay: float = 5e-4  # L2 (sgd) or decoupled (adamw) weight decay
+    poly_power: float = 0.9  # LR = lr x (1 - step / total_steps) ^ poly_power
     # > 0: validation, best.pt and model.pt use an exponential moving average of the weights
     # with this decay per step (mlps_dist/train/ema.py); 0 = the weights as trained (public recipe)
     ema_decay: float = 0.0
     parallel: str = "ddp"  # ddp | deepspeed
-    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    deepspeed_config: str = "configs/deepspeed/zero1.json"  # DeepSpeed JSON (ZeRO stage) for parallel=deepspeed
     # fp32 | bf16 | fp16: autocast for ddp, DeepSpeed's torch_autocast section for deepspeed
     # (mlps_dist/train/precision.py); bf16 runs on the CPU too; fp16 needs CUDA and parallel=ddp
     precision: str = "fp32"
     ckpt_every_steps: int = 100  # 0 = only at epoch end
-    keep_last: int = 2
-    log_every_steps: int = 10
-    val_every_epochs: int = 1
-    grad_clip: float = 0.0
+    keep_last: int = 2  # step checkpoints kept in RUN/<stage>/checkpoints (older ones are deleted)
+    log_every_steps: int = 10  # optimizer steps between loss/throughput lines in the run log
+    val_every_epochs: int = 1  # epochs between validations (the last epoch is always validated)
+    grad_clip: float = 0.0  # > 0: clip the gradient norm to this; 0 = no clipping
     guard: GuardConfig = field(default_factory=GuardConfig)  # training health: detect, roll back, stop
 
 
 @dataclass
 class PdaConfig:
-    # gamma(0) = gamma_init; at the end of every epoch gamma *= gamma_decay while gamma > gamma_min
-    # (from epoch 0, whether PDA is on or not); PDA applies from start_epoch on.
+    """Progressive Dropout Attention: gamma(0) = gamma_init; at the end of every epoch gamma *=
+    gamma_decay while gamma > gamma_min (from epoch 0, whether PDA is on or not); PDA applies
+    from start_epoch on."""
+
     start_epoch: int = 3  # PDA is off for epochs < start_epoch (public: epoch 3, gamma 0.941 then)
-    gamma_init: float = 1.0
-    gamma_decay: float = 0.98
+    gamma_init: float = 1.0  # gamma at epoch 0
+    gamma_decay: float = 0.98  # gamma *= gamma_decay at the end of every epoch
     gamma_min: float = 0.65  # decay stops once gamma is at or below this
     attention: str = "normalised"  # normalised (stable, see models/classifier.py) | public (as published)
 
@@ -151,7 +153,7 @@ class PdaConfig:
 class ClassifierConfig(TrainConfig):
     model: str = "resnet38d"  # resnet38d | small38 (CPU, from scratch) | efficientnet_lite0 (CPU, ImageNet)
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
-    freeze_bn: bool = False
+    freeze_bn: bool = False  # BatchNorm kept in eval mode with fixed affine (pretrained statistics)
     freeze_stages: int = 0  # number of early stages with frozen weights
     dropout: float = 0.5  # channel dropout on bn7 before the head (the public code's dropout7)
     pda: PdaConfig = field(default_factory=PdaConfig)
@@ -194,15 +196,16 @@ class RefineConfig:
 
 @dataclass
 class MasksConfig:
-    layers: list[str] = field(default_factory=lambda: ["b4_5", "b5_2", "bn7"])
+    layers: list[str] = field(default_factory=lambda: ["b4_5", "b5_2", "bn7"])  # classifier layers, one mask set each
     batch_size: int = 16  # per rank
     chunk_size: int = 256  # samples per output shard (the unit of commit and resume)
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
-    tta_flip: bool = False
-    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    tta_flip: bool = False  # CAMs averaged with those of the left-right flipped patch
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])  # CAMs averaged over these input scales
     refine: RefineConfig = field(default_factory=RefineConfig)
     export_reference: bool = False  # also write train_PM/PM_<layer>/<source name>.png
-    skip_bad: bool = False
+    skip_bad: bool = False  # true: an undecodable patch gets an all-ignore mask (named) instead of stopping
+    # splits whose masks are scored against their ground truth (RUN/metrics/pseudo_masks.json)
     quality_splits: list[str] = field(default_factory=lambda: ["val"])
 
 
@@ -210,9 +213,10 @@ class MasksConfig:
 class SegmenterConfig(TrainConfig):
     model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small | deeplabv3plus_lite0
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
+    # the mask sets trained on (of masks.layers)
     loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
-    loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    vis_images: int = 4
+    loss_weights: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # one weight per loss_layers entry
+    vis_images: int = 4  # val patches drawn with predictions in TensorBoard
     # The public stage-3 loss divides the pixel-mean cross-entropy once more by the batch
     # (tool/loss.py, batch_average=True): gradients batch_size times smaller, while SGD's
     # weight decay is not divided. True reproduces that (divides by segmenter.batch_size,
@@ -233,10 +237,10 @@ class SegmenterConfig(TrainConfig):
 
 @dataclass
 class EvaluateConfig:
-    splits: list[str] = field(default_factory=lambda: ["test"])
+    splits: list[str] = field(default_factory=lambda: ["test"])  # val and/or test: each writes RUN/metrics/<split>.json
     batch_size: int = 8  # per rank
-    gate: bool = True
-    gate_threshold: float = 0.1
+    gate: bool = True  # classes the classifier rules out of a patch are not predicted in it
+    gate_threshold: float = 0.1  # a class with classifier probability <= this is ruled out
     checkpoint: str = "best"  # best | last
     # The segmenter's scores refined along the patch's colours before the gate and argmax, in
     # every prediction of a trained run (evaluation, infer, slides, export); stage 3's
@@ -263,8 +267,8 @@ class GpuConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/demo"
-    seed: int = 0
+    run_dir: str = "runs/demo"  # the run directory (on the command line: --run RUN)
+    seed: int = 0  # seeds initialisation, sample order and augmentation
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -376,7 +380,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config with a file from configs/")
+            raise ConfigError(f"config file {path} does not exist; give a YAML file, e.g. one from configs/")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -451,7 +455,8 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(0 <= t.ema_decay < 1, f"{name}.ema_decay", f"must be in [0, 1) (0 = off), got {t.ema_decay}")
     _check(t.optimizer in ("sgd", "adamw"), f"{name}.optimizer", f"must be 'sgd' or 'adamw', got '{t.optimizer}'")
     _check(t.parallel in ("ddp", "deepspeed"), f"{name}.parallel", f"must be 'ddp' or 'deepspeed', got '{t.parallel}'")
-    _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'")
+    _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision",
+           f"must be fp32, bf16 or fp16, got '{t.precision}'")
     _check(t.keep_last >= 1, f"{name}.keep_last", "must be >= 1")
     _check(t.ckpt_every_steps >= 0, f"{name}.ckpt_every_steps", "must be >= 0 (0 = epoch end only)")
     if t.pretrained == "imagenet":
@@ -559,28 +564,49 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key: str = "") -> Config:
-    """``--config FILE [key=value ...]``, the interface of every stage entry point. A stage that
-    can leave undecodable samples out (``skip_bad_key``, e.g. "evaluate.skip_bad") also takes
-    ``--skip-bad``, the same as ``KEY=true``."""
-    import argparse
+def with_run_dir(overrides: list[str], run: str | None) -> list[str]:
+    """The overrides with ``--run RUN`` as ``run_dir=RUN`` (the config key it sets). A
+    ``run_dir=`` override that names another folder is refused rather than one silently winning."""
+    if run is None:
+        return list(overrides)
+    others = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == "run_dir"]
+    if any(Path(other) != Path(run) for other in others):
+        raise ConfigError(f"command line: --run {run} and run_dir={others[-1]} name two run directories; "
+                          f"give it once, as --run RUN")
+    return [*overrides, f"run_dir={run}"]
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+
+def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key: str = "") -> Config:
+    """``CONFIG [--run RUN] [key=value ...]``, the interface of every stage entry point
+    (``--config CONFIG`` is the same as the positional CONFIG). A stage that can leave
+    undecodable samples out (``skip_bad_key``, e.g. "evaluate.skip_bad") also takes
+    ``--skip-bad``, the same as ``KEY=true``.
+
+    A ``--`` anywhere is passed over: torchrun's own parser reads every option after the
+    module too and takes ``--run`` for its ``--run-path`` (an abbreviation, refused as
+    ambiguous), so under torchrun the stage's arguments follow a ``--``:
+    ``torchrun ... -m mlps_dist -- classifier CONFIG --run RUN``. Python hands a ``--``
+    placed later on to the stage, which must not take the options after it for overrides."""
+    import argparse
+    import sys
+
+    argv = [item for item in (sys.argv[1:] if argv is None else argv) if item != "--"]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="experiment YAML, the same as the positional CONFIG")
+    parser.add_argument("--run", help="run directory (the config key run_dir)")
     if skip_bad_key:
         parser.add_argument("--skip-bad", action="store_true",
                             help=f"name samples that cannot be decoded and pass over them instead of stopping "
                                  f"({skip_bad_key}=true)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run_dir=runs/x classifier.epochs=2")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"{skip_bad_key}=true"] if getattr(args, "skip_bad", False) else [])
-    return load_config(args.config, overrides)
-
-
-if __name__ == "__main__":  # python -m mlps_dist.config --config FILE [key=value ...]: print the resolved config
-    import sys
-
-    try:
-        print(yaml.safe_dump(parse_cli(description="Print the resolved configuration.").to_dict(), sort_keys=False))
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    parser.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
+                        help="experiment YAML (e.g. configs/demo.yaml), then dotted overrides "
+                             "(classifier.epochs=2)")
+    args = parser.parse_intermixed_args(argv)  # --run may follow CONFIG and the overrides
+    overrides, config = list(args.args), args.config
+    if config is None:
+        if not overrides or "=" in overrides[0]:
+            raise ConfigError("command line: give the experiment YAML first, e.g. configs/demo.yaml "
+                              "(then --run RUN and key=value overrides)")
+        config = overrides.pop(0)
+    overrides += [f"{skip_bad_key}=true"] if getattr(args, "skip_bad", False) else []
+    return load_config(config, with_run_dir(overrides, args.run))
