@@ -69,6 +69,42 @@ def read_env() -> DistEnv:
     )
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What a launcher (``mlps stage``, ``mlps pipeline``) reads of this node's setup, as given
+    (strings, "" where unset; mlps_dist.cli.torchrun checks them): the user's NPROC_PER_NODE,
+    NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID, MAX_RESTARTS, falling back to what
+    SLURM says (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID), and the GPUs CUDA_VISIBLE_DEVICES
+    leaves visible (None when it is unset: all of them)."""
+
+    nproc_per_node: str = ""
+    nnodes: str = "1"
+    node_rank: str = ""
+    master_addr: str = ""
+    master_port: str = ""
+    rdzv_id: str = "mlps"
+    max_restarts: str = "0"
+    slurm_job_id: str = ""
+    slurm_nodelist: str = ""
+    visible_devices: str | None = None
+
+
+def read_launch_env() -> LaunchEnv:
+    get = os.environ.get
+    return LaunchEnv(
+        nproc_per_node=get("NPROC_PER_NODE", ""),
+        nnodes=get("NNODES") or get("SLURM_NNODES") or "1",
+        node_rank=get("NODE_RANK") or get("SLURM_NODEID") or "",
+        master_addr=get("MASTER_ADDR", ""),
+        master_port=get("MASTER_PORT", ""),
+        rdzv_id=get("RDZV_ID") or get("SLURM_JOB_ID") or "mlps",
+        max_restarts=get("MAX_RESTARTS") or "0",
+        slurm_job_id=get("SLURM_JOB_ID", ""),
+        slurm_nodelist=get("SLURM_JOB_NODELIST", ""),
+        visible_devices=get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
 _ENV = read_env()
 _HOST_GROUP = None  # gloo group beside NCCL for host-side flags (see start_vote)
 

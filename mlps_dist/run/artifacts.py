@@ -7,17 +7,13 @@ artefact's digest) and of its output files. A stage is finished when its stamp m
 what the current config and inputs would produce; a changed upstream artefact changes the
 inputs of everything downstream, so those become stale too. Stale training stages are
 never silently reused nor silently overwritten: the stage refuses and names the keys
-(start a new run_dir, or ``launch/pipeline.sh --restart-from STAGE``); stale metrics are
+(start a new run directory, or ``mlps pipeline ... --restart-from STAGE``); stale metrics are
 simply computed again.
 
 Which config keys shape which stage: see ``SHAPING`` and ``OPERATIONAL`` (docs/architecture.md).
 
-    python -m mlps_dist.run.artifacts status  --config FILE [--stage S] [key=value ...]
-    python -m mlps_dist.run.artifacts restart --from S --config FILE [key=value ...]
-    python -m mlps_dist.run.artifacts progress --stage S --config FILE [key=value ...]
-
-``status`` exits 0 when the stage(s) are finished, 1 when there is work to do, 2 when it
-must refuse (stale artefacts; the message says what changed and how to proceed).
+On the command line: ``mlps status CONFIG RUN`` (each stage's state; ``--progress`` the
+token of ``progress_token``) and ``mlps pipeline ... --restart-from STAGE`` (``restart``).
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +240,7 @@ class Status:
 
 
 def restart_hint(stage: str) -> str:
-    return (f"start a new run_dir, or rerun launch/pipeline.sh with --restart-from {stage} (moves {stage} and the "
+    return (f"start a new run directory, or rerun mlps pipeline with --restart-from {stage} (moves {stage} and the "
             f"stages after it to RUN/superseded/)")
 
 
@@ -344,48 +339,3 @@ def progress_token(cfg: Config, stage: str) -> str:
     if stage == "evaluate":
         parts += sorted(p.name for p in layout.stage_dir(cfg.run_dir, stage).glob("*.stamp.json"))
     return ",".join(parts) or "none"
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from mlps_dist.core import runner
-    from mlps_dist.config import load_config
-
-    parser = argparse.ArgumentParser(description="Status, restart and progress of a run directory's stages.")
-    parser.add_argument("command", choices=("status", "restart", "progress"))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--stage", choices=STAGES, help="one stage (default: all)")
-    parser.add_argument("--from", dest="from_stage", choices=STAGES, help="restart: the first stage to redo")
-    parser.add_argument("overrides", nargs="*")
-
-    def body(args_list):
-        args = parser.parse_intermixed_args(args_list)  # key=value may follow the options
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "progress":
-            print(progress_token(cfg, args.stage or "classifier"))
-            return 0
-        if args.command == "restart":
-            if not args.from_stage:
-                parser.error("restart needs --from STAGE")
-            from mlps_dist.run.lock import run_lock
-
-            with run_lock(cfg.run_dir, f"restart from {args.from_stage}"):
-                moved = restart(cfg, args.from_stage)
-            print(f"moved to {moved}" if moved else f"nothing to move in {cfg.run_dir}")
-            return 0
-        states = [status(cfg, s) for s in ([args.stage] if args.stage else STAGES)]
-        for st in states:
-            (sys.stderr if st.state == "stale" else sys.stdout).write(f"{st.stage}: {st.state}: {st.message}\n")
-        if any(st.state == "stale" for st in states):
-            return 2
-        return 0 if all(st.state == "done" for st in states) else 1
-
-    return runner.run(body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
