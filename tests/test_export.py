@@ -181,10 +181,10 @@ def test_self_check_detects_a_graph_that_differs_from_the_torch_model(tmp_path):
 
 
 def test_model_card_cli_writes_the_run_card(exported):
-    from mlps_dist.run import model_card
+    from mlps_dist.cli import card
 
     run, _ = exported
-    assert model_card.main(["--run", str(run)]) == 0
+    assert card.main(["--run", str(run)]) == 0
     card = (run / "MODEL_CARD.md").read_text()
     assert "| test | 8 | 48x48 |" in card and "digest `" in card and "sha256 of info.json" in card
     assert "| **miou** | 65.12 | 60.00 |" in card and "| val | bn7 | 43.21 |" in card
