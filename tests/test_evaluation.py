@@ -7,10 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 import torchrun_helpers as jobs
-from mlps_dist.method.evaluation import (AgreementEvaluator, CamEvaluator, ConfusionEvaluator, Evaluator,
-                                         ExampleCollector, MultiLabelEvaluator, SkippedCounter, run_eval)
+
+from mlps_dist.method.evaluation import (
+    AgreementEvaluator,
+    CamEvaluator,
+    ConfusionEvaluator,
+    Evaluator,
+    ExampleCollector,
+    MultiLabelEvaluator,
+    SkippedCounter,
+    run_eval,
+)
 from mlps_dist.method.metrics import ConfusionMatrix, multilabel_scores
 
 
@@ -51,9 +59,12 @@ def test_confusion_evaluator_in_batches_equals_one_matrix_over_everything():
     rng = np.random.default_rng(1)
     target = torch.from_numpy(rng.integers(0, 4, (6, 7, 5)))  # 3 = ignore
     pred = torch.from_numpy(rng.integers(0, 3, (6, 7, 5)))
-    batches = [{"mask": target[i:i + 4]} for i in (0, 4)]
-    got = run_eval(batches, lambda b: {"gated": pred[:4] if len(b["mask"]) == 4 else pred[4:]},
-                   {"cm": ConfusionEvaluator(3, ignore_index=3, key="gated")})["cm"]
+    batches = [{"mask": target[i : i + 4]} for i in (0, 4)]
+    got = run_eval(
+        batches,
+        lambda b: {"gated": pred[:4] if len(b["mask"]) == 4 else pred[4:]},
+        {"cm": ConfusionEvaluator(3, ignore_index=3, key="gated")},
+    )["cm"]
     whole = ConfusionMatrix(3, ignore_index=3)
     whole.update(pred, target)
     assert got == whole.compute()
@@ -62,15 +73,17 @@ def test_confusion_evaluator_in_batches_equals_one_matrix_over_everything():
 def test_multilabel_evaluator_in_batches_equals_the_scores_of_all_patches():
     rng = np.random.default_rng(2)
     probs, labels = torch.from_numpy(rng.random((9, 4))), torch.from_numpy((rng.random((9, 4)) > 0.5) * 1.0)
-    batches = [{"labels": labels[i:i + 4], "probs": probs[i:i + 4]} for i in range(0, 9, 4)]
+    batches = [{"labels": labels[i : i + 4], "probs": probs[i : i + 4]} for i in range(0, 9, 4)]
     got = run_eval(batches, lambda b: {"p": b["probs"]}, {"ml": MultiLabelEvaluator(4, key="p")})["ml"]
     assert got == multilabel_scores(probs, labels)
 
 
 def test_cam_evaluator_counts_white_pixels_as_misses_and_scores_the_tissue_classes_only():
     target = torch.tensor([[0, 0, 1, 1, 2]])  # 2 = ignore: not counted
-    masks = {"bn7": torch.tensor([[0, 2, 1, 1, 2]]),  # one class-0 pixel left white
-             "b5_2": torch.tensor([[0, 0, 1, 0, 1]])}
+    masks = {
+        "bn7": torch.tensor([[0, 2, 1, 1, 2]]),  # one class-0 pixel left white
+        "b5_2": torch.tensor([[0, 0, 1, 0, 1]]),
+    }
     got = run_eval([{"mask": target}], lambda b: {"masks": masks}, {"q": CamEvaluator(2, 2, ["bn7", "b5_2"])})["q"]
     assert list(got) == ["bn7", "b5_2"]
     assert got["bn7"]["iou"] == [0.5, 1.0] and got["bn7"]["miou"] == 0.75  # not the 3-column mean (0.5)
@@ -83,7 +96,8 @@ def test_cam_evaluator_without_white_pixels_gives_the_plain_confusion_miou_bit_f
     for _ in range(20):
         target = torch.from_numpy(rng.integers(0, 5, (3, 8, 8)))  # 4 = ignore
         pred = torch.from_numpy(rng.integers(0, 4, (3, 8, 8)))
-        cam = run_eval([{"mask": target}], lambda b: {"masks": {"cam": pred}}, {"q": CamEvaluator(4, 4, ["cam"])})
+        evaluators = {"q": CamEvaluator(4, 4, ["cam"])}
+        cam = run_eval([{"mask": target}], lambda b, pred=pred: {"masks": {"cam": pred}}, evaluators)
         plain = ConfusionMatrix(4, ignore_index=4)
         plain.update(pred, target)
         assert cam["q"]["cam"]["miou"] == plain.compute()["miou"]  # stage-1 validation's figure, unchanged
@@ -92,8 +106,9 @@ def test_cam_evaluator_without_white_pixels_gives_the_plain_confusion_miou_bit_f
 def test_cam_evaluator_refuses_ground_truth_c_when_the_ignore_index_is_another_value():
     evaluator = CamEvaluator(2, ignore_index=255, layers=["cam"])
     with pytest.raises(ValueError, match="value 2, which is neither a class 0..1 nor the ignore index 255"):
-        run_eval([{"mask": torch.tensor([[0, 2]])}], lambda b: {"masks": {"cam": torch.tensor([[0, 1]])}},
-                 {"q": evaluator})
+        run_eval(
+            [{"mask": torch.tensor([[0, 2]])}], lambda b: {"masks": {"cam": torch.tensor([[0, 1]])}}, {"q": evaluator}
+        )
 
 
 def test_skipped_counter_sums_the_flags_of_batches_that_have_them():
@@ -106,12 +121,18 @@ def test_agreement_evaluator_counts_equal_pixels_and_the_largest_score_differenc
     other = scores.copy()
     other[1, 2, 0, 1] = 0.25
     classes, moved = np.array([[[0, 1]], [[2, 2]]]), np.array([[[0, 1]], [[2, 0]]])
-    got = run_eval([None], lambda b: {"onnx": (classes, scores), "torch": (moved, other)},
-                   {"a": AgreementEvaluator("onnx", "torch")})["a"]
+    got = run_eval(
+        [None],
+        lambda b: {"onnx": (classes, scores), "torch": (moved, other)},
+        {"a": AgreementEvaluator("onnx", "torch")},
+    )["a"]
     assert got == {"samples": 2, "pixels": 4, "class_agreement": 0.75, "max_score_diff": 0.25}
     other[0, 0, 0, 0] = np.nan  # a nan score is infinitely far from any score
-    got = run_eval([None], lambda b: {"onnx": (classes, scores), "torch": (moved, other)},
-                   {"a": AgreementEvaluator("onnx", "torch")})["a"]
+    got = run_eval(
+        [None],
+        lambda b: {"onnx": (classes, scores), "torch": (moved, other)},
+        {"a": AgreementEvaluator("onnx", "torch")},
+    )["a"]
     assert got["max_score_diff"] == math.inf
 
 
@@ -146,7 +167,8 @@ def test_two_ranks_give_exactly_the_results_of_one_process(tmp_path):
     assert (two / "results-r0.json").read_text() == whole
     expected, rank1 = json.loads(whole), json.loads((two / "results-r1.json").read_text())
     assert rank1.pop("examples") == []  # the pictures are rank 0's; every other result is every rank's
-    assert json.dumps(rank1, sort_keys=True) == json.dumps({k: v for k, v in expected.items() if k != "examples"},
-                                                           sort_keys=True)
+    assert json.dumps(rank1, sort_keys=True) == json.dumps(
+        {k: v for k, v in expected.items() if k != "examples"}, sort_keys=True
+    )
     assert expected["skipped"] == 1 and expected["examples"] == [0, 1, 2]  # sample 6 (rank 1's) is the bad one
     assert expected["agreement"]["samples"] == 7 and expected["agreement"]["max_score_diff"] > 0.8

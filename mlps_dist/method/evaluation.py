@@ -102,8 +102,7 @@ class CamEvaluator(Evaluator):
     ``ConfusionMatrix.compute()`` record with ``iou`` over the C classes only and ``miou``
     their nan-mean."""
 
-    def __init__(self, num_classes: int, ignore_index: int, layers: Iterable[str], key: str = "masks",
-                 device="cpu"):
+    def __init__(self, num_classes: int, ignore_index: int, layers: Iterable[str], key: str = "masks", device="cpu"):
         self.num_classes, self.ignore_index, self.key = num_classes, ignore_index, key
         self.matrices = {layer: ConfusionMatrix(num_classes + 1, ignore_index, device=device) for layer in layers}
 
@@ -115,8 +114,10 @@ class CamEvaluator(Evaluator):
         target = batch["mask"]
         if self.ignore_index != self.num_classes and bool((target == self.num_classes).any()):
             # The extra column must not let a ground-truth value C pass as a class.
-            raise ValueError(f"CamEvaluator: ground truth holds value {self.num_classes}, which is neither a class "
-                             f"0..{self.num_classes - 1} nor the ignore index {self.ignore_index}")
+            raise ValueError(
+                f"CamEvaluator: ground truth holds value {self.num_classes}, which is neither a class "
+                f"0..{self.num_classes - 1} nor the ignore index {self.ignore_index}"
+            )
         masks = outputs[self.key]
         for layer, matrix in self.matrices.items():
             matrix.update(masks[layer], target)
@@ -125,7 +126,7 @@ class CamEvaluator(Evaluator):
         results = {}
         for layer, matrix in self.matrices.items():
             scores = matrix.all_reduce().compute()
-            iou = scores["iou"][:self.num_classes]
+            iou = scores["iou"][: self.num_classes]
             results[layer] = {**scores, "iou": iou, "miou": nanmean(torch.tensor(iou, dtype=torch.float64))}
         return results
 
@@ -174,8 +175,12 @@ class AgreementEvaluator(Evaluator):
         counts = dist.all_reduce_sum(torch.tensor([self.same, self.pixels, self.samples], dtype=torch.int64))
         same, pixels, samples = (int(v) for v in counts.tolist())
         max_diff = max(dist.all_gather_object(self.max_diff))
-        return {"samples": samples, "pixels": pixels, "class_agreement": same / pixels if pixels else math.nan,
-                "max_score_diff": max_diff}
+        return {
+            "samples": samples,
+            "pixels": pixels,
+            "class_agreement": same / pixels if pixels else math.nan,
+            "max_score_diff": max_diff,
+        }
 
 
 class ExampleCollector(Evaluator):

@@ -18,8 +18,15 @@ import numpy as np
 import torch
 
 from mlps_dist import dist
-from mlps_dist.method.evaluation import (AgreementEvaluator, CamEvaluator, ConfusionEvaluator, ExampleCollector,
-                                         MultiLabelEvaluator, SkippedCounter, run_eval)
+from mlps_dist.method.evaluation import (
+    AgreementEvaluator,
+    CamEvaluator,
+    ConfusionEvaluator,
+    ExampleCollector,
+    MultiLabelEvaluator,
+    SkippedCounter,
+    run_eval,
+)
 
 SAMPLES, CLASSES, BATCH = 7, 4, 2
 LAST = SAMPLES - 1  # on the last rank: its figures reach rank 0 only through the reduction
@@ -37,7 +44,8 @@ def data() -> dict:
         "classes": torch.from_numpy(rng.integers(0, CLASSES, (SAMPLES, 9, 11))),
         "cam": torch.from_numpy(rng.integers(0, CLASSES + 1, (SAMPLES, 9, 11))),  # CLASSES = white
         "probs": torch.from_numpy(rng.random((SAMPLES, CLASSES))),
-        "a": (scores_a.argmax(1), scores_a), "b": (scores_b.argmax(1), scores_b),
+        "a": (scores_a.argmax(1), scores_a),
+        "b": (scores_b.argmax(1), scores_b),
     }
 
 
@@ -46,21 +54,34 @@ def main(out: Path) -> None:
     try:
         d = data()
         share = list(dist.partition(SAMPLES, dist.get_world_size(), dist.get_rank()))
-        batches = [{"index": share[i:i + BATCH], "mask": d["mask"][share[i:i + BATCH]],
-                    "labels": d["labels"][share[i:i + BATCH]], "bad": d["bad"][share[i:i + BATCH]]}
-                   for i in range(0, len(share), BATCH)]
+        batches = [
+            {
+                "index": share[i : i + BATCH],
+                "mask": d["mask"][share[i : i + BATCH]],
+                "labels": d["labels"][share[i : i + BATCH]],
+                "bad": d["bad"][share[i : i + BATCH]],
+            }
+            for i in range(0, len(share), BATCH)
+        ]
 
         def predict(batch: dict) -> dict:
             i = batch["index"]
-            return {"classes": d["classes"][i], "probs": d["probs"][i], "masks": {"cam": d["cam"][i]},
-                    "a": (d["a"][0][i], d["a"][1][i]), "b": (d["b"][0][i], d["b"][1][i])}
+            return {
+                "classes": d["classes"][i],
+                "probs": d["probs"][i],
+                "masks": {"cam": d["cam"][i]},
+                "a": (d["a"][0][i], d["a"][1][i]),
+                "b": (d["b"][0][i], d["b"][1][i]),
+            }
 
-        evaluators = {"confusion": ConfusionEvaluator(CLASSES, ignore_index=CLASSES),
-                      "labels": MultiLabelEvaluator(CLASSES),
-                      "cam": CamEvaluator(CLASSES, ignore_index=CLASSES, layers=["cam"]),
-                      "skipped": SkippedCounter(),
-                      "agreement": AgreementEvaluator("a", "b"),
-                      "examples": ExampleCollector(3, lambda batch, outputs, count: batch["index"][:count])}
+        evaluators = {
+            "confusion": ConfusionEvaluator(CLASSES, ignore_index=CLASSES),
+            "labels": MultiLabelEvaluator(CLASSES),
+            "cam": CamEvaluator(CLASSES, ignore_index=CLASSES, layers=["cam"]),
+            "skipped": SkippedCounter(),
+            "agreement": AgreementEvaluator("a", "b"),
+            "examples": ExampleCollector(3, lambda batch, outputs, count: batch["index"][:count]),
+        }
         results = run_eval(batches, predict, evaluators)
         (out / f"results-r{dist.get_rank()}.json").write_text(json.dumps(results, sort_keys=True))
     finally:
