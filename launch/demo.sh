@@ -17,14 +17,14 @@ run_dir=${1:-runs/demo}
 data=${DEMO_DATA:-data/demo}
 
 if [[ ! -f "$data/shards/info.json" ]]; then
-    python tools/make_synthetic.py --out "$data/raw" --train 600 --val 80 --test 100 --size 96 --seed 0
+    python -m mlps_dist synthetic --out "$data/raw" --train 600 --val 80 --test 100 --size 96 --seed 0
     # The synthetic textures are drawn at about 1 micron per pixel.
-    python tools/make_shards.py --layout luad --src "$data/raw" --out "$data/shards" --mpp 1.0
+    python -m mlps_dist shards --layout luad --src "$data/raw" --out "$data/shards" --mpp 1.0
 fi
 bash launch/pipeline.sh configs/demo.yaml "$run_dir" "data.root=$data/shards" "$@"
 
 # Whole slides: one synthetic slide (pyramidal TIFF + QuPath GeoJSON), segmented by the run.
-python tools/make_synthetic_slides.py --out "$data/wsi" --count 1 --width 768 --height 512 --cell 250
-python -m mlps_dist.deploy.segment_slides --run "$run_dir" --slides "$data/wsi/slides" --out "$run_dir/slides" \
+python -m mlps_dist synthetic-slides --out "$data/wsi" --count 1 --width 768 --height 512 --cell 250
+python -m mlps_dist segment --run "$run_dir" --slides "$data/wsi/slides" --out "$run_dir/slides" \
     --model-mpp 1.0 --map-mpp 4
 echo "slide overlay: $run_dir/slides/synthslide00/overlay.png (areas in $run_dir/slides/summary.csv)"

@@ -36,7 +36,7 @@ def tiny_luad_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_luad_folder, tmp_path_factory) -> Path:
-    """``tiny_luad_folder`` converted by tools/make_shards.py (shards of 10 samples, so
+    """``tiny_luad_folder`` converted by mlps shards (shards of 10 samples, so
     train has 4 shards with a short last one, val/test 1 each); the folder is data.root."""
     from mlps_dist.data.ingest import build_plan, write_plan
     from mlps_dist.data.layouts import LUAD
@@ -70,6 +70,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a script from tools/ in a fresh interpreter of this venv."""
+    """Run ``-m mlps_dist CMD ...`` (or a script of tools/) in a fresh interpreter of this venv."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

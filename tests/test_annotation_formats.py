@@ -16,7 +16,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_slides import load_tool, read_samples  # noqa: E402
+from test_slides import read_samples  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.slides.annotations import AnnotationError, load_annotations  # noqa: E402
@@ -80,7 +80,7 @@ def test_ignore_regions_leave_labels_and_carry_the_ignore_index_in_masks(tmp_pat
     (root / "splits.csv").write_text("a,train\nb,val\n")
     out = tmp_path / "out"
     class_map = "Tumor=TE,Necrosis=NEC,Immune*=LYM,Region*=ignore,Other=ignore"
-    tile_slides = load_tool("tile_slides")
+    from mlps_dist.cli import tile as tile_slides
     assert tile_slides.main(["--slides", str(root / "slides"), "--out", str(out), "--mpp", "2", "--tile", "32",
                              "--annotations", str(root / "ann"), "--class-map", class_map,
                              "--splits", str(root / "splits.csv")]) == 0

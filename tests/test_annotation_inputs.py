@@ -13,12 +13,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_slides import load_tool  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide  # noqa: E402
 
-tile_slides = load_tool("tile_slides")
+from mlps_dist.cli import tile as tile_slides  # noqa: E402
 W, H = 384, 256
 
 

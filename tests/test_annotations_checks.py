@@ -12,7 +12,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_slides import load_tool  # noqa: E402
 
 from mlps_dist.slides.annotations import AnnotationError, load_annotations  # noqa: E402
 
@@ -68,7 +67,7 @@ def test_tile_slides_refuses_swapped_annotations_before_any_tile(tmp_path, capsy
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 768, 512, seed=1, cell_px=100)
     (tmp_path / "ann").mkdir()
     write(tmp_path / "ann" / "a.geojson", feature([[[10, 600], [100, 600], [100, 700], [10, 700], [10, 600]]]))
-    tile_slides = load_tool("tile_slides")
+    from mlps_dist.cli import tile as tile_slides
     assert tile_slides.main(["--slides", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--mpp", "1", "--tile",
                              "96", "--annotations", str(tmp_path / "ann"), "--class-map", CLASS_MAP,
                              "--split-ratios", "1,0,0"]) == 2
@@ -82,7 +81,7 @@ def test_tile_slides_warns_about_an_annotated_slide_without_tiles(tmp_path, caps
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 768, 512, seed=1, cell_px=100)
     (tmp_path / "ann").mkdir()
     write(tmp_path / "ann" / "a.geojson", feature([[[0, 0], [6, 0], [6, 6], [0, 6], [0, 0]]]))  # a speck on glass
-    tile_slides = load_tool("tile_slides")
+    from mlps_dist.cli import tile as tile_slides
     assert tile_slides.main(["--slides", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--mpp", "1", "--tile",
                              "96", "--annotations", str(tmp_path / "ann"), "--class-map", CLASS_MAP,
                              "--split-ratios", "1,0,0"]) == 0

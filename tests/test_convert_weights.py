@@ -1,6 +1,5 @@
 """MXNet .params reading and ResNet-38d conversion, on files written here in that format."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +106,7 @@ def test_tool_converts_a_complete_small38_file_and_reports(tmp_path, capsys):
     arrays["arg:linear1000_bias"] = np.zeros(1000, np.float32)
     src, out = tmp_path / "small.params", tmp_path / "out" / "small38.pth"
     write_mxnet_params(src, arrays)
-    run = subprocess.run([sys.executable, str(REPO / "tools/convert_weights.py"), "--mxnet", str(src),
+    run = subprocess.run([sys.executable, "-m", "mlps_dist", "weights", "--mxnet", str(src),
                           "--out", str(out), "--model", "small38"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert f"loaded {len(arrays) - 2} tensors" in run.stdout
@@ -120,9 +119,8 @@ def test_tool_converts_a_complete_small38_file_and_reports(tmp_path, capsys):
 
     del arrays["arg:res5b1_branch2a_weight"]  # an incomplete file is reported, exit status 1
     write_mxnet_params(src, arrays)
-    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools/convert_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from mlps_dist.cli import weights as tool
+
     assert tool.main(["--mxnet", str(src), "--out", str(out), "--model", "small38"]) == 1
     printed = capsys.readouterr().out
     assert "missing" in printed and "b5_1.conv_branch2a.weight" in printed

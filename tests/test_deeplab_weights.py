@@ -4,7 +4,6 @@ that checks and extracts such a file."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -158,9 +157,8 @@ def test_upsampling_aligns_corners():
 
 def test_tool_extracts_and_checks_the_public_checkpoint(public_file, tmp_path, capsys):
     path, state = public_file
-    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools/convert_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from mlps_dist.cli import weights as tool
+
     out = tmp_path / "deeplab_voc.pth"
     assert tool.main(["--deeplab", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -13,7 +13,8 @@ import yaml
 from PIL import Image
 
 from mlps_dist.predict import export
-from mlps_dist.deploy import infer
+from mlps_dist.cli import export as export_cmd
+from mlps_dist.cli import infer
 from mlps_dist.deploy.onnx_model import OnnxModel
 from mlps_dist.core.errors import InputError
 from mlps_dist.core.fileio import sha256_file
@@ -81,7 +82,7 @@ def exported(tmp_path_factory, tiny_shards):
          "ungated": {"miou": 0.6, "fwiou": 0.65, "acc": 0.7, "macc": 0.7, "iou": iou}}))
     (run / "metrics" / "pseudo_masks.json").write_text(json.dumps({"val": {"bn7": {"miou": 0.4321}}}))
     out = base / "export"
-    assert export.main(["--run", str(run), "--out", str(out)]) == 0
+    assert export_cmd.main(["--run", str(run), "--out", str(out)]) == 0
     return run, out
 
 
@@ -111,7 +112,7 @@ def test_export_writes_checked_model_json_and_card(exported, capsys):
     assert meta["weights"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     card = (out / "MODEL_CARD.md").read_text()
     for needle in ("## Data", "## Method and settings", "## Results", "## Intended use and limits",
-                   "## Software and hardware", "## How to reproduce", "65.12", "43.21", "tools/export.py",
+                   "## Software and hardware", "## How to reproduce", "65.12", "43.21", "mlps export",
                    "before the argmax: yes (3 iterations"):
         assert needle in card, needle
     assert not list(out.glob("*.tmp"))
@@ -164,7 +165,7 @@ def test_infer_model_refuses_run_only_flags(exported, tmp_path, capsys):
     _, out = exported
     with pytest.raises(SystemExit):
         infer.parse_args(["--model", str(out / "model.onnx"), "--input", "x", "--out", "y", "--no-gate"])
-    assert "fixed by tools/export.py" in capsys.readouterr().err
+    assert "fixed by mlps export" in capsys.readouterr().err
 
 
 def test_self_check_detects_a_graph_that_differs_from_the_torch_model(tmp_path):
@@ -192,7 +193,7 @@ def test_model_card_cli_writes_the_run_card(exported):
 
 def test_export_without_test_patches_fails_before_writing(tmp_path, capsys):
     run = make_run(tmp_path / "run", data_root=str(tmp_path / "no-shards"))
-    assert export.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert export_cmd.main(["--run", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "info.json does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.onnx").exists()
 
@@ -232,7 +233,7 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
     rng = np.random.default_rng(5)
     for i, size in enumerate([(48, 48), (70, 90)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f"p{i}.png")
-    proc = call("-m", "mlps_dist.deploy.infer", "--model", str(out / "model.onnx"), "--input", str(inputs),
+    proc = call("-m", "mlps_dist", "infer", "--model", str(out / "model.onnx"), "--input", str(inputs),
                 "--out", str(tmp_path / "deployed"), check=False)
     assert proc.returncode == 0, proc.stderr
     assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(tmp_path / "torch")]) == 0
@@ -245,7 +246,7 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
 def test_segment_slides_with_the_exported_model_matches_the_run(exported, tmp_path):
     """The same synthetic slide through `segment_slides --run` (torch) and `--model` (onnxruntime,
     one process): the class maps agree on >= 99.9 % of map pixels and the areas match."""
-    from mlps_dist.deploy import segment_slides
+    from mlps_dist.cli import segment as segment_slides
     from mlps_dist.synthetic.slides import write_synthetic_slide
 
     run, out = exported
@@ -264,7 +265,7 @@ def test_segment_slides_with_the_exported_model_matches_the_run(exported, tmp_pa
 
 
 def test_segment_slides_model_refuses_run_only_flags(exported, tmp_path):
-    from mlps_dist.deploy import segment_slides
+    from mlps_dist.cli import segment as segment_slides
 
     _, out = exported
     with pytest.raises(InputError, match="--no-gate"):
@@ -275,14 +276,14 @@ def test_segment_slides_model_refuses_run_only_flags(exported, tmp_path):
 def test_a_model_json_that_does_not_describe_its_graph_is_refused(exported, tmp_path, tiny_shards):
     import shutil
 
-    from mlps_dist.deploy import infer
+    from mlps_dist.cli import infer
 
     _, out = exported
     (tmp_path / "img").mkdir()
     Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(tmp_path / "img" / "a.png")
     images = str(tmp_path / "img")
     cases = {"edited": lambda m: {**m, "patch_size": 17}, "empty": lambda m: {}, "list": lambda m: [1, 2]}
-    messages = {"edited": "was changed after tools/export.py wrote it", "empty": "key 'classes' is missing",
+    messages = {"edited": "was changed after mlps export wrote it", "empty": "key 'classes' is missing",
                 "list": "expected a JSON object"}
     for name, change in cases.items():
         folder = tmp_path / name

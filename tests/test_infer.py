@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mlps_dist.cli import infer as infer_cmd
 from mlps_dist.deploy import infer
 from mlps_dist.train.checkpoint import save_model_file
 from mlps_dist.config import config_from_dict, save_config
@@ -96,7 +97,7 @@ def test_cli_writes_masks_and_overlays_for_any_size_and_colour_mode(tmp_path):
     Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA").save(inputs / "sub" / "rgba.png")
     Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L").save(inputs / "grey.png")
     out = tmp_path / "out"
-    assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(out), "--overlap", "0.25"]) == 0
+    assert infer_cmd.main(["--run", str(run), "--input", str(inputs), "--out", str(out), "--overlap", "0.25"]) == 0
     for rel, size in (("large", (90, 70)), ("sub/rgba", (32, 32)), ("grey", (24, 20))):
         mask = Image.open(out / f"{rel}.png")
         assert mask.mode == "P" and mask.size == size
@@ -125,7 +126,7 @@ def test_unreadable_file_is_named_before_any_output(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inputs / "a.png")
     (inputs / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "out"
-    assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(out)]) == 2
+    assert infer_cmd.main(["--run", str(run), "--input", str(inputs), "--out", str(out)]) == 2
     assert "broken.png: cannot be read as an image" in capsys.readouterr().err
     assert not out.exists() or not list(out.rglob("*.png"))
 
@@ -133,13 +134,13 @@ def test_unreadable_file_is_named_before_any_output(tmp_path, capsys):
 def test_missing_run_pieces_are_explained(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     args = ["--input", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]
-    assert infer.main(["--run", str(tmp_path / "nothing"), *args]) == 2
+    assert infer_cmd.main(["--run", str(tmp_path / "nothing"), *args]) == 2
     assert "config.yaml does not exist" in capsys.readouterr().err
     run = make_run(tmp_path / "run")
     (run / "classifier" / "model.pt").unlink()
-    assert infer.main(["--run", str(run), *args]) == 2
+    assert infer_cmd.main(["--run", str(run), *args]) == 2
     assert "run the classifier" in capsys.readouterr().err
-    assert infer.main(["--run", str(run), *args, "--no-gate"]) == 0
+    assert infer_cmd.main(["--run", str(run), *args, "--no-gate"]) == 0
     assert (tmp_path / "o" / "a.png").is_file()
 
 
@@ -156,11 +157,11 @@ def test_two_ranks_split_the_files_and_write_each_once(tmp_path):
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(inputs / f"p{i}.png")
     single = tmp_path / "single"
-    assert infer.main(["--run", str(run), "--input", str(inputs), "--out", str(single)]) == 0
+    assert infer_cmd.main(["--run", str(run), "--input", str(inputs), "--out", str(single)]) == 0
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-                    "-m", "mlps_dist.deploy.infer", "--run-dir", str(run), "--input", str(inputs), "--out", str(tmp_path / "two")],
+                    "-m", "mlps_dist", "--", "infer", "--run", str(run), "--input", str(inputs), "--out", str(tmp_path / "two")],
                    check=True, cwd=repo, env=env, timeout=120, capture_output=True)
     for i in range(5):
         for name in (f"p{i}.png", f"p{i}_overlay.png"):
@@ -173,7 +174,7 @@ def test_contact_sheet_has_a_row_per_sample_and_a_column_per_view(tmp_path, tiny
 
     run = make_run(tmp_path / "run", data_root=str(tiny_shards))
     out = tmp_path / "sheet.png"
-    proc = run_tool("tools/visualize.py", "--run", str(run), "--split", "val", "--n", "3", "--out", str(out))
+    proc = run_tool("-m", "mlps_dist", "visualize", "--run", str(run), "--split", "val", "--n", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "image, ground truth, prediction (gated)" in proc.stdout
     sheet = np.asarray(Image.open(out).convert("RGB"))

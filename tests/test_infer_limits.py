@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_infer(args: list[str]) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "mlps_dist.deploy.infer", *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mlps_dist", "infer", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stderr
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_infer import make_run  # noqa: E402
 
+from mlps_dist.cli import infer as infer_cmd
 from mlps_dist.deploy import infer  # noqa: E402
 from mlps_dist.core import png as png_codec  # noqa: E402
 from mlps_dist.core.imagerows import PngRows, open_rows, png_streamable  # noqa: E402
@@ -70,8 +71,8 @@ def test_streamed_outputs_are_the_whole_image_path_bytes(tmp_path):
     colour_modes(tmp_path / "in")
     flags = ["--run", str(run), "--input", str(tmp_path / "in"), "--patch", "40", "--overlap", "0.25",
              "--batch-size", "3"]
-    assert infer.main([*flags, "--out", str(tmp_path / "whole")]) == 0
-    assert infer.main([*flags, "--out", str(tmp_path / "bands"), "--stream-megapixels", "0"]) == 0
+    assert infer_cmd.main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    assert infer_cmd.main([*flags, "--out", str(tmp_path / "bands"), "--stream-megapixels", "0"]) == 0
     written = sorted(p.name for p in (tmp_path / "whole").glob("*.png"))
     assert len(written) == 22 and written == sorted(p.name for p in (tmp_path / "bands").glob("*.png"))
     for name in written:
@@ -144,7 +145,7 @@ def test_a_png_truncated_mid_image_is_named_and_leaves_no_output(tmp_path, capsy
     data = (tmp_path / "in" / "cut.png").read_bytes()
     (tmp_path / "in" / "cut.png").write_bytes(data[:len(data) // 2])  # the header still reads
     out = tmp_path / "out"
-    assert infer.main(["--run", str(run), "--input", str(tmp_path / "in"), "--out", str(out), "--patch", "64",
+    assert infer_cmd.main(["--run", str(run), "--input", str(tmp_path / "in"), "--out", str(out), "--patch", "64",
                        "--stream-megapixels", "0"]) == 2
     err = capsys.readouterr().err
     assert "cut.png: cannot be read as an image" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""tools/make_mosaics.py on real tissue (tests/data/kather2016_mini): layout, exact masks,
+"""mlps mosaics on real tissue (tests/data/kather2016_mini): layout, exact masks,
 splits by source image, labels, determinism, resume, bad inputs, the stain change."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _tool(name: str):
     return module
 
 
-TOOL = _tool("make_mosaics")
+from mlps_dist.cli import mosaics as TOOL  # noqa: E402
+from mlps_dist.cli import shards as shards_cmd  # noqa: E402
 
 
 def _run(*argv) -> int:
@@ -67,7 +68,7 @@ def test_layout_accepted_by_make_shards(made, tmp_path):
     for split in ("val", "test"):
         mask = Image.open(items[split][0].mask)
         assert mask.mode == "P" and mask.size == (150, 150)
-    assert _tool("make_shards").main(["--layout", "luad", "--src", str(made), "--out", str(tmp_path / "shards"),
+    assert shards_cmd.main(["--layout", "luad", "--src", str(made), "--out", str(tmp_path / "shards"),
                                       "--mpp", "0.495"]) == 0
     info = json.loads((tmp_path / "shards" / "info.json").read_text())
     assert info["classes"] == list(LUAD_CLASSES) and info["ignore_index"] == IGNORE

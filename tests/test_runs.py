@@ -323,7 +323,7 @@ def test_deepspeed_files_are_loaded_only_when_their_digests_match(tmp_path):
 
 
 def test_outputs_inside_inputs_and_foreign_folders_are_refused(tmp_path, tiny_luad_folder, capsys):
-    from mlps_dist.deploy import infer
+    from mlps_dist.cli import infer
 
     images = tmp_path / "images"
     images.mkdir()
@@ -334,7 +334,7 @@ def test_outputs_inside_inputs_and_foreign_folders_are_refused(tmp_path, tiny_lu
     assert infer.main(["--run", str(tmp_path / "run"), "--input", str(images / "a.png"), "--out", str(images)]) == 2
     assert (images / "a.png").read_bytes() == b"not read before the check"
 
-    make_shards = [sys.executable, "tools/make_shards.py", "--layout", "luad", "--src", str(tiny_luad_folder)]
+    make_shards = [sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tiny_luad_folder)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     inside = subprocess.run([*make_shards, "--out", str(tiny_luad_folder / "shards")], cwd=REPO, env=env,
                             capture_output=True, text=True)

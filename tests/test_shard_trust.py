@@ -23,12 +23,12 @@ def test_inspect_shards_never_writes_where_an_idx_key_points(tiny_shards, tmp_pa
     outside = tmp_path / "OUTSIDE"
     lines[1] = lines[1].replace("val_00000000", str(outside))
     idx.write_text("\n".join(lines) + "\n")
-    result = run_tool("tools/inspect_shards.py", str(evil), "--dump", "2", "--split", "val", "--to",
+    result = run_tool("-m", "mlps_dist", "inspect", str(evil), "--dump", "2", "--split", "val", "--out",
                       str(tmp_path / "peek"))
     assert result.returncode == 2, result.stderr
     assert "expected 'val_00000000'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("OUTSIDE*"))
-    good = run_tool("tools/inspect_shards.py", str(tiny_shards), "--dump", "2", "--split", "val", "--to",
+    good = run_tool("-m", "mlps_dist", "inspect", str(tiny_shards), "--dump", "2", "--split", "val", "--out",
                     str(tmp_path / "peek"))
     assert good.returncode == 0, good.stderr
     assert sorted(p.name for p in (tmp_path / "peek").iterdir())[:2] == ["val_00000000.json", "val_00000000.mask.png"]

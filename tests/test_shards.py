@@ -174,14 +174,14 @@ def test_cli_stops_before_writing_and_skip_bad_lists_and_counts(tiny_luad_folder
     src = _copy(tiny_luad_folder, tmp_path)
     broken = [_break(src, "truncated"), _break(src, "mask values")]
     out = tmp_path / "shards"
-    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(src), "--out", str(out))
+    result = run_tool("-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(src), "--out", str(out))
     assert result.returncode == 2
     for path in broken:
         assert path.name in result.stderr
     assert "2 bad file(s) found" in result.stderr and "--skip-bad" in result.stderr
     assert not out.exists() or not any(out.iterdir())
 
-    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(src), "--out", str(out),
+    result = run_tool("-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(src), "--out", str(out),
                       "--skip-bad", "--shard-size", "8")
     assert result.returncode == 0, result.stderr
     assert "2 bad file(s) skipped" in result.stderr and broken[0].name in result.stderr
@@ -247,7 +247,7 @@ def test_rerun_after_truncated_shard_rewrites_it(tiny_luad_folder, tiny_shards, 
     tar.write_bytes(tar.read_bytes()[:3000])
     (out / "info.json").unlink()
     (out / ".mlps-output").write_text("make_shards\n")  # a killed make_shards leaves its mark first
-    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tiny_luad_folder), "--out", str(out),
+    result = run_tool("-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tiny_luad_folder), "--out", str(out),
                       "--shard-size", "10")
     assert result.returncode == 0, result.stderr
     assert "train: reused 3 complete shard(s)" in result.stdout
@@ -259,7 +259,7 @@ def test_rerun_after_truncated_shard_rewrites_it(tiny_luad_folder, tiny_shards, 
 
 
 def test_inspect_shards_prints_counts_and_dumps_samples(tiny_shards, tmp_path):
-    result = run_tool("tools/inspect_shards.py", str(tiny_shards), "--dump", "2", "--split", "val", "--to",
+    result = run_tool("-m", "mlps_dist", "inspect", str(tiny_shards), "--dump", "2", "--split", "val", "--out",
                       str(tmp_path / "dump"))
     assert result.returncode == 0, result.stderr
     info = read_info(tiny_shards)

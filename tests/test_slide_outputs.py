@@ -25,13 +25,14 @@ PALETTE = ColourModel.palette
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
     """Two flat-colour slides segmented by the nearest-colour model, with probability maps."""
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
 
     root = tmp_path_factory.mktemp("outputs")
     for i in range(2):
         write_synthetic_slide(root / "slides" / f"flat{i}.tiff", None, W, H, seed=20 + i, cell_px=CELL, flat=True)
     out = root / "maps"
-    args = segment_slides.parse_args(["--run", "runs/r", "--slides", str(root / "slides"), "--out", str(out),
+    args = segment_cmd.parse_args(["--run", "runs/r", "--slides", str(root / "slides"), "--out", str(out),
                                       "--map-mpp", "4", "--probabilities"])
     assert segment_slides.run(args, model=ColourModel()) == 0
     return root, out
@@ -254,6 +255,7 @@ class StainColourModel(ColourModel):
 
 
 def test_stains_are_estimated_once_per_slide_and_recorded(tmp_path, capsys):
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
     from mlps_dist.slides.reader import Slide
     from mlps_dist.slides.slide_stain import SlideStain
@@ -266,7 +268,7 @@ def test_stains_are_estimated_once_per_slide_and_recorded(tmp_path, capsys):
 
     def run(out, *extra):
         model = StainColourModel(normaliser)
-        args = segment_slides.parse_args(["--run", "r", "--slides", str(tmp_path / "slides"), "--out", str(out),
+        args = segment_cmd.parse_args(["--run", "r", "--slides", str(tmp_path / "slides"), "--out", str(out),
                                           "--map-mpp", "4", *extra])
         assert segment_slides.run(args, model=model) == 0
         return model, json.loads((out / "tex" / "summary.json").read_text())

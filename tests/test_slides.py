@@ -3,7 +3,6 @@ of synthetic slides (pyramidal TIFFs written with tifffile, opened through OpenS
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -23,14 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 W, H, CELL = 768, 512, 200
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tile_slides = load_tool("tile_slides")
+from mlps_dist.cli import tile as tile_slides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +156,10 @@ def test_a_slide_without_mpp_is_refused_by_name(slides, tmp_path):
     with pytest.raises(InputError, match="nompp"):
         tile_slides._main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp", "2", "--tile", "32"])
     assert not (tmp_path / "out").exists()
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
 
-    args = segment_slides.parse_args(["--run", "x", "--slides", str(folder), "--out", str(tmp_path / "maps")])
+    args = segment_cmd.parse_args(["--run", "x", "--slides", str(folder), "--out", str(tmp_path / "maps")])
     with pytest.raises(InputError, match="nompp"):
         segment_slides.run(args, model=ColourModel())
 
@@ -224,9 +217,10 @@ def flat_slides(tmp_path_factory):
 
 
 def segment(root: Path, out: Path, model=None, *extra) -> int:
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
 
-    args = segment_slides.parse_args(["--run", "unused", "--slides", str(root / "slides"), "--out", str(out),
+    args = segment_cmd.parse_args(["--run", "unused", "--slides", str(root / "slides"), "--out", str(out),
                                       "--map-mpp", "4", *extra])
     return segment_slides.run(args, model=model or ColourModel())
 
@@ -273,14 +267,14 @@ def test_segment_slides_with_a_trained_run_needs_its_mpp(flat_slides, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from test_infer import make_run
 
-    from mlps_dist.deploy import segment_slides
+    from mlps_dist.cli import segment as segment_cmd
 
     run = make_run(tmp_path / "run")
     base = ["--run", str(run), "--slides", str(flat_slides[0] / "slides" / "flat0.tiff"), "--out", str(tmp_path / "m"),
             "--map-mpp", "8", "--stride", "32"]
     with pytest.raises(InputError, match="--model-mpp"):
-        segment_slides._main(base)
-    assert segment_slides.main(base + ["--model-mpp", "8"]) == 0
+        segment_cmd._main(base)
+    assert segment_cmd.main(base + ["--model-mpp", "8"]) == 0
     classes = np.asarray(Image.open(tmp_path / "m" / "flat0" / "classes.png"))
     assert classes.shape == (H // 8, W // 8) and set(np.unique(classes)) <= set(range(5))
     assert (classes == 4).any() and (classes < 4).any()
@@ -290,7 +284,7 @@ def test_make_shards_records_the_mpp(tmp_path):
     from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "luad", train=4, val=2, test=2, size=32)
-    make_shards = load_tool("make_shards")
+    from mlps_dist.cli import shards as make_shards
     assert make_shards.main(["--layout", "luad", "--src", str(tmp_path / "luad"), "--out", str(tmp_path / "s"),
                              "--mpp", "0.5"]) == 0
     assert json.loads((tmp_path / "s" / "info.json").read_text())["mpp"] == 0.5

@@ -16,7 +16,7 @@ from torchrun_helpers import REPO, kill_job, run, start, wait_for
 from mlps_dist.synthetic.slides import CLASS_MAP, write_synthetic_slide
 
 pytestmark = pytest.mark.slow
-TILE = str(REPO / "tools" / "tile_slides.py")
+TILE = ["-m", "mlps_dist", "--", "tile"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def slides(tmp_path_factory):
 
 
 def tile_args(root: Path, out: Path) -> list[str]:
-    return [TILE, "--slides", str(root / "slides"), "--out", str(out), "--mpp", "2", "--tile", "32",
+    return [*TILE, "--slides", str(root / "slides"), "--out", str(out), "--mpp", "2", "--tile", "32",
             "--annotations", str(root / "ann"), "--class-map", CLASS_MAP, "--splits", str(root / "splits.csv"),
             "--shard-size", "40"]
 
@@ -86,7 +86,7 @@ def test_segment_slides_killed_and_resumed_equals_2_ranks(slides, tmp_path):
 
     run_dir = make_run(tmp_path / "run")
     maps = {}
-    command = lambda out: ["-m", "mlps_dist.deploy.segment_slides", "--run-dir", str(run_dir), "--slides",  # noqa: E731
+    command = lambda out: ["-m", "mlps_dist", "--", "segment", "--run", str(run_dir), "--slides",  # noqa: E731
                            str(slides / "slides"), "--out", str(out), "--model-mpp", "8", "--map-mpp", "8",
                            "--stride", "16"]
     # The 1-rank result comes from a run killed once it saved its first scores, then rerun.

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from mlps_dist.predict import export
+from mlps_dist.cli import export
 from mlps_dist.config import ConfigError, config_from_dict
 from mlps_dist.data.decode import decode_rgb
 from mlps_dist.data.shards import open_split

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from mlps_dist.synthetic.patches import CLASSES, MIN_TISSUE_FRACTION, WHITE, mak
 
 TRAIN_NAME = re.compile(r"^synth\d{2}-\d+-\d+-\[([01]) ([01]) ([01]) ([01])\]\.png$")
 EVAL_NAME = re.compile(r"^synth\d{2}-\d+-\d+\.png$")
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
 LUAD_PALETTE = [205, 51, 51, 0, 255, 0, 65, 105, 225, 255, 165, 0, 255, 255, 255]
 
 
@@ -126,10 +123,8 @@ def test_rerun_after_interruption_completes_identically(tmp_path, layout):
 
 
 def test_cli_in_process(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_synthetic", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    main = tool.main
+    from mlps_dist.cli.synthetic import main
+
     assert main(["--out", str(tmp_path / "cli"), "--train", "3", "--val", "1", "--test", "1", "--size", "48"]) == 0
     printed = capsys.readouterr().out
     assert "patches/s" in printed and "generated 5" in printed and "train label frequency" in printed

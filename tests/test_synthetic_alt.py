@@ -30,7 +30,7 @@ def test_alt_generator_gives_shardable_luad_layout_and_is_deterministic(tmp_path
         grey = rgb @ [0.299, 0.587, 0.114]
         if (mask == 4).any():  # white holes are white: the white-background channel finds them
             assert np.median(grey[mask == 4]) > 200
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--layout", "luad", "--src",
+    done = subprocess.run([sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src",
                            str(tmp_path / "a"), "--out", str(tmp_path / "shards")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "shards" / "info.json").is_file()

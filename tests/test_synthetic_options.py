@@ -153,7 +153,7 @@ def test_unknown_variant_and_bad_options_are_refused(tmp_path, capsys):
         variant_options("default", brightness=3.0)
     with pytest.raises(SyntheticOptionError, match="tissues_per_patch"):
         variant_options("default", class_weights=(1, 0, 0, 0), tissues_per_patch=(0.5, 0.5, 0, 0))
-    tool = _load_tool("make_synthetic")
+    from mlps_dist.cli import synthetic as tool
     assert tool.main(["--out", str(tmp_path / "x"), "--variant", "blurry"]) == 2
     err = capsys.readouterr().err
     assert "blurry" in err and all(name in err for name in VARIANTS)
@@ -161,7 +161,7 @@ def test_unknown_variant_and_bad_options_are_refused(tmp_path, capsys):
 
 
 def test_cli_variant_with_override(tmp_path):
-    tool = _load_tool("make_synthetic")
+    from mlps_dist.cli import synthetic as tool
     out = tmp_path / "v"
     assert tool.main(["--out", str(out), "--variant", "large-nuclei", "--size", "40", "--nuclear-size", "1.2",
                       "--train", "2", "--val", "1", "--test", "1"]) == 0

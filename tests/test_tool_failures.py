@@ -31,7 +31,7 @@ def test_make_shards_on_a_full_disk_says_so_and_leaves_no_temporary_file(full_di
 
     write_luad_layout(tmp_path / "src", train=60, val=6, test=6, size=64)
     out = full_disk / "shards"
-    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(out),
+    result = run_tool("-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(out),
                       "--shard-size", "20")
     assert result.returncode == 2, result.stderr
     assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
@@ -106,7 +106,7 @@ def test_infer_on_a_full_disk_says_so_and_leaves_no_half_written_image(full_disk
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i:02d}.png")
     out = full_disk / "pred"
-    result = run_tool("-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(tmp_path / "img"), "--out", str(out))
+    result = run_tool("-m", "mlps_dist", "infer", "--run", str(run), "--input", str(tmp_path / "img"), "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert "No space left on device (ENOSPC)" in result.stderr and "Traceback" not in result.stderr
     classes = {p.stem for p in out.glob("*.png") if not p.stem.endswith("_overlay")}

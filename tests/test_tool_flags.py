@@ -11,7 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import run_tool  # noqa: E402
-from test_slides import load_tool  # noqa: E402
 
 from mlps_dist.config import ConfigError, config_from_dict  # noqa: E402
 
@@ -33,7 +32,7 @@ def test_infer_refuses_unusable_flags(flags, tmp_path, capsys):
 def test_tile_slides_refuses_unusable_flags(flags, tmp_path, capsys):
     from mlps_dist.synthetic.slides import write_synthetic_slide
 
-    tile_slides = load_tool("tile_slides")
+    from mlps_dist.cli import tile as tile_slides
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 128, 128, seed=0, cell_px=64)
     base = {"--mpp": "1", "--slides": str(tmp_path / "s"), "--out": str(tmp_path / "o")}
     base.update(dict(zip(flags[::2], flags[1::2])))
@@ -56,7 +55,7 @@ def test_make_shards_refuses_an_unusable_mpp_before_creating_out(value, tmp_path
     from mlps_dist.synthetic.patches import write_luad_layout
 
     write_luad_layout(tmp_path / "src", train=4, val=2, test=2, size=32)
-    result = run_tool("tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out",
+    result = run_tool("-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tmp_path / "src"), "--out",
                       str(tmp_path / "o"), "--mpp", value)
     assert result.returncode == 2 and "--mpp" in result.stderr, result.stderr
     assert not (tmp_path / "o").exists()
@@ -100,7 +99,7 @@ def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path)
     write_luad_layout(tmp_path / "src", train=6, val=2, test=2, size=32)
     odd = sorted((tmp_path / "src" / "train").glob("*.png"))[0]
     Image.open(odd).resize((20, 28)).save(odd)
-    args = ["tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]
+    args = ["-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]
     result = run_tool(*args)
     assert result.returncode == 2 and "32x32: 5, 20x28: 1" in result.stderr and odd.name in result.stderr
     assert not (tmp_path / "o").exists()

@@ -47,7 +47,7 @@ def inputs(tmp_path_factory):
 
 def test_make_shards_killed_and_rerun_is_identical(inputs, tmp_path):
     root, _ = inputs
-    report = inject(tmp_path, [PY, "tools/make_shards.py", "--layout", "luad", "--src", str(root / "luad"), "--out",
+    report = inject(tmp_path, [PY, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(root / "luad"), "--out",
                                "{out}", "--shard-size", "20"], seed=1)
     assert report["files"] > 30
 
@@ -56,20 +56,20 @@ def test_tile_slides_killed_and_rerun_is_identical(inputs, tmp_path):
     from mlps_dist.synthetic.slides import CLASS_MAP
 
     root, _ = inputs
-    inject(tmp_path, [PY, "tools/tile_slides.py", "--slides", str(root / "slides"), "--out", "{out}", "--mpp", "2",
+    inject(tmp_path, [PY, "-m", "mlps_dist", "tile", "--slides", str(root / "slides"), "--out", "{out}", "--mpp", "2",
                       "--tile", "32", "--annotations", str(root / "ann"), "--class-map", CLASS_MAP, "--shard-size",
                       "50", "--split-ratios", "0.4,0.3,0.3"], seed=2)
 
 
 def test_segment_slides_killed_and_rerun_is_identical(inputs, tmp_path):
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.segment_slides", "--run", str(run), "--slides", str(root / "slides"),
+    inject(tmp_path, [PY, "-m", "mlps_dist", "segment", "--run", str(run), "--slides", str(root / "slides"),
                       "--out", "{out}", "--map-mpp", "8", "--model-mpp", "2", "--stride", "16"], seed=3)
 
 
 def test_infer_killed_and_rerun_is_identical(inputs, tmp_path):
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(root / "luad" / "val" / "img"),
+    inject(tmp_path, [PY, "-m", "mlps_dist", "infer", "--run", str(run), "--input", str(root / "luad" / "val" / "img"),
                       "--out", "{out}"], seed=4)
 
 
@@ -77,5 +77,5 @@ def test_infer_streaming_by_row_bands_killed_and_rerun_is_identical(inputs, tmp_
     """The streamed path (every image by row bands; the slides are tiled TIFFs read by rows of
     tiles) writes through its own temporary files: a kill leaves none behind as output."""
     root, run = inputs
-    inject(tmp_path, [PY, "-m", "mlps_dist.deploy.infer", "--run", str(run), "--input", str(root / "slides"),
+    inject(tmp_path, [PY, "-m", "mlps_dist", "infer", "--run", str(run), "--input", str(root / "slides"),
                       "--out", "{out}", "--stream-megapixels", "0", "--patch", "64"], seed=5)

@@ -14,13 +14,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_slides import ColourModel, load_tool, write_synthetic_slide  # noqa: E402
+from test_slides import ColourModel, write_synthetic_slide  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.run.lock import RunLock, RunLockedError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-tile_slides = load_tool("tile_slides")
+from mlps_dist.cli import tile as tile_slides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_a_second_run_into_one_output_folder_is_refused_at_once(one_slide, tmp_p
         assert holder.stdout.readline().strip() == "held"
         (out / ".mlps-output").write_text("tile_slides\n")
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "tools/tile_slides.py", "--slides", str(one_slide / "slides"),
+        proc = subprocess.run([sys.executable, "-m", "mlps_dist", "tile", "--slides", str(one_slide / "slides"),
                                "--out", str(out), "--mpp", "2", "--tile", "32", "--split-ratios", "1,0,0"],
                               cwd=REPO, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -147,13 +147,13 @@ def test_make_shards_into_a_folder_another_run_holds_is_refused(tmp_path):
     out = tmp_path / "shards"
     held = RunLock(out, "make_shards").acquire()
     try:
-        proc = subprocess.run([sys.executable, "tools/make_shards.py", "--layout", "luad", "--src",
+        proc = subprocess.run([sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src",
                                str(tmp_path / "src"), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.returncode == 2 and f"pid {os.getpid()}, running make_shards" in proc.stderr, proc.stderr
         assert not (out / "info.json").exists()
     finally:
         held.release()
-    assert subprocess.run([sys.executable, "tools/make_shards.py", "--layout", "luad", "--src", str(tmp_path / "src"),
+    assert subprocess.run([sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(tmp_path / "src"),
                            "--out", str(out)], cwd=REPO, capture_output=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)}).returncode == 0

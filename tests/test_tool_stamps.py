@@ -14,9 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_slides import load_tool  # noqa: E402
 
-make_shards = load_tool("make_shards")
+from mlps_dist.cli import shards as make_shards  # noqa: E402
 
 
 def test_make_shards_converts_a_corrected_source_again(tmp_path):
@@ -89,7 +88,7 @@ def test_tile_slides_redoes_a_part_when_the_annotations_change(tmp_path):
 
     root = tmp_path / "wsi"
     write_synthetic_slide(root / "slides" / "s0.tiff", root / "ann" / "s0.geojson", 384, 256, seed=5, cell_px=100)
-    tile_slides = load_tool("tile_slides")
+    from mlps_dist.cli import tile as tile_slides
     base = ["--slides", str(root / "slides"), "--out", str(tmp_path / "t"), "--mpp", "2", "--tile", "32",
             "--annotations", str(root / "ann"), "--class-map", CLASS_MAP, "--split-ratios", "1,0,0", "--keep-parts"]
     assert tile_slides.main(base) == 0

@@ -124,7 +124,7 @@ def log(message: str) -> None:
 
 def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2, test: int = 2,
                      shard_size: int = 256, seed: int = 0, image_format: str = "png") -> Path:
-    """Synthetic LUAD-layout patches converted by tools/make_shards.py: the shard folder (data.root),
+    """Synthetic LUAD-layout patches converted by mlps shards: the shard folder (data.root),
     training images stored as ``image_format``. Reuses shards a previous call completed in
     ``workdir`` when they are big enough."""
     workdir = Path(workdir)
@@ -140,12 +140,12 @@ def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2
 
     write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed,
                       workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers
-    tool = Path(__file__).resolve().parent / "make_shards.py"
-    proc = subprocess.run([sys.executable, str(tool), "--layout", "luad", "--src", str(src), "--out", str(root),
+    proc = subprocess.run([sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(src),
+                           "--out", str(root),
                            "--shard-size", str(shard_size), "--image-format", image_format],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"tools/make_shards.py failed on {src}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"mlps shards failed on {src}: {proc.stderr.strip()[-2000:]}")
     return root
 
 

@@ -4,7 +4,7 @@ streamed one (images read, predicted and written by row bands), in bytes per inp
     python tools/bench_infer.py                       # 2000 and 4000 px squares (bench_all)
     python tools/bench_infer.py --sides 4000,8000     # the figures in docs/running.md
 
-Each configuration is one ``python -m mlps_dist.deploy.infer`` process on one synthetic RGB PNG (a
+Each configuration is one ``mlps infer`` process on one synthetic RGB PNG (a
 smooth texture, so that Pillow's PNG filters vary as on tissue), with a run of untrained
 small models (memory does not depend on the weights): peak RSS from the process's own
 rusage, wall time, and (peak - baseline) / pixels, where the baseline is the same command on
@@ -54,7 +54,7 @@ def run_infer(args: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one infer process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mlps_dist.deploy.infer", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mlps_dist", "infer", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)

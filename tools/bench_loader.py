@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--backends", default="torch,dali")
     p.add_argument("--image-formats", default="png,webp,jpeg",
-                   help="shard encodings of the training images to measure (tools/make_shards.py --image-format)")
+                   help="shard encodings of the training images to measure (mlps shards --image-format)")
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)
     dist.init()

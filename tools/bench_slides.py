@@ -135,10 +135,11 @@ def main(argv=None) -> int:
     for world in worlds:
         out = work / f"maps{world}"
         log(f"segment_slides on {world} rank(s)")
-        seconds, stdout = timed(torchrun(world) + ["-m", "mlps_dist.deploy.segment_slides", "--run-dir", str(run_dir), "--slides",
-                                           str(slide), "--out", str(out), "--model-mpp", str(args.model_mpp),
-                                           "--map-mpp", str(args.model_mpp * args.patch / 12), "--stride",
-                                           str(args.patch), "--batch-size", str(args.batch_size)])
+        seconds, stdout = timed(torchrun(world) + ["-m", "mlps_dist", "--", "segment", "--run", str(run_dir),
+                                                   "--slides", str(slide), "--out", str(out),
+                                                   "--model-mpp", str(args.model_mpp),
+                                                   "--map-mpp", str(args.model_mpp * args.patch / 12), "--stride",
+                                                   str(args.patch), "--batch-size", str(args.batch_size)])
         summary = json.loads((out / "bench" / "summary.json").read_text())
         tissue = np.asarray(Image.open(out / "bench" / "tissue.png")) > 0
         tissue_mp = tissue.sum() * (summary["map_mpp"] / args.slide_mpp) ** 2 / 1e6
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         figures["tissue_mp"] = round(float(tissue_mp), 3)
         log(f"tiling on {world} rank(s)")
         tiled = work / f"shards{world}"
-        seconds, _ = timed(torchrun(world) + [str(REPO / "tools" / "tile_slides.py"), "--slides", str(slide), "--out",
+        seconds, _ = timed(torchrun(world) + ["-m", "mlps_dist", "--", "tile", "--slides", str(slide), "--out",
                                            str(tiled), "--mpp", str(args.model_mpp), "--tile", str(args.patch),
                                            "--split-ratios", "1,0,0"])
         count = json.loads((tiled / "info.json").read_text())["splits"]["train"]["count"]

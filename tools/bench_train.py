@@ -8,7 +8,7 @@ ZeRO-1/ZeRO-2, torch vs. DALI loader. Prints one JSON line (see tools/bench_comm
 
 Every configuration is a real ``torchrun --standalone`` job of this file (``--worker``) that
 builds the project's own pieces: the stage's task (model factory, loss, real loader over
-shards written by tools/make_shards.py, with pseudo masks for the segmenter),
+shards written by mlps shards, with pseudo masks for the segmenter),
 ``parallel.wrap`` (DDP or a DeepSpeed engine) and ``engine.train_step``. One job per
 configuration, so each peak-memory figure belongs to that configuration alone.
 
@@ -384,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
     p.add_argument("--image-format", default="png", choices=["png", "webp", "jpeg"],
-                   help="encoding of the training images in the synthetic shards (tools/make_shards.py)")
+                   help="encoding of the training images in the synthetic shards (mlps shards)")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP on --worlds, "

@@ -6,8 +6,8 @@
     python tools/demo_variants.py --variants default,pale --seeds 0,1 segmenter.epochs=10
     python tools/demo_variants.py --tuning --runs runs/variants --restart-from segmenter   # a new stage-3 setting
 
-For every variant and seed: generate the data (tools/make_synthetic.py, demo sizes; for the
-real-tissue variants tools/make_mosaics.py from --tiles), make shards (tools/make_shards.py
+For every variant and seed: generate the data (mlps synthetic, demo sizes; for the
+real-tissue variants mlps mosaics from --tiles), make shards (mlps shards
 --layout luad), run launch/pipeline.sh CONFIG RUN data.root=...
 with the extra key=value overrides, then collect the test mIoU with and without the gate
 (RUN/metrics/test.json), the stage-1 validation score (best and last, RUN/log.jsonl), the
@@ -54,7 +54,7 @@ from mlps_dist.synthetic.options import (  # noqa: E402
 from mlps_dist.core.fileio import atomic_write_text  # noqa: E402
 
 
-REAL_VARIANTS = ("real", "real-stain")  # tools/make_mosaics.py from --tiles; real-stain: --stain-change on val/test
+REAL_VARIANTS = ("real", "real-stain")  # mlps mosaics from --tiles; real-stain: --stain-change on val/test
 REAL_STAIN = {"real": False, "real-stain": True}
 DEFAULT_TILES = REPO.parent / "shared" / "real" / "kather2016_dev"
 DEFAULT_REAL_SOURCES = "01,02,03/04/05"
@@ -197,17 +197,17 @@ def data_commands(args, name: str, seed: int, data: Path) -> list[list[str]]:
     py = sys.executable
     if name in REAL_VARIANTS:
         (train, val, test), counts = args.real_sources, args.real_counts
-        make = [py, "tools/make_mosaics.py", "--tiles", str(args.tiles), "--out", str(data / "raw"),
+        make = [py, "-m", "mlps_dist", "mosaics", "--tiles", str(args.tiles), "--out", str(data / "raw"),
                 "--train", str(counts[0]), "--val", str(counts[1]), "--test", str(counts[2]),
                 "--split-by-source", "--sources-train", ",".join(train), "--sources-val", ",".join(val),
                 "--sources-test", ",".join(test), "--seed", str(seed)]
         make += ["--stain-change"] if REAL_STAIN[name] else []
         mpp = ["--mpp", str(REAL_MPP)]
     else:
-        make = [py, "tools/make_synthetic.py", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
+        make = [py, "-m", "mlps_dist", "synthetic", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
                 "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)]
         mpp = []
-    return [make, [py, "tools/make_shards.py", "--layout", "luad", "--src", str(data / "raw"),
+    return [make, [py, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(data / "raw"),
                    "--out", str(data / "shards"), *mpp]]
 
 

@@ -2,7 +2,7 @@
 that its rerun writes exactly what an uninterrupted run writes.
 
     python tools/fault_inject_tools.py --out runs/tool_faults --kills 3 -- \
-        python tools/make_shards.py --layout luad --src data/demo/raw --out {out}
+        python -m mlps_dist shards --layout luad --src data/demo/raw --out {out}
 
 ``{out}`` in the command is replaced by the output folder. The tool is run uninterrupted
 into OUT/reference (timed), then into OUT/faulted: at ``--kills`` random moments spread over

@@ -2,10 +2,10 @@
 were not tuned on (never tune the demo on it).
 
     python tools/make_synthetic_alt.py --out data/alt/raw --size 224 --train 600 --val 40 --test 80
-    python tools/make_shards.py --layout luad --src data/alt/raw --out data/alt/shards
+    mlps shards --layout luad --src data/alt/raw --out data/alt/shards
     launch/pipeline.sh configs/demo.yaml runs/alt data.root=data/alt/shards
 
-It shares nothing with tools/make_synthetic.py: warped Voronoi regions instead of smooth
+It shares nothing with mlps synthetic: warped Voronoi regions instead of smooth
 random fields, nuclei and fibres drawn as PIL shapes in direct RGB colours instead of
 Beer-Lambert stain rendering, 224 px patches by default, elliptic white holes (grey 238-252,
 mask index 4). Output: the LUAD-HistoSeg folder layout (train names carry the patch labels).

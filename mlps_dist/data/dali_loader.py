@@ -5,7 +5,7 @@ DALI's own webdataset reader shuffles with internal state that cannot resume in 
 of an epoch, so the order comes from sampling.py, as in the torch back end, and the
 per-sample parameters from augment.py: both back ends yield the same samples with the
 same geometry. Decoding uses ``device="mixed"`` when the rank has a GPU: JPEG shards
-(``make_shards.py --image-format jpeg``) are decoded by nvJPEG on the GPU, PNG and WebP by
+(``mlps shards --image-format jpeg``) are decoded by nvJPEG on the GPU, PNG and WebP by
 DALI's CPU threads; augmentation then runs on the GPU. Without a GPU everything runs on the
 CPU. The pipeline prefetches two batches, so decoding overlaps the training step. The
 Python source only reads bytes and draws parameters (decoding happens in DALI's threads,
@@ -221,7 +221,7 @@ def undecodable_sample(reader: SplitReader, batches, eval_mode: bool):
         except DECODE_ERRORS as exc:
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
             fix = (f"{reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail}); rerun "
-                   f"tools/make_shards.py on its source (fix or remove the file)")
+                   f"mlps shards on its source (fix or remove the file)")
             return SampleError(f"{fix}, or set evaluate.skip_bad=true with data.loader=torch to leave it out of "
                                f"the metrics" if eval_mode else f"{fix}; training does not skip samples")
     return None

@@ -1,4 +1,4 @@
-"""How shards store their images: the encodings ``tools/make_shards.py --image-format`` offers.
+"""How shards store their images: the encodings ``mlps shards --image-format`` offers.
 
     png    lossless, the default; source PNGs are copied bit for bit
     webp   lossless WebP: the same pixels, smaller and faster to decode than PNG

@@ -55,7 +55,7 @@ class NamedSampleErrors(Dataset):
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
             message = f"{self.reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail})"
             if not self.skip:
-                fix = f"{message}; rerun tools/make_shards.py on its source (fix or remove the file)"
+                fix = f"{message}; rerun mlps shards on its source (fix or remove the file)"
                 if self.training:  # training never skips: exact resume replays one fixed sample order
                     raise SampleError(f"{fix}; training does not skip samples") from None
                 raise SampleError(f"{fix}, or set evaluate.skip_bad=true to leave it out of the metrics") from None

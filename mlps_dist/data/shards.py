@@ -32,7 +32,7 @@ MEMBERS = ("png", "webp", "jpg", "labels", "json", "mask.png")  # one image memb
 
 
 class ShardError(MlpsError, ValueError):
-    """A shard folder that cannot be read as written by tools/make_shards.py."""
+    """A shard folder that cannot be read as written by mlps shards."""
 
 
 def sample_key(split: str, index: int) -> str:
@@ -105,7 +105,7 @@ def read_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int
             raise ValueError(f"header says {count} samples, found {len(out)}")
         return out
     except (OSError, ValueError, IndexError) as exc:
-        raise ShardError(f"{idx_path}: not a readable DALI index ({exc}); rerun tools/make_shards.py") from exc
+        raise ShardError(f"{idx_path}: not a readable DALI index ({exc}); rerun mlps shards") from exc
 
 
 # ---------------------------------------------------------------- writing
@@ -201,12 +201,12 @@ def read_info(root: str | Path) -> dict:
     path = Path(root) / "info.json"
     if not path.is_file():
         raise ShardError(
-            f"{path} does not exist: data.root must be a folder written by tools/make_shards.py "
+            f"{path} does not exist: data.root must be a folder written by mlps shards "
             f"(convert the dataset first, or fix data.root)")
     try:
         info = json.loads(path.read_text())
     except ValueError as exc:
-        raise ShardError(f"{path}: not valid JSON ({exc}); rerun tools/make_shards.py") from exc
+        raise ShardError(f"{path}: not valid JSON ({exc}); rerun mlps shards") from exc
     if info.get("format") != FORMAT_VERSION:
         raise ShardError(f"{path}: format {info.get('format')!r}, this code reads format {FORMAT_VERSION}")
     return info
@@ -290,7 +290,7 @@ class SplitReader:
         for shard_no, shard in enumerate(self.split_info["shards"]):
             tar = self.root / shard_file_name(self.root, shard, "tar")
             if not tar.is_file():
-                raise ShardError(f"{tar} is listed in {self.root / 'info.json'} but missing; rerun tools/make_shards.py")
+                raise ShardError(f"{tar} is listed in {self.root / 'info.json'} but missing; rerun mlps shards")
             entries = read_index(self.root / shard_file_name(self.root, shard, "idx"))
             if len(entries) != shard["count"]:
                 raise ShardError(f"{self.root / shard['idx']}: {len(entries)} samples, info.json says {shard['count']}")
@@ -300,7 +300,7 @@ class SplitReader:
                 expected = sample_key(split, len(self._keys))
                 if key != expected:  # keys name files (inspect_shards --dump): never a path from the idx
                     raise ShardError(f"{self.root / shard['idx']}: sample {len(self._keys)} has key {key[:80]!r}, "
-                                     f"expected {expected!r}; the shard was not written by tools/make_shards.py "
+                                     f"expected {expected!r}; the shard was not written by mlps shards "
                                      f"or was changed since: rerun it")
                 self._keys.append(key)
                 self._entries.append((shard_no, members))
@@ -326,7 +326,7 @@ class SplitReader:
             data = self._files.read(self._tars[shard_no], offset, size)
             if len(data) != size:
                 raise ShardError(f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; "
-                                 f"rerun tools/make_shards.py")
+                                 f"rerun mlps shards")
             out[ext] = data
         if self.image_member in out:
             out["image"] = out[self.image_member]  # the encoded image, whatever its format
@@ -347,7 +347,7 @@ def shard_file_name(root: Path, shard: dict, kind: str) -> str:
     if (not isinstance(name, str) or not name or name != Path(name).name or name.startswith(".")
             or "\\" in name or not name.endswith(f".{kind}")):
         raise ShardError(f"{root / 'info.json'}: shard {kind} name {name!r} is not a plain '*.{kind}' file name "
-                         f"inside {root}; rerun tools/make_shards.py")
+                         f"inside {root}; rerun mlps shards")
     return name
 
 
@@ -360,7 +360,7 @@ def check_index_fits(entries: list[tuple[str, dict[str, tuple[int, int]]]], tar:
             if offset < 0 or size < 0 or offset + size > tar_size:
                 raise ShardError(f"{idx}: member {key}.{ext} at bytes {offset}..{offset + size} lies outside "
                                  f"{tar} ({tar_size} bytes): the index does not belong to this tar; "
-                                 f"rerun tools/make_shards.py")
+                                 f"rerun mlps shards")
 
 
 def open_split(root: str | Path, split: str) -> SplitReader:

@@ -1,4 +1,4 @@
-"""An exported model (tools/export.py) run with onnxruntime: no torch, no training stack.
+"""An exported model (mlps export) run with onnxruntime: no torch, no training stack.
 
 Needs only ``onnxruntime``, ``numpy`` and ``pillow`` (``pip install mlps-dist[deploy]``).
 The export folder holds ``model.onnx`` and ``model.json`` (classes, palette, training MPP
@@ -80,12 +80,12 @@ def record_digest(meta: dict) -> str:
 
 def check_meta(meta, meta_path: Path, onnx_path: Path) -> None:
     """model.json has the keys the model needs, and describes this very model.onnx (the
-    sha256 that tools/export.py recorded): a json from another export, or one left beside
+    sha256 that mlps export recorded): a json from another export, or one left beside
     a newer graph by a killed export, is refused instead of used."""
     from mlps_dist.core.fileio import sha256_file
 
     if not isinstance(meta, dict):
-        raise InputError(f"{meta_path}: expected a JSON object written by tools/export.py, got "
+        raise InputError(f"{meta_path}: expected a JSON object written by mlps export, got "
                          f"{type(meta).__name__}; export the model again")
     for key, kind in REQUIRED.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
@@ -94,7 +94,7 @@ def check_meta(meta, meta_path: Path, onnx_path: Path) -> None:
         raise InputError(f"{meta_path}: needs at least one class, a colour per class and patch_size >= 8; "
                          f"export the model again")
     if meta.get("digest") and meta["digest"] != record_digest(meta):
-        raise InputError(f"{meta_path} was changed after tools/export.py wrote it (its digest no longer matches "
+        raise InputError(f"{meta_path} was changed after mlps export wrote it (its digest no longer matches "
                          f"its content); export the model again rather than editing it")
     recorded = ((meta.get("weights") or {}).get("model.onnx") or {}).get("sha256")
     if recorded and recorded != sha256_file(onnx_path):
@@ -113,11 +113,11 @@ class OnnxModel:
                              f"pip install onnxruntime (or onnxruntime-gpu)") from exc
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"{self.path} does not exist; --model must be the model.onnx written by tools/export.py")
+            raise InputError(f"{self.path} does not exist; --model must be the model.onnx written by mlps export")
         meta_path = model_json_path(self.path)
         if not meta_path.is_file():
             raise InputError(f"{meta_path} does not exist; keep model.json next to model.onnx (both come from "
-                             f"tools/export.py)")
+                             f"mlps export)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except ValueError as exc:

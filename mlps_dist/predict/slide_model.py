@@ -6,8 +6,8 @@
 Tiles go through mlps_dist.predict.predictor exactly as evaluation predicts a patch (normalisation,
 resize to ``data.image_size``, segmenter, classification gate per tile); the softmax scores
 after the gate are area-averaged down to the map grid. The training MPP comes from the
-``mpp`` of the run's shards (``data.root``/info.json, written by tools/tile_slides.py and
-``tools/make_shards.py --mpp``), else ``model_mpp``; ``mpp`` stays None when neither says
+``mpp`` of the run's shards (``data.root``/info.json, written by mlps tile and
+``mlps shards --mpp``), else ``model_mpp``; ``mpp`` stays None when neither says
 it and the caller refuses to run.
 """
 

@@ -1,5 +1,5 @@
 """Whole-slide images: reading at a target resolution, tissue detection, annotations, tile grids.
 
-Nothing here imports torch: the slide tools (tools/tile_slides.py, mlps_dist.deploy.segment_slides)
+Nothing here imports torch: the slide tools (mlps tile, mlps_dist.deploy.segment_slides)
 and any deployment code read and stitch slides with numpy, PIL, OpenSlide and shapely only.
 """

@@ -1,4 +1,4 @@
-"""Which annotation file belongs to which slide (tools/tile_slides.py ``--annotations`` and
+"""Which annotation file belongs to which slide (mlps tile ``--annotations`` and
 ``--annotations-map``).
 
     files = find_annotation_files(slide_paths, folder="annotations/", map_csv=None)

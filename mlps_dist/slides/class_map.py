@@ -1,4 +1,4 @@
-"""Annotation class names -> dataset classes: the ``--class-map`` of tools/tile_slides.py.
+"""Annotation class names -> dataset classes: the ``--class-map`` of mlps tile.
 
     class_map = parse_class_map("Tumor=TE,Stroma*=TAS,Other=ignore,Region*=ignore", ["TE", "NEC", "LYM", "TAS"])
     class_map.lookup("Stroma (dense)")     # 3

@@ -1,4 +1,4 @@
-"""This rank's share of tools/tile_slides.py: its slides tiled in ``workers`` processes, with
+"""This rank's share of mlps tile: its slides tiled in ``workers`` processes, with
 progress on stderr (mlps_dist/core/progress.py: done / total grid tiles, tiles/s, ETA; plain
 lines every 30 s off a terminal).
 

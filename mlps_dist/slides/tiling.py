@@ -1,4 +1,4 @@
-"""Slides -> training tiles: the per-slide work of tools/tile_slides.py and the final assembly.
+"""Slides -> training tiles: the per-slide work of mlps tile and the final assembly.
 
 Per slide (one process, any rank): tissue mask at ``tissue_mpp`` (also written as
 OUT/tissue/<slide>.png), a grid of ``tile`` px tiles every ``stride`` px at the target
@@ -11,7 +11,7 @@ OUT/.parts/<slide>.json, the marker that the slide is done. A rerun skips done s
 whose marker has the same settings (the class map included), split, slide file (size,
 mtime) and annotation file (name, size, sha256).
 
-Assembly renumbers the parts into the shard format of tools/make_shards.py: per split, the
+Assembly renumbers the parts into the shard format of mlps shards: per split, the
 slides in name order, keys ``<split>_<index:08d>`` contiguous whatever order the slides
 finished in. Members are copied byte for byte (no re-encoding); output shards are split
 over ranks, each written by exactly one. Train tiles are stored in ``image_format`` (PNG by

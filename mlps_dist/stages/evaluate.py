@@ -171,7 +171,7 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
 
 def save_evaluated_config(cfg: Config) -> None:
     """The settings the metrics were measured with, where every consumer of the run reads
-    them (infer --run, export, segment_slides, the model card, tools/visualize.py read
+    them (infer --run, export, segment_slides, the model card, mlps visualize read
     RUN/config.yaml): an evaluation with changed evaluate.* settings replaces the settings
     the training stages left there. RUN/metrics/config.yaml keeps the same for the record."""
     save_config(cfg, layout.evaluated_config_file(cfg.run_dir))

@@ -123,7 +123,7 @@ def check_split(reader: SplitReader) -> None:
         raise PseudoMaskError(f"{where} holds no samples; check data.root")
     if "labels" not in reader.read(0):
         raise PseudoMaskError(f"{where} has no 'labels' members: the mask pass needs patch-level labels; "
-                              f"rebuild the shards with tools/make_shards.py")
+                              f"rebuild the shards with mlps shards")
 
 
 def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
