@@ -1,9 +1,9 @@
 """A real, private SLURM cluster for the tests: munged + slurmctld + two slurmd on this host.
 
-Use the ``slurm_cluster`` fixture (one per pytest run). It installs the Debian packages when
-they are missing (root + apt-get needed, else the tests are skipped with the reason),
-writes a slurm.conf whose state/spool/log/pid paths all live in a temporary folder,
-starts the daemons and waits until both nodes are idle. The nodes ``node1`` and
+Use the ``slurm_cluster`` fixture (one per pytest run). Where the Debian packages are missing,
+it installs them with apt-get if MLPS_SLURM_APT=1 (.ci/run sets it; root needed), else the
+tests are skipped with the reason. It writes a slurm.conf whose state/spool/log/pid paths all
+live in a temporary folder, starts the daemons and waits until both nodes are idle. The nodes ``node1`` and
 ``node2`` are two ``slurmd -N`` processes on 127.0.0.1; they run in a mount namespace
 with a private /etc/hosts so that node names resolve inside jobs (they become the
 torchrun rendezvous host). Teardown cancels the jobs, then stops exactly the processes
@@ -41,11 +41,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _ensure_installed() -> None:
+def ensure_installed() -> None:
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root (to run munged, slurmctld and slurmd)")
     if shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged") and shutil.which("sbatch"):
         return
+    # Installing system packages is the caller's choice, never a side effect of running pytest.
+    if os.environ.get("MLPS_SLURM_APT") != "1":
+        pytest.skip("SLURM is not installed (slurmctld, slurmd, munged, sbatch): set MLPS_SLURM_APT=1 to install "
+                    "SLURM with apt-get, or install slurm-wlm")
     if not shutil.which("apt-get"):
         pytest.skip("SLURM is not installed and apt-get is missing: install slurmctld slurmd slurm-client munge")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -177,7 +181,7 @@ def _wait_idle(cluster: SlurmCluster, timeout_s: float = 30) -> None:
 
 
 def start_cluster() -> SlurmCluster:
-    _ensure_installed()
+    ensure_installed()
     root = Path(tempfile.mkdtemp(prefix="mlps-slurm-"))
     root.chmod(0o755)  # munged insists on a socket folder others may traverse
     for sub in ("state", "spool", "run", "log", "munge"):

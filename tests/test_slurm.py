@@ -9,6 +9,7 @@ each test then waits for its own jobs by polling ``scontrol show job``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from slurm_cluster import ensure_installed, slurm_cluster  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -143,3 +144,17 @@ def test_pipeline_runs_to_test_metrics(slurm_cluster, submitted, layout, nodes, 
         assert (run_dir / artefact).is_file(), artefact
     metrics = json.loads((run_dir / "metrics" / "test.json").read_text())
     assert metrics["samples"] == 8 and 0.0 <= metrics["miou"] <= 1.0
+
+
+def test_slurm_is_installed_with_apt_get_only_when_asked(monkeypatch, tmp_path):
+    """With no SLURM on PATH the fixture skips, naming MLPS_SLURM_APT, unless it is 1; with it,
+    the next requirement is apt-get (absent here, so nothing is installed)."""
+    if os.geteuid() != 0:
+        pytest.skip("the fixture checks for root first")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("MLPS_SLURM_APT", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="set MLPS_SLURM_APT=1 to install SLURM with apt-get, or install"):
+        ensure_installed()
+    monkeypatch.setenv("MLPS_SLURM_APT", "1")
+    with pytest.raises(pytest.skip.Exception, match="SLURM is not installed and apt-get is missing"):
+        ensure_installed()

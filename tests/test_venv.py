@@ -10,10 +10,14 @@ import os
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip carries tomli
+    from pip._vendor import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = "train,deepspeed,slides,export,test"
