@@ -36,7 +36,7 @@ class _Wrapped:
 def _health(tmp_path, **cfg) -> tuple[TrainingHealth, Checkpointer]:
     ckpts = Checkpointer(tmp_path / "checkpoints", keep_last=1)
     log = RunLog(tmp_path, "stage", tensorboard=False)
-    return TrainingHealth(GuardConfig(**cfg), "classifier", tmp_path, ckpts, log), ckpts
+    return TrainingHealth(GuardConfig(**cfg), "classifier", tmp_path / "health.json", ckpts, log), ckpts
 
 
 def test_frozen_loss_is_noticed_after_k_intervals_and_rolls_back_to_the_good_checkpoint(tmp_path):

@@ -24,6 +24,8 @@ def test_the_paths_of_a_run(tmp_path):
         layout.model_file(run, "segmenter", "best"): "segmenter/best.pt",
         layout.checkpoints_dir(run, "segmenter"): "segmenter/checkpoints",
         layout.stain_file(run): "classifier/stain.json",
+        layout.health_file(run, "segmenter"): "segmenter/health.json",
+        layout.health_file(run, "regression"): "regression/health.json",  # a test task's own folder
         layout.masks_dir(run): "pseudo_masks/train",
         layout.masks_manifest(run): "pseudo_masks/train/manifest.json",
         layout.reference_masks_dir(run, "b4_5"): "pseudo_masks/train_PM/PM_b4_5",
@@ -81,8 +83,8 @@ FOLDER_NAMES = {"classifier", "segmenter", "pseudo_masks", "metrics", "checkpoin
                 "superseded"}
 # Names of the run directory's files: in a join, or as any string naming a run-relative path
 # ("segmenter/model.pt", f"{run}/config.yaml").
-FILE_NAMES = {"model.pt", "best.pt", "config.yaml", "stamp.json", "stain.json", "MODEL_CARD.md", "log.jsonl",
-              "pseudo_masks.json"}
+FILE_NAMES = {"model.pt", "best.pt", "config.yaml", "stamp.json", "stain.json", "health.json", "MODEL_CARD.md",
+              "log.jsonl", "pseudo_masks.json"}
 # The lock's name: in a join only (output folders of the tools have locks of their own).
 JOINED_NAMES = FOLDER_NAMES | FILE_NAMES | {".lock"}
 RUN_RELATIVE = re.compile(r"(^|/)(classifier|segmenter|pseudo_masks|metrics)/\S*\.(pt|json|yaml)$|"

@@ -36,7 +36,9 @@ _MASKS_REPORT = "pseudo_masks.json"
 
 
 def stage_dir(run: str | Path, stage: str) -> Path:
-    return Path(run) / FOLDERS[stage]
+    """The stage's folder; a training task of another name (the engine's tests) gets a
+    folder of that name."""
+    return Path(run) / FOLDERS.get(stage, stage)
 
 
 # ---------------------------------------------------------------- trained networks (stages 1 and 3)
@@ -58,6 +60,11 @@ def chosen_model_file(run: str | Path, stage: str, checkpoint: str) -> Path:
 
 def checkpoints_dir(run: str | Path, stage: str) -> Path:
     return stage_dir(run, stage) / "checkpoints"
+
+
+def health_file(run: str | Path, stage: str) -> Path:
+    """RUN/<stage>/health.json: the training guard's decisions (mlps_dist.train.guard)."""
+    return stage_dir(run, stage) / "health.json"
 
 
 def stain_file(run: str | Path) -> Path:

@@ -238,7 +238,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         expect = expected_meta(task, train_cfg)
         inputs = checkpoint_inputs(cfg, task.stage)
         progress = Progress()
-        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, layout.stage_dir(cfg.run_dir, task.stage), ckpts, log,
+        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, layout.health_file(cfg.run_dir, task.stage), ckpts, log,
                                              hint=getattr(task, "failure_hint", None))
         resume_from = ckpts.latest()
         if resume_from is not None:

@@ -37,7 +37,6 @@ from mlps_dist.config import GuardConfig
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_json
 
-HEALTH_FILE = "health.json"
 FROZEN_FLOOR = 1e-3  # a loss frozen below this is a fitted model, not a dead one
 
 
@@ -68,11 +67,11 @@ def _agree(flag: bool) -> bool:
 class TrainingHealth:
     """Per-stage monitor; ``hint(epoch)`` returns the config key to name in a final failure."""
 
-    def __init__(self, cfg: GuardConfig, section: str, stage_folder: Path, ckpts: Checkpointer, log,
+    def __init__(self, cfg: GuardConfig, section: str, decisions_file: Path, ckpts: Checkpointer, log,
                  hint=None):
         self.cfg, self.section, self.ckpts, self.log = cfg, section, ckpts, log
         self.hint = hint or (lambda epoch: f"'{section}.lr'")
-        self.path = Path(stage_folder) / HEALTH_FILE
+        self.path = Path(decisions_file)  # run.layout.health_file
         self.decisions = {"rollbacks": [], "lr_scale": 1.0}
         if self.path.is_file():
             self.decisions = json.loads(self.path.read_text())
