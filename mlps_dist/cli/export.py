@@ -28,11 +28,11 @@ def build_parser():
 
 
 def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # --help without loading torch
     from pathlib import Path
 
     from mlps_dist.predict.export import export
 
-    args = build_parser().parse_args(argv)
     record = export(args)
     print(f"wrote {Path(args.out) / 'model.onnx'} ({record['num_classes']} classes, gate "
           f"{'off' if not record['gate'] else record['gate_threshold']}) and model.json, MODEL_CARD.md")

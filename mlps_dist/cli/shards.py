@@ -41,9 +41,9 @@ def build_parser():
 
 
 def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     from mlps_dist.data.make_shards import make_shards, print_summary
 
-    args = build_parser().parse_args(argv)
     info = make_shards(args.layout, args.src, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad,
                        allow_mixed_sizes=args.allow_mixed_sizes, workers=args.workers, mpp=args.mpp,
                        image_format=args.image_format, image_quality=args.image_quality, force=args.force)

@@ -80,10 +80,10 @@ def parse_args(argv=None):
 
 
 def _main(argv=None) -> int:
+    args = parse_args(argv)  # --help without loading torch (mlps_dist.dist)
     from mlps_dist import dist
     from mlps_dist.slides.tile import run
 
-    args = parse_args(argv)
     dist.init("auto")
     try:
         return run(args)
