@@ -244,6 +244,23 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_rank0(fn):
+    """Run ``fn`` on rank 0 only; every rank gets its result or raises its error (collective:
+    call it on every rank). A failure on rank 0 (a full disk while writing a file every rank
+    waits for) thus stops every rank with the same error, which rank 0 alone reports."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        error.shared = True  # every rank raises it: rank 0 alone reports it
+        raise error
+    return result
+
+
 def partition(n: int, world: int, rank: int) -> range:
     """Contiguous, balanced slice of ``range(n)`` for ``rank``: the slices of all ranks
     cover every index exactly once; sizes differ by at most one; ranks beyond ``n`` get

@@ -25,7 +25,7 @@ from mlps_dist import dist
 from mlps_dist.train import engine
 from mlps_dist.data.batching import rank_micro_batches
 from mlps_dist.config import load_config
-from mlps_dist.core.errors import MlpsError
+from mlps_dist.core.errors import EXIT_PREEMPTED, MlpsError, Preempted
 from mlps_dist.run.runlog import RunLog
 
 SAMPLES, FEATURES = 64, 6
@@ -132,8 +132,8 @@ def main() -> int:
                     "dali_pipelines_built": dali.pipelines_built() if dali else 0},
                    out / f"weights-rank{dist.get_rank()}.pt")
         return 0
-    except engine.Preempted:
-        return engine.PREEMPTED_EXIT_CODE
+    except Preempted:
+        return EXIT_PREEMPTED
     except MlpsError as exc:  # e.g. guard.TrainingFailed: one message, exit status 2
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

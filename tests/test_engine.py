@@ -15,7 +15,8 @@ import torch
 import torchrun_helpers as jobs
 from mlps_dist.train import parallel
 from mlps_dist.config import ConfigError, TrainConfig
-from mlps_dist.train.engine import PREEMPTED_EXIT_CODE, derive_seed
+from mlps_dist.core.errors import EXIT_PREEMPTED
+from mlps_dist.train.engine import derive_seed
 
 WORKER = "tests/engine_worker.py"
 STEPS_PER_EPOCH = 8  # 64 samples / global batch 8
@@ -130,8 +131,8 @@ def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_identically(tmp_pat
     # torchrun's failure report per rank. The first rank to exit makes torchrun SIGTERM the
     # other, which may still be tearing down: that one may show -15 instead of 75.
     exits = dict(re.findall(r"rank\s*:\s*(\d) \(local_rank: \d\)\s*exitcode\s*:\s*(-?\d+)", output))
-    assert set(exits) == {"0", "1"} and str(PREEMPTED_EXIT_CODE) in exits.values(), output[-4000:]
-    assert set(exits.values()) <= {str(PREEMPTED_EXIT_CODE), "-15"}, output[-4000:]
+    assert set(exits) == {"0", "1"} and str(EXIT_PREEMPTED) in exits.values(), output[-4000:]
+    assert set(exits.values()) <= {str(EXIT_PREEMPTED), "-15"}, output[-4000:]
     checkpoints = tmp_path / "run" / "regression" / "checkpoints"
     stopped_at = jobs.latest_step(checkpoints)
     assert 2 <= stopped_at < 2 * STEPS_PER_EPOCH and max(_scalar_steps(run_dir)) == stopped_at
@@ -185,7 +186,7 @@ def test_sigterm_to_a_single_process_exits_75_after_a_checkpoint(tmp_path):
     jobs.wait_for(lambda: len(_scalar_steps(run_dir)) >= 1, job, "a training step")
     job.send_signal(signal.SIGTERM)
     output, _ = job.communicate(timeout=60)
-    assert job.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
+    assert job.returncode == EXIT_PREEMPTED, output[-4000:]
     assert jobs.latest_step(tmp_path / "run" / "regression" / "checkpoints") >= 1
 
 

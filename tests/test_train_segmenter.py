@@ -17,6 +17,7 @@ from mlps_dist.train import engine
 from mlps_dist.stages import train_segmenter
 from mlps_dist.train.checkpoint import load_model_file, save_model_file
 from mlps_dist.config import ConfigError, config_from_dict, save_config
+from mlps_dist.core.errors import EXIT_PREEMPTED, Preempted
 from mlps_dist.data.shards import open_split
 from mlps_dist.models import create_classifier
 from mlps_dist.core import png
@@ -275,8 +276,8 @@ def train_in_process(cfg, preempt_at_step: int | None = None) -> int:
     try:
         engine.fit(cfg, cfg.segmenter, task, log)
         return 0
-    except engine.Preempted:
-        return engine.PREEMPTED_EXIT_CODE
+    except Preempted:
+        return EXIT_PREEMPTED
     finally:
         log.close()
 
@@ -289,7 +290,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_shards
         write_pseudo_masks(tmp_path / name, tiny_shards)
         runs[name] = seg_config(tmp_path / name, tiny_shards, batch_size=8, epochs=1, mosaic_prob=mosaic_prob)
     assert train_in_process(runs["straight"]) == 0
-    assert train_in_process(runs["preempted"], preempt_at_step=2) == engine.PREEMPTED_EXIT_CODE
+    assert train_in_process(runs["preempted"], preempt_at_step=2) == EXIT_PREEMPTED
     assert not (tmp_path / "preempted" / "segmenter" / "model.pt").exists()
     assert train_in_process(runs["preempted"]) == 0  # the relaunch resumes at step 3 of 4
     straight, _ = load_model_file(tmp_path / "straight" / "segmenter" / "model.pt")

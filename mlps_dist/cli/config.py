@@ -1,6 +1,6 @@
 """``mlps config CONFIG [key=value ...]``: the config resolved (defaults <- YAML <- overrides) and
 validated, printed as YAML; ``--get KEY`` prints one value, ``--check`` also checks it against
-the models and the shards (mlps_dist.stages.preflight), ``--reference`` prints the reference
+the models and the shards (mlps_dist.stages.session.check), ``--reference`` prints the reference
 of every key (docs/config.md, mlps_dist.cli.config_reference).
 """
 
@@ -57,7 +57,7 @@ def _config(args) -> int:
     if args.get:
         print(format_value(get_value(cfg.to_dict(), args.get)))
     elif args.check:
-        from mlps_dist.stages.preflight import check
+        from mlps_dist.stages.session import check
 
         check(cfg)
         print(f"{args.config}: ok (models, CAM layers, classes and splits of {cfg.data.root})")

@@ -51,9 +51,9 @@ def build_parser():
 
 
 def check_pipeline_config(config: str, overrides: list[str], run: str):
-    """Every check that can fail before the first stage starts (mlps_dist.stages.preflight),
+    """Every check that can fail before the first stage starts (mlps_dist.stages.session.check),
     and the one of the pipeline itself: it ends with the test metrics."""
-    from mlps_dist.stages.preflight import check
+    from mlps_dist.stages.session import check
 
     cfg = load(config, overrides, run)
     check(cfg)

@@ -25,20 +25,19 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mlps_dist.run import artifacts
 from mlps_dist import dist
-from mlps_dist.core import runner
+from mlps_dist.stages import session
 from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError, save_config
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import open_split
-from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.run import layout
-from mlps_dist.run.lock import run_lock
 from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
 from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.method.metrics import ConfusionMatrix
@@ -129,7 +128,17 @@ def check_classes(path: str, meta: dict, reader) -> None:
                           f"on (data.root), or use the run trained on these")
 
 
-def run(cfg: Config, log: RunLog) -> dict[str, dict]:
+@dataclass
+class Prepared:
+    """The splits and the models, checked against each other before any sample is read."""
+
+    readers: dict  # split -> SplitReader
+    predictor: Predictor
+    seg_meta: dict  # the segmenter's meta (path, classes, the gate's classifier record)
+    device: torch.device
+
+
+def prepare(cfg: Config) -> Prepared:
     device = dist.device()
     readers = open_splits(cfg)
     num_classes = next(iter(readers.values())).num_classes
@@ -139,6 +148,18 @@ def run(cfg: Config, log: RunLog) -> dict[str, dict]:
         check_classes(seg_meta["path"], seg_meta, reader)
         if gate_meta is not None:
             check_classes(str(layout.model_file(cfg.run_dir, "classifier")), gate_meta, reader)
+    return Prepared(readers, predictor, seg_meta, device)
+
+
+def run(cfg: Config, log: RunLog) -> dict[str, dict]:
+    """Every split of evaluate.splits not yet evaluated for this segmenter, gate and shards."""
+    return work(cfg, log, prepare(cfg))
+
+
+def work(cfg: Config, log: RunLog, p: Prepared) -> dict[str, dict]:
+    """The metrics of each split (read back where its stamp matches), then the config they
+    were measured with."""
+    readers, predictor, seg_meta, device = p.readers, p.predictor, p.seg_meta, p.device
     results = {}
     for split, reader in readers.items():
         source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
@@ -178,30 +199,13 @@ def save_evaluated_config(cfg: Config) -> None:
     save_config(cfg, layout.config_file(cfg.run_dir))
 
 
-def _main(argv: list[str] | None = None) -> int:
-    from mlps_dist.train.engine import parse_shared
-
-    cfg = parse_shared(argv, __doc__.split("\n")[0], skip_bad_key="evaluate.skip_bad")
-    artifacts.require_runnable(cfg, "evaluate")  # a finished segmenter that the current config produced
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    try:
-        with run_lock(cfg.run_dir, "evaluate"):
-            log = RunLog(cfg.run_dir, stage="evaluate", tensorboard=False)
-            try:
-                run(cfg, log)
-                return 0
-            except (FileNotFoundError, ValueError) as exc:
-                if isinstance(exc, MlpsError):
-                    raise
-                raise InputError(str(exc)) from exc
-            finally:
-                log.close()
-    finally:
-        dist.teardown()
+# Stamped per split as each finishes (a stale split is simply evaluated again).
+SESSION = session.Stage("evaluate", __doc__.splitlines()[0], prepare=prepare, work=work,
+                        skip_bad_key="evaluate.skip_bad", tensorboard=False, stamped=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runner.run(_main, argv)
+    return session.main(SESSION, argv)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,16 @@ mask and are listed under "skipped" in the manifest.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlps_dist.run import artifacts
 from mlps_dist.method import cam
 from mlps_dist import dist
 from mlps_dist.train import gpu_options
-from mlps_dist.stages import preflight
-from mlps_dist.core import runner
+from mlps_dist.stages import session
 from mlps_dist.config import Config
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.decode import decode_sample
@@ -37,7 +36,6 @@ from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
 from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, write_chunk, write_json
 from mlps_dist.run import layout
-from mlps_dist.run.lock import run_lock
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.run.stain_run import load_normaliser
 
@@ -165,21 +163,6 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection:
     return settings  # not skip_bad: turning it on to get past a bad sample keeps the rest
 
 
-def on_rank0(fn):
-    """Run ``fn`` on rank 0 only; every rank gets its result or raises its error."""
-    result, error = None, None
-    if dist.is_main():
-        try:
-            result = fn()
-        except Exception as exc:
-            error = exc
-    result, error = dist.broadcast_object((result, error))
-    if error is not None:
-        error.shared = True  # every rank raises it: rank 0 alone reports it
-        raise error
-    return result
-
-
 def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None:
     """Check/create the manifest; the chunks still to make, or None when the pass is complete."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,7 +203,7 @@ def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> d
 def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch.device, settings: dict) -> bool:
     """Make the missing chunks of the train split; False when the pass was already complete."""
     folder = layout.masks_dir(cfg.run_dir, reader.split)
-    todo = on_rank0(lambda: prepare_folder(folder, reader.split, settings))
+    todo = dist.on_rank0(lambda: prepare_folder(folder, reader.split, settings))
     if todo is None:
         log.info(f"pseudo masks in {folder} are complete ({settings['count']} samples); nothing to do")
         return False
@@ -309,41 +292,47 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
     return report
 
 
-def _main(argv: list[str] | None = None) -> int:
-    from mlps_dist.train.engine import parse_shared
+@dataclass
+class Prepared:
+    """What the pass needs, checked before any mask is made."""
 
-    cfg = parse_shared(argv, "Stage 2: multi-layer Grad-CAM pseudo masks", skip_bad_key="masks.skip_bad")
-    preflight.check_models(cfg)
-    done = artifacts.require_runnable(cfg, "masks")  # refuses stale masks or an unfinished classifier
-    if done.state == "done":
-        if dist.is_main():
-            print(f"masks: finished for this config ({done.message}), nothing to do")
-        return 0
-    inputs = artifacts.expected_inputs(cfg, "masks")
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s)
-    try:
-        with run_lock(cfg.run_dir, "masks"):
-            log = RunLog(cfg.run_dir, stage="masks")
-            try:
-                device = dist.device()
-                gpu_options.apply(cfg.gpu, device)  # gpu.cudnn_benchmark: one patch size, autotuned once
-                reader = open_split(cfg.data.root, "train")
-                check_split(reader)
-                model, model_path, selection = load_classifier(cfg, reader, device)
-                settings = on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
-                if run_pass(cfg, log, model, reader, device, settings):
-                    quality_report(cfg, log, model, device, selection)
-                    on_rank0(lambda: finish_pass(cfg, log, reader.split))
-                on_rank0(lambda: artifacts.write_stamp(cfg, "masks", inputs) and None)
-                return 0
-            finally:
-                log.close()
-    finally:
-        dist.teardown()
+    reader: SplitReader
+    model: torch.nn.Module
+    device: torch.device
+    selection: dict  # which stage-1 classifier (classifier.checkpoint, file, epoch, score)
+    settings: dict  # mask_settings: what the manifest records
+
+
+def prepare(cfg: Config) -> Prepared:
+    """The train split, the classifier and the settings the masks depend on."""
+    device = dist.device()
+    gpu_options.apply(cfg.gpu, device)  # gpu.cudnn_benchmark: one patch size, autotuned once
+    reader = open_split(cfg.data.root, "train")
+    check_split(reader)
+    model, model_path, selection = load_classifier(cfg, reader, device)
+    settings = dist.on_rank0(lambda: mask_settings(cfg, reader, model_path, selection))
+    return Prepared(reader, model, device, selection, settings)
+
+
+def work(cfg: Config, log: RunLog, p: Prepared) -> None:
+    """The missing chunks, then (when this run made any) the quality report and the
+    complete manifest."""
+    if run_pass(cfg, log, p.model, p.reader, p.device, p.settings):
+        quality_report(cfg, log, p.model, p.device, p.selection)
+        dist.on_rank0(lambda: finish_pass(cfg, log, p.reader.split))
+
+
+SESSION = session.Stage("masks", "Stage 2: multi-layer Grad-CAM pseudo masks", prepare=prepare, work=work,
+                        skip_bad_key="masks.skip_bad")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """The session without the exit-status mapping: errors propagate (for tests)."""
+    return session.run(SESSION, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runner.run(_main, argv)
+    return session.main(SESSION, argv)
 
 
 if __name__ == "__main__":

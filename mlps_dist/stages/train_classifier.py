@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist import dist
+from mlps_dist.stages import session
 from mlps_dist.train import engine
 from mlps_dist.config import Config, ConfigError, PdaConfig
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader
-from mlps_dist.data.shards import ShardError, open_split
+from mlps_dist.data.shards import open_split
 from mlps_dist.method.evaluation import CamEvaluator, ExampleCollector, MultiLabelEvaluator, run_eval
 from mlps_dist.models import create_classifier
 from mlps_dist.run.runlog import RunLog
@@ -177,8 +178,12 @@ def prepare(cfg: Config) -> ClassifierTask:
     return task
 
 
+SESSION = session.Stage(STAGE, __doc__.splitlines()[0], prepare=prepare, work=session.train)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return engine.run_stage(argv, __doc__, STAGE, prepare, errors=(ShardError,))
+    return session.main(SESSION, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

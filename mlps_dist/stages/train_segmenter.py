@@ -25,19 +25,20 @@ import torch.nn.functional as F
 
 from mlps_dist.run import layout
 from mlps_dist import dist
+from mlps_dist.stages import session
 from mlps_dist.train import engine
 from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.augment import normalise
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader
-from mlps_dist.data.shards import ShardError, open_split
+from mlps_dist.data.shards import open_split
 from mlps_dist.data.torch_loader import decode_rgb
 from mlps_dist.core.draw import overlay_row, palette_for
 from mlps_dist.method.metrics import ConfusionMatrix
 from mlps_dist.models import create_segmenter
 from mlps_dist.method.mosaic import mix_single_tissue
 from mlps_dist.predict.predictor import Predictor
-from mlps_dist.data.pseudo_masks import PseudoMaskError, PseudoMaskStore
+from mlps_dist.data.pseudo_masks import PseudoMaskStore
 from mlps_dist.run.runlog import RunLog
 
 STAGE = "segmenter"
@@ -193,8 +194,11 @@ def prepare(cfg: Config) -> SegmenterTask:
     return task
 
 
+SESSION = session.Stage(STAGE, __doc__.splitlines()[0], prepare=prepare, work=session.train)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return engine.run_stage(argv, __doc__, STAGE, prepare, errors=(ShardError, PseudoMaskError))
+    return session.main(SESSION, argv)
 
 
 if __name__ == "__main__":

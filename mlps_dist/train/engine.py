@@ -11,16 +11,17 @@ weights bit for bit, on CUDA within rounding (cuDNN and atomic adds are not repr
 docs/running.md, "What a resume reproduces"). With ``ema_decay`` > 0, validation, best.pt and
 model.pt use an exponential moving average of the weights (ema.py), kept in the checkpoints.
 
-Preemption: SIGUSR1 or SIGTERM sets a flag; after the current optimizer step all ranks
-agree on it (an all-reduce), write a checkpoint and raise ``Preempted``; entry points exit
-with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "rerun to resume").
+Preemption (preemption.py): SIGUSR1 or SIGTERM sets a flag; after the current optimizer
+step all ranks agree on it, write a checkpoint and raise ``core.errors.Preempted``; the
+stage exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "rerun to resume").
+
+The stage around the loop (parse, lock, log, stamp) is mlps_dist/stages/session.py.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -31,23 +32,15 @@ import torch.nn as nn
 
 from mlps_dist.run import artifacts
 from mlps_dist import dist
-from mlps_dist.core import errors, runner
+from mlps_dist.core.errors import Preempted
 from mlps_dist.train import gpu_options, guard as health_guard, parallel, precision
 from mlps_dist.train.checkpoint import Checkpointer, save_model_file
-from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
+from mlps_dist.config import Config, ConfigError, TrainConfig
 from mlps_dist.train.ema import WeightAverage
 from mlps_dist.run import layout
-from mlps_dist.run.lock import run_lock
-from mlps_dist.stages.preflight import check_models
 from mlps_dist.run.runlog import RunLog
+from mlps_dist.train.preemption import PreemptionGuard
 from mlps_dist.train.speed import EpochMeter, describe as describe_speed
-
-PREEMPTED_EXIT_CODE = 75
-
-
-# Raised after the preemption checkpoint is written; the runner exits with PREEMPTED_EXIT_CODE.
-Preempted = errors.Preempted
-
 
 class TrainTask(Protocol):
     stage: str  # run-dir folder and log name: "classifier" | "segmenter"
@@ -135,46 +128,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class PreemptionGuard:
-    """Turns SIGUSR1/SIGTERM into a flag that all ranks agree on at a step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.flag = False
-        self._previous = {}
-        self._vote: dist.Vote | None = None  # started by poll(), read by the next poll()
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame):
-        self.flag = True  # acted on after the current optimizer step
-
-    def poll(self) -> bool:
-        """Per-step check (collective, call on every rank at the same steps): True on every
-        rank when any rank had been signalled by the previous call. The vote started here is
-        read at the next call, so a step never waits for it; the stop comes one step later."""
-        previous, self._vote = self._vote, None
-        if previous is not None and previous.any():
-            return True
-        self._vote = dist.start_vote(self.flag)
-        return False
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (collective; waits for the vote)."""
-        if self._vote is not None:  # settle the per-step vote in flight; this one covers it
-            self._vote.any()
-            self._vote = None
-        return dist.start_vote(self.flag).any()
 
 
 def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> torch.Tensor:
@@ -333,53 +286,3 @@ def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress
         log.event("best", epoch=epoch, score=score)
     dist.barrier()
     return metrics
-
-
-def run_stage(argv: list[str] | None, doc: str, stage: str, prepare, errors: tuple = ()) -> int:
-    """The ``main()`` of a training stage: parse, skip when finished, init, lock, build,
-    fit, stamp, teardown. ``prepare(cfg)`` runs every check that can fail before training
-    and returns the task. Exit status (mlps_dist.core.runner): 0 done (or already finished for
-    this config), 2 a problem with the config, data, checkpoint or run directory, 75
-    preempted. (``errors`` is kept for callers; every MlpsError maps to 2.)"""
-    return runner.run(lambda args: _run_stage(args, doc, stage, prepare), argv)
-
-
-def parse_shared(argv: list[str] | None, doc: str, skip_bad_key: str = "") -> Config:
-    """parse_cli; a config error is the same on every rank, so rank 0 alone reports it."""
-    try:
-        return parse_cli(argv, description=doc.splitlines()[0], skip_bad_key=skip_bad_key)
-    except ConfigError as exc:
-        exc.shared = True
-        raise
-
-
-def _run_stage(argv: list[str] | None, doc: str, stage: str, prepare) -> int:
-    cfg = parse_shared(argv, doc)
-    train_cfg: TrainConfig = getattr(cfg, stage)
-    check_models(cfg)  # a typo in a later stage's model or layers fails now, not hours later
-    done = artifacts.require_runnable(cfg, stage)  # refuses stale artefacts, naming what changed
-    if done.state == "done":
-        if dist.is_main():
-            print(f"{stage}: finished for this config ({done.message}), nothing to do")
-        return 0
-    inputs = artifacts.expected_inputs(cfg, stage)
-    dist.init(cfg.dist.backend, cfg.dist.timeout_s, force_group=train_cfg.parallel == "deepspeed")
-    try:
-        with run_lock(cfg.run_dir, stage):
-            log = RunLog(cfg.run_dir, stage)
-            try:
-                task = prepare(cfg)
-                if dist.is_main():
-                    save_config(cfg, layout.config_file(cfg.run_dir))
-                fit(cfg, train_cfg, task, log)
-                if dist.is_main():
-                    artifacts.write_stamp(cfg, stage, inputs)  # last: the stage is finished
-                dist.barrier()
-                return 0
-            except Preempted as exc:
-                log.info(str(exc))
-                raise
-            finally:
-                log.close()
-    finally:
-        dist.teardown()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mlps_dist import dist
-from mlps_dist.train import engine
+from mlps_dist.train.preemption import PreemptionGuard
 
 STEPS, SIGNAL_STEP, SIGNALLED_RANK = 6, 3, 1
 
@@ -22,7 +22,7 @@ STEPS, SIGNAL_STEP, SIGNALLED_RANK = 6, 3, 1
 def main(out: Path) -> None:
     dist.init()
     try:
-        guard = engine.PreemptionGuard()  # not entered: the flag is set directly below
+        guard = PreemptionGuard()  # not entered: the flag is set directly below
         polls = []
         for step in range(STEPS):
             if step == SIGNAL_STEP and dist.get_rank() == SIGNALLED_RANK % dist.get_world_size():
