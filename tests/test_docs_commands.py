@@ -1,4 +1,5 @@
-"""Every command in the README and docs/ names something that exists, with flags it takes.
+"""Every command in the README and docs/ names something that exists, with flags it takes;
+every link between them resolves.
 
 The ```bash blocks of README.md and docs/*.md are read line by line (backslash continuations
 joined, comments dropped, ``VAR=value`` prefixes skipped). A line that names a project entry
@@ -218,3 +219,27 @@ def test_cheap_commands_run_as_written(command: Command):
             for part in key.split("."):
                 node = node[part]
             assert str(node) == value, f"{command.where}: {key} printed as {node!r}, not {value}"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings."""
+    found = set()
+    for heading in re.findall(r"^#+ (.*)$", path.read_text(), re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
+def test_links_between_the_docs_resolve():
+    """Every relative link of the README and docs/ names a file that exists, and a heading of it."""
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
