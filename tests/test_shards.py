@@ -67,7 +67,7 @@ def test_info_and_dali_index_describe_the_tars(tiny_shards):
 
 
 def test_missing_info_json_or_split_is_named(tmp_path, tiny_shards):
-    with pytest.raises(ShardError, match="info.json does not exist.*make_shards"):
+    with pytest.raises(ShardError, match="info.json does not exist.*mlps shards"):
         read_info(tmp_path)
     with pytest.raises(ShardError, match="no split 'valid'"):
         open_split(tiny_shards, "valid")

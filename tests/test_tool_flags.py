@@ -18,7 +18,7 @@ from mlps_dist.config import ConfigError, config_from_dict  # noqa: E402
 @pytest.mark.parametrize("flags", [["--patch", "-5"], ["--patch", "1"], ["--batch-size", "0"], ["--batch-size", "-2"],
                                    ["--gate-threshold", "2"], ["--gate-threshold", "-1"]])
 def test_infer_refuses_unusable_flags(flags, tmp_path, capsys):
-    from mlps_dist.deploy import infer
+    from mlps_dist.cli import infer
 
     (tmp_path / "in").mkdir()
     assert infer.main(["--run", str(tmp_path), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
@@ -41,11 +41,11 @@ def test_tile_slides_refuses_unusable_flags(flags, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flags", [["--map-mpp", "nan"], ["--mpp", "nan"], ["--map-mpp", "-1"], ["--model-mpp", "inf"]])
+@pytest.mark.parametrize("flags", [["--map-mpp", "nan"], ["--slide-mpp", "nan"], ["--map-mpp", "-1"], ["--model-mpp", "inf"]])
 def test_segment_slides_refuses_unusable_flags(flags, tmp_path, capsys):
-    from mlps_dist.deploy import segment_slides
+    from mlps_dist.cli import segment as segment_cmd
 
-    assert segment_slides.main(["--run", str(tmp_path), "--slides", str(tmp_path), "--out", str(tmp_path / "o"),
+    assert segment_cmd.main(["--run", str(tmp_path), "--slides", str(tmp_path), "--out", str(tmp_path / "o"),
                                 *flags]) == 2
     assert flags[0] in capsys.readouterr().err
 
@@ -71,6 +71,7 @@ def test_config_refuses_unusable_optimiser_values(key, value):
 def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
     from test_slides import ColourModel
 
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
     from mlps_dist.core.errors import InputError
     from mlps_dist.synthetic.slides import write_synthetic_slide
@@ -78,7 +79,7 @@ def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
     write_synthetic_slide(tmp_path / "s" / "a.tiff", None, 384, 256, seed=0, cell_px=100, flat=True)
 
     def segment(*extra):
-        args = segment_slides.parse_args(["--run", "unused", "--slides", str(tmp_path / "s"), "--out",
+        args = segment_cmd.parse_args(["--run", "unused", "--slides", str(tmp_path / "s"), "--out",
                                           str(tmp_path / "o"), *extra])
         return segment_slides.run(args, model=ColourModel())
 
@@ -109,7 +110,7 @@ def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path)
 def test_export_refuses_an_out_that_is_or_lies_inside_the_run(tmp_path, capsys):
     from test_infer import make_run
 
-    from mlps_dist.predict import export
+    from mlps_dist.cli import export
 
     run = make_run(tmp_path / "run")
     for out in (run, run / "export"):

@@ -31,9 +31,10 @@ def one_slide(tmp_path_factory):
 
 
 def segment(slides: Path, out: Path, *extra, model=None) -> int:
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
 
-    args = segment_slides.parse_args(["--run", "unused", "--slides", str(slides), "--out", str(out),
+    args = segment_cmd.parse_args(["--run", "unused", "--slides", str(slides), "--out", str(out),
                                       "--map-mpp", "4", *extra])
     return segment_slides.run(args, model=model or ColourModel())
 

@@ -44,6 +44,7 @@ def test_make_shards_converts_a_corrected_source_again(tmp_path):
 
 
 def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
+    from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides
     from mlps_dist.synthetic.slides import write_synthetic_slide
     from mlps_dist.slides.workkey import key_digest, work_key
@@ -54,7 +55,7 @@ def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
     out = tmp_path / "maps"
 
     def segment(*extra, model=None):
-        args = segment_slides.parse_args(["--run", "unused", "--slides", str(slide.parent), "--out", str(out),
+        args = segment_cmd.parse_args(["--run", "unused", "--slides", str(slide.parent), "--out", str(out),
                                           *extra])
         return segment_slides.run(args, model=model or ColourModel())
 
