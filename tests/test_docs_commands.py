@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CLI_EXISTS = (REPO / "mlps_dist" / "__main__.py").is_file()
 NO_CLI = "mlps_dist/__main__.py does not exist yet: only files and modules are checked, not the flags"
