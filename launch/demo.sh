@@ -21,7 +21,7 @@ if [[ ! -f "$data/shards/info.json" ]]; then
     # The synthetic textures are drawn at about 1 micron per pixel.
     python -m mlps_dist shards --layout luad --src "$data/raw" --out "$data/shards" --mpp 1.0
 fi
-bash launch/pipeline.sh configs/demo.yaml "$run_dir" "data.root=$data/shards" "$@"
+python -m mlps_dist pipeline configs/demo.yaml "$run_dir" "data.root=$data/shards" "$@"
 
 # Whole slides: one synthetic slide (pyramidal TIFF + QuPath GeoJSON), segmented by the run.
 python -m mlps_dist synthetic-slides --out "$data/wsi" --count 1 --width 768 --height 512 --cell 250

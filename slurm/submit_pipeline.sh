@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Submit the four stages as SLURM jobs chained with afterok, and print their job ids.
 #
-#   slurm/submit_pipeline.sh CONFIG RUN_DIR [sbatch options ...] [-- key=value ...]
+#   slurm/submit_pipeline.sh CONFIG RUN [sbatch options ...] [-- key=value ...]
 #
 # The sbatch options (e.g. --nodes=2 --gpus-per-node=4 --time=12:00:00 --partition=gpu)
 # apply to every stage; the key=value overrides after "--" go to every stage. Logs:
-# RUN_DIR/slurm/<stage>-<jobid>.out (appended to when a job is requeued). Stages already
+# RUN/slurm/<stage>-<jobid>.out (appended to when a job is requeued). Stages already
 # finished exit at once, so resubmitting after a failure continues where it stopped.
 # Output: one line "STAGE JOBID" per stage, in order.
 set -euo pipefail
@@ -13,7 +13,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/../launch/env.sh"
 
 if (($# < 2)); then
-    echo "usage: slurm/submit_pipeline.sh CONFIG RUN_DIR [sbatch options ...] [-- key=value ...]" >&2
+    echo "usage: slurm/submit_pipeline.sh CONFIG RUN [sbatch options ...] [-- key=value ...]" >&2
     exit 2
 fi
 config=$(realpath "$1")
@@ -29,7 +29,8 @@ overrides=("$@")
 [[ -f "$config" ]] || mlps_die "config file '$1' does not exist: pass a YAML from configs/"
 command -v sbatch >/dev/null || mlps_die "sbatch not found: run this on a SLURM login node"
 source "$MLPS_REPO/tools/venv.sh"
-mlps_check_config "$config" "run_dir=$run_dir" "${overrides[@]}" >/dev/null || exit 2
+# Every check that can fail, before any job is queued (mlps pipeline --check starts nothing).
+python -m mlps_dist pipeline --check "$config" "$run_dir" "${overrides[@]}" >/dev/null || exit 2
 mkdir -p "$run_dir/slurm"
 
 previous=""
