@@ -141,6 +141,19 @@ def test_torchrun_hands_the_stage_its_run_after_a_double_dash(tmp_path):
         assert (cfg.run_dir, cfg.seed) == (str(tmp_path / stage), 4)
 
 
+def test_under_torchrun_the_stage_reads_its_run(tmp_path, tiny_shards):
+    """torchrun -m mlps_dist -- STAGE CONFIG --run RUN, two real ranks: the evaluation finds no
+    segmenter in RUN and rank 0 says so, naming that run (torchrun itself reports 1)."""
+    config, run = str(tiny_config(tmp_path / "tiny.yaml", tiny_shards)), tmp_path / "elsewhere"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "mlps_dist", "--", "evaluate", config, "--run", str(run), "evaluate.batch_size=2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("error") and "not finished" in line]
+    assert len(refusals) == 1 and f"segmenter in {run}" in refusals[0], done.stderr[-3000:]
+
+
 def test_stage_and_pipeline_refuse_bad_input_in_one_line(tmp_path, tiny_shards):
     bad = mlps("stage", "clasifier", "configs/demo.yaml", str(tmp_path / "run"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown stage 'clasifier'" in bad.stderr

@@ -34,8 +34,6 @@ from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
 UPSTREAM = {"masks": "classifier", "segmenter": "masks", "evaluate": "segmenter"}
-MODULES = {"classifier": "train_classifier", "masks": "generate_masks", "segmenter": "train_segmenter",
-           "evaluate": "evaluate"}
 WRITTEN_BY = "mlps-dist"
 
 # Config keys (dotted) of each stage's result, by prefix. A key listed here but matched by
@@ -288,7 +286,8 @@ def require_runnable(cfg: Config, stage: str) -> Status:
         if up_st.state == "stale":
             raise StaleError(f"{stage} needs the {up} stage, but {up_st.message}")
         raise StaleError(f"stage {STAGES.index(up) + 1} is not finished ({up} in {cfg.run_dir}): run or resume "
-                         f"mlps_dist.stages.{MODULES[up]} first, or set run_dir to a run that has it")
+                         f"it first (mlps stage {up} CONFIG RUN, or mlps pipeline CONFIG RUN), or give --run a run "
+                         f"that has it")
     return st
 
 
