@@ -31,11 +31,17 @@ def summary(name: str) -> str:
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: mlps [--version] [--help] COMMAND [ARGS...]   (mlps COMMAND --help: its flags and defaults)",
-             "", "commands:"]
+    lines = [
+        "usage: mlps [--version] [--help] COMMAND [ARGS...]   (mlps COMMAND --help: its flags and defaults)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:{width}s}  {summary(name)}" for name in COMMANDS]
-    lines += ["", "The same as python -m mlps_dist COMMAND ...; on several GPUs: "
-              "torchrun --nproc_per_node=N -m mlps_dist -- COMMAND ..."]
+    lines += [
+        "",
+        "The same as python -m mlps_dist COMMAND ...; on several GPUs: "
+        "torchrun --nproc_per_node=N -m mlps_dist -- COMMAND ...",
+    ]
     return "\n".join(lines)
 
 
@@ -49,8 +55,11 @@ def load(name: str):
         if exc.name == module:
             print(f"mlps {name}: not available in this installation (no module {module})", file=sys.stderr)
         else:
-            print(f"mlps {name}: needs the Python package '{exc.name}', which is not installed (see the extras "
-                  f"in pyproject.toml: pip install 'mlps-dist[...]')", file=sys.stderr)
+            print(
+                f"mlps {name}: needs the Python package '{exc.name}', which is not installed (see the extras "
+                f"in pyproject.toml: pip install 'mlps-dist[...]')",
+                file=sys.stderr,
+            )
         raise SystemExit(EXIT_USAGE) from None
 
 

@@ -16,18 +16,43 @@ from mlps_dist.__main__ import load
 from mlps_dist.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACT = ("pipeline", "stage", "status", "shards", "mosaics", "tile", "segment", "infer", "export", "visualize",
-            "inspect", "config", "card", "classifier", "masks", "segmenter", "evaluate")
+CONTRACT = (
+    "pipeline",
+    "stage",
+    "status",
+    "shards",
+    "mosaics",
+    "tile",
+    "segment",
+    "infer",
+    "export",
+    "visualize",
+    "inspect",
+    "config",
+    "card",
+    "classifier",
+    "masks",
+    "segmenter",
+    "evaluate",
+)
 
 
 def mlps(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlps_dist", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "mlps_dist", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_help_lists_every_command_with_its_summary_without_loading_torch():
-    code = ("import sys; from mlps_dist.__main__ import main; status = main(['--help']); "
-            "print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
+    code = (
+        "import sys; from mlps_dist.__main__ import main; status = main(['--help']); "
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(status)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("no torch")
@@ -49,8 +74,13 @@ def test_an_unknown_command_is_named_in_one_line_with_the_commands_exit_2():
 
 def shows_a_default(action) -> bool:
     default = action.default
-    return bool(action.help) and action.option_strings and not action.required and \
-        default not in (None, "", argparse.SUPPRESS) and default is not False
+    return (
+        bool(action.help)
+        and action.option_strings
+        and not action.required
+        and default not in (None, "", argparse.SUPPRESS)
+        and default is not False
+    )
 
 
 # The stage names run the stage modules (their parser is the stage session's).

@@ -16,12 +16,15 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "pipeline": ("mlps_dist.cli.pipeline", None),
     "stage": ("mlps_dist.cli.stage", None),
     "status": ("mlps_dist.cli.status", None),
-    "classifier": ("mlps_dist.stages.train_classifier",
-                   "stage 1: train the patch classifier (CONFIG --run RUN [key=value ...])"),
-    "masks": ("mlps_dist.stages.generate_masks",
-              "stage 2: pseudo masks of the training patches (CONFIG --run RUN)"),
-    "segmenter": ("mlps_dist.stages.train_segmenter",
-                  "stage 3: train the segmenter on the pseudo masks (CONFIG --run RUN)"),
+    "classifier": (
+        "mlps_dist.stages.train_classifier",
+        "stage 1: train the patch classifier (CONFIG --run RUN [key=value ...])",
+    ),
+    "masks": ("mlps_dist.stages.generate_masks", "stage 2: pseudo masks of the training patches (CONFIG --run RUN)"),
+    "segmenter": (
+        "mlps_dist.stages.train_segmenter",
+        "stage 3: train the segmenter on the pseudo masks (CONFIG --run RUN)",
+    ),
     "evaluate": ("mlps_dist.stages.evaluate", "stage 4: test metrics of the trained run (CONFIG --run RUN)"),
     "synthetic": ("mlps_dist.cli.synthetic", None),
     "synthetic-slides": ("mlps_dist.cli.synthetic_slides", None),
@@ -41,8 +44,9 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
 
 def parser(command: str, help_text: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """The parser every subcommand starts from: ``mlps COMMAND``, its summary, defaults shown."""
-    return argparse.ArgumentParser(prog=f"mlps {command}", description=help_text, epilog=epilog,
-                                   formatter_class=DefaultsHelp)
+    return argparse.ArgumentParser(
+        prog=f"mlps {command}", description=help_text, epilog=epilog, formatter_class=DefaultsHelp
+    )
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

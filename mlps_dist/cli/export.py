@@ -34,8 +34,10 @@ def _main(argv: list[str] | None) -> int:
     from mlps_dist.predict.export import export
 
     record = export(args)
-    print(f"wrote {Path(args.out) / 'model.onnx'} ({record['num_classes']} classes, gate "
-          f"{'off' if not record['gate'] else record['gate_threshold']}) and model.json, MODEL_CARD.md")
+    print(
+        f"wrote {Path(args.out) / 'model.onnx'} ({record['num_classes']} classes, gate "
+        f"{'off' if not record['gate'] else record['gate_threshold']}) and model.json, MODEL_CARD.md"
+    )
     return 0
 
 

@@ -32,16 +32,26 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default=None, help="--run only (unset: best)")
     p.add_argument("--no-gate", action="store_true", help="--run only: skip the classification gate")
-    p.add_argument("--gate-threshold", type=float, default=None, help="--run only (unset: evaluate.gate_threshold of the run)")
+    p.add_argument(
+        "--gate-threshold", type=float, default=None, help="--run only (unset: evaluate.gate_threshold of the run)"
+    )
     p.add_argument("--patch", type=int, default=0, help="window side (0: the stored training patch size)")
     p.add_argument("--overlap", type=float, default=0.5, help="fraction of a window shared with its neighbour")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by mlps infer")
-    p.add_argument("--stream-megapixels", type=float, default=STREAM_MEGAPIXELS,
-                   help="read, predict and write images with more pixels by row bands, in memory set by "
-                        "the window and the width (0: every image)")
-    p.add_argument("--max-megapixels", type=float, default=Image.MAX_IMAGE_PIXELS / 1e6,
-                   help="refuse larger images (Pillow's decompression-bomb limit)")
+    p.add_argument(
+        "--stream-megapixels",
+        type=float,
+        default=STREAM_MEGAPIXELS,
+        help="read, predict and write images with more pixels by row bands, in memory set by "
+        "the window and the width (0: every image)",
+    )
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=Image.MAX_IMAGE_PIXELS / 1e6,
+        help="refuse larger images (Pillow's decompression-bomb limit)",
+    )
     args = p.parse_args(argv)
     if not 0 < args.max_megapixels < float("inf"):
         p.error(f"--max-megapixels {args.max_megapixels}: must be a finite number > 0")
@@ -56,8 +66,10 @@ def parse_args(argv):
     if args.gate_threshold is not None and not 0 <= args.gate_threshold < 1:
         p.error(f"--gate-threshold {args.gate_threshold}: must be in [0, 1), as evaluate.gate_threshold")
     if args.model and (args.no_gate or args.gate_threshold is not None or args.checkpoint):
-        p.error("--no-gate, --gate-threshold and --checkpoint apply to --run; an exported model has its gate "
-                "and checkpoint fixed by mlps export (export again to change them)")
+        p.error(
+            "--no-gate, --gate-threshold and --checkpoint apply to --run; an exported model has its gate "
+            "and checkpoint fixed by mlps export (export again to change them)"
+        )
     return args
 
 

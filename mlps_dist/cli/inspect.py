@@ -1,7 +1,7 @@
 """``mlps inspect``: what a shard folder holds; optionally a few samples as PNG files.
 
-    mlps inspect data/demo/shards
-    mlps inspect data/demo/shards --dump 4 --split val --out /tmp/peek
+mlps inspect data/demo/shards
+mlps inspect data/demo/shards --dump 4 --split val --out /tmp/peek
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def describe(root: Path) -> list[str]:
         for i in range(len(reader)):
             counts += reader.labels(i).astype(np.int64)
         per_class = ", ".join(f"{c}={n}" for c, n in zip(reader.classes, counts.tolist()))
-        lines.append(f"  {split}: {len(reader)} samples, {len(s['shards'])} shard(s), image size {s['image_size']}, "
-                     f"masks: {'yes' if reader.has_masks else 'no'}; samples per class: {per_class}")
+        lines.append(
+            f"  {split}: {len(reader)} samples, {len(s['shards'])} shard(s), image size {s['image_size']}, "
+            f"masks: {'yes' if reader.has_masks else 'no'}; samples per class: {per_class}"
+        )
     return lines
 
 

@@ -46,36 +46,65 @@ def parse_args(argv=None):
     p = parser("mosaics", HELP, EPILOG)
     p.add_argument("--tiles", required=True, help="folder of class folders of tiles")
     p.add_argument("--out", required=True, help="output folder (new or empty, or an interrupted run's)")
-    p.add_argument("--classes", default=DEFAULT_CLASSES,
-                   help=f"LUAD class = tile folder, comma-separated; "
-                        f"names from {', '.join(LUAD_CLASSES)}, the label digits follow that order")
-    p.add_argument("--background", default="BACK",
-                   help="folder of empty-glass tiles for the holes ('none': no glass holes)")
+    p.add_argument(
+        "--classes",
+        default=DEFAULT_CLASSES,
+        help=f"LUAD class = tile folder, comma-separated; "
+        f"names from {', '.join(LUAD_CLASSES)}, the label digits follow that order",
+    )
+    p.add_argument(
+        "--background", default="BACK", help="folder of empty-glass tiles for the holes ('none': no glass holes)"
+    )
     p.add_argument("--train", type=int, default=600, help="train patches (labels in the file names)")
     p.add_argument("--val", type=int, default=40, help="val patches with masks")
     p.add_argument("--test", type=int, default=80, help="test patches with masks")
     p.add_argument("--size", type=int, default=None, help="patch side in pixels (default: the tiles' smallest side)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="processes drawing patches (same bytes for any number; the cores, at most 8)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes drawing patches (same bytes for any number; the cores, at most 8)",
+    )
     g = p.add_argument_group("splits")
-    g.add_argument("--split-by-source", action="store_true",
-                   help="whole source images per split, none in two (default: tiles split 70/10/20 per class)")
-    g.add_argument("--source-regex", default=None,
-                   help=f"names a tile's source image in its file name: group 'source', else group 1, else the "
-                        f"match (default: {DEFAULT_SOURCE_REGEX!r}: 10F32_CRC-Prim-HE-03_012_... -> CRC-Prim-HE-03)")
-    g.add_argument("--source-csv", default=None, help="CSV 'file,source' instead of --source-regex "
-                   "(file relative to --tiles, or a bare file name)")
+    g.add_argument(
+        "--split-by-source",
+        action="store_true",
+        help="whole source images per split, none in two (default: tiles split 70/10/20 per class)",
+    )
+    g.add_argument(
+        "--source-regex",
+        default=None,
+        help=f"names a tile's source image in its file name: group 'source', else group 1, else the "
+        f"match (default: {DEFAULT_SOURCE_REGEX!r}: 10F32_CRC-Prim-HE-03_012_... -> CRC-Prim-HE-03)",
+    )
+    g.add_argument(
+        "--source-csv",
+        default=None,
+        help="CSV 'file,source' instead of --source-regex (file relative to --tiles, or a bare file name)",
+    )
     for split in ("train", "val", "test"):
-        g.add_argument(f"--sources-{split}", type=_names, default=None,
-                       help=f"comma-separated source images for {split} (a unique suffix is enough: 04)"
-                            + ("; default: every source not pinned elsewhere" if split == "train" else ""))
+        g.add_argument(
+            f"--sources-{split}",
+            type=_names,
+            default=None,
+            help=f"comma-separated source images for {split} (a unique suffix is enough: 04)"
+            + ("; default: every source not pinned elsewhere" if split == "train" else ""),
+        )
     m = p.add_argument_group("patches")
-    m.add_argument("--classes-per-patch", type=lambda t: tuple(float(v) for v in t.split(",")), default=None,
-                   help="P(1,2,3 classes) (default: 0.35,0.40,0.25)")
+    m.add_argument(
+        "--classes-per-patch",
+        type=lambda t: tuple(float(v) for v in t.split(",")),
+        default=None,
+        help="P(1,2,3 classes) (default: 0.35,0.40,0.25)",
+    )
     m.add_argument("--glass-prob", type=float, default=None, help="share of patches with glass holes (0.35)")
-    m.add_argument("--min-share", type=float, default=None,
-                   help="a class below this share of a patch's non-ignored pixels is absorbed (0.02)")
+    m.add_argument(
+        "--min-share",
+        type=float,
+        default=None,
+        help="a class below this share of a patch's non-ignored pixels is absorbed (0.02)",
+    )
     s = p.add_argument_group("stain change (val/test only)")
     s.add_argument("--stain-change", action="store_true", help="apply another lab's stain and scanner to val/test")
     s.add_argument("--stain-h", type=float, default=None, help="x hematoxylin optical density (0.55)")
@@ -91,11 +120,18 @@ def options_from(args, size: int):
     from mlps_dist.core.errors import InputError
     from mlps_dist.data.mosaics import MosaicOptions
 
-    given = {"classes_per_patch": args.classes_per_patch, "glass_prob": args.glass_prob,
-             "min_share": args.min_share, "stain_h": args.stain_h, "stain_e": args.stain_e,
-             "stain_hue": args.stain_hue, "stain_brightness": args.stain_brightness}
-    options = MosaicOptions(size=size, stain_change=args.stain_change,
-                            **{k: v for k, v in given.items() if v is not None})
+    given = {
+        "classes_per_patch": args.classes_per_patch,
+        "glass_prob": args.glass_prob,
+        "min_share": args.min_share,
+        "stain_h": args.stain_h,
+        "stain_e": args.stain_e,
+        "stain_hue": args.stain_hue,
+        "stain_brightness": args.stain_brightness,
+    }
+    options = MosaicOptions(
+        size=size, stain_change=args.stain_change, **{k: v for k, v in given.items() if v is not None}
+    )
     if size < 32:
         raise InputError(f"--size {size}: patches must be at least 32 pixels wide")
     probs = options.classes_per_patch
@@ -128,30 +164,38 @@ def _main(argv=None) -> int:
     background = None if args.background.lower() == "none" else args.background
     if background in classes.values():
         raise InputError(f"--background {background}: is also a tissue class in --classes")
-    catalogue = scan_tiles(args.tiles, classes, background, args.source_regex, args.source_csv,
-                           require_sources=args.split_by_source)
+    catalogue = scan_tiles(
+        args.tiles, classes, background, args.source_regex, args.source_csv, require_sources=args.split_by_source
+    )
     options = options_from(args, args.size or catalogue.size)
     if args.split_by_source:
         plan = split_by_source(catalogue, counts, args.seed, pins)
     else:
         plan = split_by_tile(catalogue, counts, args.seed)
-        print("make_mosaics: tiles split by tile, a source image may be in several splits "
-              "(--split-by-source keeps them apart)")
-    out = claim_output_dir(args.out, [args.tiles], "make_mosaics", force=args.force, owned_if=("mosaics.json",),
-                           in_flag="--tiles")
+        print(
+            "make_mosaics: tiles split by tile, a source image may be in several splits "
+            "(--split-by-source keeps them apart)"
+        )
+    out = claim_output_dir(
+        args.out, [args.tiles], "make_mosaics", force=args.force, owned_if=("mosaics.json",), in_flag="--tiles"
+    )
     summary = write_mosaics(out, catalogue, plan, counts, args.seed, options, workers=max(1, args.workers))
     for split, record in summary["sources"]["splits"].items():
         tiles = ", ".join(f"{c} {sum(v.values())}" for c, v in record["tiles"].items())
-        print(f"{split}: {record['patches']} patches from {', '.join(record['sources'])} "
-              f"(tiles: {tiles}; glass {record['glass_tiles']})")
+        print(
+            f"{split}: {record['patches']} patches from {', '.join(record['sources'])} "
+            f"(tiles: {tiles}; glass {record['glass_tiles']})"
+        )
         if "patches_labelled" in record:
             print("  patches labelled: " + ", ".join(f"{c} {n}" for c, n in record["patches_labelled"].items()))
         else:
             print("  pixel share: " + ", ".join(f"{c} {v:.2f}" for c, v in record["pixel_share"].items()))
     if plan.unused:
         print(f"unused source images: {', '.join(plan.unused)}")
-    print(f"{out}: {summary['generated']} patches written ({options.size} px"
-          f"{', stain change on val/test' if options.stain_change else ''}); sources in {out / 'sources.json'}")
+    print(
+        f"{out}: {summary['generated']} patches written ({options.size} px"
+        f"{', stain change on val/test' if options.stain_change else ''}); sources in {out / 'sources.json'}"
+    )
     return 0
 
 

@@ -31,20 +31,44 @@ def parse_args(argv):
     p.add_argument("--stride", type=int, default=0, help="tile step in model pixels (0: half a patch)")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
     p.add_argument("--readers", type=int, default=4, help="threads reading tiles ahead of the model")
-    p.add_argument("--slide-mpp", type=float, default=None,
-                   help="level-0 microns per pixel of every slide, overriding the stored MPP")
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel of every slide, overriding the stored MPP",
+    )
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="--run only: segmenter checkpoint")
-    p.add_argument("--max-map-gb", type=float, default=16.0,
-                   help="refuse a --map-mpp whose class map would need more memory than this (GB)")
+    p.add_argument(
+        "--max-map-gb",
+        type=float,
+        default=16.0,
+        help="refuse a --map-mpp whose class map would need more memory than this (GB)",
+    )
     p.add_argument("--no-gate", action="store_true", help="skip the classification gate")
-    p.add_argument("--simplify", type=float, default=1.0, metavar="PX",
-                   help="regions.geojson: simplification tolerance in map pixels (0: exact pixel outlines)")
-    p.add_argument("--min-region-um2", type=float, default=0.0,
-                   help="regions.geojson: drop regions smaller than this many square microns (0: keep all)")
-    p.add_argument("--probabilities", action="store_true",
-                   help="also write probabilities.tiff: one uint8 plane per class (probability x 255), map grid")
-    p.add_argument("--stain-scope", choices=("slide", "tile"), default="slide",
-                   help="a run with data.stain: estimate the stains once per slide or per tile")
+    p.add_argument(
+        "--simplify",
+        type=float,
+        default=1.0,
+        metavar="PX",
+        help="regions.geojson: simplification tolerance in map pixels (0: exact pixel outlines)",
+    )
+    p.add_argument(
+        "--min-region-um2",
+        type=float,
+        default=0.0,
+        help="regions.geojson: drop regions smaller than this many square microns (0: keep all)",
+    )
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write probabilities.tiff: one uint8 plane per class (probability x 255), map grid",
+    )
+    p.add_argument(
+        "--stain-scope",
+        choices=("slide", "tile"),
+        default="slide",
+        help="a run with data.stain: estimate the stains once per slide or per tile",
+    )
     args = p.parse_args(argv)
     for flag, value in (("--map-mpp", args.map_mpp), ("--slide-mpp", args.slide_mpp), ("--model-mpp", args.model_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too

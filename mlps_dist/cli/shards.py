@@ -1,7 +1,7 @@
 """``mlps shards``: a LUAD-HistoSeg or BCSS-WSSS folder -> shards (mlps_dist/data/make_shards.py).
 
-    mlps shards --layout luad --src data/LUAD-HistoSeg --out data/luad/shards
-    mlps shards ... --image-format jpeg --image-quality 95   # faster training input
+mlps shards --layout luad --src data/LUAD-HistoSeg --out data/luad/shards
+mlps shards ... --image-format jpeg --image-quality 95   # faster training input
 """
 
 from __future__ import annotations
@@ -26,16 +26,28 @@ def build_parser():
     p.add_argument("--out", required=True, help="shard folder to write (becomes data.root)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad files (listed) instead of stopping")
-    p.add_argument("--allow-mixed-sizes", action="store_true",
-                   help="accept training patches of different sizes (then set data.image_size when training)")
+    p.add_argument(
+        "--allow-mixed-sizes",
+        action="store_true",
+        help="accept training patches of different sizes (then set data.image_size when training)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes decoding/checking the source files")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="microns per pixel of the patches (recorded in info.json; mlps segment reads slides at it)")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
-                   help="encoding of the training images: png (exact), webp (lossless, faster to decode), "
-                        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test and masks stay PNG")
-    p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help="JPEG quality 1-100 for --image-format jpeg")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="microns per pixel of the patches (recorded in info.json; mlps segment reads slides at it)",
+    )
+    p.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="png",
+        help="encoding of the training images: png (exact), webp (lossless, faster to decode), "
+        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test and masks stay PNG",
+    )
+    p.add_argument(
+        "--image-quality", type=int, default=DEFAULT_JPEG_QUALITY, help="JPEG quality 1-100 for --image-format jpeg"
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by mlps shards")
     return p
 
@@ -44,9 +56,19 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from mlps_dist.data.make_shards import make_shards, print_summary
 
-    info = make_shards(args.layout, args.src, args.out, shard_size=args.shard_size, skip_bad=args.skip_bad,
-                       allow_mixed_sizes=args.allow_mixed_sizes, workers=args.workers, mpp=args.mpp,
-                       image_format=args.image_format, image_quality=args.image_quality, force=args.force)
+    info = make_shards(
+        args.layout,
+        args.src,
+        args.out,
+        shard_size=args.shard_size,
+        skip_bad=args.skip_bad,
+        allow_mixed_sizes=args.allow_mixed_sizes,
+        workers=args.workers,
+        mpp=args.mpp,
+        image_format=args.image_format,
+        image_quality=args.image_quality,
+        force=args.force,
+    )
     print_summary(info, args.out)
     return 0
 

@@ -28,6 +28,7 @@ def _floats(count: int):
         if len(values) != count:
             raise argparse.ArgumentTypeError(f"'{text}': expected {count} comma-separated numbers")
         return values
+
     return parse
 
 
@@ -49,8 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test", type=int, default=60, help="test patches with masks")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--variant", default="default", help="named set of the options below (see the list)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes drawing patches (same bytes for any number; the cores, at most 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes drawing patches (same bytes for any number; the cores, at most 8)",
+    )
     group = parser.add_argument_group("data options (default: the variant's value)")
     group.add_argument("--size", type=int, help="patch side in pixels (default variant: 96; LUAD-HistoSeg: 224)")
     group.add_argument("--h-strength", type=float, help="x hematoxylin concentration (1.0)")
@@ -64,16 +69,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--nuclear-size", type=float, help="x nucleus radius (1.0)")
     group.add_argument("--nuclear-density", type=float, help="x nuclei per area (1.0)")
     group.add_argument("--texture-scale", type=float, help="x size of all texture, > 1 coarser (1.0)")
-    group.add_argument("--class-weights", type=_floats(4), help="how often TE,NEC,LYM,TAS are drawn "
-                       "(0.38,0.14,0.20,0.28)")
+    group.add_argument(
+        "--class-weights", type=_floats(4), help="how often TE,NEC,LYM,TAS are drawn (0.38,0.14,0.20,0.28)"
+    )
     group.add_argument("--tissues-per-patch", type=_floats(4), help="P(1,2,3,4 tissues) (0.35,0.35,0.20,0.10)")
     group.add_argument("--white-prob", type=float, help="share of patches showing white glass (0.4)")
     return parser.parse_args(argv)
 
 
-OPTION_FLAGS = ("size", "h_strength", "e_strength", "h_vector", "e_vector", "hue_shift", "brightness",
-                "white_balance", "gamma", "nuclear_size", "nuclear_density", "texture_scale", "class_weights",
-                "tissues_per_patch", "white_prob")
+OPTION_FLAGS = (
+    "size",
+    "h_strength",
+    "e_strength",
+    "h_vector",
+    "e_vector",
+    "hue_shift",
+    "brightness",
+    "white_balance",
+    "gamma",
+    "nuclear_size",
+    "nuclear_density",
+    "texture_scale",
+    "class_weights",
+    "tissues_per_patch",
+    "white_prob",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,18 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         options = variant_options(args.variant, **{k: getattr(args, k) for k in OPTION_FLAGS})
-        summary = write_luad_layout(args.out, args.train, args.val, args.test, seed=args.seed,
-                                    options=options, variant=args.variant, workers=max(1, args.workers))
+        summary = write_luad_layout(
+            args.out,
+            args.train,
+            args.val,
+            args.test,
+            seed=args.seed,
+            options=options,
+            variant=args.variant,
+            workers=max(1, args.workers),
+        )
     except (SyntheticOptionError, ValueError) as error:
         print(f"mlps synthetic: {error}", file=sys.stderr)
         return 2
     counts = summary["counts"]
-    print(f"{summary['out_dir']}: {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
-          f"({options.size} px, variant {args.variant}); generated {summary['generated']} in "
-          f"{summary['seconds']:.1f} s ({summary['patches_per_second'] or '-'} patches/s)")
+    print(
+        f"{summary['out_dir']}: {counts['train']} train, {counts['val']} val, {counts['test']} test patches "
+        f"({options.size} px, variant {args.variant}); generated {summary['generated']} in "
+        f"{summary['seconds']:.1f} s ({summary['patches_per_second'] or '-'} patches/s)"
+    )
     labels = ", ".join(f"{c} {f:.2f}" for c, f in summary["train_label_frequency"].items())
     print(f"train label frequency: {labels}")
     for split, freq in summary["pixel_frequency"].items():
         print(f"{split} pixel frequency: " + ", ".join(f"{c} {f:.2f}" for c, f in freq.items()))
     return 0
-

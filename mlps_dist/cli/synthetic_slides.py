@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --count >= 1 and slides of at least 256 x 256 pixels")
     from mlps_dist.synthetic.slides import write_synthetic_slides
 
-    summary = write_synthetic_slides(args.out, args.count, args.width, args.height, args.seed,
-                                     args.slide_mpp or None, args.cell)
-    print(f"{args.out}: {len(summary['slides'])} slide(s) of {args.width} x {args.height} px at {args.slide_mpp} "
-          f"um/px; annotations in {Path(args.out) / 'annotations'}; --class-map \"{summary['class_map']}\"")
+    summary = write_synthetic_slides(
+        args.out, args.count, args.width, args.height, args.seed, args.slide_mpp or None, args.cell
+    )
+    print(
+        f"{args.out}: {len(summary['slides'])} slide(s) of {args.width} x {args.height} px at {args.slide_mpp} "
+        f'um/px; annotations in {Path(args.out) / "annotations"}; --class-map "{summary["class_map"]}"'
+    )
     return 0

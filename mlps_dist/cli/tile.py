@@ -32,37 +32,60 @@ def parse_args(argv=None):
     p.add_argument("--tile", type=int, default=224, help="tile side in pixels at --mpp")
     p.add_argument("--stride", type=int, default=0, help="tile step in pixels at --mpp (0: --tile)")
     p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
-    p.add_argument("--annotations", default=None,
-                   help="folder of annotation files, one per slide NAME.EXT: NAME.geojson or NAME.EXT.geojson "
-                        "(QuPath GeoJSON, e.g. slide1.svs.geojson), NAME.xml or NAME.EXT.xml (ImageScope/ASAP); "
-                        "two of these for one slide are refused")
-    p.add_argument("--annotations-map", default=None, metavar="CSV",
-                   help="CSV of 'slide,annotation-file' rows (slide: name without extension, or file name; a "
-                        "relative file is relative to the CSV's folder; an optional header row starts with "
-                        "'slide'); its rows take precedence over --annotations")
+    p.add_argument(
+        "--annotations",
+        default=None,
+        help="folder of annotation files, one per slide NAME.EXT: NAME.geojson or NAME.EXT.geojson "
+        "(QuPath GeoJSON, e.g. slide1.svs.geojson), NAME.xml or NAME.EXT.xml (ImageScope/ASAP); "
+        "two of these for one slide are refused",
+    )
+    p.add_argument(
+        "--annotations-map",
+        default=None,
+        metavar="CSV",
+        help="CSV of 'slide,annotation-file' rows (slide: name without extension, or file name; a "
+        "relative file is relative to the CSV's folder; an optional header row starts with "
+        "'slide'); its rows take precedence over --annotations",
+    )
     p.add_argument("--classes", default="TE,NEC,LYM,TAS", help="class names in label order")
-    p.add_argument("--class-map", default="",  # empty: only names equal to a class map
-                   help='annotation name -> class or ignore, comma-separated NAME=TARGET, case-insensitive, e.g. '
-                        '"Tumor=TE,Stroma*=TAS,Other=ignore,Region*=ignore"; NAME with * ? [ is an fnmatch '
-                        'pattern; exact names first, then the class names, then patterns in the order given; '
-                        'ignore: left out of labels, the ignore index in masks')
-    p.add_argument("--label-min-fraction", type=float, default=0.05,
-                   help="a class covering at least this share of a train tile is in its label")
+    p.add_argument(
+        "--class-map",
+        default="",  # empty: only names equal to a class map
+        help="annotation name -> class or ignore, comma-separated NAME=TARGET, case-insensitive, e.g. "
+        '"Tumor=TE,Stroma*=TAS,Other=ignore,Region*=ignore"; NAME with * ? [ is an fnmatch '
+        "pattern; exact names first, then the class names, then patterns in the order given; "
+        "ignore: left out of labels, the ignore index in masks",
+    )
+    p.add_argument(
+        "--label-min-fraction",
+        type=float,
+        default=0.05,
+        help="a class covering at least this share of a train tile is in its label",
+    )
     p.add_argument("--splits", default=None, help="CSV of slide,split lines (slide = file name without extension)")
     p.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test shares of the slides")
     p.add_argument("--seed", type=int, default=0, help="seed of the split by ratios")
-    p.add_argument("--slide-mpp", type=float, default=None,
-                   help="level-0 microns per pixel of every slide, overriding (or standing in for) the stored MPP")
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="level-0 microns per pixel of every slide, overriding (or standing in for) the stored MPP",
+    )
     p.add_argument("--tissue-mpp", type=float, default=8.0, help="resolution of the tissue mask")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     p.add_argument("--workers", type=int, default=1, help="processes per rank, each tiling one slide at a time")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-slide parts after assembly")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by mlps tile")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
-                   help="encoding of the training tiles: png (exact), webp (lossless, faster to decode), "
-                        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG")
-    p.add_argument("--image-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help="JPEG quality 1-100 for --image-format jpeg")
+    p.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="png",
+        help="encoding of the training tiles: png (exact), webp (lossless, faster to decode), "
+        "jpeg (lossy, fastest; decoded on the GPU by DALI); val/test tiles and masks stay PNG",
+    )
+    p.add_argument(
+        "--image-quality", type=int, default=DEFAULT_JPEG_QUALITY, help="JPEG quality 1-100 for --image-format jpeg"
+    )
     args = p.parse_args(argv)
     for flag, value in (("--mpp", args.mpp), ("--slide-mpp", args.slide_mpp), ("--tissue-mpp", args.tissue_mpp)):
         if value is not None and not 0 < value < float("inf"):  # NaN fails too

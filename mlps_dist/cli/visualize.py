@@ -1,8 +1,8 @@
 """``mlps visualize``: a run's contact sheet (mlps_dist/predict/visualize.py).
 
-    mlps visualize --run runs/demo --split val --n 8 --out sheet.png
-    mlps visualize --run runs/demo --split train --n 6 --out train.png   # pseudo masks
-    mlps visualize --run runs/real --split test --cams --out cams.png    # CAMs on any split
+mlps visualize --run runs/demo --split val --n 8 --out sheet.png
+mlps visualize --run runs/demo --split train --n 6 --out train.png   # pseudo masks
+mlps visualize --run runs/real --split test --cams --out cams.png    # CAMs on any split
 """
 
 from __future__ import annotations
@@ -35,8 +35,17 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from mlps_dist.predict.visualize import contact_sheet
 
-    print(contact_sheet(args.run, args.out, split=args.split, count=args.n, checkpoint=args.checkpoint,
-                        gate=not args.no_gate, cams_wanted=args.cams))
+    print(
+        contact_sheet(
+            args.run,
+            args.out,
+            split=args.split,
+            count=args.n,
+            checkpoint=args.checkpoint,
+            gate=not args.no_gate,
+            cams_wanted=args.cams,
+        )
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """``mlps weights``: convert published weights for the networks' ``pretrained`` settings.
 
-    mlps weights --mxnet ilsvrc-cls_rna-a1_cls1000_ep-0001.params --out resnet38d_imagenet.pth
-    mlps weights --deeplab deeplab-resnet.pth.tar --out deeplab_resnet101_voc.pth
+mlps weights --mxnet ilsvrc-cls_rna-a1_cls1000_ep-0001.params --out resnet38d_imagenet.pth
+mlps weights --deeplab deeplab-resnet.pth.tar --out deeplab_resnet101_voc.pth
 """
 
 from __future__ import annotations
@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--mxnet", help="MXNet .params file (mx.nd.save format) of ResNet-38 (A1)")
     source.add_argument("--deeplab", help="pytorch-deeplab-xception checkpoint, e.g. deeplab-resnet.pth.tar")
     parser.add_argument("--out", required=True, help="output .pth (plain state dict)")
-    parser.add_argument("--model", default=None, choices=BACKBONES,
-                        help="network whose names and shapes the result must fit "
-                             "(default: resnet38d for --mxnet, deeplabv3plus_resnet101 for --deeplab)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        choices=BACKBONES,
+        help="network whose names and shapes the result must fit "
+        "(default: resnet38d for --mxnet, deeplabv3plus_resnet101 for --deeplab)",
+    )
     args = parser.parse_args(argv)
     from mlps_dist.models.weights import convert_mxnet_resnet38d, read_mxnet_params, read_state_dict
 
@@ -75,4 +79,3 @@ def main(argv: list[str] | None = None) -> int:
     atomic_torch_save(state, out)  # a reader never sees a half-written file
     print(f"wrote {out} ({len(state)} tensors)")
     return 1 if missing or (args.deeplab and report.unexpected) else 0
-

@@ -24,7 +24,7 @@ from mlps_dist.data.layouts import create_layout
 
 
 def mixed_sizes(samples) -> str:
-    """"" when every sample has one size; else the sizes by count, with a file of the rarest."""
+    """ "" when every sample has one size; else the sizes by count, with a file of the rarest."""
     counts = Counter(c.size for c in samples)
     if len(counts) <= 1:
         return ""
@@ -51,10 +51,21 @@ def check_settings(mpp: float | None, workers: int, image_quality: int) -> None:
         raise InputError(f"--image-quality {image_quality}: use 1..100 (95 keeps stain detail)")
 
 
-def make_shards(layout: str, src: str, out: str, *, shard_size: int = 1000, skip_bad: bool = False,
-                allow_mixed_sizes: bool = False, workers: int = 1, mpp: float | None = None,
-                image_format: str = "png", image_quality: int = DEFAULT_JPEG_QUALITY, force: bool = False,
-                show_progress: bool = True) -> dict:
+def make_shards(
+    layout: str,
+    src: str,
+    out: str,
+    *,
+    shard_size: int = 1000,
+    skip_bad: bool = False,
+    allow_mixed_sizes: bool = False,
+    workers: int = 1,
+    mpp: float | None = None,
+    image_format: str = "png",
+    image_quality: int = DEFAULT_JPEG_QUALITY,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """Check every file of ``src``, then write the shards and info.json into ``out``; returns
     info.json's content. Bad input raises InputError (exit 2) before anything is written."""
     check_settings(mpp, workers, image_quality)
@@ -75,12 +86,20 @@ def make_shards(layout: str, src: str, out: str, *, shard_size: int = 1000, skip
         raise InputError(f"{src}: no usable training patches")
     mixed = mixed_sizes(plan.splits["train"])
     if mixed and not allow_mixed_sizes:
-        raise InputError(f"{src}: the training patches differ in size ({mixed}); the training and inference "
-                         f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes "
-                         f"(and set data.image_size)")
+        raise InputError(
+            f"{src}: the training patches differ in size ({mixed}); the training and inference "
+            f"scale is the patch size: resize or remove the odd ones, or pass --allow-mixed-sizes "
+            f"(and set data.image_size)"
+        )
     with tool_output(out, [src], "make_shards", force=force, owned_if=("info.json",), in_flag="--src"):
-        return write_plan(plan, out, image_format=image_format, image_quality=image_quality,
-                          extra={"mpp": mpp} if mpp else None, show_progress=show_progress)
+        return write_plan(
+            plan,
+            out,
+            image_format=image_format,
+            image_quality=image_quality,
+            extra={"mpp": mpp} if mpp else None,
+            show_progress=show_progress,
+        )
 
 
 def print_summary(info: dict, out: str) -> None:

@@ -19,10 +19,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mlps_dist.config import ConfigError, load_config
-from mlps_dist.data.decode import decode_sample
-from mlps_dist.data.shards import open_split
 from mlps_dist.core.draw import blend, palette_for
 from mlps_dist.core.fileio import atomic_open
+from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.shards import open_split
 from mlps_dist.predict.predictor import create_predictor
 from mlps_dist.run import layout
 from mlps_dist.run.stain_run import load_normaliser
@@ -51,8 +51,9 @@ def cam_panels(cams, cfg, rgb: np.ndarray, labels: np.ndarray, palette) -> list[
     from mlps_dist.data.augment import model_input
 
     images = model_input((batch.float() / 255 - mean) / std, cfg.data.image_size).to(device)
-    masks = cam.make_masks_cfg(model, {"image": images, "labels": torch.from_numpy(labels)[None], "rgb": batch},
-                               cfg.masks)
+    masks = cam.make_masks_cfg(
+        model, {"image": images, "labels": torch.from_numpy(labels)[None], "rgb": batch}, cfg.masks
+    )
     return [blend(rgb, masks[layer][0].cpu().numpy(), palette, alpha=0.6) for layer in cfg.masks.layers]
 
 
@@ -101,8 +102,15 @@ def draw_sheet(rows: list[tuple[str, list[np.ndarray]]], titles: list[str], clas
     return sheet
 
 
-def contact_sheet(run_dir: str | Path, out: str | Path, split: str = "val", count: int = 8, checkpoint: str = "best",
-                  gate: bool = True, cams_wanted: bool = False) -> str:
+def contact_sheet(
+    run_dir: str | Path,
+    out: str | Path,
+    split: str = "val",
+    count: int = 8,
+    checkpoint: str = "best",
+    gate: bool = True,
+    cams_wanted: bool = False,
+) -> str:
     """Write the contact sheet of ``count`` samples of ``split`` to the image file ``out``;
     returns the line that says what was written."""
     run = Path(run_dir)
@@ -135,5 +143,7 @@ def contact_sheet(run_dir: str | Path, out: str | Path, split: str = "val", coun
     rows = [(reader.key(i), sample_panels(reader, i, store, predictor, palette, stain, cams, cfg)) for i in picks]
     out = Path(out)
     with atomic_open(out) as f:
-        draw_sheet(rows, titles, list(reader.classes), palette).save(f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
+        draw_sheet(rows, titles, list(reader.classes), palette).save(
+            f, format=(out.suffix[1:] or "png").upper().replace("JPG", "JPEG")
+        )
     return f"wrote {out} ({len(rows)} samples: {', '.join(titles)})"

@@ -37,8 +37,14 @@ from mlps_dist.slides.annotations import load_annotations
 from mlps_dist.slides.class_map import parse_class_map
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
 from mlps_dist.slides.tile_work import tile_my_slides
-from mlps_dist.slides.tiling import (SlideJob, TileSpec, remove_parts, remove_stale_shards, write_assigned_shards,
-                                     write_slide_info)
+from mlps_dist.slides.tiling import (
+    SlideJob,
+    TileSpec,
+    remove_parts,
+    remove_stale_shards,
+    write_assigned_shards,
+    write_slide_info,
+)
 
 SPLITS = ("train", "val", "test")
 # Tiles of a known dataset's classes get that dataset's colours (its ignore white is added last).
@@ -50,7 +56,11 @@ def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: i
         table = {}
         with open(splits_csv, newline="") as f:
             for row in csv.reader(f):
-                if not row or row[0].strip().startswith("#") or [c.strip().lower() for c in row[:2]] == ["slide", "split"]:
+                if (
+                    not row
+                    or row[0].strip().startswith("#")
+                    or [c.strip().lower() for c in row[:2]] == ["slide", "split"]
+                ):
                     continue
                 if len(row) < 2 or row[1].strip() not in SPLITS:
                     raise InputError(f"{splits_csv}: line {row}: expected 'slide,split' with split in {SPLITS}")
@@ -63,10 +73,14 @@ def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: i
         shares = [float(v) for v in ratios.split(",")]
         assert len(shares) == 3 and all(s >= 0 for s in shares) and sum(shares) > 0
     except (ValueError, AssertionError):
-        raise InputError(f"--split-ratios {ratios!r}: expected three shares train,val,test such as 0.7,0.15,0.15")
+        raise InputError(
+            f"--split-ratios {ratios!r}: expected three shares train,val,test such as 0.7,0.15,0.15"
+        ) from None
     if not shares[0] > 0:
-        raise InputError(f"--split-ratios {ratios!r}: the train share is 0, so no training tiles would be written; "
-                         f"give it a share, or assign the slides with --splits (a 'slide,split' CSV)")
+        raise InputError(
+            f"--split-ratios {ratios!r}: the train share is 0, so no training tiles would be written; "
+            f"give it a share, or assign the slides with --splits (a 'slide,split' CSV)"
+        )
     order = list(np.random.default_rng(seed).permutation(sorted(names)))
     bounds = np.round(np.cumsum(shares) / sum(shares) * len(order)).astype(int)
     bounds[0] = max(bounds[0], 1 if shares[0] > 0 else 0)  # at least one training slide
@@ -81,10 +95,19 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(set(classes)) != len(classes) or not classes:
         raise InputError(f"--classes {args.classes!r}: give distinct class names separated by commas")
-    spec = TileSpec(mpp=args.mpp, tile=args.tile, stride=args.stride, min_tissue=args.min_tissue, classes=classes,
-                    class_map=parse_class_map(args.class_map, classes), label_min_fraction=args.label_min_fraction,
-                    tissue_mpp=args.tissue_mpp, slide_mpp=args.slide_mpp, image_format=args.image_format,
-                    image_quality=args.image_quality)
+    spec = TileSpec(
+        mpp=args.mpp,
+        tile=args.tile,
+        stride=args.stride,
+        min_tissue=args.min_tissue,
+        classes=classes,
+        class_map=parse_class_map(args.class_map, classes),
+        label_min_fraction=args.label_min_fraction,
+        tissue_mpp=args.tissue_mpp,
+        slide_mpp=args.slide_mpp,
+        image_format=args.image_format,
+        image_quality=args.image_quality,
+    )
     paths = list_slides(args.slides)
     bad, no_mpp, good, dims = [], [], [], {}
     for path in paths:
@@ -95,8 +118,10 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
         except SlideError as exc:
             (no_mpp if "microns per pixel" in str(exc) else bad).append((str(path), str(exc)))
     if no_mpp:
-        raise InputError(f"slide(s) without microns per pixel: {[p for p, _ in no_mpp]}; pass --slide-mpp with "
-                         f"the scanner's resolution or remove them")
+        raise InputError(
+            f"slide(s) without microns per pixel: {[p for p, _ in no_mpp]}; pass --slide-mpp with "
+            f"the scanner's resolution or remove them"
+        )
     splits = assign_splits([slide_stem(p) for p in paths], args.splits, args.split_ratios, args.seed)
     files = find_annotation_files(good, args.annotations, args.annotations_map, listed=paths)
     jobs = []
@@ -120,8 +145,9 @@ def run(args) -> int:
     jobs, spec, bad = check_inputs(args)
     inputs = list(args.slides) + [a for a in (args.annotations, args.annotations_map) if a]
     inputs += [j.annotations for j in jobs if j.annotations]
-    with tool_output(args.out, inputs, "tile_slides", dist, force=args.force, owned_if=(".parts",),
-                     in_flag="--slides/--annotations"):
+    with tool_output(
+        args.out, inputs, "tile_slides", dist, force=args.force, owned_if=(".parts",), in_flag="--slides/--annotations"
+    ):
         return _run(args, jobs, spec, bad)
 
 
@@ -140,25 +166,31 @@ def _run(args, jobs, spec, bad) -> int:
     write_assigned_shards(out, records, args.shard_size, dist.get_world_size(), dist.get_rank())
     dist.barrier()
     if dist.is_main():
-        palette = KNOWN_PALETTES.get(tuple(spec.classes)) or palette_for(len(spec.classes), None)[:len(spec.classes)]
-        info = write_slide_info(out, records, spec, list(palette) + [(255, 255, 255)], args.shard_size,
-                                {"bad_slides": [p for p, _ in bad]})
+        palette = KNOWN_PALETTES.get(tuple(spec.classes)) or palette_for(len(spec.classes), None)[: len(spec.classes)]
+        info = write_slide_info(
+            out, records, spec, list(palette) + [(255, 255, 255)], args.shard_size, {"bad_slides": [p for p, _ in bad]}
+        )
         if not args.keep_parts:
             remove_parts(out)
         for split, s in info["splits"].items():
-            print(f"{split}: {s['count']} tiles from {len(s['slides'])} slide(s) in {len(s['shards'])} shard(s); "
-                  f"per class: {dict(zip(spec.classes, s['class_counts']))}")
+            print(
+                f"{split}: {s['count']} tiles from {len(s['slides'])} slide(s) in {len(s['shards'])} shard(s); "
+                f"per class: {dict(zip(spec.classes, s['class_counts']))}"
+            )
         for r in records:
             if r["count"] == 0:
-                print(f"warning: slide {r['slide']} ({r['split']}) gave no tiles: "
-                      f"{'no annotated region covers enough tissue' if r.get('annotations') else 'too little tissue'} "
-                      f"at --min-tissue {args.min_tissue}, --label-min-fraction {args.label_min_fraction}; "
-                      f"check its annotations' coordinates and classes", file=sys.stderr)
+                print(
+                    f"warning: slide {r['slide']} ({r['split']}) gave no tiles: "
+                    f"{'no annotated region covers enough tissue' if r.get('annotations') else 'too little tissue'} "
+                    f"at --min-tissue {args.min_tissue}, --label-min-fraction {args.label_min_fraction}; "
+                    f"check its annotations' coordinates and classes",
+                    file=sys.stderr,
+                )
         reused = sum(1 for r in records if r.get("reused"))
         if reused:
             print(f"reused {reused} slide(s) finished by an earlier run")
         print(f"wrote {out / 'info.json'}")
-        for path, error in bad:
+        for _path, error in bad:
             print(f"bad slide skipped: {error}", file=sys.stderr)
         if bad:
             print(f"{len(bad)} slide(s) skipped; the others are written", file=sys.stderr)
