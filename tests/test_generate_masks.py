@@ -25,6 +25,7 @@ from mlps_dist.data.shards import open_split, read_index
 from mlps_dist.models import create_classifier
 from mlps_dist.core import png
 from mlps_dist.data.pseudo_masks import PseudoMaskError, PseudoMaskStore
+from mlps_dist.data.sample_errors import SampleError
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["b4_5", "b5_2", "bn7"]
@@ -222,7 +223,7 @@ def test_corrupt_sample_is_named_or_skipped(baseline, tiny_shards, tmp_path):
         f.write(b"\x00" * size)
     assert key == reader.key(13)
     run = make_run(tmp_path, shards, "bad", chunk_size=16, tta_flip=False, tta_scales=[1.0])
-    with pytest.raises(PseudoMaskError, match=rf"sample {key} .*masks.skip_bad=true"):
+    with pytest.raises(SampleError, match=rf"sample {key} cannot be decoded .*masks.skip_bad=true"):
         run_inprocess(run)
     run_inprocess(run, "masks.skip_bad=true", "masks.export_reference=true")
     manifest = json.loads((mask_folder(run) / "manifest.json").read_text())

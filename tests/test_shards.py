@@ -15,7 +15,7 @@ from mlps_dist.data import ingest
 from mlps_dist.data.ingest import build_plan, write_plan
 from mlps_dist.data.layouts import LUAD
 from mlps_dist.data.shards import ShardError, open_split, read_index, read_info
-from mlps_dist.data.torch_loader import decode_indices, decode_rgb
+from mlps_dist.data.decode import decode_indices, decode_rgb
 
 
 def _sources(folder, split):
@@ -277,7 +277,7 @@ def test_image_formats_for_the_training_split(tiny_luad_folder, tmp_path):
     from mlps_dist.data.ingest import build_plan, write_plan
     from mlps_dist.data.layouts import LUAD
     from mlps_dist.data.shards import open_split
-    from mlps_dist.data.torch_loader import decode_rgb
+    from mlps_dist.data.decode import decode_rgb
 
     plan = build_plan(LUAD, tiny_luad_folder, shard_size=10)
     write_plan(plan, tmp_path / "png", log=lambda *_: None)

@@ -13,7 +13,7 @@ from mlps_dist.data.prefetch import BackgroundLoader
 from mlps_dist.data.sampling import eval_batches, permutation, steps_per_epoch
 from mlps_dist.data.shards import SplitReader
 
-__all__ = ["create_train_loader", "create_eval_loader", "steps_per_epoch"]
+__all__ = ["create_train_loader", "create_eval_loader", "create_masks_loader", "split_batches", "steps_per_epoch"]
 
 
 def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0, epoch: int, start_step: int = 0,
@@ -51,8 +51,7 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
 
         from mlps_dist.data.sample_errors import NamedSampleErrors
 
-        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader,
-                                                       training=True),
+        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader),
                                      batches, cfg.data.num_workers, device)
     # Hand-over off the step's critical path, except where loading is meant to stay in the
     # rank's own loop (the torch loader without workers).
@@ -63,19 +62,31 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
 def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device,
                        skip_bad: bool = False):
     """Every sample of the split exactly once across ranks (and workers); a rank with no
-    share yields zero batches. Patches of mixed sizes (info.json has no common image_size)
-    go one per batch: they cannot be stacked. ``skip_bad`` (torch loader): a sample that
-    cannot be decoded is named in a warning and blanked (``batch["bad"]``, data/sample_errors.py)."""
-    if not reader.split_info.get("image_size"):
-        batch_size = 1
-    batches = eval_batches(dist.partition(len(reader), world, rank), batch_size)
+    share yields zero batches. ``skip_bad`` (torch loader): a sample that cannot be decoded
+    is named in a warning and blanked (``batch["bad"]``, torch_loader.EvalDataset)."""
+    batches = split_batches(reader, dist.partition(len(reader), world, rank), batch_size)
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_eval_loader
 
         return create_dali_eval_loader(cfg, reader, batches, device)
-    from mlps_dist.data.sample_errors import NamedSampleErrors
     from mlps_dist.data.torch_loader import EvalDataset, create_torch_loader
 
     # A sample that cannot be decoded stops the pass naming its shard and key (exit 2).
-    dataset = NamedSampleErrors(EvalDataset(cfg, reader), reader, skip=skip_bad, size=cfg.data.image_size or 64)
-    return create_torch_loader(dataset, batches, cfg.data.num_workers, device)
+    return create_torch_loader(EvalDataset(cfg, reader, skip_bad=skip_bad), batches, cfg.data.num_workers, device)
+
+
+def create_masks_loader(cfg: Config, reader: SplitReader, batches: list[list[int]], device, skip_bad: bool):
+    """The mask pass's samples in the given batches (torch_loader.EvalDataset, ``purpose="masks"``),
+    with the torch back end whatever data.loader says: the pass checks every sample's labels
+    and size, and names or skips a bad one (``masks.skip_bad``). Workers decode 4 batches
+    ahead while the model runs."""
+    from mlps_dist.data.torch_loader import EvalDataset, create_torch_loader
+
+    dataset = EvalDataset(cfg, reader, skip_bad=skip_bad, purpose="masks")
+    return create_torch_loader(dataset, batches, cfg.data.num_workers, device, prefetch_factor=4)
+
+
+def split_batches(reader: SplitReader, indices, batch_size: int) -> list[list[int]]:
+    """Consecutive batches of ``indices`` (sampling.eval_batches); one sample per batch where
+    the split's patches differ in size (info.json has no common image_size): they cannot be stacked."""
+    return eval_batches(indices, batch_size if reader.split_info.get("image_size") else 1)

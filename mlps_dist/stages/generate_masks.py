@@ -30,88 +30,13 @@ from mlps_dist.train import gpu_options
 from mlps_dist.stages import session
 from mlps_dist.config import Config
 from mlps_dist.data.augment import model_input
-from mlps_dist.data.decode import decode_sample
+from mlps_dist.data.loaders import create_masks_loader, split_batches
 from mlps_dist.data.shards import SplitReader, open_split, read_info
 from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
 from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, write_chunk, write_json
 from mlps_dist.run import layout
 from mlps_dist.run.runlog import RunLog
-from mlps_dist.run.stain_run import load_normaliser
-
-
-class PatchDataset(torch.utils.data.Dataset):
-    """Decoded patches by sample index: normalised image, uint8 rgb, labels, [mask]."""
-
-    def __init__(self, reader: SplitReader, cfg: Config, skip_bad: bool):
-        self.reader = reader
-        self.size = tuple(reader.split_info.get("image_size") or ())
-        self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
-        self.skip_bad = skip_bad
-        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
-
-    def _decode(self, index: int) -> dict:
-        sample = decode_sample(self.reader.read(index))
-        if "labels" not in sample:
-            raise ValueError("has no 'labels' member; the mask pass needs patch-level labels")
-        labels = sample["labels"]
-        if labels.shape != (self.reader.num_classes,) or labels.sum() < 1:
-            raise ValueError(f"labels {labels.tolist()} must mark at least one of {self.reader.num_classes} classes")
-        rgb = np.array(sample["rgb"] if self.stain is None else self.stain(sample["rgb"]))
-        if self.size and rgb.shape[:2] != self.size:
-            raise ValueError(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
-        out = {"rgb": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.from_numpy(labels)}
-        out["source"] = sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png"
-        if self.reader.has_masks:
-            out["mask"] = torch.from_numpy(sample["mask"].astype(np.int64))
-        return out
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            sample, bad = self._decode(index), ""
-        except Exception as exc:  # any decoding failure is the sample's fault: name it
-            message = f"sample {self.reader.key(index)} of {self.reader.root} ({self.reader.split}): {exc}"
-            if not self.skip_bad:  # raised by the main process (raise_fatal): one line, not a worker traceback
-                message = "fatal:" + message + "; fix or remove it, or set masks.skip_bad=true"
-            height, width = self.size or (8, 8)
-            sample, bad = {"rgb": torch.zeros(3, height, width, dtype=torch.uint8),
-                           "source": f"{self.reader.key(index)}.png",
-                           "labels": torch.ones(self.reader.num_classes)}, message
-            if self.reader.has_masks:
-                sample["mask"] = torch.full((height, width), self.reader.ignore_index, dtype=torch.int64)
-        image = (sample["rgb"].float() / 255.0 - self.mean) / self.std
-        return {**sample, "image": image, "index": index, "key": self.reader.key(index), "bad": bad}
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-
-def raise_fatal(batch: dict) -> None:
-    """A sample that could not be decoded (and may not be skipped) stops the pass here."""
-    for why in batch["bad"]:
-        if why.startswith("fatal:"):
-            raise PseudoMaskError(why[len("fatal:"):])
-
-
-def batch_size_for(reader: SplitReader, size: int) -> int:
-    """Patches of mixed sizes (no common image_size in info.json) cannot share a batch."""
-    return size if reader.split_info.get("image_size") else 1
-
-
-def create_patch_loader(reader: SplitReader, batches: list[list[int]], cfg: Config,
-                        skip_bad: bool | None = None) -> torch.utils.data.DataLoader:
-    """Batches in the given order; worker processes decode ahead while the model runs."""
-    workers = cfg.data.num_workers
-    skip_bad = cfg.masks.skip_bad if skip_bad is None else skip_bad
-    return torch.utils.data.DataLoader(PatchDataset(reader, cfg, skip_bad), batch_sampler=batches,
-                                       num_workers=workers, prefetch_factor=4 if workers else None,
-                                       pin_memory=torch.cuda.is_available())
-
-
-def batched(indices, size: int) -> list[list[int]]:
-    indices = list(indices)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def check_split(reader: SplitReader) -> None:
@@ -193,7 +118,7 @@ def make_batch_masks(model, batch: dict, cfg: Config, device: torch.device) -> d
     inputs = {k: batch[k].to(device, non_blocking=True) for k in ("image", "labels", "rgb")}
     inputs["image"] = model_input(inputs["image"], cfg.data.image_size)  # the scale the classifier learnt
     masks = {k: v.cpu() for k, v in cam.make_masks_cfg(model, inputs, cfg.masks).items()}
-    bad = torch.tensor([bool(b) for b in batch["bad"]])
+    bad = batch["bad"].cpu().bool()
     if bad.any():
         for v in masks.values():
             v[bad] = batch["labels"].shape[1]
@@ -214,12 +139,12 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
     batches = []
     for chunk in mine:
         indices = chunk_indices(chunk, cfg.masks.chunk_size, len(reader))
-        batches += batched(indices, batch_size_for(reader, cfg.masks.batch_size))
+        batches += split_batches(reader, indices, cfg.masks.batch_size)
         chunk_of.update({i: chunk for i in indices})
     layers, palette = list(cfg.masks.layers), reader.info["palette"]
     pending: dict[int, dict] = {}
-    for batch in log.progress(create_patch_loader(reader, batches, cfg), total=len(batches), desc="masks"):
-        raise_fatal(batch)
+    loader = create_masks_loader(cfg, reader, batches, device, skip_bad=cfg.masks.skip_bad)
+    for batch in log.progress(loader, total=len(batches), desc="masks"):
         masks = make_batch_masks(model, batch, cfg, device)
         for j, index in enumerate(batch["index"].tolist()):
             entry = pending.setdefault(chunk_of[index], {"samples": [], "arrays": [], "sources": [], "skipped": {}})
@@ -227,8 +152,8 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
             entry["samples"].append((batch["key"][j], [png.encode_indices(a) for a in arrays]))
             entry["arrays"].append(arrays)
             entry["sources"].append(batch["source"][j])
-            if batch["bad"][j]:
-                entry["skipped"][batch["key"][j]] = batch["bad"][j]
+            if batch["why"][j]:
+                entry["skipped"][batch["key"][j]] = batch["why"][j]
         chunk = chunk_of[batch["index"][-1].item()]
         if len(pending[chunk]["samples"]) == len(chunk_indices(chunk, cfg.masks.chunk_size, len(reader))):
             entry = pending.pop(chunk)
@@ -270,11 +195,11 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
         classes = reader.num_classes
         # One extra column: pixels painted white/ignore by the mask pass count as misses.
         matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
-        batches = batched(dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
-                          batch_size_for(reader, cfg.masks.batch_size))
+        batches = split_batches(reader, dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
+                                cfg.masks.batch_size)
         # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
         # scored as all-ignore instead of stopping the pass on every rerun.
-        for batch in create_patch_loader(reader, batches, cfg, skip_bad=True):
+        for batch in create_masks_loader(cfg, reader, batches, device, skip_bad=True):
             for layer, pred in make_batch_masks(model, batch, cfg, device).items():
                 matrices[layer].update(pred, batch["mask"])
         report[split] = {}

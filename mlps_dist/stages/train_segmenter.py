@@ -32,7 +32,7 @@ from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.augment import normalise
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import open_split
-from mlps_dist.data.torch_loader import decode_rgb
+from mlps_dist.data.decode import decode_rgb
 from mlps_dist.core.draw import overlay_row, palette_for
 from mlps_dist.method.metrics import ConfusionMatrix
 from mlps_dist.models import create_segmenter
