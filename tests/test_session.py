@@ -26,8 +26,7 @@ def write_model(cfg, log, prepared) -> None:
     path.write_bytes(b"weights")
 
 
-def test_a_value_error_while_preparing_is_an_input_error_and_one_in_the_work_a_defect(tmp_path, tiny_shards,
-                                                                                       capsys):
+def test_a_value_error_while_preparing_is_an_input_error_and_one_in_the_work_a_defect(tmp_path, tiny_shards, capsys):
     def unreadable_input(cfg):
         raise ValueError("split 'val' of the shards has no masks")
 

@@ -33,9 +33,10 @@ shards every stage reads (launch/env.sh runs it once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
@@ -162,8 +163,10 @@ def _check_models(cfg: Config) -> None:
         layers = create_classifier(cfg.classifier.model, 2).cam_layers
     unknown = [layer for layer in cfg.masks.layers if layer not in layers]
     if unknown:
-        raise ConfigError(f"'masks.layers' names {unknown}, which classifier '{cfg.classifier.model}' does not "
-                          f"expose; choose from {list(layers)}")
+        raise ConfigError(
+            f"'masks.layers' names {unknown}, which classifier '{cfg.classifier.model}' does not "
+            f"expose; choose from {list(layers)}"
+        )
 
 
 def check_shards(cfg: Config) -> None:
@@ -174,13 +177,19 @@ def check_shards(cfg: Config) -> None:
     splits, classes = info.get("splits", {}), list(info.get("classes", []))
     for split in ("train", "val", *cfg.evaluate.splits):
         if split not in splits:
-            raise ConfigError(f"{cfg.data.root}/info.json has no '{split}' split (it has {sorted(splits)}); "
-                              f"rebuild the shards with it or fix data.root / evaluate.splits")
+            raise ConfigError(
+                f"{cfg.data.root}/info.json has no '{split}' split (it has {sorted(splits)}); "
+                f"rebuild the shards with it or fix data.root / evaluate.splits"
+            )
     for split in cfg.evaluate.splits:
         if not splits[split].get("has_masks"):
             raise ConfigError(f"'evaluate.splits' names '{split}', which has no ground-truth masks in {cfg.data.root}")
-    for key, wanted in (("classifier.num_classes", cfg.classifier.num_classes),
-                        ("segmenter.num_classes", cfg.segmenter.num_classes)):
+    for key, wanted in (
+        ("classifier.num_classes", cfg.classifier.num_classes),
+        ("segmenter.num_classes", cfg.segmenter.num_classes),
+    ):
         if wanted and wanted != len(classes):
-            raise ConfigError(f"'{key}' = {wanted}, but {cfg.data.root}/info.json lists {len(classes)} classes "
-                              f"{classes}; fix one of them (0 = take it from the data)")
+            raise ConfigError(
+                f"'{key}' = {wanted}, but {cfg.data.root}/info.json lists {len(classes)} classes "
+                f"{classes}; fix one of them (0 = take it from the data)"
+            )
