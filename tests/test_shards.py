@@ -355,3 +355,29 @@ def test_the_tar_writer_writes_what_webdataset_writes():
     a.close()
     b.close()
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_a_pseudo_mask_chunk_keeps_its_format(tmp_path):
+    """Pseudo-mask chunks are ShardWriter tars whose members carry the float mtime 0.0 (a pax
+    record each), as every mask pass has written them: the same bytes, and what a reader sees."""
+    import hashlib
+
+    from mlps_dist.data.pseudo_masks import committed_chunks, write_chunk
+
+    layers = ["b4_5", "bn7"]
+    samples = [(f"train_{i:08d}", [bytes([i, k]) * (100 + i) for k in range(2)]) for i in range(4, 8)]
+    tar = write_chunk(tmp_path, 1, samples, layers, skipped={"train_00000005": "bad"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks-000001.idx", "masks-000001.skipped.json",
+                                                          "masks-000001.tar"]  # no temporary file left
+    assert committed_chunks(tmp_path) == {1}
+    with tarfile.open(tar) as f:
+        members = f.getmembers()
+        assert [m.name for m in members] == [f"train_{i:08d}.{layer}.png" for i in range(4, 8) for layer in layers]
+        assert all(m.pax_headers == {"mtime": "0.0"} and m.mode == 0o444 and m.uname == m.gname == "bigdata"
+                   for m in members)
+        assert f.extractfile(members[3]).read() == samples[1][1][1]
+    entries = read_index(tmp_path / "masks-000001.idx")
+    assert entries[0] == ("train_00000004", {"b4_5.png": (1536, 208), "bn7.png": (3584, 208)})
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in tmp_path.iterdir()}
+    assert digests == {"masks-000001.tar": "3f00ad8ebb5c0d8a", "masks-000001.idx": "81ac7516f583ff53",
+                       "masks-000001.skipped.json": "2335fe8a5156727b"}

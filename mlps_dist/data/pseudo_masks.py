@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist.core import png
-from mlps_dist.data.shards import TarFiles, check_index_fits, read_index, write_index
+from mlps_dist.data.shards import ShardWriter, TarFiles, check_index_fits, read_index, shard_stem
 from mlps_dist.core.errors import MlpsError
-from mlps_dist.core.fileio import atomic_write_text, commit_file
+from mlps_dist.core.fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
+CHUNK_PREFIX = "masks"  # chunk N is written as the shard N of a split named "masks" (ShardWriter)
 FORMAT_VERSION = 1
 _CHUNK_TAR = re.compile(r"^masks-(\d{6})\.tar$")
 
@@ -39,7 +40,7 @@ class PseudoMaskError(MlpsError, ValueError):
 
 
 def chunk_stem(chunk: int) -> str:
-    return f"masks-{chunk:06d}"
+    return shard_stem(CHUNK_PREFIX, chunk)
 
 
 def num_chunks(count: int, chunk_size: int) -> int:
@@ -64,23 +65,21 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[bytes]]],
                 layers: list[str], skipped: dict[str, str] | None = None) -> Path:
-    """Commit one chunk: ``samples`` = [(key, [png per layer])] in index order."""
-    from mlps_dist.data.tarwriter import TarWriter
-
+    """Commit one chunk: ``samples`` = [(key, [png per layer])] in index order; its
+    ``skipped.json`` is written before the tar is committed."""
     folder = Path(folder)
-    stem = chunk_stem(chunk)
-    tar_path, idx_path = folder / f"{stem}.tar", folder / f"{stem}.idx"
-    tar_tmp = folder / f"{stem}.tar.tmp"
-    with open(tar_tmp, "wb") as f:
-        writer = TarWriter(f, mtime=0.0)  # fixed mtime: reruns are byte-identical
+    # mtime 0.0 (a float): the pax records every chunk has held (ShardWriter), reruns byte-identical.
+    writer = ShardWriter(folder, CHUNK_PREFIX, chunk, members=[f"{layer}.png" for layer in layers], mtime=0.0)
+    try:
         for key, pngs in samples:
-            writer.write({"__key__": key, **{f"{layer}.png": data for layer, data in zip(layers, pngs)}})
-        writer.close()
-    if skipped:
-        write_json(folder / f"{stem}.skipped.json", skipped)
-    write_index(tar_tmp, idx_path)  # atomic and fsynced
-    commit_file(tar_tmp, tar_path)  # the commit point
-    return tar_path
+            writer.write(key, {f"{layer}.png": data for layer, data in zip(layers, pngs)})
+        if skipped:
+            write_json(folder / f"{chunk_stem(chunk)}.skipped.json", skipped)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()  # the index first, then the tar: the commit point
+    return writer.tar_path
 
 
 def committed_chunks(folder: str | Path) -> set[int]:

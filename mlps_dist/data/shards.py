@@ -118,13 +118,20 @@ class ShardWriter:
     """Writes one shard atomically: the index of ``.tar.tmp`` is committed as ``.idx`` first,
     then ``.tar.tmp`` is fsynced and renamed to ``.tar`` (the commit point). A kill in between
     leaves a new index beside an old or absent tar, which readers reject (index entries are
-    checked against the tar's size) and make_shards rewrites.
+    checked against the tar's size) and the writer's caller rewrites.
+
+    It writes the shards (``<split>-NNNNNN``) and the pseudo-mask chunks (pseudo_masks.py:
+    ``masks-NNNNNN``, members ``<layer>.png``). ``members``: the member names allowed.
+    ``mtime``: every member's; chunks have always been written with the float ``0.0``, for
+    which tarfile adds a pax ``mtime`` record to each member (shards, with the int 0, have
+    none): each keeps its own, so that both stay byte-identical to what earlier runs wrote.
     """
 
-    def __init__(self, root: str | Path, split: str, shard_number: int):
+    def __init__(self, root: str | Path, split: str, shard_number: int, members=MEMBERS, mtime: float = 0):
         from mlps_dist.data.tarwriter import TarWriter
 
         self.root = Path(root)
+        self.members = tuple(members)
         stem = shard_stem(split, shard_number)
         self.tar_path = self.root / f"{stem}.tar"
         self.idx_path = self.root / f"{stem}.idx"
@@ -134,7 +141,7 @@ class ShardWriter:
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         self._file = os.fdopen(fd, "wb")
         # Fixed mtime: identical inputs give byte-identical shards.
-        self._writer = TarWriter(self._file, mtime=0)
+        self._writer = TarWriter(self._file, mtime=mtime)
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -142,9 +149,9 @@ class ShardWriter:
             # SplitReader.read adds "image" as an alias of the stored encoding: a read sample
             # can be written back as it is.
             members = {k: v for k, v in members.items() if k != "image"}
-        unknown = set(members) - set(MEMBERS)
+        unknown = set(members) - set(self.members)
         if unknown:
-            raise ValueError(f"sample {key}: unknown members {sorted(unknown)}; allowed: {MEMBERS}")
+            raise ValueError(f"sample {key}: unknown members {sorted(unknown)}; allowed: {self.members}")
         try:
             self._writer.write({"__key__": key, **members})
         except OSError as exc:
