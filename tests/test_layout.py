@@ -41,7 +41,7 @@ def test_the_paths_of_a_run(tmp_path):
         layout.superseded_dir(run): "superseded",
     }
     for path, rel in expected.items():
-        assert path == run / rel and layout.relative(run, path) == rel
+        assert path == run / rel and layout.relative(run, path) == rel and layout.resolve(str(run), rel) == path
     assert [layout.stage_dir(str(run), s).name for s in artifacts.STAGES] == [
         "classifier", "pseudo_masks", "segmenter", "metrics"]
     with pytest.raises(ValueError):
@@ -111,6 +111,14 @@ def _text(node: ast.AST) -> str | None:
     return None
 
 
+# A run directory as the sources name it: nothing but layout.py joins anything onto one.
+RUN_DIR = re.compile(r"^(Path\()?((cfg|args|self)\.)?(run|run_dir)\)?$")
+
+
+def _called(node: ast.Call) -> str:
+    return getattr(node.func, "attr", getattr(node.func, "id", ""))
+
+
 def layout_violations(path: Path, source: str) -> list[str]:
     tree = ast.parse(source, str(path))
     docstrings = _docstrings(tree)
@@ -125,8 +133,10 @@ def layout_violations(path: Path, source: str) -> list[str]:
             name = _text(node.right)
             if name is not None and (name in JOINED_NAMES or RUN_RELATIVE.search(name)):
                 flag(node, f'joins "{name}" onto a directory: use mlps_dist.run.layout')
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "join":
-            for arg in node.args[1:]:
+            elif RUN_DIR.match(ast.unparse(node.left)):
+                flag(node, f"joins {ast.unparse(node.right)} onto the run directory: use mlps_dist.run.layout")
+        elif isinstance(node, ast.Call) and _called(node) in ("join", "Path", "PurePath", "joinpath"):
+            for arg in node.args[0 if _called(node) == "joinpath" else 1:]:
                 name = _text(arg)
                 if name in JOINED_NAMES:
                     flag(node, f'joins "{name}" onto a directory: use mlps_dist.run.layout')
@@ -157,8 +167,11 @@ b = Path(run_dir) / "config.yaml"
 c = os.path.join(run, "metrics")
 d = f"{run}/config.yaml"
 e = "classifier/best.pt"
+f = Path(run, "segmenter")
+g = run.joinpath("metrics", name)
+h = Path(cfg.run_dir) / folder / name
 ok = {"classifier": 1, "stage": "metrics", "keys": [f"pseudo_masks/{split}/"], "tag": "val/score"}
 ok2 = shard_dir / "train" / "info.json"
 '''
     found = layout_violations(REPO / "x.py", bad)
-    assert [line.split(":")[1] for line in found] == ["3", "4", "5", "6", "7"], found
+    assert [line.split(":")[1] for line in found] == ["3", "4", "5", "6", "7", "8", "9", "10"], found

@@ -188,7 +188,7 @@ def run_export(args) -> dict:
     weights = {"segmenter": {"file": seg_file, "sha256": sha256_file(seg_meta["path"])}}
     if predictor.gated:
         chosen = seg_meta["classifier"]["file"]  # classifier.checkpoint: best.pt or model.pt
-        weights["classifier"] = {"file": chosen, "sha256": sha256_file(run / chosen)}
+        weights["classifier"] = {"file": chosen, "sha256": sha256_file(layout.resolve(run, chosen))}
     out.mkdir(parents=True, exist_ok=True)
     final = out / "model.onnx"
     staged = tmp_path(final)

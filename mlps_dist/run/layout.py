@@ -177,6 +177,11 @@ def superseded_dir(run: str | Path) -> Path:
     return Path(run) / "superseded"
 
 
+def resolve(run: str | Path, recorded: str | Path) -> Path:
+    """A path recorded relative to the run directory (``relative``) as a path again."""
+    return Path(run) / recorded
+
+
 def relative(run: str | Path, path: str | Path) -> str:
     """``path`` as recorded in metrics, manifests and model records: relative to the run
     directory, with forward slashes ("classifier/best.pt")."""

@@ -110,7 +110,7 @@ def method_section(run: Path, cfg: dict) -> list[str]:
     gate_pick = (_json(layout.metrics_file(run, "test")) or _json(layout.metrics_file(run, "val")) or {}).get("classifier")
     gate_pick = gate_pick or masks_pick
     final_classifier = layout.relative(run, layout.model_file(run, "classifier"))  # files made before the choice
-    gate_sha = _sha256(run / (gate_pick.get("file") or final_classifier))
+    gate_sha = _sha256(layout.resolve(run, gate_pick.get("file") or final_classifier))
 
     def describe(pick: dict, default: str) -> str:
         where = f"RUN/{pick.get('file') or default}"
