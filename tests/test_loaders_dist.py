@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from mlps_dist.data.ingest import build_plan, write_plan
 from mlps_dist.data.layouts import LUAD
-from mlps_dist.data.sampling import rank_batches
+from mlps_dist.data.sampling import permutation
 from mlps_dist.data.shards import open_split
 
 
@@ -51,8 +51,9 @@ def check_train(ranks, backend, root):
     steps = [len(r[backend]["train"]["steps"]) for r in ranks]
     assert lens == steps == [n // (2 * world)] * world
     assert all(r[backend]["train"]["steps_all_ranks"] == sum(steps) for r in ranks)
-    for rank, r in enumerate(ranks):  # what each rank saw is the planned slice of epoch 1
-        expected = [[f"train_{i:08d}" for i in b] for b in rank_batches(n, 2, world, rank, 0, 1)]
+    order = permutation(n, 0, 1)  # epoch 1 of seed 0
+    for rank, r in enumerate(ranks):  # step s of rank r: its 2 samples of the s-th global batch of 2 x world
+        expected = [[f"train_{i:08d}" for i in order[s * 2 * world + 2 * rank:][:2]] for s in range(n // (2 * world))]
         assert r[backend]["train"]["steps"] == expected
 
 

@@ -16,21 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlps_dist.config import ConfigError
-
 
 def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
     return n // (batch_size * world)
-
-
-def require_steps(n: int, batch_size: int, world: int, stage: str, root: str) -> int:
-    steps = steps_per_epoch(n, batch_size, world)
-    if steps == 0:
-        raise ConfigError(
-            f"'{stage}.batch_size' gives a global batch of {batch_size} per rank x {world} rank(s) = "
-            f"{batch_size * world} samples, more than the {n} training samples in 'data.root' ({root}); "
-            f"lower {stage}.batch_size, use fewer ranks, or point data.root at a larger dataset")
-    return steps
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -40,23 +28,6 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
 
 def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return _rng(seed, epoch, 0).permutation(n)
-
-
-def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int,
-                 start_step: int = 0) -> list[list[int]]:
-    """The sample indices of this rank for steps ``start_step .. steps-1`` of ``epoch``."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} not in a world of {world}")
-    steps = steps_per_epoch(n, batch_size, world)
-    if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step {start_step} outside 0..{steps} (steps per epoch)")
-    order = permutation(n, seed, epoch)
-    glob = batch_size * world
-    out = []
-    for step in range(start_step, steps):
-        first = step * glob + rank * batch_size
-        out.append(order[first : first + batch_size].tolist())
-    return out
 
 
 def eval_batches(indices: range | list[int], batch_size: int) -> list[list[int]]:
