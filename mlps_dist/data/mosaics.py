@@ -32,7 +32,6 @@ the same bytes for any number of worker processes, and a rerun keeps finished fi
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,7 @@ from PIL import Image
 from mlps_dist.data.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
 from mlps_dist.synthetic.patches import PALETTE
 from mlps_dist.synthetic.tissue import smooth_field
+from mlps_dist.core import png
 from mlps_dist.core.errors import InputError
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
 
@@ -190,15 +190,6 @@ def stain_change(rgb: np.ndarray, rng: np.random.Generator, options: MosaicOptio
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _png(array: np.ndarray, palette: bool = False) -> bytes:
-    img = Image.fromarray(array)
-    if palette:
-        img.putpalette([v for colour in PALETTE for v in colour])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _pid(source: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in source) or "tiles"
 
@@ -245,10 +236,10 @@ def _job(job: tuple[str, int]) -> tuple[str, list[int]]:
     out, options = _STATE["out"], _STATE["options"]
     stem, rgb, mask = sample(_STATE["seed"], split, index, _STATE["plan"], options)
     if split == "train":
-        atomic_write_bytes(out / "train" / train_name(stem, labels_of(mask)), _png(rgb))
+        atomic_write_bytes(out / "train" / train_name(stem, labels_of(mask)), png.encode(rgb))
     else:
-        atomic_write_bytes(out / split / "img" / f"{stem}.png", _png(rgb))
-        atomic_write_bytes(out / split / "mask" / f"{stem}.png", _png(mask, palette=True))
+        atomic_write_bytes(out / split / "img" / f"{stem}.png", png.encode(rgb))
+        atomic_write_bytes(out / split / "mask" / f"{stem}.png", png.encode_indices(mask, PALETTE))
     return stem, np.bincount(mask.ravel(), minlength=IGNORE + 1).tolist()
 
 
