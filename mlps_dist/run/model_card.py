@@ -1,8 +1,8 @@
 """The model card of a finished run: RUN/MODEL_CARD.md.
 
-    python -m mlps_dist.run.model_card --run runs/luad          # writes runs/luad/MODEL_CARD.md
+    mlps card --run runs/luad          # writes runs/luad/MODEL_CARD.md
 
-Written by launch/pipeline.sh when the pipeline finishes and copied next to an export by
+Written by mlps pipeline when the pipeline finishes and copied next to an export by
 mlps export. Everything comes from files of the run (config.yaml, metrics/*.json,
 metrics/pseudo_masks.json, the model files, pseudo_masks/train/manifest.json) and of its
 shards (data.root/info.json); what is missing is said so rather than guessed. Sections:
@@ -12,12 +12,10 @@ to reproduce.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import platform
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -179,11 +177,11 @@ LIMITS = """## Intended use and limits
 
 def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
     root = cfg["data"]["root"]
-    layout = (info or {}).get("layout", "LAYOUT")
+    shard_layout = (info or {}).get("layout", "LAYOUT")
     source = (info or {}).get("source", "SOURCE")
     return ["## How to reproduce", "", "```bash",
-            f"mlps shards --layout {layout.lower()} --src {source} --out {root}",
-            f"launch/pipeline.sh {layout.config_file(run)} {run}",
+            f"mlps shards --layout {shard_layout.lower()} --src {source} --out {root}",
+            f"mlps pipeline {layout.config_file(run)} {run}",
             f"mlps export --run {run} --out {run}/export",
             f"mlps infer --model {run}/export/model.onnx --input IMAGES --out PREDICTIONS",
             "```", "",
@@ -221,17 +219,3 @@ def write(run: str | Path) -> Path:
     atomic_write_text(path, render(run))
     return path
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory (config.yaml, metrics/, model files)")
-    args = p.parse_args(argv)
-    if not layout.config_file(args.run).is_file():
-        print(f"error: {layout.config_file(args.run)} does not exist; --run must be a run directory", file=sys.stderr)
-        return 2
-    print(f"wrote {write(args.run)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
