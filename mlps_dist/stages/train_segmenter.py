@@ -34,7 +34,7 @@ from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import open_split
 from mlps_dist.data.decode import decode_rgb
 from mlps_dist.core.draw import overlay_row, palette_for
-from mlps_dist.method.metrics import ConfusionMatrix
+from mlps_dist.method.evaluation import ConfusionEvaluator, ExampleCollector, run_eval
 from mlps_dist.models import create_segmenter
 from mlps_dist.method.mosaic import mix_single_tissue
 from mlps_dist.predict.predictor import Predictor
@@ -117,20 +117,24 @@ class SegmenterTask:
 
     def validate(self, module, epoch: int) -> dict[str, float]:
         """Ungated val metrics (the segmenter on its own; the gate is stage 4's business)."""
-        reader = self.val_reader
-        cm = ConfusionMatrix(self.num_classes, reader.ignore_index, device=dist.device())
+        reader, device = self.val_reader, dist.device()
         loader = create_eval_loader(self.cfg, reader, batch_size=self.cfg.evaluate.batch_size,
-                                    rank=dist.get_rank(), world=dist.get_world_size(), device=dist.device())
-        self.val_rows = []
+                                    rank=dist.get_rank(), world=dist.get_world_size(), device=device)
         predictor = Predictor(module, None, image_size=self.cfg.data.image_size, mean=self.cfg.data.mean,
-                              std=self.cfg.data.std, device=dist.device())
-        for batch in loader:
-            pred = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:])).classes(gated=False)
-            cm.update(pred, batch["mask"])
-            keep = self.section.vis_images - len(self.val_rows) if dist.is_main() else 0
-            for rgb, mask, p in zip(batch["rgb"][:keep], batch["mask"][:keep], pred[:keep]):
-                self.val_rows.append(overlay_row(rgb, [mask, p], self.palette))
-        scores = cm.all_reduce().compute()
+                              std=self.cfg.data.std, device=device)
+
+        def predict(batch: dict) -> dict:
+            out = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:]))
+            return {"classes": out.classes(gated=False)}
+
+        def rows(batch: dict, outputs: dict, count: int) -> list:
+            return [overlay_row(rgb, [mask, p], self.palette) for rgb, mask, p
+                    in zip(batch["rgb"][:count], batch["mask"][:count], outputs["classes"][:count])]
+
+        evaluators = {"val": ConfusionEvaluator(self.num_classes, reader.ignore_index, device=device),
+                      "rows": ExampleCollector(self.section.vis_images, rows)}
+        results = run_eval(loader, predict, evaluators)
+        self.val_rows, scores = results["rows"], results["val"]
         metrics = {k: scores[k] for k in ("miou", "fwiou", "acc", "macc")}
         metrics.update({f"iou/{name}": v for name, v in zip(reader.classes, scores["iou"])})
         metrics["score"] = scores["miou"]
