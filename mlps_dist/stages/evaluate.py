@@ -40,31 +40,29 @@ from mlps_dist.data.shards import open_split
 from mlps_dist.run import layout
 from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
 from mlps_dist.core.fileio import atomic_write_json
-from mlps_dist.method.metrics import ConfusionMatrix
+from mlps_dist.method.evaluation import ConfusionEvaluator, SkippedCounter, run_eval
 from mlps_dist.run.runlog import RunLog, format_table
 
 
 @torch.no_grad()
-def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device, log: RunLog) -> dict[str, ConfusionMatrix]:
-    """Confusion matrices {"gated", "ungated"} of one split, summed over all ranks; with
-    ``evaluate.skip_bad`` also "skipped": the samples left out because they cannot be decoded."""
+def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device, log: RunLog) -> dict:
+    """Scores of one split over all ranks (ConfusionMatrix.compute records): "ungated", and
+    "gated" when the predictor has the gate; "skipped": how many samples were left out
+    because they cannot be decoded (only ever non-zero with ``evaluate.skip_bad``)."""
     loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size, rank=dist.get_rank(),
                                 world=dist.get_world_size(), device=device, skip_bad=cfg.evaluate.skip_bad)
-    matrices = {name: ConfusionMatrix(reader.num_classes, reader.ignore_index, device=device)
-                for name in ("gated", "ungated")}
-    skipped = torch.zeros(1, dtype=torch.int64)
-    for batch in log.progress(loader, total=len(loader), desc=split):
-        if "bad" in batch:
-            skipped += batch["bad"].sum().cpu()
-        mask = batch["mask"].to(device)
-        out = predictor(batch["image"], out_size=tuple(mask.shape[-2:]))
-        matrices["ungated"].update(out.classes(gated=False), mask)
+
+    def predict(batch: dict) -> dict:
+        out = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:]))
+        outputs = {"ungated": out.classes(gated=False)}
         if predictor.gated:
-            matrices["gated"].update(out.classes(gated=True), mask)
-    for cm in matrices.values():
-        cm.all_reduce()
-    matrices["skipped"] = int(dist.all_reduce_sum(skipped).item())
-    return matrices
+            outputs["gated"] = out.classes(gated=True)
+        return outputs
+
+    evaluators = {variant: ConfusionEvaluator(reader.num_classes, reader.ignore_index, key=variant, device=device)
+                  for variant in (("ungated", "gated") if predictor.gated else ("ungated",))}
+    evaluators["skipped"] = SkippedCounter()
+    return run_eval(log.progress(loader, total=len(loader), desc=split), predict, evaluators)
 
 
 def _named(scores: dict, classes: list[str]) -> dict:
@@ -73,9 +71,9 @@ def _named(scores: dict, classes: list[str]) -> dict:
     return out
 
 
-def metrics_record(matrices: dict[str, ConfusionMatrix], classes: list[str], gate: bool) -> dict:
-    ungated = _named(matrices["ungated"].compute(), classes)
-    main = _named(matrices["gated"].compute(), classes) if gate else dict(ungated)
+def metrics_record(scores: dict[str, dict], classes: list[str], gate: bool) -> dict:
+    ungated = _named(scores["ungated"], classes)
+    main = _named(scores["gated"], classes) if gate else dict(ungated)
     return {**main, "ungated": ungated}
 
 
@@ -171,9 +169,9 @@ def work(cfg: Config, log: RunLog, p: Prepared) -> dict[str, dict]:
             results[split] = json.loads(out.read_text())
             continue
         inputs = artifacts.expected_inputs(cfg, "evaluate", split)
-        matrices = evaluate_split(cfg, split, reader, predictor, device, log)
-        skipped = matrices.pop("skipped")
-        record = {**metrics_record(matrices, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
+        scores = evaluate_split(cfg, split, reader, predictor, device, log)
+        skipped = scores.pop("skipped")
+        record = {**metrics_record(scores, reader.classes, cfg.evaluate.gate), **source, "samples": len(reader)}
         if cfg.evaluate.skip_bad:
             record["skipped_bad"] = skipped  # left out: they cannot be decoded (named in the log)
             if skipped:
