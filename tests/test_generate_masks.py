@@ -258,15 +258,14 @@ def test_shards_without_labels_are_refused_before_work(tiny_shards, tmp_path):
 
 def test_interrupted_pass_refuses_refined_or_saturation_limited_masks(baseline, tmp_path):
     """Without a stamp only the manifest guards the folder: masks made with the refinement or
-    the saturation limit must not be mixed with plain ones. With both off the record is the
-    one passes made before the keys existed."""
+    the saturation limit must not be mixed with plain ones; the manifest names the setting."""
     run = tmp_path / "copy"
     shutil.copytree(baseline, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(baseline), str(run)))
     (run / "pseudo_masks" / "stamp.json").unlink()
     settings = json.loads((run / "pseudo_masks" / "train" / "manifest.json").read_text())["settings"]
-    assert "refine" not in settings and "max_saturation" not in settings["background"]
+    assert "refine" not in settings and settings["background"]["max_saturation"] == 0
     with pytest.raises(PseudoMaskError, match=r"changed: .*refine"):
         run_inprocess(run, "masks.refine.enabled=true")
-    with pytest.raises(PseudoMaskError, match=r"changed: background"):
+    with pytest.raises(PseudoMaskError, match=r"changed: background\.max_saturation"):
         run_inprocess(run, "masks.background.max_saturation=20")
