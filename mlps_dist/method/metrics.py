@@ -18,6 +18,9 @@ mAcc = nan-mean of per-class recall.
 
 Multi-label (stage 1 validation): ``multilabel_scores(probs, labels)`` or, to add up
 across ranks, ``MultiLabelMeter``.
+
+The stages and the export count with these through the evaluators of
+``mlps_dist.method.evaluation`` (one loop: ``run_eval``).
 """
 
 from __future__ import annotations
