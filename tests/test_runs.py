@@ -23,7 +23,7 @@ from mlps_dist.config import config_from_dict
 from mlps_dist.data import shards
 from mlps_dist.data.shards import ShardError, open_split, read_info, write_info
 from mlps_dist.core.errors import InputError, Preempted
-from mlps_dist.run.lock import RunLock, RunLockedError
+from mlps_dist.core.lock import RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def test_lock_refuses_a_second_job_and_takes_over_a_dead_one(tmp_path, monkeypat
 
 def test_lock_held_by_a_live_process_refuses_with_its_pid(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlps_dist.run.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlps_dist.core.lock import RunLock; "
                                f"RunLock({str(run)!r}, 'segmenter').acquire(); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})

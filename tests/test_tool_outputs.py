@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_slides import ColourModel, write_synthetic_slide  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
-from mlps_dist.run.lock import RunLock, RunLockedError  # noqa: E402
+from mlps_dist.core.lock import RunLock, RunLockedError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 from mlps_dist.cli import tile as tile_slides  # noqa: E402
@@ -92,7 +92,7 @@ def test_tile_slides_deletes_only_what_it_wrote(one_slide, tmp_path):
 
 def test_a_second_run_into_one_output_folder_is_refused_at_once(one_slide, tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from mlps_dist.run.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from mlps_dist.core.lock import RunLock; "
                                f"RunLock({str(out)!r}, 'tile_slides').acquire(); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})

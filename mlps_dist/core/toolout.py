@@ -55,7 +55,7 @@ def marker_tool(out: Path) -> str:
 def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None, force: bool | None = None,
                 owned_if: tuple[str, ...] = (), in_flag: str = "--input") -> Iterator[Path]:
     """Check, claim and lock ``out`` for the body (see the module docstring)."""
-    from mlps_dist.run.lock import RunLock, RunLockedError
+    from mlps_dist.core.lock import RunLock, RunLockedError
 
     group = group or _OneProcess()
     out = Path(out)

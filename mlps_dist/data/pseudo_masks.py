@@ -28,6 +28,7 @@ from mlps_dist.core import png
 from mlps_dist.data.shards import ShardWriter, TarFiles, check_index_fits, read_index, shard_stem
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_text
+from mlps_dist.core.records import flatten
 
 MANIFEST = "manifest.json"
 CHUNK_PREFIX = "masks"  # chunk N is written as the shard N of a split named "masks" (ShardWriter)
@@ -122,8 +123,6 @@ def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
     """Refuse to mix masks from different classifiers or settings in one folder."""
     if manifest.get("fingerprint") == fingerprint(settings):
         return
-    from mlps_dist.run.artifacts import flatten
-
     old, new = flatten(manifest.get("settings", {})), flatten(settings)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise PseudoMaskError(

@@ -31,6 +31,7 @@ from mlps_dist.config import Config
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.run import layout
 from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
+from mlps_dist.core.records import flatten
 
 STAGES = ("classifier", "masks", "segmenter", "evaluate")
 UPSTREAM = {"masks": "classifier", "segmenter": "masks", "evaluate": "segmenter"}
@@ -71,16 +72,6 @@ class StaleError(MlpsError):
 
 
 # ---------------------------------------------------------------- fingerprints
-
-
-def flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def is_operational(key: str) -> bool:

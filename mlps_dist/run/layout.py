@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlps_dist.core.errors import InputError
+from mlps_dist.core.lock import LOCK_NAME
 
 # The folder of each stage's artefacts, by stage name.
 FOLDERS = {"classifier": "classifier", "masks": "pseudo_masks", "segmenter": "segmenter", "evaluate": "metrics"}
@@ -169,7 +170,7 @@ def tensorboard_dir(run: str | Path, stage: str) -> Path:
 
 
 def lock_file(run: str | Path) -> Path:
-    return Path(run) / ".lock"
+    return Path(run) / LOCK_NAME
 
 
 def superseded_dir(run: str | Path) -> Path:
