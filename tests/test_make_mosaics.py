@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlps_dist.data import mosaic_tiles, mosaics
+from mlps_dist.synthetic import mosaic_tiles, mosaics
 from mlps_dist.data.layouts import LUAD, scan_layout
-from mlps_dist.data.mosaic_tiles import LUAD_CLASSES, parse_classes
-from mlps_dist.data.mosaics import IGNORE, dihedral, white_pixels
+from mlps_dist.synthetic.mosaic_tiles import LUAD_CLASSES, parse_classes
+from mlps_dist.synthetic.mosaics import IGNORE, dihedral, white_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "tests" / "data" / "kather2016_mini"

@@ -1,5 +1,5 @@
 """``mlps mosaics``: real-tissue patches with exact masks in the LUAD-HistoSeg layout, from
-single-class tiles (mlps_dist/data/mosaic_tiles.py, mlps_dist/data/mosaics.py).
+single-class tiles (mlps_dist/synthetic/mosaic_tiles.py, mlps_dist/synthetic/mosaics.py).
 
     mlps mosaics --tiles ../shared/real/kather2016_dev --out data/real/raw \\
         --train 600 --val 40 --test 80 --split-by-source \\
@@ -41,7 +41,7 @@ def _names(text: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    from mlps_dist.data.mosaic_tiles import DEFAULT_CLASSES, DEFAULT_SOURCE_REGEX, LUAD_CLASSES
+    from mlps_dist.synthetic.mosaic_tiles import DEFAULT_CLASSES, DEFAULT_SOURCE_REGEX, LUAD_CLASSES
 
     p = parser("mosaics", HELP, EPILOG)
     p.add_argument("--tiles", required=True, help="folder of class folders of tiles")
@@ -118,7 +118,7 @@ def parse_args(argv=None):
 def options_from(args, size: int):
     """The patch options of the flags given (MosaicOptions' defaults for the others), checked."""
     from mlps_dist.core.errors import InputError
-    from mlps_dist.data.mosaics import MosaicOptions
+    from mlps_dist.synthetic.mosaics import MosaicOptions
 
     given = {
         "classes_per_patch": args.classes_per_patch,
@@ -147,8 +147,8 @@ def options_from(args, size: int):
 def _main(argv=None) -> int:
     from mlps_dist.core.errors import InputError
     from mlps_dist.core.outdirs import claim_output_dir
-    from mlps_dist.data.mosaic_tiles import parse_classes, scan_tiles, split_by_source, split_by_tile
-    from mlps_dist.data.mosaics import write_mosaics
+    from mlps_dist.synthetic.mosaic_tiles import parse_classes, scan_tiles, split_by_source, split_by_tile
+    from mlps_dist.synthetic.mosaics import write_mosaics
 
     args = parse_args(argv)
     counts = {"train": args.train, "val": args.val, "test": args.test}

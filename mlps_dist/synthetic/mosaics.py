@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
+from mlps_dist.synthetic.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
 from mlps_dist.synthetic.patches import PALETTE
 from mlps_dist.synthetic.tissue import smooth_field
 from mlps_dist.core import png
