@@ -17,7 +17,6 @@ mask and are listed under "skipped" in the manifest.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
 
 def quality_report(cfg: Config, log: RunLog, model, device: torch.device, selection: dict | None = None) -> dict:
     """mIoU / per-class IoU of the pseudo masks on splits with ground truth, per layer."""
-    from mlps_dist.method.metrics import ConfusionMatrix
+    from mlps_dist.method.evaluation import CamEvaluator, run_eval
 
     report = {}
     info_splits = read_info(cfg.data.root)["splits"]
@@ -193,21 +192,18 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
             continue
         reader = open_split(cfg.data.root, split)
         classes = reader.num_classes
-        # One extra column: pixels painted white/ignore by the mask pass count as misses.
-        matrices = {layer: ConfusionMatrix(classes + 1, ignore_index=classes) for layer in cfg.masks.layers}
         batches = split_batches(reader, dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
                                 cfg.masks.batch_size)
         # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
         # scored as all-ignore instead of stopping the pass on every rerun.
-        for batch in create_masks_loader(cfg, reader, batches, device, skip_bad=True):
-            for layer, pred in make_batch_masks(model, batch, cfg, device).items():
-                matrices[layer].update(pred, batch["mask"])
+        loader = create_masks_loader(cfg, reader, batches, device, skip_bad=True)
+        # Pixels painted white/ignore by the mask pass count as misses (CamEvaluator).
+        quality = CamEvaluator(classes, ignore_index=classes, layers=cfg.masks.layers)
+        layers = run_eval(loader, lambda batch: {"masks": make_batch_masks(model, batch, cfg, device)},
+                          {"quality": quality})["quality"]
         report[split] = {}
-        for layer, matrix in matrices.items():
-            scores = matrix.all_reduce().compute()
-            iou = scores["iou"][:classes]
-            finite = [v for v in iou if not math.isnan(v)]
-            scores.update(iou=iou, miou=sum(finite) / len(finite) if finite else math.nan)
+        for layer, scores in layers.items():
+            iou = scores["iou"]
             report[split][layer] = {**scores, "per_class": dict(zip(reader.classes, iou))}
             log.scalars({"miou": scores["miou"], **{f"iou/{c}": v for c, v in zip(reader.classes, iou)}},
                         step=0, prefix=f"pseudo_masks/{split}/{layer}/")
