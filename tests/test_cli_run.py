@@ -79,7 +79,8 @@ def test_config_check_checks_models_and_shards(tmp_path, tiny_shards, capsys):
 
 
 def test_status_names_each_stage_and_what_is_left(tmp_path, tiny_shards, capsys):
-    from mlps_dist.run import artifacts, layout
+    from mlps_dist.run import artifacts
+    from mlps_dist.core import layout
 
     config, run = str(tiny_config(tmp_path / "tiny.yaml", tiny_shards)), str(tmp_path / "run")
     assert status_cmd.main([config, run]) == 1

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mlps_dist.core.errors import InputError
-from mlps_dist.run import artifacts, layout
+from mlps_dist.run import artifacts
+from mlps_dist.core import layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ FILE_NAMES = {"model.pt", "best.pt", "config.yaml", "stamp.json", "stain.json", 
 JOINED_NAMES = FOLDER_NAMES | FILE_NAMES | {".lock"}
 RUN_RELATIVE = re.compile(r"(^|/)(classifier|segmenter|pseudo_masks|metrics)/\S*\.(pt|json|yaml)$|"
                           r"(^|/)(" + "|".join(re.escape(n) for n in FILE_NAMES) + r")$")
-OWNERS = {"mlps_dist/run/layout.py"}
+OWNERS = {"mlps_dist/core/layout.py"}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -132,18 +133,18 @@ def layout_violations(path: Path, source: str) -> list[str]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             name = _text(node.right)
             if name is not None and (name in JOINED_NAMES or RUN_RELATIVE.search(name)):
-                flag(node, f'joins "{name}" onto a directory: use mlps_dist.run.layout')
+                flag(node, f'joins "{name}" onto a directory: use mlps_dist.core.layout')
             elif RUN_DIR.match(ast.unparse(node.left)):
-                flag(node, f"joins {ast.unparse(node.right)} onto the run directory: use mlps_dist.run.layout")
+                flag(node, f"joins {ast.unparse(node.right)} onto the run directory: use mlps_dist.core.layout")
         elif isinstance(node, ast.Call) and _called(node) in ("join", "Path", "PurePath", "joinpath"):
             for arg in node.args[0 if _called(node) == "joinpath" else 1:]:
                 name = _text(arg)
                 if name in JOINED_NAMES:
-                    flag(node, f'joins "{name}" onto a directory: use mlps_dist.run.layout')
+                    flag(node, f'joins "{name}" onto a directory: use mlps_dist.core.layout')
         elif isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docstrings:
             text = _text(node)
             if text is not None and "\n" not in text and " " not in text and RUN_RELATIVE.search(text):
-                flag(node, f'names the run file "{text}": use mlps_dist.run.layout')
+                flag(node, f'names the run file "{text}": use mlps_dist.core.layout')
     return found
 
 
@@ -156,7 +157,7 @@ def test_only_the_layout_module_joins_run_directory_names():
     found = []
     for path in sources():
         found += layout_violations(path, path.read_text())
-    assert not found, "run-directory paths outside mlps_dist/run/layout.py:\n" + "\n".join(found)
+    assert not found, "run-directory paths outside mlps_dist/core/layout.py:\n" + "\n".join(found)
 
 
 def test_the_check_finds_each_way_of_spelling_a_run_path():

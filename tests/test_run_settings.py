@@ -44,7 +44,8 @@ def test_after_a_restart_from_evaluate_every_consumer_reads_what_the_metrics_mea
 
     from mlps_dist.deploy.infer import RunModel
     from mlps_dist.predict.slide_model import create_slide_model
-    from mlps_dist.run import artifacts, layout
+    from mlps_dist.run import artifacts
+    from mlps_dist.core import layout
     from mlps_dist.run.model_card import render
 
     run = make_run(tmp_path / "run", data_root=str(tiny_shards))

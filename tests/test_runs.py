@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlps_dist.run import artifacts, layout
+from mlps_dist.run import artifacts
+from mlps_dist.core import layout
 from mlps_dist.core import runner
 from mlps_dist.train.checkpoint import CheckpointError, Checkpointer, save_model_file
 from mlps_dist.config import config_from_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.stages import session
 
 

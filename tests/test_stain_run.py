@@ -15,7 +15,7 @@ from mlps_dist.data.shards import open_split
 from mlps_dist.data.torch_loader import EvalDataset
 from mlps_dist.deploy.onnx_model import OnnxModel
 from mlps_dist.predict.predictor import create_predictor, sliding_window
-from mlps_dist.run.stain_run import load_normaliser, read_reference, write_reference
+from mlps_dist.data.stain_run import load_normaliser, read_reference, write_reference
 from test_infer import make_run
 
 

@@ -37,7 +37,7 @@ def make_run(run_dir: Path, patch: int) -> Path:
     from mlps_dist.train.checkpoint import save_model_file
     from mlps_dist.config import config_from_dict, save_config
     from mlps_dist.models import create_classifier, create_segmenter
-    from mlps_dist.run import layout
+    from mlps_dist.core import layout
 
     classes = ["TE", "NEC", "LYM", "TAS"]
     cfg = config_from_dict({"run_dir": str(run_dir), "data": {"root": "none", "image_size": patch},

@@ -50,7 +50,7 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     from mlps_dist.data.shards import open_split
     from mlps_dist.core import png
     from mlps_dist.data.pseudo_masks import new_manifest, refresh_manifest, write_chunk
-    from mlps_dist.run import layout
+    from mlps_dist.core import layout
 
     reader = open_split(root, "train")
     size = reader.info["splits"]["train"]["image_size"][0]
@@ -174,7 +174,7 @@ def create_task(spec: dict):
     """The stage's own task object: the same model factory, loss and loader as training."""
     from mlps_dist.config import config_from_dict
     from mlps_dist.data.shards import open_split
-    from mlps_dist.run import layout
+    from mlps_dist.core import layout
 
     section = {"model": spec["model"], "batch_size": spec["micro"] * spec["world"], "micro_batch_size": spec["micro"],
                "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",

@@ -48,7 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a source checkout
 
-from mlps_dist.run import artifacts, layout  # noqa: E402
+from mlps_dist.run import artifacts  # noqa: E402
+from mlps_dist.core import layout  # noqa: E402
 from mlps_dist.synthetic.options import (  # noqa: E402
     HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
 from mlps_dist.core.fileio import atomic_write_text  # noqa: E402

@@ -144,7 +144,7 @@ def _without_file_ids(record: dict) -> dict:
 def compare(reference: Path, faulted: Path) -> dict[str, bool]:
     import torch
 
-    from mlps_dist.run import layout
+    from mlps_dist.core import layout
     from mlps_dist.train.checkpoint import load_model_file
 
     same: dict[str, bool] = {}  # keyed by the path relative to the run ("classifier/model.pt")

@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
 
 
 def _card(args) -> int:
-    from mlps_dist.run import layout, model_card
+    from mlps_dist.core import layout
+    from mlps_dist.run import model_card
 
     layout.existing_config_file(args.run)  # not a run directory: named in one line, exit 2
     print(f"wrote {model_card.write(args.run)}")

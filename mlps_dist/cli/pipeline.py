@@ -131,7 +131,7 @@ def _model_card(run: str) -> None:
 def print_test_metrics(run: str) -> None:
     """RUN/metrics/test.json as the evaluation's table: per-class IoU and the overall scores (%),
     with and without the classification gate."""
-    from mlps_dist.run import layout
+    from mlps_dist.core import layout
     from mlps_dist.stages.evaluate import summary_table
 
     path = layout.metrics_file(run, "test")

@@ -20,7 +20,7 @@ from mlps_dist.data.colour_lut import model_input_chw
 from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb, decode_sample, resize_rgb
 from mlps_dist.data.sample_errors import DECODE_ERRORS, REMAKE, SampleError, undecodable
 from mlps_dist.data.shards import SplitReader
-from mlps_dist.run.stain_run import load_normaliser
+from mlps_dist.data.stain_run import load_normaliser
 
 
 def decode_normalised(encoded: bytes, stain, size: int = 0) -> np.ndarray:

@@ -208,13 +208,11 @@ class RunModel:
 
     def __init__(self, args):
         from mlps_dist import dist
-        from mlps_dist.config import ConfigError, load_config
+        from mlps_dist.config import load_config
         from mlps_dist.predict.predictor import create_predictor, training_patch_size
+        from mlps_dist.core import layout
 
-        config_path = Path(args.run) / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"{config_path} does not exist; --run must be a run directory of a finished training")
-        cfg = load_config(config_path)
+        cfg = load_config(layout.existing_config_file(args.run))
         self.predictor, meta = create_predictor(args.run, cfg, checkpoint=args.checkpoint or "best",
                                                 gate=not args.no_gate, gate_threshold=args.gate_threshold,
                                                 device=dist.device())

@@ -37,7 +37,7 @@ from PIL import Image
 from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.predict.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, commit_file, sha256_file, tmp_path
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 
 MIN_AGREEMENT = 0.999
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ import torch
 from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.train.guard import refuse_collapsed
 from mlps_dist.models import create_classifier, create_segmenter
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 
 
 def allowed_classes(probs: torch.Tensor, threshold: float) -> torch.Tensor:

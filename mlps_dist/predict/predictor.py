@@ -163,8 +163,8 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     model (``classifier.checkpoint``: checkpoint, file, epoch, score, digest), None ungated."""
     from mlps_dist.config import load_config
     from mlps_dist.predict.gate import load_classifier, load_segmenter
-    from mlps_dist.run import layout
-    from mlps_dist.run.stain_run import load_normaliser
+    from mlps_dist.core import layout
+    from mlps_dist.data.stain_run import load_normaliser
 
     if cfg is None:
         cfg = load_config(layout.existing_config_file(run_dir))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mlps_dist.config import load_config
 from mlps_dist.core.draw import palette_for
 from mlps_dist.predict.predictor import Predictor, create_predictor, training_patch_size
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 
 
 class RunSlideModel:

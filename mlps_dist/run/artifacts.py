@@ -1,5 +1,5 @@
 """What each artefact of a run directory was made from, and whether it is finished for the
-current config (where the artefacts live: mlps_dist.run.layout).
+current config (where the artefacts live: mlps_dist.core.layout).
 
 A **stamp** is written last, when a stage has finished: the fingerprints of its inputs
 (the config keys that shape it, the shards' info.json and index files, the upstream
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mlps_dist.config import Config
 from mlps_dist.core.errors import MlpsError
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 from mlps_dist.core.records import flatten
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.core.fileio import atomic_write_text, sha256_file
 
 PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "numpy",

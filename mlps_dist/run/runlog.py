@@ -26,7 +26,7 @@ import numpy as np
 
 from mlps_dist import dist
 from mlps_dist.core.progress import Progress
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 
 
 def _jsonable(value: Any) -> Any:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist import dist
 from mlps_dist.core.draw import palette_for
 from mlps_dist.core.errors import EXIT_BAD_INPUT, InputError
 from mlps_dist.data.layouts import BCSS, LUAD
@@ -92,6 +91,8 @@ def assign_splits(names: list[str], splits_csv: str | None, ratios: str, seed: i
 
 def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]:
     """Every check that needs no tile read: returns (jobs, spec, unopenable slides)."""
+    from mlps_dist import dist  # torch: only where the ranks work together
+
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(set(classes)) != len(classes) or not classes:
         raise InputError(f"--classes {args.classes!r}: give distinct class names separated by commas")
@@ -140,6 +141,8 @@ def check_inputs(args) -> tuple[list[SlideJob], TileSpec, list[tuple[str, str]]]
 def run(args) -> int:
     """Tile into ``args.out``, checked against the inputs, claimed and locked first
     (mlps_dist/core/toolout.py); only files this tool wrote there are ever replaced or deleted."""
+    from mlps_dist import dist  # torch: only where the ranks work together
+
     from mlps_dist.core.toolout import tool_output
 
     jobs, spec, bad = check_inputs(args)
@@ -152,6 +155,8 @@ def run(args) -> int:
 
 
 def _run(args, jobs, spec, bad) -> int:
+    from mlps_dist import dist  # torch: only where the ranks work together
+
     out = Path(args.out)
     if dist.is_main():
         (out / "info.json").unlink(missing_ok=True)  # incomplete until assembled (the folder is ours)

@@ -17,7 +17,6 @@ import queue as queue_module
 from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
-from mlps_dist import dist
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.progress import Progress
 from mlps_dist.slides.grid import balanced_slides
@@ -56,6 +55,8 @@ def _grid_total(jobs: list[SlideJob], spec: TileSpec) -> int:
 
 def tile_my_slides(jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int,
                    show_progress: bool = True) -> list[dict]:
+    from mlps_dist import dist  # torch: only where the ranks work together
+
     sizes = {j.path: Path(j.path).stat().st_size for j in jobs}
     world = dist.get_world_size()
     mine = [j for j in jobs if j.path in set(balanced_slides(sizes, world, dist.get_rank()))]

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from mlps_dist.core.fileio import sha256_file
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 
 
 def file_stamp(path: str | Path) -> list:

@@ -37,7 +37,7 @@ from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError, save_config
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import open_split
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
 from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.method.evaluation import ConfusionEvaluator, SkippedCounter, run_eval

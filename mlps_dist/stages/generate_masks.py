@@ -34,7 +34,7 @@ from mlps_dist.data.shards import SplitReader, open_split, read_info
 from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
 from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, write_chunk, write_json
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.run.runlog import RunLog
 
 

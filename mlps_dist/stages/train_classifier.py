@@ -29,7 +29,7 @@ from mlps_dist.data.shards import open_split
 from mlps_dist.method.evaluation import CamEvaluator, ExampleCollector, MultiLabelEvaluator, run_eval
 from mlps_dist.models import create_classifier
 from mlps_dist.run.runlog import RunLog
-from mlps_dist.run.stain_run import write_reference
+from mlps_dist.data.stain_run import write_reference
 
 STAGE = "classifier"
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist import dist
 from mlps_dist.stages import session
 from mlps_dist.train import engine

@@ -37,10 +37,11 @@ from mlps_dist.train import gpu_options, guard as health_guard, parallel, precis
 from mlps_dist.train.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig
 from mlps_dist.train.ema import WeightAverage
-from mlps_dist.run import layout
+from mlps_dist.core import layout
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.train.preemption import PreemptionGuard
 from mlps_dist.train.speed import EpochMeter, describe as describe_speed
+
 
 class TrainTask(Protocol):
     stage: str  # run-dir folder and log name: "classifier" | "segmenter"

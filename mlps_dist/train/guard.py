@@ -71,7 +71,7 @@ class TrainingHealth:
                  hint=None):
         self.cfg, self.section, self.ckpts, self.log = cfg, section, ckpts, log
         self.hint = hint or (lambda epoch: f"'{section}.lr'")
-        self.path = Path(decisions_file)  # run.layout.health_file
+        self.path = Path(decisions_file)  # core.layout.health_file
         self.decisions = {"rollbacks": [], "lr_scale": 1.0}
         if self.path.is_file():
             self.decisions = json.loads(self.path.read_text())

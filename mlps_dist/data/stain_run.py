@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlps_dist.run.layout import stain_file
+from mlps_dist.core.layout import stain_file
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.data.decode import decode_rgb
 from mlps_dist.data.shards import open_split
