@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlps_dist.cli import status as status_command
 from mlps_dist.run import artifacts
 from mlps_dist.core import layout
 from mlps_dist.core import runner
@@ -162,12 +163,14 @@ def test_status_command_exit_statuses(tmp_path, tiny_shards, capsys):
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({**cfg.to_dict(), "run_dir": "elsewhere"}))
-    args = ["status", "--stage", "classifier", "--config", str(config), f"run_dir={cfg.run_dir}"]
-    assert artifacts.main(args) == 1
+    args = [str(config), str(cfg.run_dir), "--stage", "classifier"]
+    assert status_command.main(args) == 1
+    assert capsys.readouterr().out.split()[:2] == ["classifier", "ready"]
     finish_classifier(cfg)
-    assert artifacts.main(args) == 0 and "classifier: done" in capsys.readouterr().out
-    assert artifacts.main([*args, "classifier.epochs=3"]) == 2
-    assert "classifier.epochs (2 -> 3)" in capsys.readouterr().err
+    assert status_command.main(args) == 0
+    assert capsys.readouterr().out.split()[:2] == ["classifier", "done"]
+    assert status_command.main([*args, "classifier.epochs=3"]) == 2
+    assert "classifier.epochs (2 -> 3)" in capsys.readouterr().out
 
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_keys(tmp_path, tiny_shards):
