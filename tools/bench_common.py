@@ -88,8 +88,9 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def make_record(bench: str, figures: dict, *, world_size: int, baseline: str, ratio: dict,
-                settings: dict | None = None) -> dict:
+def make_record(
+    bench: str, figures: dict, *, world_size: int, baseline: str, ratio: dict, settings: dict | None = None
+) -> dict:
     return {
         "bench": bench,
         "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -122,8 +123,17 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2, test: int = 2,
-                     shard_size: int = 256, seed: int = 0, image_format: str = "png") -> Path:
+def synthetic_shards(
+    workdir: str | Path,
+    *,
+    train: int,
+    size: int,
+    val: int = 2,
+    test: int = 2,
+    shard_size: int = 256,
+    seed: int = 0,
+    image_format: str = "png",
+) -> Path:
     """Synthetic LUAD-layout patches converted by mlps shards: the shard folder (data.root),
     training images stored as ``image_format``. Reuses shards a previous call completed in
     ``workdir`` when they are big enough."""
@@ -131,19 +141,41 @@ def synthetic_shards(workdir: str | Path, *, train: int, size: int, val: int = 2
     src, root = workdir / "luad", workdir / ("shards" if image_format == "png" else f"shards-{image_format}")
     if (root / "info.json").is_file():
         split = json.loads((root / "info.json").read_text())["splits"]["train"]
-        if split["count"] >= train and split["image_size"][0] == size and \
-                split.get("image_format", "png") == image_format:
+        if (
+            split["count"] >= train
+            and split["image_size"][0] == size
+            and split.get("image_format", "png") == image_format
+        ):
             return root
-        raise ValueError(f"{root} holds {split['count']} train patches of {split['image_size'][0]} px, not "
-                         f">= {train} of {size} px; pick another --workdir or delete {workdir}")
+        raise ValueError(
+            f"{root} holds {split['count']} train patches of {split['image_size'][0]} px, not "
+            f">= {train} of {size} px; pick another --workdir or delete {workdir}"
+        )
     from mlps_dist.synthetic.patches import write_luad_layout
 
-    write_luad_layout(src, train=train, val=val, test=test, size=size, seed=seed,
-                      workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers
-    proc = subprocess.run([sys.executable, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(src),
-                           "--out", str(root),
-                           "--shard-size", str(shard_size), "--image-format", image_format],
-                          capture_output=True, text=True)
+    write_luad_layout(
+        src, train=train, val=val, test=test, size=size, seed=seed, workers=min(os.cpu_count() or 1, 8)
+    )  # the same bytes for any number of workers
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlps_dist",
+            "shards",
+            "--layout",
+            "luad",
+            "--src",
+            str(src),
+            "--out",
+            str(root),
+            "--shard-size",
+            str(shard_size),
+            "--image-format",
+            image_format,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"mlps shards failed on {src}: {proc.stderr.strip()[-2000:]}")
     return root

@@ -54,8 +54,14 @@ def run_infer(args: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one infer process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mlps_dist", "infer", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlps_dist", "infer", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -83,8 +89,16 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tmp.name)
     try:
         run = make_run(work / "run", 32)
-        flags = ["--run", str(run), "--patch", str(args.patch), "--overlap", str(args.overlap),
-                 "--batch-size", str(args.batch_size)]
+        flags = [
+            "--run",
+            str(run),
+            "--patch",
+            str(args.patch),
+            "--overlap",
+            str(args.overlap),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         write_image(work / "in-256" / "a.png", 256)
         base, _ = run_infer([*flags, "--input", str(work / "in-256"), "--out", str(work / "out-256")])
         figures = {"baseline_mib": round(base, 1), "images": {}}
@@ -94,17 +108,35 @@ def main(argv=None) -> int:
             for name, threshold in PATHS.items():
                 log(f"infer {side} x {side}, {name}")
                 out = work / f"out-{side}-{name}"
-                peak, seconds = run_infer([*flags, "--input", str(work / f"in-{side}"), "--out", str(out),
-                                           "--stream-megapixels", threshold])
-                entry[name] = {"peak_mib": round(peak, 1), "seconds": round(seconds, 1),
-                               "bytes_per_pixel": round((peak - base) * 2**20 / side ** 2, 2)}
-            entry["same_classes"] = ((work / f"out-{side}-whole" / "a.png").read_bytes() ==
-                                     (work / f"out-{side}-streamed" / "a.png").read_bytes())
-        ratio = {side: (round(e["streamed"]["bytes_per_pixel"] / e["whole"]["bytes_per_pixel"], 3)
-                        if e["whole"]["bytes_per_pixel"] > 0 else None) for side, e in figures["images"].items()}
-        emit(make_record("infer", figures, world_size=1, baseline="the whole-image path on the same image, "
-                         "memory above a 256 px run of the same command", ratio={"streamed_vs_whole_memory": ratio},
-                         settings=vars(args)))
+                peak, seconds = run_infer(
+                    [*flags, "--input", str(work / f"in-{side}"), "--out", str(out), "--stream-megapixels", threshold]
+                )
+                entry[name] = {
+                    "peak_mib": round(peak, 1),
+                    "seconds": round(seconds, 1),
+                    "bytes_per_pixel": round((peak - base) * 2**20 / side**2, 2),
+                }
+            entry["same_classes"] = (work / f"out-{side}-whole" / "a.png").read_bytes() == (
+                work / f"out-{side}-streamed" / "a.png"
+            ).read_bytes()
+        ratio = {
+            side: (
+                round(e["streamed"]["bytes_per_pixel"] / e["whole"]["bytes_per_pixel"], 3)
+                if e["whole"]["bytes_per_pixel"] > 0
+                else None
+            )
+            for side, e in figures["images"].items()
+        }
+        emit(
+            make_record(
+                "infer",
+                figures,
+                world_size=1,
+                baseline="the whole-image path on the same image, memory above a 256 px run of the same command",
+                ratio={"streamed_vs_whole_memory": ratio},
+                settings=vars(args),
+            )
+        )
         return 0 if all(e["same_classes"] for e in figures["images"].values()) else 1
     finally:
         if tmp:

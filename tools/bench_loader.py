@@ -78,8 +78,9 @@ def prepare(args) -> tuple[Path, dict[str, Path]]:
 
         src = Path(args.workdir) / "luad"
         if dist.is_main():
-            write_luad_layout(src, train=args.n, val=0, test=0, size=args.size, seed=0,
-                              workers=min(os.cpu_count() or 1, 8))  # the same bytes for any number of workers
+            write_luad_layout(
+                src, train=args.n, val=0, test=0, size=args.size, seed=0, workers=min(os.cpu_count() or 1, 8)
+            )  # the same bytes for any number of workers
     shards = {fmt: Path(args.workdir) / f"shards-{fmt}" for fmt in args.image_formats.split(",")}
     if dist.is_main():
         plan = build_plan(LUAD, src, shard_size=256, workers=max(args.workers, 1))
@@ -102,25 +103,40 @@ def run(args) -> dict:
     rank, world, device = dist.get_rank(), dist.get_world_size(), dist.device()
     n = len(open_split(next(iter(shards.values())), "train"))
     steps = min(args.steps, n // (args.batch * world) - 1)
-    baseline = DataLoader(PngFolderDataset(find_train_dir(LUAD, src), cfg), batch_size=args.batch, shuffle=True,
-                          num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+    baseline = DataLoader(
+        PngFolderDataset(find_train_dir(LUAD, src), cfg),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     rates = {"baseline_png_folder": total_rate(*measure(baseline, steps, device))}
     for fmt, folder in shards.items():  # "torch" = PNG shards, "torch_jpeg" = JPEG shards, ...
         reader = open_split(folder, "train")
         cfg.data.root = str(folder)
         for backend in args.backends.split(","):
             cfg.data.loader = backend
-            loader = create_train_loader(cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world,
-                                         device=device)
+            loader = create_train_loader(
+                cfg, reader, batch_size=args.batch, epoch=0, rank=rank, world=world, device=device
+            )
             rates[backend if fmt == "png" else f"{backend}_{fmt}"] = total_rate(*measure(loader, steps, device))
-    figures = {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
-               "workers_per_rank": args.workers, "batch_per_rank": args.batch, "steps": steps,
-               "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0]}
+    figures = {
+        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "workers_per_rank": args.workers,
+        "batch_per_rank": args.batch,
+        "steps": steps,
+        "image_size": Image.open(next(find_train_dir(LUAD, src).glob("*.png"))).size[0],
+    }
     return bench_common.make_record(
-        "loader", figures, world_size=world, settings={k: v for k, v in vars(args).items() if k != "workdir"},
+        "loader",
+        figures,
+        world_size=world,
+        settings={k: v for k, v in vars(args).items() if k != "workdir"},
         baseline="baseline_png_folder: one PNG file per sample via PIL, shuffled torch DataLoader, same "
-                 "augmentation and worker count, same images, this run",
-        ratio={k: round(v / rates["baseline_png_folder"], 3) for k, v in rates.items()})
+        "augmentation and worker count, same images, this run",
+        ratio={k: round(v / rates["baseline_png_folder"], 3) for k, v in rates.items()},
+    )
 
 
 def main(argv=None) -> None:
@@ -132,8 +148,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--backends", default="torch,dali")
-    p.add_argument("--image-formats", default="png,webp,jpeg",
-                   help="shard encodings of the training images to measure (mlps shards --image-format)")
+    p.add_argument(
+        "--image-formats",
+        default="png,webp,jpeg",
+        help="shard encodings of the training images to measure (mlps shards --image-format)",
+    )
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)
     dist.init()

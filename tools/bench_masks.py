@@ -1,5 +1,5 @@
 """Pseudo-mask throughput: the batched path (mlps_dist.method.cam) against the per-image reference
-that mirrors the public MLPS script (tests/reference_cam.py), same model, same images.
+that mirrors the public MLPS script (tests/support/reference_cam.py), same model, same images.
 
     python tools/bench_masks.py --model small38 --size 224 --images 64 --reference-images 8
     torchrun --standalone --nproc_per_node=2 tools/bench_masks.py --model small38 --images 64
@@ -22,11 +22,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tools")]
 
-import bench_common  # noqa: E402
-from mlps_dist.method import cam  # noqa: E402
-from mlps_dist import dist  # noqa: E402
-from mlps_dist.models import create_classifier  # noqa: E402
 from reference_cam import reference_masks  # noqa: E402
+
+import bench_common  # noqa: E402
+from mlps_dist import dist  # noqa: E402
+from mlps_dist.method import cam  # noqa: E402
+from mlps_dist.models import create_classifier  # noqa: E402
 
 LAYERS = ["b4_5", "b5_2", "bn7"]
 
@@ -85,8 +86,14 @@ def main(argv=None) -> int:
         model.to(device)
         images, labels, rgb = make_inputs(args.images, args.size, args.classes, args.seed)
         mine = dist.partition(args.images, world, rank)
-        fast_s, _ = timed_fast(model, images[mine.start:mine.stop], labels[mine.start:mine.stop],
-                               rgb[mine.start:mine.stop], args.batch_size, device)
+        fast_s, _ = timed_fast(
+            model,
+            images[mine.start : mine.stop],
+            labels[mine.start : mine.stop],
+            rgb[mine.start : mine.stop],
+            args.batch_size,
+            device,
+        )
         ref = dist.partition(args.reference_images, world, rank)
         sl = slice(ref.start, ref.stop)
         start = time.perf_counter()
@@ -94,23 +101,39 @@ def main(argv=None) -> int:
         synchronize(device)
         ref_s = time.perf_counter() - start
         _, fast_on_ref = timed_fast(model, images[sl], labels[sl], rgb[sl], args.batch_size, device)
-        equal = sum(int((torch.cat([b[l] for b in fast_on_ref]).numpy() == ref_masks[l]).sum())
-                    for l in LAYERS) if len(ref) else 0
+        equal = (
+            sum(int((torch.cat([b[l] for b in fast_on_ref]).numpy() == ref_masks[l]).sum()) for l in LAYERS)  # noqa: E741
+            if len(ref)
+            else 0
+        )
         totals = torch.tensor([equal, len(ref) * args.size * args.size * len(LAYERS)], dtype=torch.float64)
         dist.all_reduce_sum(totals)
         walls = dist.all_gather_object((fast_s, ref_s))
         fast_wall, ref_wall = max(w[0] for w in walls), max(w[1] for w in walls)
         if rank == 0:
             fast_ips, ref_ips = args.images / fast_wall, args.reference_images / ref_wall
-            figures = {"model": args.model, "size": args.size, "classes": args.classes,
-                       "batch_size": args.batch_size, "device": device.type, "cpu_threads": torch.get_num_threads(),
-                       "fast_images_per_s": round(fast_ips, 3), "reference_images_per_s": round(ref_ips, 3),
-                       "equal_pixel_fraction": round(float(totals[0] / totals[1]), 6) if totals[1] else None}
-            bench_common.emit(bench_common.make_record(
-                "masks", figures, world_size=world, settings=vars(args),
-                baseline="reference: per-image, per-class, per-layer Grad-CAM as the public MLPS script "
-                         "(tests/reference_cam.py), same model and images, this run",
-                ratio={"speedup": round(fast_ips / ref_ips, 2)}))
+            figures = {
+                "model": args.model,
+                "size": args.size,
+                "classes": args.classes,
+                "batch_size": args.batch_size,
+                "device": device.type,
+                "cpu_threads": torch.get_num_threads(),
+                "fast_images_per_s": round(fast_ips, 3),
+                "reference_images_per_s": round(ref_ips, 3),
+                "equal_pixel_fraction": round(float(totals[0] / totals[1]), 6) if totals[1] else None,
+            }
+            bench_common.emit(
+                bench_common.make_record(
+                    "masks",
+                    figures,
+                    world_size=world,
+                    settings=vars(args),
+                    baseline="reference: per-image, per-class, per-layer Grad-CAM as the public MLPS script "
+                    "(tests/support/reference_cam.py), same model and images, this run",
+                    ratio={"speedup": round(fast_ips / ref_ips, 2)},
+                )
+            )
         return 0
     finally:
         dist.teardown()

@@ -34,18 +34,26 @@ REPO = Path(__file__).resolve().parents[1]
 def make_run(run_dir: Path, patch: int) -> Path:
     import torch
 
-    from mlps_dist.train.checkpoint import save_model_file
     from mlps_dist.config import config_from_dict, save_config
-    from mlps_dist.models import create_classifier, create_segmenter
     from mlps_dist.core import layout
+    from mlps_dist.models import create_classifier, create_segmenter
+    from mlps_dist.train.checkpoint import save_model_file
 
     classes = ["TE", "NEC", "LYM", "TAS"]
-    cfg = config_from_dict({"run_dir": str(run_dir), "data": {"root": "none", "image_size": patch},
-                            "classifier": {"model": "small38"}, "segmenter": {"model": "deeplabv3plus_small"}})
+    cfg = config_from_dict(
+        {
+            "run_dir": str(run_dir),
+            "data": {"root": "none", "image_size": patch},
+            "classifier": {"model": "small38"},
+            "segmenter": {"model": "deeplabv3plus_small"},
+        }
+    )
     save_config(cfg, layout.config_file(run_dir))
     torch.manual_seed(0)
-    for stage, factory, name in (("classifier", create_classifier, "small38"),
-                                 ("segmenter", create_segmenter, "deeplabv3plus_small")):
+    for stage, factory, name in (
+        ("classifier", create_classifier, "small38"),
+        ("segmenter", create_segmenter, "deeplabv3plus_small"),
+    ):
         meta = {"name": name, "num_classes": 4, "classes": classes, "config": cfg.to_dict()}
         save_model_file(layout.model_file(run_dir, stage), factory(name, 4).state_dict(), meta)
     return run_dir
@@ -108,8 +116,12 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--worlds", default="1,2")
-    p.add_argument("--extent", type=float, default=0.3,
-                   help="tissue blob half-axes as a share of the slide (0.3: about 30%% of the slide is tissue)")
+    p.add_argument(
+        "--extent",
+        type=float,
+        default=0.3,
+        help="tissue blob half-axes as a share of the slide (0.3: about 30%% of the slide is tissue)",
+    )
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     import numpy as np
@@ -120,52 +132,137 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_slides_"))
     slide = work / "slides" / "bench.tiff"
     log(f"writing a {args.width} x {args.height} slide at {args.slide_mpp} um/px in {work}")
-    write_synthetic_slide(slide, work / "ann" / "bench.geojson", args.width, args.height, seed=0, mpp=args.slide_mpp,
-                          cell_px=int(600 / args.slide_mpp), extent=args.extent)
+    write_synthetic_slide(
+        slide,
+        work / "ann" / "bench.geojson",
+        args.width,
+        args.height,
+        seed=0,
+        mpp=args.slide_mpp,
+        cell_px=int(600 / args.slide_mpp),
+        extent=args.extent,
+    )
     run_dir = make_run(work / "run", args.patch)
     figures, worlds = {}, [int(w) for w in args.worlds.split(",")]
 
     log("hand-written loop")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--hand", str(run_dir), str(slide), str(work / "hand"),
-                           str(args.model_mpp), str(args.patch)], cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--hand",
+            str(run_dir),
+            str(slide),
+            str(work / "hand"),
+            str(args.model_mpp),
+            str(args.patch),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     hand_s = time.perf_counter() - start
     hand = json.loads(proc.stdout.strip().splitlines()[-1])
     hand_tiles = hand["tiles"]
     for world in worlds:
         out = work / f"maps{world}"
         log(f"segment_slides on {world} rank(s)")
-        seconds, stdout = timed(torchrun(world) + ["-m", "mlps_dist", "--", "segment", "--run", str(run_dir),
-                                                   "--slides", str(slide), "--out", str(out),
-                                                   "--model-mpp", str(args.model_mpp),
-                                                   "--map-mpp", str(args.model_mpp * args.patch / 12), "--stride",
-                                                   str(args.patch), "--batch-size", str(args.batch_size)])
+        seconds, stdout = timed(
+            torchrun(world)
+            + [
+                "-m",
+                "mlps_dist",
+                "--",
+                "segment",
+                "--run",
+                str(run_dir),
+                "--slides",
+                str(slide),
+                "--out",
+                str(out),
+                "--model-mpp",
+                str(args.model_mpp),
+                "--map-mpp",
+                str(args.model_mpp * args.patch / 12),
+                "--stride",
+                str(args.patch),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+        )
         summary = json.loads((out / "bench" / "summary.json").read_text())
         tissue = np.asarray(Image.open(out / "bench" / "tissue.png")) > 0
         tissue_mp = tissue.sum() * (summary["map_mpp"] / args.slide_mpp) ** 2 / 1e6
         work_s = float(re.search(r" in ([0-9.]+) s ", stdout).group(1))  # after start-up and model loading
-        figures[f"segment_x{world}"] = {"seconds": round(seconds, 2), "work_seconds": round(work_s, 2),
-                                        "tiles": summary["tiles"], "tissue_mp_per_s": round(tissue_mp / seconds, 3),
-                                        "work_tissue_mp_per_s": round(tissue_mp / work_s, 3)}
+        figures[f"segment_x{world}"] = {
+            "seconds": round(seconds, 2),
+            "work_seconds": round(work_s, 2),
+            "tiles": summary["tiles"],
+            "tissue_mp_per_s": round(tissue_mp / seconds, 3),
+            "work_tissue_mp_per_s": round(tissue_mp / work_s, 3),
+        }
         figures["tissue_mp"] = round(float(tissue_mp), 3)
         log(f"tiling on {world} rank(s)")
         tiled = work / f"shards{world}"
-        seconds, _ = timed(torchrun(world) + ["-m", "mlps_dist", "--", "tile", "--slides", str(slide), "--out",
-                                           str(tiled), "--mpp", str(args.model_mpp), "--tile", str(args.patch),
-                                           "--split-ratios", "1,0,0"])
+        seconds, _ = timed(
+            torchrun(world)
+            + [
+                "-m",
+                "mlps_dist",
+                "--",
+                "tile",
+                "--slides",
+                str(slide),
+                "--out",
+                str(tiled),
+                "--mpp",
+                str(args.model_mpp),
+                "--tile",
+                str(args.patch),
+                "--split-ratios",
+                "1,0,0",
+            ]
+        )
         count = json.loads((tiled / "info.json").read_text())["splits"]["train"]["count"]
-        figures[f"tile_x{world}"] = {"seconds": round(seconds, 2), "tiles": count,
-                                     "tiles_per_s": round(count / seconds, 2)}
-    figures["hand_loop"] = {"seconds": round(hand_s, 2), "loop_seconds": round(hand["loop_seconds"], 2),
-                            "tiles": hand_tiles, "tissue_mp_per_s": round(figures["tissue_mp"] / hand_s, 3),
-                            "work_tissue_mp_per_s": round(figures["tissue_mp"] / hand["loop_seconds"], 3)}
-    speedups = {f"segment_x{w}_vs_hand": ratio(figures[f"segment_x{w}"]["tissue_mp_per_s"],
-                                                figures["hand_loop"]["tissue_mp_per_s"]) for w in worlds}
-    speedups.update({f"segment_x{w}_vs_hand_work": ratio(figures[f"segment_x{w}"]["work_tissue_mp_per_s"],
-                                                          figures["hand_loop"]["work_tissue_mp_per_s"]) for w in worlds})
-    emit(make_record("slides", figures, world_size=max(worlds), baseline="hand-written per-tile loop (level-0 "
-                     "read, one tile per forward pass, PNG per tile), same slide, same run", ratio=speedups,
-                     settings=vars(args)))
+        figures[f"tile_x{world}"] = {
+            "seconds": round(seconds, 2),
+            "tiles": count,
+            "tiles_per_s": round(count / seconds, 2),
+        }
+    figures["hand_loop"] = {
+        "seconds": round(hand_s, 2),
+        "loop_seconds": round(hand["loop_seconds"], 2),
+        "tiles": hand_tiles,
+        "tissue_mp_per_s": round(figures["tissue_mp"] / hand_s, 3),
+        "work_tissue_mp_per_s": round(figures["tissue_mp"] / hand["loop_seconds"], 3),
+    }
+    speedups = {
+        f"segment_x{w}_vs_hand": ratio(
+            figures[f"segment_x{w}"]["tissue_mp_per_s"], figures["hand_loop"]["tissue_mp_per_s"]
+        )
+        for w in worlds
+    }
+    speedups.update(
+        {
+            f"segment_x{w}_vs_hand_work": ratio(
+                figures[f"segment_x{w}"]["work_tissue_mp_per_s"], figures["hand_loop"]["work_tissue_mp_per_s"]
+            )
+            for w in worlds
+        }
+    )
+    emit(
+        make_record(
+            "slides",
+            figures,
+            world_size=max(worlds),
+            baseline="hand-written per-tile loop (level-0 "
+            "read, one tile per forward pass, PNG per tile), same slide, same run",
+            ratio=speedups,
+            settings=vars(args),
+        )
+    )
     return 0
 
 

@@ -47,10 +47,9 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     bands of each patch's labelled classes: their content does not change the training cost."""
     import numpy as np
 
-    from mlps_dist.data.shards import open_split
-    from mlps_dist.core import png
+    from mlps_dist.core import layout, png
     from mlps_dist.data.pseudo_masks import new_manifest, refresh_manifest, write_chunk
-    from mlps_dist.core import layout
+    from mlps_dist.data.shards import open_split
 
     reader = open_split(root, "train")
     size = reader.info["splits"]["train"]["image_size"][0]
@@ -63,8 +62,12 @@ def write_pseudo_masks(root: Path, run_dir: Path, layers=("b4_5", "b5_2", "bn7")
     folder = layout.masks_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_chunk(folder, 0, samples, list(layers))
-    settings = {"layers": list(layers), "chunk_size": len(reader), "count": len(reader),
-                "classes": list(reader.classes)}
+    settings = {
+        "layers": list(layers),
+        "chunk_size": len(reader),
+        "count": len(reader),
+        "classes": list(reader.classes),
+    }
     refresh_manifest(folder, new_manifest("train", settings), complete=True)
 
 
@@ -88,18 +91,35 @@ def plan_runs(args, data: tuple[Path, Path]) -> list[dict]:
     runs = []
     for size in args.sizes.split(","):
         models = {"small": SMALL, "paper": PAPER}[size]
-        micro, steps, warmup, zeros = (args.micro, args.steps, args.warmup, args.parallel) if size == "small" else \
-            (args.paper_micro, args.paper_steps, min(args.warmup, 1), args.paper_parallel)
+        micro, steps, warmup, zeros = (
+            (args.micro, args.steps, args.warmup, args.parallel)
+            if size == "small"
+            else (args.paper_micro, args.paper_steps, min(args.warmup, 1), args.paper_parallel)
+        )
         combos = [("ddp", w, loaders[0]) for w in worlds]
         combos += [("ddp", worlds[-1], loader) for loader in loaders[1:] if size == "small"]
         combos += [(zero, worlds[-1], loaders[0]) for zero in zeros.split(",") if zero != "none"]
         for stage in args.stages.split(","):
             for parallel, world, loader in combos:
-                runs.append({"name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}", "stage": stage,
-                             "model": models[stage], "parallel": parallel, "world": world, "loader": loader,
-                             "micro": micro, "steps": steps, "warmup": warmup, "threads": args.threads,
-                             "precision": args.precision, "workers": args.workers, "root": str(root), "run_dir": str(run_dir),
-                             "abort_rank": args.abort_rank})
+                runs.append(
+                    {
+                        "name": f"{stage}/{models[stage]}/{parallel}/w{world}/{loader}",
+                        "stage": stage,
+                        "model": models[stage],
+                        "parallel": parallel,
+                        "world": world,
+                        "loader": loader,
+                        "micro": micro,
+                        "steps": steps,
+                        "warmup": warmup,
+                        "threads": args.threads,
+                        "precision": args.precision,
+                        "workers": args.workers,
+                        "root": str(root),
+                        "run_dir": str(run_dir),
+                        "abort_rank": args.abort_rank,
+                    }
+                )
     return runs
 
 
@@ -112,7 +132,9 @@ def summarise(runs: list[dict], results: dict, failures: dict) -> tuple[dict, di
             continue
         per_rank = [r["images"] / r["seconds"] for r in ranks]
         figures["runs"][spec["name"]] = {
-            "world": spec["world"], "micro_batch": spec["micro"], "steps": spec["steps"],
+            "world": spec["world"],
+            "micro_batch": spec["micro"],
+            "steps": spec["steps"],
             "params_m": round(ranks[0]["params_m"], 2),
             "images_per_s_per_rank": [round(v, 2) for v in per_rank],
             "images_per_s_total": round(sum(r["images"] for r in ranks) / max(r["seconds"] for r in ranks), 2),
@@ -143,13 +165,23 @@ def summarise(runs: list[dict], results: dict, failures: dict) -> tuple[dict, di
         elif spec["loader"] != base_loader and base:
             group[f"{spec['loader']}_vs_{base_loader}"] = bench_common.ratio(rate(spec), rate(base))
         elif spec["parallel"] == "ddp" and spec["loader"] == base_loader:
-            fewest = min((o for o in done if (o["stage"], o["model"], o["parallel"], o["loader"]) ==
-                          (spec["stage"], spec["model"], "ddp", base_loader)), key=lambda o: o["world"])
+            fewest = min(
+                (
+                    o
+                    for o in done
+                    if (o["stage"], o["model"], o["parallel"], o["loader"])
+                    == (spec["stage"], spec["model"], "ddp", base_loader)
+                ),
+                key=lambda o: o["world"],
+            )
             if fewest["world"] < spec["world"]:  # total_n / (n/m x total_m): 1.0 = perfect scaling
                 group[f"scaling_efficiency_w{spec['world']}"] = bench_common.ratio(
-                    rate(spec), spec["world"] / fewest["world"] * rate(fewest))
-    baseline = (f"measured in this run on the same shards: scaling vs DDP on the fewest ranks; ZeRO-k vs DDP "
-                f"and other loaders vs the {runs[0]['loader']} loader at the same world size")
+                    rate(spec), spec["world"] / fewest["world"] * rate(fewest)
+                )
+    baseline = (
+        f"measured in this run on the same shards: scaling vs DDP on the fewest ranks; ZeRO-k vs DDP "
+        f"and other loaders vs the {runs[0]['loader']} loader at the same world size"
+    )
     return figures, ratio, baseline
 
 
@@ -173,15 +205,22 @@ class TimedBatches:
 def create_task(spec: dict):
     """The stage's own task object: the same model factory, loss and loader as training."""
     from mlps_dist.config import config_from_dict
-    from mlps_dist.data.shards import open_split
     from mlps_dist.core import layout
+    from mlps_dist.data.shards import open_split
 
-    section = {"model": spec["model"], "batch_size": spec["micro"] * spec["world"], "micro_batch_size": spec["micro"],
-               "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",
-               "deepspeed_config": str(REPO / "configs" / "deepspeed" / f"{spec['parallel']}.json"),
-               "precision": spec["precision"]}
-    values = {"run_dir": spec["run_dir"], "data": {"root": spec["root"], "loader": spec["loader"],
-                                                   "num_workers": spec["workers"]}, spec["stage"]: section}
+    section = {
+        "model": spec["model"],
+        "batch_size": spec["micro"] * spec["world"],
+        "micro_batch_size": spec["micro"],
+        "parallel": "deepspeed" if spec["parallel"].startswith("zero") else "ddp",
+        "deepspeed_config": str(REPO / "configs" / "deepspeed" / f"{spec['parallel']}.json"),
+        "precision": spec["precision"],
+    }
+    values = {
+        "run_dir": spec["run_dir"],
+        "data": {"root": spec["root"], "loader": spec["loader"], "num_workers": spec["workers"]},
+        spec["stage"]: section,
+    }
     if spec["stage"] == "classifier":
         values["classifier"]["pda"] = {"start_epoch": 0}  # PDA on: the cost of most epochs
     cfg = config_from_dict(values, source="bench_train")
@@ -209,8 +248,9 @@ def measure(spec: dict) -> dict:
     precision.check(train_cfg, task.stage, device)  # as the trainers' preflight: fp16 needs CUDA and ddp
     plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     engine.seed_everything(cfg.seed)
-    model = parallel.wrap(task.build_model(), train_cfg, plan=plan, total_steps=spec["warmup"] + spec["steps"],
-                          device=device)
+    model = parallel.wrap(
+        task.build_model(), train_cfg, plan=plan, total_steps=spec["warmup"] + spec["steps"], device=device
+    )
     task.start_epoch(0, model.module)
     model.train()
     batches = TimedBatches(iter(task.train_loader(0, 0, plan)))
@@ -227,10 +267,16 @@ def measure(spec: dict) -> dict:
         batches.batches.close()  # stop the loader's workers now rather than at interpreter exit
     seconds = sum(step_times)
     images = spec["steps"] * sum(plan.sizes(dist.get_rank()))
-    return {"rank": dist.get_rank(), "images": images, "seconds": seconds, "waited": batches.waited,
-            "step_s": seconds / len(step_times), "peak_mib": bench_common.peak_memory_mib(device),
-            "params_m": sum(p.numel() for p in model.module.parameters()) / 1e6,
-            "threads": torch.get_num_threads()}
+    return {
+        "rank": dist.get_rank(),
+        "images": images,
+        "seconds": seconds,
+        "waited": batches.waited,
+        "step_s": seconds / len(step_times),
+        "peak_mib": bench_common.peak_memory_mib(device),
+        "params_m": sum(p.numel() for p in model.module.parameters()) / 1e6,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def worker_main(spec_json: str, result_path: str) -> int:
@@ -274,8 +320,8 @@ def _worker_traceback(lines: list[str]) -> str | None:
     for start in (i for i, line in enumerate(lines) if line.startswith("Traceback")):
         block = lines[start:]
         end = next((i for i, line in enumerate(block[1:], 1) if line and not line[0].isspace()), len(block) - 1)
-        if not _launcher_traceback(block[:end + 1]):
-            return " | ".join(line.strip() for line in block[max(end - 4, 1):end + 1])
+        if not _launcher_traceback(block[: end + 1]):
+            return " | ".join(line.strip() for line in block[max(end - 4, 1) : end + 1])
     return None
 
 
@@ -297,8 +343,11 @@ def worker_error(output: str) -> str:
 def rank_error(text: str) -> str:
     """A rank's own stderr file: the end of its traceback, else its last lines (a C++ abort)."""
     lines = text.splitlines()
-    return _worker_traceback(lines) or " | ".join(
-        [line.strip() for line in lines if line.strip() and not _CHATTER.search(line)][-6:]) or "(no output)"
+    return (
+        _worker_traceback(lines)
+        or " | ".join([line.strip() for line in lines if line.strip() and not _CHATTER.search(line)][-6:])
+        or "(no output)"
+    )
 
 
 def rank_logs(log_dir: Path) -> dict[int, Path]:
@@ -313,7 +362,7 @@ def rank_logs(log_dir: Path) -> dict[int, Path]:
 
 def failed_rank(output: str) -> tuple[int | None, str]:
     """(local rank, "exitcode ... / signal") of torchrun's "Root Cause" entry, if it printed one."""
-    cause = output[output.find("Root Cause"):] if "Root Cause" in output else ""
+    cause = output[output.find("Root Cause") :] if "Root Cause" in output else ""
     rank = re.search(r"local_rank:\s*(\d+)", cause)
     code = re.search(r"exitcode\s*:\s*(-?\d+)", cause)
     signal = re.search(r"traceback\s*:\s*(Signal .*)", cause)
@@ -346,29 +395,48 @@ def launch(spec: dict, workdir: Path, timeout: float) -> list[dict]:
     log_dir = workdir / f"ranks-{name}"
     shutil.rmtree(log_dir, ignore_errors=True)  # a rerun into --workdir: only this job's files
     # --redirects/--tee 3: each rank's stdout and stderr in its own file under log_dir, and on the console
-    cmd = [*bench_common.torchrun_command(), "--standalone", f"--nproc_per_node={spec['world']}",
-           "--log-dir", str(log_dir), "--redirects", "3", "--tee", "3",
-           str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
+    cmd = [
+        *bench_common.torchrun_command(),
+        "--standalone",
+        f"--nproc_per_node={spec['world']}",
+        "--log-dir",
+        str(log_dir),
+        "--redirects",
+        "3",
+        "--tee",
+        "3",
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(spec),
+        "--result",
+        str(result),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(spec["threads"])}
     log = workdir / f"log-{name}.txt"  # the whole job's output, kept for --workdir
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        log.write_text((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else
-                       str(exc.stdout or ""))
+        log.write_text(
+            (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
+        )
         raise RuntimeError(f"did not finish in {timeout:.0f} s (raise --timeout or lower --steps)") from None
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {failure_report(proc.stdout + proc.stderr, log_dir)} "
-                           f"(whole log: {log})")
+        raise RuntimeError(
+            f"torchrun exited with {proc.returncode}: {failure_report(proc.stdout + proc.stderr, log_dir)} "
+            f"(whole log: {log})"
+        )
     return json.loads(result.read_text())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", default="classifier,segmenter", help="comma list of classifier, segmenter")
-    p.add_argument("--sizes", default="small,paper", help="small (small38, deeplabv3plus_small) and/or paper "
-                   "(resnet38d, deeplabv3plus_resnet101)")
+    p.add_argument(
+        "--sizes",
+        default="small,paper",
+        help="small (small38, deeplabv3plus_small) and/or paper (resnet38d, deeplabv3plus_resnet101)",
+    )
     p.add_argument("--worlds", default="1,2", help="ranks per DDP run; the first is the scaling baseline")
     p.add_argument("--parallel", default="zero1,zero2", help="DeepSpeed stages compared with DDP (or none)")
     p.add_argument("--paper-parallel", default="zero2", help="DeepSpeed stages run with the paper-size models")
@@ -379,16 +447,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (small models)")
     p.add_argument("--paper-steps", type=int, default=2, help="timed steps (paper-size models)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (paper-size models: 1)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="training precision (*.precision: bf16 also on CPU; fp16 needs CUDA and ddp)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="training precision (*.precision: bf16 also on CPU; fp16 needs CUDA and ddp)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU: one 'device' per rank")
     p.add_argument("--workers", type=int, default=1, help="loader workers (torch) or threads (DALI) per rank")
-    p.add_argument("--image-format", default="png", choices=["png", "webp", "jpeg"],
-                   help="encoding of the training images in the synthetic shards (mlps shards)")
+    p.add_argument(
+        "--image-format",
+        default="png",
+        choices=["png", "webp", "jpeg"],
+        help="encoding of the training images in the synthetic shards (mlps shards)",
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     p.add_argument("--workdir", default="", help="keep the shards and results here (default: a temp dir)")
-    p.add_argument("--quick", action="store_true", help="smallest run: small classifier, DDP on --worlds, "
-                   "torch loader, 1 step, 32 px")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smallest run: small classifier, DDP on --worlds, torch loader, 1 step, 32 px",
+    )
     p.add_argument("--abort-rank", type=int, default=-1, help=argparse.SUPPRESS)  # tests: how a dead rank is reported
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a torchrun job: the spec as JSON
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
@@ -396,8 +475,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.stages, args.sizes, args.parallel, args.loaders, args.size = "classifier", "small", "none", "torch", 32
         args.micro, args.steps, args.warmup = 2, 1, 1
-    choices = {"stages": ("classifier", "segmenter"), "sizes": ("small", "paper"), "loaders": ("torch", "dali"),
-               "parallel": ("none", "zero0", "zero1", "zero2"), "paper_parallel": ("none", "zero0", "zero1", "zero2")}
+    choices = {
+        "stages": ("classifier", "segmenter"),
+        "sizes": ("small", "paper"),
+        "loaders": ("torch", "dali"),
+        "parallel": ("none", "zero0", "zero1", "zero2"),
+        "paper_parallel": ("none", "zero0", "zero1", "zero2"),
+    }
     for flag, allowed in choices.items():
         bad = [v for v in getattr(args, flag).split(",") if v not in allowed]
         if bad or not getattr(args, flag):
@@ -434,8 +518,16 @@ def main(argv=None) -> int:
                 bench_common.log(f"FAILED {spec['name']}: {exc}")
         figures, ratio, baseline = summarise(runs, results, failures)
         settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "workdir", "abort_rank")}
-        bench_common.emit(bench_common.make_record("train", figures, world_size=max(s["world"] for s in runs),
-                                                   baseline=baseline, ratio=ratio, settings=settings))
+        bench_common.emit(
+            bench_common.make_record(
+                "train",
+                figures,
+                world_size=max(s["world"] for s in runs),
+                baseline=baseline,
+                ratio=ratio,
+                settings=settings,
+            )
+        )
         return 1 if failures else 0
     finally:
         if tmp:

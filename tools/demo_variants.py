@@ -48,12 +48,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a source checkout
 
-from mlps_dist.run import artifacts  # noqa: E402
 from mlps_dist.core import layout  # noqa: E402
-from mlps_dist.synthetic.options import (  # noqa: E402
-    HELD_OUT_VARIANTS, TUNING_VARIANTS, VARIANTS, variant_white_is_white)
 from mlps_dist.core.fileio import atomic_write_text  # noqa: E402
-
+from mlps_dist.run import artifacts  # noqa: E402
+from mlps_dist.synthetic.options import (  # noqa: E402
+    HELD_OUT_VARIANTS,
+    TUNING_VARIANTS,
+    VARIANTS,
+    variant_white_is_white,
+)
 
 REAL_VARIANTS = ("real", "real-stain")  # mlps mosaics from --tiles; real-stain: --stain-change on val/test
 REAL_STAIN = {"real": False, "real-stain": True}
@@ -65,8 +68,9 @@ REAL_MPP = 0.495  # Kather et al. 2016 tiles (20x Aperio); recorded in the shard
 def _real_sources(text: str) -> tuple[list[str], list[str], list[str]]:
     parts = [[s.strip() for s in part.split(",") if s.strip()] for part in text.split("/")]
     if len(parts) != 3 or not all(parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN/VAL/TEST source images, "
-                                         f"e.g. {DEFAULT_REAL_SOURCES}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TRAIN/VAL/TEST source images, e.g. {DEFAULT_REAL_SOURCES}"
+        )
     return parts[0], parts[1], parts[2]
 
 
@@ -81,10 +85,12 @@ def _real_counts(text: str) -> tuple[int, int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=f"tuning variants: {', '.join(TUNING_VARIANTS)}; "
-                                       f"held out: {', '.join(HELD_OUT_VARIANTS)}; "
-                                       f"real tissue (--tiles): {', '.join(REAL_VARIANTS)}")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"tuning variants: {', '.join(TUNING_VARIANTS)}; "
+        f"held out: {', '.join(HELD_OUT_VARIANTS)}; "
+        f"real tissue (--tiles): {', '.join(REAL_VARIANTS)}",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--variants", help=f"comma-separated names from: {', '.join(VARIANTS)}")
     which.add_argument("--tuning", action="store_true", help="the variants the demo settings may be tuned on")
@@ -100,22 +106,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=80)
     p.add_argument("--test", type=int, default=100)
     real = p.add_argument_group("real-tissue variants")
-    real.add_argument("--tiles", default=str(DEFAULT_TILES) if DEFAULT_TILES.is_dir() else None,
-                      help="class-per-folder real tiles for make_mosaics (default ../shared/real/kather2016_dev "
-                           "beside the checkout, when it exists)")
-    real.add_argument("--real-counts", type=_real_counts, default=(600, 40, 80),
-                      help="train,val,test patches of the real variants (default 600,40,80)")
-    real.add_argument("--real-sources", type=_real_sources, default=_real_sources(DEFAULT_REAL_SOURCES),
-                      help=f"TRAIN/VAL/TEST source images, comma-separated in each (default {DEFAULT_REAL_SOURCES})")
-    real.add_argument("--swap-val-test", action="store_true",
-                      help="real variants: val on the test image and test on the val image (default: val 05, "
-                           "test 04), to report on test patches no tuning looked at")
+    real.add_argument(
+        "--tiles",
+        default=str(DEFAULT_TILES) if DEFAULT_TILES.is_dir() else None,
+        help="class-per-folder real tiles for make_mosaics (default ../shared/real/kather2016_dev "
+        "beside the checkout, when it exists)",
+    )
+    real.add_argument(
+        "--real-counts",
+        type=_real_counts,
+        default=(600, 40, 80),
+        help="train,val,test patches of the real variants (default 600,40,80)",
+    )
+    real.add_argument(
+        "--real-sources",
+        type=_real_sources,
+        default=_real_sources(DEFAULT_REAL_SOURCES),
+        help=f"TRAIN/VAL/TEST source images, comma-separated in each (default {DEFAULT_REAL_SOURCES})",
+    )
+    real.add_argument(
+        "--swap-val-test",
+        action="store_true",
+        help="real variants: val on the test image and test on the val image (default: val 05, "
+        "test 04), to report on test patches no tuning looked at",
+    )
     real.add_argument("--data-only", action="store_true", help="make the data and shards, run no pipeline")
-    p.add_argument("--background", choices=("auto", "on", "off", "config"), default="auto",
-                   help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG")
-    p.add_argument("--restart-from", choices=artifacts.STAGES, default=None,
-                   help="in run directories that exist, redo this stage and the ones after it (launch/pipeline.sh "
-                        "--restart-from): a new setting of a later stage measured on the earlier stages' results")
+    p.add_argument(
+        "--background",
+        choices=("auto", "on", "off", "config"),
+        default="auto",
+        help="masks.background.enabled: auto = on where white is white, or everywhere when CONFIG sets masks.background.max_saturation; config = leave it to CONFIG",  # noqa: E501
+    )
+    p.add_argument(
+        "--restart-from",
+        choices=artifacts.STAGES,
+        default=None,
+        help="in run directories that exist, redo this stage and the ones after it (launch/pipeline.sh "
+        "--restart-from): a new setting of a later stage measured on the earlier stages' results",
+    )
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
     p.add_argument("overrides", nargs="*", help="key=value passed to every stage")
     args = p.parse_args(argv)
@@ -198,18 +226,69 @@ def data_commands(args, name: str, seed: int, data: Path) -> list[list[str]]:
     py = sys.executable
     if name in REAL_VARIANTS:
         (train, val, test), counts = args.real_sources, args.real_counts
-        make = [py, "-m", "mlps_dist", "mosaics", "--tiles", str(args.tiles), "--out", str(data / "raw"),
-                "--train", str(counts[0]), "--val", str(counts[1]), "--test", str(counts[2]),
-                "--split-by-source", "--sources-train", ",".join(train), "--sources-val", ",".join(val),
-                "--sources-test", ",".join(test), "--seed", str(seed)]
+        make = [
+            py,
+            "-m",
+            "mlps_dist",
+            "mosaics",
+            "--tiles",
+            str(args.tiles),
+            "--out",
+            str(data / "raw"),
+            "--train",
+            str(counts[0]),
+            "--val",
+            str(counts[1]),
+            "--test",
+            str(counts[2]),
+            "--split-by-source",
+            "--sources-train",
+            ",".join(train),
+            "--sources-val",
+            ",".join(val),
+            "--sources-test",
+            ",".join(test),
+            "--seed",
+            str(seed),
+        ]
         make += ["--stain-change"] if REAL_STAIN[name] else []
         mpp = ["--mpp", str(REAL_MPP)]
     else:
-        make = [py, "-m", "mlps_dist", "synthetic", "--out", str(data / "raw"), "--variant", name, "--seed", str(seed),
-                "--train", str(args.train), "--val", str(args.val), "--test", str(args.test)]
+        make = [
+            py,
+            "-m",
+            "mlps_dist",
+            "synthetic",
+            "--out",
+            str(data / "raw"),
+            "--variant",
+            name,
+            "--seed",
+            str(seed),
+            "--train",
+            str(args.train),
+            "--val",
+            str(args.val),
+            "--test",
+            str(args.test),
+        ]
         mpp = []
-    return [make, [py, "-m", "mlps_dist", "shards", "--layout", "luad", "--src", str(data / "raw"),
-                   "--out", str(data / "shards"), *mpp]]
+    return [
+        make,
+        [
+            py,
+            "-m",
+            "mlps_dist",
+            "shards",
+            "--layout",
+            "luad",
+            "--src",
+            str(data / "raw"),
+            "--out",
+            str(data / "shards"),
+            *mpp,
+        ],
+    ]
 
 
 def run_one(args, name: str, seed: int) -> None:
@@ -234,7 +313,9 @@ def pipeline_command(args, name: str, data: Path, run_dir: Path) -> list[str]:
     enabled = background_enabled(name, args.background, args.limited)
     if enabled is not None:
         overrides.insert(1, f"masks.background.enabled={str(enabled).lower()}")
-    restart = ["--restart-from", args.restart_from] if args.restart_from and layout.config_file(run_dir).is_file() else []
+    restart = (
+        ["--restart-from", args.restart_from] if args.restart_from and layout.config_file(run_dir).is_file() else []
+    )
     return ["bash", "launch/pipeline.sh", *restart, args.config, str(run_dir), *overrides]
 
 
@@ -266,11 +347,19 @@ COLLAPSE_DROP = 0.10  # stage 1 "collapsed" when a score after PDA onset falls t
 def pda_collapse(scores: list[float], start: int | None) -> dict:
     """Best validation score before PDA onset, lowest after it, and whether stage 1 collapsed."""
     if start is None or not 0 < start < len(scores):
-        return {"pda_start_epoch": start, "stage1_best_before_pda": None, "stage1_min_after_pda": None,
-                "stage1_collapsed": None}
+        return {
+            "pda_start_epoch": start,
+            "stage1_best_before_pda": None,
+            "stage1_min_after_pda": None,
+            "stage1_collapsed": None,
+        }
     before, after = max(scores[:start]), min(scores[start:])
-    return {"pda_start_epoch": start, "stage1_best_before_pda": before, "stage1_min_after_pda": after,
-            "stage1_collapsed": after < before - COLLAPSE_DROP}
+    return {
+        "pda_start_epoch": start,
+        "stage1_best_before_pda": before,
+        "stage1_min_after_pda": after,
+        "stage1_collapsed": after < before - COLLAPSE_DROP,
+    }
 
 
 def collect(run_dir: Path, data: Path) -> dict:
@@ -305,8 +394,11 @@ def settings(args, name: str | None = None) -> dict:
     digest = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
     record = {"config": args.config, "config_sha256": digest, "overrides": list(args.overrides)}
     if name in REAL_VARIANTS:
-        record.update(tiles=str(args.tiles), real_counts=list(args.real_counts),
-                      real_sources=[list(part) for part in args.real_sources])
+        record.update(
+            tiles=str(args.tiles),
+            real_counts=list(args.real_counts),
+            real_sources=[list(part) for part in args.real_sources],
+        )
     return record
 
 
@@ -332,17 +424,38 @@ def pct(value) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     layers = sorted({layer for r in rows for layer in r.get("pseudo_mask_miou", {})})
-    head = ["variant", "role", "seed", "white ch.", "test mIoU gated", "ungated", "stage-1 val best",
-            "stage-1 val last", "stage-1 min after PDA", *[f"PM {layer}" for layer in layers], "wall (min)"]
+    head = [
+        "variant",
+        "role",
+        "seed",
+        "white ch.",
+        "test mIoU gated",
+        "ungated",
+        "stage-1 val best",
+        "stage-1 val last",
+        "stage-1 min after PDA",
+        *[f"PM {layer}" for layer in layers],
+        "wall (min)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         wall = r.get("wall_s")
         white = {True: "on", False: "off"}.get(r.get("background"), "config")
         after_pda = pct(r.get("stage1_min_after_pda")) + (" (collapsed)" if r.get("stage1_collapsed") else "")
         masks = [pct(r.get("pseudo_mask_miou", {}).get(layer)) for layer in layers]
-        cells = [r["variant"], r["role"], str(r["seed"]), white, pct(r.get("test_miou_gated")),
-                 pct(r.get("test_miou_ungated")), pct(r.get("stage1_best_val")), pct(r.get("stage1_last_val")),
-                 after_pda, *masks, "-" if wall is None else f"{wall / 60:.1f}"]
+        cells = [
+            r["variant"],
+            r["role"],
+            str(r["seed"]),
+            white,
+            pct(r.get("test_miou_gated")),
+            pct(r.get("test_miou_ungated")),
+            pct(r.get("stage1_best_val")),
+            pct(r.get("stage1_last_val")),
+            after_pda,
+            *masks,
+            "-" if wall is None else f"{wall / 60:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -356,8 +469,9 @@ def main(argv=None) -> int:
         for seed in args.seed_list:
             key = f"{label}-s{seed}"
             run_dir, data = Path(args.runs) / key, Path(args.data) / key
-            if not args.data_only and (args.table_only or
-                                       ((label, seed) in results and reusable(results[(label, seed)], wanted))):
+            if not args.data_only and (
+                args.table_only or ((label, seed) in results and reusable(results[(label, seed)], wanted))
+            ):
                 continue
             steps = "data and shards" if args.data_only else "data, shards, pipeline"
             print(f"[variants] {key}: {steps} (log: {run_dir.parent / (key + '.log')})", flush=True)
@@ -369,14 +483,22 @@ def main(argv=None) -> int:
                 return 1
             if args.data_only:
                 continue
-            row = {"variant": label, "seed": seed, "role": role(name, args),
-                   "background": background_enabled(name, args.background, args.limited), **wanted,
-                   **collect(run_dir, data)}
+            row = {
+                "variant": label,
+                "seed": seed,
+                "role": role(name, args),
+                "background": background_enabled(name, args.background, args.limited),
+                **wanted,
+                **collect(run_dir, data),
+            }
             row["wall_s"] = round(time.time() - start, 1)  # this call's time (all steps when not resumed)
             results[(label, seed)] = row
             save_results(args.results, results)
-            print(f"[variants] {key}: test mIoU {pct(row['test_miou_gated'])} (gated), "
-                  f"stage-1 best val {pct(row['stage1_best_val'])}, {row['wall_s'] / 60:.1f} min", flush=True)
+            print(
+                f"[variants] {key}: test mIoU {pct(row['test_miou_gated'])} (gated), "
+                f"stage-1 best val {pct(row['stage1_best_val'])}, {row['wall_s'] / 60:.1f} min",
+                flush=True,
+            )
     if args.data_only:
         return 0
     labels = [run_name(args, n) for n in args.names]

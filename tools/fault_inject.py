@@ -33,7 +33,6 @@ sys.path.insert(0, str(REPO))
 
 from mlps_dist.core.fileio import atomic_write_json  # noqa: E402
 
-
 # ---------------------------------------------------------------- process trees
 
 
@@ -91,16 +90,22 @@ def crash(pid: int) -> int:
 
 
 def start(config: str, run_dir: Path, overrides: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([str(REPO / "launch" / "pipeline.sh"), config, str(run_dir), *overrides], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(REPO / "launch" / "pipeline.sh"), config, str(run_dir), *overrides],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def run_to_end(config: str, run_dir: Path, overrides: list[str], log) -> int:
     return start(config, run_dir, overrides, log).wait()
 
 
-def faulted_run(config: str, run_dir: Path, overrides: list[str], kills: int, span: float, rng: random.Random,
-                min_gap: float, log) -> list[dict]:
+def faulted_run(
+    config: str, run_dir: Path, overrides: list[str], kills: int, span: float, rng: random.Random, min_gap: float, log
+) -> list[dict]:
     """Kill the pipeline ``kills`` times at random moments; then let it finish."""
     moments = sorted(rng.uniform(0, span) for _ in range(kills))
     record, previous = [], 0.0
@@ -161,8 +166,9 @@ def compare(reference: Path, faulted: Path) -> dict[str, bool]:
             same[name] = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     masks_a = sorted(layout.masks_dir(reference).glob("masks-*.tar"))
     masks_b = sorted(layout.masks_dir(faulted).glob("masks-*.tar"))
-    same["pseudo_masks"] = ([p.name for p in masks_a] == [p.name for p in masks_b]
-                            and all(_sha(a) == _sha(b) for a, b in zip(masks_a, masks_b)))
+    same["pseudo_masks"] = [p.name for p in masks_a] == [p.name for p in masks_b] and all(
+        _sha(a) == _sha(b) for a, b in zip(masks_a, masks_b)
+    )
     for path in sorted(layout.stage_dir(reference, "evaluate").glob("*.json")):
         if path.name.endswith(".stamp.json"):
             continue
@@ -173,8 +179,7 @@ def compare(reference: Path, faulted: Path) -> dict[str, bool]:
             continue
         # The model files' paths and byte digests name the run dir (their meta holds the
         # config); the weights themselves are compared above.
-        same[name] = _without_file_ids(json.loads(path.read_text())) == _without_file_ids(
-            json.loads(other.read_text()))
+        same[name] = _without_file_ids(json.loads(path.read_text())) == _without_file_ids(json.loads(other.read_text()))
     return same
 
 
@@ -195,14 +200,24 @@ def main(argv: list[str] | None = None) -> int:
         if run_to_end(args.config, reference, args.overrides, log) != 0:
             raise SystemExit(f"the reference run failed; see {out / 'reference.log'}")
         span = time.monotonic() - began
-    timing = json.loads((out / "report.json").read_text()).get("reference_s", span) if (out / "report.json").exists() else span
+    timing = (
+        json.loads((out / "report.json").read_text()).get("reference_s", span)
+        if (out / "report.json").exists()
+        else span
+    )
     span = max(span, timing)  # a reference finished earlier took no time now: use its recorded duration
     with open(out / "faulted.log", "a") as log:
-        kills = faulted_run(args.config, faulted, args.overrides, args.kills, span, random.Random(args.seed),
-                            args.min_gap, log)
+        kills = faulted_run(
+            args.config, faulted, args.overrides, args.kills, span, random.Random(args.seed), args.min_gap, log
+        )
     same = compare(reference, faulted)
-    report = {"reference_s": round(span, 1), "kills": kills, "killed": sum(k["killed"] for k in kills),
-              "identical": all(same.values()), "compared": same}
+    report = {
+        "reference_s": round(span, 1),
+        "kills": kills,
+        "killed": sum(k["killed"] for k in kills),
+        "identical": all(same.values()),
+        "compared": same,
+    }
     atomic_write_json(out / "report.json", report, indent=1)
     print(json.dumps(report, indent=1))
     print(f"{report['killed']} kills at random moments, results {'identical' if report['identical'] else 'DIFFERENT'}")

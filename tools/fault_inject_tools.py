@@ -39,8 +39,7 @@ def tree(folder: Path) -> dict[str, str]:
 
 def start(command: list[str], out: Path) -> subprocess.Popen:
     argv = [a.replace("{out}", str(out)) for a in command]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def run_to_end(command: list[str], out: Path, timeout: float) -> tuple[int, str]:
@@ -77,15 +76,19 @@ def inject(command: list[str], out: Path, kills: int, seed: int, timeout: float)
         return {"ok": False, "killed_at_s": killed, "error": f"the rerun exited {status}: {output[-2000:]}"}
     a, b = tree(reference), tree(faulted)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return {"ok": not differ, "reference_s": round(duration, 2), "killed_at_s": killed, "files": len(a),
-            "differ": differ[:20]}
+    return {
+        "ok": not differ,
+        "reference_s": round(duration, 2),
+        "killed_at_s": killed,
+        "files": len(a),
+        "differ": differ[:20],
+    }
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        print("usage: fault_inject_tools.py --out DIR [--kills N] [--seed S] -- COMMAND ... {out} ...",
-              file=sys.stderr)
+        print("usage: fault_inject_tools.py --out DIR [--kills N] [--seed S] -- COMMAND ... {out} ...", file=sys.stderr)
         return 2
     cut = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     args = p.parse_args(argv[:cut])
-    command = argv[cut + 1:]
+    command = argv[cut + 1 :]
     if not command or not any("{out}" in a for a in command) or args.kills < 0:
         print("error: give a command holding {out} after --, and --kills >= 0", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ class Check:
     what: str
     timeout: int  # seconds
     quick: bool  # in the --quick half
-    tests: str = ""  # pytest -k expression over tests/test_gpu.py
+    tests: str = ""  # pytest -k expression over tests/system/test_gpu.py
     quick_tests: str = ""  # the -k expression with --quick (default: tests)
     command: tuple = ()  # or a command; "{py}" is this interpreter
     requires: tuple = ()  # modules: absent -> SKIP
@@ -54,32 +54,113 @@ class Check:
 
 TEST_NEEDS = ("pytest", "numpy", "yaml", "PIL")
 CHECKS = (
-    Check("amp", "bf16/fp16 through the stage-1 task (DDP, DeepSpeed) and the fp32 loss", 180, True,
-          tests="amp_trains or autocast_reaches or deepspeed_bf16", quick_tests="amp_trains or deepspeed_bf16",
-          requires=TEST_NEEDS),
-    Check("nccl-ddp", "NCCL DDP step = single-process gradient (1 GPU; 2 GPUs where present)", 90, True,
-          tests="nccl_ddp_gradient", requires=TEST_NEEDS),
+    Check(
+        "amp",
+        "bf16/fp16 through the stage-1 task (DDP, DeepSpeed) and the fp32 loss",
+        180,
+        True,
+        tests="amp_trains or autocast_reaches or deepspeed_bf16",
+        quick_tests="amp_trains or deepspeed_bf16",
+        requires=TEST_NEEDS,
+    ),
+    Check(
+        "nccl-ddp",
+        "NCCL DDP step = single-process gradient (1 GPU; 2 GPUs where present)",
+        90,
+        True,
+        tests="nccl_ddp_gradient",
+        requires=TEST_NEEDS,
+    ),
     Check("masks", "mask pass on the GPU vs the CPU, TF32 off", 120, True, tests="mask_pass", requires=TEST_NEEDS),
-    Check("train-224", "classifier + segmenter at 224 px (ResNet-38d, DeepLab-v3+ R101), bf16", 200, True,
-          command=("{py}", "tools/bench_train.py", "--stages", "classifier,segmenter", "--sizes", "paper",
-                   "--worlds", "1", "--parallel", "none", "--paper-parallel", "{zero}", "--loaders", "torch",
-                   "--size", "224", "--paper-micro", "8", "--paper-steps", "{steps}", "--warmup", "1",
-                   "--precision", "bf16", "--threads", "4", "--workers", "4", "--timeout", "150"),
-          requires=("numpy", "yaml", "PIL")),
-    Check("dali", "DALI mixed decoding with every augmentation vs the torch loader", 150, True,
-          tests="dali", quick_tests="dali_mixed and (png-train or jpeg-train or png-masks)",
-          requires=(*TEST_NEEDS, "nvidia.dali")),
-    Check("deepspeed", "DeepSpeed ZeRO-1 vs DDP over NCCL (ZeRO-2 on 2 GPUs where present)", 150, False,
-          tests="nccl_ddp_and_deepspeed",
-          requires=(*TEST_NEEDS, "deepspeed")),
-    Check("resume", "killed + resumed on the GPU vs uninterrupted, within tolerance", 150, False,
-          tests="resume_on_gpu", requires=TEST_NEEDS),
-    Check("syncbn", "frozen SyncBatchNorm (1 GPU; ranks equal on 2 GPUs)", 120, False, tests="sync_batchnorm",
-          requires=TEST_NEEDS),
-    Check("speed", "cudnn.benchmark / channels_last step times, 224 px, bf16", 150, False,
-          command=("{py}", "tools/gpu_speed_probe.py"), requires=("numpy", "yaml")),
-    Check("demo", "the demo pipeline on one GPU (3-5 min)", 420, False, tests="demo_pipeline",
-          requires=TEST_NEEDS, default=False),
+    Check(
+        "train-224",
+        "classifier + segmenter at 224 px (ResNet-38d, DeepLab-v3+ R101), bf16",
+        200,
+        True,
+        command=(
+            "{py}",
+            "tools/bench_train.py",
+            "--stages",
+            "classifier,segmenter",
+            "--sizes",
+            "paper",
+            "--worlds",
+            "1",
+            "--parallel",
+            "none",
+            "--paper-parallel",
+            "{zero}",
+            "--loaders",
+            "torch",
+            "--size",
+            "224",
+            "--paper-micro",
+            "8",
+            "--paper-steps",
+            "{steps}",
+            "--warmup",
+            "1",
+            "--precision",
+            "bf16",
+            "--threads",
+            "4",
+            "--workers",
+            "4",
+            "--timeout",
+            "150",
+        ),
+        requires=("numpy", "yaml", "PIL"),
+    ),
+    Check(
+        "dali",
+        "DALI mixed decoding with every augmentation vs the torch loader",
+        150,
+        True,
+        tests="dali",
+        quick_tests="dali_mixed and (png-train or jpeg-train or png-masks)",
+        requires=(*TEST_NEEDS, "nvidia.dali"),
+    ),
+    Check(
+        "deepspeed",
+        "DeepSpeed ZeRO-1 vs DDP over NCCL (ZeRO-2 on 2 GPUs where present)",
+        150,
+        False,
+        tests="nccl_ddp_and_deepspeed",
+        requires=(*TEST_NEEDS, "deepspeed"),
+    ),
+    Check(
+        "resume",
+        "killed + resumed on the GPU vs uninterrupted, within tolerance",
+        150,
+        False,
+        tests="resume_on_gpu",
+        requires=TEST_NEEDS,
+    ),
+    Check(
+        "syncbn",
+        "frozen SyncBatchNorm (1 GPU; ranks equal on 2 GPUs)",
+        120,
+        False,
+        tests="sync_batchnorm",
+        requires=TEST_NEEDS,
+    ),
+    Check(
+        "speed",
+        "cudnn.benchmark / channels_last step times, 224 px, bf16",
+        150,
+        False,
+        command=("{py}", "tools/gpu_speed_probe.py"),
+        requires=("numpy", "yaml"),
+    ),
+    Check(
+        "demo",
+        "the demo pipeline on one GPU (3-5 min)",
+        420,
+        False,
+        tests="demo_pipeline",
+        requires=TEST_NEEDS,
+        default=False,
+    ),
 )
 
 
@@ -144,10 +225,15 @@ def bench_summary(log: Path) -> tuple[str, str]:
     record = json.loads(lines[-1])
     runs = record.get("figures", {}).get("runs", {})
     if record["bench"] == "gpu_speed":
-        text = "; ".join(f"{name}: {', '.join(f'{k} {v} ms' for k, v in steps.items())}" for name, steps in runs.items())
+        text = "; ".join(
+            f"{name}: {', '.join(f'{k} {v} ms' for k, v in steps.items())}" for name, steps in runs.items()
+        )
         return "PASS", text
-    parts = [f"{name}: {r['images_per_s_total']} img/s, step {r['step_s']} s, data wait {r['data_wait']:.1%}, "
-             f"peak {'/'.join(str(m) for m in r['peak_mem_mib_per_rank'])} MiB per rank" for name, r in runs.items()]
+    parts = [
+        f"{name}: {r['images_per_s_total']} img/s, step {r['step_s']} s, data wait {r['data_wait']:.1%}, "
+        f"peak {'/'.join(str(m) for m in r['peak_mem_mib_per_rank'])} MiB per rank"
+        for name, r in runs.items()
+    ]
     failed = record.get("figures", {}).get("failed", {})
     parts += [f"{name} FAILED: {why[:160]}" for name, why in failed.items()]
     return ("FAIL" if failed or not runs else "PASS"), "; ".join(parts)
@@ -163,10 +249,26 @@ def progress(log: Path) -> str:
 def command_of(check: Check, args, env: dict) -> list[str]:
     if check.tests:
         tests = check.quick_tests if args.quick and check.quick_tests else check.tests
-        return [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", tests, "-v", "-p", "no:cacheprovider",
-                "-o", "junit_logging=system-out", "--junitxml", str(args.log_dir / f"{check.name}.xml")]
-    fill = {"{py}": sys.executable, "{zero}": "zero2" if env["packages"].get("deepspeed") and not args.quick else "none",
-            "{steps}": "3" if args.quick else "5"}
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/system/test_gpu.py",
+            "-k",
+            tests,
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_logging=system-out",
+            "--junitxml",
+            str(args.log_dir / f"{check.name}.xml"),
+        ]
+    fill = {
+        "{py}": sys.executable,
+        "{zero}": "zero2" if env["packages"].get("deepspeed") and not args.quick else "none",
+        "{steps}": "3" if args.quick else "5",
+    }
     return [fill.get(part, part) for part in check.command]
 
 
@@ -182,8 +284,14 @@ def run_check(check: Check, args, env: dict, deadline: float) -> Result:
     child_env = {**os.environ, "PYTHONPATH": str(REPO), "MLPS_TEST_GPU": "1"}
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command_of(check, args, env), cwd=REPO, env=child_env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command_of(check, args, env),
+            cwd=REPO,
+            env=child_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(limit)
         except subprocess.TimeoutExpired:
@@ -236,8 +344,10 @@ def main(argv=None) -> int:
             results[check.name] = run_check(check, args, env, deadline)
     print("\ngpu_check summary")
     if not env.get("cuda_devices"):
-        print(f"FAIL  setup      torch sees no CUDA device ({env.get('torch_error') or 'torch ' + str(env.get('torch'))}): "
-              "run this on a GPU node (the CPU suite is bash tools/test.sh)")
+        print(
+            f"FAIL  setup      torch sees no CUDA device ({env.get('torch_error') or 'torch ' + str(env.get('torch'))}): "  # noqa: E501
+            "run this on a GPU node (the CPU suite is bash tools/test.sh)"
+        )
     for name, r in results.items():
         timing = f" ({r.seconds:.1f} s)" if r.seconds else ""
         print(f"{r.word:5} {name:10} {r.detail}{timing}")

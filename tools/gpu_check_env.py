@@ -11,10 +11,20 @@ import subprocess
 import sys
 
 # (module, distribution names to ask for the version); "present" where none is found.
-PACKAGES = (("deepspeed", ("deepspeed",)), ("nvidia.dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")),
-            ("webdataset", ("webdataset",)), ("tensorboard", ("tensorboard",)), ("pytest", ("pytest",)),
-            ("numpy", ("numpy",)), ("yaml", ("pyyaml",)), ("PIL", ("pillow",)), ("scipy", ("scipy",)),
-            ("openslide", ("openslide-python",)), ("shapely", ("shapely",)), ("onnxruntime", ("onnxruntime",)))
+PACKAGES = (
+    ("deepspeed", ("deepspeed",)),
+    ("nvidia.dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")),
+    ("webdataset", ("webdataset",)),
+    ("tensorboard", ("tensorboard",)),
+    ("pytest", ("pytest",)),
+    ("numpy", ("numpy",)),
+    ("yaml", ("pyyaml",)),
+    ("PIL", ("pillow",)),
+    ("scipy", ("scipy",)),
+    ("openslide", ("openslide-python",)),
+    ("shapely", ("shapely",)),
+    ("onnxruntime", ("onnxruntime",)),
+)
 
 PROBE = r"""
 import importlib.util, importlib.metadata as md, json, sys
@@ -57,8 +67,12 @@ print(json.dumps(out))
 def driver() -> str:
     """The NVIDIA driver version (nvidia-smi), or why there is none."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"absent (nvidia-smi: {type(exc).__name__})"
     return out.stdout.split("\n")[0].strip() or f"absent (nvidia-smi exit {out.returncode})"
@@ -66,11 +80,16 @@ def driver() -> str:
 
 def probe(timeout: float = 60) -> dict:
     """What this interpreter's environment holds; {"torch_error": ...} when torch cannot load."""
-    env = {"python": f"{platform.python_version()} ({sys.executable})", "host": socket.gethostname(),
-           "driver": driver(), "packages": {}}
+    env = {
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "host": socket.gethostname(),
+        "driver": driver(),
+        "packages": {},
+    }
     try:
-        done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(PACKAGES)], capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, json.dumps(PACKAGES)], capture_output=True, text=True, timeout=timeout
+        )
         env.update(json.loads(done.stdout.strip().splitlines()[-1]))
     except subprocess.TimeoutExpired:
         env["torch_error"] = f"the environment probe did not finish in {timeout:.0f} s"
@@ -83,17 +102,23 @@ def describe(env: dict) -> list[str]:
     """The first lines of the check's output."""
     absent = "absent"
     gpus = env.get("gpus") or []
-    lines = ["gpu_check: environment",
-             f"  host      {env['host']}",
-             f"  GPU       {'; '.join(f'{i}: {g}' for i, g in enumerate(gpus)) or 'none visible to torch'}",
-             f"  driver    {env['driver']}",
-             f"  python    {env['python']}"]
+    lines = [
+        "gpu_check: environment",
+        f"  host      {env['host']}",
+        f"  GPU       {'; '.join(f'{i}: {g}' for i, g in enumerate(gpus)) or 'none visible to torch'}",
+        f"  driver    {env['driver']}",
+        f"  python    {env['python']}",
+    ]
     if "torch" in env:
-        lines.append(f"  torch     {env['torch']}, CUDA {env.get('cuda') or absent}, cuDNN {env.get('cudnn') or absent}, "
-                     f"NCCL {env.get('nccl') or absent}, {env.get('cuda_devices', 0)} CUDA device(s)")
+        lines.append(
+            f"  torch     {env['torch']}, CUDA {env.get('cuda') or absent}, cuDNN {env.get('cudnn') or absent}, "
+            f"NCCL {env.get('nccl') or absent}, {env.get('cuda_devices', 0)} CUDA device(s)"
+        )
     else:
         lines.append(f"  torch     {absent} ({env.get('torch_error', 'not importable')})")
     packages = env.get("packages", {})
-    lines.append("  packages  " + ", ".join(f"{'DALI' if m == 'nvidia.dali' else m} {packages.get(m) or absent}"
-                                           for m, _ in PACKAGES))
+    lines.append(
+        "  packages  "
+        + ", ".join(f"{'DALI' if m == 'nvidia.dali' else m} {packages.get(m) or absent}" for m, _ in PACKAGES)
+    )
     return lines

@@ -24,14 +24,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlps_dist.train import gpu_options  # noqa: E402
 from mlps_dist.config import GpuConfig  # noqa: E402
 from mlps_dist.models import create_classifier, create_segmenter  # noqa: E402
+from mlps_dist.train import gpu_options  # noqa: E402
 
 MODELS = {"paper": ("resnet38d", "deeplabv3plus_resnet101"), "small": ("small38", "deeplabv3plus_small")}
-VARIANTS = {"none": GpuConfig(), "cudnn_benchmark": GpuConfig(cudnn_benchmark=True),
-            "channels_last": GpuConfig(channels_last=True),
-            "both": GpuConfig(cudnn_benchmark=True, channels_last=True)}
+VARIANTS = {
+    "none": GpuConfig(),
+    "cudnn_benchmark": GpuConfig(cudnn_benchmark=True),
+    "channels_last": GpuConfig(channels_last=True),
+    "both": GpuConfig(cudnn_benchmark=True, channels_last=True),
+}
 
 
 def build(name: str):
@@ -55,8 +58,11 @@ def time_steps(name: str, gpu: GpuConfig, device: torch.device, args) -> float:
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = (torch.randint(0, 4, (args.batch, args.size, args.size), device=device) if name.startswith("deeplab")
-              else (torch.rand(args.batch, 4, device=device) < 0.5).float())
+    labels = (
+        torch.randint(0, 4, (args.batch, args.size, args.size), device=device)
+        if name.startswith("deeplab")
+        else (torch.rand(args.batch, 4, device=device) < 0.5).float()
+    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     times = []
     for step in range(args.warmup + args.steps):
@@ -91,8 +97,11 @@ def main(argv=None) -> int:
     runs = {}
     for name in MODELS[args.models]:
         runs[f"{name} {args.precision} b{args.batch}"] = {
-            variant: time_steps(name, gpu, device, args) for variant, gpu in VARIANTS.items()}
-        print(f"[gpu_speed_probe] {name}: {runs[f'{name} {args.precision} b{args.batch}']}", file=sys.stderr, flush=True)
+            variant: time_steps(name, gpu, device, args) for variant, gpu in VARIANTS.items()
+        }
+        print(
+            f"[gpu_speed_probe] {name}: {runs[f'{name} {args.precision} b{args.batch}']}", file=sys.stderr, flush=True
+        )
     gpu_options.apply(GpuConfig(), device)
     print(json.dumps({"bench": "gpu_speed", "device": str(device), "settings": vars(args), "figures": {"runs": runs}}))
     return 0

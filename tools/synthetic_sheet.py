@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a source checkout
 
-from mlps_dist.synthetic.patches import PALETTE, make_sample  # noqa: E402
-from mlps_dist.synthetic.options import VARIANTS, SyntheticOptionError, variant_options  # noqa: E402
 from mlps_dist.core.fileio import atomic_write_bytes  # noqa: E402
+from mlps_dist.synthetic.options import VARIANTS, SyntheticOptionError, variant_options  # noqa: E402
+from mlps_dist.synthetic.patches import PALETTE, make_sample  # noqa: E402
 
 LABEL_WIDTH = 130
 GAP = 4

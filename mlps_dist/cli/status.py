@@ -15,9 +15,9 @@ Reads only; starts nothing.
 from __future__ import annotations
 
 from mlps_dist.cli.launching import guarded, load
+from mlps_dist.core import layout
 from mlps_dist.core.errors import InputError
 from mlps_dist.run import artifacts
-from mlps_dist.core import layout
 
 HELP = "each stage's state in a run directory: done, ready, resumes, waiting or stale"
 

@@ -12,7 +12,7 @@ import numpy as np
 def palette_for(num_classes: int, info: dict | None) -> list[tuple[int, int, int]]:
     """C + 1 colours: the dataset palette (last = ignore/white) or stable generated ones."""
     if info and len(info.get("palette", [])) >= num_classes:
-        colours = [tuple(int(v) for v in c) for c in info["palette"][:num_classes + 1]]
+        colours = [tuple(int(v) for v in c) for c in info["palette"][: num_classes + 1]]
     else:
         rng = np.random.default_rng(num_classes)
         colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
@@ -22,7 +22,7 @@ def palette_for(num_classes: int, info: dict | None) -> list[tuple[int, int, int
 def colourise(indices: np.ndarray, palette) -> np.ndarray:
     """(H, W) class indices -> (H, W, 3) uint8; indices beyond the palette drawn black."""
     table = np.zeros((256, 3), np.uint8)
-    table[:len(palette)] = np.asarray(palette, np.uint8)
+    table[: len(palette)] = np.asarray(palette, np.uint8)
     return table[np.asarray(indices).astype(np.uint8)]
 
 
@@ -46,4 +46,3 @@ def overlay_row(rgb, masks, palette) -> np.ndarray:
     panels = [rgb.astype(np.uint8)]
     panels += [blend(rgb, _numpy(mask), palette) for mask in masks]
     return np.concatenate(panels, axis=1)
-

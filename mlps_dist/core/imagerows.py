@@ -23,8 +23,8 @@ usable without torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -76,7 +76,7 @@ class BufferedRows:
             raise ValueError(f"row {top} was already released (rows are read top to bottom)")
         self._fill(min(bottom, self.height))
         held = self._raw if raw else self._model
-        return held[top - self._top:bottom - self._top]
+        return held[top - self._top : bottom - self._top]
 
     def close(self) -> None:
         """Nothing to close for rows from memory; the file-backed readers close their file."""
@@ -94,7 +94,7 @@ class ArrayRows(BufferedRows):
 
     def __init__(self, rgb: np.ndarray, transform: Transform | None = None, band: int = 256):
         h, w = rgb.shape[:2]
-        super().__init__(w, h, (rgb[top:top + band] for top in range(0, h, band)), transform)
+        super().__init__(w, h, (rgb[top : top + band] for top in range(0, h, band)), transform)
 
 
 # (bit depth, colour type) -> bytes per pixel of the PNGs read by rows; for these Pillow's
@@ -168,11 +168,15 @@ class PngRows(BufferedRows):
         import struct
         import zlib
 
-
         h = self._header
         ihdr = struct.pack(">IIBBBBB", h["width"], count, h["depth"], h["colour"], 0, 0, 0)
-        return (SIGNATURE + _chunk(b"IHDR", ihdr) + b"".join(_chunk(k, d) for k, d in kept)
-                + _chunk(b"IDAT", zlib.compress(rows, 1)) + _chunk(b"IEND", b""))
+        return (
+            SIGNATURE
+            + _chunk(b"IHDR", ihdr)
+            + b"".join(_chunk(k, d) for k, d in kept)
+            + _chunk(b"IDAT", zlib.compress(rows, 1))
+            + _chunk(b"IEND", b"")
+        )
 
     def _bands(self) -> Iterator[np.ndarray]:
         import io
@@ -189,8 +193,8 @@ class PngRows(BufferedRows):
                 count = min(self._band, h["height"] - state["done"])
                 if len(pending) < stride * count:
                     return
-                rows = bytes(pending[:stride * count])
-                del pending[:stride * count]
+                rows = bytes(pending[: stride * count])
+                del pending[: stride * count]
                 above = state["above"]
                 lead = b"" if above is None else b"\0" + above
                 with Image.open(io.BytesIO(self._band_png(lead + rows, count + bool(lead), kept))) as img:
@@ -217,8 +221,9 @@ class PngRows(BufferedRows):
                     yield from decode_bands()
                     return
         except (OSError, ValueError, zlib.error) as exc:  # corrupt or truncated, found mid-image
-            raise ValueError(f"{self.path}: cannot be read as an image ({exc}); remove it from --input or "
-                             f"re-export it") from exc
+            raise ValueError(
+                f"{self.path}: cannot be read as an image ({exc}); remove it from --input or re-export it"
+            ) from exc
 
     def close(self) -> None:
         self._file.close()
@@ -241,8 +246,10 @@ def open_rows(path: str | Path, transform: Transform | None = None, decode: Call
     if tiff_streamable(path):
         return TiffRows(path, transform)
     if decode is None:
+
         def decode(p):
             with Image.open(p) as img:
                 img.load()
                 return rgb_from_pil(img)
+
     return ArrayRows(decode(path), transform)

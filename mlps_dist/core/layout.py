@@ -133,9 +133,12 @@ def output_files(run: str | Path, stage: str, split: str = "") -> list[Path]:
 def prediction_files(run: str | Path) -> list[Path]:
     """Every file that can change what a finished run predicts: its resolved configs, the
     model files of both networks and the stain reference (existing or not)."""
-    return [config_file(run), evaluated_config_file(run),
-            *(model_file(run, stage, which) for stage in ("segmenter", "classifier") for which in ("best", "model")),
-            stain_file(run)]
+    return [
+        config_file(run),
+        evaluated_config_file(run),
+        *(model_file(run, stage, which) for stage in ("segmenter", "classifier") for which in ("best", "model")),
+        stain_file(run),
+    ]
 
 
 # ---------------------------------------------------------------- the run as a whole

@@ -85,8 +85,10 @@ def _is_record(holder) -> bool:
 
 def describe(holder: dict) -> str:
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return (f"host {holder.get('host')}, pid {holder.get('pid')}{job}, running {holder.get('what')} "
-            f"since {holder.get('since')}")
+    return (
+        f"host {holder.get('host')}, pid {holder.get('pid')}{job}, running {holder.get('what')} "
+        f"since {holder.get('since')}"
+    )
 
 
 class RunLock:
@@ -99,9 +101,15 @@ class RunLock:
 
     def _record(self) -> dict:
         pid = os.getpid()
-        return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
-                "slurm_job": _slurm_job(), "what": self.what, "token": self.token,
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "start": _start_time(pid),
+            "slurm_job": _slurm_job(),
+            "what": self.what,
+            "token": self.token,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     def _read(self) -> dict | None:
         try:
@@ -121,12 +129,16 @@ class RunLock:
         age = time.time() - st.st_mtime
         what = "empty" if st.st_size == 0 else "not a lock record of mlps-dist"
         if st.st_uid != os.getuid():
-            return False, (f"{self.path} is {what} and belongs to another user (uid {st.st_uid}); ask them, or "
-                           f"delete it if no job of theirs is working in {self.path.parent}")
+            return False, (
+                f"{self.path} is {what} and belongs to another user (uid {st.st_uid}); ask them, or "
+                f"delete it if no job of theirs is working in {self.path.parent}"
+            )
         if age > DAMAGED_GRACE_S:
             return True, ""
-        return False, (f"{self.path} is {what} ({age:.0f} s old); if no job is working in {self.path.parent}, "
-                       f"delete it (it is taken over once it is {DAMAGED_GRACE_S:.0f} s old)")
+        return False, (
+            f"{self.path} is {what} ({age:.0f} s old); if no job is working in {self.path.parent}, "
+            f"delete it (it is taken over once it is {DAMAGED_GRACE_S:.0f} s old)"
+        )
 
     def _is_stale(self, holder: dict) -> bool:
         if not _is_record(holder):
@@ -173,7 +185,7 @@ class RunLock:
                 os.link(aside, self.path)
         aside.unlink(missing_ok=True)
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         for _ in range(20):
             if self._try_create():
                 self._start_heartbeat()
@@ -186,7 +198,8 @@ class RunLock:
                     raise RunLockedError(self._damaged()[1] or f"{self.path} could not be judged; delete it")
                 raise RunLockedError(
                     f"run directory {self.path.parent} is in use by another job ({describe(holder)}); wait for it "
-                    f"to end or stop it, or use another run_dir. If that job is gone, delete {self.path}")
+                    f"to end or stop it, or use another run_dir. If that job is gone, delete {self.path}"
+                )
             self._take_over(holder)
             time.sleep(0.05)
         raise RunLockedError(f"could not take {self.path}: other jobs keep taking it; use another run_dir")
@@ -196,6 +209,7 @@ class RunLock:
             while not self._stop.wait(HEARTBEAT_S):
                 with contextlib.suppress(OSError):
                     os.utime(self.path)
+
         self._thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 

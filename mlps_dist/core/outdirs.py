@@ -22,17 +22,23 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_not_overlapping(out: Path, inputs: list[str | Path], out_flag: str = "--out", in_flag: str = "--input") -> None:
+def check_not_overlapping(
+    out: Path, inputs: list[str | Path], out_flag: str = "--out", in_flag: str = "--input"
+) -> None:
     out_r = out.resolve()
     for item in inputs:
         src = Path(item).resolve()
         folder = src if src.is_dir() or not src.exists() else src.parent
         if _inside(out_r, folder) and (src.is_dir() or out_r == folder):
-            raise InputError(f"{out_flag} {out} lies inside the input {in_flag} {item}: the outputs would mix with "
-                             f"(or replace) the inputs; choose a folder outside it")
+            raise InputError(
+                f"{out_flag} {out} lies inside the input {in_flag} {item}: the outputs would mix with "
+                f"(or replace) the inputs; choose a folder outside it"
+            )
         if _inside(src, out_r):
-            raise InputError(f"{out_flag} {out} holds the input {in_flag} {item}: writing there could replace "
-                             f"your files; choose another folder")
+            raise InputError(
+                f"{out_flag} {out} holds the input {in_flag} {item}: writing there could replace "
+                f"your files; choose another folder"
+            )
 
 
 def force_hint(force: bool | None, what: str) -> str:
@@ -40,8 +46,15 @@ def force_hint(force: bool | None, what: str) -> str:
     return "" if force is None else f", or pass --force {what}"
 
 
-def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force: bool | None = None,
-                     owned_if: tuple[str, ...] = (), out_flag: str = "--out", in_flag: str = "--input") -> Path:
+def claim_output_dir(
+    out: str | Path,
+    inputs: list[str | Path],
+    tool: str,
+    force: bool | None = None,
+    owned_if: tuple[str, ...] = (),
+    out_flag: str = "--out",
+    in_flag: str = "--input",
+) -> Path:
     """Check ``out`` (see the module docstring), create it and mark it as ours. ``force``: the
     tool's --force flag; None for a tool without one (its refusals then offer none)."""
     out = Path(out)
@@ -51,8 +64,10 @@ def claim_output_dir(out: str | Path, inputs: list[str | Path], tool: str, force
     if out.is_dir() and not force:
         ours = (out / MARKER).is_file() or any((out / name).exists() for name in owned_if)
         if not ours and any(not p.name.startswith(".lock") for p in out.iterdir()):  # a lock alone: empty
-            raise InputError(f"{out_flag} {out} is not empty and was not written by {tool}; choose an empty or "
-                             f"new folder" + force_hint(force, "to write into it anyway"))
+            raise InputError(
+                f"{out_flag} {out} is not empty and was not written by {tool}; choose an empty or "
+                f"new folder" + force_hint(force, "to write into it anyway")
+            )
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():
         atomic_write_text(out / MARKER, f"{tool}\n")

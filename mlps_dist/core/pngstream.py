@@ -24,6 +24,7 @@ from typing import BinaryIO
 import numpy as np
 
 from mlps_dist.core.png import SIGNATURE
+
 PIL_MAXBLOCK = 65536  # PIL.ImageFile.MAXBLOCK: the encoder's output buffer
 FILTER_CHUNK_BYTES = 1 << 18  # raw bytes filtered at once (bounds the int16 and int64 temporaries)
 
@@ -78,19 +79,22 @@ class PngRowWriter:
         f.write(SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, colour_type, 0, 0, 0)))
         if palette is not None:
             flat = bytes(int(v) for colour in palette for v in colour)
-            f.write(_chunk(b"PLTE", flat + b"\0" * (768 - len(flat))))  # all 256 entries, as png.encode_indices(full_palette=True)
+            f.write(
+                _chunk(b"PLTE", flat + b"\0" * (768 - len(flat)))
+            )  # all 256 entries, as png.encode_indices(full_palette=True)
 
     def write(self, band: np.ndarray) -> None:
         band = np.ascontiguousarray(band, np.uint8)
         rows = band.reshape(band.shape[0], -1)
         if rows.shape[1] != self.width * self.channels:
-            raise ValueError(f"a band of {band.shape} does not fit a {self.width} px wide PNG of "
-                             f"{self.channels} channel(s)")
+            raise ValueError(
+                f"a band of {band.shape} does not fit a {self.width} px wide PNG of {self.channels} channel(s)"
+            )
         if self.rows_written + rows.shape[0] > self.height:
             raise ValueError(f"more than {self.height} rows written to a {self.height} px high PNG")
         step = max(1, FILTER_CHUNK_BYTES // max(rows.shape[1], 1))
         for top in range(0, rows.shape[0], step):
-            part = rows[top:top + step]
+            part = rows[top : top + step]
             if self.channels == 1:  # palette rows: never filtered (Pillow's ZIP_PNG_PALETTE)
                 filtered = np.concatenate([np.zeros((part.shape[0], 1), np.uint8), part], axis=1)
             else:

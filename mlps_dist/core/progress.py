@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, TextIO, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -39,9 +40,18 @@ class Progress:
     (unknown: no share, no ETA). ``initial`` counts items done before (a resumed epoch): they
     are in the count, not in the rate."""
 
-    def __init__(self, what: str, total: int | None, unit: str = "items", *, initial: int = 0,
-                 stream: TextIO | None = None, enabled: bool = True, every_s: float = 30.0,
-                 clock=time.monotonic):
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        unit: str = "items",
+        *,
+        initial: int = 0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        every_s: float = 30.0,
+        clock=time.monotonic,
+    ):
         self.what, self.unit = what, unit
         self.total = None if total is None else int(total)
         self.stream = stream if stream is not None else sys.stderr
@@ -101,7 +111,7 @@ class Progress:
             self.stream.write(self.line() + "\n")
         self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,15 +23,18 @@ import errno
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from mlps_dist.core.errors import EXIT_PREEMPTED, MlpsError, Preempted
 
 EXIT_DEFECT = 1
 EXIT_INTERRUPTED = 130
 # Errors of the storage, not of the program: the user frees space or picks another folder.
-STORAGE_ERRNOS = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space within your quota",
-                  errno.EROFS: "choose a writable folder"}
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space within your quota",
+    errno.EROFS: "choose a writable folder",
+}
 
 
 def storage_error(exc: BaseException) -> str:
@@ -41,8 +44,10 @@ def storage_error(exc: BaseException) -> str:
     if exc is None:
         return ""
     where = f"{exc.filename}: " if exc.filename else ""
-    return (f"{where}{os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}); its temporary files were removed; "
-            f"{STORAGE_ERRNOS[exc.errno]} (or choose another output folder) and rerun the same command")
+    return (
+        f"{where}{os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}); its temporary files were removed; "
+        f"{STORAGE_ERRNOS[exc.errno]} (or choose another output folder) and rerun the same command"
+    )
 
 
 def _rank() -> int:
@@ -113,7 +118,9 @@ def _run(body: Callable[[list[str] | None], int | None], argv: list[str] | None 
 
 def entry(body: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Decorator form: ``@runner.entry`` over ``def main(argv=None)``."""
+
     def main(argv: list[str] | None = None) -> int:
         return run(body, argv)
+
     main.__doc__, main.__name__, main.__wrapped__ = body.__doc__, body.__name__, body
     return main

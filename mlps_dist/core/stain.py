@@ -24,7 +24,8 @@ Methods:
   Cheap; it moves colour statistics, not stains.
 
 Statistics come from tissue pixels only (optical density above ``OD_TISSUE`` in some
-channel: pale eosin absorbs little red or blue). Macenko rebuilds every pixel (glass has stain amounts near 0 and stays white);
+channel: pale eosin absorbs little red or blue). Macenko rebuilds every pixel (glass has stain amounts near 0 and
+stays white);
 Reinhard changes tissue pixels only. So white background stays white for the mask pass's
 white channel and for ignore regions.
 """
@@ -50,7 +51,8 @@ PERCENTILE = 99.0
 # l-alpha-beta (Ruderman et al. 1998) as used by Reinhard: RGB -> LMS -> log10 -> decorrelated.
 _LMS_FROM_RGB = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
 _LAB_FROM_LOGLMS = np.diag([1 / math.sqrt(3), 1 / math.sqrt(6), 1 / math.sqrt(2)]) @ np.array(
-    [[1, 1, 1], [1, 1, -2], [1, -1, 0]], dtype=np.float64)
+    [[1, 1, 1], [1, 1, -2], [1, -1, 0]], dtype=np.float64
+)
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -128,8 +130,10 @@ def fit_reference(method: str, images) -> dict:
         raise ValueError(f"unknown stain method '{method}'; use one of {', '.join(METHODS)}")
     stats = [s for s in (image_statistics(method, rgb) for rgb in images) if s is not None]
     if not stats:
-        raise ValueError("no training image has enough tissue (and, for macenko, two distinct stains) "
-                         "to fit a stain reference; set data.stain.method to none")
+        raise ValueError(
+            "no training image has enough tissue (and, for macenko, two distinct stains) "
+            "to fit a stain reference; set data.stain.method to none"
+        )
     ref = {"method": method, "images": len(stats), "max_scale": MAX_SCALE}  # the run keeps its own limit
     for key in stats[0]:
         value = np.median(np.stack([s[key] for s in stats]), axis=0)

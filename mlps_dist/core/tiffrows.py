@@ -15,8 +15,8 @@ deploy install) no TIFF is streamed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -33,9 +33,16 @@ def _streamable_page(page) -> bool:
     samples = page.samplesperpixel
     alpha_ok = samples in (1, 3) or tuple(page.extrasamples) == (_UNASSOCIATED_ALPHA,)
     colour_ok = (page.photometric == _MINISBLACK and samples in (1, 2)) or (
-        page.photometric in (_RGB, _YCBCR) and samples in (3, 4))
-    return (page.bitspersample == 8 and page.sampleformat == 1 and page.imagedepth == 1
-            and (samples == 1 or page.planarconfig == 1) and alpha_ok and colour_ok)
+        page.photometric in (_RGB, _YCBCR) and samples in (3, 4)
+    )
+    return (
+        page.bitspersample == 8
+        and page.sampleformat == 1
+        and page.imagedepth == 1
+        and (samples == 1 or page.planarconfig == 1)
+        and alpha_ok
+        and colour_ok
+    )
 
 
 def tiff_streamable(path: str | Path) -> bool:
@@ -90,7 +97,7 @@ class TiffRows(BufferedRows):
                     band = np.zeros((min(tile_h, height - top), width, samples), np.uint8)  # empty tiles stay 0
                 if segment is not None:
                     cols = min(tile_w, width - left)
-                    band[:, left:left + cols] = segment[0, :len(band), :cols]
+                    band[:, left : left + cols] = segment[0, : len(band), :cols]
                 filled += 1
                 if filled == across:
                     yield self._rgb(band)

@@ -25,8 +25,8 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mlps_dist.core.errors import InputError, MlpsError
 from mlps_dist.core.fileio import atomic_write_json
@@ -52,8 +52,15 @@ def marker_tool(out: Path) -> str:
 
 
 @contextlib.contextmanager
-def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None, force: bool | None = None,
-                owned_if: tuple[str, ...] = (), in_flag: str = "--input") -> Iterator[Path]:
+def tool_output(
+    out: str | Path,
+    inputs: list[str | Path],
+    tool: str,
+    group=None,
+    force: bool | None = None,
+    owned_if: tuple[str, ...] = (),
+    in_flag: str = "--input",
+) -> Iterator[Path]:
     """Check, claim and lock ``out`` for the body (see the module docstring)."""
     from mlps_dist.core.lock import RunLock, RunLockedError
 
@@ -65,14 +72,17 @@ def tool_output(out: str | Path, inputs: list[str | Path], tool: str, group=None
         try:
             other = marker_tool(out) if out.is_dir() else ""
             if other and other != tool and not force:
-                raise InputError(f"--out {out} holds the output of {other}; {tool} would mix its files with (or "
-                                 f"replace) those: choose another folder" + force_hint(force, "to write there anyway"))
+                raise InputError(
+                    f"--out {out} holds the output of {other}; {tool} would mix its files with (or "
+                    f"replace) those: choose another folder" + force_hint(force, "to write there anyway")
+                )
             claim_output_dir(out, inputs, tool=tool, force=force, owned_if=owned_if, in_flag=in_flag)
             lock = RunLock(out, tool).acquire()
             remove_stale_temporaries(out)
         except RunLockedError as exc:
-            error = str(exc).replace("run directory", "output folder").replace("use another run_dir",
-                                                                               "use another --out")
+            error = (
+                str(exc).replace("run directory", "output folder").replace("use another run_dir", "use another --out")
+            )
         except MlpsError as exc:
             error = str(exc)
     error = group.all_gather_object(error)[0]
@@ -125,8 +135,10 @@ class Ledger:
         except FileNotFoundError:
             return set()
         except (OSError, ValueError):
-            raise InputError(f"{self.path} is damaged; it lists the files this tool wrote into {self.out}: "
-                             f"delete the folder's outputs by hand, or choose a new --out")
+            raise InputError(
+                f"{self.path} is damaged; it lists the files this tool wrote into {self.out}: "
+                f"delete the folder's outputs by hand, or choose a new --out"
+            ) from None
         return {str(n) for n in record.get("files", [])} if isinstance(record, dict) else set()
 
     def add(self, names) -> None:

@@ -113,8 +113,8 @@ def blur(rgb_float: np.ndarray, p: AugParams) -> np.ndarray:
         return rgb_float
     k, h = blur_kernel(p), p.blur_half
     padded = np.pad(rgb_float, ((h, h), (h, h), (0, 0)), mode="reflect")
-    rows = sum(k[i] * padded[i:i + rgb_float.shape[0]] for i in range(2 * h + 1))
-    return sum(k[i] * rows[:, i:i + rgb_float.shape[1]] for i in range(2 * h + 1)).astype(np.float32)
+    rows = sum(k[i] * padded[i : i + rgb_float.shape[0]] for i in range(2 * h + 1))
+    return sum(k[i] * rows[:, i : i + rgb_float.shape[1]] for i in range(2 * h + 1)).astype(np.float32)
 
 
 def hed_affine(p: AugParams) -> tuple[np.ndarray, np.ndarray]:

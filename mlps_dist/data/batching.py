@@ -94,7 +94,8 @@ def plan_batches(train_cfg: TrainConfig, world: int, section: str = "train") -> 
     if batch < world:
         raise ConfigError(
             f"'{section}.batch_size' = {batch} is smaller than the {world} ranks: every rank needs at least one "
-            f"sample per step; raise {section}.batch_size to {world} or more, or use fewer ranks")
+            f"sample per step; raise {section}.batch_size to {world} or more, or use fewer ranks"
+        )
     largest = math.ceil(batch / world)
     micro = min(micro, largest) if micro else largest
     accumulation = math.ceil(batch / (micro * world))
@@ -102,7 +103,8 @@ def plan_batches(train_cfg: TrainConfig, world: int, section: str = "train") -> 
         fits = next(m for m in range(micro, largest + 1) if world * math.ceil(batch / (m * world)) <= batch)
         raise ConfigError(
             f"'{section}.micro_batch_size' = {micro} on {world} ranks needs {accumulation} micro steps, more than "
-            f"the global batch of {batch} can fill on every rank; set {section}.micro_batch_size to {fits} or more")
+            f"the global batch of {batch} can fill on every rank; set {section}.micro_batch_size to {fits} or more"
+        )
     plan = BatchPlan(batch, micro, accumulation, world)
     return BatchPlan(batch, max(plan.sizes(0)), accumulation, world)
 

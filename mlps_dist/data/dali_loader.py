@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlps_dist.data.batching import BatchPlan
 from mlps_dist.config import Config
 from mlps_dist.data.augment import LOG_FLOOR, photometric_ops
+from mlps_dist.data.batching import BatchPlan
 from mlps_dist.data.dali_pool import POOL
 from mlps_dist.data.dali_source import BatchSource, FixedSchedule, TrainSchedule
 from mlps_dist.data.shards import SplitReader
@@ -46,8 +46,9 @@ def source_workers(cfg: Config, device: torch.device, eval_mode: bool = False) -
     return (2 if device.type == "cuda" and not eval_mode else 0) if workers < 0 else workers
 
 
-def _build_pipeline(cfg: Config, source: BatchSource, batch_size: int, device: torch.device, with_rgb: bool,
-                    resize: int):
+def _build_pipeline(
+    cfg: Config, source: BatchSource, batch_size: int, device: torch.device, with_rgb: bool, resize: int
+):
     global _built
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
@@ -71,8 +72,9 @@ def _build_pipeline(cfg: Config, source: BatchSource, batch_size: int, device: t
     @pipeline_def(enable_conditionals=True)
     def pipeline():
         png, transpose, hflip, vflip, gain, offset, *rest = fn.external_source(
-            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True, **parallel)
-        extra, masks = rest[:source.num_extra], rest[source.num_extra:]
+            source=source, num_outputs=source.num_outputs, batch=True, batch_info=True, **parallel
+        )
+        extra, masks = rest[: source.num_extra], rest[source.num_extra :]
         decode_device = "mixed" if on_gpu else "cpu"
         img = fn.decoders.image(png, device=decode_device, output_type=types.RGB)
         if resize:
@@ -101,8 +103,14 @@ def _build_pipeline(cfg: Config, source: BatchSource, batch_size: int, device: t
 
     device_id = device.index if on_gpu else None
     pool = {"py_num_workers": workers, "py_start_method": "spawn" if on_gpu else "fork"} if workers else {}
-    pipe = pipeline(batch_size=max(batch_size, 1), num_threads=max(cfg.data.num_workers, 1), device_id=device_id,
-                    prefetch_queue_depth=2, exec_dynamic=True, **pool)  # decode the next batch during this step
+    pipe = pipeline(
+        batch_size=max(batch_size, 1),
+        num_threads=max(cfg.data.num_workers, 1),
+        device_id=device_id,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,
+        **pool,
+    )  # decode the next batch during this step
     pipe.build()
     _built += 1
     return pipe
@@ -163,9 +171,20 @@ class DaliLoader:
         object can take their ids while the pipeline is kept."""
         data = self.cfg.data
         masks_owner = getattr(self.masks_of, "__self__", self.masks_of)
-        return (self.schedule.identity(), id(self.reader), id(masks_owner), self.num_masks, str(self.device),
-                self.eval_mode, self.resize, self.ops, tuple(data.mean), tuple(data.std), data.num_workers,
-                source_workers(self.cfg, self.device, eval_mode=self.eval_mode))
+        return (
+            self.schedule.identity(),
+            id(self.reader),
+            id(masks_owner),
+            self.num_masks,
+            str(self.device),
+            self.eval_mode,
+            self.resize,
+            self.ops,
+            tuple(data.mean),
+            tuple(data.std),
+            data.num_workers,
+            source_workers(self.cfg, self.device, eval_mode=self.eval_mode),
+        )
 
     def _pipeline(self):
         """(pipeline, schedule, k): the pool's where gpu.dali_pipeline_per_run has one for this
@@ -174,8 +193,9 @@ class DaliLoader:
             entry = POOL.take(self.pool_key(), self.schedule)
             if entry is not None:
                 return entry
-        pipe = _build_pipeline(self.cfg, self.source(), self.schedule.max_batch(), self.device, self.eval_mode,
-                               self.resize)
+        pipe = _build_pipeline(
+            self.cfg, self.source(), self.schedule.max_batch(), self.device, self.eval_mode, self.resize
+        )
         return pipe, self.schedule, 0
 
     def __iter__(self):
@@ -188,15 +208,21 @@ class DaliLoader:
                 try:
                     outs = [_to_torch(o, self.device) for o in pipe.run()]
                 except RuntimeError as exc:  # DALI's decoder names no sample: find it (prefetched batches too)
-                    raise undecodable_sample(self.reader, self.batches[step:step + 3], self.eval_mode) or exc from None
+                    raise (
+                        undecodable_sample(self.reader, self.batches[step : step + 3], self.eval_mode) or exc
+                    ) from None
                 if step == last and self.per_run and _epoch_ended(pipe):
                     # Handed back before the last batch is yielded: the next epoch's loader
                     # may ask for it as soon as the training loop has this batch.
                     POOL.give_back(self.pool_key(), pipe, schedule, k + 1)
                 index = torch.tensor(batch, dtype=torch.int64)
                 labels = torch.from_numpy(np.stack([self.reader.labels(i) for i in batch]))
-                out = {"image": outs.pop(0), "labels": self._to_device(labels), "index": self._to_device(index),
-                       "key": [self.reader.key(i) for i in batch]}
+                out = {
+                    "image": outs.pop(0),
+                    "labels": self._to_device(labels),
+                    "index": self._to_device(index),
+                    "key": [self.reader.key(i) for i in batch],
+                }
                 if self.eval_mode:
                     out["rgb"] = outs.pop(0)
                 masks = [o[..., 0] for o in outs]  # uint8 class indices
@@ -220,15 +246,29 @@ def undecodable_sample(reader: SplitReader, batches, eval_mode: bool):
             decode_sample(reader.read(index))
         except DECODE_ERRORS as exc:
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-            fix = (f"{reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail}); rerun "
-                   f"mlps shards on its source (fix or remove the file)")
-            return SampleError(f"{fix}, or set evaluate.skip_bad=true with data.loader=torch to leave it out of "
-                               f"the metrics" if eval_mode else f"{fix}; training does not skip samples")
+            fix = (
+                f"{reader.location(index)} cannot be decoded ({type(exc).__name__}: {detail}); rerun "
+                f"mlps shards on its source (fix or remove the file)"
+            )
+            return SampleError(
+                f"{fix}, or set evaluate.skip_bad=true with data.loader=torch to leave it out of the metrics"
+                if eval_mode
+                else f"{fix}; training does not skip samples"
+            )
     return None
 
 
-def create_dali_train_loader(cfg: Config, reader: SplitReader, plan: BatchPlan, rank: int, epoch: int,
-                             start_micro: int, device, pseudo_masks=None, augment=None):
+def create_dali_train_loader(
+    cfg: Config,
+    reader: SplitReader,
+    plan: BatchPlan,
+    rank: int,
+    epoch: int,
+    start_micro: int,
+    device,
+    pseudo_masks=None,
+    augment=None,
+):
     augment = augment if augment is not None else cfg.classifier.augment
     schedule = TrainSchedule(len(reader), cfg.seed, plan, rank, augment, epoch, start_micro)
     num_masks = len(pseudo_masks.layers) if pseudo_masks is not None else 0

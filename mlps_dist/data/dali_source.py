@@ -20,17 +20,25 @@ from dataclasses import astuple
 
 import numpy as np
 
-from mlps_dist.data.batching import BatchPlan, rank_micro_batches
 from mlps_dist.config import AugmentConfig
 from mlps_dist.data.augment import IDENTITY, photometric_inputs, sample_params
+from mlps_dist.data.batching import BatchPlan, rank_micro_batches
 from mlps_dist.data.sampling import permutation
 
 
 class TrainSchedule:
     """A rank's training micro batches, from (``first_epoch``, micro step ``first_micro``) on."""
 
-    def __init__(self, n: int, seed: int, plan: BatchPlan, rank: int, augment: AugmentConfig, first_epoch: int,
-                 first_micro: int = 0):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        plan: BatchPlan,
+        rank: int,
+        augment: AugmentConfig,
+        first_epoch: int,
+        first_micro: int = 0,
+    ):
         self.n, self.seed, self.plan, self.rank, self.augment = n, seed, plan, rank, augment
         self.first_epoch, self.first_micro = first_epoch, first_micro
 
@@ -51,7 +59,7 @@ class TrainSchedule:
         """What the pipeline's source depends on, apart from where it starts."""
         return "train", self.n, self.seed, self.plan, self.rank, astuple(self.augment)
 
-    def continues_with(self, k: int, other: "TrainSchedule") -> bool:
+    def continues_with(self, k: int, other: TrainSchedule) -> bool:
         """Whether this schedule's epoch ``k`` is the first epoch of ``other`` (same identity)."""
         return self.epoch(k) == other.first_epoch and other.first_micro == (self.first_micro if k == 0 else 0)
 
@@ -74,7 +82,7 @@ class FixedSchedule:
     def identity(self) -> tuple:
         return "fixed", tuple(tuple(b) for b in self.fixed)
 
-    def continues_with(self, k: int, other: "FixedSchedule") -> bool:
+    def continues_with(self, k: int, other: FixedSchedule) -> bool:
         return True
 
 
@@ -114,10 +122,18 @@ class BatchSource:
             sample = self.reader.read(index)
             p = self.schedule.params(k, index)
             pngs = list(self.masks_of(index)) if self.masks_of else ([sample["mask.png"]] if self.with_mask else [])
-            values = [_as_bytes(sample["image"]), np.array(p.transpose), np.array(int(p.hflip), np.int32),
-                      np.array(int(p.vflip), np.int32), np.asarray(p.gain, np.float32),
-                      np.array(p.offset * 255.0, np.float32)] + photometric_inputs(p, self.ops) + [
-                      _as_bytes(png) for png in pngs]
+            values = (
+                [
+                    _as_bytes(sample["image"]),
+                    np.array(p.transpose),
+                    np.array(int(p.hflip), np.int32),
+                    np.array(int(p.vflip), np.int32),
+                    np.asarray(p.gain, np.float32),
+                    np.array(p.offset * 255.0, np.float32),
+                ]
+                + photometric_inputs(p, self.ops)
+                + [_as_bytes(png) for png in pngs]
+            )
             for col, value in zip(cols, values):
                 col.append(value)
         return tuple(cols)

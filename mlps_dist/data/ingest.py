@@ -25,14 +25,22 @@ import numpy as np
 from PIL import Image
 
 from mlps_dist.core import png
-from mlps_dist.core.progress import Progress
-from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
-                                     split_image_format)
-from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
-from mlps_dist.data.shards import (FORMAT_VERSION, ShardError, ShardWriter, encode_labels, read_index,
-                                   sample_key, shard_stem, shard_tmp_files, write_info)
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_json, sha256_file
+from mlps_dist.core.progress import Progress
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member, split_image_format
+from mlps_dist.data.layouts import Layout, SourceItem, scan_layout
+from mlps_dist.data.shards import (
+    FORMAT_VERSION,
+    ShardError,
+    ShardWriter,
+    encode_labels,
+    read_index,
+    sample_key,
+    shard_stem,
+    shard_tmp_files,
+    write_info,
+)
 
 CONVERTIBLE_MODES = ("RGBA", "LA", "L", "P")
 
@@ -94,8 +102,9 @@ def mask_indices(path: Path, layout: Layout) -> np.ndarray:
         raise BadInput(path, f"mask mode {img.mode}: expected a palettised or greyscale PNG of class indices")
     if arr.max(initial=0) > layout.ignore_index:
         bad = sorted(set(np.unique(arr).tolist()) - set(range(layout.ignore_index + 1)))
-        raise BadInput(path, f"mask values {bad} outside 0..{layout.ignore_index} "
-                             f"({layout.ignore_index} = ignore/white)")
+        raise BadInput(
+            path, f"mask values {bad} outside 0..{layout.ignore_index} ({layout.ignore_index} = ignore/white)"
+        )
     return arr
 
 
@@ -106,8 +115,10 @@ def check_item(item: SourceItem, layout: Layout) -> Checked:
     if item.mask is not None:
         mask = mask_indices(item.mask, layout)
         if mask.shape != size:
-            raise BadInput(item.mask, f"mask size {mask.shape[1]}x{mask.shape[0]} != image size "
-                                      f"{size[1]}x{size[0]} ({item.image.name})")
+            raise BadInput(
+                item.mask,
+                f"mask size {mask.shape[1]}x{mask.shape[0]} != image size {size[1]}x{size[0]} ({item.image.name})",
+            )
         present = set(np.unique(mask).tolist())
         labels = [int(c in present) for c in range(layout.num_classes)]
     return Checked(item, labels, size, converted)
@@ -121,8 +132,7 @@ def _check_or_report(args):
         return exc
 
 
-def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 1,
-               show_progress: bool = False) -> Plan:
+def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 1, show_progress: bool = False) -> Plan:
     """Scan and decode every source file; problems are collected in ``plan.bad``.
     ``show_progress``: files checked / total on stderr (mlps_dist/core/progress.py)."""
     if shard_size < 1:
@@ -151,8 +161,9 @@ def build_plan(layout: Layout, src: str | Path, shard_size: int, workers: int = 
 # ---------------------------------------------------------------- writing
 
 
-def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
-                   quality: int = DEFAULT_JPEG_QUALITY) -> dict[str, bytes]:
+def sample_members(
+    checked: Checked, plan: Plan, image_format: str = "png", quality: int = DEFAULT_JPEG_QUALITY
+) -> dict[str, bytes]:
     item = checked.item
     if image_format == "png":
         raw = item.image.read_bytes()
@@ -164,8 +175,11 @@ def sample_members(checked: Checked, plan: Plan, image_format: str = "png",
     meta = {"source": str(item.image.relative_to(plan.src)), "dataset": plan.layout.name, **item.meta}
     if checked.converted_from:
         meta["converted_from"] = checked.converted_from
-    members = {image_member(image_format): raw, "labels": encode_labels(checked.labels),
-               "json": json.dumps(meta).encode()}
+    members = {
+        image_member(image_format): raw,
+        "labels": encode_labels(checked.labels),
+        "json": json.dumps(meta).encode(),
+    }
     if item.mask is not None:
         members["mask.png"] = png.encode_indices(mask_indices(item.mask, plan.layout))
     return members
@@ -184,8 +198,14 @@ def _file_stamp(path: Path | None) -> list | None:
 
 
 def source_record(chunk: list[Checked], src: Path) -> list[dict]:
-    return [{"image": str(c.item.image.relative_to(src)), "image_stamp": _file_stamp(c.item.image),
-             "mask_stamp": _file_stamp(c.item.mask)} for c in chunk]
+    return [
+        {
+            "image": str(c.item.image.relative_to(src)),
+            "image_stamp": _file_stamp(c.item.image),
+            "mask_stamp": _file_stamp(c.item.mask),
+        }
+        for c in chunk
+    ]
 
 
 def _same_sources(recorded, chunk: list[Checked], src: Path) -> bool:
@@ -203,8 +223,9 @@ def _same_sources(recorded, chunk: list[Checked], src: Path) -> bool:
     return True
 
 
-def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path,
-                       member: str = "png") -> bool:
+def _shard_is_complete(
+    root: Path, split: str, number: int, chunk: list[Checked], first: int, src: Path, member: str = "png"
+) -> bool:
     """True when the shard on disk holds exactly the planned samples, made from source files
     with the same bytes (from a previous run); a corrected image or mask redoes the shard."""
     stem = shard_stem(split, number)
@@ -224,9 +245,12 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
         return False
     tar_size = tar.stat().st_size
     with open(tar, "rb") as f:
-        for (key, members), checked in zip(entries, chunk):
-            if any(off + size > tar_size for off, size in members.values()) or "json" not in members \
-                    or member not in members:  # written with another --image-format
+        for (_key, members), checked in zip(entries, chunk):
+            if (
+                any(off + size > tar_size for off, size in members.values())
+                or "json" not in members
+                or member not in members
+            ):  # written with another --image-format
                 return False
             f.seek(members["json"][0])
             meta = json.loads(f.read(members["json"][1]))
@@ -235,9 +259,15 @@ def _shard_is_complete(root: Path, split: str, number: int, chunk: list[Checked]
     return True
 
 
-def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png",
-               image_quality: int = DEFAULT_JPEG_QUALITY, extra: dict | None = None,
-               show_progress: bool = False) -> dict:
+def write_plan(
+    plan: Plan,
+    out: str | Path,
+    log=print,
+    image_format: str = "png",
+    image_quality: int = DEFAULT_JPEG_QUALITY,
+    extra: dict | None = None,
+    show_progress: bool = False,
+) -> dict:
     """Shards of every split and info.json; ``image_format`` (encoding.py) applies to the
     training split; ``extra`` keys (e.g. ``mpp``) are added to info.json; ``show_progress``:
     samples written (or reused) / total on stderr."""
@@ -247,9 +277,16 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
     (out / "info.json").unlink(missing_ok=True)  # the folder is incomplete until the end
     for stale in shard_tmp_files(out):  # a killed writer's temporary shards; no other .tmp file
         stale.unlink(missing_ok=True)
-    info = {"format": FORMAT_VERSION, "layout": plan.layout.name, "classes": list(plan.layout.classes),
-            "ignore_index": plan.layout.ignore_index, "palette": [list(c) for c in plan.layout.palette],
-            "source": str(plan.src.resolve()), **(extra or {}), "splits": {}}
+    info = {
+        "format": FORMAT_VERSION,
+        "layout": plan.layout.name,
+        "classes": list(plan.layout.classes),
+        "ignore_index": plan.layout.ignore_index,
+        "palette": [list(c) for c in plan.layout.palette],
+        "source": str(plan.src.resolve()),
+        **(extra or {}),
+        "splits": {},
+    }
     progress = Progress("write", sum(map(len, plan.splits.values())), "samples", enabled=show_progress)
     for split, samples in plan.splits.items():
         shards, reused = [], 0
@@ -274,18 +311,21 @@ def write_plan(plan: Plan, out: str | Path, log=print, image_format: str = "png"
             atomic_write_json(sources_file(out, stem), source_record(chunk, plan.src), indent=None)
             progress.update(len(chunk))
         planned = {s["tar"] for s in shards} | {s["idx"] for s in shards}
-        for old in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + \
-                list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].idx")):
+        for old in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + list(
+            out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].idx")
+        ):
             if old.name not in planned:  # left over from an earlier, larger conversion
                 old.unlink()
                 sources_file(out, old.name.rsplit(".", 1)[0]).unlink(missing_ok=True)
         sizes = {c.size for c in samples}
         info["splits"][split] = {
-            "count": len(samples), "has_masks": split != "train",
+            "count": len(samples),
+            "has_masks": split != "train",
             "image_size": list(sizes.pop()) if len(sizes) == 1 else None,
             **format_info(fmt, image_quality),
             "class_counts": [int(sum(c.labels[k] for c in samples)) for k in range(plan.layout.num_classes)],
-            "shards": shards}
+            "shards": shards,
+        }
         if reused:
             log(f"{split}: reused {reused} complete shard(s) from an earlier run")
     progress.close()
@@ -297,8 +337,10 @@ def summary_lines(info: dict) -> list[str]:
     lines = []
     for split, s in info["splits"].items():
         freq = ", ".join(f"{c}={n}" for c, n in zip(info["classes"], s["class_counts"]))
-        lines.append(f"{split}: {s['count']} samples in {len(s['shards'])} shard(s); "
-                     f"image size {s['image_size']} ({s.get('image_format', 'png')}); samples per class: {freq}")
+        lines.append(
+            f"{split}: {s['count']} samples in {len(s['shards'])} shard(s); "
+            f"image size {s['image_size']} ({s.get('image_format', 'png')}); samples per class: {freq}"
+        )
     return lines
 
 

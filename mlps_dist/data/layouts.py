@@ -20,9 +20,10 @@ Validation/test labels are the classes present in the mask (computed at conversi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
 from mlps_dist.core.errors import MlpsError
 
 

@@ -16,9 +16,20 @@ from mlps_dist.data.shards import SplitReader
 __all__ = ["create_train_loader", "create_eval_loader", "create_masks_loader", "split_batches", "steps_per_epoch"]
 
 
-def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0, epoch: int, start_step: int = 0,
-                        rank: int, world: int, device, pseudo_masks=None, plan: BatchPlan | None = None,
-                        augment=None):
+def create_train_loader(
+    cfg: Config,
+    reader: SplitReader,
+    *,
+    batch_size: int = 0,
+    epoch: int,
+    start_step: int = 0,
+    rank: int,
+    world: int,
+    device,
+    pseudo_masks=None,
+    plan: BatchPlan | None = None,
+    augment=None,
+):
     """Training batches of this rank for ``epoch`` from (micro) step ``start_step`` on;
     ``len()`` = the remaining micro steps, equal on every rank. ``plan`` (batching.py) gives
     the micro batches of a global batch split over ranks and accumulation, uneven where it
@@ -32,14 +43,19 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
         raise ConfigError(
             f"the global batch of {plan.global_batch} samples ('classifier.batch_size' or 'segmenter.batch_size') "
             f"is more than the {len(reader)} training samples in 'data.root' ({cfg.data.root}); lower the "
-            f"batch_size or point data.root at a larger dataset")
+            f"batch_size or point data.root at a larger dataset"
+        )
     if reader.split_info.get("image_size") is None and not cfg.data.image_size:
-        raise ConfigError(f"the '{reader.split}' patches in data.root ({cfg.data.root}) differ in size; set "
-                          f"'data.image_size' (e.g. data.image_size=224) so that they can be batched")
+        raise ConfigError(
+            f"the '{reader.split}' patches in data.root ({cfg.data.root}) differ in size; set "
+            f"'data.image_size' (e.g. data.image_size=224) so that they can be batched"
+        )
     missing = pseudo_masks.missing(len(reader)) if pseudo_masks is not None else []
     if missing:
-        raise ValueError(f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
-                         f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.stages.generate_masks) first")
+        raise ValueError(
+            f"pseudo masks cover {len(reader) - len(missing)} of {len(reader)} training samples "
+            f"(first missing: {missing[:5]}); finish stage 2 (mlps_dist.stages.generate_masks) first"
+        )
     if cfg.data.loader == "dali":
         from mlps_dist.data.dali_loader import create_dali_train_loader
 
@@ -47,20 +63,24 @@ def create_train_loader(cfg: Config, reader: SplitReader, *, batch_size: int = 0
         loader = create_dali_train_loader(cfg, reader, plan, rank, epoch, start_step, device, pseudo_masks, augment)
     else:
         batches = rank_micro_batches(permutation(len(reader), cfg.seed, epoch), plan, rank, start_step)
+        from mlps_dist.data.sample_errors import NamedSampleErrors
         from mlps_dist.data.torch_loader import TrainDataset, create_torch_loader
 
-        from mlps_dist.data.sample_errors import NamedSampleErrors
-
-        loader = create_torch_loader(NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader),
-                                     batches, cfg.data.num_workers, device)
+        loader = create_torch_loader(
+            NamedSampleErrors(TrainDataset(cfg, reader, epoch, pseudo_masks, augment), reader),
+            batches,
+            cfg.data.num_workers,
+            device,
+        )
     # Hand-over off the step's critical path, except where loading is meant to stay in the
     # rank's own loop (the torch loader without workers).
     background = cfg.data.loader == "dali" or cfg.data.num_workers > 0
     return BackgroundLoader(loader, background=background, device=device)
 
 
-def create_eval_loader(cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device,
-                       skip_bad: bool = False):
+def create_eval_loader(
+    cfg: Config, reader: SplitReader, *, batch_size: int, rank: int, world: int, device, skip_bad: bool = False
+):
     """Every sample of the split exactly once across ranks (and workers); a rank with no
     share yields zero batches. ``skip_bad`` (torch loader): a sample that cannot be decoded
     is named in a warning and blanked (``batch["bad"]``, torch_loader.EvalDataset)."""

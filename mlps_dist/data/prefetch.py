@@ -34,7 +34,7 @@ _BATCH, _END, _ERROR = "batch", "end", "error"
 # active exception"). So at exit every thread is told to stop and joined first: it finishes
 # its batch and closes its loader. atexit runs handlers last-registered first, and DALI
 # registers its own on import, so ours is registered again whenever a thread starts.
-_LIVE: dict[threading.Thread, "_Channel"] = {}
+_LIVE: dict[threading.Thread, _Channel] = {}
 _LIVE_LOCK = threading.Lock()
 
 
@@ -109,8 +109,9 @@ class _Prefetcher:
     def __init__(self, first, batches, depth: int, device):
         self._first, self._done = first, False
         self._channel = _Channel(depth)
-        self._thread = threading.Thread(target=_pump, args=(self._channel, batches, device), daemon=True,
-                                        name="mlps-prefetch")
+        self._thread = threading.Thread(
+            target=_pump, args=(self._channel, batches, device), daemon=True, name="mlps-prefetch"
+        )
         with _LIVE_LOCK:
             _LIVE[self._thread] = self._channel
         atexit.unregister(_stop_all)

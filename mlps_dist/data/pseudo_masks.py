@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist.core import png
-from mlps_dist.data.shards import ShardWriter, TarFiles, check_index_fits, read_index, shard_stem
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_text
 from mlps_dist.core.records import flatten
+from mlps_dist.data.shards import ShardWriter, TarFiles, check_index_fits, read_index, shard_stem
 
 MANIFEST = "manifest.json"
 CHUNK_PREFIX = "masks"  # chunk N is written as the shard N of a split named "masks" (ShardWriter)
@@ -64,8 +64,13 @@ def write_json(path: str | Path, data: dict) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def write_chunk(folder: str | Path, chunk: int, samples: list[tuple[str, list[bytes]]],
-                layers: list[str], skipped: dict[str, str] | None = None) -> Path:
+def write_chunk(
+    folder: str | Path,
+    chunk: int,
+    samples: list[tuple[str, list[bytes]]],
+    layers: list[str],
+    skipped: dict[str, str] | None = None,
+) -> Path:
     """Commit one chunk: ``samples`` = [(key, [png per layer])] in index order; its
     ``skipped.json`` is written before the tar is committed."""
     folder = Path(folder)
@@ -112,11 +117,19 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 
 def new_manifest(split: str, settings: dict) -> dict:
-    return {"format": FORMAT_VERSION, "split": split, "layers": settings["layers"],
-            "chunk_size": settings["chunk_size"], "count": settings["count"],
-            "num_chunks": num_chunks(settings["count"], settings["chunk_size"]),
-            "fingerprint": fingerprint(settings), "settings": settings,
-            "done": [], "complete": False, "skipped": {}}
+    return {
+        "format": FORMAT_VERSION,
+        "split": split,
+        "layers": settings["layers"],
+        "chunk_size": settings["chunk_size"],
+        "count": settings["count"],
+        "num_chunks": num_chunks(settings["count"], settings["chunk_size"]),
+        "fingerprint": fingerprint(settings),
+        "settings": settings,
+        "done": [],
+        "complete": False,
+        "skipped": {},
+    }
 
 
 def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
@@ -128,7 +141,8 @@ def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
     raise PseudoMaskError(
         f"{Path(folder)} holds pseudo masks made with different inputs (changed: {', '.join(changed)}); "
         f"they cannot be mixed. Delete {Path(folder)} to start the pass over with the current classifier "
-        f"and masks config, or set run_dir to a new folder")
+        f"and masks config, or set run_dir to a new folder"
+    )
 
 
 def refresh_manifest(folder: str | Path, manifest: dict, complete: bool = False) -> dict:
@@ -156,8 +170,10 @@ class PseudoMaskStore:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
-            raise PseudoMaskError(f"{self.folder / MANIFEST} does not exist: run the mask pass first "
-                                  f"(torchrun ... -m mlps_dist.stages.generate_masks --config FILE)")
+            raise PseudoMaskError(
+                f"{self.folder / MANIFEST} does not exist: run the mask pass first "
+                f"(torchrun ... -m mlps_dist.stages.generate_masks --config FILE)"
+            )
         self.manifest = manifest
         self.layers: list[str] = list(manifest["layers"])
         self.chunk_size = int(manifest["chunk_size"])
@@ -180,8 +196,10 @@ class PseudoMaskStore:
 
     def read_pngs(self, index: int) -> list[bytes]:
         if index not in self._where:
-            raise PseudoMaskError(f"{self.folder}: no pseudo masks for sample {index}; "
-                                  f"rerun mlps_dist.stages.generate_masks to complete the pass")
+            raise PseudoMaskError(
+                f"{self.folder}: no pseudo masks for sample {index}; "
+                f"rerun mlps_dist.stages.generate_masks to complete the pass"
+            )
         chunk, members = self._where[index]
         tar = self.folder / f"{chunk_stem(chunk)}.tar"
         return [self._files.read(tar, *members[f"{layer}.png"]) for layer in self.layers]

@@ -21,9 +21,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
+
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_text, commit_file
-
 from mlps_dist.data.encoding import image_member
 
 FORMAT_VERSION = 1
@@ -136,7 +136,9 @@ class ShardWriter:
         self.tar_path = self.root / f"{stem}.tar"
         self.idx_path = self.root / f"{stem}.idx"
         self._tmp = self.root / f"{stem}.tar.{os.getpid()}.tmp"
-        self._tmp.unlink(missing_ok=True)  # a leftover of a dead process with our pid (removes a link, never its target)
+        self._tmp.unlink(
+            missing_ok=True
+        )  # a leftover of a dead process with our pid (removes a link, never its target)
         # O_EXCL | O_NOFOLLOW: never writes through a symlink planted under the temporary name.
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         self._file = os.fdopen(fd, "wb")
@@ -209,7 +211,8 @@ def read_info(root: str | Path) -> dict:
     if not path.is_file():
         raise ShardError(
             f"{path} does not exist: data.root must be a folder written by mlps shards "
-            f"(convert the dataset first, or fix data.root)")
+            f"(convert the dataset first, or fix data.root)"
+        )
     try:
         info = json.loads(path.read_text())
     except ValueError as exc:
@@ -306,14 +309,17 @@ class SplitReader:
             for key, members in entries:
                 expected = sample_key(split, len(self._keys))
                 if key != expected:  # keys name files (inspect_shards --dump): never a path from the idx
-                    raise ShardError(f"{self.root / shard['idx']}: sample {len(self._keys)} has key {key[:80]!r}, "
-                                     f"expected {expected!r}; the shard was not written by mlps shards "
-                                     f"or was changed since: rerun it")
+                    raise ShardError(
+                        f"{self.root / shard['idx']}: sample {len(self._keys)} has key {key[:80]!r}, "
+                        f"expected {expected!r}; the shard was not written by mlps shards "
+                        f"or was changed since: rerun it"
+                    )
                 self._keys.append(key)
                 self._entries.append((shard_no, members))
         if len(self._keys) != self.split_info["count"]:
-            raise ShardError(f"{self.root}: split '{split}' has {len(self._keys)} samples, info.json says "
-                             f"{self.split_info['count']}")
+            raise ShardError(
+                f"{self.root}: split '{split}' has {len(self._keys)} samples, info.json says {self.split_info['count']}"
+            )
         self._files = TarFiles()
 
     def __len__(self) -> int:
@@ -332,8 +338,9 @@ class SplitReader:
         for ext, (offset, size) in members.items():
             data = self._files.read(self._tars[shard_no], offset, size)
             if len(data) != size:
-                raise ShardError(f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; "
-                                 f"rerun mlps shards")
+                raise ShardError(
+                    f"{self._tars[shard_no]}: truncated at member {self._keys[i]}.{ext}; rerun mlps shards"
+                )
             out[ext] = data
         if self.image_member in out:
             out["image"] = out[self.image_member]  # the encoded image, whatever its format
@@ -351,10 +358,18 @@ def shard_file_name(root: Path, shard: dict, kind: str) -> str:
     folder (no path separators, no "..", no hidden files), so that a damaged or hostile
     info.json cannot make a reader open files elsewhere."""
     name = shard.get(kind) if isinstance(shard, dict) else None
-    if (not isinstance(name, str) or not name or name != Path(name).name or name.startswith(".")
-            or "\\" in name or not name.endswith(f".{kind}")):
-        raise ShardError(f"{root / 'info.json'}: shard {kind} name {name!r} is not a plain '*.{kind}' file name "
-                         f"inside {root}; rerun mlps shards")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name != Path(name).name
+        or name.startswith(".")
+        or "\\" in name
+        or not name.endswith(f".{kind}")
+    ):
+        raise ShardError(
+            f"{root / 'info.json'}: shard {kind} name {name!r} is not a plain '*.{kind}' file name "
+            f"inside {root}; rerun mlps shards"
+        )
     return name
 
 
@@ -365,14 +380,15 @@ def check_index_fits(entries: list[tuple[str, dict[str, tuple[int, int]]]], tar:
     for key, members in entries:
         for ext, (offset, size) in members.items():
             if offset < 0 or size < 0 or offset + size > tar_size:
-                raise ShardError(f"{idx}: member {key}.{ext} at bytes {offset}..{offset + size} lies outside "
-                                 f"{tar} ({tar_size} bytes): the index does not belong to this tar; "
-                                 f"rerun mlps shards")
+                raise ShardError(
+                    f"{idx}: member {key}.{ext} at bytes {offset}..{offset + size} lies outside "
+                    f"{tar} ({tar_size} bytes): the index does not belong to this tar; "
+                    f"rerun mlps shards"
+                )
 
 
 def open_split(root: str | Path, split: str) -> SplitReader:
     info = read_info(root)
     if split not in info.get("splits", {}):
-        raise ShardError(f"{Path(root) / 'info.json'} has no split '{split}' "
-                         f"(it has {sorted(info.get('splits', {}))})")
+        raise ShardError(f"{Path(root) / 'info.json'} has no split '{split}' (it has {sorted(info.get('splits', {}))})")
     return SplitReader(root, split, info)

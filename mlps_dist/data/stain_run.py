@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlps_dist.core.layout import stain_file
 from mlps_dist.config import Config, ConfigError
+from mlps_dist.core.fileio import atomic_write_json
+from mlps_dist.core.layout import stain_file
+from mlps_dist.core.stain import StainNormaliser, fit_reference
 from mlps_dist.data.decode import decode_rgb
 from mlps_dist.data.shards import open_split
-from mlps_dist.core.fileio import atomic_write_json
-from mlps_dist.core.stain import StainNormaliser, fit_reference
 
 
 def fit_from_shards(cfg: Config) -> dict:
@@ -53,14 +53,18 @@ def read_reference(run_dir: str | Path, method: str) -> dict | None:
     try:
         ref = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} is missing: data.stain.method is '{method}', and stage 1 writes the stain "
-                          f"reference; run the classifier stage (or restart from it)") from None
+        raise ConfigError(
+            f"{path} is missing: data.stain.method is '{method}', and stage 1 writes the stain "
+            f"reference; run the classifier stage (or restart from it)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} cannot be read ({exc}); restart the run from the classifier stage") from None
     if not isinstance(ref, dict) or ref.get("method") != method:
         got = ref.get("method") if isinstance(ref, dict) else type(ref).__name__
-        raise ConfigError(f"{path} holds a '{got}' reference, the config says data.stain.method={method}; "
-                          f"restart the run from the classifier stage")
+        raise ConfigError(
+            f"{path} holds a '{got}' reference, the config says data.stain.method={method}; "
+            f"restart the run from the classifier stage"
+        )
     return ref
 
 

@@ -13,8 +13,7 @@ import tarfile
 
 
 class TarWriter:
-    def __init__(self, fileobj, mtime: float = 0.0, user: str = "bigdata", group: str = "bigdata",
-                 mode: int = 0o0444):
+    def __init__(self, fileobj, mtime: float = 0.0, user: str = "bigdata", group: str = "bigdata", mode: int = 0o0444):
         self.tarstream = tarfile.open(fileobj=fileobj, mode="w|")
         self.mtime, self.user, self.group, self.mode = mtime, user, group, mode
 

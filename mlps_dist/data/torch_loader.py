@@ -46,15 +46,22 @@ class TrainDataset(Dataset):
         params = sample_params(self.augment, self.seed, self.epoch, index)
         rgb = decode_normalised(sample["image"], self.stain, self.data.image_size)
         if params.blur_sigma > 0 or params.has_hed:  # these mix pixels or channels: no lookup table
-            image = normalise(photometric(geometric(rgb, params).astype(np.float32), params), self.data.mean,
-                              self.data.std)
+            image = normalise(
+                photometric(geometric(rgb, params).astype(np.float32), params), self.data.mean, self.data.std
+            )
         else:
             image = model_input_chw(rgb, params, self.data.mean, self.data.std)  # == normalise(colour(geometric))
-        out = {"image": torch.from_numpy(image), "labels": torch.from_numpy(decode_labels(sample["labels"])),
-               "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index)}
+        out = {
+            "image": torch.from_numpy(image),
+            "labels": torch.from_numpy(decode_labels(sample["labels"])),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "key": self.reader.key(index),
+        }
         if self.pseudo_masks is not None:
-            layers = [geometric(decode_indices(png, self.data.image_size), params)
-                      for png in self.pseudo_masks.read_pngs(index)]
+            layers = [
+                geometric(decode_indices(png, self.data.image_size), params)
+                for png in self.pseudo_masks.read_pngs(index)
+            ]
             out["masks"] = torch.from_numpy(np.stack(layers))  # uint8: 8x less to move; the loss widens it
         return out
 
@@ -77,8 +84,10 @@ class EvalDataset(Dataset):
     """
 
     # What skip_bad does with a bad sample, as the fix offers it and as the warning reports it.
-    SKIP = {"evaluate": ("leave it out of the metrics", "left out of the metrics"),
-            "masks": ("give it all-ignore masks", "given all-ignore masks")}
+    SKIP = {
+        "evaluate": ("leave it out of the metrics", "left out of the metrics"),
+        "masks": ("give it all-ignore masks", "given all-ignore masks"),
+    }
 
     def __init__(self, cfg: Config, reader: SplitReader, *, skip_bad: bool = False, purpose: str = "evaluate"):
         if purpose not in self.SKIP:
@@ -115,10 +124,13 @@ class EvalDataset(Dataset):
         rgb = sample["rgb"] if self.stain is None else self.stain(sample["rgb"])
         if self.size and rgb.shape[:2] != self.size:
             raise BadSample(f"patch is {rgb.shape[1]}x{rgb.shape[0]}, the split's image_size is {list(self.size)}")
-        out = {"rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
-               "labels": torch.from_numpy(labels), "index": torch.tensor(index, dtype=torch.int64),
-               "key": self.reader.key(index),
-               "source": sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png"}
+        out = {
+            "rgb": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+            "labels": torch.from_numpy(labels),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "key": self.reader.key(index),
+            "source": sample.get("meta", {}).get("source", "") or f"{self.reader.key(index)}.png",
+        }
         out["image"] = self._normalised(out["rgb"])
         if self.reader.has_masks:
             out["mask"] = torch.from_numpy(sample["mask"].astype(np.int64))
@@ -138,9 +150,16 @@ class EvalDataset(Dataset):
         its mask all ignore."""
         height, width = self.size or (self.data.image_size or 64,) * 2
         rgb = torch.zeros(3, height, width, dtype=torch.uint8)
-        out = {"rgb": rgb, "image": self._normalised(rgb), "labels": torch.ones(self.reader.num_classes),
-               "index": torch.tensor(index, dtype=torch.int64), "key": self.reader.key(index),
-               "source": f"{self.reader.key(index)}.png", "bad": torch.tensor(1, dtype=torch.int64), "why": why}
+        out = {
+            "rgb": rgb,
+            "image": self._normalised(rgb),
+            "labels": torch.ones(self.reader.num_classes),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "key": self.reader.key(index),
+            "source": f"{self.reader.key(index)}.png",
+            "bad": torch.tensor(1, dtype=torch.int64),
+            "why": why,
+        }
         if self.reader.has_masks:
             out["mask"] = torch.full((height, width), self.reader.ignore_index, dtype=torch.int64)
         return out
@@ -164,15 +183,22 @@ class DeviceLoader:
             return
         non_blocking = self.device.type == "cuda"
         for batch in self.loader:
-            yield {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v
-                   for k, v in batch.items()}
+            yield {
+                k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
 
 
-def create_torch_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device,
-                        prefetch_factor: int | None = None) -> DeviceLoader:
+def create_torch_loader(
+    dataset: Dataset, batches: list[list[int]], num_workers: int, device, prefetch_factor: int | None = None
+) -> DeviceLoader:
     """``prefetch_factor``: batches each worker decodes ahead (None: torch's default, 2)."""
     workers = num_workers if batches else 0
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                        prefetch_factor=prefetch_factor if workers else None,
-                        pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
     return DeviceLoader(loader, len(batches), device)

@@ -88,18 +88,22 @@ def list_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     names: dict[Path, Path] = {}
     for file, rel in found:
         if rel in names:
-            raise ValueError(f"{file} and {names[rel]} would both be written as {rel}.png; "
-                             f"pass their folder instead of single files, or rename one")
+            raise ValueError(
+                f"{file} and {names[rel]} would both be written as {rel}.png; "
+                f"pass their folder instead of single files, or rename one"
+            )
         names[rel] = file
     return found
 
 
 def too_large(path: Path, exc: Exception) -> ValueError:
     limit = Image.MAX_IMAGE_PIXELS or 0
-    return ValueError(f"{path}: {exc.__class__.__name__}: the image has more than --max-megapixels "
-                      f"{limit / 1e6:g} million pixels (a guard against decompression bombs); pass a larger "
-                      f"--max-megapixels if it is a genuine image (images over --stream-megapixels are "
-                      f"processed by row bands), or segment whole slides with mlps segment")
+    return ValueError(
+        f"{path}: {exc.__class__.__name__}: the image has more than --max-megapixels "
+        f"{limit / 1e6:g} million pixels (a guard against decompression bombs); pass a larger "
+        f"--max-megapixels if it is a genuine image (images over --stream-megapixels are "
+        f"processed by row bands), or segment whole slides with mlps segment"
+    )
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -125,7 +129,9 @@ def check_readable(files: list[Path]) -> None:
         except Image.DecompressionBombError as exc:
             raise too_large(path, exc) from exc
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{path}: cannot be read as an image ({exc}); remove it from --input or re-export it") from exc
+            raise ValueError(
+                f"{path}: cannot be read as an image ({exc}); remove it from --input or re-export it"
+            ) from exc
 
 
 def overlay(rgb: np.ndarray, pred: np.ndarray, palette, band: int = 256) -> np.ndarray:
@@ -133,7 +139,7 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, palette, band: int = 256) -> np.n
     would take ~70 bytes per pixel of a large image at once)."""
     out = np.empty_like(rgb)
     for top in range(0, rgb.shape[0], band):
-        out[top:top + band] = blend(rgb[top:top + band], pred[top:top + band], palette)
+        out[top : top + band] = blend(rgb[top : top + band], pred[top : top + band], palette)
     return out
 
 
@@ -162,7 +168,7 @@ def stain_sample(path: Path, decode) -> np.ndarray:
     try:
         for top in range(0, source.height, 256):
             band = source.rows(top, top + 256)
-            picked.append(band[(step - top % step) % step::step, ::step].reshape(-1, 3))
+            picked.append(band[(step - top % step) % step :: step, ::step].reshape(-1, 3))
             source.release(top + 256)
     finally:
         source.close()
@@ -209,13 +215,18 @@ class RunModel:
     def __init__(self, args):
         from mlps_dist import dist
         from mlps_dist.config import load_config
-        from mlps_dist.predict.predictor import create_predictor, training_patch_size
         from mlps_dist.core import layout
+        from mlps_dist.predict.predictor import create_predictor, training_patch_size
 
         cfg = load_config(layout.existing_config_file(args.run))
-        self.predictor, meta = create_predictor(args.run, cfg, checkpoint=args.checkpoint or "best",
-                                                gate=not args.no_gate, gate_threshold=args.gate_threshold,
-                                                device=dist.device())
+        self.predictor, meta = create_predictor(
+            args.run,
+            cfg,
+            checkpoint=args.checkpoint or "best",
+            gate=not args.no_gate,
+            gate_threshold=args.gate_threshold,
+            device=dist.device(),
+        )
         info = None
         try:
             from mlps_dist.data.shards import read_info

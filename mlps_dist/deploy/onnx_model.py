@@ -57,11 +57,15 @@ def check_tiles(tiles) -> np.ndarray:
     if not isinstance(tiles, np.ndarray):
         raise InputError(f"image: expected a numpy array, got {type(tiles).__name__}")
     if tiles.dtype != np.uint8:
-        raise InputError(f"image: expected uint8 RGB values 0..255, got dtype {tiles.dtype}; convert with "
-                         f"np.clip(x, 0, 255).astype(np.uint8) (do not normalise: the model does that)")
+        raise InputError(
+            f"image: expected uint8 RGB values 0..255, got dtype {tiles.dtype}; convert with "
+            f"np.clip(x, 0, 255).astype(np.uint8) (do not normalise: the model does that)"
+        )
     if tiles.ndim != 4 or tiles.shape[1] != 3:
-        raise InputError(f"image: expected shape (N, 3, H, W) with 3 RGB channels, got {tuple(tiles.shape)}; "
-                         f"drop alpha (composite on white) and put channels first")
+        raise InputError(
+            f"image: expected shape (N, 3, H, W) with 3 RGB channels, got {tuple(tiles.shape)}; "
+            f"drop alpha (composite on white) and put channels first"
+        )
     if 0 in tiles.shape:
         raise InputError(f"image: empty input of shape {tuple(tiles.shape)}")
     return np.ascontiguousarray(tiles)
@@ -85,21 +89,28 @@ def check_meta(meta, meta_path: Path, onnx_path: Path) -> None:
     from mlps_dist.core.fileio import sha256_file
 
     if not isinstance(meta, dict):
-        raise InputError(f"{meta_path}: expected a JSON object written by mlps export, got "
-                         f"{type(meta).__name__}; export the model again")
+        raise InputError(
+            f"{meta_path}: expected a JSON object written by mlps export, got "
+            f"{type(meta).__name__}; export the model again"
+        )
     for key, kind in REQUIRED.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise InputError(f"{meta_path}: key '{key}' is missing or not a {kind.__name__}; export the model again")
     if len(meta["palette"]) < len(meta["classes"]) or not meta["classes"] or meta["patch_size"] < 8:
-        raise InputError(f"{meta_path}: needs at least one class, a colour per class and patch_size >= 8; "
-                         f"export the model again")
+        raise InputError(
+            f"{meta_path}: needs at least one class, a colour per class and patch_size >= 8; export the model again"
+        )
     if meta.get("digest") and meta["digest"] != record_digest(meta):
-        raise InputError(f"{meta_path} was changed after mlps export wrote it (its digest no longer matches "
-                         f"its content); export the model again rather than editing it")
+        raise InputError(
+            f"{meta_path} was changed after mlps export wrote it (its digest no longer matches "
+            f"its content); export the model again rather than editing it"
+        )
     recorded = ((meta.get("weights") or {}).get("model.onnx") or {}).get("sha256")
     if recorded and recorded != sha256_file(onnx_path):
-        raise InputError(f"{meta_path} does not describe {onnx_path} (its sha256 differs from the one recorded): "
-                         f"the two files come from different exports; export the model again")
+        raise InputError(
+            f"{meta_path} does not describe {onnx_path} (its sha256 differs from the one recorded): "
+            f"the two files come from different exports; export the model again"
+        )
 
 
 class OnnxModel:
@@ -109,15 +120,18 @@ class OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise InputError(f"an exported model runs with onnxruntime, which is not installed ({exc}): "
-                             f"pip install onnxruntime (or onnxruntime-gpu)") from exc
+            raise InputError(
+                f"an exported model runs with onnxruntime, which is not installed ({exc}): "
+                f"pip install onnxruntime (or onnxruntime-gpu)"
+            ) from exc
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path} does not exist; --model must be the model.onnx written by mlps export")
         meta_path = model_json_path(self.path)
         if not meta_path.is_file():
-            raise InputError(f"{meta_path} does not exist; keep model.json next to model.onnx (both come from "
-                             f"mlps export)")
+            raise InputError(
+                f"{meta_path} does not exist; keep model.json next to model.onnx (both come from mlps export)"
+            )
         try:
             self.meta = json.loads(meta_path.read_text())
         except ValueError as exc:
@@ -127,8 +141,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=providers or default_providers(ort.get_available_providers()))
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=providers or default_providers(ort.get_available_providers())
+            )
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
             raise InputError(f"{self.path}: onnxruntime cannot load it ({exc}); export the model again") from exc
         self.classes: list[str] = list(self.meta["classes"])

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=4 -m mlps_dist -- segment --run runs/luad --slides slides/ --out maps/
     mlps segment --model export/model.onnx --slides slides/ --out maps/   # no torch
 
-(The flags are mlps_dist/cli/segment.py's.) With ``--model`` (an export of ``mlps export``) the pass runs in one process through
+(The flags are mlps_dist/cli/segment.py's.) With ``--model`` (an export of ``mlps export``) the pass runs in one
+process through
 onnxruntime and needs neither torch nor the training stack: tiles get the same scores as
 with ``--run`` (the graph holds the same normalisation, resize, networks and gate).
 
@@ -59,10 +60,16 @@ from mlps_dist.slides.overlay import view_mpp
 from mlps_dist.slides.reader import Slide, SlideError, list_slides, slide_stem
 from mlps_dist.slides.slide_outputs import write_slide_outputs
 from mlps_dist.slides.slide_stain import SlideStain, StainPlan
-from mlps_dist.slides.slide_summary import (checkpoint_label, run_label, run_settings, stain_summary,
-                                            write_summary_csv)
-from mlps_dist.slides.stitch import (SlideGeometry, SlideModel, area_summary, class_map, geometry,
-                                     merge_partials, probabilities)
+from mlps_dist.slides.slide_summary import checkpoint_label, run_label, run_settings, stain_summary, write_summary_csv
+from mlps_dist.slides.stitch import (
+    SlideGeometry,
+    SlideModel,
+    area_summary,
+    class_map,
+    geometry,
+    merge_partials,
+    probabilities,
+)
 from mlps_dist.slides.tissue import detect_tissue
 from mlps_dist.slides.workkey import export_fingerprint, key_digest, run_fingerprint, work_key
 
@@ -76,8 +83,7 @@ def work_dir(out: Path, name: str) -> Path:
     return out / WORK / name
 
 
-def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None, digest: str = "",
-                  stain=None) -> None:
+def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None, digest: str = "", stain=None) -> None:
     """Tissue mask and thumbnail at the map resolution, the overlay's view of the slide
     (slides/overlay.py) and, with ``stain`` (a ``StainPlan``), the slide's stain estimate;
     reused only when the saved work has the same work key (slide file, settings, model:
@@ -95,8 +101,13 @@ def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None
     try:
         with Slide(path, slide_mpp) as slide:
             thumb = slide.read_scaled(map_mpp)
-            meta = {"width": slide.width, "height": slide.height, "mpp": slide.mpp, "work_key": digest,
-                    "view_mpp": view_mpp(slide.width, slide.height, slide.mpp, map_mpp)}
+            meta = {
+                "width": slide.width,
+                "height": slide.height,
+                "mpp": slide.mpp,
+                "work_key": digest,
+                "view_mpp": view_mpp(slide.width, slide.height, slide.mpp, map_mpp),
+            }
             view = slide.read_scaled(meta["view_mpp"]) if meta["view_mpp"] < map_mpp else thumb
             tissue = detect_tissue(thumb, map_mpp)
             if stain is not None:
@@ -116,14 +127,14 @@ def prepare_slide(path: Path, out: Path, map_mpp: float, slide_mpp: float | None
 def read_batches(slide: Slide, geo: SlideGeometry, origins, patch: int, batch: int, threads: int, stain=None):
     """Yield (origins, uint8 (N, 3, P, P)) in order, ``2 * threads`` batches read ahead;
     ``stain`` (a SlideStain) normalises them in the reading threads."""
+
     def read(chunk):
-        tiles = np.stack([slide.read(x * geo.px0, y * geo.px0, geo.size0, patch).transpose(2, 0, 1)
-                          for x, y in chunk])
+        tiles = np.stack([slide.read(x * geo.px0, y * geo.px0, geo.size0, patch).transpose(2, 0, 1) for x, y in chunk])
         return stain.tiles(tiles) if stain is not None else tiles
 
-    chunks = [origins[i:i + batch] for i in range(0, len(origins), batch)]
+    chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
     with ThreadPoolExecutor(threads) as pool:
-        pending = [pool.submit(read, c) for c in chunks[:2 * threads]]
+        pending = [pool.submit(read, c) for c in chunks[: 2 * threads]]
         for i, chunk in enumerate(chunks):
             tiles = pending[i].result()
             if i + 2 * threads < len(chunks):
@@ -136,8 +147,18 @@ def part_file(work: Path, digest: str, first: int, last: int) -> Path:
     return work / f"part-{digest}-{first:08d}-{last:08d}.npz"
 
 
-def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origins, first: int, last: int,
-                  out: Path, args, digest: str = "", progress: Progress | None = None) -> None:
+def predict_share(
+    model: SlideModel,
+    slide_path: Path,
+    geo: SlideGeometry,
+    origins,
+    first: int,
+    last: int,
+    out: Path,
+    args,
+    digest: str = "",
+    progress: Progress | None = None,
+) -> None:
     """Predict tiles [first, last) of a slide and save their weighted score sums (named by
     the work key, so a share made with other settings is never summed in). A run with
     stain normalisation and ``--stain-scope slide`` maps the tiles with the slide's
@@ -156,8 +177,7 @@ def predict_share(model: SlideModel, slide_path: Path, geo: SlideGeometry, origi
         stain = SlideStain(normaliser, json.loads((work / "meta.json").read_text()).get("stain"))
     try:
         with Slide(slide_path, args.slide_mpp) as slide:
-            for chunk, tiles in read_batches(slide, geo, mine, model.patch_size, args.batch_size, args.readers,
-                                             stain):
+            for chunk, tiles in read_batches(slide, geo, mine, model.patch_size, args.batch_size, args.readers, stain):
                 acc.add(model.scores(tiles, geo.n, stain=False) if stain else model.scores(tiles, geo.n), chunk)
                 if progress is not None:
                     progress.update(len(chunk))
@@ -185,8 +205,16 @@ def share_ranges(counts: list[int], world: int) -> list[list[tuple[int, int, int
 # ---------------------------------------------------------------- pass 3: outputs
 
 
-def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], model: SlideModel, out: Path,
-                 args, tiles: int, key: dict | None = None) -> dict:
+def finish_slide(
+    name: str,
+    geo: SlideGeometry,
+    ranges: list[tuple[int, int]],
+    model: SlideModel,
+    out: Path,
+    args,
+    tiles: int,
+    key: dict | None = None,
+) -> dict:
     work = work_dir(out, name)
     if (work / "bad.txt").is_file():
         return {"slide": name, "error": (work / "bad.txt").read_text()}
@@ -202,16 +230,40 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     del weight, partials
     meta = json.loads((work / "meta.json").read_text())
     areas = area_summary(classes, tissue, model.classes, geo.map_mpp)
-    summary = {"slide": name, "width": geo.width, "height": geo.height, "mpp": geo.mpp, "map_mpp": geo.map_mpp,
-               "classes": list(model.classes), **areas, "model_mpp": model.mpp, "tiles": tiles,
-               "map_size": [geo.map_w, geo.map_h], "run": run_label(args), "checkpoint": checkpoint_label(args),
-               "stain": stain_summary(model, meta, args)}
+    summary = {
+        "slide": name,
+        "width": geo.width,
+        "height": geo.height,
+        "mpp": geo.mpp,
+        "map_mpp": geo.map_mpp,
+        "classes": list(model.classes),
+        **areas,
+        "model_mpp": model.mpp,
+        "tiles": tiles,
+        "map_size": [geo.map_w, geo.map_h],
+        "run": run_label(args),
+        "checkpoint": checkpoint_label(args),
+        "stain": stain_summary(model, meta, args),
+    }
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    summary.update(write_slide_outputs(
-        tmp, name, classes, probs, geo, model.classes, model.palette, view=png.decode(work / "view.png"),
-        view_mpp=meta["view_mpp"], areas_mm2=areas["area_mm2"], simplify=args.simplify,
-        min_region_um2=args.min_region_um2, with_probabilities=args.probabilities))
+    summary.update(
+        write_slide_outputs(
+            tmp,
+            name,
+            classes,
+            probs,
+            geo,
+            model.classes,
+            model.palette,
+            view=png.decode(work / "view.png"),
+            view_mpp=meta["view_mpp"],
+            areas_mm2=areas["area_mm2"],
+            simplify=args.simplify,
+            min_region_um2=args.min_region_um2,
+            with_probabilities=args.probabilities,
+        )
+    )
     summary.update(work_key=key_digest(key), work=key)
     atomic_write_bytes(tmp / "tissue.png", (work / "tissue.png").read_bytes())  # fsynced before the rename
     atomic_write_json(tmp / "summary.json", summary)
@@ -225,8 +277,15 @@ def finish_slide(name: str, geo: SlideGeometry, ranges: list[tuple[int, int]], m
     return summary
 
 
-OUTPUT_FILES = {"classes.png", "classes.tiff", "overlay.png", "tissue.png", "summary.json", "regions.geojson",
-                "probabilities.tiff"}
+OUTPUT_FILES = {
+    "classes.png",
+    "classes.tiff",
+    "overlay.png",
+    "tissue.png",
+    "summary.json",
+    "regions.geojson",
+    "probabilities.tiff",
+}
 
 
 def finished(folder: Path, key: dict) -> bool:
@@ -241,8 +300,10 @@ def check_ours(folder: Path) -> None:
     """Refuse to replace a folder that is not a slide's outputs written by this tool."""
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else {folder.name}
     if not folder.is_dir() or "summary.json" not in names or not names <= OUTPUT_FILES:
-        raise InputError(f"{folder} exists and was not written by segment_slides (it holds {sorted(names)[:5]}); "
-                         f"it is left alone: move it, or choose another --out")
+        raise InputError(
+            f"{folder} exists and was not written by segment_slides (it holds {sorted(names)[:5]}); "
+            f"it is left alone: move it, or choose another --out"
+        )
 
 
 # ---------------------------------------------------------------- entry point
@@ -256,20 +317,25 @@ def check_map_size(dims: dict[str, tuple[int, int, float]], map_mpp: float, max_
     more than ``max_gb`` of memory, is refused with the --map-mpp that would do."""
     for name, (width, height, mpp) in sorted(dims.items()):
         if map_mpp < mpp * 0.999:
-            raise InputError(f"--map-mpp {map_mpp:g}: finer than the {mpp:g} um/px of slide {name}'s own pixels "
-                             f"(nothing to gain, {(mpp / map_mpp) ** 2:.1f}x the memory); use --map-mpp {mpp:g} "
-                             f"or coarser")
+            raise InputError(
+                f"--map-mpp {map_mpp:g}: finer than the {mpp:g} um/px of slide {name}'s own pixels "
+                f"(nothing to gain, {(mpp / map_mpp) ** 2:.1f}x the memory); use --map-mpp {mpp:g} "
+                f"or coarser"
+            )
         map_w, map_h = width * mpp / map_mpp, height * mpp / map_mpp
         need_gb = map_w * map_h * MAP_BYTES_PER_PIXEL / 1e9
         if need_gb > max_gb:
             fits = mpp * (width * height * MAP_BYTES_PER_PIXEL / (max_gb * 1e9)) ** 0.5
-            raise InputError(f"--map-mpp {map_mpp:g}: the map of slide {name} ({map_w:.0f} x {map_h:.0f} px) needs "
-                             f"about {need_gb:.1f} GB of memory, more than --max-map-gb {max_gb:g}; use --map-mpp "
-                             f"{fits * 1.01:.3g} or coarser, or raise --max-map-gb")
+            raise InputError(
+                f"--map-mpp {map_mpp:g}: the map of slide {name} ({map_w:.0f} x {map_h:.0f} px) needs "
+                f"about {need_gb:.1f} GB of memory, more than --max-map-gb {max_gb:g}; use --map-mpp "
+                f"{fits * 1.01:.3g} or coarser, or raise --max-map-gb"
+            )
 
 
-def check_slides(paths: list[Path], slide_mpp: float | None, dims: dict | None = None
-                 ) -> tuple[dict[str, Path], dict[str, str]]:
+def check_slides(
+    paths: list[Path], slide_mpp: float | None, dims: dict | None = None
+) -> tuple[dict[str, Path], dict[str, str]]:
     """Open every slide header first: a slide without MPP stops the run before any work.
     ``dims`` (when given) receives each readable slide's (width, height, mpp)."""
     good, bad, no_mpp = {}, {}, []
@@ -285,8 +351,10 @@ def check_slides(paths: list[Path], slide_mpp: float | None, dims: dict | None =
             else:
                 bad[slide_stem(path)] = str(exc)
     if no_mpp:
-        raise InputError(f"slide(s) without microns per pixel: {no_mpp}; pass --slide-mpp with the scanner's resolution "
-                         f"or remove them")
+        raise InputError(
+            f"slide(s) without microns per pixel: {no_mpp}; pass --slide-mpp with the scanner's resolution "
+            f"or remove them"
+        )
     return good, bad
 
 
@@ -350,12 +418,19 @@ def build_model(args, group) -> SlideModel:
     else:
         from mlps_dist.predict.slide_model import create_slide_model
 
-        model = create_slide_model(args.run, args.model_mpp, checkpoint=args.checkpoint,
-                                   gate=False if args.no_gate else None, device=group.device())
+        model = create_slide_model(
+            args.run,
+            args.model_mpp,
+            checkpoint=args.checkpoint,
+            gate=False if args.no_gate else None,
+            device=group.device(),
+        )
         model.fingerprint = run_fingerprint(args.run, args.checkpoint, False if args.no_gate else None)
     if not model.mpp:
-        raise InputError(f"{args.model or args.run}: the model does not record the microns per pixel it was trained "
-                         f"at (no 'mpp' in its shards' info.json or model.json); pass --model-mpp")
+        raise InputError(
+            f"{args.model or args.run}: the model does not record the microns per pixel it was trained "
+            f"at (no 'mpp' in its shards' info.json or model.json); pass --model-mpp"
+        )
     return model
 
 
@@ -366,8 +441,9 @@ def run(args, model: SlideModel | None = None, group=None) -> int:
 
     if group is None:
         from mlps_dist import dist as group
-    with tool_output(args.out, args.slides, "segment_slides", group, owned_if=("summary.csv", WORK),
-                     in_flag="--slides"):
+    with tool_output(
+        args.out, args.slides, "segment_slides", group, owned_if=("summary.csv", WORK), in_flag="--slides"
+    ):
         return _run(args, model, group)
 
 
@@ -382,10 +458,17 @@ def _run(args, model: SlideModel | None, group) -> int:
     start = time.perf_counter()  # after start-up and model loading: the slide work itself
     world, rank = dist.get_world_size(), dist.get_rank()
     stride = args.stride or max(1, model.patch_size // 2)
-    settings = {"map_mpp": args.map_mpp, "slide_mpp": args.slide_mpp, "stride": stride,
-                "patch_size": model.patch_size, "model_mpp": model.mpp, "classes": list(model.classes),
-                "simplify": args.simplify, "min_region_um2": args.min_region_um2,
-                "probabilities": args.probabilities}
+    settings = {
+        "map_mpp": args.map_mpp,
+        "slide_mpp": args.slide_mpp,
+        "stride": stride,
+        "patch_size": model.patch_size,
+        "model_mpp": model.mpp,
+        "classes": list(model.classes),
+        "simplify": args.simplify,
+        "min_region_um2": args.min_region_um2,
+        "probabilities": args.probabilities,
+    }
     normaliser = getattr(model, "stain", None)
     stain_plan = None
     if normaliser is not None:  # only a run with stain normalisation has its scope in the key
@@ -397,8 +480,7 @@ def _run(args, model: SlideModel | None, group) -> int:
     pending = {n: p for n, p in good.items() if not finished(out / n, keys[n])}
     sizes = {n: p.stat().st_size for n, p in pending.items()}
     mine = balanced_slides(sizes, world, rank)
-    tissue_progress = Progress(f"segment_slides{rank_tag(rank, world)}: tissue", len(mine), "slides",
-                               enabled=rank == 0)
+    tissue_progress = Progress(f"segment_slides{rank_tag(rank, world)}: tissue", len(mine), "slides", enabled=rank == 0)
     for name in mine:
         prepare_slide(pending[name], out, args.map_mpp, args.slide_mpp, key_digest(keys[name]), stain_plan)
         tissue_progress.update()
@@ -411,23 +493,31 @@ def _run(args, model: SlideModel | None, group) -> int:
             bad[name] = (work / "bad.txt").read_text() if (work / "bad.txt").is_file() else "tissue pass failed"
             continue
         meta = json.loads((work / "meta.json").read_text())
-        geo = geometry(name, meta["width"], meta["height"], meta["mpp"], args.map_mpp, model.patch_size,
-                       model.mpp, stride)
+        geo = geometry(
+            name, meta["width"], meta["height"], meta["mpp"], args.map_mpp, model.patch_size, model.mpp, stride
+        )
         if geo.n < 4:
-            raise InputError(f"--map-mpp {args.map_mpp}: a {model.patch_size} px tile at {model.mpp} um/px covers "
-                             f"only {geo.n} map pixels; use a --map-mpp of at most {model.patch_size * model.mpp / 4:g}")
+            raise InputError(
+                f"--map-mpp {args.map_mpp}: a {model.patch_size} px tile at {model.mpp} um/px covers "
+                f"only {geo.n} map pixels; use a --map-mpp of at most {model.patch_size * model.mpp / 4:g}"
+            )
         plans.append((name, geo, geo.origins(png.decode(work / "tissue.png") > 0)))
     shares = share_ranges([len(o) for _, _, o in plans], world)
-    todo = [(s, first, last) for s, first, last in shares[rank]
-            if not part_file(work_dir(out, plans[s][0]), key_digest(keys[plans[s][0]]), first, last).is_file()]
+    todo = [
+        (s, first, last)
+        for s, first, last in shares[rank]
+        if not part_file(work_dir(out, plans[s][0]), key_digest(keys[plans[s][0]]), first, last).is_file()
+    ]
     everyone = sum(len(o) for _, _, o in plans)
-    tile_progress = Progress(f"segment_slides{rank_tag(rank, world)}: tiles"
-                             + (f" (this rank's share of {everyone})" if world > 1 else ""),
-                             sum(last - first for _, first, last in todo), "tiles", enabled=rank == 0)
+    tile_progress = Progress(
+        f"segment_slides{rank_tag(rank, world)}: tiles" + (f" (this rank's share of {everyone})" if world > 1 else ""),
+        sum(last - first for _, first, last in todo),
+        "tiles",
+        enabled=rank == 0,
+    )
     for s, first, last in todo:
         name, geo, origins = plans[s]
-        predict_share(model, pending[name], geo, origins, first, last, out, args, key_digest(keys[name]),
-                      tile_progress)
+        predict_share(model, pending[name], geo, origins, first, last, out, args, key_digest(keys[name]), tile_progress)
     tile_progress.close()
     dist.barrier()
     done = []
@@ -440,19 +530,25 @@ def _run(args, model: SlideModel | None, group) -> int:
         if "error" in result:
             bad[name] = result["error"]
         else:
-            print(f"segment_slides{rank_tag(rank, world)}: {name} written ({len(origins)} tiles, "
-                  f"{sum(result['regions'].values())} regions) in {time.perf_counter() - started:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"segment_slides{rank_tag(rank, world)}: {name} written ({len(origins)} tiles, "
+                f"{sum(result['regions'].values())} regions) in {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         done.append(name)
     bad = {k: v for share in dist.all_gather_object(bad) for k, v in share.items()}
     if dist.is_main():
-        write_summary_csv(out, sorted(slide_stem(p) for p in paths), bad, model.classes,
-                          run_settings(args, settings, fingerprint))
+        write_summary_csv(
+            out, sorted(slide_stem(p) for p in paths), bad, model.classes, run_settings(args, settings, fingerprint)
+        )
         for name in sorted(bad):
             print(f"slide failed: {name}: {bad[name]}", file=sys.stderr)
         ok = len(paths) - len(bad)
-        print(f"segmented {ok} of {len(paths)} slide(s) into {out} in {time.perf_counter() - start:.2f} s "
-              f"(summary: {out / 'summary.csv'})")
+        print(
+            f"segmented {ok} of {len(paths)} slide(s) into {out} in {time.perf_counter() - start:.2f} s "
+            f"(summary: {out / 'summary.csv'})"
+        )
     dist.barrier()
     return EXIT_SOME_FAILED if bad else 0
 
@@ -466,8 +562,10 @@ def segment(args) -> int:
     mlps_dist/cli/segment.py's): one process without torch with ``--model``, else every rank
     of the process group (torchrun) its share. Returns the exit status (3: some slides failed)."""
     if args.model and (args.no_gate or args.checkpoint != "best"):
-        raise InputError("--no-gate and --checkpoint apply to --run; an exported model has its gate and checkpoint "
-                         "fixed by mlps export (export again to change them)")
+        raise InputError(
+            "--no-gate and --checkpoint apply to --run; an exported model has its gate and checkpoint "
+            "fixed by mlps export (export again to change them)"
+        )
     if args.model:
         group = OneProcess()  # one process, no torch
     else:

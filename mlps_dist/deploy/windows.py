@@ -17,7 +17,7 @@ all blend the same way and agree up to float rounding.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -38,8 +38,13 @@ def window_boxes(height: int, width: int, window: int, overlap: float) -> list[t
     return [(y, x) for y in window_starts(height, window, overlap) for x in window_starts(width, window, overlap)]
 
 
-def blend_scores(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, window: int,
-                 overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
+def blend_scores(
+    scores_fn: Callable[[np.ndarray], np.ndarray],
+    rgb: np.ndarray,
+    window: int,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+) -> np.ndarray:
     """Average gated scores (C, H, W) float32 of an (H, W, 3) uint8 image.
 
     ``scores_fn``: uint8 tiles (N, 3, h, w) -> float32 scores (N, C, h, w) (deploy.OnnxModel.scores
@@ -50,32 +55,38 @@ def blend_scores(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray,
     boxes = window_boxes(h, w, window, overlap)
     total = count = None
     for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first:first + batch_size]
-        tiles = np.stack([image[:, y:y + wh, x:x + ww] for y, x in chunk])
+        chunk = boxes[first : first + batch_size]
+        tiles = np.stack([image[:, y : y + wh, x : x + ww] for y, x in chunk])
         scores = np.asarray(scores_fn(tiles), np.float32)
         if total is None:
             total = np.zeros((scores.shape[1], h, w), np.float32)
             count = np.zeros((1, h, w), np.float32)
         for i, (y, x) in enumerate(chunk):
-            total[:, y:y + wh, x:x + ww] += scores[i]
-            count[:, y:y + wh, x:x + ww] += 1
+            total[:, y : y + wh, x : x + ww] += scores[i]
+            count[:, y : y + wh, x : x + ww] += 1
     return total / count
 
 
-def segment_image(scores_fn: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, window: int,
-                  overlap: float = 0.5, batch_size: int = 8) -> np.ndarray:
+def segment_image(
+    scores_fn: Callable[[np.ndarray], np.ndarray],
+    rgb: np.ndarray,
+    window: int,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+) -> np.ndarray:
     """(H, W) uint8 class indices of an (H, W, 3) uint8 image, blended as above, in row bands
     (``segment_bands`` over the image in memory)."""
     from mlps_dist.core.imagerows import ArrayRows
 
     out = np.empty(rgb.shape[:2], np.uint8)
     for top, classes in segment_bands(scores_fn, ArrayRows(np.asarray(rgb, np.uint8)), window, overlap, batch_size):
-        out[top:top + len(classes)] = classes
+        out[top : top + len(classes)] = classes
     return out
 
 
-def segment_bands(scores_fn: Callable[[np.ndarray], np.ndarray], source, window: int, overlap: float = 0.5,
-                  batch_size: int = 8) -> Iterator[tuple[int, np.ndarray]]:
+def segment_bands(
+    scores_fn: Callable[[np.ndarray], np.ndarray], source, window: int, overlap: float = 0.5, batch_size: int = 8
+) -> Iterator[tuple[int, np.ndarray]]:
     """(top, uint8 class rows) of an image read by rows (imagerows: ``source.rows(top, bottom)``,
     ``source.release(row)``), top to bottom; the caller may read ``source``'s rows of a band
     before asking for the next one (they are released after).
@@ -91,17 +102,17 @@ def segment_bands(scores_fn: Callable[[np.ndarray], np.ndarray], source, window:
     boxes = window_boxes(h, w, window, overlap)
     cover_x = np.zeros(w, np.float32)
     for x in window_starts(w, window, overlap):
-        cover_x[x:x + ww] += 1
+        cover_x[x : x + ww] += 1
     cover_y = np.zeros(h, np.float32)
     for y in window_starts(h, window, overlap):
-        cover_y[y:y + wh] += 1
+        cover_y[y : y + wh] += 1
     total, top = None, 0  # total: (C, rows, W) sums of the rows [top, top + rows)
     for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first:first + batch_size]
+        chunk = boxes[first : first + batch_size]
         above = chunk[0][0]  # boxes run row by row: the first window of a batch is the highest
         bottom = max(y for y, _ in chunk) + wh
         band = source.rows(above, bottom)
-        tiles = np.stack([band[y - above:y - above + wh, x:x + ww].transpose(2, 0, 1) for y, x in chunk])
+        tiles = np.stack([band[y - above : y - above + wh, x : x + ww].transpose(2, 0, 1) for y, x in chunk])
         scores = np.asarray(scores_fn(tiles), np.float32)
         if scores.shape[1] > 255:
             raise ValueError(f"{scores.shape[1]} classes do not fit the uint8 class map")
@@ -111,14 +122,14 @@ def segment_bands(scores_fn: Callable[[np.ndarray], np.ndarray], source, window:
             grow = np.zeros((scores.shape[1], bottom - top - total.shape[1], w), np.float32)
             total = np.concatenate([total, grow], axis=1)
         for i, (y, x) in enumerate(chunk):
-            total[:, y - top:y - top + wh, x:x + ww] += scores[i]
+            total[:, y - top : y - top + wh, x : x + ww] += scores[i]
         done = boxes[first + batch_size][0] if first + batch_size < len(boxes) else h  # rows above are final
         if done > top:
             decided = np.empty((done - top, w), np.uint8)
             for r0 in range(0, done - top, DECIDE_ROWS):  # in slices: the division's temporaries stay small
                 r1 = min(r0 + DECIDE_ROWS, done - top)
-                count = cover_y[top + r0:top + r1, None] * cover_x[None, :]
+                count = cover_y[top + r0 : top + r1, None] * cover_x[None, :]
                 decided[r0:r1] = (total[:, r0:r1] / count[None]).argmax(0)
             yield top, decided
             source.release(done)
-            total, top = total[:, done - top:], done
+            total, top = total[:, done - top :], done

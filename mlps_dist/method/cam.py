@@ -28,7 +28,6 @@ module); dropout is the identity in eval mode.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -46,8 +45,9 @@ def head_layer(model) -> str:
 def check_layers(model, layers: list[str]) -> None:
     unknown = [layer for layer in layers if layer not in model.cam_layers]
     if unknown:
-        raise ValueError(f"masks.layers names {unknown}, which this classifier does not expose; "
-                         f"choose from {list(model.cam_layers)}")
+        raise ValueError(
+            f"masks.layers names {unknown}, which this classifier does not expose; choose from {list(model.cam_layers)}"
+        )
 
 
 def prepare_model(model) -> None:
@@ -67,8 +67,9 @@ def gradcams(model, images: torch.Tensor, layers: list[str]) -> dict[str, torch.
         batch, classes = logits.shape
         seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)
         seeds = seeds.unsqueeze(1).expand(classes, batch, classes)
-        grads = torch.autograd.grad(logits, [feats[layer] for layer in layers],
-                                    grad_outputs=seeds, is_grads_batched=True)
+        grads = torch.autograd.grad(
+            logits, [feats[layer] for layer in layers], grad_outputs=seeds, is_grads_batched=True
+        )
     out = {}
     for layer, grad in zip(layers, grads):
         weights = grad.mean(dim=(-2, -1))  # (C, B, K)
@@ -76,16 +77,23 @@ def gradcams(model, images: torch.Tensor, layers: list[str]) -> dict[str, torch.
     return out
 
 
-def tta_gradcams(model, images: torch.Tensor, layers: list[str], flip: bool = False,
-                 scales: tuple[float, ...] = (1.0,), size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def tta_gradcams(
+    model,
+    images: torch.Tensor,
+    layers: list[str],
+    flip: bool = False,
+    scales: tuple[float, ...] = (1.0,),
+    size: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """Grad-CAMs upsampled to ``size`` (default: the input's), summed over test-time variants
     (each scale, and its horizontal mirror when ``flip``), like the public inference."""
     size = tuple(size or images.shape[-2:])
     total: dict[str, torch.Tensor] = {}
     for scale in scales:
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False)
-        for mirrored in ([False, True] if flip else [False]):
+        scaled = (
+            images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
+        for mirrored in [False, True] if flip else [False]:
             view = scaled.flip(-1) if mirrored else scaled
             for layer, cam in gradcams(model, view, layers).items():
                 cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
@@ -99,7 +107,7 @@ def normalise_joint(cams: torch.Tensor) -> torch.Tensor:
     (the public code would divide by zero there)."""
     flat = cams.flatten(1)
     low = flat.amin(dim=1).view(-1, 1, 1, 1)
-    span = (flat.amax(dim=1).view(-1, 1, 1, 1) - low)
+    span = flat.amax(dim=1).view(-1, 1, 1, 1) - low
     safe = torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, (cams - low) / safe, torch.zeros_like(cams))
 
@@ -143,8 +151,9 @@ def component_sizes(region: torch.Tensor) -> torch.Tensor:
     return counts[flat].view(batch, height, width).masked_fill_(outside, 0)
 
 
-def white_background(rgb: torch.Tensor, threshold: int = 200, min_size: int = 50,
-                     max_saturation: int = 0) -> torch.Tensor:
+def white_background(
+    rgb: torch.Tensor, threshold: int = 200, min_size: int = 50, max_saturation: int = 0
+) -> torch.Tensor:
     """(B, H, W) bool: pixels with grey > threshold in 4-connected white components of at
     least ``min_size`` pixels (skimage remove_small_objects(connectivity=1) semantics).
     ``max_saturation`` > 0 also requires max - min of R, G, B <= it (glass is near grey)."""
@@ -157,8 +166,7 @@ def white_background(rgb: torch.Tensor, threshold: int = 200, min_size: int = 50
     return white & (component_sizes(white) >= min_size)
 
 
-def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
-               background: torch.Tensor | None) -> torch.Tensor:
+def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
     """Gate by the patch label, argmax, paint the background with the ignore index C.
     Returns (B, H, W) uint8 class indices 0..C."""
     classes = norm_cams.shape[1]
@@ -170,10 +178,20 @@ def label_maps(norm_cams: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor, layers: list[str],
-               background: bool = True, threshold: int = 200, min_size: int = 50, max_saturation: int = 0,
-               tta_flip: bool = False, tta_scales: tuple[float, ...] = (1.0,),
-               refine: dict | None = None) -> dict[str, torch.Tensor]:
+def make_masks(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    rgb: torch.Tensor,
+    layers: list[str],
+    background: bool = True,
+    threshold: int = 200,
+    min_size: int = 50,
+    max_saturation: int = 0,
+    tta_flip: bool = False,
+    tta_scales: tuple[float, ...] = (1.0,),
+    refine: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """Pseudo masks for a batch: ``{layer: (B, H, W) uint8}``.
 
     ``images`` normalised float (B, 3, H, W) on the model's device, ``labels`` (B, C) multi-hot,
@@ -190,8 +208,7 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
     if refine:
         from mlps_dist.method.cam_refine import refine_cams
 
-        colours = rgb if patch == size else F.interpolate(rgb.float(), size=size, mode="bilinear",
-                                                          align_corners=False)
+        colours = rgb if patch == size else F.interpolate(rgb.float(), size=size, mode="bilinear", align_corners=False)
         # Channels propagate independently: all layers in one call share the colour affinities.
         refined = refine_cams(torch.cat(norms, dim=1), colours, **refine)
         if patch != size:
@@ -203,8 +220,17 @@ def make_masks(model, images: torch.Tensor, labels: torch.Tensor, rgb: torch.Ten
 def make_masks_cfg(model, batch: dict, masks_cfg) -> dict[str, torch.Tensor]:
     """``make_masks`` with the settings of the ``masks`` config section."""
     bg = masks_cfg.background
-    return make_masks(model, batch["image"], batch["labels"], batch["rgb"], list(masks_cfg.layers),
-                      background=bg.enabled, threshold=bg.threshold, min_size=bg.min_size,
-                      max_saturation=bg.max_saturation,
-                      tta_flip=masks_cfg.tta_flip, tta_scales=tuple(masks_cfg.tta_scales),
-                      refine=masks_cfg.refine.as_kwargs())
+    return make_masks(
+        model,
+        batch["image"],
+        batch["labels"],
+        batch["rgb"],
+        list(masks_cfg.layers),
+        background=bg.enabled,
+        threshold=bg.threshold,
+        min_size=bg.min_size,
+        max_saturation=bg.max_saturation,
+        tta_flip=masks_cfg.tta_flip,
+        tta_scales=tuple(masks_cfg.tta_scales),
+        refine=masks_cfg.refine.as_kwargs(),
+    )

@@ -41,12 +41,11 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return images
     radius = max(1, int(round(3 * sigma)))
-    taps = [math.exp(-t * t / (2 * sigma ** 2)) for t in range(-radius, radius + 1)]
+    taps = [math.exp(-t * t / (2 * sigma**2)) for t in range(-radius, radius + 1)]
     # A constant kernel, one channel at a time: the ONNX exporter needs the weights' shape.
     kernel = torch.tensor([t / sum(taps) for t in taps], dtype=images.dtype, device=images.device)
     batch, channels, height, width = images.shape
-    out = F.pad(images.reshape(batch * channels, 1, height, width), (radius, radius, radius, radius),
-                mode="replicate")
+    out = F.pad(images.reshape(batch * channels, 1, height, width), (radius, radius, radius, radius), mode="replicate")
     out = F.conv2d(out, kernel.view(1, 1, 1, -1))
     return F.conv2d(out, kernel.view(1, 1, -1, 1)).reshape(batch, channels, height, width)
 
@@ -62,15 +61,21 @@ def colour_affinities(rgb: torch.Tensor, dilations, colour_weight: float, blur_s
     height, width = image.shape[-2:]
     reach = max(dilations)
     padded = F.pad(image, (reach, reach, reach, reach), mode="replicate")
-    neighbours = torch.stack([padded[..., reach + dy:reach + dy + height, reach + dx:reach + dx + width]
-                              for dy, dx in neighbour_offsets(dilations)], dim=2)  # (B, 3, K, H, W)
+    neighbours = torch.stack(
+        [
+            padded[..., reach + dy : reach + dy + height, reach + dx : reach + dx + width]
+            for dy, dx in neighbour_offsets(dilations)
+        ],
+        dim=2,
+    )  # (B, 3, K, H, W)
     spread = neighbours.std(dim=2, keepdim=True) + 1e-3  # a flat region still tells colours apart
     distance = ((neighbours - image.unsqueeze(2)).abs() / (colour_weight * spread)) ** 2
     return F.softmax(-distance.mean(dim=1), dim=1)
 
 
-def refine_cams(cams: torch.Tensor, rgb: torch.Tensor, iterations: int, dilations, colour_weight: float,
-                blur_sigma: float) -> torch.Tensor:
+def refine_cams(
+    cams: torch.Tensor, rgb: torch.Tensor, iterations: int, dilations, colour_weight: float, blur_sigma: float
+) -> torch.Tensor:
     """Propagate (B, C, H, W) CAMs along colour affinities of the (B, 3, H, W) patch."""
     if iterations <= 0:
         return cams
@@ -82,14 +87,16 @@ def refine_cams(cams: torch.Tensor, rgb: torch.Tensor, iterations: int, dilation
         padded = F.pad(cams, (reach, reach, reach, reach), mode="replicate")
         out = torch.zeros_like(cams)
         for k, (dy, dx) in enumerate(offsets):  # shifted views, one fused multiply-add each
-            out.addcmul_(padded[..., reach + dy:reach + dy + height, reach + dx:reach + dx + width],
-                         affinity[:, k:k + 1])
+            out.addcmul_(
+                padded[..., reach + dy : reach + dy + height, reach + dx : reach + dx + width], affinity[:, k : k + 1]
+            )
         cams = out
     return cams
 
 
-def refine_scores(logits: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                  **refine) -> torch.Tensor:
+def refine_scores(
+    logits: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, **refine
+) -> torch.Tensor:
     """Log of the segmenter's softmax scores refined along the colours of its input.
 
     ``logits`` (B, C, h, w) for the normalised input ``images`` (B, 3, H, W), ``mean``/``std``

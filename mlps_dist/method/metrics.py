@@ -51,11 +51,15 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count ``pred`` against ``target`` (integer tensors of the same shape)."""
         if pred.shape != target.shape:
-            raise ValueError(f"ConfusionMatrix.update: pred shape {tuple(pred.shape)} differs from "
-                             f"target shape {tuple(target.shape)}; upsample predictions to the mask size")
+            raise ValueError(
+                f"ConfusionMatrix.update: pred shape {tuple(pred.shape)} differs from "
+                f"target shape {tuple(target.shape)}; upsample predictions to the mask size"
+            )
         if pred.is_floating_point() or target.is_floating_point():
-            raise TypeError("ConfusionMatrix.update: pred and target must be integer class indices "
-                            "(take argmax over the class dimension first)")
+            raise TypeError(
+                "ConfusionMatrix.update: pred and target must be integer class indices "
+                "(take argmax over the class dimension first)"
+            )
         c = self.num_classes
         pred = pred.reshape(-1).to(self.counts.device, torch.int64)
         target = target.reshape(-1).to(self.counts.device, torch.int64)
@@ -67,15 +71,18 @@ class ConfusionMatrix:
         # say so rather than fold it into some other class.
         bad_t = (target < 0) | (target >= c)
         if bool(bad_t.any()):
-            raise ValueError(f"ConfusionMatrix.update: target holds value {int(target[bad_t][0])}, which is neither "
-                             f"a class 0..{c - 1} nor the ignore index {self.ignore_index}")
+            raise ValueError(
+                f"ConfusionMatrix.update: target holds value {int(target[bad_t][0])}, which is neither "
+                f"a class 0..{c - 1} nor the ignore index {self.ignore_index}"
+            )
         bad_p = (pred < 0) | (pred >= c)
         if bool(bad_p.any()):
-            raise ValueError(f"ConfusionMatrix.update: prediction holds value {int(pred[bad_p][0])}, "
-                             f"outside the classes 0..{c - 1}")
+            raise ValueError(
+                f"ConfusionMatrix.update: prediction holds value {int(pred[bad_p][0])}, outside the classes 0..{c - 1}"
+            )
         self.counts += torch.bincount(target * c + pred, minlength=c * c).reshape(c, c)
 
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sum the counts over all ranks (in place); a no-op for a single process."""
         dist.all_reduce_sum(self.counts)
         return self
@@ -96,8 +103,13 @@ class ConfusionMatrix:
             acc = float(tp.sum() / total)
         else:
             fwiou = acc = math.nan
-        return {"miou": nanmean(iou), "fwiou": fwiou, "acc": acc, "macc": nanmean(recall),
-                "iou": [float(v) for v in iou]}
+        return {
+            "miou": nanmean(iou),
+            "fwiou": fwiou,
+            "acc": acc,
+            "macc": nanmean(recall),
+            "iou": [float(v) for v in iou],
+        }
 
 
 # ---------------------------------------------------------------- multi-label
@@ -117,17 +129,20 @@ class MultiLabelMeter:
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         if probs.shape != labels.shape or probs.ndim != 2 or probs.shape[1] != self.num_classes:
-            raise ValueError(f"MultiLabelMeter.update: probs {tuple(probs.shape)} and labels {tuple(labels.shape)} "
-                             f"must both be (batch, {self.num_classes})")
+            raise ValueError(
+                f"MultiLabelMeter.update: probs {tuple(probs.shape)} and labels {tuple(labels.shape)} "
+                f"must both be (batch, {self.num_classes})"
+            )
         pred = (probs > self.threshold).to(self.counts.device)
         truth = (labels > 0.5).to(self.counts.device)
-        per_class = torch.stack([(pred & truth).sum(0), (pred & ~truth).sum(0),
-                                 (~pred & truth).sum(0), (~pred & ~truth).sum(0)], dim=1)
+        per_class = torch.stack(
+            [(pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0), (~pred & ~truth).sum(0)], dim=1
+        )
         self.counts[:-1] += per_class
         self.counts[-1, 0] += (pred == truth).all(dim=1).sum()
         self.counts[-1, 1] += probs.shape[0]
 
-    def all_reduce(self) -> "MultiLabelMeter":
+    def all_reduce(self) -> MultiLabelMeter:
         dist.all_reduce_sum(self.counts)
         return self
 

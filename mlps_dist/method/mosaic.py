@@ -69,8 +69,9 @@ def paste(images: torch.Tensor, pairs: list[tuple[int, int]], regions: torch.Ten
     return out
 
 
-def mix_single_tissue(images: torch.Tensor, masks: torch.Tensor, ignore_index: int,
-                      prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_single_tissue(
+    images: torch.Tensor, masks: torch.Tensor, ignore_index: int, prob: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste a smooth region of another single-tissue patch of a different class into
     each single-tissue patch, with probability ``prob`` per patch, masks alike. images
     (B,3,H,W), masks (B,L,H,W); returns new tensors (the inputs are left as they are)."""

@@ -13,9 +13,16 @@ CLASSIFIER_NAMES = ("resnet38d", "small38", "efficientnet_lite0")
 SEGMENTER_NAMES = ("deeplabv3plus_resnet101", "deeplabv3plus_small", "deeplabv3plus_lite0")
 
 
-def create_classifier(name: str, num_classes: int, pretrained: str = "", *,
-                      freeze_stages: int = 0, freeze_bn: bool = False, dropout: float = 0.5,
-                      pda_attention: str = "normalised") -> Classifier:
+def create_classifier(
+    name: str,
+    num_classes: int,
+    pretrained: str = "",
+    *,
+    freeze_stages: int = 0,
+    freeze_bn: bool = False,
+    dropout: float = 0.5,
+    pda_attention: str = "normalised",
+) -> Classifier:
     """``resnet38d`` (paper), ``small38`` (CPU, from scratch) or ``efficientnet_lite0`` (CPU,
     ImageNet); ``pretrained`` = local weights file for the backbone, "imagenet" for the weights
     package of an IMAGENET_NAMES network, "" = random init; ``dropout`` = channel dropout
@@ -45,8 +52,10 @@ def resolve_pretrained(name: str, pretrained: str) -> str:
     if pretrained != "imagenet":
         return pretrained
     if name not in IMAGENET_NAMES:
-        raise ValueError(f"'pretrained: imagenet' is available for {', '.join(IMAGENET_NAMES)}, not '{name}'; "
-                         f"give a weights file instead")
+        raise ValueError(
+            f"'pretrained: imagenet' is available for {', '.join(IMAGENET_NAMES)}, not '{name}'; "
+            f"give a weights file instead"
+        )
     from .efficientnet import imagenet_weights_file
 
     return imagenet_weights_file()
@@ -60,9 +69,17 @@ def create_segmenter(name: str, num_classes: int, pretrained: str = "", multi_gr
         raise ValueError(f"unknown segmenter '{name}'; set segmenter.model to one of {', '.join(SEGMENTER_NAMES)}")
     from .deeplab import create_deeplabv3plus
 
-    return create_deeplabv3plus(name, num_classes, resolve_pretrained(name, pretrained) if pretrained else "",
-                                multi_grid=tuple(multi_grid))
+    return create_deeplabv3plus(
+        name, num_classes, resolve_pretrained(name, pretrained) if pretrained else "", multi_grid=tuple(multi_grid)
+    )
 
 
-__all__ = ["create_classifier", "create_segmenter", "resolve_pretrained", "Classifier", "CLASSIFIER_NAMES",
-           "SEGMENTER_NAMES", "IMAGENET_NAMES"]
+__all__ = [
+    "create_classifier",
+    "create_segmenter",
+    "resolve_pretrained",
+    "Classifier",
+    "CLASSIFIER_NAMES",
+    "SEGMENTER_NAMES",
+    "IMAGENET_NAMES",
+]

@@ -46,8 +46,9 @@ def dropped_cam_attention(features: torch.Tensor, head_weight: torch.Tensor, gam
     return dropped.mean(dim=1, keepdim=True)  # a plain division by C
 
 
-def progressive_dropout_attention(features: torch.Tensor, head_weight: torch.Tensor, gamma: float,
-                                  attention: str = "public") -> torch.Tensor:
+def progressive_dropout_attention(
+    features: torch.Tensor, head_weight: torch.Tensor, gamma: float, attention: str = "public"
+) -> torch.Tensor:
     """Re-weight ``features`` (B,K,H,W) by the mean of the classes' dropped CAMs.
 
     CAM_c = relu(w_c . features) from the current head weights ``head_weight`` (C,K,1,1).
@@ -63,8 +64,9 @@ def progressive_dropout_attention(features: torch.Tensor, head_weight: torch.Ten
     if attention == "public":
         return features * dropped_cam_attention(features, head_weight, gamma)
     if attention != "normalised":
-        raise ValueError(f"unknown PDA attention '{attention}'; set classifier.pda.attention to one of "
-                         f"{', '.join(ATTENTION_MODES)}")
+        raise ValueError(
+            f"unknown PDA attention '{attention}'; set classifier.pda.attention to one of {', '.join(ATTENTION_MODES)}"
+        )
     # fp32 for the threshold and the normalisation: .float() alone is undone by an active autocast
     with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         amap = dropped_cam_attention(features.float(), head_weight.float(), gamma)
@@ -81,8 +83,14 @@ class Classifier(nn.Module):
     "normalised" | "public" (see the module docstring).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, cam_layers: tuple[str, ...], dropout: float = 0.5,
-                 pda_attention: str = "normalised"):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        cam_layers: tuple[str, ...],
+        dropout: float = 0.5,
+        pda_attention: str = "normalised",
+    ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -110,13 +118,16 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)["bn7"]
         if self.training and self.pda_gamma is not None:
-            features = progressive_dropout_attention(features, self.head.weight, float(self.pda_gamma),
-                                                     self.pda_attention)
+            features = progressive_dropout_attention(
+                features, self.head.weight, float(self.pda_gamma), self.pda_attention
+            )
         features = self.dropout7(features)
         return self.logits_from_features(features)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: backbone (base LR) and the from-scratch head (head_lr_mult);
         the optimizer splits each into weights and biases (parallel.optimizer_groups)."""
-        return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
-                "head": [p for p in self.head.parameters() if p.requires_grad]}
+        return {
+            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+            "head": [p for p in self.head.parameters() if p.requires_grad],
+        }

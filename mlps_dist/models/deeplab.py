@@ -41,8 +41,9 @@ class ASPP(nn.Module):
         self.aspp3 = _ASPPModule(in_ch, out_ch, 3, rates[1])
         self.aspp4 = _ASPPModule(in_ch, out_ch, 3, rates[2])
         # Image-level branch: BN over a 1x1 map needs batches of >= 2 per process in training.
-        self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_ch, out_ch, 1, bias=False),
-                                             nn.BatchNorm2d(out_ch), nn.ReLU())
+        self.global_avg_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()
+        )
         self.conv1 = nn.Conv2d(out_ch * 5, out_ch, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.relu = nn.ReLU()
@@ -62,10 +63,16 @@ class Decoder(nn.Module):
         self.bn1 = nn.BatchNorm2d(low_proj)
         self.relu = nn.ReLU()
         self.last_conv = nn.Sequential(
-            nn.Conv2d(aspp_ch + low_proj, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(aspp_ch + low_proj, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.Dropout(0.5),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.Dropout(0.1),
-            nn.Conv2d(width, num_classes, 1))  # index 8: the classifier (CLASSIFIER_PREFIX)
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv2d(width, num_classes, 1),
+        )  # index 8: the classifier (CLASSIFIER_PREFIX)
 
     @property
     def classifier(self) -> nn.Conv2d:
@@ -80,8 +87,9 @@ class Decoder(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """``forward(x) -> (B,C,H,W)`` logits at the input resolution, for any H, W."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, aspp_ch: int = 256,
-                 low_proj: int = 48, decoder_width: int = 256):
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, aspp_ch: int = 256, low_proj: int = 48, decoder_width: int = 256
+    ):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
@@ -99,12 +107,15 @@ class DeepLabV3Plus(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Backbone (base LR) vs. ASPP + decoder (the "head", 10x LR, as the public code)."""
         head = list(self.aspp.parameters()) + list(self.decoder.parameters())
-        return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
-                "head": [p for p in head if p.requires_grad]}
+        return {
+            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+            "head": [p for p in head if p.requires_grad],
+        }
 
 
-def create_deeplabv3plus(name: str, num_classes: int, pretrained: str = "",
-                         multi_grid: tuple[int, ...] = (1, 2, 4)) -> DeepLabV3Plus:
+def create_deeplabv3plus(
+    name: str, num_classes: int, pretrained: str = "", multi_grid: tuple[int, ...] = (1, 2, 4)
+) -> DeepLabV3Plus:
     """``multi_grid`` (ResNet-101 only): layer4 dilation multipliers; () = torchvision's layer4."""
     if name == "deeplabv3plus_resnet101":
         model = DeepLabV3Plus(create_resnet101(multi_grid=tuple(multi_grid)), num_classes)

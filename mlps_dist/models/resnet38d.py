@@ -24,14 +24,22 @@ from .batchnorm import freeze_batchnorm_affine, keep_batchnorm_in_eval
 class ResBlock(nn.Module):
     """Pre-activation block of two 3x3 convs (b2..b5_2)."""
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int = 1,
-                 first_dilation: int | None = None, dilation: int = 1):
+    def __init__(
+        self,
+        in_ch: int,
+        mid_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        first_dilation: int | None = None,
+        dilation: int = 1,
+    ):
         super().__init__()
         first_dilation = dilation if first_dilation is None else first_dilation
         self.same_shape = in_ch == out_ch and stride == 1
         self.bn_branch2a = nn.BatchNorm2d(in_ch)
-        self.conv_branch2a = nn.Conv2d(in_ch, mid_ch, 3, stride, padding=first_dilation,
-                                       dilation=first_dilation, bias=False)
+        self.conv_branch2a = nn.Conv2d(
+            in_ch, mid_ch, 3, stride, padding=first_dilation, dilation=first_dilation, bias=False
+        )
         self.bn_branch2b1 = nn.BatchNorm2d(mid_ch)
         self.conv_branch2b1 = nn.Conv2d(mid_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
         if not self.same_shape:
@@ -86,16 +94,35 @@ class Widths:
     s6: int = 2048
     s7: int = 4096
 
-    def scaled(self, divisor: int) -> "Widths":
-        return Widths(*(w // divisor for w in (self.stem, self.s2, self.s3, self.s4,
-                                                 self.s5_mid, self.s5, self.s6, self.s7)))
+    def scaled(self, divisor: int) -> Widths:
+        return Widths(
+            *(w // divisor for w in (self.stem, self.s2, self.s3, self.s4, self.s5_mid, self.s5, self.s6, self.s7))
+        )
 
 
 # Blocks in forward order with the stage they belong to (used by freeze_stages):
 # stage 1 = conv1a, 2 = b2*, 3 = b3*, 4 = b4*, 5 = b5*, 6 = b6, 7 = b7 + bn7.
-STAGE_OF = {"conv1a": 1, "b2": 2, "b2_1": 2, "b2_2": 2, "b3": 3, "b3_1": 3, "b3_2": 3,
-            "b4": 4, "b4_1": 4, "b4_2": 4, "b4_3": 4, "b4_4": 4, "b4_5": 4,
-            "b5": 5, "b5_1": 5, "b5_2": 5, "b6": 6, "b7": 7, "bn7": 7}
+STAGE_OF = {
+    "conv1a": 1,
+    "b2": 2,
+    "b2_1": 2,
+    "b2_2": 2,
+    "b3": 3,
+    "b3_1": 3,
+    "b3_2": 3,
+    "b4": 4,
+    "b4_1": 4,
+    "b4_2": 4,
+    "b4_3": 4,
+    "b4_4": 4,
+    "b4_5": 4,
+    "b5": 5,
+    "b5_1": 5,
+    "b5_2": 5,
+    "b6": 6,
+    "b7": 7,
+    "bn7": 7,
+}
 
 FEATURE_LAYERS = ("b4_5", "b5_2", "bn7")
 
@@ -109,8 +136,13 @@ class ResNet38d(nn.Module):
     poor batch statistics).
     """
 
-    def __init__(self, widths: Widths = Widths(), freeze_stages: int = 0, freeze_bn: bool = False,
-                 dropout: tuple[float, float] = (0.3, 0.5)):
+    def __init__(
+        self,
+        widths: Widths = Widths(),  # noqa: B008
+        freeze_stages: int = 0,
+        freeze_bn: bool = False,
+        dropout: tuple[float, float] = (0.3, 0.5),
+    ):
         super().__init__()
         w = widths
         self.widths = w
@@ -144,7 +176,7 @@ class ResNet38d(nn.Module):
         if self.freeze_bn:
             freeze_batchnorm_affine(self)
 
-    def train(self, mode: bool = True) -> "ResNet38d":
+    def train(self, mode: bool = True) -> ResNet38d:
         super().train(mode)
         if self.freeze_bn:  # running statistics stay those of the pretrained weights
             keep_batchnorm_in_eval(self)  # SyncBatchNorm (multi-GPU) included

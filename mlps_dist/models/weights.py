@@ -66,7 +66,9 @@ def _read_ndarray(r: _Reader, i: int) -> np.ndarray | None:
     if magic in (V2_MAGIC, V3_MAGIC):
         storage = r.take("<i")
         if storage != 0:
-            raise ValueError(f"{r.path}: array #{i} uses sparse storage type {storage}; only dense arrays are supported")
+            raise ValueError(
+                f"{r.path}: array #{i} uses sparse storage type {storage}; only dense arrays are supported"
+            )
         ndim = r.take("<i")
         if ndim < 0:  # V3 "unknown shape": an empty array
             return None
@@ -131,8 +133,14 @@ def write_mxnet_params(path: str | Path, arrays: dict[str, np.ndarray], legacy: 
 
 # ---------------------------------------------------------------- ResNet-38d names
 
-_BN_FIELD = {"gamma": "weight", "beta": "bias", "mean": "running_mean", "moving_mean": "running_mean",
-             "var": "running_var", "moving_var": "running_var"}
+_BN_FIELD = {
+    "gamma": "weight",
+    "beta": "bias",
+    "mean": "running_mean",
+    "moving_mean": "running_mean",
+    "var": "running_var",
+    "moving_var": "running_var",
+}
 # res4b5_branch2b1_weight / bn4b5_branch2b1_moving_mean: stage 4, unit "b5", branch 2b1
 _BLOCK = re.compile(r"^(res|bn)(\d)([a-z])(\d*)_(branch\w+?)_(weight|gamma|beta|moving_mean|moving_var|mean|var)$")
 _BN7 = re.compile(r"^bn7_(gamma|beta|moving_mean|moving_var|mean|var)$")
@@ -178,9 +186,13 @@ def convert_mxnet_resnet38d(arrays: dict[str, np.ndarray]) -> tuple[dict[str, to
 # that never belong to a backbone: the ImageNet fc (torchvision "fc.", MXNet-converted
 # "linear1000") and the public MLPS stage-1 head ("fc8.").
 _WRAPPER_PREFIXES = ("module.", "backbone.")
-_HEAD_PREFIXES = {"resnet": ("fc.",), "resnet38d": ("fc8.", "fc.", "head.", "linear1000"),
-                  "deeplab": ("decoder.last_conv.8.",), "efficientnet": ("_fc.",),
-                  "efficientnet_encoder": ("_fc.", "_conv_head.", "_bn1.")}  # DeepLab's encoder: no 1280-channel head
+_HEAD_PREFIXES = {
+    "resnet": ("fc.",),
+    "resnet38d": ("fc8.", "fc.", "head.", "linear1000"),
+    "deeplab": ("decoder.last_conv.8.",),
+    "efficientnet": ("_fc.",),
+    "efficientnet_encoder": ("_fc.", "_conv_head.", "_bn1."),
+}  # DeepLab's encoder: no 1280-channel head
 # A whole segmenter (pytorch-deeplab-xception layout) rather than a bare backbone.
 _SEGMENTER_PREFIXES = ("backbone.", "aspp.", "decoder.")
 
@@ -237,8 +249,11 @@ def _numpy_scalar_globals() -> list:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar
-    kinds = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
-             if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
+    kinds = [
+        getattr(np.dtypes, n)
+        for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, n)
+    ]
     return [scalar, np.dtype, *kinds]
 
 
@@ -267,24 +282,33 @@ def is_whole_segmenter(path: str | Path) -> bool:
     return any(k.startswith(_SEGMENTER_PREFIXES[1:]) for k in keys)
 
 
-def match_state_dict(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                     source: str, dropped: list[str] | None = None) -> LoadReport:
+def match_state_dict(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, dropped: list[str] | None = None
+) -> LoadReport:
     """Compare a file's tensors with a model's state dict (only names and shapes are read,
     so ``own`` may live on the meta device). Raises, naming ``source``, when no tensor
     matches or a matching name has a different shape: the wrong file for this model."""
     report = LoadReport(source, dropped=list(dropped or []))
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if mismatched:
-        raise ValueError(f"{source}: {len(mismatched)} tensors have the wrong shape for this model, e.g. "
-                         + "; ".join(mismatched[:5]) + ". Is it the weights file of another network?")
+        raise ValueError(
+            f"{source}: {len(mismatched)} tensors have the wrong shape for this model, e.g. "
+            + "; ".join(mismatched[:5])
+            + ". Is it the weights file of another network?"
+        )
     report.loaded = [k for k in state if k in own]
     report.unexpected = [k for k in state if k not in own]
     # num_batches_tracked is a BN counter, absent from most published weight files
     report.missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if not report.loaded:
-        raise ValueError(f"{source}: no tensor name matches the model (file has e.g. {list(state)[:3]}, "
-                         f"model expects e.g. {list(own)[:3]}); pass weights for this network")
+        raise ValueError(
+            f"{source}: no tensor name matches the model (file has e.g. {list(state)[:3]}, "
+            f"model expects e.g. {list(own)[:3]}); pass weights for this network"
+        )
     return report
 
 

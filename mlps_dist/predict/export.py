@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlps_dist.core.errors import InputError, MlpsError
-from mlps_dist.predict.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
-from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, commit_file, sha256_file, tmp_path
 from mlps_dist.core import layout
+from mlps_dist.core.errors import InputError, MlpsError
+from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json, commit_file, sha256_file, tmp_path
+from mlps_dist.predict.export_graph import INPUT_NAME, OUTPUT_NAMES, DeployGraph
 
 MIN_AGREEMENT = 0.999
 FORMAT_VERSION = 1
@@ -52,12 +52,25 @@ class ExportCheckError(MlpsError):
 def export_graph(graph: DeployGraph, path: Path, opset: int) -> None:
     """torch -> ONNX at ``path`` with dynamic N, H, W."""
     example = torch.zeros(1, 3, graph.image_size or 32, graph.image_size or 32, dtype=torch.uint8)
-    dynamic = {"image": {0: "N", 2: "H", 3: "W"}, "classes": {0: "N", 1: "H", 2: "W"},
-               "scores": {0: "N", 2: "H", 3: "W"}, "presence": {0: "N"}}
+    dynamic = {
+        "image": {0: "N", 2: "H", 3: "W"},
+        "classes": {0: "N", 1: "H", 2: "W"},
+        "scores": {0: "N", 2: "H", 3: "W"},
+        "presence": {0: "N"},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation notes about this exporter path
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
     import onnx
 
     onnx.checker.check_model(str(path))
@@ -145,11 +158,17 @@ def model_record(args, cfg, predictor, seg_meta, info: dict, check: dict, weight
         "refine": predictor.refine,  # colour-affinity refinement inside the graph (evaluate.refine), or null
         # data.stain: the reference deploy.OnnxModel maps images onto before the graph, or null
         "stain": predictor.stain.reference if predictor.stain is not None else None,
-        "normalisation": {"formula": "(image / 255 - mean) / std, inside the graph",
-                          "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+        "normalisation": {
+            "formula": "(image / 255 - mean) / std, inside the graph",
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+        },
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, "H", "W"], "channels": "RGB"},
-        "outputs": {"classes": "int64 (N, H, W)", "scores": "float32 (N, C, H, W) softmax after the gate",
-                    "presence": "float32 (N, C) gate classifier probabilities"},
+        "outputs": {
+            "classes": "int64 (N, H, W)",
+            "scores": "float32 (N, C, H, W) softmax after the gate",
+            "presence": "float32 (N, C) gate classifier probabilities",
+        },
         "opset": args.opset,
         "checkpoint": args.checkpoint,
         "metrics": read_metrics(Path(args.run)),
@@ -197,11 +216,15 @@ def run_export(args) -> dict:
         patches = len(reader) if not args.check_limit else min(args.check_limit, len(reader))
         check = self_check(predictor, staged, check_patches(reader, args.check_limit), patches)
         check["split"] = args.check_split
-        print(f"self-check on {check['samples']} {args.check_split} patches: classes agree on "
-              f"{100 * check['class_agreement']:.4f} % of pixels, largest score difference {check['max_score_diff']:.3g}")
+        print(
+            f"self-check on {check['samples']} {args.check_split} patches: classes agree on "
+            f"{100 * check['class_agreement']:.4f} % of pixels, largest score difference {check['max_score_diff']:.3g}"
+        )
         if not check["class_agreement"] >= MIN_AGREEMENT:
-            raise ExportCheckError(f"onnxruntime and torch agree on only {100 * check['class_agreement']:.4f} % of "
-                                   f"pixels (need {100 * MIN_AGREEMENT:.1f} %); no model.onnx written")
+            raise ExportCheckError(
+                f"onnxruntime and torch agree on only {100 * check['class_agreement']:.4f} % of "
+                f"pixels (need {100 * MIN_AGREEMENT:.1f} %); no model.onnx written"
+            )
         weights["model.onnx"] = {"file": "model.onnx", "sha256": sha256_file(staged)}
         record = model_record(args, cfg, predictor, seg_meta, reader.info, check, weights)
         from mlps_dist.deploy.onnx_model import record_digest

@@ -60,8 +60,17 @@ def antialiased_resize(x: torch.Tensor, size: int) -> torch.Tensor:
 class DeployGraph(torch.nn.Module):
     """Normalisation, training-scale resize, segmenter, classifier gate, upsampling: one module."""
 
-    def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
-                 mean, std, gate_threshold: float, refine: dict | None = None):
+    def __init__(
+        self,
+        segmenter: torch.nn.Module,
+        classifier: torch.nn.Module | None,
+        *,
+        image_size: int,
+        mean,
+        std,
+        gate_threshold: float,
+        refine: dict | None = None,
+    ):
         super().__init__()
         self.refine = dict(refine) if refine else None
         self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
@@ -71,10 +80,16 @@ class DeployGraph(torch.nn.Module):
         self.eval()  # the exporter restores this mode afterwards, on the shared networks too
 
     @classmethod
-    def from_predictor(cls, predictor) -> "DeployGraph":
-        return cls(predictor.segmenter, predictor.classifier, image_size=predictor.image_size,
-                   mean=predictor.mean.flatten().tolist(), std=predictor.std.flatten().tolist(),
-                   gate_threshold=predictor.gate_threshold, refine=predictor.refine)
+    def from_predictor(cls, predictor) -> DeployGraph:
+        return cls(
+            predictor.segmenter,
+            predictor.classifier,
+            image_size=predictor.image_size,
+            mean=predictor.mean.flatten().tolist(),
+            std=predictor.std.flatten().tolist(),
+            gate_threshold=predictor.gate_threshold,
+            refine=predictor.refine,
+        )
 
     def forward(self, image: torch.Tensor):
         x = (image.float() / 255.0 - self.mean) / self.std

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from mlps_dist.core import layout
+from mlps_dist.models import create_classifier, create_segmenter
 from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.train.guard import refuse_collapsed
-from mlps_dist.models import create_classifier, create_segmenter
-from mlps_dist.core import layout
 
 
 def allowed_classes(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -51,28 +51,34 @@ def apply_gate(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 def _load(path: Path, factory, what: str, num_classes: int | None, device) -> tuple[torch.nn.Module, dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the {what} stage first "
-                                f"(or point run_dir at a run that has it)")
+        raise FileNotFoundError(
+            f"{path} does not exist: run the {what} stage first (or point run_dir at a run that has it)"
+        )
     state, meta = load_model_file(path)
     if num_classes is not None and int(meta["num_classes"]) != num_classes:
-        raise ValueError(f"{path} was trained for {meta['num_classes']} classes {meta.get('classes')}, "
-                         f"but the data has {num_classes}; use a run trained on this dataset")
+        raise ValueError(
+            f"{path} was trained for {meta['num_classes']} classes {meta.get('classes')}, "
+            f"but the data has {num_classes}; use a run trained on this dataset"
+        )
     extra = {"multi_grid": meta.get("multi_grid", [])} if factory is create_segmenter else {}  # [] = before multi-grid
     model = factory(meta["name"], int(meta["num_classes"]), **extra)
     model.load_state_dict(state)
     return model.to(device).eval(), {**meta, "path": str(path)}
 
 
-def load_segmenter(run_dir: str | Path, checkpoint: str = "best", num_classes: int | None = None,
-                   device="cpu") -> tuple[torch.nn.Module, dict]:
+def load_segmenter(
+    run_dir: str | Path, checkpoint: str = "best", num_classes: int | None = None, device="cpu"
+) -> tuple[torch.nn.Module, dict]:
     """RUN/segmenter/best.pt (``checkpoint="best"``, falling back to model.pt when no best
     exists) or RUN/segmenter/model.pt (``"last"``); refuses while stage 3 is unfinished."""
     final = layout.model_file(run_dir, "segmenter")
     if not final.is_file():
         # best.pt appears during training; using it before the stage is finished would
         # report on a model that is still changing.
-        raise FileNotFoundError(f"{final} does not exist: stage 3 is not finished; run (or resume) "
-                                f"the segmenter stage (mlps_dist.stages.train_segmenter) first")
+        raise FileNotFoundError(
+            f"{final} does not exist: stage 3 is not finished; run (or resume) "
+            f"the segmenter stage (mlps_dist.stages.train_segmenter) first"
+        )
     path = layout.chosen_model_file(run_dir, "segmenter", checkpoint)
     return _load(path, create_segmenter, "segmenter (mlps_dist.stages.train_segmenter)", num_classes, device)
 
@@ -88,8 +94,9 @@ def classifier_choice(run_dir: str | Path) -> str:
     return "best"
 
 
-def load_classifier(run_dir: str | Path, num_classes: int | None = None, device="cpu",
-                    checkpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
+def load_classifier(
+    run_dir: str | Path, num_classes: int | None = None, device="cpu", checkpoint: str | None = None
+) -> tuple[torch.nn.Module, dict]:
     """The stage-1 classifier for downstream use (pseudo masks, the gate, inference, figures):
     RUN/classifier/best.pt (``checkpoint="best"``: the best validation score; model.pt when
     no epoch was validated) or RUN/classifier/model.pt (``"last"``). None reads
@@ -102,16 +109,22 @@ def load_classifier(run_dir: str | Path, num_classes: int | None = None, device=
         raise ValueError(f"'classifier.checkpoint' must be 'best' or 'last', got '{checkpoint}'")
     final = layout.model_file(run_dir, "classifier")
     if not final.is_file():
-        raise FileNotFoundError(f"{final} does not exist: stage 1 is not finished; run the classifier "
-                                f"stage (mlps_dist.stages.train_classifier) first, or resume it")
+        raise FileNotFoundError(
+            f"{final} does not exist: stage 1 is not finished; run the classifier "
+            f"stage (mlps_dist.stages.train_classifier) first, or resume it"
+        )
     path = layout.chosen_model_file(run_dir, "classifier", checkpoint)
     model, meta = _load(path, create_classifier, "classifier (mlps_dist.stages.train_classifier)", num_classes, device)
     refuse_collapsed(meta, path, "classifier")
     if hasattr(model, "pda_gamma"):
         model.pda_gamma = None  # PDA is a training-time regulariser only
     metrics = meta.get("metrics") or {}
-    meta["selection"] = {"checkpoint": checkpoint, "file": layout.relative(run_dir, path), "epoch": meta.get("epoch"),
-                         "score": metrics.get("score")}
+    meta["selection"] = {
+        "checkpoint": checkpoint,
+        "file": layout.relative(run_dir, path),
+        "epoch": meta.get("epoch"),
+        "score": metrics.get("score"),
+    }
     return model, meta
 
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist.method.cam_refine import refine_scores
 from mlps_dist.data.augment import model_input
-from mlps_dist.predict.gate import allowed_classes, apply_gate
 from mlps_dist.deploy.windows import window_boxes, window_starts  # noqa: F401  (window_starts: re-exported)
+from mlps_dist.method.cam_refine import refine_scores
+from mlps_dist.predict.gate import allowed_classes, apply_gate
 
 
 @dataclass
@@ -62,9 +62,20 @@ class Prediction:
 class Predictor:
     """Segmenter (+ optional gate classifier) behind the training-scale contract above."""
 
-    def __init__(self, segmenter: torch.nn.Module, classifier: torch.nn.Module | None, *, image_size: int,
-                 mean, std, gate_threshold: float = 0.1, precision: str = "fp32", refine: dict | None = None,
-                 stain=None, device="cpu"):
+    def __init__(
+        self,
+        segmenter: torch.nn.Module,
+        classifier: torch.nn.Module | None,
+        *,
+        image_size: int,
+        mean,
+        std,
+        gate_threshold: float = 0.1,
+        precision: str = "fp32",
+        refine: dict | None = None,
+        stain=None,
+        device="cpu",
+    ):
         """``refine``: keyword arguments of cam_refine.refine_cams, None = the plain argmax.
         ``stain``: a stain.StainNormaliser for uint8 input, None = off."""
         self.segmenter, self.classifier = segmenter.eval(), classifier.eval() if classifier is not None else None
@@ -93,8 +104,7 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None,
-                 stain: bool = True) -> Prediction:
+    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None, stain: bool = True) -> Prediction:
         """``images``: normalised float (B, 3, H, W), or uint8 RGB (normalised here, stains
         included unless ``stain`` is False). ``out_size``: size of the returned maps, default
         the input's (H, W)."""
@@ -118,8 +128,9 @@ class Predictor:
 
 
 @torch.no_grad()
-def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: float = 0.5,
-                   batch_size: int = 8) -> Prediction:
+def sliding_window(
+    predictor: Predictor, rgb: np.ndarray, window: int, overlap: float = 0.5, batch_size: int = 8
+) -> Prediction:
     """Predict an (H, W, 3) uint8 image of any size with windows of ``window`` px (the
     training patch size). Returns a Prediction with batch 1 whose ``logits`` are the log of
     the blended scores (windows.py's rule), so ``classes()`` is the argmax of the averaged
@@ -133,14 +144,14 @@ def sliding_window(predictor: Predictor, rgb: np.ndarray, window: int, overlap: 
     wh, ww = min(window, h), min(window, w)
     score_sum = count = None
     for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first:first + batch_size]
-        scores = predictor(torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in chunk]), stain=False).scores()
+        chunk = boxes[first : first + batch_size]
+        scores = predictor(torch.cat([image[:, :, y : y + wh, x : x + ww] for y, x in chunk]), stain=False).scores()
         if score_sum is None:
             score_sum = torch.zeros(scores.shape[1], h, w, device=predictor.device)
             count = torch.zeros(1, h, w, device=predictor.device)
         for i, (y, x) in enumerate(chunk):
-            score_sum[:, y:y + wh, x:x + ww] += scores[i]
-            count[:, y:y + wh, x:x + ww] += 1
+            score_sum[:, y : y + wh, x : x + ww] += scores[i]
+            count[:, y : y + wh, x : x + ww] += 1
     return Prediction(torch.log(score_sum / count)[None])
 
 
@@ -155,16 +166,23 @@ def training_patch_size(cfg, info: dict | None) -> int:
     return int(cfg.data.image_size or 224)
 
 
-def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best", gate: bool | None = None,
-                     gate_threshold: float | None = None, num_classes: int | None = None,
-                     device="cpu") -> tuple[Predictor, dict]:
+def create_predictor(
+    run_dir: str | Path,
+    cfg=None,
+    *,
+    checkpoint: str = "best",
+    gate: bool | None = None,
+    gate_threshold: float | None = None,
+    num_classes: int | None = None,
+    device="cpu",
+) -> tuple[Predictor, dict]:
     """Predictor of a finished run (RUN/config.yaml, segmenter and classifier files).
     Returns (predictor, segmenter meta); ``meta["classifier"]`` records the gate's stage-1
     model (``classifier.checkpoint``: checkpoint, file, epoch, score, digest), None ungated."""
     from mlps_dist.config import load_config
-    from mlps_dist.predict.gate import load_classifier, load_segmenter
     from mlps_dist.core import layout
     from mlps_dist.data.stain_run import load_normaliser
+    from mlps_dist.predict.gate import load_classifier, load_segmenter
 
     if cfg is None:
         cfg = load_config(layout.existing_config_file(run_dir))
@@ -172,14 +190,23 @@ def create_predictor(run_dir: str | Path, cfg=None, *, checkpoint: str = "best",
     use_gate = cfg.evaluate.gate if gate is None else gate
     classifier, selection = None, None
     if use_gate:
-        classifier, cls_meta = load_classifier(run_dir, int(meta["num_classes"]), device,
-                                               checkpoint=cfg.classifier.checkpoint)
+        classifier, cls_meta = load_classifier(
+            run_dir, int(meta["num_classes"]), device, checkpoint=cfg.classifier.checkpoint
+        )
         selection = {**cls_meta["selection"], "digest": file_digest(cls_meta["path"])}
     threshold = cfg.evaluate.gate_threshold if gate_threshold is None else gate_threshold
-    predictor = Predictor(segmenter, classifier, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                          std=cfg.data.std, gate_threshold=threshold, precision=cfg.segmenter.precision,
-                          refine=cfg.evaluate.refine.as_kwargs(),
-                          stain=load_normaliser(run_dir, cfg.data.stain.method), device=device)
+    predictor = Predictor(
+        segmenter,
+        classifier,
+        image_size=cfg.data.image_size,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        gate_threshold=threshold,
+        precision=cfg.segmenter.precision,
+        refine=cfg.evaluate.refine.as_kwargs(),
+        stain=load_normaliser(run_dir, cfg.data.stain.method),
+        device=device,
+    )
     return predictor, {**meta, "classifier": selection}
 
 

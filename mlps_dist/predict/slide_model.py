@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist.config import load_config
+from mlps_dist.core import layout
 from mlps_dist.core.draw import palette_for
 from mlps_dist.predict.predictor import Predictor, create_predictor, training_patch_size
-from mlps_dist.core import layout
 
 
 class RunSlideModel:
@@ -50,14 +50,23 @@ def run_info(cfg) -> dict | None:
         return None
 
 
-def create_slide_model(run_dir: str | Path, model_mpp: float | None = None, *, checkpoint: str = "best",
-                       gate: bool | None = None, gate_threshold: float | None = None, device="cpu") -> RunSlideModel:
+def create_slide_model(
+    run_dir: str | Path,
+    model_mpp: float | None = None,
+    *,
+    checkpoint: str = "best",
+    gate: bool | None = None,
+    gate_threshold: float | None = None,
+    device="cpu",
+) -> RunSlideModel:
     cfg = load_config(layout.existing_config_file(run_dir))
-    predictor, meta = create_predictor(run_dir, cfg, checkpoint=checkpoint, gate=gate, gate_threshold=gate_threshold,
-                                       device=device)
+    predictor, meta = create_predictor(
+        run_dir, cfg, checkpoint=checkpoint, gate=gate, gate_threshold=gate_threshold, device=device
+    )
     info = run_info(cfg)
     num_classes = int(meta["num_classes"])
     classes = list(meta.get("classes") or (info or {}).get("classes") or [f"class{i}" for i in range(num_classes)])
     mpp = (info or {}).get("mpp") or model_mpp
-    return RunSlideModel(predictor, classes, palette_for(num_classes, info), float(mpp) if mpp else None,
-                         training_patch_size(cfg, info))
+    return RunSlideModel(
+        predictor, classes, palette_for(num_classes, info), float(mpp) if mpp else None, training_patch_size(cfg, info)
+    )

@@ -19,13 +19,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mlps_dist.config import ConfigError, load_config
+from mlps_dist.core import layout
 from mlps_dist.core.draw import blend, palette_for
 from mlps_dist.core.fileio import atomic_open
 from mlps_dist.data.decode import decode_sample
 from mlps_dist.data.shards import open_split
-from mlps_dist.predict.predictor import create_predictor
-from mlps_dist.core import layout
 from mlps_dist.data.stain_run import load_normaliser
+from mlps_dist.predict.predictor import create_predictor
 
 LABEL_H = 18
 MIN_SIDE = 160  # small patches are enlarged (nearest neighbour) so the sheet stays legible

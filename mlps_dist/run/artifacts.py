@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlps_dist.config import Config
-from mlps_dist.core.errors import MlpsError
 from mlps_dist.core import layout
+from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 from mlps_dist.core.records import flatten
 
@@ -43,8 +43,15 @@ SHAPING = {
     "classifier": ("seed", "data.", "classifier."),
     "masks": ("data.mean", "data.std", "data.image_size", "data.stain.", "masks.", "classifier.checkpoint"),
     "segmenter": ("seed", "data.", "segmenter."),
-    "evaluate": ("data.mean", "data.std", "data.image_size", "data.stain.", "segmenter.precision", "evaluate.",
-                 "classifier.checkpoint"),
+    "evaluate": (
+        "data.mean",
+        "data.std",
+        "data.image_size",
+        "data.stain.",
+        "segmenter.precision",
+        "evaluate.",
+        "classifier.checkpoint",
+    ),
 }
 # Keys under a stage's prefix that belong to a later stage: which stage-1 file the masks and
 # the gate use does not change the classifier stage itself.
@@ -55,10 +62,23 @@ LATER = {"classifier": ("classifier.checkpoint",)}
 # (for PNG shards at the stored size; JPEG decoders and resizes differ by rounding, a grey
 # level or less: not a different result, as the GPU tier states).
 OPERATIONAL = (
-    "run_dir", "dist.*", "data.root", "data.num_workers", "data.dali_source_workers", "data.loader",
-    "*.log_every_steps", "*.ckpt_every_steps", "*.keep_last", "*.cam_images", "*.vis_images",
-    "masks.batch_size", "masks.export_reference", "masks.quality_splits", "masks.skip_bad",
-    "evaluate.batch_size", "evaluate.splits",
+    "run_dir",
+    "dist.*",
+    "data.root",
+    "data.num_workers",
+    "data.dali_source_workers",
+    "data.loader",
+    "*.log_every_steps",
+    "*.ckpt_every_steps",
+    "*.keep_last",
+    "*.cam_images",
+    "*.vis_images",
+    "masks.batch_size",
+    "masks.export_reference",
+    "masks.quality_splits",
+    "masks.skip_bad",
+    "evaluate.batch_size",
+    "evaluate.splits",
     "data.max_downscale",  # acts through the data.image_size it resolves to (config.resolve_image_size)
 )
 # The shard splits each stage reads.
@@ -81,9 +101,13 @@ def is_operational(key: str) -> bool:
 def shaping_config(config: dict, stage: str) -> dict:
     """The dotted config keys that shape ``stage``'s result (``config`` = Config.to_dict())."""
     flat = flatten(config)
-    return {k: v for k, v in sorted(flat.items())
-            if any(k == p or (p.endswith(".") and k.startswith(p)) for p in SHAPING[stage]) and not is_operational(k)
-            and k not in LATER.get(stage, ())}
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in SHAPING[stage])
+        and not is_operational(k)
+        and k not in LATER.get(stage, ())
+    }
 
 
 def shards_fingerprint(root: str | Path, splits) -> dict:
@@ -158,8 +182,10 @@ def upstream_digest(cfg: Config, stage: str) -> str:
 
 def expected_inputs(cfg: Config, stage: str, split: str = "") -> dict:
     """What a stamp of ``stage`` must record to be the result of the current config."""
-    inputs = {"config": shaping_config(cfg.to_dict(), stage),
-              "shards": shards_fingerprint(cfg.data.root, SPLITS.get(stage, (split,)))}
+    inputs = {
+        "config": shaping_config(cfg.to_dict(), stage),
+        "shards": shards_fingerprint(cfg.data.root, SPLITS.get(stage, (split,))),
+    }
     if stage in UPSTREAM:
         inputs["upstream"] = {UPSTREAM[stage]: upstream_digest(cfg, UPSTREAM[stage])}
     if stage == "evaluate" and cfg.evaluate.gate:
@@ -196,8 +222,15 @@ def write_stamp(cfg: Config, stage: str, inputs: dict, split: str = "") -> dict:
         st = path.stat()
         files[path.name] = {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     digest = files_digest(stage, {k: v["sha256"] for k, v in files.items()})
-    stamp = {"written_by": WRITTEN_BY, "stage": stage, "split": split, "inputs": inputs, "files": files,
-             "digest": digest, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    stamp = {
+        "written_by": WRITTEN_BY,
+        "stage": stage,
+        "split": split,
+        "inputs": inputs,
+        "files": files,
+        "digest": digest,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     atomic_write_json(layout.stamp_file(cfg.run_dir, stage, split), stamp)
     return stamp
 
@@ -229,8 +262,10 @@ class Status:
 
 
 def restart_hint(stage: str) -> str:
-    return (f"start a new run directory, or rerun mlps pipeline with --restart-from {stage} (moves {stage} and the "
-            f"stages after it to RUN/superseded/)")
+    return (
+        f"start a new run directory, or rerun mlps pipeline with --restart-from {stage} (moves {stage} and the "
+        f"stages after it to RUN/superseded/)"
+    )
 
 
 def status(cfg: Config, stage: str, split: str = "") -> Status:
@@ -251,8 +286,9 @@ def status(cfg: Config, stage: str, split: str = "") -> Status:
     if stamp is None:
         return Status(stage, "todo", f"{stage}: not finished yet")
     if stamp == {}:
-        return Status(stage, "stale", f"{where} is damaged or not written by this program; {restart_hint(stage)}",
-                      ["stamp"])
+        return Status(
+            stage, "stale", f"{where} is damaged or not written by this program; {restart_hint(stage)}", ["stamp"]
+        )
     changed = changed_keys(stamp.get("inputs", {}), want)
     if not changed and not files_intact(cfg.run_dir, stage, stamp, split):
         changed = [f"the files in {layout.stage_dir(cfg.run_dir, stage)} (changed since {where} was written)"]
@@ -260,8 +296,13 @@ def status(cfg: Config, stage: str, split: str = "") -> Status:
         what = f"{stage}" + (f" ({split})" if split else "")
         if stage == "evaluate":
             return Status(stage, "todo", f"{what}: inputs changed ({'; '.join(changed)}): evaluated again", changed)
-        return Status(stage, "stale", f"{what} in {cfg.run_dir} was made from other inputs; changed: "
-                      f"{'; '.join(changed)}. It is not reused or overwritten: {restart_hint(stage)}", changed)
+        return Status(
+            stage,
+            "stale",
+            f"{what} in {cfg.run_dir} was made from other inputs; changed: "
+            f"{'; '.join(changed)}. It is not reused or overwritten: {restart_hint(stage)}",
+            changed,
+        )
     return Status(stage, "done", str(where))
 
 
@@ -276,9 +317,11 @@ def require_runnable(cfg: Config, stage: str) -> Status:
         up_st = status(cfg, up)
         if up_st.state == "stale":
             raise StaleError(f"{stage} needs the {up} stage, but {up_st.message}")
-        raise StaleError(f"stage {STAGES.index(up) + 1} is not finished ({up} in {cfg.run_dir}): run or resume "
-                         f"it first (mlps stage {up} CONFIG RUN, or mlps pipeline CONFIG RUN), or give --run a run "
-                         f"that has it")
+        raise StaleError(
+            f"stage {STAGES.index(up) + 1} is not finished ({up} in {cfg.run_dir}): run or resume "
+            f"it first (mlps stage {up} CONFIG RUN, or mlps pipeline CONFIG RUN), or give --run a run "
+            f"that has it"
+        )
     return st
 
 
@@ -288,7 +331,7 @@ def require_runnable(cfg: Config, stage: str) -> Status:
 def restart(cfg: Config, stage: str) -> Path | None:
     """Move ``stage`` and every stage after it to RUN/superseded/<time>/ (nothing is deleted)."""
     run_dir = Path(cfg.run_dir)
-    moving = [layout.stage_dir(run_dir, s) for s in STAGES[STAGES.index(stage):]]
+    moving = [layout.stage_dir(run_dir, s) for s in STAGES[STAGES.index(stage) :]]
     moving = [p for p in moving if p.exists()]
     if not moving:
         return None

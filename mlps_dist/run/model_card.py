@@ -24,8 +24,18 @@ import yaml
 from mlps_dist.core import layout
 from mlps_dist.core.fileio import atomic_write_text, sha256_file
 
-PACKAGES = ("mlps-dist", "torch", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "numpy",
-            "pillow", "onnx", "onnxruntime")
+PACKAGES = (
+    "mlps-dist",
+    "torch",
+    "deepspeed",
+    "nvidia-dali-cuda130",
+    "nvidia-dali-cuda120",
+    "webdataset",
+    "numpy",
+    "pillow",
+    "onnx",
+    "onnxruntime",
+)
 
 
 def _json(path: Path) -> dict | None:
@@ -85,14 +95,17 @@ def data_section(cfg: dict, info: dict | None, root: Path) -> list[str]:
     out = ["## Data", ""]
     if info is None:
         return out + [f"The shards (data.root = `{root}`) were not readable when this card was written.", ""]
-    out += [f"- shards: `{root}` (format {info.get('format')}), digest `{shards_digest(root, info)[:16]}` "
-            f"(sha256 of info.json and the shard indexes)",
-            f"- source layout: {info.get('layout')}, converted from `{info.get('source')}`",
-            f"- microns per pixel: {info.get('mpp') if info.get('mpp') is not None else 'not recorded'}",
-            f"- patches resized to {cfg['data']['image_size'] or 'their stored size'} px for the networks",
-            f"- classes: {', '.join(info['classes'])}; ignore index {info.get('ignore_index')}", "",
-            "| split | patches | patch size | " + " | ".join(info["classes"]) + " |",
-            "|---|---|---|" + "---|" * len(info["classes"])]
+    out += [
+        f"- shards: `{root}` (format {info.get('format')}), digest `{shards_digest(root, info)[:16]}` "
+        f"(sha256 of info.json and the shard indexes)",
+        f"- source layout: {info.get('layout')}, converted from `{info.get('source')}`",
+        f"- microns per pixel: {info.get('mpp') if info.get('mpp') is not None else 'not recorded'}",
+        f"- patches resized to {cfg['data']['image_size'] or 'their stored size'} px for the networks",
+        f"- classes: {', '.join(info['classes'])}; ignore index {info.get('ignore_index')}",
+        "",
+        "| split | patches | patch size | " + " | ".join(info["classes"]) + " |",
+        "|---|---|---|" + "---|" * len(info["classes"]),
+    ]
     for split, s in info.get("splits", {}).items():
         size = "x".join(str(v) for v in s.get("image_size") or []) or "mixed"
         counts = " | ".join(str(c) for c in s.get("class_counts", []))
@@ -105,7 +118,9 @@ def method_section(run: Path, cfg: dict) -> list[str]:
     settings = manifest.get("settings") or {}
     masks_sha, masks_pick = settings.get("classifier_sha256"), settings.get("classifier") or {}
     # the gate's stage-1 file (classifier.checkpoint) as evaluation recorded it
-    gate_pick = (_json(layout.metrics_file(run, "test")) or _json(layout.metrics_file(run, "val")) or {}).get("classifier")
+    gate_pick = (_json(layout.metrics_file(run, "test")) or _json(layout.metrics_file(run, "val")) or {}).get(
+        "classifier"
+    )
     gate_pick = gate_pick or masks_pick
     final_classifier = layout.relative(run, layout.model_file(run, "classifier"))  # files made before the choice
     gate_sha = _sha256(layout.resolve(run, gate_pick.get("file") or final_classifier))
@@ -113,26 +128,40 @@ def method_section(run: Path, cfg: dict) -> list[str]:
     def describe(pick: dict, default: str) -> str:
         where = f"RUN/{pick.get('file') or default}"
         if pick.get("checkpoint"):
-            where += f" (classifier.checkpoint={pick['checkpoint']}, epoch {pick.get('epoch')}, " \
-                     f"validation score {_pct(pick.get('score'))} %)"
+            where += (
+                f" (classifier.checkpoint={pick['checkpoint']}, epoch {pick.get('epoch')}, "
+                f"validation score {_pct(pick.get('score'))} %)"
+            )
         return where
+
     ev = cfg["evaluate"]
-    out = ["## Method and settings", "",
-           "MLPS (Han et al., Medical Image Analysis 2022): a multi-label patch classifier "
-           f"(`{cfg['classifier']['model']}`, Progressive Dropout Attention from epoch "
-           f"{cfg['classifier']['pda']['start_epoch']}), pseudo masks from Grad-CAM at layers "
-           f"{', '.join(cfg['masks']['layers'])}, a segmenter (`{cfg['segmenter']['model']}`) trained on the three "
-           f"masks (loss weights {cfg['segmenter']['loss_weights']}), and at inference the classification gate "
-           f"({'on, threshold ' + str(ev['gate_threshold']) if ev['gate'] else 'off'}).", "",
-           f"- classifier that fed the pseudo masks: {describe(masks_pick, final_classifier)}, "
-           f"sha256 `{(masks_sha or 'unknown')[:16]}`",
-           f"- classifier used as the gate: {describe(gate_pick, final_classifier)}, "
-           f"sha256 `{(gate_sha or 'missing')[:16]}`"
-           + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
-           f"- segmenter checkpoint evaluated: {ev['checkpoint']}",
-           f"- segmenter scores refined along the patch's colours before the argmax: {_refinement(ev)}", ""]
-    out += ["Resolved configuration (RUN/config.yaml):", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
-            "```", ""]
+    out = [
+        "## Method and settings",
+        "",
+        "MLPS (Han et al., Medical Image Analysis 2022): a multi-label patch classifier "
+        f"(`{cfg['classifier']['model']}`, Progressive Dropout Attention from epoch "
+        f"{cfg['classifier']['pda']['start_epoch']}), pseudo masks from Grad-CAM at layers "
+        f"{', '.join(cfg['masks']['layers'])}, a segmenter (`{cfg['segmenter']['model']}`) trained on the three "
+        f"masks (loss weights {cfg['segmenter']['loss_weights']}), and at inference the classification gate "
+        f"({'on, threshold ' + str(ev['gate_threshold']) if ev['gate'] else 'off'}).",
+        "",
+        f"- classifier that fed the pseudo masks: {describe(masks_pick, final_classifier)}, "
+        f"sha256 `{(masks_sha or 'unknown')[:16]}`",
+        f"- classifier used as the gate: {describe(gate_pick, final_classifier)}, "
+        f"sha256 `{(gate_sha or 'missing')[:16]}`"
+        + (" (the same file)" if masks_sha and masks_sha == gate_sha else ""),
+        f"- segmenter checkpoint evaluated: {ev['checkpoint']}",
+        f"- segmenter scores refined along the patch's colours before the argmax: {_refinement(ev)}",
+        "",
+    ]
+    out += [
+        "Resolved configuration (RUN/config.yaml):",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return out
 
 
@@ -145,18 +174,31 @@ def results_section(run: Path) -> list[str]:
             continue
         ungated = record.get("ungated", {})
         title = "gated" if record.get("gate") else "result"
-        out += [f"### {split} ({record.get('samples')} patches), IoU %", "", f"| | {title} | ungated |", "|---|---|---|"]
-        out += [f"| {name} | {_pct(v)} | {_pct(ungated.get('iou', {}).get(name))} |"
-                for name, v in record.get("iou", {}).items()]
-        out += [f"| **{key}** | {_pct(record.get(key))} | {_pct(ungated.get(key))} |"
-                for key in ("miou", "fwiou", "acc", "macc")]
+        out += [
+            f"### {split} ({record.get('samples')} patches), IoU %",
+            "",
+            f"| | {title} | ungated |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {name} | {_pct(v)} | {_pct(ungated.get('iou', {}).get(name))} |"
+            for name, v in record.get("iou", {}).items()
+        ]
+        out += [
+            f"| **{key}** | {_pct(record.get(key))} | {_pct(ungated.get(key))} |"
+            for key in ("miou", "fwiou", "acc", "macc")
+        ]
         out.append("")
     pseudo = _json(layout.masks_report_file(run))
     if pseudo:
         out += ["### Pseudo masks against the ground truth (mIoU %)", "", "| split | layer | mIoU |", "|---|---|---|"]
         splits = {k: v for k, v in pseudo.items() if k != "classifier"}  # "classifier": which model made them
-        out += [f"| {split} | {layer} | {_pct(rec.get('miou'))} |"
-                for split, layers in splits.items() for layer, rec in layers.items() if isinstance(rec, dict)]
+        out += [
+            f"| {split} | {layer} | {_pct(rec.get('miou'))} |"
+            for split, layers in splits.items()
+            for layer, rec in layers.items()
+            if isinstance(rec, dict)
+        ]
         out.append("")
     return out
 
@@ -179,22 +221,30 @@ def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
     root = cfg["data"]["root"]
     shard_layout = (info or {}).get("layout", "LAYOUT")
     source = (info or {}).get("source", "SOURCE")
-    return ["## How to reproduce", "", "```bash",
-            f"mlps shards --layout {shard_layout.lower()} --src {source} --out {root}",
-            f"mlps pipeline {layout.config_file(run)} {run}",
-            f"mlps export --run {run} --out {run}/export",
-            f"mlps infer --model {run}/export/model.onnx --input IMAGES --out PREDICTIONS",
-            "```", "",
-            "The pipeline resumes interrupted stages and skips finished ones; the configuration above is the "
-            "complete set of settings (overrides included).", ""]
+    return [
+        "## How to reproduce",
+        "",
+        "```bash",
+        f"mlps shards --layout {shard_layout.lower()} --src {source} --out {root}",
+        f"mlps pipeline {layout.config_file(run)} {run}",
+        f"mlps export --run {run} --out {run}/export",
+        f"mlps infer --model {run}/export/model.onnx --input IMAGES --out PREDICTIONS",
+        "```",
+        "",
+        "The pipeline resumes interrupted stages and skips finished ones; the configuration above is the "
+        "complete set of settings (overrides included).",
+        "",
+    ]
 
 
 def _refinement(evaluate: dict) -> str:
     refine = evaluate.get("refine") or {}  # absent in configs written before the key existed
     if not refine.get("enabled"):
         return "no"
-    return (f"yes ({refine['iterations']} iterations, neighbour distances {refine['dilations']}, colour weight "
-            f"{refine['colour_weight']}, blur {refine['blur_sigma']} px; evaluate.refine)")
+    return (
+        f"yes ({refine['iterations']} iterations, neighbour distances {refine['dilations']}, colour weight "
+        f"{refine['colour_weight']}, blur {refine['blur_sigma']} px; evaluate.refine)"
+    )
 
 
 def render(run: str | Path) -> str:
@@ -203,9 +253,13 @@ def render(run: str | Path) -> str:
     root = Path(cfg["data"]["root"])
     info = _json(root / "info.json")
     classes = (info or {}).get("classes") or []
-    lines = [f"# Model card: {run.name}", "",
-             f"Tissue segmentation of H&E histopathology ({len(classes)} classes: {', '.join(classes) or 'unknown'}), "
-             "trained with MLPS from patch-level labels.", ""]
+    lines = [
+        f"# Model card: {run.name}",
+        "",
+        f"Tissue segmentation of H&E histopathology ({len(classes)} classes: {', '.join(classes) or 'unknown'}), "
+        "trained with MLPS from patch-level labels.",
+        "",
+    ]
     lines += data_section(cfg, info, root)
     lines += method_section(run, cfg)
     lines += results_section(run)
@@ -218,4 +272,3 @@ def write(run: str | Path) -> Path:
     path = layout.model_card_file(run)
     atomic_write_text(path, render(run))
     return path
-

@@ -19,14 +19,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from mlps_dist import dist
-from mlps_dist.core.progress import Progress
 from mlps_dist.core import layout
+from mlps_dist.core.progress import Progress
 
 
 def _jsonable(value: Any) -> Any:
@@ -100,8 +101,9 @@ class RunLog:
             self._tb.flush()
 
     # -------------------------------------------------------------- progress
-    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "", initial: int = 0,
-                 unit: str = "steps"):
+    def progress(
+        self, iterable: Iterable, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "steps"
+    ):
         """Progress on rank 0 (stderr: a redrawn line on a terminal, a plain line every 30 s in
         a log file); the bare iterable elsewhere."""
         if not self.enabled:

@@ -64,9 +64,11 @@ def read_annotations_map(map_csv: str | Path, slides: list[Path]) -> dict[str, P
         name = by_name.get(cells[0])
         if name is None:
             known = sorted(slide_stem(p) for p in slides)
-            raise InputError(f"{where}: slide {cells[0]!r} is not among --slides ({len(known)} slide(s): "
-                             f"{', '.join(known[:5])}{', ...' if len(known) > 5 else ''}); correct the name "
-                             f"or remove the row")
+            raise InputError(
+                f"{where}: slide {cells[0]!r} is not among --slides ({len(known)} slide(s): "
+                f"{', '.join(known[:5])}{', ...' if len(known) > 5 else ''}); correct the name "
+                f"or remove the row"
+            )
         if name in table:
             raise InputError(f"{where}: slide {name!r} is named a second time; keep one row per slide")
         path = Path(cells[1]).expanduser()
@@ -77,8 +79,9 @@ def read_annotations_map(map_csv: str | Path, slides: list[Path]) -> dict[str, P
     return table
 
 
-def find_annotation_files(slides: list[Path], folder: str | Path | None, map_csv: str | Path | None,
-                          listed: list[Path] | None = None) -> dict[str, Path | None]:
+def find_annotation_files(
+    slides: list[Path], folder: str | Path | None, map_csv: str | Path | None, listed: list[Path] | None = None
+) -> dict[str, Path | None]:
     """{slide name: its annotation file} of ``slides``; all None when neither flag is given.
     ``listed``: every slide of --slides (a map row may name one that cannot be opened)."""
     if folder is None and map_csv is None:
@@ -98,14 +101,18 @@ def find_annotation_files(slides: list[Path], folder: str | Path | None, map_csv
             continue
         present = [p for p in candidates(Path(folder), slide) if p.is_file()]
         if len(present) > 1:
-            raise InputError(f"slide {slide}: more than one annotation file: {', '.join(map(str, present))}; "
-                             f"remove or rename all but one, or name the file in --annotations-map")
+            raise InputError(
+                f"slide {slide}: more than one annotation file: {', '.join(map(str, present))}; "
+                f"remove or rename all but one, or name the file in --annotations-map"
+            )
         if not present:
             looked = " or ".join(p.name for p in candidates(Path(folder), slide))
             missing.append(f"{name} (no {looked} in --annotations {folder})")
             continue
         found[name] = present[0]
     if missing:
-        raise InputError(f"no annotations for slide(s): {'; '.join(missing)}; export them from QuPath, or remove "
-                         f"the slide(s) from --slides")
+        raise InputError(
+            f"no annotations for slide(s): {'; '.join(missing)}; export them from QuPath, or remove "
+            f"the slide(s) from --slides"
+        )
     return found

@@ -41,8 +41,11 @@ def _number(text: str | None, path: Path, where: str) -> float:
 
 
 def _feature(name: str, ring: list[tuple[float, float]]) -> dict:
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "annotation", "classification": {"name": name}}}
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation", "classification": {"name": name}},
+    }
 
 
 def _no_area(name: str) -> dict:
@@ -59,8 +62,11 @@ def _cut(name: str, rings: list, holes: list) -> dict:
     geom = unary_union([solid(r) for r in rings]).difference(unary_union([solid(h) for h in holes]))
     if geom.is_empty:
         return _no_area(name)
-    return {"type": "Feature", "geometry": mapping(geom),
-            "properties": {"objectType": "annotation", "classification": {"name": name}}}
+    return {
+        "type": "Feature",
+        "geometry": mapping(geom),
+        "properties": {"objectType": "annotation", "classification": {"name": name}},
+    }
 
 
 def _closed(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -69,8 +75,10 @@ def _closed(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def _ellipse(a: tuple[float, float], b: tuple[float, float]) -> list[tuple[float, float]]:
     cx, cy, rx, ry = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2, abs(b[0] - a[0]) / 2, abs(b[1] - a[1]) / 2
-    return [(cx + rx * math.cos(2 * math.pi * k / ELLIPSE_SIDES), cy + ry * math.sin(2 * math.pi * k / ELLIPSE_SIDES))
-            for k in range(ELLIPSE_SIDES)]
+    return [
+        (cx + rx * math.cos(2 * math.pi * k / ELLIPSE_SIDES), cy + ry * math.sin(2 * math.pi * k / ELLIPSE_SIDES))
+        for k in range(ELLIPSE_SIDES)
+    ]
 
 
 def _imagescope(root: ET.Element, path: Path) -> list[dict]:
@@ -83,8 +91,10 @@ def _imagescope(root: ET.Element, path: Path) -> list[dict]:
         positive, negative = [], []
         for region in annotation.findall("Regions/Region"):
             where = f"Annotation {number} Region {region.get('Id', '?')}"
-            ring = [(_number(v.get("X"), path, where), _number(v.get("Y"), path, where))
-                    for v in region.findall("Vertices/Vertex")]
+            ring = [
+                (_number(v.get("X"), path, where), _number(v.get("Y"), path, where))
+                for v in region.findall("Vertices/Vertex")
+            ]
             if region.get("Type") == "2" and len(ring) == 2:
                 ring = _ellipse(*ring)
             name = layer or (region.get("Text") or "").strip() or "(unclassified)"
@@ -107,8 +117,10 @@ def _asap(root: ET.Element, path: Path) -> list[dict]:
         where = f"Annotation {number} ({annotation.get('Name', '')})"
         coords = annotation.findall("Coordinates/Coordinate")
         order = [_number(c.get("Order", i), path, where) for i, c in enumerate(coords)]
-        ring = [(_number(c.get("X"), path, where), _number(c.get("Y"), path, where))
-                for _, c in sorted(zip(order, coords), key=lambda t: t[0])]
+        ring = [
+            (_number(c.get("X"), path, where), _number(c.get("Y"), path, where))
+            for _, c in sorted(zip(order, coords), key=lambda t: t[0])
+        ]
         kind = (annotation.get("Type") or "Polygon").lower()
         if len(ring) < 3 or kind in ("dot", "pointset"):
             features.append(_no_area(name))
@@ -127,5 +139,7 @@ def read_xml_features(path: str | Path) -> list[dict]:
         return _asap(root, path)
     if root.tag == "Annotations":
         return _imagescope(root, path)
-    raise InputError(f"{path}: XML root <{root.tag}> is neither ImageScope <Annotations> nor <ASAP_Annotations>; "
-                     f"export the annotations as QuPath GeoJSON, ImageScope XML or ASAP XML")
+    raise InputError(
+        f"{path}: XML root <{root.tag}> is neither ImageScope <Annotations> nor <ASAP_Annotations>; "
+        f"export the annotations as QuPath GeoJSON, ImageScope XML or ASAP XML"
+    )

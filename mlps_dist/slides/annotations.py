@@ -83,8 +83,16 @@ class Annotations:
                 out[c] = geom.intersection(cell).area / cell.area
         return out
 
-    def rasterise(self, x0: float, y0: float, size0: float, out: int, ignore: int,
-                  out_h: int | None = None, size0_h: float | None = None) -> np.ndarray:
+    def rasterise(
+        self,
+        x0: float,
+        y0: float,
+        size0: float,
+        out: int,
+        ignore: int,
+        out_h: int | None = None,
+        size0_h: float | None = None,
+    ) -> np.ndarray:
         """Class index per pixel of the level-0 box resampled to (out_h, out); ``ignore`` where
         no region covers the pixel centre (ignore regions are cut out of the classes' regions
         at load). Later classes win where regions overlap."""
@@ -100,13 +108,16 @@ class Annotations:
             if geom.is_empty or not prep.intersects(cell):
                 continue
             part = geom.intersection(cell.buffer(max(size0, size0_h) * 0.01))
-            polys = [part] if isinstance(part, Polygon) else [g for g in getattr(part, "geoms", []) if
-                                                              isinstance(g, (Polygon, MultiPolygon))]
+            polys = (
+                [part]
+                if isinstance(part, Polygon)
+                else [g for g in getattr(part, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
+            )
             layer = Image.new("L", (out, out_h), 0)
             draw = ImageDraw.Draw(layer)
             for poly in polys:
-                for p in ([poly] if isinstance(poly, Polygon) else poly.geoms):
-                    to_px = lambda ring: [((x - x0) * sx - 0.5, (y - y0) * sy - 0.5) for x, y in ring.coords]
+                for p in [poly] if isinstance(poly, Polygon) else poly.geoms:
+                    to_px = lambda ring: [((x - x0) * sx - 0.5, (y - y0) * sy - 0.5) for x, y in ring.coords]  # noqa: E731
                     draw.polygon(to_px(p.exterior), fill=1)
                     for hole in p.interiors:
                         draw.polygon(to_px(hole), fill=0)
@@ -148,11 +159,15 @@ def _check_bounds(path: Path, kept: list, bounds: tuple[float, float], notes: li
     inside = sum(g.intersection(slide).area for _, _, g in kept)
     if total > 0 and inside < 0.5 * total:
         swapped = sum(affinity.affine_transform(g, [0, 1, 1, 0, 0, 0]).intersection(slide).area for _, _, g in kept)
-        hint = (f"with x and y swapped {100 * swapped / total:.0f} % would lie inside: export with QuPath's x/y order"
-                if swapped > 0.9 * total else "are the coordinates level-0 pixels of this slide (not microns, not "
-                "another slide's)?")
-        raise AnnotationError(f"{path}: only {100 * inside / total:.0f} % of the annotated area lies inside the slide "
-                              f"({width} x {height} px); {hint}")
+        hint = (
+            f"with x and y swapped {100 * swapped / total:.0f} % would lie inside: export with QuPath's x/y order"
+            if swapped > 0.9 * total
+            else "are the coordinates level-0 pixels of this slide (not microns, not another slide's)?"
+        )
+        raise AnnotationError(
+            f"{path}: only {100 * inside / total:.0f} % of the annotated area lies inside the slide "
+            f"({width} x {height} px); {hint}"
+        )
     out = []
     for number, cls, geom in kept:
         if not geom.intersects(slide):
@@ -184,8 +199,9 @@ def _has_area(feature: dict) -> bool:
     return isinstance(geometry, dict) and geometry.get("type") in AREA_TYPES
 
 
-def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap | dict,
-                     bounds: tuple[float, float] | None = None) -> Annotations:
+def load_annotations(
+    path: str | Path, classes: list[str], class_map: ClassMap | dict, bounds: tuple[float, float] | None = None
+) -> Annotations:
     """``bounds``: the slide's level-0 (width, height), for the checks of the module docstring.
     ``class_map``: a ClassMap, or a {lower-case name: class index} dict."""
     import shapely
@@ -203,9 +219,11 @@ def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap |
     found = sorted({_class_name(f) for f in features if _has_area(f)})  # names of points/lines do not matter
     unmapped = [n for n in found if class_map.lookup(n) is None]
     if unmapped:
-        raise AnnotationError(f"{path}: annotation class(es) {unmapped} map to no class of {classes}; names found: "
-                              f"{found}; add them to --class-map (e.g. --class-map \"{unmapped[0]}={classes[0]}\", "
-                              f"or \"{unmapped[0]}=ignore\" to leave its regions out)")
+        raise AnnotationError(
+            f"{path}: annotation class(es) {unmapped} map to no class of {classes}; names found: "
+            f'{found}; add them to --class-map (e.g. --class-map "{unmapped[0]}={classes[0]}", '
+            f'or "{unmapped[0]}=ignore" to leave its regions out)'
+        )
     kept, no_area = [], 0
     for number, feature in enumerate(features):
         if not _has_area(feature):
@@ -217,12 +235,16 @@ def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap |
         except Exception as exc:  # shapely raises several types on malformed coordinates
             raise AnnotationError(f"{path}: feature {number} has a malformed {kind} ({exc})") from exc
         if not np.isfinite(shapely.get_coordinates(geom)).all():
-            raise AnnotationError(f"{path}: feature {number} ({_class_name(feature)}) has a non-finite coordinate "
-                                  f"(NaN or infinity); fix or delete it in QuPath and export again")
+            raise AnnotationError(
+                f"{path}: feature {number} ({_class_name(feature)}) has a non-finite coordinate "
+                f"(NaN or infinity); fix or delete it in QuPath and export again"
+            )
         if not geom.is_valid:  # self-intersections from hand drawing: keep every lobe
             repaired = _polygonal(shapely.make_valid(geom))
-            notes.append(f"{path}: feature {number} ({_class_name(feature)}) is self-intersecting: repaired, "
-                         f"{repaired.area if repaired is not None else 0:.0f} px2 kept")
+            notes.append(
+                f"{path}: feature {number} ({_class_name(feature)}) is self-intersecting: repaired, "
+                f"{repaired.area if repaired is not None else 0:.0f} px2 kept"
+            )
             geom = repaired
         else:
             geom = _polygonal(geom)
@@ -247,8 +269,10 @@ def load_annotations(path: str | Path, classes: list[str], class_map: ClassMap |
     per_class = [unary_union(p) if p else _empty() for p in parts]
     if not ignored.is_empty:  # ignore wins where it overlaps a class region (labels and masks agree)
         per_class = [g.difference(ignored) if not g.is_empty else g for g in per_class]
-        notes.append(f"{path}: {len(ignored_parts)} region(s) of {sorted(ignored_names)} mapped to ignore "
-                     f"({ignored.area:.0f} px2): in no label, the ignore index in masks")
+        notes.append(
+            f"{path}: {len(ignored_parts)} region(s) of {sorted(ignored_names)} mapped to ignore "
+            f"({ignored.area:.0f} px2): in no label, the ignore index in masks"
+        )
     annotations = Annotations(per_class, found, path)
     annotations.mapping = {n: class_map.target_name(class_map.lookup(n)) for n in found}
     annotations.notes = notes

@@ -54,8 +54,10 @@ class ClassMap:
 
     def record(self) -> dict:
         """The mapping as written to info.json: {"exact": {name: target}, "patterns": [[pattern, target]]}."""
-        return {"exact": {n: self.target_name(t) for n, t in sorted(self.exact.items())},
-                "patterns": [[p, self.target_name(t)] for p, t in self.patterns]}
+        return {
+            "exact": {n: self.target_name(t) for n, t in sorted(self.exact.items())},
+            "patterns": [[p, self.target_name(t)] for p, t in self.patterns],
+        }
 
 
 def is_pattern(name: str) -> bool:
@@ -66,8 +68,10 @@ def parse_class_map(spec: str | None, classes: list[str]) -> ClassMap:
     """``"Tumor=TE,Region*=ignore"`` -> ClassMap (see the module docstring)."""
     index = {c.lower(): i for i, c in enumerate(classes)}
     if IGNORE_NAME in index:
-        raise InputError(f"--classes {','.join(classes)}: a class may not be called {IGNORE_NAME!r} (it is the "
-                         f"--class-map target that leaves a region out); rename it")
+        raise InputError(
+            f"--classes {','.join(classes)}: a class may not be called {IGNORE_NAME!r} (it is the "
+            f"--class-map target that leaves a region out); rename it"
+        )
     mapping = ClassMap(list(classes))
     targets = f"one of {classes} or {IGNORE_NAME!r}"
     for item in filter(None, (s.strip() for s in (spec or "").split(","))):
@@ -79,8 +83,10 @@ def parse_class_map(spec: str | None, classes: list[str]) -> ClassMap:
         if is_pattern(name):
             mapping.patterns.append((name, value))
         elif mapping.exact.get(name, value) != value:
-            raise InputError(f"--class-map: {name!r} is mapped twice, to {mapping.target_name(mapping.exact[name])} "
-                             f"and to {mapping.target_name(value)}; keep one entry")
+            raise InputError(
+                f"--class-map: {name!r} is mapped twice, to {mapping.target_name(mapping.exact[name])} "
+                f"and to {mapping.target_name(value)}; keep one entry"
+            )
         else:
             mapping.exact[name] = value
     return mapping

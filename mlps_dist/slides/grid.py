@@ -39,7 +39,7 @@ def rank_share(items: list, world: int, rank: int) -> list:
         raise ValueError(f"rank {rank} not in a world of {world}")
     base, extra = divmod(len(items), world)
     start = rank * base + min(rank, extra)
-    return items[start:start + base + (1 if rank < extra else 0)]
+    return items[start : start + base + (1 if rank < extra else 0)]
 
 
 def balanced_slides(sizes: dict[str, int], world: int, rank: int) -> list[str]:

@@ -62,9 +62,18 @@ def panel_origins(h: int, w: int, title: bool = True) -> tuple[tuple[int, int], 
     return (size, top), (2 * size + w, top)
 
 
-def render_overlay(view: np.ndarray, classes: np.ndarray, palette, names: list[str], ignore: int, *,
-                   view_mpp: float, map_mpp: float, areas_mm2: dict | None = None,
-                   title: str = "") -> np.ndarray:
+def render_overlay(
+    view: np.ndarray,
+    classes: np.ndarray,
+    palette,
+    names: list[str],
+    ignore: int,
+    *,
+    view_mpp: float,
+    map_mpp: float,
+    areas_mm2: dict | None = None,
+    title: str = "",
+) -> np.ndarray:
     """(H', W', 3) uint8: slide | slide with classes, legend and scale bar below."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -74,8 +83,10 @@ def render_overlay(view: np.ndarray, classes: np.ndarray, palette, names: list[s
     size = font_size(h, w)
     font = ImageFont.load_default(size=size)
     margin, gap = size, size // 2
-    items = [(palette[c], f"{n}" + (f"  {areas_mm2[n]:.3g} mm2" if areas_mm2 and n in areas_mm2 else ""))
-             for c, n in enumerate(names)]
+    items = [
+        (palette[c], f"{n}" + (f"  {areas_mm2[n]:.3g} mm2" if areas_mm2 and n in areas_mm2 else ""))
+        for c, n in enumerate(names)
+    ]
     bar_um = scale_bar_um(w, view_mpp)
     bar_px = max(1, round(bar_um / view_mpp))
     width = 2 * w + 3 * margin
@@ -107,8 +118,9 @@ def render_overlay(view: np.ndarray, classes: np.ndarray, palette, names: list[s
                 draw.rectangle([x, y + size // 3, x + bar_px - 1, y + size // 3 + max(2, size // 4)], fill=(0, 0, 0))
                 draw.text((x + bar_px + gap, y), text, fill=(0, 0, 0), font=font)
             else:
-                draw.rectangle([x, y, x + size - 1, y + size - 1], fill=tuple(int(v) for v in colour),
-                               outline=(0, 0, 0))
+                draw.rectangle(
+                    [x, y, x + size - 1, y + size - 1], fill=tuple(int(v) for v in colour), outline=(0, 0, 0)
+                )
                 draw.text((x + size + gap, y), text, fill=(0, 0, 0), font=font)
             x += int(length) + 2 * size
         y += line

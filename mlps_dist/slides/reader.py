@@ -52,8 +52,10 @@ def list_slides(items: list[str]) -> list[Path]:
     stems: dict[str, Path] = {}
     for path in found:
         if slide_stem(path) in stems:
-            raise InputError(f"{path} and {stems[slide_stem(path)]} have the same name {slide_stem(path)!r}; "
-                             f"slides are identified by name, rename one")
+            raise InputError(
+                f"{path} and {stems[slide_stem(path)]} have the same name {slide_stem(path)!r}; "
+                f"slides are identified by name, rename one"
+            )
         stems[slide_stem(path)] = path
     return sorted(found, key=slide_stem)
 
@@ -84,8 +86,10 @@ class Slide:
         self.mpp = float(mpp) if mpp else self.stored_mpp()
         if not self.mpp or self.mpp <= 0:
             self.close()
-            raise SlideError(f"{path}: the slide records no microns per pixel (openslide.mpp-x); "
-                             f"pass --mpp with the scanner's resolution (e.g. --mpp 0.25 for 40x)")
+            raise SlideError(
+                f"{path}: the slide records no microns per pixel (openslide.mpp-x); "
+                f"pass --mpp with the scanner's resolution (e.g. --mpp 0.25 for 40x)"
+            )
 
     def stored_mpp(self) -> float | None:
         values = [self.properties.get(k) for k in ("openslide.mpp-x", "openslide.mpp-y")]
@@ -103,8 +107,9 @@ class Slide:
                 best = level
         return best
 
-    def read(self, x0: float, y0: float, size0: float, out: int, out_h: int | None = None,
-             size0_h: float | None = None) -> np.ndarray:
+    def read(
+        self, x0: float, y0: float, size0: float, out: int, out_h: int | None = None, size0_h: float | None = None
+    ) -> np.ndarray:
         """Level-0 box (x0, y0, size0 wide, size0_h high) resampled to (out_h, out) RGB uint8."""
         out_h = out if out_h is None else out_h
         size0_h = size0 if size0_h is None else size0_h
@@ -114,8 +119,10 @@ class Slide:
         try:
             region = self._osr.read_region((int(round(x0)), int(round(y0))), level, (w, h))
         except Exception as exc:  # openslide raises OpenSlideError, or OSError/ValueError from codecs
-            raise SlideError(f"{self.path}: cannot read region at ({int(x0)}, {int(y0)}) level {level} "
-                             f"({exc}); the file is damaged or truncated") from exc
+            raise SlideError(
+                f"{self.path}: cannot read region at ({int(x0)}, {int(y0)}) level {level} "
+                f"({exc}); the file is damaged or truncated"
+            ) from exc
         rgb = _composite_white(region)
         if rgb.size != (out, out_h):
             rgb = rgb.resize((out, out_h), Image.Resampling.LANCZOS, reducing_gap=2.0)
@@ -134,7 +141,7 @@ class Slide:
         for by in range(0, out_h, BLOCK):
             for bx in range(0, out_w, BLOCK):
                 bw, bh = min(BLOCK, out_w - bx), min(BLOCK, out_h - by)
-                canvas[by:by + bh, bx:bx + bw] = self.read(bx * px0, by * px0, bw * px0, bw, bh, bh * px0)
+                canvas[by : by + bh, bx : bx + bw] = self.read(bx * px0, by * px0, bw * px0, bw, bh, bh * px0)
         return canvas
 
     def close(self) -> None:

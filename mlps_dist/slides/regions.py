@@ -64,10 +64,9 @@ def _edges(padded: np.ndarray):
     inner = padded[1:-1, 1:-1]
     parts = []
     # (neighbour offset (dy, dx), start vertex offset (dx, dy), direction)
-    for (ny, nx), (sx, sy), d in (((-1, 0), (0, 0), 0), ((0, 1), (1, 0), 1),
-                                  ((1, 0), (1, 1), 2), ((0, -1), (0, 1), 3)):
+    for (ny, nx), (sx, sy), d in (((-1, 0), (0, 0), 0), ((0, 1), (1, 0), 1), ((1, 0), (1, 1), 2), ((0, -1), (0, 1), 3)):
         h, w = inner.shape
-        neighbour = padded[1 + ny:1 + ny + h, 1 + nx:1 + nx + w]
+        neighbour = padded[1 + ny : 1 + ny + h, 1 + nx : 1 + nx + w]
         r, c = np.nonzero((inner != 0) & (inner != neighbour))
         parts.append((inner[r, c], c + sx, r + sy, np.full(len(r), d, np.int64)))
     return tuple(np.concatenate(a) for a in zip(*parts))
@@ -189,9 +188,20 @@ def simplified(pieces: np.ndarray, tolerance: float) -> np.ndarray:
     return shapely.simplify(pieces, tolerance / 2, preserve_topology=True)
 
 
-def region_features(classes: np.ndarray, probs: np.ndarray | None, names: list[str], palette, *, slide: str,
-                    px0: float, map_mpp: float, simplify: float = 1.0, min_area_um2: float = 0.0,
-                    bounds: tuple[float, float] | None = None, ignore: int | None = None) -> "Regions":
+def region_features(
+    classes: np.ndarray,
+    probs: np.ndarray | None,
+    names: list[str],
+    palette,
+    *,
+    slide: str,
+    px0: float,
+    map_mpp: float,
+    simplify: float = 1.0,
+    min_area_um2: float = 0.0,
+    bounds: tuple[float, float] | None = None,
+    ignore: int | None = None,
+) -> Regions:
     """The class map's regions; ``probs``: (C, H, W) per-class probabilities for
     ``mean_probability``, or None."""
     import shapely
@@ -231,9 +241,17 @@ def region_features(classes: np.ndarray, probs: np.ndarray | None, names: list[s
             frame = shapely.box(0, 0, float(bounds[0]), float(bounds[1]))
             merged[clip] = [_polygonal(g) for g in shapely.intersection(merged[clip], frame)]
     merged = shapely.transform(merged, lambda xy: np.round(xy, 3))
-    return Regions(slide, names, palette, merged, region_class[out_regions], region_pixels[out_regions] * px_um2,
-                   prob_sum[out_regions] / np.maximum(region_pixels[out_regions], 1) if probs is not None else None,
-                   dropped=int((~kept).sum()), dropped_um2=float(region_pixels[~kept].sum()) * px_um2)
+    return Regions(
+        slide,
+        names,
+        palette,
+        merged,
+        region_class[out_regions],
+        region_pixels[out_regions] * px_um2,
+        prob_sum[out_regions] / np.maximum(region_pixels[out_regions], 1) if probs is not None else None,
+        dropped=int((~kept).sum()),
+        dropped_um2=float(region_pixels[~kept].sum()) * px_um2,
+    )
 
 
 def _polygonal(geom):
@@ -260,10 +278,16 @@ class Regions:
         return sum(not g.is_empty for g in self.geoms)
 
     def summary(self) -> dict:
-        counts = np.bincount(self.region_class, minlength=len(self.names)) if len(self.region_class) else \
-            np.zeros(len(self.names), np.int64)
-        return {"regions": {n: int(counts[c]) for c, n in enumerate(self.names)},
-                "regions_dropped": self.dropped, "regions_dropped_um2": round(self.dropped_um2, 3)}
+        counts = (
+            np.bincount(self.region_class, minlength=len(self.names))
+            if len(self.region_class)
+            else np.zeros(len(self.names), np.int64)
+        )
+        return {
+            "regions": {n: int(counts[c]) for c, n in enumerate(self.names)},
+            "regions_dropped": self.dropped,
+            "regions_dropped_um2": round(self.dropped_um2, 3),
+        }
 
     def geojson_bytes(self) -> bytes:
         """A QuPath-ready FeatureCollection: one Feature per line, ids uuid5 of
@@ -282,10 +306,15 @@ class Regions:
             measurements = {"area_um2": round(float(self.area_um2[i]), 3)}
             if self.mean_prob is not None:
                 measurements["mean_probability"] = round(float(self.mean_prob[i]), 4)
-            props = {"objectType": "annotation", "name": f"{self.names[c]} {n + 1}",
-                     "classification": {"name": self.names[c], "color": [int(v) for v in self.palette[c]]},
-                     "measurements": measurements}
+            props = {
+                "objectType": "annotation",
+                "name": f"{self.names[c]} {n + 1}",
+                "classification": {"name": self.names[c], "color": [int(v) for v in self.palette[c]]},
+                "measurements": measurements,
+            }
             ident = uuid.uuid5(ID_NAMESPACE, f"{self.slide}/{self.names[c]}/{n}")
-            lines.append(f'{{"type":"Feature","id":"{ident}","geometry":{text},'
-                         f'"properties":{json.dumps(props, separators=(",", ":"))}}}')
+            lines.append(
+                f'{{"type":"Feature","id":"{ident}","geometry":{text},'
+                f'"properties":{json.dumps(props, separators=(",", ":"))}}}'
+            )
         return ('{"type":"FeatureCollection","features":[\n' + ",\n".join(lines) + "\n]}\n").encode()

@@ -30,21 +30,45 @@ def probability_planes(probs: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
 
 
-def write_slide_outputs(tmp: Path, name: str, classes: np.ndarray, probs: np.ndarray, geo, names: list[str],
-                        palette, *, view: np.ndarray, view_mpp: float, areas_mm2: dict, simplify: float,
-                        min_region_um2: float, with_probabilities: bool) -> dict:
+def write_slide_outputs(
+    tmp: Path,
+    name: str,
+    classes: np.ndarray,
+    probs: np.ndarray,
+    geo,
+    names: list[str],
+    palette,
+    *,
+    view: np.ndarray,
+    view_mpp: float,
+    areas_mm2: dict,
+    simplify: float,
+    min_region_um2: float,
+    with_probabilities: bool,
+) -> dict:
     """Write the slide's map files into ``tmp``; returns the summary.json entries they add."""
     ignore = len(names)
     atomic_write_bytes(tmp / "classes.png", png.encode_indices(classes, palette, full_palette=True))
     write_index_tiff(tmp / "classes.tiff", classes, palette, geo.map_mpp)
-    regions = region_features(classes, probs, names, palette, slide=name, px0=geo.px0, map_mpp=geo.map_mpp,
-                              simplify=simplify, min_area_um2=min_region_um2, bounds=(geo.width, geo.height),
-                              ignore=ignore)
+    regions = region_features(
+        classes,
+        probs,
+        names,
+        palette,
+        slide=name,
+        px0=geo.px0,
+        map_mpp=geo.map_mpp,
+        simplify=simplify,
+        min_area_um2=min_region_um2,
+        bounds=(geo.width, geo.height),
+        ignore=ignore,
+    )
     atomic_write_bytes(tmp / "regions.geojson", regions.geojson_bytes())
     if with_probabilities:
         write_probability_tiff(tmp / "probabilities.tiff", probability_planes(probs), names, geo.map_mpp)
     title = f"{name}: {geo.width} x {geo.height} px at {geo.mpp:.4g} um/px, classes at {geo.map_mpp:g} um/px"
-    overlay = render_overlay(view, classes, palette, names, ignore, view_mpp=view_mpp, map_mpp=geo.map_mpp,
-                             areas_mm2=areas_mm2, title=title)
+    overlay = render_overlay(
+        view, classes, palette, names, ignore, view_mpp=view_mpp, map_mpp=geo.map_mpp, areas_mm2=areas_mm2, title=title
+    )
     atomic_write_bytes(tmp / "overlay.png", png.encode(overlay))
     return {**regions.summary(), "overlay": {"mpp": view_mpp, "size": [overlay.shape[1], overlay.shape[0]]}}

@@ -42,11 +42,14 @@ def estimate_slide_stain(normaliser, read_tile, origins: list) -> dict:
         return {**record, "scope": "tile", "reason": "no tissue tiles"}
     pixels = np.concatenate([read_tile(o).reshape(-1, 3) for o in sample])
     if len(pixels) > MAX_PIXELS:
-        pixels = pixels[::-(-len(pixels) // MAX_PIXELS)]
+        pixels = pixels[:: -(-len(pixels) // MAX_PIXELS)]
     estimate = normaliser.estimate(pixels)
     if estimate is None:
-        return {**record, "scope": "tile", "reason": "too little tissue in the sampled tiles: each tile is "
-                                                     "normalised on its own"}
+        return {
+            **record,
+            "scope": "tile",
+            "reason": "too little tissue in the sampled tiles: each tile is normalised on its own",
+        }
     return {**record, "estimate": {k: np.asarray(v, np.float64).round(6).tolist() for k, v in estimate.items()}}
 
 
@@ -78,9 +81,17 @@ class StainPlan:
         """The record of an open ``Slide`` whose tissue mask (at ``map_mpp``) is given."""
         from mlps_dist.slides.stitch import geometry
 
-        geo = geometry(slide.name, slide.width, slide.height, slide.mpp, self.map_mpp, self.model.patch_size,
-                       self.model.mpp, self.stride)
+        geo = geometry(
+            slide.name,
+            slide.width,
+            slide.height,
+            slide.mpp,
+            self.map_mpp,
+            self.model.patch_size,
+            self.model.mpp,
+            self.stride,
+        )
         patch = self.model.patch_size
-        return estimate_slide_stain(self.normaliser,
-                                    lambda o: slide.read(o[0] * geo.px0, o[1] * geo.px0, geo.size0, patch),
-                                    geo.origins(tissue))
+        return estimate_slide_stain(
+            self.normaliser, lambda o: slide.read(o[0] * geo.px0, o[1] * geo.px0, geo.size0, patch), geo.origins(tissue)
+        )

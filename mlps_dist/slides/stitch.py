@@ -80,13 +80,23 @@ def tile_side(patch: int, model_mpp: float, map_mpp: float) -> int:
     return max(1, int(round(patch * model_mpp / map_mpp)))
 
 
-def geometry(name: str, width: int, height: int, mpp: float, map_mpp: float, patch: int, model_mpp: float,
-             stride: int) -> SlideGeometry:
+def geometry(
+    name: str, width: int, height: int, mpp: float, map_mpp: float, patch: int, model_mpp: float, stride: int
+) -> SlideGeometry:
     scale = mpp / map_mpp
     n = tile_side(patch, model_mpp, map_mpp)
     step = max(1, int(round(stride * model_mpp / map_mpp)))
-    return SlideGeometry(name, width, height, mpp, max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)),
-                         map_mpp, n, min(step, n))
+    return SlideGeometry(
+        name,
+        width,
+        height,
+        mpp,
+        max(1, math.ceil(width * scale)),
+        max(1, math.ceil(height * scale)),
+        map_mpp,
+        n,
+        min(step, n),
+    )
 
 
 def tile_weights(n: int) -> np.ndarray:
@@ -111,8 +121,8 @@ class Accumulator:
             h, w = min(tile.shape[1], self.y1 - y), min(tile.shape[2], self.x1 - x)
             ty, tx = y - self.y0, x - self.x0
             win = self.window[:h, :w]
-            self.sums[:, ty:ty + h, tx:tx + w] += tile[:, :h, :w] * win
-            self.weight[ty:ty + h, tx:tx + w] += win
+            self.sums[:, ty : ty + h, tx : tx + w] += tile[:, :h, :w] * win
+            self.weight[ty : ty + h, tx : tx + w] += win
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"sums": self.sums, "weight": self.weight, "box": np.array([self.x0, self.y0, self.x1, self.y1])}
@@ -140,8 +150,10 @@ def class_map(sums: np.ndarray, weight: np.ndarray, tissue: np.ndarray, ignore: 
 def area_summary(classes_map: np.ndarray, tissue: np.ndarray, classes: list[str], map_mpp: float) -> dict:
     px_mm2 = (map_mpp / 1000.0) ** 2
     counts = np.bincount(classes_map.ravel(), minlength=len(classes) + 1)
-    return {"tissue_mm2": round(float(tissue.sum()) * px_mm2, 6),
-            "area_mm2": {c: round(float(counts[i]) * px_mm2, 6) for i, c in enumerate(classes)}}
+    return {
+        "tissue_mm2": round(float(tissue.sum()) * px_mm2, 6),
+        "area_mm2": {c: round(float(counts[i]) * px_mm2, 6) for i, c in enumerate(classes)},
+    }
 
 
 def probabilities(sums: np.ndarray, weight: np.ndarray) -> np.ndarray:

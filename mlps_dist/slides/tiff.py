@@ -58,21 +58,29 @@ def write_index_tiff(path: str | Path, indices: np.ndarray, palette, mpp: float 
 
     colormap = np.zeros((3, 256), np.uint16)
     colours = np.asarray(palette, np.uint16).reshape(-1, 3)[:256]
-    colormap[:, :len(colours)] = colours.T * 257  # 16-bit colormap entries
+    colormap[:, : len(colours)] = colours.T * 257  # 16-bit colormap entries
     levels = _levels(np.ascontiguousarray(indices, np.uint8), tile, lambda a: np.ascontiguousarray(a[::2, ::2]))
 
     def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
             for number, level in enumerate(levels):
-                tif.write(level, tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
-                          subfiletype=1 if number else 0, metadata=None,
-                          **_resolution(mpp, indices.shape[1], level.shape[1]))
+                tif.write(
+                    level,
+                    tile=(tile, tile),
+                    photometric="palette",
+                    colormap=colormap,
+                    compression="zlib",
+                    subfiletype=1 if number else 0,
+                    metadata=None,
+                    **_resolution(mpp, indices.shape[1], level.shape[1]),
+                )
 
     _commit(Path(path), write)
 
 
-def write_probability_tiff(path: str | Path, planes: np.ndarray, names: list[str], mpp: float | None,
-                           tile: int = 256) -> None:
+def write_probability_tiff(
+    path: str | Path, planes: np.ndarray, names: list[str], mpp: float | None, tile: int = 256
+) -> None:
     """(C, H, W) uint8 planes (probability x 255) as a tiled pyramidal OME-TIFF, channel c
     named ``names[c]`` (atomically written)."""
     import tifffile
@@ -80,11 +88,15 @@ def write_probability_tiff(path: str | Path, planes: np.ndarray, names: list[str
     def halve(a):  # 2x2 means, odd edges kept
         h, w = a.shape[1:]
         padded = np.pad(a.astype(np.uint16), ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
-        return ((padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2] + 2)
-                // 4).astype(np.uint8)
+        return (
+            (padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2] + 2) // 4
+        ).astype(np.uint8)
 
-    levels = _levels(np.ascontiguousarray(planes, np.uint8).transpose(1, 2, 0), tile,
-                     lambda a: halve(a.transpose(2, 0, 1)).transpose(1, 2, 0))
+    levels = _levels(
+        np.ascontiguousarray(planes, np.uint8).transpose(1, 2, 0),
+        tile,
+        lambda a: halve(a.transpose(2, 0, 1)).transpose(1, 2, 0),
+    )
     levels = [np.ascontiguousarray(level.transpose(2, 0, 1)) for level in levels]
     # OME files carry a UUID, random unless given: one from the content keeps reruns byte-identical
     digest = hashlib.sha256(np.ascontiguousarray(planes).tobytes() + json.dumps([names, mpp]).encode()).hexdigest()
@@ -94,17 +106,37 @@ def write_probability_tiff(path: str | Path, planes: np.ndarray, names: list[str
 
     def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=False, ome=True) as tif:
-            tif.write(levels[0], tile=(tile, tile), photometric="minisblack", compression="zlib",
-                      subifds=len(levels) - 1, metadata=meta, **_resolution(mpp, planes.shape[2], planes.shape[2]))
+            tif.write(
+                levels[0],
+                tile=(tile, tile),
+                photometric="minisblack",
+                compression="zlib",
+                subifds=len(levels) - 1,
+                metadata=meta,
+                **_resolution(mpp, planes.shape[2], planes.shape[2]),
+            )
             for level in levels[1:]:
-                tif.write(level, tile=(tile, tile), photometric="minisblack", compression="zlib", subfiletype=1,
-                          metadata=None, **_resolution(mpp, planes.shape[2], level.shape[2]))
+                tif.write(
+                    level,
+                    tile=(tile, tile),
+                    photometric="minisblack",
+                    compression="zlib",
+                    subfiletype=1,
+                    metadata=None,
+                    **_resolution(mpp, planes.shape[2], level.shape[2]),
+                )
 
     _commit(Path(path), write)
 
 
-def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, tile: int = 256,
-                       compression: str = "jpeg", nearest: bool = False) -> None:
+def write_pyramid_tiff(
+    path: str | Path,
+    rgb: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    compression: str = "jpeg",
+    nearest: bool = False,
+) -> None:
     """A tiled pyramidal TIFF that OpenSlide opens as generic-tiff (atomically written).
     ``nearest``: reduced levels by picking pixels (class colours stay palette colours)."""
     import tifffile
@@ -123,8 +155,15 @@ def write_pyramid_tiff(path: str | Path, rgb: np.ndarray, mpp: float | None, til
                 if mpp:
                     scale = mpp * (rgb.shape[1] / level.shape[1])
                     res = {"resolution": (1e4 / scale, 1e4 / scale), "resolutionunit": "CENTIMETER"}
-                tif.write(level, tile=(tile, tile), photometric="rgb", compression=compression,
-                          subfiletype=1 if number else 0, metadata=None, **res)
+                tif.write(
+                    level,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    compression=compression,
+                    subfiletype=1 if number else 0,
+                    metadata=None,
+                    **res,
+                )
         commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

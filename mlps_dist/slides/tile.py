@@ -142,7 +142,6 @@ def run(args) -> int:
     """Tile into ``args.out``, checked against the inputs, claimed and locked first
     (mlps_dist/core/toolout.py); only files this tool wrote there are ever replaced or deleted."""
     from mlps_dist import dist  # torch: only where the ranks work together
-
     from mlps_dist.core.toolout import tool_output
 
     jobs, spec, bad = check_inputs(args)

@@ -53,8 +53,9 @@ def _grid_total(jobs: list[SlideJob], spec: TileSpec) -> int:
     return total
 
 
-def tile_my_slides(jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int,
-                   show_progress: bool = True) -> list[dict]:
+def tile_my_slides(
+    jobs: list[SlideJob], spec: TileSpec, out: Path, workers: int, show_progress: bool = True
+) -> list[dict]:
     from mlps_dist import dist  # torch: only where the ranks work together
 
     sizes = {j.path: Path(j.path).stat().st_size for j in jobs}

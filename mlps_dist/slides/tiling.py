@@ -28,14 +28,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.data.encoding import (DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member,
-                                     split_image_format)
-from mlps_dist.data.shards import (FORMAT_VERSION, ShardWriter, TarFiles, encode_labels, read_index,
-                                   sample_key, shard_stem, write_info)
 from mlps_dist.core import png
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
-from mlps_dist.slides.grid import rank_share, tile_grid
+from mlps_dist.data.encoding import DEFAULT_JPEG_QUALITY, encode_rgb, format_info, image_member, split_image_format
+from mlps_dist.data.shards import (
+    FORMAT_VERSION,
+    ShardWriter,
+    TarFiles,
+    encode_labels,
+    read_index,
+    sample_key,
+    shard_stem,
+    write_info,
+)
 from mlps_dist.slides.class_map import ClassMap, as_class_map
+from mlps_dist.slides.grid import rank_share, tile_grid
 from mlps_dist.slides.reader import Slide, slide_stem
 from mlps_dist.slides.tissue import TissueMap, detect_tissue
 
@@ -82,8 +89,11 @@ def finished_part(job: SlideJob, spec: TileSpec, out: str | Path, inputs: dict |
         record = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None  # unreadable: redo the slide
-    if record.get("split") == job.split and record.get("spec") == _spec_key(spec) \
-            and record.get("inputs") == (inputs if inputs is not None else _input_key(job)):
+    if (
+        record.get("split") == job.split
+        and record.get("spec") == _spec_key(spec)
+        and record.get("inputs") == (inputs if inputs is not None else _input_key(job))
+    ):
         return {**record, "reused": True}
     return None
 
@@ -107,8 +117,11 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) ->
         return done
     report = on_tiles or (lambda n: None)
     with Slide(job.path, spec.slide_mpp) as slide:
-        annotations = (load_annotations(job.annotations, spec.classes, spec.class_map, bounds=(slide.width, slide.height))
-                       if job.annotations else None)
+        annotations = (
+            load_annotations(job.annotations, spec.classes, spec.class_map, bounds=(slide.width, slide.height))
+            if job.annotations
+            else None
+        )
         tissue = TissueMap(detect_tissue(slide.read_scaled(spec.tissue_mpp), spec.tissue_mpp), spec.tissue_mpp)
         atomic_write_bytes(out / "tissue" / f"{name}.png", tissue.png_bytes())
         size0 = spec.tile * spec.mpp / slide.mpp
@@ -124,8 +137,15 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) ->
                 frac = tissue.fraction(x, y, size0, slide.mpp)
                 if frac < spec.min_tissue:
                     continue
-                meta = {"slide": name, "x": x, "y": y, "size0": round(size0, 4), "mpp": spec.mpp,
-                        "tissue": round(frac, 4), "split": job.split}
+                meta = {
+                    "slide": name,
+                    "x": x,
+                    "y": y,
+                    "size0": round(size0, 4),
+                    "mpp": spec.mpp,
+                    "tissue": round(frac, 4),
+                    "split": job.split,
+                }
                 members = {}
                 labels = [0] * len(spec.classes)
                 if annotations is not None:
@@ -155,12 +175,25 @@ def tile_slide(job: SlideJob, spec: TileSpec, out: str | Path, on_tiles=None) ->
             raise
         part = writer.close()
         report(pending)
-    record = {"slide": name, "path": str(job.path), "split": job.split, "count": count, "part": part,
-              "labels": labels_out, "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
-              "spec": _spec_key(spec), "inputs": inputs}
+    record = {
+        "slide": name,
+        "path": str(job.path),
+        "split": job.split,
+        "count": count,
+        "part": part,
+        "labels": labels_out,
+        "width": slide.width,
+        "height": slide.height,
+        "slide_mpp": slide.mpp,
+        "spec": _spec_key(spec),
+        "inputs": inputs,
+    }
     if annotations is not None:
-        record["annotations"] = {"file": str(job.annotations), "sha256": inputs["annotations"]["sha256"],
-                                 "classes": annotations.mapping}
+        record["annotations"] = {
+            "file": str(job.annotations),
+            "sha256": inputs["annotations"]["sha256"],
+            "classes": annotations.mapping,
+        }
     atomic_write_json(marker, record, indent=None)
     return record
 
@@ -189,9 +222,13 @@ def assembly_plan(records: list[dict], shard_size: int) -> dict[str, list[list[t
     """{split: [shard: [(slide, local index)]]}: slides in name order, shards of shard_size."""
     plan: dict[str, list[list[tuple[str, int]]]] = {}
     for split in sorted({r["split"] for r in records}):
-        samples = [(r["slide"], i) for r in sorted(records, key=lambda r: r["slide"]) if r["split"] == split
-                   for i in range(r["count"])]
-        plan[split] = [samples[i:i + shard_size] for i in range(0, len(samples), shard_size)]
+        samples = [
+            (r["slide"], i)
+            for r in sorted(records, key=lambda r: r["slide"])
+            if r["split"] == split
+            for i in range(r["count"])
+        ]
+        plan[split] = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     return plan
 
 
@@ -199,8 +236,11 @@ def write_assigned_shards(out: str | Path, records: list[dict], shard_size: int,
     """Write this rank's share of the output shards (copying members from the parts)."""
     out = Path(out)
     plan = assembly_plan(records, shard_size)
-    jobs = [(split, number, first) for split, shards in plan.items()
-            for number, first in zip(range(len(shards)), np.cumsum([0] + [len(s) for s in shards[:-1]]))]
+    jobs = [
+        (split, number, first)
+        for split, shards in plan.items()
+        for number, first in zip(range(len(shards)), np.cumsum([0] + [len(s) for s in shards[:-1]]))
+    ]
     files, entries = TarFiles(), {}
     try:
         for split, number, first in rank_share(jobs, world, rank):
@@ -220,18 +260,29 @@ def write_assigned_shards(out: str | Path, records: list[dict], shard_size: int,
         files.close()
 
 
-def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palette, shard_size: int,
-                     extra: dict | None = None) -> dict:
+def write_slide_info(
+    out: str | Path, records: list[dict], spec: TileSpec, palette, shard_size: int, extra: dict | None = None
+) -> dict:
     out = Path(out)
     plan = assembly_plan(records, shard_size)
-    info = {"format": FORMAT_VERSION, "layout": "slides", "classes": list(spec.classes),
-            "ignore_index": spec.ignore_index, "palette": [list(c) for c in palette], "mpp": spec.mpp,
-            "tile": spec.tile, "stride": spec.stride, "min_tissue": spec.min_tissue,
-            "label_min_fraction": spec.label_min_fraction,
-            "class_map": as_class_map(spec.class_map, spec.classes).record(),
-            "annotations": {r["slide"]: r["annotations"] for r in sorted(records, key=lambda r: r["slide"])
-                            if r.get("annotations")},
-            "splits": {}, **(extra or {})}
+    info = {
+        "format": FORMAT_VERSION,
+        "layout": "slides",
+        "classes": list(spec.classes),
+        "ignore_index": spec.ignore_index,
+        "palette": [list(c) for c in palette],
+        "mpp": spec.mpp,
+        "tile": spec.tile,
+        "stride": spec.stride,
+        "min_tissue": spec.min_tissue,
+        "label_min_fraction": spec.label_min_fraction,
+        "class_map": as_class_map(spec.class_map, spec.classes).record(),
+        "annotations": {
+            r["slide"]: r["annotations"] for r in sorted(records, key=lambda r: r["slide"]) if r.get("annotations")
+        },
+        "splits": {},
+        **(extra or {}),
+    }
     for split, shards in plan.items():
         mine = [r for r in records if r["split"] == split]
         counts = np.zeros(len(spec.classes), np.int64)
@@ -239,12 +290,17 @@ def write_slide_info(out: str | Path, records: list[dict], spec: TileSpec, palet
             if r["labels"]:
                 counts += np.asarray(r["labels"], np.int64).sum(axis=0)
         info["splits"][split] = {
-            "count": sum(len(s) for s in shards), "has_masks": split != "train", "image_size": [spec.tile, spec.tile],
+            "count": sum(len(s) for s in shards),
+            "has_masks": split != "train",
+            "image_size": [spec.tile, spec.tile],
             **format_info(split_image_format(spec.image_format, split), spec.image_quality),
             "class_counts": [int(v) for v in counts],
             "slides": sorted(r["slide"] for r in mine),
-            "shards": [{"tar": f"{shard_stem(split, n)}.tar", "idx": f"{shard_stem(split, n)}.idx", "count": len(s)}
-                       for n, s in enumerate(shards)]}
+            "shards": [
+                {"tar": f"{shard_stem(split, n)}.tar", "idx": f"{shard_stem(split, n)}.idx", "count": len(s)}
+                for n, s in enumerate(shards)
+            ],
+        }
     write_info(out, info)
     return info
 
@@ -254,12 +310,16 @@ def remove_stale_shards(out: Path, records: list[dict], shard_size: int) -> None
     the temporary files of shards: only files the ledger (OUT/.mlps-written.json) says this
     tool wrote, so nothing of anyone else's in ``out`` is touched. The new shards are added
     to the ledger before they are written."""
-    from mlps_dist.data.shards import shard_tmp_files
     from mlps_dist.core.toolout import Ledger
+    from mlps_dist.data.shards import shard_tmp_files
 
     plan = assembly_plan(records, shard_size)
-    keep = {f"{shard_stem(split, n)}.{ext}" for split, shards in plan.items() for n in range(len(shards))
-            for ext in ("tar", "idx")}
+    keep = {
+        f"{shard_stem(split, n)}.{ext}"
+        for split, shards in plan.items()
+        for n in range(len(shards))
+        for ext in ("tar", "idx")
+    }
     ledger = Ledger(out)
     stems = {name.rsplit(".", 1)[0] for name in ledger.names() | keep}
     ledger.remove_except(keep)

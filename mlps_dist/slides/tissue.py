@@ -44,12 +44,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 def _disc(radius: int) -> np.ndarray:
     r = max(0, int(radius))
-    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    y, x = np.mgrid[-r : r + 1, -r : r + 1]
     return (x * x + y * y) <= r * r + 0.5
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, min_area_mm2: float = MIN_AREA_MM2,
-                  cleanup_um: float = CLEANUP_RADIUS_UM) -> np.ndarray:
+def detect_tissue(
+    rgb: np.ndarray, mpp: float, min_area_mm2: float = MIN_AREA_MM2, cleanup_um: float = CLEANUP_RADIUS_UM
+) -> np.ndarray:
     """(H, W) bool tissue mask of an (H, W, 3) uint8 image at ``mpp`` um/px.
 
     The threshold is taken at the image's own resolution; the cleanup runs at MORPHOLOGY_MPP
@@ -108,7 +109,7 @@ class TissueMap:
         left, top = int(np.floor(x0 * scale)), int(np.floor(y0 * scale))
         right = max(left + 1, int(np.ceil((x0 + size0) * scale)))
         bottom = max(top + 1, int(np.ceil((y0 + size0) * scale)))
-        window = self.mask[max(top, 0):max(bottom, 0), max(left, 0):max(right, 0)]
+        window = self.mask[max(top, 0) : max(bottom, 0), max(left, 0) : max(right, 0)]
         area = (right - left) * (bottom - top)  # outside the slide counts as glass
         return float(window.sum()) / area if area else 0.0
 

@@ -16,8 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from mlps_dist.core.fileio import sha256_file
 from mlps_dist.core import layout
+from mlps_dist.core.fileio import sha256_file
 
 
 def file_stamp(path: str | Path) -> list:

@@ -30,18 +30,18 @@ from pathlib import Path
 
 import torch
 
-from mlps_dist.run import artifacts
 from mlps_dist import dist
-from mlps_dist.stages import session
-from mlps_dist.train.checkpoint import load_model_file
 from mlps_dist.config import Config, ConfigError, save_config
+from mlps_dist.core import layout
+from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.data.loaders import create_eval_loader
 from mlps_dist.data.shards import open_split
-from mlps_dist.core import layout
-from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
-from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.method.evaluation import ConfusionEvaluator, SkippedCounter, run_eval
+from mlps_dist.predict.predictor import Predictor, create_predictor, file_digest
+from mlps_dist.run import artifacts
 from mlps_dist.run.runlog import RunLog, format_table
+from mlps_dist.stages import session
+from mlps_dist.train.checkpoint import load_model_file
 
 
 @torch.no_grad()
@@ -49,8 +49,15 @@ def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device
     """Scores of one split over all ranks (ConfusionMatrix.compute records): "ungated", and
     "gated" when the predictor has the gate; "skipped": how many samples were left out
     because they cannot be decoded (only ever non-zero with ``evaluate.skip_bad``)."""
-    loader = create_eval_loader(cfg, reader, batch_size=cfg.evaluate.batch_size, rank=dist.get_rank(),
-                                world=dist.get_world_size(), device=device, skip_bad=cfg.evaluate.skip_bad)
+    loader = create_eval_loader(
+        cfg,
+        reader,
+        batch_size=cfg.evaluate.batch_size,
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        device=device,
+        skip_bad=cfg.evaluate.skip_bad,
+    )
 
     def predict(batch: dict) -> dict:
         out = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:]))
@@ -59,8 +66,10 @@ def evaluate_split(cfg: Config, split: str, reader, predictor: Predictor, device
             outputs["gated"] = out.classes(gated=True)
         return outputs
 
-    evaluators = {variant: ConfusionEvaluator(reader.num_classes, reader.ignore_index, key=variant, device=device)
-                  for variant in (("ungated", "gated") if predictor.gated else ("ungated",))}
+    evaluators = {
+        variant: ConfusionEvaluator(reader.num_classes, reader.ignore_index, key=variant, device=device)
+        for variant in (("ungated", "gated") if predictor.gated else ("ungated",))
+    }
     evaluators["skipped"] = SkippedCounter()
     return run_eval(log.progress(loader, total=len(loader), desc=split), predict, evaluators)
 
@@ -102,8 +111,9 @@ def already_done(path: Path, source: dict) -> bool:
 
 
 def build_predictor(cfg: Config, num_classes: int, device) -> tuple[Predictor, dict]:
-    return create_predictor(cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes,
-                            device=device)
+    return create_predictor(
+        cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes, device=device
+    )
 
 
 def open_splits(cfg: Config) -> dict:
@@ -111,8 +121,10 @@ def open_splits(cfg: Config) -> dict:
     readers = {split: open_split(cfg.data.root, split) for split in cfg.evaluate.splits}
     for split, reader in readers.items():
         if not reader.has_masks:
-            raise ValueError(f"{cfg.data.root}: split '{split}' has no ground-truth masks; "
-                             f"set evaluate.splits to splits that have them (val, test)")
+            raise ValueError(
+                f"{cfg.data.root}: split '{split}' has no ground-truth masks; "
+                f"set evaluate.splits to splits that have them (val, test)"
+            )
     return readers
 
 
@@ -121,9 +133,11 @@ def check_classes(path: str, meta: dict, reader) -> None:
     4 BCSS classes)."""
     classes = meta.get("classes")
     if classes is not None and list(classes) != list(reader.classes):
-        raise ConfigError(f"{path} was trained on classes {list(classes)}, but split '{reader.split}' of "
-                          f"{reader.root} has {list(reader.classes)}; evaluate it on the shards it was trained "
-                          f"on (data.root), or use the run trained on these")
+        raise ConfigError(
+            f"{path} was trained on classes {list(classes)}, but split '{reader.split}' of "
+            f"{reader.root} has {list(reader.classes)}; evaluate it on the shards it was trained "
+            f"on (data.root), or use the run trained on these"
+        )
 
 
 @dataclass
@@ -160,9 +174,14 @@ def work(cfg: Config, log: RunLog, p: Prepared) -> dict[str, dict]:
     readers, predictor, seg_meta, device = p.readers, p.predictor, p.seg_meta, p.device
     results = {}
     for split, reader in readers.items():
-        source = {"split": split, "segmenter": seg_meta["path"], "segmenter_digest": file_digest(seg_meta["path"]),
-                  "gate": cfg.evaluate.gate, "gate_threshold": cfg.evaluate.gate_threshold,
-                  "classifier": seg_meta["classifier"]}  # the gate's stage-1 model (classifier.checkpoint)
+        source = {
+            "split": split,
+            "segmenter": seg_meta["path"],
+            "segmenter_digest": file_digest(seg_meta["path"]),
+            "gate": cfg.evaluate.gate,
+            "gate_threshold": cfg.evaluate.gate_threshold,
+            "classifier": seg_meta["classifier"],
+        }  # the gate's stage-1 model (classifier.checkpoint)
         out = layout.metrics_file(cfg.run_dir, split)
         if artifacts.status(cfg, "evaluate", split).state == "done":
             log.info(f"{out} is up to date for this segmenter, gate and shards")
@@ -198,8 +217,15 @@ def save_evaluated_config(cfg: Config) -> None:
 
 
 # Stamped per split as each finishes (a stale split is simply evaluated again).
-SESSION = session.Stage("evaluate", __doc__.splitlines()[0], prepare=prepare, work=work,
-                        skip_bad_key="evaluate.skip_bad", tensorboard=False, stamped=False)
+SESSION = session.Stage(
+    "evaluate",
+    __doc__.splitlines()[0],
+    prepare=prepare,
+    work=work,
+    skip_bad_key="evaluate.skip_bad",
+    tensorboard=False,
+    stamped=False,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,19 +23,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlps_dist.method import cam
 from mlps_dist import dist
-from mlps_dist.train import gpu_options
-from mlps_dist.stages import session
 from mlps_dist.config import Config
+from mlps_dist.core import layout, png
+from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_masks_loader, split_batches
+from mlps_dist.data.pseudo_masks import (
+    PseudoMaskError,
+    check_manifest,
+    chunk_indices,
+    chunk_stem,
+    committed_chunks,
+    new_manifest,
+    num_chunks,
+    read_manifest,
+    refresh_manifest,
+    remove_debris,
+    write_chunk,
+    write_json,
+)
 from mlps_dist.data.shards import SplitReader, open_split, read_info
-from mlps_dist.core import png
-from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
-from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, chunk_indices, chunk_stem, committed_chunks, new_manifest, num_chunks, read_manifest, refresh_manifest, remove_debris, write_chunk, write_json
-from mlps_dist.core import layout
+from mlps_dist.method import cam
 from mlps_dist.run.runlog import RunLog
+from mlps_dist.stages import session
+from mlps_dist.train import gpu_options
 
 
 def check_split(reader: SplitReader) -> None:
@@ -44,8 +56,10 @@ def check_split(reader: SplitReader) -> None:
     if len(reader) == 0:
         raise PseudoMaskError(f"{where} holds no samples; check data.root")
     if "labels" not in reader.read(0):
-        raise PseudoMaskError(f"{where} has no 'labels' members: the mask pass needs patch-level labels; "
-                              f"rebuild the shards with mlps shards")
+        raise PseudoMaskError(
+            f"{where} has no 'labels' members: the mask pass needs patch-level labels; "
+            f"rebuild the shards with mlps shards"
+        )
 
 
 def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
@@ -62,8 +76,10 @@ def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
         raise PseudoMaskError(f"the stage-1 classifier in {cfg.run_dir} does not fit its model ({exc})") from exc
     path = Path(meta["path"])
     if list(meta.get("classes", [])) != reader.classes:
-        raise PseudoMaskError(f"{path} was trained on classes {meta.get('classes')}, but {cfg.data.root} has "
-                              f"{reader.classes}; use the classifier trained on these shards")
+        raise PseudoMaskError(
+            f"{path} was trained on classes {meta.get('classes')}, but {cfg.data.root} has "
+            f"{reader.classes}; use the classifier trained on these shards"
+        )
     try:
         cam.check_layers(model, list(cfg.masks.layers))
     except ValueError as exc:
@@ -77,11 +93,20 @@ def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection:
     ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
     m = cfg.masks
     background = vars(m.background).copy()
-    settings = {"classifier_sha256": sha256_file(model_path), "classifier": selection or {},
-                "classes": reader.classes, "count": len(reader),
-                "layers": list(m.layers), "chunk_size": m.chunk_size, "background": background,
-                "tta_flip": m.tta_flip, "tta_scales": list(m.tta_scales), "mean": list(cfg.data.mean),
-                "std": list(cfg.data.std), "image_size": cfg.data.image_size}
+    settings = {
+        "classifier_sha256": sha256_file(model_path),
+        "classifier": selection or {},
+        "classes": reader.classes,
+        "count": len(reader),
+        "layers": list(m.layers),
+        "chunk_size": m.chunk_size,
+        "background": background,
+        "tta_flip": m.tta_flip,
+        "tta_scales": list(m.tta_scales),
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "image_size": cfg.data.image_size,
+    }
     if m.refine.enabled:  # refined masks differ from plain ones: never mixed in one folder
         settings["refine"] = vars(m.refine).copy()
     return settings  # not skip_bad: turning it on to get past a bad sample keeps the rest
@@ -102,8 +127,9 @@ def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None
     return sorted(set(range(manifest["num_chunks"])) - set(manifest["done"]))
 
 
-def export_reference(run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]],
-                     palette: list[list[int]]) -> None:
+def export_reference(
+    run_dir: str, layers: list[str], sources: list[str], masks: list[list[np.ndarray]], palette: list[list[int]]
+) -> None:
     """The public code's layout: train_PM/PM_<layer>/<source file name>.png, palettised."""
     for layer_no, layer in enumerate(layers):
         out = layout.reference_masks_dir(run_dir, layer)
@@ -159,7 +185,7 @@ def run_pass(cfg: Config, log: RunLog, model, reader: SplitReader, device: torch
             if cfg.masks.export_reference:
                 export_reference(cfg.run_dir, layers, entry["sources"], entry["arrays"], palette)
             write_chunk(folder, chunk, entry["samples"], layers, entry["skipped"])
-            for key, why in entry["skipped"].items():
+            for _key, why in entry["skipped"].items():
                 log.info(f"skipped (all-ignore mask): {why}")
             if dist.is_main():  # progress visible in the manifest while the pass runs
                 refresh_manifest(folder, read_manifest(folder))
@@ -172,12 +198,16 @@ def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
     manifest = read_manifest(folder)
     missing = sorted(set(range(manifest["num_chunks"])) - committed_chunks(folder))
     if missing:
-        raise PseudoMaskError(f"{folder}: chunks {[chunk_stem(c) for c in missing]} are missing after the pass; "
-                              f"rerun mlps_dist.stages.generate_masks to make them")
+        raise PseudoMaskError(
+            f"{folder}: chunks {[chunk_stem(c) for c in missing]} are missing after the pass; "
+            f"rerun mlps_dist.stages.generate_masks to make them"
+        )
     manifest = refresh_manifest(folder, manifest, complete=True)
     log.event("pseudo_masks_done", folder=str(folder), count=manifest["count"], skipped=len(manifest["skipped"]))
-    log.info(f"pseudo masks complete: {manifest['count']} samples in {folder}"
-             + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else ""))
+    log.info(
+        f"pseudo masks complete: {manifest['count']} samples in {folder}"
+        + (f", {len(manifest['skipped'])} skipped (see manifest.json)" if manifest["skipped"] else "")
+    )
 
 
 def quality_report(cfg: Config, log: RunLog, model, device: torch.device, selection: dict | None = None) -> dict:
@@ -192,21 +222,26 @@ def quality_report(cfg: Config, log: RunLog, model, device: torch.device, select
             continue
         reader = open_split(cfg.data.root, split)
         classes = reader.num_classes
-        batches = split_batches(reader, dist.partition(len(reader), dist.get_world_size(), dist.get_rank()),
-                                cfg.masks.batch_size)
+        batches = split_batches(
+            reader, dist.partition(len(reader), dist.get_world_size(), dist.get_rank()), cfg.masks.batch_size
+        )
         # A diagnostic only: a val patch that cannot be masked (e.g. without any label) is
         # scored as all-ignore instead of stopping the pass on every rerun.
         loader = create_masks_loader(cfg, reader, batches, device, skip_bad=True)
         # Pixels painted white/ignore by the mask pass count as misses (CamEvaluator).
         quality = CamEvaluator(classes, ignore_index=classes, layers=cfg.masks.layers)
-        layers = run_eval(loader, lambda batch: {"masks": make_batch_masks(model, batch, cfg, device)},
-                          {"quality": quality})["quality"]
+        layers = run_eval(
+            loader, lambda batch: {"masks": make_batch_masks(model, batch, cfg, device)}, {"quality": quality}
+        )["quality"]
         report[split] = {}
         for layer, scores in layers.items():
             iou = scores["iou"]
             report[split][layer] = {**scores, "per_class": dict(zip(reader.classes, iou))}
-            log.scalars({"miou": scores["miou"], **{f"iou/{c}": v for c, v in zip(reader.classes, iou)}},
-                        step=0, prefix=f"pseudo_masks/{split}/{layer}/")
+            log.scalars(
+                {"miou": scores["miou"], **{f"iou/{c}": v for c, v in zip(reader.classes, iou)}},
+                step=0,
+                prefix=f"pseudo_masks/{split}/{layer}/",
+            )
             log.info(f"pseudo masks on {split}, layer {layer}: mIoU {scores['miou']:.4f}")
     if dist.is_main() and report:
         write_json(layout.masks_report_file(cfg.run_dir), {**report, "classifier": selection or {}})
@@ -243,8 +278,9 @@ def work(cfg: Config, log: RunLog, p: Prepared) -> None:
         dist.on_rank0(lambda: finish_pass(cfg, log, p.reader.split))
 
 
-SESSION = session.Stage("masks", "Stage 2: multi-layer Grad-CAM pseudo masks", prepare=prepare, work=work,
-                        skip_bad_key="masks.skip_bad")
+SESSION = session.Stage(
+    "masks", "Stage 2: multi-layer Grad-CAM pseudo masks", prepare=prepare, work=work, skip_bad_key="masks.skip_bad"
+)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,9 @@ from typing import Any
 
 from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError, TrainConfig, parse_cli, save_config
-from mlps_dist.core import runner
+from mlps_dist.core import layout, runner
 from mlps_dist.core.errors import InputError, MlpsError, Preempted
 from mlps_dist.run import artifacts
-from mlps_dist.core import layout
 from mlps_dist.run.lock import run_lock
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.train import engine

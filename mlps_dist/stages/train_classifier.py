@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist import dist
-from mlps_dist.stages import session
-from mlps_dist.train import engine
 from mlps_dist.config import Config, ConfigError, PdaConfig
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader
 from mlps_dist.data.shards import open_split
+from mlps_dist.data.stain_run import write_reference
 from mlps_dist.method.evaluation import CamEvaluator, ExampleCollector, MultiLabelEvaluator, run_eval
 from mlps_dist.models import create_classifier
 from mlps_dist.run.runlog import RunLog
-from mlps_dist.data.stain_run import write_reference
+from mlps_dist.stages import session
+from mlps_dist.train import engine
 
 STAGE = "classifier"
 
@@ -80,23 +80,41 @@ class ClassifierTask:
         self.cfg, self.section = cfg, cfg.classifier
         self.train_reader, self.val_reader = train_reader, val_reader
         self.num_classes = train_reader.num_classes
-        self.meta = {"name": self.section.model, "num_classes": self.num_classes,
-                     "classes": list(train_reader.classes), "config": cfg.to_dict()}
+        self.meta = {
+            "name": self.section.model,
+            "num_classes": self.num_classes,
+            "classes": list(train_reader.classes),
+            "config": cfg.to_dict(),
+        }
         self.gamma: float | None = None
         self.samples: list[tuple[np.ndarray, np.ndarray]] = []  # val patches + CAMs to draw
 
     def build_model(self):
-        return create_classifier(self.section.model, self.num_classes, self.section.pretrained,
-                                 freeze_stages=self.section.freeze_stages, freeze_bn=self.section.freeze_bn,
-                                 dropout=self.section.dropout, pda_attention=self.section.pda.attention)
+        return create_classifier(
+            self.section.model,
+            self.num_classes,
+            self.section.pretrained,
+            freeze_stages=self.section.freeze_stages,
+            freeze_bn=self.section.freeze_bn,
+            dropout=self.section.dropout,
+            pda_attention=self.section.pda.attention,
+        )
 
     def micro_steps_per_epoch(self, plan) -> int:
         return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        return create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
-                                   start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                   device=dist.device(), augment=self.section.augment)
+        return create_train_loader(
+            self.cfg,
+            self.train_reader,
+            plan=plan,
+            epoch=epoch,
+            start_step=start_step,
+            rank=dist.get_rank(),
+            world=plan.world,
+            device=dist.device(),
+            augment=self.section.augment,
+        )
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         # fp32 loss from the (bf16/fp16 under autocast) logits: logsigmoid is not on autocast's fp32 list
@@ -109,8 +127,14 @@ class ClassifierTask:
     def validate(self, module, epoch: int) -> dict[str, float]:
         """Multi-label acc/F1 and the mIoU of label-gated CAM argmax masks against val masks."""
         reader, device = self.val_reader, dist.device()
-        loader = create_eval_loader(self.cfg, reader, batch_size=max(self.section.batch_size // dist.get_world_size(), 1),
-                                    rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+        loader = create_eval_loader(
+            self.cfg,
+            reader,
+            batch_size=max(self.section.batch_size // dist.get_world_size(), 1),
+            rank=dist.get_rank(),
+            world=dist.get_world_size(),
+            device=device,
+        )
 
         def predict(batch: dict) -> dict:
             images = model_input(batch["image"], self.cfg.data.image_size)
@@ -122,11 +146,15 @@ class ClassifierTask:
             return outputs
 
         def panels(batch: dict, outputs: dict, count: int) -> list:
-            return [(rgb.permute(1, 2, 0).cpu().numpy(), cam.float().cpu().numpy())
-                    for rgb, cam in zip(batch["rgb"][:count], outputs["cams"][:count])]
+            return [
+                (rgb.permute(1, 2, 0).cpu().numpy(), cam.float().cpu().numpy())
+                for rgb, cam in zip(batch["rgb"][:count], outputs["cams"][:count])
+            ]
 
-        evaluators = {"labels": MultiLabelEvaluator(self.num_classes, device=device),
-                      "samples": ExampleCollector(self.section.cam_images, panels)}
+        evaluators = {
+            "labels": MultiLabelEvaluator(self.num_classes, device=device),
+            "samples": ExampleCollector(self.section.cam_images, panels),
+        }
         if reader.has_masks:
             evaluators["cam"] = CamEvaluator(self.num_classes, reader.ignore_index, ["cam"], device=device)
         results = run_eval(loader, predict, evaluators)
@@ -142,8 +170,11 @@ class ClassifierTask:
         cam/pda_on/<i> from it on, so the shift of attention shows side by side."""
         state = "pda_on" if self.gamma is not None else "pda_off"
         pda = self.section.pda
-        caption = (f"epoch {epoch}: PDA on, gamma {self.gamma:.3f}, attention {pda.attention}"
-                   if self.gamma is not None else f"epoch {epoch}: PDA off (starts at epoch {pda.start_epoch})")
+        caption = (
+            f"epoch {epoch}: PDA on, gamma {self.gamma:.3f}, attention {pda.attention}"
+            if self.gamma is not None
+            else f"epoch {epoch}: PDA off (starts at epoch {pda.start_epoch})"
+        )
         for i, (rgb, cams) in enumerate(self.samples):
             log.image(f"cam/{state}/{i}", cam_overlay_row(rgb, cams), step=epoch)
         if self.samples:
@@ -170,8 +201,10 @@ def prepare(cfg: Config) -> ClassifierTask:
     train_reader, val_reader = open_split(cfg.data.root, "train"), open_split(cfg.data.root, "val")
     wanted = cfg.classifier.num_classes
     if wanted and wanted != train_reader.num_classes:
-        raise ConfigError(f"'classifier.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
-                          f"{train_reader.num_classes} classes {train_reader.classes}; fix one of them")
+        raise ConfigError(
+            f"'classifier.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
+            f"{train_reader.num_classes} classes {train_reader.classes}; fix one of them"
+        )
     write_reference(cfg)  # data.stain: fitted on the training patches before any loader reads them
     task = ClassifierTask(cfg, train_reader, val_reader)
     engine.preflight(cfg, cfg.classifier, task)  # fail now, not after building the model

@@ -23,29 +23,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlps_dist.core import layout
 from mlps_dist import dist
+from mlps_dist.config import Config, ConfigError
+from mlps_dist.core import layout
+from mlps_dist.core.draw import overlay_row, palette_for
+from mlps_dist.data.augment import normalise
+from mlps_dist.data.decode import decode_rgb
+from mlps_dist.data.loaders import create_eval_loader, create_train_loader
+from mlps_dist.data.pseudo_masks import PseudoMaskStore
+from mlps_dist.data.shards import open_split
+from mlps_dist.method.evaluation import ConfusionEvaluator, ExampleCollector, run_eval
+from mlps_dist.method.mosaic import mix_single_tissue
+from mlps_dist.models import create_segmenter
+from mlps_dist.predict.predictor import Predictor
+from mlps_dist.run.runlog import RunLog
 from mlps_dist.stages import session
 from mlps_dist.train import engine
 from mlps_dist.train.checkpoint import load_model_file
-from mlps_dist.config import Config, ConfigError
-from mlps_dist.data.augment import normalise
-from mlps_dist.data.loaders import create_eval_loader, create_train_loader
-from mlps_dist.data.shards import open_split
-from mlps_dist.data.decode import decode_rgb
-from mlps_dist.core.draw import overlay_row, palette_for
-from mlps_dist.method.evaluation import ConfusionEvaluator, ExampleCollector, run_eval
-from mlps_dist.models import create_segmenter
-from mlps_dist.method.mosaic import mix_single_tissue
-from mlps_dist.predict.predictor import Predictor
-from mlps_dist.data.pseudo_masks import PseudoMaskStore
-from mlps_dist.run.runlog import RunLog
 
 STAGE = "segmenter"
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, weights: list[float],
-                      ignore_index: int, white_channel: bool = False) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, weights: list[float], ignore_index: int, white_channel: bool = False
+) -> torch.Tensor:
     """sum_l weights[l] * mean pixel CE of ``logits`` (B,C,H,W) against ``masks[:, l]`` (B,L,H,W).
 
     Pixels equal to ``ignore_index`` count neither in the sum nor in the mean; a layer with
@@ -81,31 +82,50 @@ class SegmenterTask:
         self.ignore_index = train_reader.ignore_index
         # The loader yields every layer of the store, in the store's order; pick ours.
         self.layer_slots = [store.layers.index(layer) for layer in self.section.loss_layers]
-        self.meta = {"name": self.section.model, "num_classes": self.num_classes,
-                     "multi_grid": list(self.section.multi_grid),
-                     "classes": list(train_reader.classes), "config": cfg.to_dict(),
-                     # the stage-1 classifier its pseudo masks came from (classifier.checkpoint)
-                     "classifier": store.manifest.get("settings", {}).get("classifier", {})}
+        self.meta = {
+            "name": self.section.model,
+            "num_classes": self.num_classes,
+            "multi_grid": list(self.section.multi_grid),
+            "classes": list(train_reader.classes),
+            "config": cfg.to_dict(),
+            # the stage-1 classifier its pseudo masks came from (classifier.checkpoint)
+            "classifier": store.manifest.get("settings", {}).get("classifier", {}),
+        }
         self.palette = palette_for(self.num_classes, train_reader.info)
         self.val_rows: list[np.ndarray] = []
 
     def build_model(self):
-        return create_segmenter(self.section.model, self.num_classes, self.section.pretrained,
-                                multi_grid=self.section.multi_grid)
+        return create_segmenter(
+            self.section.model, self.num_classes, self.section.pretrained, multi_grid=self.section.multi_grid
+        )
 
     def micro_steps_per_epoch(self, plan) -> int:
         return plan.micro_steps_per_epoch(len(self.train_reader))
 
     def train_loader(self, epoch: int, start_step: int, plan):
-        return create_train_loader(self.cfg, self.train_reader, plan=plan, epoch=epoch,
-                                     start_step=start_step, rank=dist.get_rank(), world=plan.world,
-                                     device=dist.device(), pseudo_masks=self.store, augment=self.section.augment)
+        return create_train_loader(
+            self.cfg,
+            self.train_reader,
+            plan=plan,
+            epoch=epoch,
+            start_step=start_step,
+            rank=dist.get_rank(),
+            world=plan.world,
+            device=dist.device(),
+            pseudo_masks=self.store,
+            augment=self.section.augment,
+        )
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         masks = batch["masks"][:, self.layer_slots].long()  # the loaders send uint8
         images, masks = mix_single_tissue(batch["image"], masks, self.ignore_index, self.section.mosaic_prob)
-        loss = segmentation_loss(model(images), masks, self.section.loss_weights, self.ignore_index,
-                                 white_channel=self.section.loss_white_channel)
+        loss = segmentation_loss(
+            model(images),
+            masks,
+            self.section.loss_weights,
+            self.ignore_index,
+            white_channel=self.section.loss_white_channel,
+        )
         if self.section.loss_batch_average:
             # The public loss (pixel mean / n, n = the whole batch on one device): the global
             # batch here, since DDP and accumulation already average the per-micro-batch means.
@@ -118,21 +138,37 @@ class SegmenterTask:
     def validate(self, module, epoch: int) -> dict[str, float]:
         """Ungated val metrics (the segmenter on its own; the gate is stage 4's business)."""
         reader, device = self.val_reader, dist.device()
-        loader = create_eval_loader(self.cfg, reader, batch_size=self.cfg.evaluate.batch_size,
-                                    rank=dist.get_rank(), world=dist.get_world_size(), device=device)
-        predictor = Predictor(module, None, image_size=self.cfg.data.image_size, mean=self.cfg.data.mean,
-                              std=self.cfg.data.std, device=device)
+        loader = create_eval_loader(
+            self.cfg,
+            reader,
+            batch_size=self.cfg.evaluate.batch_size,
+            rank=dist.get_rank(),
+            world=dist.get_world_size(),
+            device=device,
+        )
+        predictor = Predictor(
+            module,
+            None,
+            image_size=self.cfg.data.image_size,
+            mean=self.cfg.data.mean,
+            std=self.cfg.data.std,
+            device=device,
+        )
 
         def predict(batch: dict) -> dict:
             out = predictor(batch["image"], out_size=tuple(batch["mask"].shape[-2:]))
             return {"classes": out.classes(gated=False)}
 
         def rows(batch: dict, outputs: dict, count: int) -> list:
-            return [overlay_row(rgb, [mask, p], self.palette) for rgb, mask, p
-                    in zip(batch["rgb"][:count], batch["mask"][:count], outputs["classes"][:count])]
+            return [
+                overlay_row(rgb, [mask, p], self.palette)
+                for rgb, mask, p in zip(batch["rgb"][:count], batch["mask"][:count], outputs["classes"][:count])
+            ]
 
-        evaluators = {"val": ConfusionEvaluator(self.num_classes, reader.ignore_index, device=device),
-                      "rows": ExampleCollector(self.section.vis_images, rows)}
+        evaluators = {
+            "val": ConfusionEvaluator(self.num_classes, reader.ignore_index, device=device),
+            "rows": ExampleCollector(self.section.vis_images, rows),
+        }
         results = run_eval(loader, predict, evaluators)
         self.val_rows, scores = results["rows"], results["val"]
         metrics = {k: scores[k] for k in ("miou", "fwiou", "acc", "macc")}
@@ -166,12 +202,16 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
     missing = store.missing(len(train_reader))
     if missing:
         keys = ", ".join(train_reader.key(i) for i in missing[:5])
-        raise ConfigError(f"{masks_dir} has no pseudo masks for {len(missing)} of {len(train_reader)} training "
-                          f"samples (first: {keys}); rerun stage 2 (mlps_dist.stages.generate_masks) to complete them")
+        raise ConfigError(
+            f"{masks_dir} has no pseudo masks for {len(missing)} of {len(train_reader)} training "
+            f"samples (first: {keys}); rerun stage 2 (mlps_dist.stages.generate_masks) to complete them"
+        )
     absent = [layer for layer in cfg.segmenter.loss_layers if layer not in store.layers]
     if absent:
-        raise ConfigError(f"'segmenter.loss_layers' names {absent}, but {masks_dir} holds layers {store.layers}; "
-                          f"pick loss layers from those or regenerate the masks with masks.layers including them")
+        raise ConfigError(
+            f"'segmenter.loss_layers' names {absent}, but {masks_dir} holds layers {store.layers}; "
+            f"pick loss layers from those or regenerate the masks with masks.layers including them"
+        )
     data_classes = list(train_reader.classes)
     sources = {f"{masks_dir}/manifest.json": store.manifest.get("settings", {}).get("classes")}
     classifier_file = layout.model_file(cfg.run_dir, "classifier")
@@ -179,13 +219,17 @@ def check_inputs(cfg: Config, train_reader, store: PseudoMaskStore) -> None:
         sources[str(classifier_file)] = load_model_file(classifier_file)[1].get("classes")
     for source, classes in sources.items():
         if classes is not None and list(classes) != data_classes:
-            raise ConfigError(f"{source} was made for {len(classes)} classes {list(classes)}, but "
-                              f"{cfg.data.root}/info.json has {len(data_classes)} {data_classes}; "
-                              f"use the run trained on these shards or set data.root to the matching shards")
+            raise ConfigError(
+                f"{source} was made for {len(classes)} classes {list(classes)}, but "
+                f"{cfg.data.root}/info.json has {len(data_classes)} {data_classes}; "
+                f"use the run trained on these shards or set data.root to the matching shards"
+            )
     wanted = cfg.segmenter.num_classes
     if wanted and wanted != len(data_classes):
-        raise ConfigError(f"'segmenter.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
-                          f"{len(data_classes)} classes {data_classes}; fix one of them (0 = take it from the data)")
+        raise ConfigError(
+            f"'segmenter.num_classes' = {wanted}, but {cfg.data.root}/info.json lists "
+            f"{len(data_classes)} classes {data_classes}; fix one of them (0 = take it from the data)"
+        )
 
 
 def prepare(cfg: Config) -> SegmenterTask:

@@ -65,15 +65,19 @@ def parse_classes(text: str) -> dict[int, str]:
     the LUAD class of its position. Classes left out never appear in a patch (label digit 0)."""
     entries = [e.strip() for e in text.split(",") if e.strip()]
     if not entries or len(entries) > len(LUAD_CLASSES):
-        raise InputError(f"--classes {text!r}: give 1-{len(LUAD_CLASSES)} entries NAME=FOLDER with NAME one of "
-                         f"{', '.join(LUAD_CLASSES)} (default {DEFAULT_CLASSES})")
+        raise InputError(
+            f"--classes {text!r}: give 1-{len(LUAD_CLASSES)} entries NAME=FOLDER with NAME one of "
+            f"{', '.join(LUAD_CLASSES)} (default {DEFAULT_CLASSES})"
+        )
     mapping: dict[int, str] = {}
     for position, entry in enumerate(entries):
         name, _, folder = entry.rpartition("=") if "=" in entry else (LUAD_CLASSES[position], "=", entry)
         name, folder = name.strip(), folder.strip()
         if name not in LUAD_CLASSES:
-            raise InputError(f"--classes {text!r}: unknown class name {name!r}; the LUAD-HistoSeg layout has "
-                             f"{', '.join(LUAD_CLASSES)} (write NAME=FOLDER, e.g. {DEFAULT_CLASSES})")
+            raise InputError(
+                f"--classes {text!r}: unknown class name {name!r}; the LUAD-HistoSeg layout has "
+                f"{', '.join(LUAD_CLASSES)} (write NAME=FOLDER, e.g. {DEFAULT_CLASSES})"
+            )
         index = LUAD_CLASSES.index(name)
         if index in mapping or not folder:
             problem = "twice" if index in mapping else "no folder"
@@ -93,8 +97,10 @@ def class_folder(root: Path, folder: str, flag: str) -> list[Path]:
         raise InputError(f"{flag}: no folder {path} (folders in --tiles: {', '.join(there) or 'none'})")
     files = _tile_files(path)
     if not files:
-        raise InputError(f"{flag}: {path} holds no tiles ({'/'.join(TILE_SUFFIXES)}): too few tiles to draw from; "
-                         f"add tiles there or name another folder")
+        raise InputError(
+            f"{flag}: {path} holds no tiles ({'/'.join(TILE_SUFFIXES)}): too few tiles to draw from; "
+            f"add tiles there or name another folder"
+        )
     return files
 
 
@@ -142,12 +148,18 @@ def source_namer(source_regex: str | None, source_csv: str | Path | None):
         if not m:
             return None
         return m["source"] if "source" in pattern.groupindex else m[1] if pattern.groups else m[0]
+
     return name, {"regex": pattern.pattern}
 
 
-def scan_tiles(root: str | Path, classes: dict[int, str], background: str | None,
-               source_regex: str | None = None, source_csv: str | Path | None = None,
-               require_sources: bool = False) -> Catalogue:
+def scan_tiles(
+    root: str | Path,
+    classes: dict[int, str],
+    background: str | None,
+    source_regex: str | None = None,
+    source_csv: str | Path | None = None,
+    require_sources: bool = False,
+) -> Catalogue:
     """List and decode every tile (an unreadable one stops here, named). Tiles whose source
     cannot be named are an error when ``require_sources`` (splitting by source), else they
     share one source ``tiles``."""
@@ -165,8 +177,10 @@ def scan_tiles(root: str | Path, classes: dict[int, str], background: str | None
             source = namer(rel)
             if source is None:
                 if require_sources:
-                    raise InputError(f"{path}: {flag} {rule.get('regex', rule.get('csv'))!r} names no source image "
-                                     f"for this tile; give --source-regex or a --source-csv line for it")
+                    raise InputError(
+                        f"{path}: {flag} {rule.get('regex', rule.get('csv'))!r} names no source image "
+                        f"for this tile; give --source-regex or a --source-csv line for it"
+                    )
                 source = "tiles"
             sides.append(min(load_tile(path).shape[:2]))
             per_source.setdefault(source, []).append(rel)
@@ -185,8 +199,10 @@ def _resolve(names: list[str], sources: list[str], flag: str) -> list[str]:
     for name in names:
         hits = [name] if name in sources else [s for s in sources if s.endswith(name)]
         if len(hits) != 1:
-            raise InputError(f"{flag} {name!r}: {'matches ' + ', '.join(hits) if hits else 'no such source image'}; "
-                             f"the sources are {', '.join(sources)}")
+            raise InputError(
+                f"{flag} {name!r}: {'matches ' + ', '.join(hits) if hits else 'no such source image'}; "
+                f"the sources are {', '.join(sources)}"
+            )
         found.append(hits[0])
     return found
 
@@ -194,8 +210,10 @@ def _resolve(names: list[str], sources: list[str], flag: str) -> list[str]:
 def _check_classes(catalogue: Catalogue, split: str, sources: list[str], flag: str) -> None:
     for index, folder in catalogue.folders.items():
         if not any(catalogue.tiles[index].get(s) for s in sources):
-            raise InputError(f"{flag}: the {split} split's source images ({', '.join(sources) or 'none'}) hold no "
-                             f"tiles of class {LUAD_CLASSES[index]} (folder {folder}); give it a source that has them")
+            raise InputError(
+                f"{flag}: the {split} split's source images ({', '.join(sources) or 'none'}) hold no "
+                f"tiles of class {LUAD_CLASSES[index]} (folder {folder}); give it a source that has them"
+            )
 
 
 def split_glass(glass: list[str], counts: dict[str, int], seed: int) -> dict[str, list[str]]:
@@ -220,13 +238,16 @@ def _shares(items: list, shares: list[float]) -> list[list]:
 
 
 def _plan_from_sources(catalogue: Catalogue, assigned: dict[str, list[str]], counts, seed, unused) -> SplitPlan:
-    tiles = {split: {s: {i: catalogue.tiles[i][s] for i in catalogue.folders if catalogue.tiles[i].get(s)}
-                     for s in sources} for split, sources in assigned.items()}
+    tiles = {
+        split: {s: {i: catalogue.tiles[i][s] for i in catalogue.folders if catalogue.tiles[i].get(s)} for s in sources}
+        for split, sources in assigned.items()
+    }
     return SplitPlan(tiles, split_glass(catalogue.glass, counts, seed), "source", unused)
 
 
-def split_by_source(catalogue: Catalogue, counts: dict[str, int], seed: int,
-                    pins: dict[str, list[str]] | None = None) -> SplitPlan:
+def split_by_source(
+    catalogue: Catalogue, counts: dict[str, int], seed: int, pins: dict[str, list[str]] | None = None
+) -> SplitPlan:
     """Whole source images per split. ``pins`` (split -> source names) fixes them: train then
     defaults to every source not pinned elsewhere, a pinned split with patches must be pinned
     for val and test alike. Without pins the sources are shuffled (seed) into train and one
@@ -241,14 +262,18 @@ def split_by_source(catalogue: Catalogue, counts: dict[str, int], seed: int,
             assigned["train"] = [s for s in sources if s not in taken]
         for split in needed:
             if split not in assigned:
-                raise InputError(f"--sources-{split}: the {split} split has {counts[split]} patches but no pinned "
-                                 f"source image; name one or more of {', '.join(sources)}")
+                raise InputError(
+                    f"--sources-{split}: the {split} split has {counts[split]} patches but no pinned "
+                    f"source image; name one or more of {', '.join(sources)}"
+                )
         seen: dict[str, str] = {}
         for split in needed:
             for source in assigned[split]:
                 if source in seen:
-                    raise InputError(f"--sources-{split}: source image {source} is also in --sources-{seen[source]}; "
-                                     f"a source image may be in one split only")
+                    raise InputError(
+                        f"--sources-{split}: source image {source} is also in --sources-{seen[source]}; "
+                        f"a source image may be in one split only"
+                    )
                 seen[source] = split
         assigned = {s: assigned[s] for s in needed}
         for split in needed:
@@ -257,8 +282,10 @@ def split_by_source(catalogue: Catalogue, counts: dict[str, int], seed: int,
         return _plan_from_sources(catalogue, assigned, counts, seed, [s for s in sources if s not in used])
     held = [s for s in needed if s != "train"]
     if len(sources) < len(needed):
-        raise InputError(f"--split-by-source: {len(sources)} source image(s) ({', '.join(sources)}) for "
-                         f"{len(needed)} splits with patches; too few tiles' sources, or set a split's count to 0")
+        raise InputError(
+            f"--split-by-source: {len(sources)} source image(s) ({', '.join(sources)}) for "
+            f"{len(needed)} splits with patches; too few tiles' sources, or set a split's count to 0"
+        )
     first_error = None
     for attempt in range(100):
         order = [sources[i] for i in np.random.default_rng([seed, 78, attempt]).permutation(len(sources))]
@@ -266,7 +293,7 @@ def split_by_source(catalogue: Catalogue, counts: dict[str, int], seed: int,
         each = min(each, (len(sources) - ("train" in needed)) // max(1, len(held))) or 1
         assigned, start = {}, 0
         for split in held:
-            assigned[split], start = order[start:start + each], start + each
+            assigned[split], start = order[start : start + each], start + each
         if "train" in needed:
             assigned["train"] = order[start:]
         try:
@@ -278,8 +305,10 @@ def split_by_source(catalogue: Catalogue, counts: dict[str, int], seed: int,
         assigned = {s: sorted(assigned[s]) for s in needed}
         used = {x for v in assigned.values() for x in v}
         return _plan_from_sources(catalogue, assigned, counts, seed, [s for s in sources if s not in used])
-    raise InputError(f"{first_error} (no assignment of the {len(sources)} source images gives every split every "
-                     f"class; pin them with --sources-train/--sources-val/--sources-test)")
+    raise InputError(
+        f"{first_error} (no assignment of the {len(sources)} source images gives every split every "
+        f"class; pin them with --sources-train/--sources-val/--sources-test)"
+    )
 
 
 def split_by_tile(catalogue: Catalogue, counts: dict[str, int], seed: int) -> SplitPlan:
@@ -291,8 +320,10 @@ def split_by_tile(catalogue: Catalogue, counts: dict[str, int], seed: int) -> Sp
     for index, per_source in catalogue.tiles.items():
         flat = [(source, rel) for source, rels in per_source.items() for rel in rels]
         if len(flat) < len(needed):
-            raise InputError(f"--classes {LUAD_CLASSES[index]}={catalogue.folders[index]}: {len(flat)} tile(s) for "
-                             f"{len(needed)} splits; too few tiles (add tiles or set a split's count to 0)")
+            raise InputError(
+                f"--classes {LUAD_CLASSES[index]}={catalogue.folders[index]}: {len(flat)} tile(s) for "
+                f"{len(needed)} splits; too few tiles (add tiles or set a split's count to 0)"
+            )
         order = [flat[i] for i in np.random.default_rng([seed, 79, index]).permutation(len(flat))]
         for split, part in zip(needed, _shares(order, shares)):
             for source, rel in sorted(part):

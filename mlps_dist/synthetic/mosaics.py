@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlps_dist.synthetic.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
-from mlps_dist.synthetic.patches import PALETTE
-from mlps_dist.synthetic.tissue import smooth_field
 from mlps_dist.core import png
 from mlps_dist.core.errors import InputError
 from mlps_dist.core.fileio import atomic_write_bytes, atomic_write_json
+from mlps_dist.synthetic.mosaic_tiles import LUAD_CLASSES, SPLITS, Catalogue, SplitPlan, load_tile
+from mlps_dist.synthetic.patches import PALETTE
+from mlps_dist.synthetic.tissue import smooth_field
 
 IGNORE = len(LUAD_CLASSES)
 MARKER = "mosaics.json"
@@ -105,7 +105,7 @@ def fit_tile(rng: np.random.Generator, tile: np.ndarray, size: int) -> np.ndarra
         h, w = max(size, round(h * scale)), max(size, round(w * scale))
         tile = np.asarray(Image.fromarray(tile).resize((w, h), Image.BICUBIC))
     y, x = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-    return tile[y:y + size, x:x + size]
+    return tile[y : y + size, x : x + size]
 
 
 _ROOT: list = [None]
@@ -117,19 +117,25 @@ def _tile(rel: str) -> np.ndarray:
 
 
 def _region_fields(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
-    return np.stack([smooth_field(rng, size, rng.uniform(1.2, 3.0)) + rng.normal(0, 0.6)
-                     + 0.18 * smooth_field(rng, size, size / 14) for _ in range(count)])
+    return np.stack(
+        [
+            smooth_field(rng, size, rng.uniform(1.2, 3.0))
+            + rng.normal(0, 0.6)
+            + 0.18 * smooth_field(rng, size, size / 14)
+            for _ in range(count)
+        ]
+    )
 
 
-def _attempt(rng: np.random.Generator, per_class: dict[int, list[str]], glass: list[str],
-             options: MosaicOptions) -> tuple[np.ndarray, np.ndarray]:
+def _attempt(
+    rng: np.random.Generator, per_class: dict[int, list[str]], glass: list[str], options: MosaicOptions
+) -> tuple[np.ndarray, np.ndarray]:
     size = options.size
-    probs = np.array(options.classes_per_patch, float)[:len(per_class)]
+    probs = np.array(options.classes_per_patch, float)[: len(per_class)]
     count = int(rng.choice(len(probs), p=probs / probs.sum())) + 1
     available = sorted(per_class)
     classes = [available[i] for i in sorted(rng.choice(len(available), size=count, replace=False))]
-    tiles = np.stack([fit_tile(rng, _tile(per_class[c][int(rng.integers(len(per_class[c])))]), size)
-                      for c in classes])
+    tiles = np.stack([fit_tile(rng, _tile(per_class[c][int(rng.integers(len(per_class[c])))]), size) for c in classes])
     fields = _region_fields(rng, count, size)
     holes = np.zeros((size, size), bool)
     glass_tile = None
@@ -155,8 +161,9 @@ def _attempt(rng: np.random.Generator, per_class: dict[int, list[str]], glass: l
     return rgb, mask
 
 
-def draw_patch(rng: np.random.Generator, per_class: dict[int, list[str]], glass: list[str],
-               options: MosaicOptions) -> tuple[np.ndarray, np.ndarray]:
+def draw_patch(
+    rng: np.random.Generator, per_class: dict[int, list[str]], glass: list[str], options: MosaicOptions
+) -> tuple[np.ndarray, np.ndarray]:
     """(rgb uint8 HxWx3, mask uint8 HxW) of one patch from one source's tiles ``per_class``.
     A draw with under 10 % of non-ignored pixels (very white tiles, large holes) is redrawn."""
     for _ in range(20):
@@ -249,8 +256,10 @@ def _prepare(out: Path, params: dict) -> None:
         previous = json.loads(marker.read_text()).get("params")
         if previous != params:
             changed = sorted(k for k in set(previous or {}) | set(params) if (previous or {}).get(k) != params.get(k))
-            raise InputError(f"--out {out}: holds mosaics made with other settings ({', '.join(changed)}); "
-                             f"choose another --out folder or delete this one")
+            raise InputError(
+                f"--out {out}: holds mosaics made with other settings ({', '.join(changed)}); "
+                f"choose another --out folder or delete this one"
+            )
     for sub in ("train", "val/img", "val/mask", "test/img", "test/mask"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
@@ -261,17 +270,33 @@ def _mask_counts(path: Path) -> list[int]:
     return np.bincount(np.asarray(Image.open(path)).ravel(), minlength=IGNORE + 1).tolist()
 
 
-def write_mosaics(out: str | Path, catalogue: Catalogue, plan: SplitPlan, counts: dict[str, int], seed: int,
-                  options: MosaicOptions, workers: int = 1, params_extra: dict | None = None) -> dict:
+def write_mosaics(
+    out: str | Path,
+    catalogue: Catalogue,
+    plan: SplitPlan,
+    counts: dict[str, int],
+    seed: int,
+    options: MosaicOptions,
+    workers: int = 1,
+    params_extra: dict | None = None,
+) -> dict:
     """Write every split under ``out`` (claimed by the caller), keeping finished files; then
     OUT/sources.json (which source images and how many tiles of each class went where, patch
     label and pixel counts) and the summary in OUT/mosaics.json. Returns the summary."""
     out = Path(out)
-    params = {"version": FORMAT_VERSION, "counts": dict(counts), "seed": int(seed), "options": options.as_dict(),
-              "classes": {LUAD_CLASSES[i]: f for i, f in catalogue.folders.items()},
-              "splits": {s: {src: {LUAD_CLASSES[i]: v for i, v in per.items()} for src, per in t.items()}
-                         for s, t in plan.tiles.items()},
-              "glass": plan.glass, **(params_extra or {})}
+    params = {
+        "version": FORMAT_VERSION,
+        "counts": dict(counts),
+        "seed": int(seed),
+        "options": options.as_dict(),
+        "classes": {LUAD_CLASSES[i]: f for i, f in catalogue.folders.items()},
+        "splits": {
+            s: {src: {LUAD_CLASSES[i]: v for i, v in per.items()} for src, per in t.items()}
+            for s, t in plan.tiles.items()
+        },
+        "glass": plan.glass,
+        **(params_extra or {}),
+    }
     _prepare(out, params)
     existing_train = {n.rsplit("-[", 1)[0]: n for n in (p.name for p in (out / "train").glob("*-[[]*].png"))}
     jobs = [(split, index) for split in SPLITS for index in range(counts.get(split, 0))]
@@ -322,19 +347,31 @@ def _summarise(out, catalogue, plan, counts, options, made, generated) -> dict:
             else:
                 c = made.get((split, stem)) or _mask_counts(out / split / "mask" / f"{stem}.png")
                 pixels += np.asarray(c)
-        tiles = {LUAD_CLASSES[i]: {src: len(per[i]) for src, per in plan.tiles[split].items() if i in per}
-                 for i in catalogue.folders}
-        record = {"sources": sorted(plan.tiles[split]), "patches": n,
-                  "patches_per_source": dict(sorted(per_source.items())),
-                  "tiles": tiles, "glass_tiles": len(plan.glass.get(split, []))}
+        tiles = {
+            LUAD_CLASSES[i]: {src: len(per[i]) for src, per in plan.tiles[split].items() if i in per}
+            for i in catalogue.folders
+        }
+        record = {
+            "sources": sorted(plan.tiles[split]),
+            "patches": n,
+            "patches_per_source": dict(sorted(per_source.items())),
+            "tiles": tiles,
+            "glass_tiles": len(plan.glass.get(split, [])),
+        }
         if split == "train":
             record["patches_labelled"] = {c: labelled[c] for c in LUAD_CLASSES}
         else:
             total = max(1, int(pixels.sum()))
-            record["pixel_share"] = {name: round(int(pixels[i]) / total, 4)
-                                     for i, name in enumerate([*LUAD_CLASSES, "ignore"])}
+            record["pixel_share"] = {
+                name: round(int(pixels[i]) / total, 4) for i, name in enumerate([*LUAD_CLASSES, "ignore"])
+            }
         splits[split] = record
-    sources = {"split_by": plan.by, "rule": catalogue.rule, "tiles": str(catalogue.root),
-               "classes": {LUAD_CLASSES[i]: f for i, f in catalogue.folders.items()},
-               "splits": splits, "unused_sources": plan.unused}
+    sources = {
+        "split_by": plan.by,
+        "rule": catalogue.rule,
+        "tiles": str(catalogue.root),
+        "classes": {LUAD_CLASSES[i]: f for i, f in catalogue.folders.items()},
+        "splits": splits,
+        "unused_sources": plan.unused,
+    }
     return {"out_dir": str(out), "counts": dict(counts), "generated": generated, "sources": sources}

@@ -35,21 +35,21 @@ class SyntheticOptionError(InputError):
 
 @dataclass(frozen=True)
 class SynthOptions:
-    size: int = 96                     # patch side in pixels (LUAD-HistoSeg: 224)
-    h_strength: float = 1.0            # x hematoxylin concentration (darker, bluer nuclei)
-    e_strength: float = 1.0            # x eosin concentration (pinker cytoplasm and stroma)
-    h_vector: tuple = H_REF            # hematoxylin OD per R, G, B channel (normalised)
-    e_vector: tuple = E_REF            # eosin OD per R, G, B channel (normalised)
-    hue_shift: float = 0.0             # degrees: both stain vectors turned about the grey axis
-    brightness: float = 1.0            # x scanner lamp (glass ~232-250 at 1.0; saturates at 255)
+    size: int = 96  # patch side in pixels (LUAD-HistoSeg: 224)
+    h_strength: float = 1.0  # x hematoxylin concentration (darker, bluer nuclei)
+    e_strength: float = 1.0  # x eosin concentration (pinker cytoplasm and stroma)
+    h_vector: tuple = H_REF  # hematoxylin OD per R, G, B channel (normalised)
+    e_vector: tuple = E_REF  # eosin OD per R, G, B channel (normalised)
+    hue_shift: float = 0.0  # degrees: both stain vectors turned about the grey axis
+    brightness: float = 1.0  # x scanner lamp (glass ~232-250 at 1.0; saturates at 255)
     white_balance: tuple = (1.0, 1.0, 1.0)  # per-channel gains of the lamp (R, G, B)
-    gamma: float = 1.0                 # tone curve out = 255 (in/255)^(1/gamma): > 1 lifts mid-tones
-    nuclear_size: float = 1.0          # x nucleus radius
-    nuclear_density: float = 1.0       # x nuclei per area
-    texture_scale: float = 1.0         # x size of all tissue texture (> 1 coarser, < 1 finer)
-    class_weights: tuple = (0.38, 0.14, 0.20, 0.28)    # how often TE NEC LYM TAS are drawn
+    gamma: float = 1.0  # tone curve out = 255 (in/255)^(1/gamma): > 1 lifts mid-tones
+    nuclear_size: float = 1.0  # x nucleus radius
+    nuclear_density: float = 1.0  # x nuclei per area
+    texture_scale: float = 1.0  # x size of all tissue texture (> 1 coarser, < 1 finer)
+    class_weights: tuple = (0.38, 0.14, 0.20, 0.28)  # how often TE NEC LYM TAS are drawn
     tissues_per_patch: tuple = (0.35, 0.35, 0.20, 0.10)  # P(1, 2, 3, 4 tissues in a patch)
-    white_prob: float = 0.4            # share of patches with white glass / lumen / fat
+    white_prob: float = 0.4  # share of patches with white glass / lumen / fat
 
     def __post_init__(self):
         for name in ("h_vector", "e_vector", "white_balance", "class_weights", "tissues_per_patch"):
@@ -57,8 +57,9 @@ class SynthOptions:
         check_options(self)
 
     def as_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
     def stain_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Unit OD vectors of hematoxylin and eosin after the hue rotation."""
@@ -84,9 +85,16 @@ def _fail(name: str, value, why: str):
 def check_options(o: SynthOptions) -> None:
     if int(o.size) != o.size or o.size < 32:
         _fail("size", o.size, "patches must be at least 32 pixels wide (an integer)")
-    for name, low, high in (("h_strength", 0.05, 5), ("e_strength", 0.05, 5), ("brightness", 0.5, 1.5),
-                            ("gamma", 0.3, 3), ("nuclear_size", 0.5, 2.0), ("nuclear_density", 0.2, 3.0),
-                            ("texture_scale", 0.5, 2.0), ("white_prob", 0.0, 1.0)):
+    for name, low, high in (
+        ("h_strength", 0.05, 5),
+        ("e_strength", 0.05, 5),
+        ("brightness", 0.5, 1.5),
+        ("gamma", 0.3, 3),
+        ("nuclear_size", 0.5, 2.0),
+        ("nuclear_density", 0.2, 3.0),
+        ("texture_scale", 0.5, 2.0),
+        ("white_prob", 0.0, 1.0),
+    ):
         value = getattr(o, name)
         if not low <= value <= high:
             _fail(name, value, f"must lie in [{low}, {high}]")
@@ -105,8 +113,11 @@ def check_options(o: SynthOptions) -> None:
     weights = np.array(o.class_weights)
     possible = int((weights > 0).sum())
     if any(p > 0 for p in o.tissues_per_patch[possible:]):
-        _fail("tissues_per_patch", ",".join(map(str, o.tissues_per_patch)),
-              f"asks for more tissues per patch than class_weights allows ({possible} with weight > 0)")
+        _fail(
+            "tissues_per_patch",
+            ",".join(map(str, o.tissues_per_patch)),
+            f"asks for more tissues per patch than class_weights allows ({possible} with weight > 0)",
+        )
 
 
 # The named variants: values that differ from SynthOptions' defaults. Each one moves the data
@@ -118,8 +129,9 @@ VARIANTS: dict[str, dict] = {
     "scanner-bright": dict(brightness=1.12, gamma=1.25, white_balance=(1.0, 0.97, 1.04)),  # cool, washed out
     "large-nuclei": dict(nuclear_size=1.4, nuclear_density=0.8),
     "fine-texture": dict(texture_scale=0.65, nuclear_density=1.3),  # lower magnification
-    "sparse-classes": dict(class_weights=(0.2, 0.3, 0.2, 0.3), tissues_per_patch=(0.7, 0.25, 0.05, 0.0),
-                           white_prob=0.6),
+    "sparse-classes": dict(
+        class_weights=(0.2, 0.3, 0.2, 0.3), tissues_per_patch=(0.7, 0.25, 0.05, 0.0), white_prob=0.6
+    ),
     "large-patches": dict(size=224),
 }
 

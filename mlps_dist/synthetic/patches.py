@@ -67,8 +67,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def random_stain(rng: np.random.Generator, around: Stain | None = None,
-                 options: SynthOptions = DEFAULT_OPTIONS) -> Stain:
+def random_stain(
+    rng: np.random.Generator, around: Stain | None = None, options: SynthOptions = DEFAULT_OPTIONS
+) -> Stain:
     """A slide's stain drawn around the options' reference, or a patch's drawn around its slide's.
 
     Scanners are calibrated on glass: the lamp varies between slides (232-250 grey at
@@ -76,16 +77,29 @@ def random_stain(rng: np.random.Generator, around: Stain | None = None,
     """
     if around is None:
         h_ref, e_ref = options.stain_vectors()
-        light = (rng.uniform(232, 250) * options.brightness * np.array(options.white_balance)
-                 * rng.uniform(0.98, 1.02, 3))
-        return Stain(h_vec=_unit(h_ref + rng.normal(0, 0.07, 3)), e_vec=_unit(e_ref + rng.normal(0, 0.06, 3)),
-                     h_scale=rng.uniform(0.75, 1.5) * options.h_strength,
-                     e_scale=rng.uniform(0.8, 1.6) * options.e_strength,
-                     light=light, blur=rng.uniform(0.3, 0.9), noise=rng.uniform(1.0, 4.0), gamma=options.gamma)
-    return Stain(h_vec=_unit(around.h_vec + rng.normal(0, 0.03, 3)), e_vec=_unit(around.e_vec + rng.normal(0, 0.03, 3)),
-                 h_scale=around.h_scale * rng.uniform(0.8, 1.25), e_scale=around.e_scale * rng.uniform(0.8, 1.25),
-                 light=np.clip(around.light * rng.uniform(0.97, 1.03) * rng.uniform(0.99, 1.01, 3), 100, 400),
-                 blur=around.blur * rng.uniform(0.8, 1.2), noise=around.noise, gamma=around.gamma)
+        light = (
+            rng.uniform(232, 250) * options.brightness * np.array(options.white_balance) * rng.uniform(0.98, 1.02, 3)
+        )
+        return Stain(
+            h_vec=_unit(h_ref + rng.normal(0, 0.07, 3)),
+            e_vec=_unit(e_ref + rng.normal(0, 0.06, 3)),
+            h_scale=rng.uniform(0.75, 1.5) * options.h_strength,
+            e_scale=rng.uniform(0.8, 1.6) * options.e_strength,
+            light=light,
+            blur=rng.uniform(0.3, 0.9),
+            noise=rng.uniform(1.0, 4.0),
+            gamma=options.gamma,
+        )
+    return Stain(
+        h_vec=_unit(around.h_vec + rng.normal(0, 0.03, 3)),
+        e_vec=_unit(around.e_vec + rng.normal(0, 0.03, 3)),
+        h_scale=around.h_scale * rng.uniform(0.8, 1.25),
+        e_scale=around.e_scale * rng.uniform(0.8, 1.25),
+        light=np.clip(around.light * rng.uniform(0.97, 1.03) * rng.uniform(0.99, 1.01, 3), 100, 400),
+        blur=around.blur * rng.uniform(0.8, 1.2),
+        noise=around.noise,
+        gamma=around.gamma,
+    )
 
 
 def tissue_layout(rng: np.random.Generator, size: int, options: SynthOptions = DEFAULT_OPTIONS) -> np.ndarray:
@@ -95,8 +109,14 @@ def tissue_layout(rng: np.random.Generator, size: int, options: SynthOptions = D
     count = rng.choice(4, p=count_probs) + 1
     tissues = rng.choice(4, size=count, replace=False, p=weights)
     # Coarse fields give the regions, a weaker fine field roughens their borders.
-    fields = np.stack([smooth_field(rng, size, rng.uniform(1.2, 3.0)) + rng.normal(0, 0.6)
-                       + 0.18 * smooth_field(rng, size, size / 14) for _ in tissues])
+    fields = np.stack(
+        [
+            smooth_field(rng, size, rng.uniform(1.2, 3.0))
+            + rng.normal(0, 0.6)
+            + 0.18 * smooth_field(rng, size, size / 14)
+            for _ in tissues
+        ]
+    )
     holes = None
     if rng.random() < options.white_prob:
         white_field = smooth_field(rng, size, rng.uniform(2.0, 5.0)) + 0.15 * smooth_field(rng, size, size / 12)
@@ -122,8 +142,7 @@ def _resized(values: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(values.astype(np.float32)).resize((size, size), Image.BILINEAR))
 
 
-def _concentrations(rng: np.random.Generator, mask: np.ndarray,
-                    options: SynthOptions) -> tuple[np.ndarray, np.ndarray]:
+def _concentrations(rng: np.random.Generator, mask: np.ndarray, options: SynthOptions) -> tuple[np.ndarray, np.ndarray]:
     """Hematoxylin and eosin maps of the tissues in `mask`. Textures are drawn at
     size / texture_scale pixels and resized to the patch: texture_scale acts as magnification."""
     size = mask.shape[0]
@@ -137,15 +156,18 @@ def _concentrations(rng: np.random.Generator, mask: np.ndarray,
     return hema, eosin
 
 
-def render(rng: np.random.Generator, mask: np.ndarray, stain: Stain,
-           options: SynthOptions = DEFAULT_OPTIONS) -> np.ndarray:
+def render(
+    rng: np.random.Generator, mask: np.ndarray, stain: Stain, options: SynthOptions = DEFAULT_OPTIONS
+) -> np.ndarray:
     """RGB uint8 H&E image of the tissues in `mask` (Beer-Lambert: I = light * exp(-OD))."""
     size = mask.shape[0]
     hema, eosin = _concentrations(rng, mask, options)
     # Section thickness varies slowly across the patch.
     thickness = 1.0 + 0.08 * smooth_field(rng, size, 1.5)
-    od = thickness[..., None] * (hema[..., None] * (stain.h_scale * stain.h_vec).astype(np.float32)
-                                 + eosin[..., None] * (stain.e_scale * stain.e_vec).astype(np.float32))
+    od = thickness[..., None] * (
+        hema[..., None] * (stain.h_scale * stain.h_vec).astype(np.float32)
+        + eosin[..., None] * (stain.e_scale * stain.e_vec).astype(np.float32)
+    )
     rgb = np.minimum(stain.light.astype(np.float32) * np.exp(-od), 255.0)  # the sensor saturates
     if stain.gamma != 1.0:
         rgb = 255.0 * (rgb / 255.0) ** np.float32(1.0 / stain.gamma)
@@ -155,8 +177,9 @@ def render(rng: np.random.Generator, mask: np.ndarray, stain: Stain,
     return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_patch(rng: np.random.Generator, size: int, stain: Stain | None = None,
-               options: SynthOptions = DEFAULT_OPTIONS) -> tuple[np.ndarray, np.ndarray]:
+def make_patch(
+    rng: np.random.Generator, size: int, stain: Stain | None = None, options: SynthOptions = DEFAULT_OPTIONS
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic H&E patch: (rgb uint8 HxWx3, mask uint8 HxW with 0..3 tissue, 4 white)."""
     if stain is None:
         stain = random_stain(rng, random_stain(rng, options=options), options)
@@ -185,8 +208,9 @@ def sample_origin(seed: int, split: str, index: int, size: int) -> tuple[str, np
     return f"synth{slide:02d}-{x}-{y}", rng
 
 
-def make_sample(seed: int, split: str, index: int, size: int | None = None,
-                options: SynthOptions = DEFAULT_OPTIONS) -> tuple[str, np.ndarray, np.ndarray]:
+def make_sample(
+    seed: int, split: str, index: int, size: int | None = None, options: SynthOptions = DEFAULT_OPTIONS
+) -> tuple[str, np.ndarray, np.ndarray]:
     """(name stem, rgb, mask) of patch `index` of `split`, independent of all other patches.
     `size` (default: options.size) overrides the options' patch size."""
     size = int(size or options.size)
@@ -221,8 +245,10 @@ def _prepare(out: Path, params: dict) -> set[str]:
     if marker.exists():
         previous = json.loads(marker.read_text())
         if previous.get("params") != params:
-            raise ValueError(f"{out}: holds a synthetic dataset made with {previous.get('params')}, not {params}; "
-                             f"choose another --out folder or delete this one")
+            raise ValueError(
+                f"{out}: holds a synthetic dataset made with {previous.get('params')}, not {params}; "
+                f"choose another --out folder or delete this one"
+            )
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: folder is not empty and has no {MARKER}; choose an empty or new --out folder")
     for sub in ("train", "val/img", "val/mask", "test/img", "test/mask"):
@@ -234,7 +260,7 @@ def _prepare(out: Path, params: dict) -> set[str]:
 
 def parse_train_name(name: str) -> tuple[str, list[int]]:
     """``pid-x-y-[a b c d].png`` -> (``pid-x-y``, [a, b, c, d])."""
-    stem, bracket = name[:-len(".png")].rsplit("-[", 1)
+    stem, bracket = name[: -len(".png")].rsplit("-[", 1)
     return stem, [int(v) for v in bracket.rstrip("]").split(" ")]
 
 
@@ -251,18 +277,22 @@ def _generate(job: tuple) -> tuple[str, np.ndarray]:
     return stem, np.bincount(mask.ravel(), minlength=WHITE + 1)
 
 
-def _write_split(out: Path, split: str, count: int, seed: int, options: SynthOptions,
-                 existing: set[str], workers: int = 1) -> tuple[np.ndarray, int]:
+def _write_split(
+    out: Path, split: str, count: int, seed: int, options: SynthOptions, existing: set[str], workers: int = 1
+) -> tuple[np.ndarray, int]:
     """Write one split, keeping finished files; return (per-class counts, patches generated now).
 
     Counts are train patches carrying each label, or val/test pixels of each mask index.
     Patches are drawn in ``workers`` processes; each depends only on (seed, split, index), so
     the files are the same whatever the number.
     """
-    finished_train = dict(parse_train_name(n[len("train/"):]) for n in existing if n.startswith("train/"))
+    finished_train = dict(parse_train_name(n[len("train/") :]) for n in existing if n.startswith("train/"))
     stems = [sample_origin(seed, split, index, options.size)[0] for index in range(count)]
-    done = (lambda stem: stem in finished_train) if split == "train" else \
-        (lambda stem: f"{split}/img/{stem}.png" in existing and f"{split}/mask/{stem}.png" in existing)
+    done = (
+        (lambda stem: stem in finished_train)
+        if split == "train"
+        else (lambda stem: f"{split}/img/{stem}.png" in existing and f"{split}/mask/{stem}.png" in existing)
+    )
     jobs = [(out, split, index, seed, options) for index, stem in enumerate(stems) if not done(stem)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
@@ -273,15 +303,27 @@ def _write_split(out: Path, split: str, count: int, seed: int, options: SynthOpt
     for stem in stems:
         if split == "train":
             labels = finished_train.get(stem)
-            totals[:len(CLASSES)] += labels if labels is not None else (made[stem][:len(CLASSES)] > 0)
+            totals[: len(CLASSES)] += labels if labels is not None else (made[stem][: len(CLASSES)] > 0)
         else:
-            totals += made[stem] if stem in made else \
-                np.bincount(np.asarray(Image.open(out / f"{split}/mask/{stem}.png")).ravel(), minlength=WHITE + 1)
+            totals += (
+                made[stem]
+                if stem in made
+                else np.bincount(np.asarray(Image.open(out / f"{split}/mask/{stem}.png")).ravel(), minlength=WHITE + 1)
+            )
     return totals, len(made)
 
 
-def write_luad_layout(out_dir, train: int, val: int, test: int, size: int | None = None, seed: int = 0,
-                      options: SynthOptions | None = None, variant: str | None = None, workers: int = 1) -> dict:
+def write_luad_layout(
+    out_dir,
+    train: int,
+    val: int,
+    test: int,
+    size: int | None = None,
+    seed: int = 0,
+    options: SynthOptions | None = None,
+    variant: str | None = None,
+    workers: int = 1,
+) -> dict:
     """Generate a synthetic dataset in the LUAD-HistoSeg layout under `out_dir`; return a summary.
 
     `options` (default: variant `default`) says how the data varies; `size` overrides its
@@ -300,8 +342,15 @@ def write_luad_layout(out_dir, train: int, val: int, test: int, size: int | None
         options = dataclasses.replace(options, size=int(size))
     size = options.size
     out = Path(out_dir)
-    params = {"version": FORMAT_VERSION, "train": int(train), "val": int(val), "test": int(test),
-              "size": int(size), "seed": int(seed), "options": options.as_dict()}
+    params = {
+        "version": FORMAT_VERSION,
+        "train": int(train),
+        "val": int(val),
+        "test": int(test),
+        "size": int(size),
+        "seed": int(seed),
+        "options": options.as_dict(),
+    }
     existing = _prepare(out, params)
     start = time.perf_counter()
     counts = {"train": int(train), "val": int(val), "test": int(test)}
@@ -312,11 +361,17 @@ def write_luad_layout(out_dir, train: int, val: int, test: int, size: int | None
     seconds = time.perf_counter() - start
     names = list(CLASSES) + ["white"]
     summary = {
-        "out_dir": str(out), "params": params, "variant": variant, "counts": counts, "classes": list(CLASSES),
+        "out_dir": str(out),
+        "params": params,
+        "variant": variant,
+        "counts": counts,
+        "classes": list(CLASSES),
         "min_tissue_fraction": MIN_TISSUE_FRACTION,
         "train_label_frequency": {c: float(totals["train"][i]) / max(1, train) for i, c in enumerate(CLASSES)},
-        "pixel_frequency": {split: {c: float(totals[split][i]) / max(1, totals[split].sum()) for i, c in enumerate(names)}
-                            for split in ("val", "test")},
+        "pixel_frequency": {
+            split: {c: float(totals[split][i]) / max(1, totals[split].sum()) for i, c in enumerate(names)}
+            for split in ("val", "test")
+        },
         "generated": generated,  # fewer than the counts when an interrupted run was completed
         "seconds": round(seconds, 3),
         "patches_per_second": round(generated / seconds, 2) if generated and seconds > 0 else None,

@@ -20,17 +20,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mlps_dist.synthetic.patches import CLASSES, PALETTE, WHITE, random_stain
-from mlps_dist.synthetic.tissue import TISSUE_TEXTURES
 from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.slides.tiff import write_pyramid_tiff
+from mlps_dist.synthetic.patches import CLASSES, PALETTE, WHITE, random_stain
+from mlps_dist.synthetic.tissue import TISSUE_TEXTURES
 
 QUPATH_NAMES = ("Tumor", "Necrosis", "Immune cells", "Stroma")
 CLASS_MAP = ",".join(f"{n}={c}" for n, c in zip(QUPATH_NAMES, CLASSES))
 RENDER_BLOCK = 512
 
 
-def slide_regions(width: int, height: int, seed: int, cell_px: int = 600, extent: float = 0.42) -> list[tuple[int, object]]:
+def slide_regions(
+    width: int, height: int, seed: int, cell_px: int = 600, extent: float = 0.42
+) -> list[tuple[int, object]]:
     """[(class index, shapely Polygon)]: Voronoi cells of the tissue blob, disjoint. ``extent``:
     the blob's half-axes as a share of the slide's sides (0.42: about half the slide is tissue)."""
     from shapely.geometry import MultiPoint, Polygon
@@ -41,9 +43,12 @@ def slide_regions(width: int, height: int, seed: int, cell_px: int = 600, extent
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
     wobble = 1 + sum(rng.uniform(0, 0.06) * np.sin(k * angles + rng.uniform(0, 6.3)) for k in (2, 3, 5))
     cx, cy = width / 2, height / 2
-    outline = Polygon(np.stack([cx + extent * width * wobble * np.cos(angles),
-                                cy + extent * 0.95 * height * wobble * np.sin(angles)], 1)).buffer(0)
-    count = max(4, int(outline.area / cell_px ** 2))
+    outline = Polygon(
+        np.stack(
+            [cx + extent * width * wobble * np.cos(angles), cy + extent * 0.95 * height * wobble * np.sin(angles)], 1
+        )
+    ).buffer(0)
+    count = max(4, int(outline.area / cell_px**2))
     points = MultiPoint(np.stack([rng.uniform(0, width, count), rng.uniform(0, height, count)], 1))
     cells = voronoi_diagram(points, envelope=outline.envelope.buffer(10))
     regions = []
@@ -52,7 +57,7 @@ def slide_regions(width: int, height: int, seed: int, cell_px: int = 600, extent
         if part.is_empty or part.area < 1:
             continue
         cls = number % len(CLASSES) if number < len(CLASSES) else int(rng.integers(0, len(CLASSES)))
-        for poly in ([part] if part.geom_type == "Polygon" else list(part.geoms)):
+        for poly in [part] if part.geom_type == "Polygon" else list(part.geoms):
             if poly.geom_type == "Polygon":
                 regions.append((cls, poly))
     return regions
@@ -61,15 +66,24 @@ def slide_regions(width: int, height: int, seed: int, cell_px: int = 600, extent
 def geojson(regions) -> dict:
     from shapely.geometry import mapping
 
-    features = [{"type": "Feature", "id": f"region-{i}", "geometry": mapping(poly),
-                 "properties": {"objectType": "annotation",
-                                "classification": {"name": QUPATH_NAMES[cls], "color": list(PALETTE[cls])}}}
-                for i, (cls, poly) in enumerate(regions)]
+    features = [
+        {
+            "type": "Feature",
+            "id": f"region-{i}",
+            "geometry": mapping(poly),
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": QUPATH_NAMES[cls], "color": list(PALETTE[cls])},
+            },
+        }
+        for i, (cls, poly) in enumerate(regions)
+    ]
     return {"type": "FeatureCollection", "features": features}
 
 
-def truth_map(regions, x0: float, y0: float, size0: float, out: int, out_h: int | None = None,
-              size0_h: float | None = None) -> np.ndarray:
+def truth_map(
+    regions, x0: float, y0: float, size0: float, out: int, out_h: int | None = None, size0_h: float | None = None
+) -> np.ndarray:
     """Class index per pixel (WHITE = glass) of a level-0 box resampled to (out_h, out)."""
     out_h = out if out_h is None else out_h
     size0_h = size0 if size0_h is None else size0_h
@@ -101,18 +115,27 @@ def render_slide(regions, width: int, height: int, seed: int) -> np.ndarray:
             for index in np.unique(mask):
                 h, e = TISSUE_TEXTURES[index](rng, RENDER_BLOCK)
                 hema[mask == index], eosin[mask == index] = h[mask == index], e[mask == index]
-            od = (hema[..., None] * (stain.h_scale * stain.h_vec).astype(np.float32)
-                  + eosin[..., None] * (stain.e_scale * stain.e_vec).astype(np.float32))
+            od = hema[..., None] * (stain.h_scale * stain.h_vec).astype(np.float32) + eosin[..., None] * (
+                stain.e_scale * stain.e_vec
+            ).astype(np.float32)
             block = np.clip(stain.light.astype(np.float32) * np.exp(-od) + 0.5, 0, 255).astype(np.uint8)
             block = np.asarray(Image.fromarray(block).filter(ImageFilter.GaussianBlur(0.6)))
             bh, bw = min(RENDER_BLOCK, height - by), min(RENDER_BLOCK, width - bx)
-            rgb[by:by + bh, bx:bx + bw] = block[:bh, :bw]
+            rgb[by : by + bh, bx : bx + bw] = block[:bh, :bw]
     return rgb
 
 
-def write_synthetic_slide(slide_path: str | Path, annotation_path: str | Path | None, width: int, height: int,
-                          seed: int, mpp: float | None = 1.0, cell_px: int = 600, flat: bool = False,
-                          extent: float = 0.42) -> list:
+def write_synthetic_slide(
+    slide_path: str | Path,
+    annotation_path: str | Path | None,
+    width: int,
+    height: int,
+    seed: int,
+    mpp: float | None = 1.0,
+    cell_px: int = 600,
+    flat: bool = False,
+    extent: float = 0.42,
+) -> list:
     """Write one slide (and its GeoJSON); returns the regions (the truth)."""
     regions = slide_regions(width, height, seed, cell_px, extent)
     rgb = render_flat(regions, width, height) if flat else render_slide(regions, width, height, seed)
@@ -122,8 +145,15 @@ def write_synthetic_slide(slide_path: str | Path, annotation_path: str | Path | 
     return regions
 
 
-def write_synthetic_slides(out_dir: str | Path, count: int, width: int = 3072, height: int = 2048,
-                           seed: int = 0, mpp: float | None = 1.0, cell_px: int = 600) -> dict:
+def write_synthetic_slides(
+    out_dir: str | Path,
+    count: int,
+    width: int = 3072,
+    height: int = 2048,
+    seed: int = 0,
+    mpp: float | None = 1.0,
+    cell_px: int = 600,
+) -> dict:
     """``count`` slides under OUT/slides/ and their GeoJSON under OUT/annotations/."""
     out = Path(out_dir)
     names = []
@@ -131,10 +161,16 @@ def write_synthetic_slides(out_dir: str | Path, count: int, width: int = 3072, h
         name = f"synthslide{i:02d}"
         slide = out / "slides" / f"{name}.tiff"
         if not slide.is_file() or not (out / "annotations" / f"{name}.geojson").is_file():
-            write_synthetic_slide(slide, out / "annotations" / f"{name}.geojson", width, height, seed + i, mpp,
-                                  cell_px)
+            write_synthetic_slide(slide, out / "annotations" / f"{name}.geojson", width, height, seed + i, mpp, cell_px)
         names.append(name)
-    summary = {"slides": names, "width": width, "height": height, "mpp": mpp, "seed": seed,
-               "classes": list(CLASSES), "class_map": CLASS_MAP}
+    summary = {
+        "slides": names,
+        "width": width,
+        "height": height,
+        "mpp": mpp,
+        "seed": seed,
+        "classes": list(CLASSES),
+        "class_map": CLASS_MAP,
+    }
     atomic_write_json(out / "synthetic_slides.json", summary)
     return summary

@@ -29,7 +29,7 @@ def smooth_field(rng: np.random.Generator, size: int, blobs: float) -> np.ndarra
     big = int(size * cells / (cells - 1.5)) + 2
     field = np.asarray(Image.fromarray(low).resize((big, big), Image.BICUBIC))
     start = (big - size) // 2
-    field = field[start:start + size, start:start + size]
+    field = field[start : start + size, start : start + size]
     field = field - field.mean()
     return field / (field.std() + 1e-6)
 
@@ -38,13 +38,25 @@ def fine_noise(rng: np.random.Generator, size: int, grain: int = 2) -> np.ndarra
     """Grainy noise (chromatin, debris) with a correlation length of about `grain` pixels."""
     low = rng.standard_normal((size // grain + 2, size // grain + 2)).astype(np.float32)
     up = np.asarray(Image.fromarray(low).resize((size + 2 * grain, size + 2 * grain), Image.BILINEAR))
-    return up[grain:grain + size, grain:grain + size]
+    return up[grain : grain + size, grain : grain + size]
 
 
-def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
-           radius: tuple[float, float], elongation: tuple[float, float], darkness: tuple[float, float],
-           vesicular: float = 0.0, angle: float | None = None, angle_jitter: float = 0.3,
-           warp: float = 0.0, scale: float = 1.0, density: float = 1.0) -> np.ndarray:
+def nuclei(
+    rng: np.random.Generator,
+    size: int,
+    *,
+    cell: int,
+    fill: float,
+    radius: tuple[float, float],
+    elongation: tuple[float, float],
+    darkness: tuple[float, float],
+    vesicular: float = 0.0,
+    angle: float | None = None,
+    angle_jitter: float = 0.3,
+    warp: float = 0.0,
+    scale: float = 1.0,
+    density: float = 1.0,
+) -> np.ndarray:
     """Hematoxylin map of nuclei on a jittered grid: one candidate nucleus per `cell` x `cell` square.
 
     radius: (min, max) semi-major axis in pixels; elongation: (min, max) ratio major/minor;
@@ -92,9 +104,13 @@ def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
 
     def neighbour(a, sy, sx):
         # a[i + 1 + dy, j + 1 + dx] with dy = sy * (-1 | +1 by half), shaped like params of shape6.
-        rows = a[1:grid + 1][:, None] if not sy else np.stack([a[0:grid], a[2:grid + 2]], axis=1)
+        rows = a[1 : grid + 1][:, None] if not sy else np.stack([a[0:grid], a[2 : grid + 2]], axis=1)
         rows = np.broadcast_to(rows, (grid, 2, n))
-        cols = rows[:, :, 1:grid + 1][..., None] if not sx else np.stack([rows[:, :, 0:grid], rows[:, :, 2:grid + 2]], -1)
+        cols = (
+            rows[:, :, 1 : grid + 1][..., None]
+            if not sx
+            else np.stack([rows[:, :, 0:grid], rows[:, :, 2 : grid + 2]], -1)
+        )
         cols = np.broadcast_to(cols, (grid, 2, grid, 2))
         return cols[:, :, None, :, :, None]
 
@@ -118,41 +134,85 @@ def nuclei(rng: np.random.Generator, size: int, *, cell: int, fill: float,
     return out.reshape(side, side)[:size, :size]
 
 
-def tumour_epithelium(rng: np.random.Generator, size: int, scale: float = 1.0,
-                      density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def tumour_epithelium(
+    rng: np.random.Generator, size: int, scale: float = 1.0, density: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Packed large irregular dark nuclei, some vesicular with nucleoli, eosinophilic cytoplasm."""
-    h = nuclei(rng, size, cell=rng.choice([10, 12]), fill=0.95, radius=(3.8, 5.8), elongation=(1.1, 1.8),
-               darkness=(0.7, 1.3), vesicular=rng.uniform(0.2, 0.6), warp=1.0, scale=scale, density=density)
+    h = nuclei(
+        rng,
+        size,
+        cell=rng.choice([10, 12]),
+        fill=0.95,
+        radius=(3.8, 5.8),
+        elongation=(1.1, 1.8),
+        darkness=(0.7, 1.3),
+        vesicular=rng.uniform(0.2, 0.6),
+        warp=1.0,
+        scale=scale,
+        density=density,
+    )
     h = h * (0.8 + 0.25 * fine_noise(rng, size, 1))
     mottle = smooth_field(rng, size, size / 24)
     e = 0.42 + 0.07 * mottle + 0.04 * fine_noise(rng, size, 2)
     return h + 0.10, e  # faint amphophilic cytoplasm
 
 
-def necrosis(rng: np.random.Generator, size: int, scale: float = 1.0,
-             density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def necrosis(
+    rng: np.random.Generator, size: int, scale: float = 1.0, density: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Pale pink amorphous debris with scattered nuclear dust (karyorrhexis)."""
-    dust = nuclei(rng, size, cell=6, fill=rng.uniform(0.12, 0.3), radius=(0.7, 1.8), elongation=(1.0, 1.6),
-                  darkness=(0.6, 1.2), scale=scale, density=density)
-    ghosts = nuclei(rng, size, cell=12, fill=0.3, radius=(3.0, 5.0), elongation=(1.0, 1.5),
-                    darkness=(0.08, 0.18), warp=1.0, scale=scale, density=density)  # faded outlines of dead cells
+    dust = nuclei(
+        rng,
+        size,
+        cell=6,
+        fill=rng.uniform(0.12, 0.3),
+        radius=(0.7, 1.8),
+        elongation=(1.0, 1.6),
+        darkness=(0.6, 1.2),
+        scale=scale,
+        density=density,
+    )
+    ghosts = nuclei(
+        rng,
+        size,
+        cell=12,
+        fill=0.3,
+        radius=(3.0, 5.0),
+        elongation=(1.0, 1.5),
+        darkness=(0.08, 0.18),
+        warp=1.0,
+        scale=scale,
+        density=density,
+    )  # faded outlines of dead cells
     smudge = smooth_field(rng, size, size / 40)
     e = 0.40 + 0.05 * smudge + 0.02 * fine_noise(rng, size, 3)
     return dust + ghosts + 0.06 + 0.03 * smudge, e
 
 
-def lymphocytes(rng: np.random.Generator, size: int, scale: float = 1.0,
-                density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def lymphocytes(
+    rng: np.random.Generator, size: int, scale: float = 1.0, density: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Dense small round dark nuclei with little cytoplasm."""
-    h = nuclei(rng, size, cell=6, fill=rng.uniform(0.7, 0.9), radius=(2.3, 3.2), elongation=(1.0, 1.25),
-               darkness=(1.1, 1.6), warp=0.4, scale=scale, density=density)
+    h = nuclei(
+        rng,
+        size,
+        cell=6,
+        fill=rng.uniform(0.7, 0.9),
+        radius=(2.3, 3.2),
+        elongation=(1.0, 1.25),
+        darkness=(1.1, 1.6),
+        warp=0.4,
+        scale=scale,
+        density=density,
+    )
     h = h * (0.9 + 0.1 * fine_noise(rng, size, 1))
     e = 0.22 + 0.04 * smooth_field(rng, size, size / 30)
     return h + 0.07, e
 
 
-def stroma(rng: np.random.Generator, size: int, scale: float = 1.0,
-           density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def stroma(
+    rng: np.random.Generator, size: int, scale: float = 1.0, density: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Wavy pink collagen fibres (oriented streaks) with sparse elongated spindle nuclei."""
     angle = rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -163,15 +223,27 @@ def stroma(rng: np.random.Generator, size: int, scale: float = 1.0,
     phase_noise = smooth_field(rng, size, size / 10) * 2.5
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (across + bend) / period + phase_noise)
     breaks = np.clip(0.45 + 0.7 * fine_noise(rng, size, 4), 0, 1)  # fibres fray and end
-    e = 0.30 + 0.5 * stripes ** 2 * breaks + 0.05 * smooth_field(rng, size, size / 30)
-    h = nuclei(rng, size, cell=16, fill=rng.uniform(0.2, 0.45), radius=(5.0, 9.0), elongation=(3.0, 5.0),
-               darkness=(0.7, 1.2), angle=float(angle), angle_jitter=0.15, warp=0.8, scale=scale,
-               density=density)
+    e = 0.30 + 0.5 * stripes**2 * breaks + 0.05 * smooth_field(rng, size, size / 30)
+    h = nuclei(
+        rng,
+        size,
+        cell=16,
+        fill=rng.uniform(0.2, 0.45),
+        radius=(5.0, 9.0),
+        elongation=(3.0, 5.0),
+        darkness=(0.7, 1.2),
+        angle=float(angle),
+        angle_jitter=0.15,
+        warp=0.8,
+        scale=scale,
+        density=density,
+    )
     return h + 0.04, e
 
 
-def white(rng: np.random.Generator, size: int, scale: float = 1.0,
-          density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def white(
+    rng: np.random.Generator, size: int, scale: float = 1.0, density: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Lumen, fat or glass: almost no stain, a faint pink haze."""
     e = 0.03 + 0.015 * smooth_field(rng, size, size / 40)
     return np.full((size, size), 0.01, np.float32), np.clip(e, 0, None)

@@ -72,8 +72,10 @@ def _load(path: Path, what: str) -> Any:
     except FileNotFoundError as exc:
         raise CheckpointError(f"{what} {path} does not exist") from exc
     except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); "
-                              "it is damaged or not a file this program wrote") from exc
+        raise CheckpointError(
+            f"{what} {path} cannot be read ({type(exc).__name__}: {exc}); "
+            "it is damaged or not a file this program wrote"
+        ) from exc
 
 
 # ---------------------------------------------------------------- final model files
@@ -100,8 +102,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -162,9 +168,11 @@ class _WeightsOnlyEngine:
                 return torch.load(path, map_location=map_location, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: DeepSpeed checkpoint file refused: it holds objects other than tensors "
-                                  f"and DeepSpeed's recorded state ({first[:200]}); it is not loaded. Delete its "
-                                  f"step folder to resume from an older checkpoint") from exc
+            raise CheckpointError(
+                f"{path}: DeepSpeed checkpoint file refused: it holds objects other than tensors "
+                f"and DeepSpeed's recorded state ({first[:200]}); it is not loaded. Delete its "
+                f"step folder to resume from an older checkpoint"
+            ) from exc
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -175,8 +183,9 @@ def load_deepspeed_state(engine, folder: Path):
     original = engine.checkpoint_engine
     engine.checkpoint_engine = _WeightsOnlyEngine(original)
     try:
-        return engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
-                                      load_lr_scheduler_states=True)
+        return engine.load_checkpoint(
+            str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     finally:
         engine.checkpoint_engine = original
 
@@ -190,13 +199,17 @@ def _check_ds_digests(path: Path) -> None:
     try:
         recorded = json.loads((path / DS_DIGESTS).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} has no readable {DS_DIGESTS}: not a DeepSpeed checkpoint written by this "
-                              f"program (or one from an older release); it is not loaded. Delete {path} to resume "
-                              f"from an older checkpoint or restart the stage") from exc
+        raise CheckpointError(
+            f"{path} has no readable {DS_DIGESTS}: not a DeepSpeed checkpoint written by this "
+            f"program (or one from an older release); it is not loaded. Delete {path} to resume "
+            f"from an older checkpoint or restart the stage"
+        ) from exc
     if recorded.get("written_by") != "mlps-dist" or recorded.get("files") != _ds_digests(path):
-        raise CheckpointError(f"{path / 'ds'} does not match the digests in {path / DS_DIGESTS}: the files were "
-                              f"changed after this program wrote them; it is not loaded. Delete {path} to resume "
-                              f"from an older checkpoint")
+        raise CheckpointError(
+            f"{path / 'ds'} does not match the digests in {path / DS_DIGESTS}: the files were "
+            f"changed after this program wrote them; it is not loaded. Delete {path} to resume "
+            f"from an older checkpoint"
+        )
 
 
 # ---------------------------------------------------------------- training checkpoints
@@ -243,8 +256,12 @@ class Checkpointer:
         if model.kind == "deepspeed":
             model.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
         else:
-            state.update(model=model.module.state_dict(), optimizer=model.optimizer.state_dict(),
-                         scheduler=model.scheduler.state_dict(), scaler=model.scaler.state_dict())
+            state.update(
+                model=model.module.state_dict(),
+                optimizer=model.optimizer.state_dict(),
+                scheduler=model.scheduler.state_dict(),
+                scaler=model.scaler.state_dict(),
+            )
         if dist.is_main():
             _save_synced(state, tmp / "state.pt")
         _save_synced(rng_state(), tmp / f"rng-rank{dist.get_rank()}.pt")
@@ -297,7 +314,7 @@ class Checkpointer:
     def _prune(self, keep: Path) -> None:
         complete = _step_dirs(self.folder)
         good = self.good()
-        for old in complete[:-self.keep_last]:
+        for old in complete[: -self.keep_last]:
             if old != keep and old != good:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.folder.glob("step-*.tmp"):
@@ -308,13 +325,16 @@ class Checkpointer:
         state = _load(path / "state.pt", "checkpoint")
         saved = state.get("meta") if isinstance(state, dict) else None
         if not isinstance(saved, dict) or "progress" not in state:
-            raise CheckpointError(f"checkpoint {path / 'state.pt'} is not a training checkpoint of this program; "
-                                  f"delete {path} to resume from an older one")
+            raise CheckpointError(
+                f"checkpoint {path / 'state.pt'} is not a training checkpoint of this program; "
+                f"delete {path} to resume from an older one"
+            )
         for key, want in expect_meta.items():
             if saved.get(key) != want:
                 raise CheckpointError(
                     f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run has {key}={want!r}; "
-                    f"use another run_dir or delete {self.folder} to start afresh")
+                    f"use another run_dir or delete {self.folder} to start afresh"
+                )
         return state
 
     def load(self, path: Path, model, expect_meta: dict) -> dict:

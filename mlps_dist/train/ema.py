@@ -7,7 +7,8 @@
 Short from-scratch runs (the CPU miniatures: a few hundred steps) end with weights that swing
 from epoch to epoch; their average over the last few hundred steps is steadier, so the
 best-epoch pick and the final model depend less on where a step happened to land (on the demo's
-segmenter: a steady validation curve, the same test score; README, "Weight averaging"). Parameters and floating-point buffers (BatchNorm statistics) are averaged in float32
+segmenter: a steady validation curve, the same test score; README, "Weight averaging"). Parameters and floating-point
+buffers (BatchNorm statistics) are averaged in float32
 whatever the training precision; integer buffers are copied.
 
 The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the random
@@ -68,8 +69,7 @@ class WeightAverage:
                 torch.distributed.broadcast(tensor.data, src=0)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates,
-                "weights": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
+        return {"updates": self.updates, "weights": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state["updates"])

@@ -22,25 +22,28 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from mlps_dist.run import artifacts
 from mlps_dist import dist
-from mlps_dist.core.errors import Preempted
-from mlps_dist.train import gpu_options, guard as health_guard, parallel, precision
-from mlps_dist.train.checkpoint import Checkpointer, save_model_file
 from mlps_dist.config import Config, ConfigError, TrainConfig
-from mlps_dist.train.ema import WeightAverage
 from mlps_dist.core import layout
+from mlps_dist.core.errors import Preempted
+from mlps_dist.run import artifacts
 from mlps_dist.run.runlog import RunLog
+from mlps_dist.train import gpu_options, parallel, precision
+from mlps_dist.train import guard as health_guard
+from mlps_dist.train.checkpoint import Checkpointer, save_model_file
+from mlps_dist.train.ema import WeightAverage
 from mlps_dist.train.preemption import PreemptionGuard
-from mlps_dist.train.speed import EpochMeter, describe as describe_speed
+from mlps_dist.train.speed import EpochMeter
+from mlps_dist.train.speed import describe as describe_speed
 
 
 class TrainTask(Protocol):
@@ -82,8 +85,10 @@ def preflight(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> int:
         parallel.deepspeed_config(train_cfg, plan, amp_dtype=precision.resolve(train_cfg, dist.device()))
     steps_per_epoch = task.micro_steps_per_epoch(plan) // plan.accumulation
     if steps_per_epoch < 1:
-        raise ConfigError(f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
-                          "lower it or add training data")
+        raise ConfigError(
+            f"'{task.stage}.batch_size' = {plan.global_batch} is larger than the training split; "
+            "lower it or add training data"
+        )
     check_resumable(cfg, train_cfg, task)
     return steps_per_epoch
 
@@ -117,7 +122,8 @@ def check_same_inputs(cfg: Config, stage: str, state: dict, path: Path) -> None:
     if changed:
         raise artifacts.StaleError(
             f"checkpoint {path} was written with other settings; changed: {'; '.join(changed)}. Resuming it would "
-            f"mix two schedules: restore those settings to resume, or {artifacts.restart_hint(stage)}")
+            f"mix two schedules: restore those settings to resume, or {artifacts.restart_hint(stage)}"
+        )
 
 
 def derive_seed(seed: int, rank: int) -> int:
@@ -178,8 +184,14 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
     with PreemptionGuard() as guard:
         speed = gpu_options.apply(cfg.gpu, dist.device())
         seed_everything(cfg.seed)  # same initial weights on every rank
-        model = parallel.wrap(task.build_model(), train_cfg, plan=plan, device=dist.device(),
-                              total_steps=steps_per_epoch * train_cfg.epochs, channels_last=cfg.gpu.channels_last)
+        model = parallel.wrap(
+            task.build_model(),
+            train_cfg,
+            plan=plan,
+            device=dist.device(),
+            total_steps=steps_per_epoch * train_cfg.epochs,
+            channels_last=cfg.gpu.channels_last,
+        )
         seed_everything(derive_seed(cfg.seed, dist.get_rank()))
         average = WeightAverage(model.module, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         evaluated = average.module if average is not None else model.module  # validated and saved
@@ -192,8 +204,14 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         expect = expected_meta(task, train_cfg)
         inputs = checkpoint_inputs(cfg, task.stage)
         progress = Progress()
-        health = health_guard.TrainingHealth(train_cfg.guard, task.stage, layout.health_file(cfg.run_dir, task.stage), ckpts, log,
-                                             hint=getattr(task, "failure_hint", None))
+        health = health_guard.TrainingHealth(
+            train_cfg.guard,
+            task.stage,
+            layout.health_file(cfg.run_dir, task.stage),
+            ckpts,
+            log,
+            hint=getattr(task, "failure_hint", None),
+        )
         resume_from = ckpts.latest()
         if resume_from is not None:
             state = ckpts.load(resume_from, model, expect)
@@ -207,8 +225,14 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         model.set_lr_scale(health.lr_scale)  # 1 unless the guard rolled back
 
         def save() -> Path:
-            client = {"progress": asdict(progress), "task": task.state_dict(), "config": cfg.to_dict(), "meta": expect,
-                      "inputs": inputs, "health": health.state_dict()}
+            client = {
+                "progress": asdict(progress),
+                "task": task.state_dict(),
+                "config": cfg.to_dict(),
+                "meta": expect,
+                "inputs": inputs,
+                "health": health.state_dict(),
+            }
             if average is not None:
                 client["ema"] = average.state_dict()
             path = ckpts.save(progress.global_step, model, client)
@@ -224,8 +248,12 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             with torch.random.fork_rng(devices=[]):  # see train_step
                 batches = iter(loader)
             first_step = progress.step_in_epoch
-            bar = log.progress(range(progress.step_in_epoch, steps_per_epoch), total=steps_per_epoch,
-                               initial=progress.step_in_epoch, desc=f"epoch {epoch}")
+            bar = log.progress(
+                range(progress.step_in_epoch, steps_per_epoch),
+                total=steps_per_epoch,
+                initial=progress.step_in_epoch,
+                desc=f"epoch {epoch}",
+            )
             meter.start()
             for _ in bar:
                 loss = train_step(model, task, batches, plan)
@@ -255,13 +283,19 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
             last = epoch + 1 == train_cfg.epochs
             health.check_losses(epoch, progress.global_step)
             if last or (epoch + 1) % max(train_cfg.val_every_epochs, 1) == 0:
-                _validate(evaluated, task, epoch, progress, log, layout.model_file(cfg.run_dir, task.stage, "best"), health)
+                _validate(
+                    evaluated, task, epoch, progress, log, layout.model_file(cfg.run_dir, task.stage, "best"), health
+                )
             health.mark_good(save())
             if guard.agreed():
                 log.event("preempted", **asdict(progress))
                 raise Preempted(f"preempted after epoch {epoch}; rerun to resume")
-    final_meta = {**task.meta, "epoch": health.last_epoch, "metrics": health.last_metrics,
-                  "health": health.check_final(health.last_epoch)}  # never hands on a collapsed model
+    final_meta = {
+        **task.meta,
+        "epoch": health.last_epoch,
+        "metrics": health.last_metrics,
+        "health": health.check_final(health.last_epoch),
+    }  # never hands on a collapsed model
     if dist.is_main():
         save_model_file(layout.model_file(cfg.run_dir, task.stage), evaluated.state_dict(), final_meta)
     dist.barrier()
@@ -269,8 +303,15 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
     return progress
 
 
-def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress, log: RunLog, best_path: Path,
-              health: health_guard.TrainingHealth) -> dict[str, float]:
+def _validate(
+    module: nn.Module,
+    task: TrainTask,
+    epoch: int,
+    progress: Progress,
+    log: RunLog,
+    best_path: Path,
+    health: health_guard.TrainingHealth,
+) -> dict[str, float]:
     module.eval()
     with torch.no_grad():
         metrics = task.validate(module, epoch)
@@ -282,8 +323,11 @@ def _validate(module: nn.Module, task: TrainTask, epoch: int, progress: Progress
     if not math.isnan(score) and score > progress.best_score:
         progress.best_score = float(score)
         if dist.is_main():
-            save_model_file(best_path, module.state_dict(), {**task.meta, "epoch": epoch, "metrics": metrics,
-                                                             "health": health.model_meta()})
+            save_model_file(
+                best_path,
+                module.state_dict(),
+                {**task.meta, "epoch": epoch, "metrics": metrics, "health": health.model_meta()},
+            )
         log.event("best", epoch=epoch, score=score)
     dist.barrier()
     return metrics

@@ -31,8 +31,9 @@ def apply(gpu: GpuConfig, device: torch.device) -> dict:
 
 
 def _nhwc_inputs(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.ndim == 4 else a
-                 for a in args)
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.ndim == 4 else a for a in args
+    )
 
 
 def channels_last(module: nn.Module) -> nn.Module:

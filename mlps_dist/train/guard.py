@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from mlps_dist import dist
-from mlps_dist.train.checkpoint import Checkpointer
 from mlps_dist.config import GuardConfig
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_json
+from mlps_dist.train.checkpoint import Checkpointer
 
 FROZEN_FLOOR = 1e-3  # a loss frozen below this is a fitted model, not a dead one
 
@@ -67,8 +67,7 @@ def _agree(flag: bool) -> bool:
 class TrainingHealth:
     """Per-stage monitor; ``hint(epoch)`` returns the config key to name in a final failure."""
 
-    def __init__(self, cfg: GuardConfig, section: str, decisions_file: Path, ckpts: Checkpointer, log,
-                 hint=None):
+    def __init__(self, cfg: GuardConfig, section: str, decisions_file: Path, ckpts: Checkpointer, log, hint=None):
         self.cfg, self.section, self.ckpts, self.log = cfg, section, ckpts, log
         self.hint = hint or (lambda epoch: f"'{section}.lr'")
         self.path = Path(decisions_file)  # core.layout.health_file
@@ -100,8 +99,11 @@ class TrainingHealth:
 
     def _reduce_pending(self) -> tuple[float, float, float]:
         """(sum, count, non-finite count) over all ranks since the last check; resets them."""
-        totals = dist.all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu()
-                                                  for v in (self._sum, self._count, self._bad)]))
+        totals = dist.all_reduce_sum(
+            torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in (self._sum, self._count, self._bad)]
+            )
+        )
         self._sum, self._count, self._bad = 0.0, 0, 0
         return tuple(float(v) for v in totals)
 
@@ -115,12 +117,17 @@ class TrainingHealth:
             symptom = f"non-finite loss in {int(bad)} of {int(count)} rank-steps"
         else:
             mean = total / count
-            self.window = (self.window + [mean])[-self.cfg.frozen_intervals:]
+            self.window = (self.window + [mean])[-self.cfg.frozen_intervals :]
             spread = max(self.window) - min(self.window)
-            if (len(self.window) == self.cfg.frozen_intervals and spread <= self.cfg.frozen_tolerance
-                    and mean >= FROZEN_FLOOR):
-                symptom = (f"loss frozen at {mean:.4f} for {self.cfg.frozen_intervals} log intervals "
-                           f"(0.6931 = ln 2 means every logit is 0)")
+            if (
+                len(self.window) == self.cfg.frozen_intervals
+                and spread <= self.cfg.frozen_tolerance
+                and mean >= FROZEN_FLOOR
+            ):
+                symptom = (
+                    f"loss frozen at {mean:.4f} for {self.cfg.frozen_intervals} log intervals "
+                    f"(0.6931 = ln 2 means every logit is 0)"
+                )
         if self.cfg.enabled and _agree(symptom is not None):
             self._fail(symptom or "a failure on another rank", epoch, step)
 
@@ -128,15 +135,23 @@ class TrainingHealth:
         """Collective, after validation (metrics are already all-reduced, so equal on all ranks).
         A collapse is ``collapse_patience`` validations in a row below ``collapse_ratio`` x the
         best (a non-finite metric at once): one noisy dip on a small validation set is not."""
-        collapsed = [(k, metrics[k], self.best.get(k, -math.inf)) for k in self.cfg.watch
-                     if k in metrics and is_collapsed(float(metrics[k]), self.best.get(k, -math.inf), self.cfg)]
+        collapsed = [
+            (k, metrics[k], self.best.get(k, -math.inf))
+            for k in self.cfg.watch
+            if k in metrics and is_collapsed(float(metrics[k]), self.best.get(k, -math.inf), self.cfg)
+        ]
         self.last_metrics, self.last_epoch = {k: float(v) for k, v in metrics.items()}, epoch
         self.below = self.below + 1 if collapsed else 0
         self.suspect = bool(collapsed)
         nonfinite = any(not math.isfinite(float(v)) for _, v, _ in collapsed)
         if collapsed and (self.below >= self.cfg.collapse_patience or nonfinite) and self.cfg.enabled and _agree(True):
-            self._fail("validation collapsed: " + ", ".join(f"{k} {v:.4f} (best {b:.4f})" for k, v, b in collapsed)
-                       + (f" for {self.below} validations in a row" if self.below > 1 else ""), epoch, step)
+            self._fail(
+                "validation collapsed: "
+                + ", ".join(f"{k} {v:.4f} (best {b:.4f})" for k, v, b in collapsed)
+                + (f" for {self.below} validations in a row" if self.below > 1 else ""),
+                epoch,
+                step,
+            )
         if not collapsed:
             for k in self.cfg.watch:
                 if k in metrics and math.isfinite(float(metrics[k])):
@@ -152,23 +167,31 @@ class TrainingHealth:
     def _fail(self, symptom: str, epoch: int, step: int) -> None:
         done = len(self.decisions["rollbacks"])
         if done >= self.cfg.max_rollbacks:
-            tried = (f" after {done} rollback(s) with the LR scaled to {self.lr_scale:g}x" if done else "")
+            tried = f" after {done} rollback(s) with the LR scaled to {self.lr_scale:g}x" if done else ""
             raise TrainingFailed(
                 f"{self.section} training failed at epoch {epoch} (step {step}): {symptom}{tried}; "
                 f"change {self.hint(epoch)} (or raise '{self.section}.guard.max_rollbacks'); "
-                f"no model file was written for this stage")
+                f"no model file was written for this stage"
+            )
         good = self.ckpts.good()
         scale = self.lr_scale * self.cfg.lr_factor
-        record = {"epoch": epoch, "step": step, "symptom": symptom, "to": good.name if good else None,
-                  "lr_scale": scale}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "symptom": symptom,
+            "to": good.name if good else None,
+            "lr_scale": scale,
+        }
         if dist.is_main():
             self.ckpts.rewind(good)  # first: a crash here replays to the same failure
             self.decisions = {"rollbacks": self.decisions["rollbacks"] + [record], "lr_scale": scale}
             atomic_write_json(self.path, self.decisions)
         dist.barrier()
-        self.log.info(f"{self.section}: {symptom} at epoch {epoch} step {step}; rolling back to "
-                      f"{good.name if good else 'the start'} with the LR scaled to {scale:g}x "
-                      f"(rollback {done + 1} of at most {self.cfg.max_rollbacks})")
+        self.log.info(
+            f"{self.section}: {symptom} at epoch {epoch} step {step}; rolling back to "
+            f"{good.name if good else 'the start'} with the LR scaled to {scale:g}x "
+            f"(rollback {done + 1} of at most {self.cfg.max_rollbacks})"
+        )
         self.log.event("rollback", **record)
         raise RolledBack(symptom)
 
@@ -179,9 +202,15 @@ class TrainingHealth:
         total, count, bad = self._reduce_pending()
         if dist.is_main():
             self._sum, self._count, self._bad = total, int(count), int(bad)
-        return {"window": list(self.window), "best": dict(self.best), "pending": [total, count, bad],
-                "below": self.below, "suspect": self.suspect,
-                "last_metrics": dict(self.last_metrics), "last_epoch": self.last_epoch}
+        return {
+            "window": list(self.window),
+            "best": dict(self.best),
+            "pending": [total, count, bad],
+            "below": self.below,
+            "suspect": self.suspect,
+            "last_metrics": dict(self.last_metrics),
+            "last_epoch": self.last_epoch,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:
@@ -198,9 +227,15 @@ class TrainingHealth:
         """What a model file records about the run's health (checked again by its consumers)."""
         nonfinite = any(not math.isfinite(self.last_metrics[k]) for k in self.cfg.watch if k in self.last_metrics)
         collapsed = nonfinite or self.below >= self.cfg.collapse_patience
-        return {"collapsed": collapsed, "rollbacks": len(self.decisions["rollbacks"]), "lr_scale": self.lr_scale,
-                "best": dict(self.best), "watch": list(self.cfg.watch), "collapse_ratio": self.cfg.collapse_ratio,
-                "collapse_min_best": self.cfg.collapse_min_best}
+        return {
+            "collapsed": collapsed,
+            "rollbacks": len(self.decisions["rollbacks"]),
+            "lr_scale": self.lr_scale,
+            "best": dict(self.best),
+            "watch": list(self.cfg.watch),
+            "collapse_ratio": self.cfg.collapse_ratio,
+            "collapse_min_best": self.cfg.collapse_min_best,
+        }
 
     def check_final(self, epoch: int) -> dict:
         """Before the final model file: refuse a collapsed model whatever ``enabled`` says."""
@@ -209,7 +244,8 @@ class TrainingHealth:
             raise TrainingFailed(
                 f"{self.section} training ended with a collapsed model at epoch {epoch} "
                 f"(validation {self.last_metrics}, best {self.best}); change {self.hint(epoch)} or turn "
-                f"'{self.section}.guard.enabled' on to roll back; no model file was written")
+                f"'{self.section}.guard.enabled' on to roll back; no model file was written"
+            )
         return meta
 
 
@@ -217,13 +253,19 @@ def refuse_collapsed(meta: dict, path: Path | str, section: str = "classifier") 
     """ModelCollapsed when a model file's recorded validation is collapsed (consumers call it)."""
     health = meta.get("health") or {}
     metrics = meta.get("metrics") or {}
-    cfg = GuardConfig(collapse_ratio=float(health.get("collapse_ratio", 0.5)),
-                      collapse_min_best=float(health.get("collapse_min_best", 0.2)))
+    cfg = GuardConfig(
+        collapse_ratio=float(health.get("collapse_ratio", 0.5)),
+        collapse_min_best=float(health.get("collapse_min_best", 0.2)),
+    )
     best = health.get("best") or {}
-    bad = [k for k in health.get("watch", ["score"]) if k in metrics
-           and is_collapsed(float(metrics[k]), float(best.get(k, -math.inf)), cfg)]
+    bad = [
+        k
+        for k in health.get("watch", ["score"])
+        if k in metrics and is_collapsed(float(metrics[k]), float(best.get(k, -math.inf)), cfg)
+    ]
     if health.get("collapsed") or bad:
         raise ModelCollapsed(
             f"{path} records a collapsed model (epoch {meta.get('epoch')}, validation "
-            f"{ {k: metrics[k] for k in bad} or metrics}, best {best}); it is not used downstream. Retrain the "
-            f"{section} stage (see '{section}.guard.*') or set '{section}.checkpoint' to the other choice")
+            f"{ {k: metrics[k] for k in bad} or metrics }, best {best}); it is not used downstream. Retrain the "
+            f"{section} stage (see '{section}.guard.*') or set '{section}.checkpoint' to the other choice"
+        )

@@ -27,14 +27,21 @@ import torch
 import torch.nn as nn
 
 from mlps_dist import dist
-from mlps_dist.train import gpu_options, precision
-from mlps_dist.data.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
 from mlps_dist.config import ConfigError, TrainConfig
+from mlps_dist.data.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
 from mlps_dist.models.batchnorm import sync_batchnorm_helps
+from mlps_dist.train import gpu_options, precision
 
 # Keys of a DeepSpeed JSON that our config owns; the JSON must leave them out.
-_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "optimizer", "scheduler", "gradient_clipping", *precision.DEEPSPEED_KEYS)
+_OWNED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    *precision.DEEPSPEED_KEYS,
+)
 
 
 def resolve_precision(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -61,11 +68,20 @@ def optimizer_groups(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConf
         weights = [p for p in params if p.ndim > 1]
         biases = [p for p in params if p.ndim <= 1]
         bias_decay = train_cfg.weight_decay if train_cfg.bias_weight_decay else 0.0
-        for kind, members, mult, decay in (("weight", weights, part_mult, train_cfg.weight_decay),
-                                           ("bias", biases, part_mult * train_cfg.bias_lr_mult, bias_decay)):
+        for kind, members, mult, decay in (
+            ("weight", weights, part_mult, train_cfg.weight_decay),
+            ("bias", biases, part_mult * train_cfg.bias_lr_mult, bias_decay),
+        ):
             if members:
-                out.append({"params": members, "name": f"{part}.{kind}", "lr_mult": mult,
-                            "lr": train_cfg.lr * mult, "weight_decay": decay})
+                out.append(
+                    {
+                        "params": members,
+                        "name": f"{part}.{kind}",
+                        "lr_mult": mult,
+                        "lr": train_cfg.lr * mult,
+                        "weight_decay": decay,
+                    }
+                )
     return out
 
 
@@ -73,12 +89,20 @@ def create_optimizer(groups: dict[str, list[nn.Parameter]], train_cfg: TrainConf
     if train_cfg.optimizer == "adamw":
         # Models trained from scratch in a few hundred steps (the CPU miniatures) get much
         # further per step with Adam's per-parameter scaling; groups and schedule as for SGD.
-        return torch.optim.AdamW(optimizer_groups(groups, train_cfg), lr=train_cfg.lr,
-                                 betas=(train_cfg.momentum, 0.999), weight_decay=train_cfg.weight_decay)
+        return torch.optim.AdamW(
+            optimizer_groups(groups, train_cfg),
+            lr=train_cfg.lr,
+            betas=(train_cfg.momentum, 0.999),
+            weight_decay=train_cfg.weight_decay,
+        )
     # The public MLPS code calls SGD(params, lr, weight_decay) positionally, which puts the
     # weight decay (5e-4) into the momentum slot; we pass real momentum by keyword.
-    return torch.optim.SGD(optimizer_groups(groups, train_cfg), lr=train_cfg.lr,
-                           momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    return torch.optim.SGD(
+        optimizer_groups(groups, train_cfg),
+        lr=train_cfg.lr,
+        momentum=train_cfg.momentum,
+        weight_decay=train_cfg.weight_decay,
+    )
 
 
 def create_poly_schedule(optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -133,8 +157,9 @@ class Wrapped:
 class DdpModel(Wrapped):
     kind = "ddp"
 
-    def __init__(self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int,
-                 device: torch.device):
+    def __init__(
+        self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int, device: torch.device
+    ):
         self.module = module
         self.plan = plan
         self.device = device
@@ -185,21 +210,26 @@ def deepspeed_config(train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict
         raise ConfigError(f"deepspeed_config {path}: cannot read it as JSON ({exc})") from exc
     clash = [k for k in _OWNED_DS_KEYS if k in ds_cfg]
     if clash:
-        raise ConfigError(f"{path}: remove {clash}; batch sizes, optimizer, schedule, clipping and "
-                          "precision come from the trainer section of the experiment config")
+        raise ConfigError(
+            f"{path}: remove {clash}; batch sizes, optimizer, schedule, clipping and "
+            "precision come from the trainer section of the experiment config"
+        )
     stage = (ds_cfg.get("zero_optimization") or {}).get("stage", 0)
     if stage == 3:
         # ZeRO-3 partitions the weights themselves: module.state_dict() on a rank holds empty
         # placeholders, so model files, validation and the mask pass would see no weights.
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported (model files would hold partitioned, "
-                          "empty weights); use configs/deepspeed/zero2.json (optimizer states and gradients "
-                          "partitioned) or zero1.json")
+        raise ConfigError(
+            f"{path}: ZeRO stage 3 is not supported (model files would hold partitioned, "
+            "empty weights); use configs/deepspeed/zero2.json (optimizer states and gradients "
+            "partitioned) or zero1.json"
+        )
     if not plan.even:
         raise ConfigError(
             f"DeepSpeed needs equal micro batches on every rank, but {plan.describe()} on {plan.world} ranks; "
             f"with batch_size={train_cfg.batch_size} and micro_batch_size={train_cfg.micro_batch_size} it runs on "
             f"{', '.join(map(str, even_world_sizes(train_cfg, 32)))} ranks; use parallel=ddp (uneven micro "
-            "batches, same gradient), another world size, or a batch_size that the ranks divide")
+            "batches, same gradient), another world size, or a batch_size that the ranks divide"
+        )
     ds_cfg.update(
         train_batch_size=plan.global_batch,
         train_micro_batch_size_per_gpu=plan.micro_batch,
@@ -214,8 +244,9 @@ def deepspeed_config(train_cfg: TrainConfig, plan: BatchPlan, amp_dtype) -> dict
 class DeepSpeedModel(Wrapped):
     kind = "deepspeed"
 
-    def __init__(self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int,
-                 device: torch.device):
+    def __init__(
+        self, module: nn.Module, train_cfg: TrainConfig, plan: BatchPlan, total_steps: int, device: torch.device
+    ):
         import deepspeed
 
         if device.type == "cpu":
@@ -234,7 +265,8 @@ class DeepSpeedModel(Wrapped):
         scheduler = create_poly_schedule(optimizer, total_steps, train_cfg.poly_power)
         ds_cfg = deepspeed_config(train_cfg, plan, self.amp_dtype)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
+        )
         precision.check_engine(self.engine, self.amp_dtype)
         self.forward_module = self.engine
 
@@ -262,8 +294,15 @@ class DeepSpeedModel(Wrapped):
         return float(self.engine.get_lr()[0])
 
 
-def wrap(module: nn.Module, train_cfg: TrainConfig, *, plan: BatchPlan, total_steps: int,
-         device: torch.device, channels_last: bool = False) -> Wrapped:
+def wrap(
+    module: nn.Module,
+    train_cfg: TrainConfig,
+    *,
+    plan: BatchPlan,
+    total_steps: int,
+    device: torch.device,
+    channels_last: bool = False,
+) -> Wrapped:
     """Move ``module`` to ``device`` and wrap it for ``train_cfg.parallel`` (ddp | deepspeed);
     ``channels_last`` (gpu.channels_last): NHWC weights and inputs (gpu_options.py)."""
     module = module.to(device)

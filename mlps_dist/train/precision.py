@@ -40,20 +40,25 @@ def resolve(train_cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 def check(train_cfg: TrainConfig, stage: str, device: torch.device) -> None:
     """ConfigError (one line naming the keys) for a precision that cannot run here."""
     if train_cfg.precision == "fp16" and train_cfg.parallel == "deepspeed":
-        raise ConfigError(f"'{stage}.precision' = fp16 with '{stage}.parallel' = deepspeed is not supported "
-                          f"(DeepSpeed's fp16 mode fails on BatchNorm); use {stage}.precision=bf16 or "
-                          f"{stage}.parallel=ddp")
+        raise ConfigError(
+            f"'{stage}.precision' = fp16 with '{stage}.parallel' = deepspeed is not supported "
+            f"(DeepSpeed's fp16 mode fails on BatchNorm); use {stage}.precision=bf16 or "
+            f"{stage}.parallel=ddp"
+        )
     if train_cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"'{stage}.precision' = fp16 needs CUDA (loss scaling on {device} is not supported); "
-                          f"use {stage}.precision=bf16 or fp32 on the CPU")
+        raise ConfigError(
+            f"'{stage}.precision' = fp16 needs CUDA (loss scaling on {device} is not supported); "
+            f"use {stage}.precision=bf16 or fp32 on the CPU"
+        )
 
 
 def deepspeed_sections(dtype: torch.dtype | None) -> dict:
     """DeepSpeed's precision sections for the autocast ``dtype`` (None: fp32)."""
     autocast = {"enabled": dtype is not None}
     if dtype is not None:
-        autocast.update(dtype="bfloat16" if dtype == torch.bfloat16 else "float16",
-                        lower_precision_safe_modules=[])  # gradients all-reduced in fp32, as DDP does
+        autocast.update(
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float16", lower_precision_safe_modules=[]
+        )  # gradients all-reduced in fp32, as DDP does
     return {"fp16": {"enabled": False}, "bf16": {"enabled": False}, "torch_autocast": autocast}
 
 
@@ -66,8 +71,10 @@ def check_engine(engine, dtype: torch.dtype | None) -> None:
     if enabled is None or not enabled() or engine.torch_autocast_dtype() != dtype:
         import deepspeed
 
-        raise ConfigError(f"deepspeed {deepspeed.__version__} does not run the 'torch_autocast' section this "
-                          "precision needs; install deepspeed>=0.17 or set the stage's precision=fp32")
+        raise ConfigError(
+            f"deepspeed {deepspeed.__version__} does not run the 'torch_autocast' section this "
+            "precision needs; install deepspeed>=0.17 or set the stage's precision=fp32"
+        )
 
 
 def describe(kind: str, dtype: torch.dtype | None, device: torch.device) -> str:
@@ -75,13 +82,20 @@ def describe(kind: str, dtype: torch.dtype | None, device: torch.device) -> str:
     if dtype is None:
         return f"fp32 on {device}"
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    how = "deepspeed torch_autocast" if kind == "deepspeed" else "torch.autocast" + (
-        " + GradScaler" if dtype == torch.float16 else "")
+    how = (
+        "deepspeed torch_autocast"
+        if kind == "deepspeed"
+        else "torch.autocast" + (" + GradScaler" if dtype == torch.float16 else "")
+    )
     return f"{name} autocast ({how}) on {device}"
 
 
 def record(kind: str, train_cfg: TrainConfig, dtype: torch.dtype | None, device: torch.device) -> dict:
     """The record of what ran, for RUN/log.jsonl and the model files' metadata."""
-    return {"asked": train_cfg.precision, "parallel": kind, "device": str(device),
-            "autocast": str(dtype).replace("torch.", "") if dtype is not None else None,
-            "ran": describe(kind, dtype, device)}
+    return {
+        "asked": train_cfg.precision,
+        "parallel": kind,
+        "device": str(device),
+        "autocast": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "ran": describe(kind, dtype, device),
+    }

@@ -35,9 +35,11 @@ class EpochMeter:
 
     def done(self, steps: int, global_batch: int) -> dict[str, float]:
         seconds = max(time.monotonic() - self._t0, 1e-9)
-        figures = {"images_per_s": steps * global_batch / seconds,
-                   "step_s": seconds / steps if steps else 0.0,
-                   "peak_rss_mib": peak_rss_mib()}
+        figures = {
+            "images_per_s": steps * global_batch / seconds,
+            "step_s": seconds / steps if steps else 0.0,
+            "peak_rss_mib": peak_rss_mib(),
+        }
         if self._on_cuda():
             figures["peak_cuda_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return figures
@@ -47,8 +49,10 @@ class EpochMeter:
 
 
 def describe(figures: dict[str, float]) -> str:
-    text = (f"{figures['images_per_s']:.1f} images/s, {figures['step_s']:.2f} s/step, "
-            f"peak memory {figures['peak_rss_mib']:.0f} MiB")
+    text = (
+        f"{figures['images_per_s']:.1f} images/s, {figures['step_s']:.2f} s/step, "
+        f"peak memory {figures['peak_rss_mib']:.0f} MiB"
+    )
     if "peak_cuda_mib" in figures:
         text += f" (CUDA {figures['peak_cuda_mib']:.0f} MiB)"
     return text + " on rank 0"
