@@ -625,7 +625,9 @@ def with_run_dir(overrides: list[str], run: str | None) -> list[str]:
     return [*overrides, f"run_dir={run}"]
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key: str = "") -> Config:
+def parse_cli(
+    argv: list[str] | None = None, description: str = "", skip_bad_key: str = "", command: str = "STAGE"
+) -> Config:
     """``CONFIG [--run RUN] [key=value ...]``, the interface of every stage entry point
     (``--config CONFIG`` is the same as the positional CONFIG). A stage that can leave
     undecodable samples out (``skip_bad_key``, e.g. "evaluate.skip_bad") also takes
@@ -635,14 +637,27 @@ def parse_cli(argv: list[str] | None = None, description: str = "", skip_bad_key
     module too and takes ``--run`` for its ``--run-path`` (an abbreviation, refused as
     ambiguous), so under torchrun the stage's arguments follow a ``--``:
     ``torchrun ... -m mlps_dist -- classifier CONFIG --run RUN``. Python hands a ``--``
-    placed later on to the stage, which must not take the options after it for overrides."""
+    placed later on to the stage, which must not take the options after it for overrides.
+    ``command`` is the stage's ``mlps`` command (classifier, masks, ...), for its help."""
     import argparse
     import sys
 
+    from mlps_dist.core.helpformat import DefaultsHelp
+
     argv = [item for item in (sys.argv[1:] if argv is None else argv) if item != "--"]
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    skip_bad = " [--skip-bad]" if skip_bad_key else ""
+    parser = argparse.ArgumentParser(
+        prog=f"mlps {command}",
+        usage=f"%(prog)s CONFIG [--run RUN]{skip_bad} [key=value ...]",
+        description=description,
+        epilog=(
+            f"on this node (one process per GPU): mlps stage {command} CONFIG RUN [key=value ...]\n"
+            f"under torchrun: torchrun --nproc-per-node 2 -m mlps_dist -- {command} CONFIG --run RUN [key=value ...]"
+        ),
+        formatter_class=DefaultsHelp,
+    )
     parser.add_argument("--config", help="experiment YAML, the same as the positional CONFIG")
-    parser.add_argument("--run", help="run directory (the config key run_dir)")
+    parser.add_argument("--run", help="run directory (default: the config's run_dir)")
     if skip_bad_key:
         parser.add_argument(
             "--skip-bad",

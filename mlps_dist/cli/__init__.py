@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlps_dist.core.helpformat import DefaultsHelp
+
 # name -> (module, summary when the module itself is too heavy to import for the listing)
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "pipeline": ("mlps_dist.cli.pipeline", None),
@@ -47,17 +49,3 @@ def parser(command: str, help_text: str, epilog: str | None = None) -> argparse.
     return argparse.ArgumentParser(
         prog=f"mlps {command}", description=help_text, epilog=epilog, formatter_class=DefaultsHelp
     )
-
-
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default in its help ("(default: 224)"), except where there is none to show
-    (required flags, switches, None); epilogs keep their line breaks."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if action.required or default is None or default is False or default == "" or default is argparse.SUPPRESS:
-            return text
-        if "%(default)" in text or "default:" in text:
-            return text
-        return super()._get_help_string(action) if text else "(default: %(default)s)"

@@ -1,8 +1,10 @@
 """Stage 4: segmentation metrics of the trained segmenter on val/test, with and without the gate.
 
-    python -m mlps_dist.stages.evaluate --config configs/demo.yaml
-    torchrun --standalone --nproc_per_node=8 -m mlps_dist.stages.evaluate --config configs/luad.yaml \\
-        run_dir=runs/luad evaluate.splits=[val,test] evaluate.checkpoint=best
+    mlps stage evaluate CONFIG RUN   # this node: one process per GPU
+    torchrun --nproc-per-node 2 -m mlps_dist -- evaluate CONFIG --run RUN
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m mlps_dist -- evaluate configs/luad.yaml --run runs/luad evaluate.splits=[val,test] evaluate.checkpoint=best
+    python -m mlps_dist evaluate configs/demo.yaml --run runs/demo   # one process
 
 For each split of ``evaluate.splits`` every sample is evaluated exactly once across ranks;
 the segmenter's logits are upsampled to the mask size; one confusion matrix per variant

@@ -1,7 +1,10 @@
 """Stage 2: multi-layer pseudo masks for every training patch, exactly once, resumable.
 
-    torchrun --standalone --nproc_per_node=4 -m mlps_dist.stages.generate_masks --config configs/luad.yaml
-    python -m mlps_dist.stages.generate_masks --config configs/demo.yaml masks.batch_size=8   # one process
+    mlps stage masks CONFIG RUN   # this node: one process per GPU
+    torchrun --nproc-per-node 2 -m mlps_dist -- masks CONFIG --run RUN
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m mlps_dist -- masks configs/luad.yaml --run runs/luad
+    python -m mlps_dist masks configs/demo.yaml --run runs/demo masks.batch_size=8   # one process
 
 Reads RUN/classifier/model.pt and the train shards of data.root; writes
 RUN/pseudo_masks/train/masks-NNNNNN.{tar,idx} (one chunk per masks.chunk_size samples) and

@@ -98,7 +98,7 @@ def parse(argv: list[str] | None, stage: Stage) -> Config:
     """``CONFIG [--run RUN] [--skip-bad] [key=value ...]`` (config.parse_cli). A config error
     is the same on every rank, so rank 0 alone reports it."""
     try:
-        return parse_cli(argv, description=stage.description, skip_bad_key=stage.skip_bad_key)
+        return parse_cli(argv, description=stage.description, skip_bad_key=stage.skip_bad_key, command=stage.name)
     except ConfigError as exc:
         exc.shared = True
         raise

@@ -1,9 +1,10 @@
 """Stage 1: the multi-label patch classifier (ResNet-38d + Progressive Dropout Attention).
 
-    torchrun --standalone --nproc_per_node=2 -m mlps_dist.stages.train_classifier --config configs/demo.yaml
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        -m mlps_dist.stages.train_classifier --config configs/luad.yaml run_dir=runs/luad classifier.parallel=deepspeed
-    python -m mlps_dist.stages.train_classifier --config configs/demo.yaml classifier.epochs=1   # one process
+    mlps stage classifier CONFIG RUN   # this node: one process per GPU
+    torchrun --nproc-per-node 2 -m mlps_dist -- classifier CONFIG --run RUN
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m mlps_dist -- classifier configs/luad.yaml --run runs/luad classifier.parallel=deepspeed
+    python -m mlps_dist classifier configs/demo.yaml --run runs/demo classifier.epochs=1   # one process
 
 Writes RUN/classifier/{checkpoints/, best.pt, model.pt} (and stain.json with data.stain on).
 Relaunching the same command resumes

@@ -1,9 +1,10 @@
 """Stage 3: DeepLab-v3+ trained on the multi-layer pseudo masks of stage 2.
 
-    torchrun --standalone --nproc_per_node=2 -m mlps_dist.stages.train_segmenter --config configs/demo.yaml
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        -m mlps_dist.stages.train_segmenter --config configs/luad.yaml run_dir=runs/luad segmenter.parallel=deepspeed
-    python -m mlps_dist.stages.train_segmenter --config configs/demo.yaml segmenter.epochs=1   # one process
+    mlps stage segmenter CONFIG RUN   # this node: one process per GPU
+    torchrun --nproc-per-node 2 -m mlps_dist -- segmenter CONFIG --run RUN
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m mlps_dist -- segmenter configs/luad.yaml --run runs/luad segmenter.parallel=deepspeed
+    python -m mlps_dist segmenter configs/demo.yaml --run runs/demo segmenter.epochs=1   # one process
 
 Reads the train shards (data.root) and RUN/pseudo_masks/train, joined by sample key; the
 loss is sum_l weight_l * CE(logits, mask_l) over ``segmenter.loss_layers`` (paper: 0.6 bn7

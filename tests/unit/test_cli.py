@@ -83,8 +83,8 @@ def shows_a_default(action) -> bool:
     )
 
 
-# The stage names run the stage modules (their parser is the stage session's).
-@pytest.mark.parametrize("command", [c for c in COMMANDS if COMMANDS[c][0].startswith("mlps_dist.cli.")])
+# The stage names run the stage modules (their parser is the stage session's, config.parse_cli).
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_subcommand_has_help_with_defaults(command, monkeypatch, capsys):
     built = []
     original = argparse.ArgumentParser.__init__
@@ -103,6 +103,30 @@ def test_every_subcommand_has_help_with_defaults(command, monkeypatch, capsys):
     assert built and all(issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter) for p in built)
     if any(shows_a_default(a) for p in built for a in p._actions):
         assert "(default:" in out
+
+
+STAGES = ("classifier", "masks", "segmenter", "evaluate")
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_a_stage_help_shows_its_usage_and_how_to_launch_it(command, capsys):
+    status = load(command)(["--help"])  # the stage's runner turns argparse's exit into a status
+    out = capsys.readouterr().out
+    skip_bad = " [--skip-bad]" if command in ("masks", "evaluate") else ""
+    assert status == 0 and out.startswith(f"usage: mlps {command} CONFIG [--run RUN]{skip_bad} [key=value ...]\n")
+    assert "--run RUN" in out and "(default: the config's run_dir)" in out
+    assert f"mlps stage {command} CONFIG RUN" in out
+    assert f"torchrun --nproc-per-node 2 -m mlps_dist -- {command} CONFIG --run RUN" in out
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_a_stage_module_docstring_shows_the_mlps_launch_commands(command):
+    import importlib
+
+    doc = importlib.import_module(COMMANDS[command][0]).__doc__
+    assert f"    mlps stage {command} CONFIG RUN " in doc
+    assert f"    torchrun --nproc-per-node 2 -m mlps_dist -- {command} CONFIG --run RUN\n" in doc
+    assert "--config" not in doc and "run_dir=" not in doc and "-m mlps_dist.stages" not in doc
 
 
 def test_the_same_help_through_a_double_dash_as_under_torchrun():
