@@ -47,7 +47,10 @@ STATUS_DIR_ENV = "MLPS_STATUS_DIR"  # read by mlps_dist.core.runner.record_statu
 
 def stage_module(stage: str) -> str:
     if stage not in STAGE_MODULES:
-        raise InputError(f"unknown stage '{stage}': use one of {', '.join(STAGE_MODULES)}")
+        raise InputError(
+            f"unknown stage '{stage}': use one of {', '.join(STAGE_MODULES)} (any other mlps command runs "
+            "under torchrun as: torchrun --nproc-per-node N -m mlps_dist -- COMMAND ...)"
+        )
     return STAGE_MODULES[stage]
 
 

@@ -207,7 +207,7 @@ def test_under_torchrun_the_stage_reads_its_run(tmp_path, tiny_shards):
 def test_stage_and_pipeline_refuse_bad_input_in_one_line(tmp_path, tiny_shards):
     bad = mlps("stage", "clasifier", "configs/demo.yaml", str(tmp_path / "run"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown stage 'clasifier'" in bad.stderr
-    assert "classifier, masks, segmenter, evaluate" in bad.stderr
+    assert "classifier, masks, segmenter, evaluate" in bad.stderr and "-m mlps_dist -- COMMAND" in bad.stderr
     config = str(tiny_config(tmp_path / "tiny.yaml", tiny_shards))
     nodes = mlps("stage", "classifier", config, str(tmp_path / "run"), NNODES="2", NODE_RANK="")
     assert nodes.returncode == 2 and "NODE_RANK" in nodes.stderr and nodes.stderr.count("\n") == 1
