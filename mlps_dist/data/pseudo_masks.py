@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlps_dist.core import png
+from mlps_dist.core import png, records
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_text
-from mlps_dist.core.records import flatten
 from mlps_dist.data.shards import ShardWriter, TarFiles, check_index_fits, read_index, shard_stem
 
 MANIFEST = "manifest.json"
@@ -132,17 +131,17 @@ def new_manifest(split: str, settings: dict) -> dict:
     }
 
 
-def check_manifest(folder: str | Path, manifest: dict, settings: dict) -> None:
-    """Refuse to mix masks from different classifiers or settings in one folder."""
-    if manifest.get("fingerprint") == fingerprint(settings):
-        return
-    old, new = flatten(manifest.get("settings", {})), flatten(settings)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    raise PseudoMaskError(
-        f"{Path(folder)} holds pseudo masks made with different inputs (changed: {', '.join(changed)}); "
-        f"they cannot be mixed. Delete {Path(folder)} to start the pass over with the current classifier "
-        f"and masks config, or set run_dir to a new folder"
-    )
+def check_manifest(folder: str | Path, manifest: dict, settings: dict, defaults: dict | None = None) -> None:
+    """Refuse to mix masks from different classifiers or settings in one folder. ``defaults``
+    (flat, dotted): the value of a setting that a manifest written before it existed counts as
+    having (records.changed)."""
+    changed = records.changed(manifest.get("settings", {}), settings, defaults)
+    if changed:
+        raise PseudoMaskError(
+            f"{Path(folder)} holds pseudo masks made with different inputs (changed: {', '.join(changed)}); "
+            f"they cannot be mixed. Delete {Path(folder)} to start the pass over with the current classifier "
+            f"and masks config, or set run_dir to a new folder"
+        )
 
 
 def refresh_manifest(folder: str | Path, manifest: dict, complete: bool = False) -> dict:
@@ -171,8 +170,7 @@ class PseudoMaskStore:
         manifest = read_manifest(self.folder)
         if manifest is None:
             raise PseudoMaskError(
-                f"{self.folder / MANIFEST} does not exist: run the mask pass first "
-                f"(torchrun ... -m mlps_dist.stages.generate_masks --config FILE)"
+                f"{self.folder / MANIFEST} does not exist: run the mask pass first (mlps stage masks CONFIG RUN)"
             )
         self.manifest = manifest
         self.layers: list[str] = list(manifest["layers"])
@@ -198,7 +196,7 @@ class PseudoMaskStore:
         if index not in self._where:
             raise PseudoMaskError(
                 f"{self.folder}: no pseudo masks for sample {index}; "
-                f"rerun mlps_dist.stages.generate_masks to complete the pass"
+                f"rerun the mask pass to complete it (mlps stage masks CONFIG RUN)"
             )
         chunk, members = self._where[index]
         tar = self.folder / f"{chunk_stem(chunk)}.tar"

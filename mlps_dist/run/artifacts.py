@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlps_dist.config import Config
-from mlps_dist.core import layout
+from mlps_dist.core import layout, records
 from mlps_dist.core.errors import MlpsError
 from mlps_dist.core.fileio import atomic_write_json, fsync_dir, sha256_file
 from mlps_dist.core.records import flatten
@@ -155,7 +155,8 @@ def files_digest(stage: str, files: dict[str, str]) -> str:
 
 
 def _finished_unstamped(run_dir: str | Path, stage: str) -> bool:
-    """A final artefact written without a stamp (by hand, or by an older release)."""
+    """A final artefact placed without a stamp (by hand: a model file copied in, a test's
+    fixture): its files are all there is to fingerprint."""
     if stage in ("classifier", "segmenter"):
         return layout.model_file(run_dir, stage).is_file()
     if stage == "masks":
@@ -193,26 +194,47 @@ def expected_inputs(cfg: Config, stage: str, split: str = "") -> dict:
     return inputs
 
 
+def config_defaults() -> dict:
+    """The current defaults as an ``inputs`` record holds them (records.changed's ``defaults``)."""
+    return {f"config.{key}": value for key, value in flatten(Config().to_dict()).items()}
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Human names of what differs between two ``inputs`` records."""
-    a, b = flatten(old or {}), flatten(new)
-    # A key the record lacks was added to the config after the record was made: the program
-    # behaved then as its default does now (a key whose default changes is a new key).
-    defaults = flatten(Config().to_dict())
-    for key in b:
-        if key.startswith("config.") and key not in a and key[7:] in defaults:
-            a[key] = defaults[key[7:]]
+    """Human names of what differs between two ``inputs`` records (a config key the old
+    record lacks counts as its default: records.changed)."""
     names = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key):
-            continue
+    for key, (was, now) in records.changed(old, new, config_defaults()).items():
         if key.startswith("config."):
-            names.append(f"{key[7:]} ({a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r})")
+            names.append(f"{key[7:]} ({was!r} -> {now!r})")
         elif key.startswith("shards."):
             names.append("the shards in data.root" + (f" ({key.split('.')[-1]} split)" if ".splits." in key else ""))
         elif key.startswith("upstream."):
             names.append(f"the {key[9:]} artefact ({layout.FOLDERS[key[9:]]}/)")
     return list(dict.fromkeys(names))
+
+
+def checkpoint_inputs(cfg: Config, stage: str) -> dict:
+    """What a training checkpoint of ``stage`` records: the inputs its stamp will hold (none
+    for a training task that is not a stage of the pipeline)."""
+    return expected_inputs(cfg, stage) if stage in SHAPING else {}
+
+
+def check_same_inputs(cfg: Config, stage: str, state: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint of ``stage`` (its ``state``, read from ``path``) written
+    for another schedule or other inputs (the two runs would mix): StaleError naming the keys."""
+    if stage not in SHAPING:
+        return
+    if "inputs" not in state:
+        raise StaleError(
+            f"checkpoint {path} records no inputs (written by a release of mlps-dist before they were "
+            f"recorded), so it cannot be checked against this config: {restart_hint(stage)}"
+        )
+    changed = changed_keys(state["inputs"], checkpoint_inputs(cfg, stage))
+    if changed:
+        raise StaleError(
+            f"checkpoint {path} was written with other settings; changed: {'; '.join(changed)}. Resuming it would "
+            f"mix two schedules: restore those settings to resume, or {restart_hint(stage)}"
+        )
 
 
 def write_stamp(cfg: Config, stage: str, inputs: dict, split: str = "") -> dict:

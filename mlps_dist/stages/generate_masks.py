@@ -30,6 +30,7 @@ from mlps_dist import dist
 from mlps_dist.config import Config
 from mlps_dist.core import layout, png
 from mlps_dist.core.fileio import atomic_write_bytes, sha256_file
+from mlps_dist.core.records import flatten
 from mlps_dist.data.augment import model_input
 from mlps_dist.data.loaders import create_masks_loader, split_batches
 from mlps_dist.data.pseudo_masks import (
@@ -94,16 +95,23 @@ def load_classifier(cfg: Config, reader: SplitReader, device: torch.device):
 def mask_settings(cfg: Config, reader: SplitReader, model_path: Path, selection: dict | None = None) -> dict:
     """Everything the masks depend on; a change makes the existing chunks unusable.
     ``selection``: which stage-1 classifier made them (classifier.checkpoint, file, epoch, score)."""
-    m = cfg.masks
-    background = vars(m.background).copy()
-    settings = {
+    return {
         "classifier_sha256": sha256_file(model_path),
         "classifier": selection or {},
         "classes": reader.classes,
         "count": len(reader),
+        **config_settings(cfg),
+    }
+
+
+def config_settings(cfg: Config) -> dict:
+    """The part of ``mask_settings`` the config decides (of Config(): the defaults that a
+    manifest written before a key existed counts as having)."""
+    m = cfg.masks
+    settings = {
         "layers": list(m.layers),
         "chunk_size": m.chunk_size,
-        "background": background,
+        "background": vars(m.background).copy(),
         "tta_flip": m.tta_flip,
         "tta_scales": list(m.tta_scales),
         "mean": list(cfg.data.mean),
@@ -120,7 +128,7 @@ def prepare_folder(folder: Path, split: str, settings: dict) -> list[int] | None
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
     if manifest is not None:
-        check_manifest(folder, manifest, settings)
+        check_manifest(folder, manifest, settings, flatten(config_settings(Config())))
         if manifest.get("complete") and committed_chunks(folder) >= set(range(manifest["num_chunks"])):
             return None  # finished: leave every file as it is
     else:
@@ -203,7 +211,7 @@ def finish_pass(cfg: Config, log: RunLog, split: str) -> None:
     if missing:
         raise PseudoMaskError(
             f"{folder}: chunks {[chunk_stem(c) for c in missing]} are missing after the pass; "
-            f"rerun mlps_dist.stages.generate_masks to make them"
+            f"rerun the mask pass to make them (mlps stage masks CONFIG RUN)"
         )
     manifest = refresh_manifest(folder, manifest, complete=True)
     log.event("pseudo_masks_done", folder=str(folder), count=manifest["count"], skipped=len(manifest["skipped"]))

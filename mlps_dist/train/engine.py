@@ -99,31 +99,7 @@ def check_resumable(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> Non
     latest = ckpts.latest()
     if latest is not None:
         state = ckpts.check(latest, expected_meta(task, train_cfg))
-        check_same_inputs(cfg, task.stage, state, latest)
-
-
-def checkpoint_inputs(cfg: Config, stage: str) -> dict:
-    """The fingerprints a checkpoint of ``stage`` records (artifacts.expected_inputs)."""
-    if stage not in artifacts.SHAPING:
-        return {}
-    return artifacts.expected_inputs(cfg, stage)
-
-
-def check_same_inputs(cfg: Config, stage: str, state: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint written for another schedule or other inputs (the
-    two runs would mix): StaleError naming the keys."""
-    if stage not in artifacts.SHAPING:
-        return
-    old = {"config": artifacts.shaping_config(state.get("config") or {}, stage)}
-    new = {"config": artifacts.shaping_config(cfg.to_dict(), stage)}
-    if "inputs" in state:  # shards and upstream fingerprints (checkpoints of this release on)
-        old, new = state["inputs"], checkpoint_inputs(cfg, stage)
-    changed = artifacts.changed_keys(old, new)
-    if changed:
-        raise artifacts.StaleError(
-            f"checkpoint {path} was written with other settings; changed: {'; '.join(changed)}. Resuming it would "
-            f"mix two schedules: restore those settings to resume, or {artifacts.restart_hint(stage)}"
-        )
+        artifacts.check_same_inputs(cfg, task.stage, state, latest)
 
 
 def derive_seed(seed: int, rank: int) -> int:
@@ -202,7 +178,7 @@ def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog)
         task.meta = {**task.meta, "precision": ran}
         ckpts = Checkpointer(layout.checkpoints_dir(cfg.run_dir, task.stage), train_cfg.keep_last)
         expect = expected_meta(task, train_cfg)
-        inputs = checkpoint_inputs(cfg, task.stage)
+        inputs = artifacts.checkpoint_inputs(cfg, task.stage)
         progress = Progress()
         health = health_guard.TrainingHealth(
             train_cfg.guard,

@@ -185,7 +185,7 @@ def test_status_command_exit_statuses(tmp_path, tiny_shards, capsys):
 
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_keys(tmp_path, tiny_shards):
-    from mlps_dist.train.engine import check_same_inputs
+    from mlps_dist.run.artifacts import check_same_inputs
 
     cfg = make_cfg(tmp_path / "run", tiny_shards)
     state = {"config": cfg.to_dict(), "inputs": artifacts.expected_inputs(cfg, "classifier")}
@@ -195,9 +195,45 @@ def test_resume_with_a_changed_schedule_is_refused_naming_the_keys(tmp_path, tin
         check_same_inputs(longer, "classifier", state, Path("ck"))
     for key in ("classifier.epochs (2 -> 5)", "classifier.batch_size (16 -> 32)", "seed (0 -> 3)"):
         assert key in str(err.value)
-    # Checkpoints written before stamps existed: judged by their config alone.
-    with pytest.raises(artifacts.StaleError, match=r"classifier.epochs"):
-        check_same_inputs(longer, "classifier", {"config": cfg.to_dict()}, Path("ck"))
+    # A key the checkpoint's record lacks (added to the config since) counts as its default:
+    # the same run resumes when the config keeps that default, and is refused when it does not.
+    defaults = artifacts.config_defaults()
+    recorded = state["inputs"]["config"]
+    at_default = next(k for k, v in recorded.items() if defaults[f"config.{k}"] == v)
+    older = json.loads(json.dumps(state))
+    del older["inputs"]["config"][at_default], older["inputs"]["config"]["classifier.epochs"]
+    assert defaults["config.classifier.epochs"] != 2
+    with pytest.raises(artifacts.StaleError, match=r"changed: classifier.epochs \(\d+ -> 2\)\. "):
+        check_same_inputs(cfg, "classifier", older, Path("ck"))
+    del state["inputs"]["config"][at_default]
+    check_same_inputs(cfg, "classifier", state, Path("ck"))
+    # A checkpoint that records no inputs cannot be checked: refused, naming it.
+    with pytest.raises(artifacts.StaleError, match=r"checkpoint ck records no inputs"):
+        check_same_inputs(cfg, "classifier", {"config": cfg.to_dict()}, Path("ck"))
+
+
+def test_the_mask_manifest_diffs_as_the_stamps_do(tmp_path):
+    """One diff for every provenance record: tuples equal the lists JSON holds, a missing key
+    is its default where one is given, and the pseudo-mask manifest follows the same rule."""
+    from mlps_dist.config import Config
+    from mlps_dist.core.records import UNSET, changed, flatten
+    from mlps_dist.data.pseudo_masks import PseudoMaskError, check_manifest, new_manifest
+    from mlps_dist.stages.generate_masks import config_settings
+
+    assert changed({"a": {"b": 1}, "c": (1, 2)}, {"a": {"b": 2}, "c": [1, 2]}) == {"a.b": (1, 2)}
+    assert changed({}, {"x": 1}, {"x": 1}) == {} and changed({}, {"x": 2}, {"x": 1}) == {"x": (1, 2)}
+    assert changed({"y": 1}, {}) == {"y": (1, UNSET)}
+    settings = {"count": 3, **config_settings(Config())}
+    older = json.loads(json.dumps(new_manifest("train", settings)))
+    del older["settings"]["background"]["max_saturation"]  # a manifest from before the key
+    defaults = flatten(config_settings(Config()))
+    check_manifest(tmp_path, older, settings, defaults)  # it was made at the default: resumable
+    limited = json.loads(json.dumps(settings))
+    limited["background"]["max_saturation"] = 20
+    with pytest.raises(PseudoMaskError, match=r"\(changed: background\.max_saturation\)"):
+        check_manifest(tmp_path, older, limited, defaults)
+    with pytest.raises(PseudoMaskError, match=r"\(changed: count\)"):
+        check_manifest(tmp_path, older, {**settings, "count": 4}, defaults)
 
 
 # ---------------------------------------------------------------- lock
