@@ -339,7 +339,7 @@ def summary_lines(info: dict) -> list[str]:
         freq = ", ".join(f"{c}={n}" for c, n in zip(info["classes"], s["class_counts"]))
         lines.append(
             f"{split}: {s['count']} samples in {len(s['shards'])} shard(s); "
-            f"image size {s['image_size']} ({s.get('image_format', 'png')}); samples per class: {freq}"
+            f"image size {s['image_size']} ({s['image_format']}); samples per class: {freq}"
         )
     return lines
 

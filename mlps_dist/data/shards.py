@@ -291,8 +291,12 @@ class SplitReader:
         self.num_classes = len(self.classes)
         self.ignore_index: int = int(info["ignore_index"])
         self.has_masks: bool = bool(self.split_info["has_masks"])
-        # Shards written before image_format existed hold PNG.
-        self.image_format: str = self.split_info.get("image_format", "png")
+        if "image_format" not in self.split_info:
+            raise ShardError(
+                f"{self.root / 'info.json'}: split '{split}' records no image_format (shards of an older "
+                f"release of mlps-dist); rebuild them with mlps shards"
+            )
+        self.image_format: str = self.split_info["image_format"]
         self.image_member: str = image_member(self.image_format)
         self._entries: list[tuple[int, dict[str, tuple[int, int]]]] = []  # (shard, members)
         self._keys: list[str] = []

@@ -71,6 +71,13 @@ def test_missing_info_json_or_split_is_named(tmp_path, tiny_shards):
         read_info(tmp_path)
     with pytest.raises(ShardError, match="no split 'valid'"):
         open_split(tiny_shards, "valid")
+    # Shards of a release that did not record the split's encoding: refused, naming the file.
+    shutil.copytree(tiny_shards, tmp_path / "old")
+    info = read_info(tmp_path / "old")
+    del info["splits"]["train"]["image_format"]
+    (tmp_path / "old" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ShardError, match=r"old/info.json: split 'train' records no image_format.*mlps shards"):
+        open_split(tmp_path / "old", "train")
 
 
 def test_reader_survives_pickling_into_another_process(tiny_shards):
