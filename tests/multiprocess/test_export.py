@@ -230,14 +230,13 @@ def test_export_without_test_patches_fails_before_writing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
-    """The deployment install: the package with --no-deps plus the [deploy] extra, no torch;
-    its infer --model writes the same classes as infer --run in the training environment."""
+    """The deployment install as a user makes it, ``pip install "CHECKOUT[deploy]"`` with its
+    dependencies resolved: no torch comes with it, and its infer --model writes the same classes
+    as infer --run in the training environment."""
     import os
     import shutil
     import subprocess
     import sys
-
-    import tomllib
 
     run, out = exported
     repo = Path(__file__).resolve().parents[2]
@@ -246,7 +245,6 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, src / name)
     shutil.copytree(repo / "mlps_dist", src / "mlps_dist", ignore=shutil.ignore_patterns("__pycache__"))
-    deploy = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deploy"]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
@@ -257,8 +255,10 @@ def test_infer_model_in_a_fresh_venv_without_torch(exported, tmp_path):
             [python, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=check
         )
 
-    call("-m", "pip", "install", "--quiet", "--no-deps", str(src))
-    call("-m", "pip", "install", "--quiet", *deploy)
+    call("-m", "pip", "install", "--quiet", f"{src}[deploy]")
+    installed = call("-m", "pip", "list", "--format=freeze").stdout.lower()
+    assert "onnxruntime==" in installed and "mlps-dist==" in installed, installed
+    assert "torch" not in installed, "torch must not be in the deployment venv: " + installed
     assert call("-c", "import torch", check=False).returncode != 0, "torch must not be in the deployment venv"
     inputs = tmp_path / "in"
     inputs.mkdir()
