@@ -272,7 +272,3 @@ def partition(n: int, world: int, rank: int) -> range:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
-
-
-def node_hostname() -> str:
-    return socket.gethostname()

@@ -241,12 +241,13 @@ def measure(spec: dict) -> dict:
     import torch
 
     from mlps_dist import dist
+    from mlps_dist.data import batching
     from mlps_dist.train import engine, parallel, precision
 
     cfg, train_cfg, task = create_task(spec)
     device = dist.device()
     precision.check(train_cfg, task.stage, device)  # as the trainers' preflight: fp16 needs CUDA and ddp
-    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    plan = batching.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     engine.seed_everything(cfg.seed)
     model = parallel.wrap(
         task.build_model(), train_cfg, plan=plan, total_steps=spec["warmup"] + spec["steps"], device=device

@@ -32,7 +32,6 @@ LIST_MAGIC = 0x112
 V1_MAGIC, V2_MAGIC, V3_MAGIC = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
 # mshadow type flags
 DTYPES = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.int32, 5: np.int8, 6: np.int64}
-FLAG_OF = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 class _Reader:
@@ -111,24 +110,6 @@ def read_mxnet_params(path: str | Path) -> dict[str, np.ndarray]:
     if len(names) != len(arrays):
         raise ValueError(f"{path}: {len(arrays)} arrays but {len(names)} names; only named lists can be converted")
     return {n: a for n, a in zip(names, arrays) if a is not None}
-
-
-def write_mxnet_params(path: str | Path, arrays: dict[str, np.ndarray], legacy: bool = False) -> None:
-    """Write ``arrays`` as ``mx.nd.save`` does (V2 headers, or legacy uint32 shapes)."""
-    with open(path, "wb") as f:
-        f.write(struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays)))
-        for arr in arrays.values():
-            flag = FLAG_OF[np.dtype(arr.dtype)]
-            if legacy:
-                f.write(struct.pack(f"<I{arr.ndim}I", arr.ndim, *arr.shape))
-            else:
-                f.write(struct.pack(f"<Iii{arr.ndim}q", V2_MAGIC, 0, arr.ndim, *arr.shape))
-            f.write(struct.pack("<iii", 1, 0, flag))
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-        f.write(struct.pack("<Q", len(arrays)))
-        for name in arrays:
-            raw = name.encode("utf-8")
-            f.write(struct.pack("<Q", len(raw)) + raw)
 
 
 # ---------------------------------------------------------------- ResNet-38d names

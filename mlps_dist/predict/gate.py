@@ -126,9 +126,3 @@ def load_classifier(
         "score": metrics.get("score"),
     }
     return model, meta
-
-
-@torch.no_grad()
-def class_probabilities(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Sigmoid probabilities (B, C) of normalised images (B, 3, H, W)."""
-    return torch.sigmoid(classifier(images).float())

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mlps_dist.data.augment import model_input
-from mlps_dist.deploy.windows import window_boxes, window_starts  # noqa: F401  (window_starts: re-exported)
+from mlps_dist.deploy.windows import window_boxes
 from mlps_dist.method.cam_refine import refine_scores
 from mlps_dist.predict.gate import allowed_classes, apply_gate
 

@@ -1,6 +1,6 @@
 """Open a whole-slide image with OpenSlide and read regions at a target resolution.
 
-    slide = open_slide("a.svs", mpp=None)      # InputError when the slide has no MPP and none is given
+    slide = Slide("a.svs", mpp=None)           # InputError when the slide has no MPP and none is given
     rgb = slide.read(x0, y0, size0, out)       # level-0 square (x0, y0, size0) -> out x out RGB uint8
     small = slide.read_scaled(8.0)             # the whole slide at 8 um/px, read in bounded blocks
 
@@ -154,7 +154,3 @@ class Slide:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    return Slide(path, mpp)

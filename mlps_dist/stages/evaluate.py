@@ -28,7 +28,6 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -98,26 +97,6 @@ def summary_table(record: dict) -> str:
     return format_table(rows, header=("metric (%)", "gated" if record.get("gate") else "result", "ungated"))
 
 
-def write_json(path: Path, record: dict) -> None:
-    atomic_write_json(path, record)
-
-
-def already_done(path: Path, source: dict) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return all(old.get(k) == v for k, v in source.items())
-
-
-def build_predictor(cfg: Config, num_classes: int, device) -> tuple[Predictor, dict]:
-    return create_predictor(
-        cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes, device=device
-    )
-
-
 def open_splits(cfg: Config) -> dict:
     """All readers first, so that a split without masks fails before any work."""
     readers = {split: open_split(cfg.data.root, split) for split in cfg.evaluate.splits}
@@ -156,7 +135,9 @@ def prepare(cfg: Config) -> Prepared:
     device = dist.device()
     readers = open_splits(cfg)
     num_classes = next(iter(readers.values())).num_classes
-    predictor, seg_meta = build_predictor(cfg, num_classes, device)
+    predictor, seg_meta = create_predictor(
+        cfg.run_dir, cfg, checkpoint=cfg.evaluate.checkpoint, num_classes=num_classes, device=device
+    )
     gate_meta = load_model_file(layout.model_file(cfg.run_dir, "classifier"))[1] if predictor.gated else None
     for reader in readers.values():
         check_classes(seg_meta["path"], seg_meta, reader)
@@ -198,7 +179,7 @@ def work(cfg: Config, log: RunLog, p: Prepared) -> dict[str, dict]:
             if skipped:
                 log.info(f"{split}: {skipped} sample(s) that cannot be decoded were left out (evaluate.skip_bad)")
         if dist.is_main():
-            write_json(out, record)
+            atomic_write_json(out, record)
             artifacts.write_stamp(cfg, "evaluate", inputs, split)
         log.info(f"{split} ({len(reader)} samples)\n{summary_table(record)}")
         log.event("metrics", **record)

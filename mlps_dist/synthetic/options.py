@@ -151,10 +151,6 @@ VARIANT_HELP = {
 }
 
 
-def variant_names() -> list[str]:
-    return list(VARIANTS)
-
-
 def variant_options(name: str = "default", **overrides) -> SynthOptions:
     """The options of variant `name`; explicit `overrides` (not None) replace its values."""
     if name not in VARIANTS:

@@ -63,9 +63,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-_atomic_write_text = atomic_write_text
-
-
 def _load(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -276,7 +273,7 @@ class Checkpointer:
             else:
                 os.replace(tmp, final)
             _fsync_dir(self.folder)
-            _atomic_write_text(self.folder / LATEST, final.name)
+            atomic_write_text(self.folder / LATEST, final.name)
             self._prune(keep=final)
         dist.barrier()
         return final
@@ -292,7 +289,7 @@ class Checkpointer:
     def mark_good(self, path: Path) -> None:
         """Rank 0: ``path`` becomes the rollback target; kept whatever keep_last says."""
         if dist.is_main():
-            _atomic_write_text(self.folder / GOOD, path.name)
+            atomic_write_text(self.folder / GOOD, path.name)
 
     def rewind(self, to: Path | None) -> None:
         """Rank 0: make ``to`` the checkpoint to resume from (None: start afresh) and delete
@@ -303,7 +300,7 @@ class Checkpointer:
             (self.folder / LATEST).unlink(missing_ok=True)
             (self.folder / GOOD).unlink(missing_ok=True)
         else:
-            _atomic_write_text(self.folder / LATEST, to.name)
+            atomic_write_text(self.folder / LATEST, to.name)
         keep_step = -1 if to is None else int(to.name.split("-")[1])
         for path in _step_dirs(self.folder):
             if int(path.name.split("-")[1]) > keep_step:

@@ -35,6 +35,7 @@ from mlps_dist import dist
 from mlps_dist.config import Config, ConfigError, TrainConfig
 from mlps_dist.core import layout
 from mlps_dist.core.errors import Preempted
+from mlps_dist.data import batching
 from mlps_dist.run import artifacts
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.train import gpu_options, parallel, precision
@@ -51,8 +52,8 @@ class TrainTask(Protocol):
     meta: dict  # name, num_classes, classes, config: stored with checkpoints and model files
 
     def build_model(self) -> nn.Module: ...  # has .param_groups() -> {"backbone", "head"} (parallel.optimizer_groups)
-    def micro_steps_per_epoch(self, plan: parallel.BatchPlan) -> int: ...
-    def train_loader(self, epoch: int, start_step: int, plan: parallel.BatchPlan) -> Iterable[dict]: ...
+    def micro_steps_per_epoch(self, plan: batching.BatchPlan) -> int: ...
+    def train_loader(self, epoch: int, start_step: int, plan: batching.BatchPlan) -> Iterable[dict]: ...
     def loss(self, model, batch: dict) -> torch.Tensor: ...  # model(x) runs the wrapped forward
     def start_epoch(self, epoch: int, module: nn.Module) -> dict[str, float]: ...  # scalars to log
     def validate(self, module: nn.Module, epoch: int) -> dict[str, float]: ...  # holds "score"
@@ -79,7 +80,7 @@ def preflight(cfg: Config, train_cfg: TrainConfig, task: TrainTask) -> int:
     plan for this world size, the DeepSpeed JSON, a split too small for one step, and a
     checkpoint in the run dir that cannot be resumed (unreadable, or written for another
     model / class count / parallel mode). Returns the optimizer steps per epoch."""
-    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    plan = batching.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     precision.check(train_cfg, task.stage, dist.device())
     if train_cfg.parallel == "deepspeed":
         parallel.deepspeed_config(train_cfg, plan, amp_dtype=precision.resolve(train_cfg, dist.device()))
@@ -113,7 +114,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: parallel.BatchPlan) -> torch.Tensor:
+def train_step(model: parallel.Wrapped, task: TrainTask, batches, plan: batching.BatchPlan) -> torch.Tensor:
     """One optimizer step over ``plan.accumulation`` micro batches. Each micro batch's mean
     loss is weighted by its share of the global batch (batching.py), so the all-reduced
     gradient is that of the whole global batch even when micro batches are uneven. Returns
@@ -155,7 +156,7 @@ def fit(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Pr
 
 def _fit_once(cfg: Config, train_cfg: TrainConfig, task: TrainTask, log: RunLog) -> Progress:
     steps_per_epoch = preflight(cfg, train_cfg, task)
-    plan = parallel.plan_batches(train_cfg, dist.get_world_size(), task.stage)
+    plan = batching.plan_batches(train_cfg, dist.get_world_size(), task.stage)
     # Installed first: a signal while the model builds or a checkpoint loads is honoured too.
     with PreemptionGuard() as guard:
         speed = gpu_options.apply(cfg.gpu, dist.device())

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from mlps_dist import dist
 from mlps_dist.config import ConfigError, TrainConfig
-from mlps_dist.data.batching import BatchPlan, even_world_sizes, plan_batches  # noqa: F401 (re-exported)
+from mlps_dist.data.batching import BatchPlan, even_world_sizes
 from mlps_dist.models.batchnorm import sync_batchnorm_helps
 from mlps_dist.train import gpu_options, precision
 

@@ -15,6 +15,7 @@ import torchrun_helpers as jobs
 
 from mlps_dist.config import ConfigError, TrainConfig
 from mlps_dist.core.errors import EXIT_PREEMPTED
+from mlps_dist.data import batching
 from mlps_dist.train import parallel
 from mlps_dist.train.engine import derive_seed
 
@@ -42,17 +43,17 @@ def reference(tmp_path_factory):
 
 
 def test_batch_plan_keeps_the_global_batch():
-    assert parallel.plan_batches(TrainConfig(batch_size=16), 2) == parallel.BatchPlan(16, 8, 1, 2)
-    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=2), 2).accumulation == 4
-    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=16), 1).accumulation == 1
+    assert batching.plan_batches(TrainConfig(batch_size=16), 2) == batching.BatchPlan(16, 8, 1, 2)
+    assert batching.plan_batches(TrainConfig(batch_size=16, micro_batch_size=2), 2).accumulation == 4
+    assert batching.plan_batches(TrainConfig(batch_size=16, micro_batch_size=16), 1).accumulation == 1
     with pytest.raises(ConfigError, match="'classifier.batch_size' = 3 is smaller than the 4 ranks"):
-        parallel.plan_batches(TrainConfig(batch_size=3), 4, "classifier")
-    assert parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=3), 2).sizes(1) == [3, 3, 2]
+        batching.plan_batches(TrainConfig(batch_size=3), 4, "classifier")
+    assert batching.plan_batches(TrainConfig(batch_size=16, micro_batch_size=3), 2).sizes(1) == [3, 3, 2]
     assert len({derive_seed(0, r) for r in range(64)} | {derive_seed(1, r) for r in range(64)}) == 128
 
 
 def test_deepspeed_json_may_not_contradict_the_config(tmp_path):
-    plan = parallel.plan_batches(TrainConfig(batch_size=16), 2)
+    plan = batching.plan_batches(TrainConfig(batch_size=16), 2)
     clash = tmp_path / "clash.json"
     clash.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 32}))
     with pytest.raises(ConfigError, match="clash.json: remove \\['train_batch_size'\\]"):
@@ -62,7 +63,7 @@ def test_deepspeed_json_may_not_contradict_the_config(tmp_path):
         parallel.deepspeed_config(TrainConfig(deepspeed_config=str(clash)), plan, amp_dtype=None)
     filled = parallel.deepspeed_config(
         TrainConfig(deepspeed_config="configs/deepspeed/zero2.json", grad_clip=1.0, micro_batch_size=4),
-        parallel.plan_batches(TrainConfig(batch_size=16, micro_batch_size=4), 2),
+        batching.plan_batches(TrainConfig(batch_size=16, micro_batch_size=4), 2),
         None,
     )
     assert (
@@ -215,7 +216,7 @@ def test_three_ranks_with_uneven_micro_batches_match_two_ranks(tmp_path, referen
 
 
 def test_deepspeed_refuses_uneven_micro_batches_and_zero3_before_building(tmp_path):
-    plan = parallel.plan_batches(TrainConfig(batch_size=20), 8)
+    plan = batching.plan_batches(TrainConfig(batch_size=20), 8)
     with pytest.raises(ConfigError, match=r"equal micro batches .* runs on 1, 2, 4, 5, 10, 20 ranks"):
         parallel.deepspeed_config(
             TrainConfig(batch_size=20, deepspeed_config="configs/deepspeed/zero1.json"), plan, amp_dtype=None
@@ -225,7 +226,7 @@ def test_deepspeed_refuses_uneven_micro_batches_and_zero3_before_building(tmp_pa
     with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
         parallel.deepspeed_config(
             TrainConfig(batch_size=16, deepspeed_config=str(zero3)),
-            parallel.plan_batches(TrainConfig(batch_size=16), 2),
+            batching.plan_batches(TrainConfig(batch_size=16), 2),
             amp_dtype=None,
         )
 

@@ -10,8 +10,9 @@ from PIL import Image
 from mlps_dist.cli import infer as infer_cmd
 from mlps_dist.config import config_from_dict, save_config
 from mlps_dist.deploy import infer
+from mlps_dist.deploy.windows import window_starts
 from mlps_dist.models import create_classifier, create_segmenter
-from mlps_dist.predict.predictor import Predictor, sliding_window, window_starts
+from mlps_dist.predict.predictor import Predictor, sliding_window
 from mlps_dist.train.checkpoint import save_model_file
 
 CLASSES = ["TE", "NEC", "LYM", "TAS"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchrun_helpers as jobs
 
 from mlps_dist.config import ConfigError, TrainConfig
+from mlps_dist.data import batching
 from mlps_dist.models import classifier as classifier_model
 from mlps_dist.stages.train_classifier import ClassifierTask
 from mlps_dist.train import parallel, precision
@@ -20,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def test_deepspeed_precision_sections_come_from_the_config(tmp_path):
-    plan = parallel.plan_batches(TrainConfig(batch_size=4), 1)
+    plan = batching.plan_batches(TrainConfig(batch_size=4), 1)
     cfg = TrainConfig(batch_size=4, deepspeed_config="configs/deepspeed/zero1.json", parallel="deepspeed")
     bf16 = parallel.deepspeed_config(cfg, plan, amp_dtype=torch.bfloat16)
     assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}

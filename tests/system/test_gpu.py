@@ -225,6 +225,7 @@ def _tiny_losses(stage: str, precision: str, steps: int = 30) -> list[float]:
     from types import SimpleNamespace
 
     from mlps_dist.config import SegmenterConfig, TrainConfig
+    from mlps_dist.data import batching
     from mlps_dist.models import create_classifier, create_segmenter
     from mlps_dist.stages.train_classifier import ClassifierTask
     from mlps_dist.stages.train_segmenter import SegmenterTask
@@ -244,7 +245,7 @@ def _tiny_losses(stage: str, precision: str, steps: int = 30) -> list[float]:
     else:
         network, loss_of = create_segmenter("deeplabv3plus_small", 4, ""), SegmenterTask.loss
         task = SimpleNamespace(section=SegmenterConfig(), layer_slots=[0, 1, 2], ignore_index=4)
-    model = parallel.wrap(network, cfg, plan=parallel.plan_batches(cfg, 1), total_steps=steps, device=device)
+    model = parallel.wrap(network, cfg, plan=batching.plan_batches(cfg, 1), total_steps=steps, device=device)
     if precision == "fp16":
         assert model.scaler.is_enabled()
     model.train()

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from mlps_dist.config import TrainConfig
+from mlps_dist.data import batching
 from mlps_dist.train import parallel
 from mlps_dist.train.checkpoint import (
     Checkpointer,
@@ -40,7 +41,7 @@ META = {"name": "net", "num_classes": 2, "parallel": "ddp"}
 def make_model(seed: int = 0) -> parallel.Wrapped:
     torch.manual_seed(seed)
     cfg = TrainConfig(batch_size=4, lr=0.1)
-    return parallel.wrap(Net(), cfg, plan=parallel.plan_batches(cfg, 1), total_steps=10, device=torch.device("cpu"))
+    return parallel.wrap(Net(), cfg, plan=batching.plan_batches(cfg, 1), total_steps=10, device=torch.device("cpu"))
 
 
 def train_one_step(model: parallel.Wrapped, x: torch.Tensor | None = None) -> None:

@@ -1,5 +1,6 @@
 """MXNet .params reading and ResNet-38d conversion, on files written here in that format."""
 
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,39 @@ import torch
 from mlps_dist.models import create_classifier
 from mlps_dist.models.resnet38d import create_resnet38d, create_small38
 from mlps_dist.models.weights import (
+    DTYPES,
+    LIST_MAGIC,
+    V2_MAGIC,
     convert_mxnet_resnet38d,
     load_pretrained,
     match_state_dict,
     mxnet_name_to_resnet38d,
     read_mxnet_params,
-    write_mxnet_params,
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def write_mxnet_params(path: str | Path, arrays: dict[str, np.ndarray], legacy: bool = False) -> None:
+    """Write ``arrays`` as ``mx.nd.save`` does (V2 headers, or legacy uint32 shapes): the
+    files the reader is tested on."""
+    flag_of = {np.dtype(v): k for k, v in DTYPES.items()}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays)))
+        for arr in arrays.values():
+            flag = flag_of[np.dtype(arr.dtype)]
+            if legacy:
+                f.write(struct.pack(f"<I{arr.ndim}I", arr.ndim, *arr.shape))
+            else:
+                f.write(struct.pack(f"<Iii{arr.ndim}q", V2_MAGIC, 0, arr.ndim, *arr.shape))
+            f.write(struct.pack("<iii", 1, 0, flag))
+            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        f.write(struct.pack("<Q", len(arrays)))
+        for name in arrays:
+            raw = name.encode("utf-8")
+            f.write(struct.pack("<Q", len(raw)) + raw)
+
+
 BN_LEAF = {
     "weight": ("arg", "gamma"),
     "bias": ("arg", "beta"),

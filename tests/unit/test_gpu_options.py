@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from mlps_dist.config import ClassifierConfig, Config, GpuConfig, load_config
+from mlps_dist.data import batching
 from mlps_dist.data.dali_loader import source_workers
 from mlps_dist.models import create_classifier
 from mlps_dist.run import artifacts
@@ -42,7 +43,7 @@ def test_apply_switches_cudnn_autotuning_on_cuda_ranks_only():
 
 def test_channels_last_trains_the_same_network_in_nhwc():
     section = ClassifierConfig(model="small38", batch_size=4, lr=0.01)
-    plan = parallel.plan_batches(section, 1)
+    plan = batching.plan_batches(section, 1)
     torch.manual_seed(0)
     reference = create_classifier("small38", 3, dropout=0.0)
     nhwc = create_classifier("small38", 3, dropout=0.0)

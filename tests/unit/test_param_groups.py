@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mlps_dist.config import load_config
+from mlps_dist.data import batching
 from mlps_dist.models import create_classifier, create_segmenter
 from mlps_dist.models.resnet38d import STAGE_OF
 from mlps_dist.train import parallel
@@ -55,7 +56,7 @@ def test_lr_scale_applies_at_the_current_schedule_position():
         create_classifier("small38", 4),
         cfg.classifier,
         device=torch.device("cpu"),
-        plan=parallel.plan_batches(cfg.classifier, 1),
+        plan=batching.plan_batches(cfg.classifier, 1),
         total_steps=10,
     )
     for _ in range(4):

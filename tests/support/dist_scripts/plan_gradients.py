@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mlps_dist import dist
 from mlps_dist.config import TrainConfig
+from mlps_dist.data import batching
 from mlps_dist.data.batching import rank_micro_batches
 from mlps_dist.data.sampling import permutation
 from mlps_dist.train import engine, parallel
@@ -62,7 +63,7 @@ def main() -> int:
         task = Task()
         for micro in MICRO_BATCH_SIZES:
             cfg = TrainConfig(batch_size=GLOBAL_BATCH, micro_batch_size=micro, lr=0.1, momentum=0.0, weight_decay=0.0)
-            plan = parallel.plan_batches(cfg, dist.get_world_size())
+            plan = batching.plan_batches(cfg, dist.get_world_size())
             torch.manual_seed(0)
             model = parallel.wrap(TinyNet(), cfg, plan=plan, total_steps=10, device=device)
             if backend == "nccl" and not isinstance(model.forward_module, nn.parallel.DistributedDataParallel):
