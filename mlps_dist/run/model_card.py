@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from mlps_dist.config import load_config
 from mlps_dist.core import layout
 from mlps_dist.core.fileio import atomic_write_text, sha256_file
 
@@ -238,7 +239,7 @@ def reproduce_section(run: Path, cfg: dict, info: dict | None) -> list[str]:
 
 
 def _refinement(evaluate: dict) -> str:
-    refine = evaluate.get("refine") or {}  # absent in configs written before the key existed
+    refine = evaluate["refine"]
     if not refine.get("enabled"):
         return "no"
     return (
@@ -249,7 +250,8 @@ def _refinement(evaluate: dict) -> str:
 
 def render(run: str | Path) -> str:
     run = Path(run)
-    cfg = yaml.safe_load(layout.config_file(run).read_text())
+    # Read through the schema: a key the run's config.yaml lacks is its default, an unknown one is named.
+    cfg = load_config(layout.config_file(run)).to_dict()
     root = Path(cfg["data"]["root"])
     info = _json(root / "info.json")
     classes = (info or {}).get("classes") or []

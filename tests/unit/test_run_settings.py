@@ -35,6 +35,11 @@ def test_a_re_evaluation_with_other_settings_is_what_consumers_read(tmp_path, ti
     assert "refined along the patch's colours before the argmax: no" in render(run)
     predictor, _ = create_predictor(run)
     assert predictor.gate_threshold == 0.3 and not predictor.refine
+    # A config.yaml that lacks a key (written before it existed) reads it as its default.
+    values = yaml.safe_load((run / "config.yaml").read_text())
+    del values["evaluate"]["refine"]
+    (run / "config.yaml").write_text(yaml.safe_dump(values))
+    assert "refined along the patch's colours before the argmax: no" in render(run)
 
 
 def test_after_a_restart_from_evaluate_every_consumer_reads_what_the_metrics_measured(tmp_path, tiny_shards):
