@@ -9,8 +9,6 @@ the stages pick gloo and the CPU. With MLPS_TEST_GPU=1 (tools/gpu_check.sh) the 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 GPU_RUN = os.environ.get("MLPS_TEST_GPU") == "1"
@@ -19,7 +17,6 @@ if not GPU_RUN:
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": 32, "val": 8, "test": 8, "size": 48, "seed": 0}
 
 
@@ -72,15 +69,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(cpu_test)
         elif "gpu" in item.keywords and gpu_test is not None:
             item.add_marker(gpu_test)
-
-
-def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``-m mlps_dist CMD ...`` (or a script of tools/) in a fresh interpreter of this venv."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )

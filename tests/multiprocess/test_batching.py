@@ -9,7 +9,6 @@ import numpy as np
 import plan_gradients  # noqa: E402
 import pytest
 import torch
-import torch.nn.functional as F
 import torchrun_helpers as jobs
 
 from mlps_dist.config import ConfigError, TrainConfig
@@ -58,23 +57,12 @@ def test_plan_errors_and_even_world_sizes():
     assert plan_batches(TrainConfig(batch_size=20), 4).describe() == "global batch 20 = 5 x 4 ranks x 1 accumulation"
 
 
-def _single_process_gradient() -> tuple[dict, float]:
-    """The mean loss over the first global batch of the epoch, one forward, one process."""
-    x, y = plan_gradients.data()
-    batch = torch.as_tensor(plan_gradients.permutation(plan_gradients.SAMPLES, plan_gradients.SEED, 0)[:20])
-    torch.manual_seed(0)
-    net = plan_gradients.TinyNet()
-    loss = F.cross_entropy(net(x[batch]), y[batch])
-    loss.backward()
-    return {n: p.grad for n, p in net.named_parameters()}, float(loss.detach())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 3, 8])
 def test_all_reduced_gradient_equals_the_single_process_gradient(tmp_path, world):
     result = jobs.run(["tests/support/dist_scripts/plan_gradients.py", str(tmp_path)], nproc=world, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
-    reference, reference_loss = _single_process_gradient()
+    reference, reference_loss = plan_gradients.single_process_gradient()
     for micro in plan_gradients.MICRO_BATCH_SIZES:
         got = torch.load(tmp_path / f"grads-w{world}-m{micro}.pt", weights_only=True)
         for name, grad in reference.items():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_infer import make_run  # noqa: E402
+from trained_runs import make_run  # noqa: E402
 
 from mlps_dist.config import Config, config_from_dict, save_config
 from mlps_dist.data.shards import open_split

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from test_infer import CLASSES, make_run
+from trained_runs import CLASSES, make_run
 
 from mlps_dist.cli import export as export_cmd
 from mlps_dist.cli import infer

@@ -6,39 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trained_runs import CLASSES, make_run
 
 from mlps_dist.cli import infer as infer_cmd
-from mlps_dist.config import config_from_dict, save_config
 from mlps_dist.deploy import infer
 from mlps_dist.deploy.windows import window_starts
-from mlps_dist.models import create_classifier, create_segmenter
 from mlps_dist.predict.predictor import Predictor, sliding_window
-from mlps_dist.train.checkpoint import save_model_file
-
-CLASSES = ["TE", "NEC", "LYM", "TAS"]
-
-
-def make_run(run_dir: Path, data_root: str = "missing-shards", image_size: int = 32, seed: int = 0) -> Path:
-    """A run directory as stages 1 and 3 leave it: config.yaml, classifier and segmenter files
-    (untrained weights: these tests check plumbing and geometry, not accuracy)."""
-    cfg = config_from_dict(
-        {
-            "run_dir": str(run_dir),
-            "data": {"root": data_root, "image_size": image_size},
-            "classifier": {"model": "small38"},
-            "segmenter": {"model": "deeplabv3plus_small"},
-        }
-    )
-    save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(seed)
-    for stage, factory, name in (
-        ("classifier", create_classifier, "small38"),
-        ("segmenter", create_segmenter, "deeplabv3plus_small"),
-    ):
-        model = factory(name, len(CLASSES))
-        meta = {"name": name, "num_classes": len(CLASSES), "classes": CLASSES, "config": cfg.to_dict()}
-        save_model_file(run_dir / stage / "model.pt", model.state_dict(), meta)
-    return run_dir
 
 
 def test_window_starts_cover_every_pixel_and_stay_inside():
@@ -199,7 +172,7 @@ def test_two_ranks_split_the_files_and_write_each_once(tmp_path):
 
 
 def test_contact_sheet_has_a_row_per_sample_and_a_column_per_view(tmp_path, tiny_shards):
-    from conftest import run_tool
+    from tool_runs import run_tool
 
     run = make_run(tmp_path / "run", data_root=str(tiny_shards))
     out = tmp_path / "sheet.png"

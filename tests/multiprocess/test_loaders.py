@@ -3,7 +3,6 @@ exactly-once evaluation, and agreement of the torch and DALI back ends."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import subprocess
@@ -12,48 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from loader_fixtures import RedChannelMasks, make_cfg
 from PIL import Image
 
-from mlps_dist.config import AugmentConfig, Config, ConfigError
+from mlps_dist.config import ConfigError
 from mlps_dist.data.loaders import create_eval_loader, create_train_loader, steps_per_epoch
 from mlps_dist.data.shards import open_split
-
-AUGMENT_KEYS = {f.name for f in dataclasses.fields(AugmentConfig)}
-
-
-def make_cfg(root, loader="torch", workers=0, **keys) -> Config:
-    """data.* keys, and augment keys set for both stages alike."""
-    cfg = Config()
-    cfg.data.root, cfg.data.loader, cfg.data.num_workers = str(root), loader, workers
-    for key, value in keys.items():
-        for section in (cfg.classifier.augment, cfg.segmenter.augment) if key in AUGMENT_KEYS else (cfg.data,):
-            setattr(section, key, value)
-    return cfg
-
-
-class RedChannelMasks:
-    """Pseudo masks derived from the image itself (red channel quantised to 0..4), so a
-    correctly joint transform keeps mask == quantise(transformed image)."""
-
-    layers = ["coarse", "fine"]
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def __len__(self):
-        return len(self.reader)
-
-    def missing(self, n):
-        return [i for i in range(n) if i >= len(self.reader)]
-
-    def read_pngs(self, index):
-        red = np.asarray(Image.open(io.BytesIO(self.reader.read(index)["png"])).convert("RGB"))[..., 0]
-        out = []
-        for levels in (2, 5):
-            buf = io.BytesIO()
-            Image.fromarray((red.astype(np.int32) * levels // 256).astype(np.uint8)).save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
 
 
 def _keys(loader):

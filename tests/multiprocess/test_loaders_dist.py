@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from tool_runs import REPO
 
-from conftest import REPO
 from mlps_dist.data.ingest import build_plan, write_plan
 from mlps_dist.data.layouts import LUAD
 from mlps_dist.data.sampling import permutation

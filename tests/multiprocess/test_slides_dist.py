@@ -97,7 +97,7 @@ def test_killed_tiling_resumes_without_redoing_finished_slides(slides, tmp_path)
 
 
 def test_segment_slides_killed_and_resumed_equals_2_ranks(slides, tmp_path):
-    from test_infer import make_run
+    from trained_runs import make_run
 
     run_dir = make_run(tmp_path / "run")
     maps = {}

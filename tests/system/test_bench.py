@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_runs import REPO
 
 import bench_common  # noqa: E402
 import bench_train  # noqa: E402
-from conftest import REPO
 
 
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:

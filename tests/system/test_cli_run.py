@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_launch import tiny_config
+from tiny_configs import tiny_config
 
 from mlps_dist.cli import config as config_cmd
 from mlps_dist.cli import status as status_cmd

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_launch import tiny_config
+from tiny_configs import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

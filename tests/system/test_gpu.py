@@ -77,11 +77,10 @@ def _train_regression(tmp_path: Path, name: str, *overrides: str, nproc: int = 1
 
 def _plan_gradients(tmp_path: Path, nproc: int) -> None:
     import plan_gradients
-    from test_batching import _single_process_gradient
 
     result = jobs.run(["tests/support/dist_scripts/plan_gradients.py", str(tmp_path), "nccl"], nproc=nproc, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
-    reference, reference_loss = _single_process_gradient()
+    reference, reference_loss = plan_gradients.single_process_gradient()
     for micro in plan_gradients.MICRO_BATCH_SIZES:
         got = torch.load(tmp_path / f"grads-w{nproc}-m{micro}.pt", weights_only=True)
         for name, grad in reference.items():
@@ -346,7 +345,7 @@ def test_dali_mixed_decoding_and_gpu_augmentation_match_the_torch_loader(
     within DALI_PNG_MAX_GREY grey levels. JPEG: nvJPEG and libjpeg-turbo may round the inverse
     DCT differently: within a grey level on average."""
     needs("nvidia.dali")
-    from test_loaders import RedChannelMasks
+    from loader_fixtures import RedChannelMasks
 
     from mlps_dist.config import Config
     from mlps_dist.data.ingest import build_plan, write_plan

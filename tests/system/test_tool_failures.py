@@ -6,8 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from conftest import run_tool  # noqa: E402
+from tool_runs import run_tool  # noqa: E402
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_the_benchmark_reports_a_worker_that_died_without_a_traceback(tmp_path):
 def test_infer_on_a_full_disk_says_so_and_leaves_no_half_written_image(full_disk, tmp_path):
     import numpy as np
     from PIL import Image
-    from test_infer import make_run
+    from trained_runs import make_run
 
     run = make_run(tmp_path / "run")
     (tmp_path / "img").mkdir()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_infer import make_run  # noqa: E402
+from trained_runs import make_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
-from test_slides import read_samples  # noqa: E402
+from slide_fixtures import read_samples  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.slides.annotations import AnnotationError, load_annotations  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_loaders import RedChannelMasks, make_cfg
+from loader_fixtures import RedChannelMasks, make_cfg
 
 from mlps_dist.config import AugmentConfig, ConfigError, load_config
 from mlps_dist.data.augment import AugParams, blur, hed, photometric, sample_params

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image, features
-from test_infer import make_run  # noqa: E402
+from trained_runs import make_run  # noqa: E402
 
 from mlps_dist.cli import infer as infer_cmd
 from mlps_dist.core import png as png_codec  # noqa: E402

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from test_infer import make_run
+from trained_runs import make_run
 
 from mlps_dist.predict import export
 from mlps_dist.predict.export_graph import DeployGraph

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import yaml
-from test_infer import make_run  # noqa: E402
+from trained_runs import make_run  # noqa: E402
 
 from mlps_dist.config import load_config  # noqa: E402
 from mlps_dist.stages import evaluate  # noqa: E402

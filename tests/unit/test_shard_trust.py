@@ -7,8 +7,7 @@ import json
 import shutil
 
 import pytest
-
-from conftest import run_tool  # noqa: E402
+from tool_runs import run_tool  # noqa: E402
 
 
 def test_inspect_shards_never_writes_where_an_idx_key_points(tiny_shards, tmp_path):
@@ -47,7 +46,7 @@ def copy_with_a_corrupt_sample(source, shards, split: str):
 
 
 def test_a_corrupt_sample_is_named_by_shard_and_key_in_one_line(tiny_shards, tmp_path, capfd):
-    from test_infer import make_run
+    from trained_runs import make_run
 
     from mlps_dist.data.shards import open_split
     from mlps_dist.stages import evaluate

@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from tool_runs import run_tool
 
-from conftest import run_tool
 from mlps_dist.data import ingest
 from mlps_dist.data.decode import decode_indices, decode_rgb
 from mlps_dist.data.ingest import build_plan, write_plan

@@ -2,7 +2,7 @@
 tile_slides (unchanged file, as NAME.EXT.geojson and through --annotations-map) -> shards
 whose labels and masks match the synthetic slides' truth.
 
-The model is test_slides.ColourModel (nearest palette colour per pixel on flat-colour
+The model is slide_fixtures.ColourModel (nearest palette colour per pixel on flat-colour
 slides): the map it stitches is the truth up to the map's 4 um/px, so what is measured
 here is the round trip of the regions, not a model's accuracy."""
 
@@ -15,8 +15,9 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from test_slides import read_samples, segment, tile_slides  # noqa: E402
+from slide_fixtures import read_samples, segment  # noqa: E402
 
+from mlps_dist.cli import tile as tile_slides  # noqa: E402
 from mlps_dist.core.fileio import sha256_file  # noqa: E402
 from mlps_dist.synthetic.patches import WHITE  # noqa: E402
 from mlps_dist.synthetic.slides import truth_map, write_synthetic_slide  # noqa: E402

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_slides import CELL, ColourModel, H, W  # noqa: E402
+from slide_fixtures import CELL, ColourModel, H, W  # noqa: E402
 
 from mlps_dist.slides.regions import region_features, regions_of
 from mlps_dist.synthetic.slides import write_synthetic_slide

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from slide_fixtures import CELL, ColourModel, H, W, read_samples, segment
 
 from mlps_dist.core.errors import InputError
 from mlps_dist.slides.reader import Slide
@@ -18,7 +19,6 @@ from mlps_dist.synthetic.patches import PALETTE, WHITE
 from mlps_dist.synthetic.slides import CLASS_MAP, truth_map, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[2]
-W, H, CELL = 768, 512, 200
 
 
 from mlps_dist.cli import tile as tile_slides  # noqa: E402
@@ -59,15 +59,6 @@ def splits_csv(root: Path) -> Path:
     path = root / "splits.csv"
     path.write_text("slide,split\nslide0,train\nslide1,val\nslide2,test\n")
     return path
-
-
-def read_samples(out: Path, split: str):
-    from mlps_dist.data.shards import open_split
-
-    reader = open_split(out, split)
-    for i in range(len(reader)):
-        sample = reader.read(i)
-        yield reader.key(i), json.loads(sample["json"]), sample
 
 
 def test_reader_resamples_from_a_coarser_level_like_level_zero(slides):
@@ -202,25 +193,6 @@ def test_a_truncated_slide_is_named_and_the_others_are_written(slides, tmp_path)
 # ---------------------------------------------------------------- segment_slides
 
 
-class ColourModel:
-    """Per-pixel rule: the class whose palette colour is nearest. On a flat-colour slide the
-    true map is recovered exactly, so any error comes from tiling, placement or blending."""
-
-    classes = ["TE", "NEC", "LYM", "TAS"]
-    palette = [tuple(c) for c in PALETTE]
-    mpp = 2.0
-    patch_size = 32
-
-    def scores(self, tiles, out_size):
-        rgb = tiles.transpose(0, 2, 3, 1).astype(np.float32)
-        dist = ((rgb[..., None, :] - np.asarray(PALETTE[:4], np.float32)) ** 2).sum(-1)
-        onehot = np.eye(4, dtype=np.float32)[dist.argmin(-1)]  # (N, P, P, C)
-        n, p = onehot.shape[0], onehot.shape[1]
-        f = p // out_size
-        pooled = onehot[:, : out_size * f, : out_size * f].reshape(n, out_size, f, out_size, f, 4).mean((2, 4))
-        return pooled.transpose(0, 3, 1, 2)
-
-
 @pytest.fixture(scope="module")
 def flat_slides(tmp_path_factory):
     root = tmp_path_factory.mktemp("flat")
@@ -231,16 +203,6 @@ def flat_slides(tmp_path_factory):
         for i in range(2)
     }
     return root, truth
-
-
-def segment(root: Path, out: Path, model=None, *extra) -> int:
-    from mlps_dist.cli import segment as segment_cmd
-    from mlps_dist.deploy import segment_slides
-
-    args = segment_cmd.parse_args(
-        ["--run", "unused", "--slides", str(root / "slides"), "--out", str(out), "--map-mpp", "4", *extra]
-    )
-    return segment_slides.run(args, model=model or ColourModel())
 
 
 def test_stitched_map_matches_the_truth(flat_slides, tmp_path):
@@ -282,7 +244,7 @@ def test_stitched_map_matches_the_truth(flat_slides, tmp_path):
 
 
 def test_segment_slides_with_a_trained_run_needs_its_mpp(flat_slides, tmp_path):
-    from test_infer import make_run
+    from trained_runs import make_run
 
     from mlps_dist.cli import segment as segment_cmd
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_infer import make_run
+from trained_runs import make_run
 
 from mlps_dist.cli import export
 from mlps_dist.config import ConfigError, config_from_dict

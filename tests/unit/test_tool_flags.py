@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
+from tool_runs import run_tool  # noqa: E402
 
-from conftest import run_tool  # noqa: E402
 from mlps_dist.config import ConfigError, config_from_dict  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def test_config_refuses_unusable_optimiser_values(key, value):
 
 
 def test_segment_slides_bounds_the_map_before_any_work(tmp_path):
-    from test_slides import ColourModel
+    from slide_fixtures import ColourModel
 
     from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.core.errors import InputError
@@ -149,7 +149,7 @@ def test_make_shards_refuses_mixed_training_patch_sizes_unless_allowed(tmp_path)
 
 
 def test_export_refuses_an_out_that_is_or_lies_inside_the_run(tmp_path, capsys):
-    from test_infer import make_run
+    from trained_runs import make_run
 
     from mlps_dist.cli import export
 

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_slides import ColourModel, write_synthetic_slide  # noqa: E402
+from slide_fixtures import ColourModel  # noqa: E402
 
 from mlps_dist.core.errors import InputError  # noqa: E402
 from mlps_dist.core.lock import RunLock, RunLockedError  # noqa: E402
+from mlps_dist.synthetic.slides import write_synthetic_slide  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 from mlps_dist.cli import tile as tile_slides  # noqa: E402

@@ -39,7 +39,7 @@ def test_make_shards_converts_a_corrected_source_again(tmp_path):
 
 
 def test_segment_slides_redoes_a_slide_made_with_other_settings(tmp_path):
-    from test_slides import ColourModel
+    from slide_fixtures import ColourModel
 
     from mlps_dist.cli import segment as segment_cmd
     from mlps_dist.deploy import segment_slides

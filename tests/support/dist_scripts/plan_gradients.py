@@ -3,7 +3,8 @@ plans of a global batch of 20; rank 0 saves the all-reduced gradient and the log
 
     torchrun --standalone --nproc_per_node=W tests/support/dist_scripts/plan_gradients.py OUT [nccl]
 
-OUT/grads-w<W>-m<micro_batch_size>.pt: {"grads": {name: tensor}, "loss": float, "plan": str}.
+OUT/grads-w<W>-m<micro_batch_size>.pt: {"grads": {name: tensor}, "loss": float, "plan": str},
+to compare with single_process_gradient().
 With ``nccl`` the model runs on the rank's GPU and is wrapped in DDP even on one rank, so
 the NCCL all-reduce and ``no_sync`` accumulation path run on a single GPU too.
 """
@@ -52,6 +53,18 @@ class Task:
 
     def loss(self, model, batch):
         return F.cross_entropy(model(batch["x"]), batch["y"])  # a mean over the micro batch
+
+
+def single_process_gradient() -> tuple[dict, float]:
+    """What every batch plan must reproduce: the mean loss over the first global batch of the
+    epoch, one forward, one process, and its gradient."""
+    x, y = data()
+    batch = torch.as_tensor(permutation(SAMPLES, SEED, 0)[:GLOBAL_BATCH])
+    torch.manual_seed(0)
+    net = TinyNet()
+    loss = F.cross_entropy(net(x[batch]), y[batch])
+    loss.backward()
+    return {n: p.grad for n, p in net.named_parameters()}, float(loss.detach())
 
 
 def main() -> int:
