@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support"), str(REPO / "tools")]
 
 from reference_cam import reference_masks  # noqa: E402
 

@@ -178,12 +178,12 @@ def test_missing_pseudo_masks_are_refused_with_count_and_keys(tmp_path, tiny_sha
     cfg_file = tmp_path / "c.yaml"
     save_config(seg_config(run, tiny_shards), cfg_file)
     assert train_segmenter.main(["--config", str(cfg_file)]) == 2
-    assert "generate_masks" in capsys.readouterr().err
+    assert "mlps stage masks" in capsys.readouterr().err
     assert not (run / "segmenter" / "model.pt").exists()
 
 
 def test_no_pseudo_masks_at_all_is_refused(tmp_path, tiny_shards):
-    with pytest.raises(Exception, match="generate_masks"):
+    with pytest.raises(Exception, match="mlps stage masks"):
         train_segmenter.prepare(seg_config(tmp_path / "run", tiny_shards))
 
 
