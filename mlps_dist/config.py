@@ -74,6 +74,10 @@ class AugmentConfig:
     color_jitter: float = 0.0  # 0 disables; per-channel RGB gain in [1-s, 1+s] and a common offset of +-0.1 s
     hed_jitter: float = 0.0  # 0 disables; HED stain scale alpha ~ U(1-s, 1+s) per stain (Tellez et al. 2018)
     hed_shift: float = 0.0  # 0 disables; HED stain shift beta ~ U(-b, b) per stain, in normalised optical density
+    # 0 disables; all stains' optical density x one factor, log-uniform in [1/(1+s), 1+s] (another
+    # lab's staining strength: one measured set had half the optical density)
+    od_scale: float = 0.0
+    stain_hue: float = 0.0  # 0 disables; stain vectors turned by U(-h, h) degrees about the grey axis
     blur_prob: float = 0.0  # chance of a Gaussian blur per sample (the public stage-3 recipe: 0.5)
     blur_radius: float = 1.0  # blur sigma ~ U(0, blur_radius) pixels (PIL GaussianBlur(radius=random()))
 
@@ -487,6 +491,8 @@ def _validate_augment(a: AugmentConfig, name: str) -> None:
     _check(0 <= a.color_jitter < 1, f"{name}.color_jitter", f"must be in [0, 1), got {a.color_jitter}")
     _check(0 <= a.hed_jitter < 1, f"{name}.hed_jitter", f"must be in [0, 1), got {a.hed_jitter}")
     _check(0 <= a.hed_shift < 1, f"{name}.hed_shift", f"must be in [0, 1), got {a.hed_shift}")
+    _check(0 <= a.od_scale <= 3, f"{name}.od_scale", f"must be in [0, 3] (1: from half to twice), got {a.od_scale}")
+    _check(0 <= a.stain_hue <= 45, f"{name}.stain_hue", f"must be in [0, 45] degrees, got {a.stain_hue}")
     _check(0 <= a.blur_prob <= 1, f"{name}.blur_prob", f"must be in [0, 1], got {a.blur_prob}")
     _check(0 < a.blur_radius <= 8, f"{name}.blur_radius", f"must be in (0, 8] pixels, got {a.blur_radius}")
 

@@ -13,12 +13,17 @@ Masks get the geometry and nothing else. The image then gets, on floats in 0..25
    log(1e-6); negative stain values are kept, not clipped to 0 as rgb2hed does, so zero
    jitter is the identity), each stain s -> s * alpha + beta, back to RGB. It is one affine
    map in log space: ``log x' = log x @ A + t`` with A = inv(M) diag(alpha) M, t = (beta @ M) log(1e-6),
-   so both back ends apply the same (A, t) computed here;
+   so both back ends apply the same (A, t) computed here. Two stain changes of a whole patch
+   fold into the same map: every stain's optical density times one factor (``od_scale``:
+   a lab's staining strength or section thickness) and the stain vectors turned about the
+   grey axis of optical-density space (``stain_hue``: a stain batch's or scanner's hue),
+   ``A -> g A R^T``, ``t -> g t R^T``;
 3. colour jitter: ``out = clip(img * gain[c] + offset * 255, 0, 255)``.
 
 Draws: 7 uniforms (flips, turn, colour) as before these options existed, then 8 more
-(blur, radius, 3 alphas, 3 betas), always all of them: for the same settings the
-earlier draws keep their meaning, and switching one option leaves the others' draws.
+(blur, radius, 3 alphas, 3 betas), then 2 (optical-density scale, hue), always all of
+them: for the same settings the earlier draws keep their meaning, and switching one
+option leaves the others' draws.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class AugParams:
     blur_half: int = 0  # kernel half-width (fixed per config, so every kernel has one shape)
     hed_alpha: tuple[float, float, float] = (1.0, 1.0, 1.0)
     hed_beta: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    od_scale: float = 1.0  # every stain's optical density times this
+    hue_deg: float = 0.0  # stain vectors turned by this about the grey axis
 
     @property
     def has_colour(self) -> bool:
@@ -56,7 +63,12 @@ class AugParams:
 
     @property
     def has_hed(self) -> bool:
-        return self.hed_alpha != (1.0, 1.0, 1.0) or self.hed_beta != (0.0, 0.0, 0.0)
+        return (
+            self.hed_alpha != (1.0, 1.0, 1.0)
+            or self.hed_beta != (0.0, 0.0, 0.0)
+            or self.od_scale != 1.0
+            or self.hue_deg != 0.0
+        )
 
 
 IDENTITY = AugParams()
@@ -71,6 +83,7 @@ def sample_params(cfg: AugmentConfig, seed: int, epoch: int, index: int) -> AugP
     rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, 1, index]))
     draws = rng.random(7)  # always the same number of draws: switching one option leaves the others
     more = rng.random(8)  # drawn after the first 7, which keep the meaning they had before blur/HED
+    stain = rng.random(2)  # after those 15: the optical-density scale and the hue
     hflip = bool(cfg.hflip and draws[0] < 0.5)
     vflip = bool(cfg.vflip and draws[1] < 0.5)
     k = int(draws[2] * 4) if cfg.rot90 else 0
@@ -88,7 +101,10 @@ def sample_params(cfg: AugmentConfig, seed: int, epoch: int, index: int) -> AugP
     sigma = float(cfg.blur_radius * more[1]) if cfg.blur_prob > 0 and more[0] < cfg.blur_prob else 0.0
     alpha = tuple(float(1.0 + cfg.hed_jitter * (2 * d - 1)) for d in more[2:5])
     beta = tuple(float(cfg.hed_shift * (2 * d - 1)) for d in more[5:8])
-    return AugParams(transpose, hflip, vflip, gain, offset, sigma, blur_half_width(cfg), alpha, beta)
+    # log-uniform in [1/(1+s), 1+s]: halving the stain is as likely as doubling it
+    od_scale = float(math.exp(math.log1p(cfg.od_scale) * (2 * stain[0] - 1))) if cfg.od_scale > 0 else 1.0
+    hue = float(cfg.stain_hue * (2 * stain[1] - 1)) if cfg.stain_hue > 0 else 0.0
+    return AugParams(transpose, hflip, vflip, gain, offset, sigma, blur_half_width(cfg), alpha, beta, od_scale, hue)
 
 
 def blur_kernel(p: AugParams) -> np.ndarray:
@@ -117,11 +133,21 @@ def blur(rgb_float: np.ndarray, p: AugParams) -> np.ndarray:
     return sum(k[i] * rows[:, i : i + rgb_float.shape[1]] for i in range(2 * h + 1)).astype(np.float32)
 
 
+def grey_axis_rotation(degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about (1, 1, 1) / sqrt(3), for column vectors (Rodrigues)."""
+    u = np.full(3, 1.0 / math.sqrt(3.0))
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    theta = math.radians(degrees)
+    return math.cos(theta) * np.eye(3) + math.sin(theta) * cross + (1.0 - math.cos(theta)) * np.outer(u, u)
+
+
 def hed_affine(p: AugParams) -> tuple[np.ndarray, np.ndarray]:
     """(A, t) with ``log x' = log x @ A + t`` (x = rgb / 255), float32."""
     a = HED_FROM_RGB @ np.diag(p.hed_alpha) @ RGB_FROM_HED
     t = (np.asarray(p.hed_beta) @ RGB_FROM_HED) * math.log(LOG_FLOOR)
-    return a.astype(np.float32), t.astype(np.float32)
+    # log x is optical density times a constant, so scaling and turning it are linear here too
+    turn = p.od_scale * grey_axis_rotation(p.hue_deg).T
+    return (a @ turn).astype(np.float32), (t @ turn).astype(np.float32)
 
 
 def hed(rgb_float: np.ndarray, p: AugParams) -> np.ndarray:
@@ -179,7 +205,7 @@ def photometric_ops(cfg: AugmentConfig | None) -> tuple[bool, bool]:
     """(blur, hed): which optional image ops a pipeline built for ``cfg`` needs at all."""
     if cfg is None:
         return False, False
-    return cfg.blur_prob > 0, cfg.hed_jitter > 0 or cfg.hed_shift > 0
+    return cfg.blur_prob > 0, cfg.hed_jitter > 0 or cfg.hed_shift > 0 or cfg.od_scale > 0 or cfg.stain_hue > 0
 
 
 def photometric_inputs(p: AugParams, ops: tuple[bool, bool]) -> list[np.ndarray]:

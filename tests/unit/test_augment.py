@@ -105,7 +105,49 @@ def test_photometric_order_is_blur_then_hed_then_colour():
     assert np.array_equal(photometric(img, p), colour(hed(blur(img, p), p), p))
 
 
-PHOTOMETRIC = dict(rot90=True, color_jitter=0.1, blur_prob=0.5, blur_radius=1.0, hed_jitter=0.1, hed_shift=0.05)
+def test_stain_scale_and_hue_draws_follow_their_keys():
+    """od_scale is log-uniform in [1/(1+s), 1+s] (halving as likely as doubling), stain_hue
+    uniform in [-h, h]; both draw after the 15 older uniforms, which keep their meaning."""
+    cfg = AugmentConfig(hed_jitter=0.1, od_scale=1.0, stain_hue=15.0)
+    params = [sample_params(cfg, 0, 2, i) for i in range(400)]
+    logs = np.log([p.od_scale for p in params])
+    hues = np.array([p.hue_deg for p in params])
+    assert logs.min() >= -math.log(2) and logs.max() <= math.log(2) and abs(np.median(logs)) < 0.1
+    assert (logs < -0.5).mean() > 0.1 and (logs > 0.5).mean() > 0.1  # both ends are reached
+    assert np.abs(hues).max() <= 15 and hues.std() > 6
+    older = [sample_params(AugmentConfig(hed_jitter=0.1), 0, 2, i) for i in range(400)]
+    assert [p.hed_alpha for p in params] == [p.hed_alpha for p in older]
+    assert all(p.od_scale == 1.0 and p.hue_deg == 0.0 for p in older)
+
+
+def test_od_scale_multiplies_every_stain_and_hue_turns_about_the_grey_axis():
+    img = _image(4).clip(20, 235)  # away from black and white, where clipping would bend the map
+    od = -np.log(img / 255.0)
+    scaled = hed(img, AugParams(od_scale=0.5))
+    assert np.allclose(-np.log(np.maximum(scaled, 1e-3) / 255.0), 0.5 * od, atol=2e-3)
+    out = hed(img, AugParams(hue_deg=12.0))
+    inside = ((out > 0.5) & (out < 254.5)).all(-1)  # a turn can push a channel past white: clipped there
+    assert inside.mean() > 0.5
+    od, turned = od[inside], -np.log(out[inside] / 255.0)
+    assert np.allclose(np.linalg.norm(turned, axis=-1), np.linalg.norm(od, axis=-1), rtol=1e-3)
+    grey = np.ones(3) / math.sqrt(3)
+    assert np.allclose(turned @ grey, od @ grey, atol=2e-3)  # the grey part stays: lightness is kept
+    flat_od, flat_turned = od - np.outer(od @ grey, grey), turned - np.outer(turned @ grey, grey)
+    cos = (flat_od * flat_turned).sum(-1) / (np.linalg.norm(flat_od, axis=-1) * np.linalg.norm(flat_turned, axis=-1))
+    assert np.allclose(np.degrees(np.arccos(np.clip(cos, -1, 1))), 12.0, atol=0.2)
+    assert hed(img, AugParams(od_scale=1.0, hue_deg=0.0)) is img
+
+
+PHOTOMETRIC = dict(
+    rot90=True,
+    color_jitter=0.1,
+    blur_prob=0.5,
+    blur_radius=1.0,
+    hed_jitter=0.1,
+    hed_shift=0.05,
+    od_scale=0.5,
+    stain_hue=10.0,
+)
 
 
 def test_masks_get_the_geometry_only(tiny_shards):
@@ -189,6 +231,8 @@ def test_augmentation_is_not_a_data_key(tmp_path, old):
         ("segmenter.augment.blur_prob", 1.5),
         ("classifier.augment.hed_jitter", 1.0),
         ("segmenter.augment.hed_shift", -0.1),
+        ("classifier.augment.od_scale", -0.5),
+        ("segmenter.augment.stain_hue", 90),
         ("classifier.augment.blur_radius", 0),
         ("segmenter.augment.color_jitter", 1.0),
         ("segmenter.multi_grid", "[1, 2]"),
