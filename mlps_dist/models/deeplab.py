@@ -123,6 +123,12 @@ def create_deeplabv3plus(
         # Same design, narrower: the decoder runs at stride 4, where 256 channels would
         # dominate the cost on a CPU. Its single-block layer4 has no multi-grid.
         model = DeepLabV3Plus(create_resnet_small(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
+    elif name == "deeplabv3plus_small38":
+        from .resnet38d import create_small38_encoder
+
+        # The stage-1 network (small38) as encoder, with the small variant's ASPP and decoder:
+        # segmenter.pretrained: classifier starts it from the run's trained classifier.
+        model = DeepLabV3Plus(create_small38_encoder(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
     elif name == "deeplabv3plus_lite0":
         from .efficientnet import LiteSegmenterBackbone
 
@@ -130,7 +136,7 @@ def create_deeplabv3plus(
         # cost more than the encoder at the widths of the paper network.
         model = DeepLabV3Plus(LiteSegmenterBackbone(), num_classes, aspp_ch=64, low_proj=16, decoder_width=64)
     else:
-        raise ValueError(f"unknown segmenter '{name}'; use deeplabv3plus_resnet101 or deeplabv3plus_small")
+        raise ValueError(f"unknown segmenter '{name}'")
     if pretrained:
         from .weights import load_pretrained, load_segmenter_weights
 

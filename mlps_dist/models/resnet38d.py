@@ -195,6 +195,27 @@ class ResNet38d(nn.Module):
         return {"b4_5": b4_5, "b5_2": b5_2, "bn7": bn7}
 
 
+class ResNet38dEncoder(ResNet38d):
+    """The classifier's backbone as stage 3's encoder: "low" = the end of b3 (stride 4) for the
+    DeepLab decoder, "high" = ReLU(BN(b7)) (stride 8) for ASPP. Its parameters are named as the
+    classifier's backbone, so the trained stage-1 backbone loads as it is
+    (``segmenter.pretrained: classifier``)."""
+
+    def __init__(self, widths: Widths):
+        super().__init__(widths)
+        self.low_channels = widths.s3
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.conv1a(x)
+        for name in ("b2", "b2_1", "b2_2", "b3", "b3_1"):
+            x = getattr(self, name)(x)
+        low = self.b3_2(x)
+        x = low
+        for name in ("b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5", "b5", "b5_1", "b5_2", "b6", "b7"):
+            x = getattr(self, name)(x)
+        return {"low": low, "high": F.relu(self.bn7(x))}
+
+
 def create_resnet38d(freeze_stages: int = 0, freeze_bn: bool = False) -> ResNet38d:
     """The paper backbone: ~104 M parameters, 4096-channel bn7."""
     return ResNet38d(Widths(), freeze_stages=freeze_stages, freeze_bn=freeze_bn)
@@ -205,3 +226,8 @@ def create_small38(freeze_stages: int = 0, freeze_bn: bool = False) -> ResNet38d
     512-channel bn7). Same block types, strides and dilations, so CAMs of b4_5, b5_2 and
     bn7 have the same stride and relative receptive fields as in the paper network."""
     return ResNet38d(Widths().scaled(8), freeze_stages=freeze_stages, freeze_bn=freeze_bn)
+
+
+def create_small38_encoder() -> ResNet38dEncoder:
+    """small38 as a segmenter encoder (deeplabv3plus_small38)."""
+    return ResNet38dEncoder(Widths().scaled(8))

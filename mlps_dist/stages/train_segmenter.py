@@ -36,6 +36,7 @@ from mlps_dist.data.shards import open_split
 from mlps_dist.method.evaluation import ConfusionEvaluator, ExampleCollector, run_eval
 from mlps_dist.method.mosaic import mix_single_tissue
 from mlps_dist.models import create_segmenter
+from mlps_dist.predict.gate import load_classifier
 from mlps_dist.predict.predictor import Predictor
 from mlps_dist.run.runlog import RunLog
 from mlps_dist.stages import session
@@ -96,9 +97,16 @@ class SegmenterTask:
         self.val_rows: list[np.ndarray] = []
 
     def build_model(self):
-        return create_segmenter(
-            self.section.model, self.num_classes, self.section.pretrained, multi_grid=self.section.multi_grid
-        )
+        if self.section.pretrained != "classifier":
+            return create_segmenter(
+                self.section.model, self.num_classes, self.section.pretrained, multi_grid=self.section.multi_grid
+            )
+        # The encoder starts as the stage-1 model the pseudo masks came from: it has learnt the
+        # tissue classes of this data, where a from-scratch encoder would learn them from noisy masks.
+        model = create_segmenter(self.section.model, self.num_classes, multi_grid=self.section.multi_grid)
+        classifier, _ = load_classifier(self.cfg.run_dir, self.num_classes, checkpoint=self.cfg.classifier.checkpoint)
+        model.backbone.load_state_dict(classifier.backbone.state_dict())
+        return model
 
     def micro_steps_per_epoch(self, plan) -> int:
         return plan.micro_steps_per_epoch(len(self.train_reader))

@@ -20,6 +20,7 @@ Checkpoint I/O of the training state lives in ``checkpoint.py``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 
@@ -31,6 +32,13 @@ from mlps_dist.config import ConfigError, TrainConfig
 from mlps_dist.data.batching import BatchPlan, even_world_sizes
 from mlps_dist.models.batchnorm import sync_batchnorm_helps
 from mlps_dist.train import gpu_options, precision
+
+# DDP's switch for the buffer broadcast before every forward (renamed in torch 2.13).
+FORWARD_SYNC_KEY = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
 
 # Keys of a DeepSpeed JSON that our config owns; the JSON must leave them out.
 _OWNED_DS_KEYS = (
@@ -176,7 +184,10 @@ class DdpModel(Wrapped):
             # GPUs), frozen BN's buffers never change, and sync_buffers() gives every rank rank 0's
             # statistics at each epoch end, before validation and saving; rank 0's own buffers,
             # which checkpoints hold, are the same either way.
-            self.forward_module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+            # torch >= 2.13 names it forward_sync_buffers (which still syncs once at wrapping, when
+            # every rank holds the same buffers anyway) and warns on the old name.
+            no_sync = {FORWARD_SYNC_KEY: False}
+            self.forward_module = nn.parallel.DistributedDataParallel(module, device_ids=ids, **no_sync)
         else:
             self.forward_module = module
 

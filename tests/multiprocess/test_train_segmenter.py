@@ -56,11 +56,12 @@ def write_pseudo_masks(run_dir: Path, shards: Path, chunk_size: int = 8, skip_ch
     return folder
 
 
-def seg_config(run_dir: Path, shards: Path, **segmenter_keys):
+def seg_config(run_dir: Path, shards: Path, classifier: dict | None = None, **segmenter_keys):
     values = {
         "run_dir": str(run_dir),
         "seed": 1,
         "data": {"root": str(shards), "num_workers": 0, "image_size": 32},
+        "classifier": classifier or {},
         "segmenter": {
             "model": "deeplabv3plus_small",
             "epochs": 1,
@@ -207,6 +208,47 @@ def test_mismatched_class_counts_are_refused(tmp_path, tiny_shards):
     write_pseudo_masks(other, tiny_shards, classes=["A", "B", "C", "D", "E"])
     with pytest.raises(ConfigError, match=r"manifest.json was made for 5 classes"):
         train_segmenter.prepare(seg_config(other, tiny_shards))
+
+
+def test_the_small38_segmenter_starts_from_the_runs_classifier(tmp_path, tiny_shards):
+    """segmenter.pretrained: classifier loads the stage-1 model the masks came from
+    (classifier.checkpoint: last = model.pt) into the encoder; ASPP and decoder start fresh."""
+    run = tmp_path / "run"
+    write_pseudo_masks(run, tiny_shards)
+    reader = open_split(tiny_shards, "train")
+    torch.manual_seed(7)
+    classifier = create_classifier("small38", reader.num_classes)
+    with torch.no_grad():  # trained-looking BN statistics: the buffers must come across as well
+        classifier.backbone.bn7.running_mean.uniform_(-1, 1)
+    meta = {"name": "small38", "num_classes": reader.num_classes, "classes": reader.classes, "config": {}}
+    save_model_file(run / "classifier" / "model.pt", classifier.state_dict(), meta)
+    cfg = seg_config(
+        run,
+        tiny_shards,
+        {"model": "small38", "checkpoint": "last"},
+        model="deeplabv3plus_small38",
+        pretrained="classifier",
+    )
+    model = train_segmenter.prepare(cfg).build_model()
+    started, trained = model.backbone.state_dict(), classifier.backbone.state_dict()
+    assert started.keys() == trained.keys()
+    assert all(torch.equal(started[k], trained[k]) for k in trained)
+    fresh = train_segmenter.prepare(seg_config(run, tiny_shards, model="deeplabv3plus_small38")).build_model()
+    assert not torch.equal(fresh.backbone.bn7.running_mean, trained["bn7.running_mean"])
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, reader.num_classes, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "classifier,segmenter,key",
+    [
+        ({"model": "small38"}, {"model": "deeplabv3plus_small", "pretrained": "classifier"}, "segmenter.pretrained"),
+        ({"model": "resnet38d"}, {"model": "deeplabv3plus_small38", "pretrained": "classifier"}, "classifier.model"),
+        ({"model": "small38", "pretrained": "classifier"}, {}, "classifier.pretrained"),
+    ],
+)
+def test_pretrained_classifier_needs_the_matching_networks(tmp_path, tiny_shards, classifier, segmenter, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        seg_config(tmp_path / "run", tiny_shards, classifier, **segmenter)
 
 
 # ---------------------------------------------------------------- training
