@@ -125,6 +125,7 @@ STAGE_OF = {
 }
 
 FEATURE_LAYERS = ("b4_5", "b5_2", "bn7")
+BLOCKS = tuple(name for name in STAGE_OF if name not in ("conv1a", "bn7"))  # the residual blocks, in order
 
 
 class ResNet38d(nn.Module):
@@ -182,17 +183,20 @@ class ResNet38d(nn.Module):
             keep_batchnorm_in_eval(self)  # SyncBatchNorm (multi-GPU) included
         return self
 
+    def run_blocks(self, x: torch.Tensor, keep: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """conv1a and every block in order: (ReLU(BN(b7)), the raw outputs of the blocks in ``keep``)."""
+        x = self.conv1a(x)
+        kept = {}
+        for name in BLOCKS:
+            x = getattr(self, name)(x)
+            if name in keep:
+                kept[name] = x
+        return F.relu(self.bn7(x)), kept
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"b4_5", "b5_2", "bn7"}: raw block outputs for b4_5/b5_2, ReLU(BN(b7)) for bn7."""
-        x = self.conv1a(x)
-        for name in ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b4_1", "b4_2", "b4_3", "b4_4"):
-            x = getattr(self, name)(x)
-        b4_5 = self.b4_5(x)
-        x = self.b5_1(self.b5(b4_5))
-        b5_2 = self.b5_2(x)
-        x = self.b7(self.b6(b5_2))
-        bn7 = F.relu(self.bn7(x))
-        return {"b4_5": b4_5, "b5_2": b5_2, "bn7": bn7}
+        bn7, kept = self.run_blocks(x, ("b4_5", "b5_2"))
+        return {**kept, "bn7": bn7}
 
 
 class ResNet38dEncoder(ResNet38d):
@@ -206,14 +210,8 @@ class ResNet38dEncoder(ResNet38d):
         self.low_channels = widths.s3
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.conv1a(x)
-        for name in ("b2", "b2_1", "b2_2", "b3", "b3_1"):
-            x = getattr(self, name)(x)
-        low = self.b3_2(x)
-        x = low
-        for name in ("b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5", "b5", "b5_1", "b5_2", "b6", "b7"):
-            x = getattr(self, name)(x)
-        return {"low": low, "high": F.relu(self.bn7(x))}
+        high, kept = self.run_blocks(x, ("b3_2",))
+        return {"low": kept["b3_2"], "high": high}
 
 
 def create_resnet38d(freeze_stages: int = 0, freeze_bn: bool = False) -> ResNet38d:
