@@ -37,11 +37,15 @@ class ConfigError(MlpsError, ValueError):
 
 @dataclass
 class StainConfig:
-    """Stain normalisation (mlps_dist/core/stain.py): every patch mapped onto a reference fitted on
-    the training patches (stored as RUN/classifier/stain.json), in training, the mask pass and
-    every prediction path."""
+    """Stain normalisation (mlps_dist/core/stain.py, per patch) or matching (core/stain_match.py,
+    per set of images) onto a reference fitted on the training patches (stored as
+    RUN/classifier/stain.json), applied alike in training, the mask pass and every prediction
+    path."""
 
-    method: str = "none"  # none (the public recipe) | macenko | reinhard
+    # none (the public recipe) | macenko | reinhard (each patch on its own, in training too) |
+    # od_match (training patches as they are; every other set of images, a validation or test
+    # split, one infer call's inputs, a slide, matched as a whole to their optical density)
+    method: str = "none"
     fit_images: int = 256  # training patches the reference is fitted on, spread evenly over the split
 
 

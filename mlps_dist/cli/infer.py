@@ -40,6 +40,14 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out not made by mlps infer")
     p.add_argument(
+        "--stain-scope",
+        choices=("set", "image"),
+        default=None,
+        help="runs with stain normalisation: estimate the stains once over all inputs (set) or "
+        "for each image on its own (image); unset: the method's own (od_match: set, macenko and "
+        "reinhard: image). Give a set the images of one lab or scanner",
+    )
+    p.add_argument(
         "--stream-megapixels",
         type=float,
         default=STREAM_MEGAPIXELS,

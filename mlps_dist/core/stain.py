@@ -36,7 +36,8 @@ import math
 
 import numpy as np
 
-METHODS = ("none", "macenko", "reinhard")
+METHODS = ("none", "macenko", "reinhard", "od_match")  # od_match: core/stain_match.py
+PER_IMAGE_METHODS = ("macenko", "reinhard")
 OD_TISSUE = 0.15  # a pixel is tissue when its optical density exceeds this in some channel
 MIN_TISSUE = 64  # fewer tissue pixels than this: nothing to estimate from
 MIN_ANGLE_DEG = 8.0  # estimated H and E vectors closer than this: a single-stain image
@@ -126,8 +127,11 @@ def image_statistics(method: str, rgb: np.ndarray) -> dict | None:
 def fit_reference(method: str, images) -> dict:
     """The reference of ``method`` from an iterable of (H, W, 3) uint8 training images: the
     median of the per-image statistics (robust to a few odd patches). JSON-ready."""
-    if method not in METHODS[1:]:
-        raise ValueError(f"unknown stain method '{method}'; use one of {', '.join(METHODS)}")
+    if method not in PER_IMAGE_METHODS:
+        raise ValueError(
+            f"unknown stain method '{method}' for fit_reference: it fits {' and '.join(PER_IMAGE_METHODS)} "
+            f"(od_match: stain_match.fit_od_match)"
+        )
     stats = [s for s in (image_statistics(method, rgb) for rgb in images) if s is not None]
     if not stats:
         raise ValueError(
@@ -146,9 +150,11 @@ def fit_reference(method: str, images) -> dict:
 class StainNormaliser:
     """Maps (H, W, 3) uint8 images onto a reference from ``fit_reference``."""
 
+    default_scope = "image"  # each image estimated on its own unless a path asks for its set
+
     def __init__(self, reference: dict):
         self.method = reference["method"]
-        if self.method not in METHODS[1:]:
+        if self.method not in PER_IMAGE_METHODS:
             raise ValueError(f"stain reference has unknown method '{self.method}'")
         self.reference = reference
         self.max_scale = float(reference.get("max_scale", MAX_SCALE))

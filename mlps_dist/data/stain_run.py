@@ -2,6 +2,7 @@
 
     write_reference(cfg)            # stage 1, before its loaders start (every rank: same bytes)
     normaliser = load_normaliser(cfg.run_dir, cfg.data.stain.method)   # None when off
+    stain = split_stain(cfg, reader)  # what a loader of that split applies (od_match: per split)
 
 The reference is a pure function of the training shards and ``data.stain``, so every rank
 fits it for itself (no broadcast, no wait for rank 0) and writes the same file atomically.
@@ -17,9 +18,10 @@ from pathlib import Path
 from mlps_dist.config import Config, ConfigError
 from mlps_dist.core.fileio import atomic_write_json
 from mlps_dist.core.layout import stain_file
-from mlps_dist.core.stain import StainNormaliser, fit_reference
+from mlps_dist.core.stain import fit_reference
+from mlps_dist.core.stain_match import create_stain, fit_od_match, for_set, spread
 from mlps_dist.data.decode import decode_rgb
-from mlps_dist.data.shards import open_split
+from mlps_dist.data.shards import SplitReader, open_split
 
 
 def fit_from_shards(cfg: Config) -> dict:
@@ -30,7 +32,10 @@ def fit_from_shards(cfg: Config) -> dict:
     indices = sorted({round(i * (len(reader) - 1) / max(count - 1, 1)) for i in range(count)})
     images = (decode_rgb(reader.read(i)["image"]) for i in indices)
     try:
-        ref = fit_reference(cfg.data.stain.method, images)
+        if cfg.data.stain.method == "od_match":
+            ref = fit_od_match(images)
+        else:
+            ref = fit_reference(cfg.data.stain.method, images)
     except ValueError as exc:
         raise ConfigError(f"{cfg.data.root}: {exc}") from exc
     return {**ref, "fitted_on": {"root": str(cfg.data.root), "patches": len(indices)}}
@@ -68,6 +73,19 @@ def read_reference(run_dir: str | Path, method: str) -> dict | None:
     return ref
 
 
-def load_normaliser(run_dir: str | Path, method: str) -> StainNormaliser | None:
-    ref = read_reference(run_dir, method)
-    return StainNormaliser(ref) if ref is not None else None
+def load_normaliser(run_dir: str | Path, method: str):
+    """The run's stain object (stain_match.create_stain), None when data.stain.method is none."""
+    return create_stain(read_reference(run_dir, method))
+
+
+def split_stain(cfg: Config, reader: SplitReader, run_dir: str | Path | None = None):
+    """What a loader of ``reader``'s split applies to its patches. Per-image methods: the
+    normaliser, each patch on its own. ``od_match``: nothing on the training split (it is the
+    reference), any other split matched as a whole, with one estimate from up to
+    stain_match.SET_IMAGES of its patches spread evenly over it (every rank the same)."""
+    stain = load_normaliser(run_dir or cfg.run_dir, cfg.data.stain.method)
+    if stain is None or stain.default_scope == "image":
+        return stain
+    if reader.split == "train":
+        return None
+    return for_set(stain, "set", (decode_rgb(reader.read(i)["image"]) for i in spread(len(reader))))

@@ -20,7 +20,7 @@ from mlps_dist.data.colour_lut import model_input_chw
 from mlps_dist.data.decode import decode_indices, decode_labels, decode_rgb, decode_sample, resize_rgb
 from mlps_dist.data.sample_errors import DECODE_ERRORS, REMAKE, SampleError, undecodable
 from mlps_dist.data.shards import SplitReader
-from mlps_dist.data.stain_run import load_normaliser
+from mlps_dist.data.stain_run import split_stain
 
 
 def decode_normalised(encoded: bytes, stain, size: int = 0) -> np.ndarray:
@@ -36,7 +36,7 @@ class TrainDataset(Dataset):
         self.data, self.seed, self.epoch = cfg.data, cfg.seed, epoch
         self.augment = augment if augment is not None else cfg.classifier.augment
         self.reader, self.pseudo_masks = reader, pseudo_masks
-        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
+        self.stain = split_stain(cfg, reader)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -94,7 +94,7 @@ class EvalDataset(Dataset):
             raise ValueError(f"purpose {purpose!r}; choose one of {', '.join(self.SKIP)}")
         self.data, self.reader, self.skip_bad, self.purpose = cfg.data, reader, skip_bad, purpose
         self.size = tuple(reader.split_info.get("image_size") or ())
-        self.stain = load_normaliser(cfg.run_dir, cfg.data.stain.method)
+        self.stain = split_stain(cfg, reader)
 
     def __len__(self) -> int:
         return len(self.reader)

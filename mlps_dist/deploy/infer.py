@@ -44,6 +44,12 @@ write the same bytes (tests/test_infer_stream.py). With stain normalisation the 
 path estimates the stains once from a grid sample of the whole image (every pixel up to 4 Mpx,
 so then exactly the whole-image estimate) and applies them band by band.
 
+Stains (runs with ``data.stain``): ``--stain-scope set`` (the default of ``od_match``) estimates
+them once from a grid sample of up to 256 of all the inputs and maps every image with that one
+estimate, so the output of an image depends on the set it came with: give one call the images of
+one lab or scanner. ``--stain-scope image`` (the default of macenko and reinhard) estimates each
+image on its own.
+
 Colour modes: RGBA is composited onto white (transparent = empty glass, which is white
 in H&E); greyscale, palette and 16-bit images are converted to RGB (16-bit scaled by
 65535, so tiles of one scan keep one scale). A file that cannot be read as an image stops
@@ -65,6 +71,7 @@ from mlps_dist.core.fileio import atomic_open, atomic_write_bytes
 from mlps_dist.core.imagerows import image_size, open_rows, rgb_from_pil
 from mlps_dist.core.pngstream import PngRowWriter
 from mlps_dist.core.progress import Progress
+from mlps_dist.core.stain_match import IMAGE_PIXELS, SetStain, spread
 from mlps_dist.deploy.windows import segment_bands, segment_image
 
 STREAM_MEGAPIXELS = 16.0  # larger images go through stream_image
@@ -158,12 +165,12 @@ def save_outputs(out_stem: Path, rgb: np.ndarray, pred: np.ndarray, palette) -> 
 STAIN_SAMPLE_PIXELS = 4_000_000  # pixels a streamed image's stain estimate is taken from
 
 
-def stain_sample(path: Path, decode) -> np.ndarray:
+def stain_sample(path: Path, decode, limit: int = STAIN_SAMPLE_PIXELS) -> np.ndarray:
     """(N, 3) pixels on a regular grid of the whole image, one pass over its rows: every pixel
-    up to STAIN_SAMPLE_PIXELS (then the estimate is the whole-image one), else every s-th of
-    every s-th row."""
+    up to ``limit`` (then the estimate is the whole-image one), else every s-th of every s-th
+    row."""
     source = open_rows(path, decode=decode)
-    step = max(1, int(np.ceil(np.sqrt(source.width * source.height / STAIN_SAMPLE_PIXELS))))
+    step = max(1, int(np.ceil(np.sqrt(source.width * source.height / limit))))
     picked = []
     try:
         for top in range(0, source.height, 256):
@@ -184,7 +191,10 @@ def stream_image(model, path: Path, out_stem: Path, window: int, overlap: float,
     # an image that cannot be read by rows is decoded once for both passes, not twice
     decode = functools.lru_cache(maxsize=1)(load_rgb)
     if model.stain is not None:
-        estimate = model.stain.estimate(stain_sample(path, decode))
+        if isinstance(model.stain, SetStain):  # the input set's estimate: no pass over the rows
+            estimate = model.stain.fixed
+        else:
+            estimate = model.stain.estimate(stain_sample(path, decode))
         transform = lambda band: model.stain.apply(band, estimate)  # noqa: E731
     source = open_rows(path, transform, decode=decode)
     classes = out_stem.parent / f"{out_stem.name}.png"
@@ -279,10 +289,26 @@ def run(args, rank: int = 0, world: int = 1, group=None) -> int:
         return _run(args, files, rank, world)
 
 
+def set_stain(stain, scope: str | None, files: list[Path]):
+    """The model's stain object for this call: with scope ``set`` one estimate from a grid
+    sample of up to stain_match.SET_IMAGES of all the inputs (not only this rank's: every rank
+    and every rerun of the same inputs maps them alike)."""
+    if stain is None:
+        return None
+    scope = scope or stain.default_scope
+    if scope == "image":
+        return stain
+    sample = [files[i] for i in spread(len(files))]
+    check_readable(sample)  # also other ranks' files: each rank reads the same sample
+    pixels = np.concatenate([stain_sample(path, load_rgb, IMAGE_PIXELS) for path in sample])
+    return SetStain(stain, stain.estimate(pixels))
+
+
 def _run(args, files, rank: int, world: int) -> int:
     mine = files[rank::world]  # every file on exactly one rank
     check_readable([f for f, _ in mine])
     model = ExportedModel(args) if args.model else RunModel(args)
+    model.stain = set_stain(model.stain, args.stain_scope, [f for f, _ in files])
     window = int(args.patch or model.patch_size)
     progress = Progress("infer", len(mine), "images", enabled=rank == 0)  # rank 0's share
     for file, rel in mine:

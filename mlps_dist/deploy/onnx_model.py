@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mlps_dist.core.errors import InputError
-from mlps_dist.core.stain import StainNormaliser
+from mlps_dist.core.stain_match import create_stain
 
 OUTPUTS = ("classes", "scores", "presence")
 
@@ -154,9 +154,10 @@ class OnnxModel:
         self.patch_size = int(self.meta["patch_size"])
         self.image_size = int(self.meta.get("image_size") or 0)
         self.gate_threshold = self.meta.get("gate_threshold")
-        # data.stain of the run: applied here, before the graph (its per-image estimate needs an
-        # eigen-decomposition and percentiles, which ONNX graphs do not express)
-        self.stain = StainNormaliser(self.meta["stain"]) if self.meta.get("stain") else None
+        # data.stain of the run: applied here, before the graph (a per-image estimate needs an
+        # eigen-decomposition and percentiles, od_match's estimate a whole set of images, which
+        # one ONNX call on a batch of tiles does not see)
+        self.stain = create_stain(self.meta.get("stain"))
 
     @property
     def providers(self) -> list[str]:

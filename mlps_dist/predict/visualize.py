@@ -24,7 +24,7 @@ from mlps_dist.core.draw import blend, palette_for
 from mlps_dist.core.fileio import atomic_open
 from mlps_dist.data.decode import decode_sample
 from mlps_dist.data.shards import open_split
-from mlps_dist.data.stain_run import load_normaliser
+from mlps_dist.data.stain_run import split_stain
 from mlps_dist.predict.predictor import create_predictor
 
 LABEL_H = 18
@@ -125,7 +125,7 @@ def contact_sheet(
 
         store = PseudoMaskStore(layout.masks_dir(run))
     predictor, pred_title = build_predictor(run, cfg, reader.num_classes, checkpoint, gate)
-    stain = load_normaliser(run, cfg.data.stain.method)
+    stain = split_stain(cfg, reader, run)  # as the split's loader applies it
     cams = None
     if cams_wanted:
         from mlps_dist.method import cam

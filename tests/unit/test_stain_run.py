@@ -81,3 +81,60 @@ def test_config_refuses_stain_normalisation_with_the_dali_loader():
     with pytest.raises(ConfigError, match="data.stain.method"):
         load_config("configs/luad.yaml", ["data.stain.method=vahadane"])
     assert load_config("configs/luad.yaml").data.stain.method == "none"  # the public recipe
+
+
+def test_od_match_leaves_training_as_it_is_and_matches_every_other_set(tmp_path, tiny_shards):
+    from mlps_dist.core.stain_match import OpticalDensityMatcher, SetStain
+    from mlps_dist.data.stain_run import split_stain
+
+    run, cfg = stained_run(tmp_path, tiny_shards, method="od_match")
+    assert write_reference(cfg)["method"] == "od_match"
+    train, test = open_split(tiny_shards, "train"), open_split(tiny_shards, "test")
+    assert split_stain(cfg, train) is None  # the reference itself: CAMs and masks unchanged
+    raw = decode_rgb(train.read(0)["image"])
+    assert np.array_equal(EvalDataset(cfg, train, purpose="masks")[0]["rgb"].permute(1, 2, 0).numpy(), raw)
+    stain = split_stain(cfg, test)
+    assert isinstance(stain, SetStain) and stain.fixed is not None
+    sample = EvalDataset(cfg, test)[1]
+    assert np.array_equal(sample["rgb"].permute(1, 2, 0).numpy(), stain(decode_rgb(test.read(1)["image"])))
+    predictor, _ = create_predictor(run, num_classes=4)
+    assert isinstance(predictor.stain, OpticalDensityMatcher)
+    out = tmp_path / "export"
+    assert export.main(["--run", str(run), "--out", str(out), "--check-limit", "4"]) == 0
+    assert json.loads((out / "model.json").read_text())["stain"]["method"] == "od_match"
+    assert isinstance(OnnxModel(out / "model.onnx").stain, OpticalDensityMatcher)
+
+
+def test_infer_matches_a_paler_set_of_images_back_as_a_whole(tmp_path, tiny_shards):
+    from PIL import Image
+
+    from mlps_dist.cli import infer as infer_cmd
+    from mlps_dist.core.stain import from_optical_density, optical_density
+
+    run, cfg = stained_run(tmp_path, tiny_shards, method="od_match")
+    write_reference(cfg)
+    reader = open_split(tiny_shards, "test")
+    for name, amount in (("same", 1.0), ("pale", 0.5)):
+        (tmp_path / name).mkdir()
+        for i in range(len(reader)):
+            rgb = from_optical_density(amount * optical_density(decode_rgb(reader.read(i)["image"])))
+            Image.fromarray(rgb).save(tmp_path / name / f"{i}.png")
+
+    def classes(name, *flags):
+        out = tmp_path / f"out-{name}{''.join(flags)}"
+        assert infer_cmd.main(["--run", str(run), "--input", str(tmp_path / name), "--out", str(out), *flags]) == 0
+        return np.stack([np.asarray(Image.open(out / f"{i}.png")) for i in range(len(reader))])
+
+    same, pale = classes("same"), classes("pale")
+    assert (pale == same).mean() > 0.97
+    predictor, _ = create_predictor(run, num_classes=4)
+    unmatched = [
+        predictor(
+            torch.from_numpy(np.array(Image.open(tmp_path / "pale" / f"{i}.png"))).permute(2, 0, 1)[None], stain=False
+        )
+        .classes()[0]
+        .numpy()
+        for i in range(len(reader))
+    ]
+    assert (np.stack(unmatched) != same).mean() > 0.05  # the model does see the paler stain
+    assert classes("pale", "--stain-scope", "image").shape == same.shape
