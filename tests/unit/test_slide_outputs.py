@@ -289,3 +289,24 @@ def test_stains_are_estimated_once_per_slide_and_recorded(tmp_path, capsys):
     assert "segment_slides: tissue: 1/1 slides (100 %)" in err and "tex written" in err
     model, summary = run(tmp_path / "tile", "--stain-scope", "tile")
     assert summary["stain"]["scope"] == "tile" and all(model.calls)
+
+
+def test_od_match_scales_each_slide_as_a_whole(tmp_path):
+    from mlps_dist.cli import segment as segment_cmd
+    from mlps_dist.core.stain_match import OpticalDensityMatcher, fit_od_match
+    from mlps_dist.deploy import segment_slides
+    from mlps_dist.slides.reader import Slide
+
+    write_synthetic_slide(tmp_path / "slides" / "tex.tiff", None, W, H, seed=4, cell_px=CELL)
+    with Slide(tmp_path / "slides" / "tex.tiff") as slide:
+        pale = (255 - (255 - slide.read(128, 128, 256, 128).astype(np.float32)) * 0.6).astype(np.uint8)
+    model = StainColourModel(OpticalDensityMatcher(fit_od_match([pale])))  # a paler lab's training patches
+    args = segment_cmd.parse_args(
+        ["--run", "r", "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "o"), "--map-mpp", "4"]
+    )
+    assert segment_slides.run(args, model=model) == 0
+    record = json.loads((tmp_path / "o" / "tex" / "summary.json").read_text())["stain"]
+    assert record["method"] == "od_match" and record["scope"] == "slide"
+    gain = np.asarray(record["estimate"]["gain"])
+    assert gain.shape == (3,) and (gain < 0.9).all()  # the slide is darker than the training patches
+    assert model.calls and not any(model.calls)  # every tile came matched with the slide's gains
