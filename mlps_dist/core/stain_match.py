@@ -12,7 +12,7 @@ folder given to one ``infer`` call, one slide) holds every kind of tissue, so it
 density is the lab's stain strength and scanner, and one map for the whole set moves every patch
 alike. Measured on mosaics of real tissue with the demo's from-scratch networks (no retraining):
 test patches of an unseen image at about half the training optical density scored 9.0 % mIoU as
-they are and 43.6 % matched (41.9 % unchanged patches unmatched, 44.8 % matched).
+they are and 44.1 % matched (the unchanged patches 41.9 % and 44.4 %; docs/real_tissue.md).
 
 ``od_match``: the mean optical density of the set's tissue pixels, per RGB channel, is scaled to
 the training patches' (one gain per channel, clipped to ``MAX_GAIN``). Scaling optical density
