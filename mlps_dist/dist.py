@@ -106,6 +106,7 @@ def read_launch_env() -> LaunchEnv:
 
 
 _ENV = read_env()
+_SAVED_ENV: dict[str, str | None] = {}  # environment before init made a group of one
 _HOST_GROUP = None  # gloo group beside NCCL for host-side flags (see start_vote)
 
 
@@ -165,9 +166,14 @@ def init(backend: str = "auto", timeout_s: int = 1800, force_group: bool = False
     if not _ENV.launched:
         if not force_group:
             return _ENV
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        # A group of one, for this process only: the variables it needs are set now and put
+        # back by teardown, so that a later stage in the same process does not take itself for
+        # a torchrun worker and rendezvous on a port picked long ago (taken by then).
+        own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        own.setdefault("MASTER_ADDR", os.environ.get("MASTER_ADDR") or "127.0.0.1")
+        own.setdefault("MASTER_PORT", os.environ.get("MASTER_PORT") or str(_free_port()))
+        _SAVED_ENV.update({key: os.environ.get(key) for key in own})
+        os.environ.update(own)
         _ENV = read_env()
     kwargs = {}
     if backend == "nccl":
@@ -179,10 +185,18 @@ def init(backend: str = "auto", timeout_s: int = 1800, force_group: bool = False
 
 
 def teardown() -> None:
-    global _HOST_GROUP
+    global _HOST_GROUP, _ENV
     if tdist.is_initialized():
         tdist.destroy_process_group()
     _HOST_GROUP = None
+    for key, value in _SAVED_ENV.items():  # what init set for a group of one
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if _SAVED_ENV:
+        _SAVED_ENV.clear()
+        _ENV = read_env()
 
 
 def barrier() -> None:
