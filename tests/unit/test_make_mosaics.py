@@ -8,6 +8,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,19 @@ def test_same_bytes_for_any_workers_and_after_interruption(made, tmp_path):
     assert not filecmp.cmp(
         sorted((made / "val" / "img").iterdir())[0], sorted((third / "val" / "img").iterdir())[0], shallow=False
     )
+
+
+def test_tool_script_writes_what_the_command_writes(made, tmp_path):
+    """python tools/make_mosaics.py with the documented flags, in its own process: the same files."""
+    out = tmp_path / "tool"
+    argv = ["--tiles", MINI, "--out", out, "--classes", "TE=TUM,NEC=DEB,LYM=LYM,TAS=STR", "--background", "BACK"]
+    argv += [*COUNTS, *PINNED, "--seed", "5", "--workers", "1"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_mosaics.py"), *map(str, argv)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert _files(made) == _files(out)
+    assert all(filecmp.cmp(made / f, out / f, shallow=False) for f in _files(made) if f != "mosaics.json")
 
 
 def test_stain_change_changes_val_and_test_only(made, tmp_path):
